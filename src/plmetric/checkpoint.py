@@ -1,0 +1,135 @@
+"""Safe, atomic persistence: embedding-model checkpoints (safetensors + JSON) and result files.
+
+A model checkpoint is one ``.safetensors`` file whose header metadata holds a JSON document
+(backbone, dimensions, image size, the run's config, the git revision), plus a readable copy of
+that JSON beside it. Loading never executes code: safetensors only stores tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from plmetric.paths import REPO_ROOT
+
+METADATA_KEY = "plmetric"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then rename.
+
+    A crash mid-write leaves the previous file (if any) intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def git_revision() -> str | None:
+    """Return the current git commit of the repository, or None outside a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def save_model(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[str, Any]) -> Path:
+    """Save an embedding model's weights as safetensors with its metadata, atomically.
+
+    Args:
+        path: Target ``.safetensors`` file; a ``.json`` copy of the metadata is written beside it.
+        model: The model (``EmbeddingModel``); its ``state_dict`` is stored.
+        metadata: JSON-serialisable description; must hold ``backbone`` and ``embedding_dim``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    for key in ("backbone", "embedding_dim"):
+        if key not in metadata:
+            raise ValueError(f"checkpoint metadata needs '{key}'")
+    meta = {"format_version": FORMAT_VERSION, "git_revision": git_revision(), **metadata}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_json(path.with_suffix(".json"), meta)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """Return the plmetric metadata stored in a model checkpoint's header."""
+    from safetensors import safe_open
+
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {err}") from err
+    if raw is None:
+        raise ValueError(f"{path} has no '{METADATA_KEY}' metadata: not a plmetric model checkpoint")
+    return json.loads(raw)
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """Rebuild an ``EmbeddingModel`` from a checkpoint written by :func:`save_model`.
+
+    Returns:
+        ``(model, metadata)`` with the model in eval mode.
+    """
+    from plmetric.models import create_model
+
+    path = _existing(path)
+    meta = read_metadata(path)
+    model = create_model(meta["backbone"], embedding_dim=int(meta["embedding_dim"]), pretrained=False)
+    state = load_file(str(path), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match backbone '{meta['backbone']}' with embedding_dim "
+            f"{meta['embedding_dim']}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    return model.eval(), meta
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path

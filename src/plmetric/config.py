@@ -1,0 +1,199 @@
+"""Typed run configuration: dataclasses, YAML files in ``configs/`` and ``key=value`` overrides.
+
+Keys are dotted (``plm.n_alpha``, ``train.epochs``). An unknown key is an error that lists the
+valid ones; values are converted to the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    dataset: str = "cub200"  # cub200, cars196, sop, folder, images, digits
+    root: str | None = None
+    image_size: int = 224
+    crop_scale_min: float = 0.16  # RandomResizedCrop scale (min, 1)
+    num_workers: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """The student network (the teacher is its moving average)."""
+
+    backbone: str = "efficientnet_lite0"
+    embedding_dim: int = 512
+    pretrained: bool = True
+    weights: str | None = None  # local backbone weights instead of a download
+    embedding_init: str = "orthogonal"  # orthogonal or pca (PCA of the pretrained pooled features)
+    freeze_bn: bool = False  # keep BatchNorm statistics of the backbone fixed
+
+
+@dataclass
+class PLMConfig:
+    """Piecewise-linear manifold similarity and losses (METHOD.md §2-5)."""
+
+    m: int = 2
+    tau: float = 0.5
+    n_max: int = 10
+    subset_selection: bool = True
+    n_alpha: float = 5.0
+    n_beta: float = 0.5
+    symmetrize: str = "mean"  # mean, min, max
+    binary: bool = False
+    num_proxies: int = 300
+    delta: float = 1.0
+    neighbourhood_n: int = 5
+    weight_point: float = 1.0
+    weight_proxy: float = 1.0
+    weight_neighbourhood: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, sampling and bookkeeping (METHOD.md §1, §6)."""
+
+    epochs: int = 90
+    batch_size: int = 120
+    neighbours_per_seed: int = 5  # k: each seed image brings its k-1 nearest neighbours
+    momentum: float = 0.999
+    lr_backbone: float = 1e-4
+    lr_embedding: float = 1e-3
+    lr_proxies: float = 1e-2
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    grad_clip: float | None = None
+    bank_refresh_every: int = 5  # full re-embedding of the training set every N epochs
+    eval_every: int = 1
+    eval_batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # autocast on CUDA only
+    channels_last: bool = True  # CUDA only
+    max_steps_per_epoch: int | None = None  # for quick runs and tests
+
+
+@dataclass
+class Config:
+    """One training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    plm: PLMConfig = field(default_factory=PLMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (JSON/YAML-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that cannot work, before any work starts."""
+        t, p, mdl = self.train, self.plm, self.model
+        if t.batch_size % t.neighbours_per_seed:
+            raise ValueError(
+                f"train.batch_size ({t.batch_size}) must be divisible by train.neighbours_per_seed "
+                f"({t.neighbours_per_seed})"
+            )
+        if 0 < mdl.embedding_dim <= p.m:
+            raise ValueError(f"model.embedding_dim ({mdl.embedding_dim}) must exceed plm.m ({p.m})")
+        if mdl.embedding_dim < 0:
+            raise ValueError(f"model.embedding_dim must be >= 0, got {mdl.embedding_dim}")
+        if not 0.0 <= t.momentum <= 1.0:
+            raise ValueError(f"train.momentum must lie in [0, 1], got {t.momentum}")
+        if p.symmetrize not in {"mean", "min", "max"}:
+            raise ValueError(f"plm.symmetrize must be mean, min or max, got '{p.symmetrize}'")
+        if mdl.embedding_init not in {"orthogonal", "pca"}:
+            raise ValueError(f"model.embedding_init must be orthogonal or pca, got '{mdl.embedding_init}'")
+        for name in ("epochs", "batch_size", "neighbours_per_seed", "eval_every", "bank_refresh_every"):
+            if getattr(t, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    """All dotted keys a config accepts."""
+    cfg = cfg or Config()
+    return [f"{sec.name}.{f.name}" for sec in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, sec.name))]
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's annotated type."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""})
+        if is_none and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "yes", "1", "on", "false", "no", "0", "off"}:
+            return value.lower() in {"true", "yes", "1", "on"}
+        raise ValueError(f"{key}: expected true or false, got '{value}'")
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected {annotation.__name__}, got '{value}'") from None
+    return value
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key, converting the value; unknown keys list the valid ones."""
+    section, _, name = key.partition(".")
+    sec = getattr(cfg, section, None) if section in {f.name for f in dataclasses.fields(cfg)} else None
+    fields = {f.name: f for f in dataclasses.fields(sec)} if sec is not None else {}
+    if name not in fields:
+        raise ValueError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys(cfg))}")
+    setattr(sec, name, _convert(value, typing.get_type_hints(type(sec))[name], key))
+
+
+def from_dict(data: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
+    """Build a config from a nested dict (as read from YAML) over ``base`` or the defaults."""
+    cfg = base or Config()
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of sections (data, model, plm, train)")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section '{section}' must be a mapping; valid keys: {', '.join(valid_keys(cfg))}")
+        for name, value in values.items():
+            set_value(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from the defaults) and apply ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path) as handle:
+            cfg = from_dict(yaml.safe_load(handle) or {}, cfg, source=str(path))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override '{item}' must look like key=value (e.g. train.epochs=30)")
+        set_value(cfg, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from plmetric.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
