@@ -1,0 +1,258 @@
+"""The three PLM losses and their combination (METHOD.md §5, slide 11, flowchart).
+
+``L = L_point + L_proxy + L_neighbourhood``. Gradient routing (METHOD.md §5): the similarity
+targets come from the teacher's manifold and carry no gradient; ``L_point`` and ``L_proxy`` reach
+the student's embeddings only (the proxies' locations and bases are detached there);
+``L_neighbourhood`` reaches the proxies only (the teacher's embeddings and the proxy-point
+similarity are detached).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from plmetric.manifold import (
+    Proxies,
+    Symmetrize,
+    _check_embeddings,
+    _check_exponents,
+    _check_symmetrize,
+    _exact_pairwise_distance,
+    fit_pieces,
+    point_similarity,
+    proxy_point_similarity,
+)
+
+__all__ = ["PLMLoss", "neighbourhood_loss", "point_loss", "proxy_loss"]
+
+
+def _check_delta(delta: float) -> None:
+    if not (math.isfinite(delta) and delta >= 0):
+        raise ValueError(f"delta: expected a finite number >= 0, got {delta!r}")
+
+
+def point_loss(student: Tensor, similarity: Tensor, delta: float = 1.0) -> Tensor:
+    """``L_point = mean_{i≠j} (δ (1 - s_ij) - ‖f_i - f_j‖₂)²`` (slide 11).
+
+    The similarity is a detached target; distances come from explicit differences, with a zero
+    (finite) gradient where two student embeddings coincide.
+
+    Args:
+        student: (B, d) student embeddings ``f_θ(x_i)``, B >= 2.
+        similarity: (B, B) point-point similarity ``s`` (e.g. :func:`plm_similarity`).
+        delta: the distance that similarity 0 maps to [choice: 1].
+
+    Returns:
+        Scalar loss; gradient to ``student`` only.
+    """
+    _check_delta(delta)
+    _check_embeddings(student, "point_loss: student", min_rows=2)
+    b = student.shape[0]
+    if similarity.shape != (b, b):
+        raise ValueError(f"point_loss: similarity must be ({b}, {b}) for {b} embeddings, got {tuple(similarity.shape)}")
+    target = delta * (1.0 - similarity.detach().to(student.dtype))
+    residual = (target - _exact_pairwise_distance(student, student)).pow(2)
+    off_diagonal = ~torch.eye(b, dtype=torch.bool, device=student.device)
+    return (residual * off_diagonal).sum() / (b * (b - 1))
+
+
+def proxy_loss(student: Tensor, proxy_similarity: Tensor, proxy_locations: Tensor, delta: float = 1.0) -> Tensor:
+    """``L_proxy = mean_{i,k} (δ (1 - s(x_i, ρ_k)) - ‖f_i - ρ_k‖₂)²`` (METHOD.md §5).
+
+    The proxies are treated like data embeddings; ``ρ_k`` and the similarity are detached here,
+    so the loss updates the embedding network only.
+
+    Args:
+        student: (B, d) student embeddings.
+        proxy_similarity: (B, N_ρ) ``s(x_i, ρ_k)`` (:func:`proxy_point_similarity`).
+        proxy_locations: (N_ρ, d) ``ρ_k``.
+        delta: as in :func:`point_loss` [choice: 1].
+
+    Returns:
+        Scalar loss; gradient to ``student`` only.
+    """
+    _check_delta(delta)
+    _check_embeddings(student, "proxy_loss: student")
+    locations = proxy_locations.detach().to(student.dtype)
+    expected = (student.shape[0], locations.shape[0])
+    if locations.dim() != 2 or locations.shape[1] != student.shape[1] or proxy_similarity.shape != expected:
+        raise ValueError(
+            f"proxy_loss: expected proxy_locations (N, {student.shape[1]}) and proxy_similarity (B, N); got "
+            f"{tuple(proxy_locations.shape)} and {tuple(proxy_similarity.shape)} for student {tuple(student.shape)}"
+        )
+    target = delta * (1.0 - proxy_similarity.detach().to(student.dtype))
+    return (target - _exact_pairwise_distance(student, locations)).pow(2).mean()
+
+
+def neighbourhood_loss(
+    teacher: Tensor,
+    proxy_locations: Tensor,
+    proxy_bases: Tensor,
+    proxy_similarity: Tensor,
+    n_neighbours: int = 5,
+) -> Tensor:
+    """Align each proxy piece with its most similar teacher embeddings (METHOD.md §5, [choice]).
+
+    For proxy k let ``N_k`` be the ``n`` batch points with the largest ``s(x_i, ρ_k)``; with
+    ``v = x_i - ρ_k``:
+    ``L_neighbourhood = mean_{k, i ∈ N_k} ( ‖(I - V_k V_kᵀ) v‖² + ‖v‖² )``,
+    the squared orthogonal distance to the proxy's piece plus the squared distance to ``ρ_k``.
+    The teacher embeddings and the similarity are detached: the gradient reaches ``ρ_k`` and
+    ``V_k`` only.
+
+    Args:
+        teacher: (B, d) teacher embeddings.
+        proxy_locations: (N_ρ, d) ``ρ_k`` (with gradient).
+        proxy_bases: (N_ρ, d, m) orthonormal ``V_k`` (with gradient, e.g. :attr:`Proxies.bases`).
+        proxy_similarity: (B, N_ρ) ``s(x_i, ρ_k)``, used only to choose ``N_k``.
+        n_neighbours: n [choice: 5 = k, the neighbourhood size of the sampler]; capped at B.
+
+    Returns:
+        Scalar loss; gradient to the proxies only.
+    """
+    _check_embeddings(teacher, "neighbourhood_loss: teacher")
+    if not (isinstance(n_neighbours, int) and n_neighbours >= 1):
+        raise ValueError(f"n_neighbours: expected an integer >= 1, got {n_neighbours!r}")
+    b, d = teacher.shape
+    if (
+        proxy_locations.dim() != 2
+        or proxy_locations.shape[1] != d
+        or proxy_bases.dim() != 3
+        or proxy_bases.shape[:2] != proxy_locations.shape
+        or proxy_similarity.shape != (b, proxy_locations.shape[0])
+    ):
+        raise ValueError(
+            "neighbourhood_loss: expected proxy_locations (N, d), proxy_bases (N, d, m), proxy_similarity (B, N); "
+            f"got {tuple(proxy_locations.shape)}, {tuple(proxy_bases.shape)}, {tuple(proxy_similarity.shape)} "
+            f"for teacher {tuple(teacher.shape)}"
+        )
+    n = min(n_neighbours, b)
+    chosen = torch.topk(proxy_similarity.detach(), n, dim=0).indices.T  # (N, n)
+    diff = teacher.detach().to(proxy_locations.dtype)[chosen] - proxy_locations.unsqueeze(1)  # (N, n, d)
+    coords = torch.einsum("knd,kdm->knm", diff, proxy_bases)
+    orthogonal = diff - torch.einsum("kdm,knm->knd", proxy_bases, coords)
+    return (orthogonal.pow(2).sum(-1) + diff.pow(2).sum(-1)).mean()
+
+
+class PLMLoss(nn.Module):
+    """``L = w_point L_point + w_proxy L_proxy + w_neighbourhood L_neighbourhood`` (weights 1 by default).
+
+    Per batch: pieces from the teacher (:func:`fit_pieces`), the point-point similarity
+    (:func:`point_similarity`) and the proxy-point similarity (:func:`proxy_point_similarity`),
+    all without gradient; then the three losses with METHOD.md §5's routing. The module owns the
+    :class:`Proxies` (``self.proxies``; none when ``n_proxies = 0``, the no-proxy ablation, where
+    the two proxy terms are 0). With ``binary=True`` only the point-point similarity becomes
+    binary (proxies have no member sets); the proxy-point similarity stays graded.
+
+    Args:
+        dim: embedding dimension d.
+        n_proxies: N_ρ [choice: 300]; 0 disables the proxies.
+        m, tau, n_max, min_points, subset_selection, k_plain: :func:`fit_pieces` options.
+        n_alpha, n_beta, symmetrize, binary: :func:`point_similarity` options.
+        delta: δ of the point and proxy losses [choice: 1].
+        proxy_neighbours: n of :func:`neighbourhood_loss` [choice: 5].
+        weight_point, weight_proxy, weight_neighbourhood: term weights [choice: 1, 1, 1].
+        generator: optional ``torch.Generator`` for the proxies' random initialisation.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        n_proxies: int = 300,
+        m: int = 2,
+        tau: float = 0.5,
+        n_max: int = 10,
+        min_points: int | None = None,
+        subset_selection: bool = True,
+        k_plain: int = 5,
+        n_alpha: float = 5.0,
+        n_beta: float = 0.5,
+        symmetrize: Symmetrize = "mean",
+        binary: bool = False,
+        delta: float = 1.0,
+        proxy_neighbours: int = 5,
+        weight_point: float = 1.0,
+        weight_proxy: float = 1.0,
+        weight_neighbourhood: float = 1.0,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        _check_symmetrize(symmetrize)
+        _check_exponents(n_alpha, n_beta)
+        _check_delta(delta)
+        if not (isinstance(n_proxies, int) and n_proxies >= 0):
+            raise ValueError(f"n_proxies: expected an integer >= 0, got {n_proxies!r}")
+        if not (isinstance(proxy_neighbours, int) and proxy_neighbours >= 1):
+            raise ValueError(f"proxy_neighbours: expected an integer >= 1, got {proxy_neighbours!r}")
+        for name, value in (
+            ("weight_point", weight_point),
+            ("weight_proxy", weight_proxy),
+            ("weight_neighbourhood", weight_neighbourhood),
+        ):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        self.piece_options = dict(
+            m=m, tau=tau, n_max=n_max, min_points=min_points, subset_selection=subset_selection, k_plain=k_plain
+        )
+        self.similarity_options = dict(n_alpha=n_alpha, n_beta=n_beta, symmetrize=symmetrize)
+        self.binary = binary
+        self.delta = delta
+        self.proxy_neighbours = proxy_neighbours
+        self.weights = dict(point=weight_point, proxy=weight_proxy, neighbourhood=weight_neighbourhood)
+        self.proxies = Proxies(dim, n_proxies, m, generator=generator) if n_proxies > 0 else None
+
+    def forward(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
+        """Compute the loss terms for one batch.
+
+        Args:
+            student: (B, d) student embeddings (with gradient).
+            teacher: (B, d) teacher embeddings of the same images (detached here).
+
+        Returns:
+            ``{"loss", "loss_point", "loss_proxy", "loss_neighbourhood"}`` (scalars; ``loss`` is
+            the weighted sum) and ``"piece_size"`` (mean points per piece, detached).
+        """
+        _check_embeddings(student, "PLMLoss: student", min_rows=2)
+        if teacher.shape != student.shape:
+            raise ValueError(
+                f"PLMLoss: teacher {tuple(teacher.shape)} and student {tuple(student.shape)} must have the same shape"
+            )
+        teacher = teacher.detach()
+        with torch.no_grad():
+            pieces = fit_pieces(teacher, **self.piece_options)
+            similarity = point_similarity(pieces, binary=self.binary, **self.similarity_options)
+        terms = {"loss_point": point_loss(student, similarity, self.delta)}
+        if self.proxies is not None:
+            locations, bases = self.proxies()
+            with torch.no_grad():
+                proxy_similarity = proxy_point_similarity(
+                    pieces,
+                    locations.detach().to(teacher.dtype),
+                    bases.detach().to(teacher.dtype),
+                    **self.similarity_options,
+                )
+            terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, self.delta)
+            terms["loss_neighbourhood"] = neighbourhood_loss(
+                teacher, locations, bases, proxy_similarity, self.proxy_neighbours
+            )
+        else:
+            zero = student.new_zeros(())
+            terms["loss_proxy"] = zero
+            terms["loss_neighbourhood"] = zero
+        terms["loss"] = (
+            self.weights["point"] * terms["loss_point"]
+            + self.weights["proxy"] * terms["loss_proxy"]
+            + self.weights["neighbourhood"] * terms["loss_neighbourhood"]
+        )
+        terms["piece_size"] = pieces.size.to(student.dtype).mean()
+        return terms
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Call after each optimiser step: re-orthonormalise the proxies' raw bases."""
+        if self.proxies is not None:
+            self.proxies.orthonormalize_()

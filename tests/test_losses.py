@@ -1,0 +1,258 @@
+"""Tests of plmetric.losses: formulas against NumPy, gradient routing, proxy learning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from plmetric.losses import PLMLoss, neighbourhood_loss, point_loss, proxy_loss
+from plmetric.manifold import Proxies, fit_pieces, orthonormal_columns, proxy_point_similarity
+
+
+def np_pdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+
+
+# ------------------------------------------------------------------------------------------
+# formulas against NumPy
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delta", [1.0, 0.7])
+def test_point_loss_matches_numpy(delta: float) -> None:
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((9, 6))
+    s = rng.uniform(0, 1, (9, 9))
+    s = (s + s.T) / 2
+    terms = [(delta * (1 - s[i, j]) - np.linalg.norm(f[i] - f[j])) ** 2 for i in range(9) for j in range(9) if i != j]
+    got = point_loss(torch.tensor(f), torch.tensor(s), delta)
+    assert got.item() == pytest.approx(np.mean(terms), rel=1e-12)
+
+
+def test_point_loss_is_zero_when_distances_match_the_dissimilarity() -> None:
+    f = torch.tensor([[0.0, 0.0], [0.3, 0.0], [0.0, 0.4]], dtype=torch.float64)
+    s = 1.0 - torch.cdist(f, f) / 2.0
+    assert point_loss(f, s, delta=2.0).item() == pytest.approx(0.0, abs=1e-24)
+    assert point_loss(f, s, delta=1.0).item() > 1e-3
+
+
+@pytest.mark.parametrize("delta", [1.0, 1.5])
+def test_proxy_loss_matches_numpy(delta: float) -> None:
+    rng = np.random.default_rng(1)
+    f, rho = rng.standard_normal((8, 5)), rng.standard_normal((4, 5))
+    s = rng.uniform(0, 1, (8, 4))
+    ref = np.mean((delta * (1 - s) - np_pdist(f, rho)) ** 2)
+    got = proxy_loss(torch.tensor(f), torch.tensor(s), torch.tensor(rho), delta)
+    assert got.item() == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 3, 50])
+def test_neighbourhood_loss_matches_numpy(n: int) -> None:
+    rng = np.random.default_rng(2)
+    x, rho = rng.standard_normal((12, 7)), rng.standard_normal((5, 7))
+    v = np.stack([np.linalg.qr(rng.standard_normal((7, 2)))[0] for _ in range(5)])
+    s = rng.uniform(0, 1, (12, 5))
+    values = []
+    for k in range(5):
+        for i in np.argsort(-s[:, k])[: min(n, 12)]:
+            diff = x[i] - rho[k]
+            orth = diff - v[k] @ (v[k].T @ diff)
+            values.append(orth @ orth + diff @ diff)
+    got = neighbourhood_loss(*(torch.tensor(a) for a in (x, rho, v, s)), n_neighbours=n)
+    assert got.item() == pytest.approx(np.mean(values), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# gradient routing (METHOD.md §5)
+# ------------------------------------------------------------------------------------------
+
+
+def clustered(b: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(b // 5, d, generator=g), dim=1)
+    x = centres.repeat_interleave(5, 0) + 0.1 * torch.randn(b, d, generator=g)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_gradient_routing_of_plm_loss() -> None:
+    student = clustered(40, 16, 0).requires_grad_()
+    teacher = clustered(40, 16, 0).add(0.01).requires_grad_()  # a leaf that must stay untouched
+    criterion = PLMLoss(16, n_proxies=12)
+    criterion.proxies.init_from_embeddings(clustered(60, 16, 1))
+    terms = criterion(student, teacher)
+    proxies = criterion.proxies
+    inputs = [student, teacher, proxies.locations, proxies.raw_bases]
+
+    def grads(name: str) -> list[torch.Tensor | None]:
+        return list(torch.autograd.grad(terms[name], inputs, retain_graph=True, allow_unused=True))
+
+    for name in ("loss_point", "loss_proxy"):
+        g_student, g_teacher, g_loc, g_bases = grads(name)
+        assert g_student is not None and g_student.abs().sum() > 0, name
+        assert g_teacher is None and g_loc is None and g_bases is None, name
+    g_student, g_teacher, g_loc, g_bases = grads("loss_neighbourhood")
+    assert g_student is None and g_teacher is None
+    assert g_loc is not None and g_loc.abs().sum() > 0
+    assert g_bases is not None and g_bases.abs().sum() > 0
+    terms["loss"].backward()
+    assert teacher.grad is None
+    assert torch.isfinite(student.grad).all() and torch.isfinite(proxies.raw_bases.grad).all()
+
+
+def test_standalone_losses_detach_their_targets() -> None:
+    """The functions detach by themselves, even when handed tensors that carry a graph."""
+    teacher = clustered(30, 8, 2).requires_grad_()
+    student = clustered(30, 8, 3).requires_grad_()
+    proxies = Proxies(8, n_proxies=6, m=2)
+    locations, bases = proxies()
+    s_graph = torch.sigmoid(teacher @ teacher.T)  # a differentiable stand-in for s
+    point_loss(student, s_graph).backward()
+    assert teacher.grad is None and student.grad is not None
+    pieces = fit_pieces(teacher)
+    s_proxy = proxy_point_similarity(pieces, locations, bases)  # carries a graph to the proxies
+    assert s_proxy.requires_grad
+    proxy_loss(student, s_proxy, locations).backward()
+    assert proxies.locations.grad is None and proxies.raw_bases.grad is None and teacher.grad is None
+    neighbourhood_loss(teacher, locations, bases, s_proxy).backward()
+    assert teacher.grad is None
+    assert proxies.locations.grad is not None and proxies.raw_bases.grad is not None
+
+
+# ------------------------------------------------------------------------------------------
+# proxies learn the planes
+# ------------------------------------------------------------------------------------------
+
+
+def test_neighbourhood_loss_moves_proxies_onto_planes() -> None:
+    d, n_planes, per_plane, n_proxies = 16, 3, 40, 12
+    g = torch.Generator().manual_seed(0)
+    offsets = 3.0 * torch.randn(n_planes, d, generator=g)
+    plane_bases = orthonormal_columns(torch.randn(n_planes, d, 2, generator=g))
+    coords = torch.rand(n_planes, per_plane, 2, generator=g) * 2 - 1
+    points = (offsets[:, None] + torch.einsum("pdm,pnm->pnd", plane_bases, coords)).reshape(-1, d)
+    proxies = Proxies(d, n_proxies, m=2, generator=g)
+    with torch.no_grad():  # start near the data, off the planes, with random bases
+        start = points[torch.randperm(len(points), generator=g)[:n_proxies]]
+        proxies.locations.copy_(start + 0.5 * torch.randn(n_proxies, d, generator=g))
+    off_plane = torch.eye(d) - plane_bases @ plane_bases.transpose(1, 2)  # (P, d, d)
+
+    def mean_residual() -> float:
+        """Per proxy, min over planes of dist(ρ_k, plane)² + ‖(I - Π_plane) V_k‖_F²."""
+        with torch.no_grad():
+            loc, v = proxies()
+            gap = torch.einsum("pde,ke->kpd", off_plane, loc) - torch.einsum("pde,pe->pd", off_plane, offsets)
+            tilt = torch.einsum("pde,kem->kpdm", off_plane, v).pow(2).sum((-1, -2))
+            return (gap.pow(2).sum(-1) + tilt).min(dim=1).values.mean().item()
+
+    pieces = fit_pieces(points)
+    optimizer = torch.optim.Adam(proxies.parameters(), lr=0.1)
+    before = mean_residual()
+    for _ in range(400):
+        loc, v = proxies()
+        with torch.no_grad():
+            s = proxy_point_similarity(pieces, loc, v)
+        loss = neighbourhood_loss(points, loc, v, s)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        proxies.orthonormalize_()
+    after = mean_residual()
+    assert before > 1.0
+    assert after <= before / 10, (before, after)
+
+
+# ------------------------------------------------------------------------------------------
+# degenerate input and options
+# ------------------------------------------------------------------------------------------
+
+
+def test_duplicate_and_zero_embeddings_give_finite_gradients() -> None:
+    student = torch.cat([torch.randn(6, 8), torch.zeros(3, 8)])
+    student = torch.cat([student, student[:4]]).requires_grad_()  # copies and coincident zeros
+    teacher = torch.cat([torch.randn(9, 8), torch.randn(4, 8)])
+    teacher[9:] = teacher[:4]
+    criterion = PLMLoss(8, n_proxies=5)
+    with torch.no_grad():
+        criterion.proxies.locations[0] = student[0]  # a proxy on a student embedding
+    terms = criterion(student, teacher)
+    terms["loss"].backward()
+    assert all(torch.isfinite(v).all() for v in terms.values())
+    assert torch.isfinite(student.grad).all()
+    assert torch.isfinite(criterion.proxies.locations.grad).all()
+    assert torch.isfinite(criterion.proxies.raw_bases.grad).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_embeddings_raise(bad: float) -> None:
+    good = torch.randn(20, 8)
+    broken = good.clone()
+    broken[2, 3] = bad
+    criterion = PLMLoss(8, n_proxies=4)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        criterion(broken, good)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        criterion(good, broken)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        point_loss(broken, torch.ones(20, 20))
+
+
+def test_shape_and_option_errors() -> None:
+    with pytest.raises(ValueError, match="similarity"):
+        point_loss(torch.randn(5, 3), torch.ones(4, 4))
+    with pytest.raises(ValueError, match="delta"):
+        point_loss(torch.randn(5, 3), torch.ones(5, 5), delta=-1.0)
+    with pytest.raises(ValueError, match="proxy_locations"):
+        proxy_loss(torch.randn(5, 3), torch.ones(5, 2), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="same shape"):
+        PLMLoss(8, n_proxies=2)(torch.randn(10, 8), torch.randn(11, 8))
+    with pytest.raises(ValueError, match="symmetrize"):
+        PLMLoss(8, symmetrize="median")
+    with pytest.raises(ValueError, match="n_proxies"):
+        PLMLoss(8, n_proxies=-1)
+
+
+def test_without_proxies_only_the_point_term_remains() -> None:
+    student, teacher = clustered(30, 8, 4).requires_grad_(), clustered(30, 8, 5)
+    criterion = PLMLoss(8, n_proxies=0, weight_point=2.0)
+    assert criterion.proxies is None and len(list(criterion.parameters())) == 0
+    terms = criterion(student, teacher)
+    assert terms["loss_proxy"].item() == 0.0 and terms["loss_neighbourhood"].item() == 0.0
+    assert terms["loss"].item() == pytest.approx(2.0 * terms["loss_point"].item())
+    terms["loss"].backward()
+    assert student.grad.abs().sum() > 0
+    criterion.after_step()  # no proxies: nothing to do, no error
+
+
+@pytest.mark.parametrize(
+    "options", [{"binary": True, "symmetrize": "max"}, {"subset_selection": False}, {"m": 1, "tau": 1.0}]
+)
+def test_plm_loss_options_run(options: dict) -> None:
+    student, teacher = clustered(30, 8, 6).requires_grad_(), clustered(30, 8, 7)
+    terms = PLMLoss(8, n_proxies=10, **options)(student, teacher)
+    terms["loss"].backward()
+    assert torch.isfinite(student.grad).all()
+    assert 2 <= terms["piece_size"].item() <= 10
+
+
+def test_after_step_keeps_the_proxy_bases() -> None:
+    criterion = PLMLoss(8, n_proxies=6)
+    with torch.no_grad():
+        criterion.proxies.raw_bases.mul_(3.0).add_(0.1)
+    before = criterion.proxies.bases.detach().clone()
+    criterion.after_step()
+    torch.testing.assert_close(criterion.proxies.bases.detach(), before)
+    torch.testing.assert_close(criterion.proxies.raw_bases.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plm_loss_follows_dtype(dtype: torch.dtype) -> None:
+    student = clustered(25, 8, 8).to(dtype).requires_grad_()
+    teacher = clustered(25, 8, 9).to(dtype)
+    criterion = PLMLoss(8, n_proxies=7).to(dtype)
+    terms = criterion(student, teacher)
+    assert terms["loss"].dtype == dtype
+    terms["loss"].backward()
+    assert student.grad.dtype == dtype
