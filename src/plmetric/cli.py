@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 DEFAULT_KS = {"sop": (1, 10, 100, 1000)}
@@ -135,18 +136,140 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from plmetric.config import load_config
+    from plmetric.training import train
+
+    overrides = list(args.set or [])
+    if args.images:
+        overrides += ["data.dataset=images", f"data.root={args.images}"]
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    cfg = load_config(args.config, overrides)
+    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    _print_before_after(result.start_metrics, result.final_metrics, result.best_metrics, result.best_epoch)
+    print(f"run folder: {result.out_dir}")
+    return 0
+
+
+def _print_before_after(start, final, best, best_epoch) -> None:
+    if start is None or final is None:
+        print("no labelled test split: evaluation skipped")
+        return
+    keys = [k for k in start if k.startswith("recall@")]
+    print("            " + "  ".join(f"{k:>9}" for k in keys))
+    for name, metrics in (("start", start), ("final", final), (f"best (ep {best_epoch})", best)):
+        print(f"{name:<12}" + "  ".join(f"{100 * metrics[k]:9.2f}" for k in keys))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from plmetric.checkpoint import atomic_write_json
+    from plmetric.config import load_config
+    from plmetric.paths import REPO_ROOT
+    from plmetric.training import train
 
-    metrics = evaluate_on_test_split(
-        dataset="digits", data_root=None, backbone="efficientnet_lite0", embedding_dim=0,
-        image_size=args.image_size, device=resolve_device(args.device), progress=not args.no_progress,
-    )
-    print(format_metrics_table(metrics, title="Pretrained EfficientNet-Lite0 on the digits test classes (5-9)"))
+    config_path = Path(args.config) if args.config else REPO_ROOT / "configs" / "demo.yaml"
+    cfg = load_config(config_path, list(args.set or []))
+    print(f"plmetric demo: {config_path.name}, digits 0-4 train (no labels used), digits 5-9 test")
+    result = train(cfg, args.out, progress=not args.no_progress)
+    before, after = result.start_metrics["recall@1"], result.final_metrics["recall@1"]
+    _print_before_after(result.start_metrics, result.final_metrics, result.best_metrics, result.best_epoch)
+    verdict = "improved" if after > before else "did NOT improve"
+    print(f"Recall@1 on the unseen digits: {100 * before:.2f} before training, {100 * after:.2f} after: "
+          f"training {verdict} the pretrained start ({100 * (after - before):+.2f} points).")
     if args.json:
-        atomic_write_json(args.json, metrics)
+        atomic_write_json(args.json, {
+            "recall@1_before": before, "recall@1_after": after, "start": result.start_metrics,
+            "final": result.final_metrics, "epochs": cfg.train.epochs, "run_dir": str(result.out_dir),
+        })
         print(f"wrote {args.json}")
+    return 0 if after > before else 1
+
+
+def _image_list(folder: str):
+    from plmetric.data import load_unlabelled_folder
+
+    return load_unlabelled_folder(folder).train
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from plmetric.data import load_dataset
+    from plmetric.evaluation import embed_dataset
+    from plmetric.models import build_transform
+    from plmetric.retrieval import load_embedding_model, save_embeddings
+
+    model, description = load_embedding_model(args.checkpoint, args.backbone, args.embedding_dim, args.weights)
+    image_size = description.get("image_size", args.image_size)
+    transform = build_transform(description["backbone"], image_size=image_size, train=False)
+    if args.images:
+        dataset = _image_list(args.images)
+    else:
+        if not args.dataset:
+            raise CLIError("give --images DIR or --dataset NAME (with --data-root)")
+        splits = load_dataset(args.dataset, args.data_root)
+        dataset = getattr(splits, args.split)
+        if dataset is None:
+            raise CLIError(f"--dataset {args.dataset} has no {args.split} split")
+    dataset.transform = transform
+    device = resolve_device(args.device)
+    model.to(device)
+    emb, labels, index = embed_dataset(
+        model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+        progress=not args.no_progress,
+    )
+    paths = [str(dataset.paths[i]) if dataset.paths is not None else f"item:{i}" for i in index.tolist()]
+    description["image_size"] = image_size
+    save_embeddings(args.out, emb, labels, paths, description)
+    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {args.out}")
     return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    import torch
+
+    from plmetric.models import build_transform
+    from plmetric.retrieval import draw_results, load_embedding_model, load_embeddings, top_k
+
+    database, _, paths, description = load_embeddings(args.index)
+    query_path = Path(args.query)
+    if not query_path.is_file():
+        raise FileNotFoundError(f"query image not found: {query_path}")
+    model, _ = load_embedding_model(
+        description.get("checkpoint"), description["backbone"], int(description["embedding_dim"]),
+        description.get("weights"),
+    )
+    transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(query_path) as img:
+            image = transform(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read query image {query_path}: {err}") from err
+    with torch.no_grad():
+        query = model.eval()(image.unsqueeze(0))
+    if query.shape[1] != database.shape[1]:
+        raise ValueError(f"query embedding has dimension {query.shape[1]}, the index {database.shape[1]}")
+    scores, indices = top_k(query, database, args.top_k)
+    results = [paths[i] for i in indices[0].tolist()]
+    for rank_, (p, s) in enumerate(zip(results, scores[0].tolist(), strict=True), start=1):
+        print(f"{rank_:3d}  {s:.4f}  {p}")
+    out = args.out or f"{query_path.stem}_results.png"
+    draw_results(str(query_path), results, scores[0].tolist(), out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="a .safetensors model written by 'plmetric train'")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="pretrained backbone when no checkpoint is given")
+    p.add_argument("--weights", default=None, help="local backbone weights file")
+    p.add_argument("--embedding-dim", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,10 +301,43 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_eval)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded digits data set (no download)")
-    demo.add_argument("--image-size", type=int, default=64)
-    demo.add_argument("--device", default="auto")
-    demo.add_argument("--json", default=None)
+    tr = sub.add_parser("train", help="train an embedding without labels")
+    tr.add_argument("--config", default=None, help="YAML config, e.g. configs/cub200.yaml (default: built-in defaults)")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    tr.add_argument("--out", required=True, help="run folder (config, log, checkpoints, plots)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    tr.add_argument("--images", default=None, help="train on an unlabelled folder of images (searched recursively)")
+    tr.add_argument("--data-root", default=None, help="shortcut for --set data.root=PATH")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=_cmd_train)
+
+    em = sub.add_parser("embed", help="images -> embeddings file (.safetensors)")
+    _model_options(em)
+    em.add_argument("--images", default=None, help="a folder of images (searched recursively)")
+    em.add_argument("--dataset", default=None, choices=["cub200", "cars196", "sop", "folder", "digits"])
+    em.add_argument("--data-root", default=None)
+    em.add_argument("--split", default="test", choices=["train", "test"])
+    em.add_argument("--out", required=True, help="output .safetensors file")
+    em.set_defaults(func=_cmd_embed)
+
+    ix = sub.add_parser("index", help="a folder of images -> a saved nearest-neighbour index")
+    ix.add_argument("images", help="folder of images (searched recursively)")
+    _model_options(ix)
+    ix.add_argument("--out", required=True, help="output index file (.safetensors)")
+    ix.set_defaults(func=_cmd_embed, dataset=None, data_root=None, split="train")
+
+    se = sub.add_parser("search", help="an image -> its top-k most similar images in an index")
+    se.add_argument("query", help="query image file")
+    se.add_argument("--index", required=True, help="index written by 'plmetric index'")
+    se.add_argument("--top-k", type=int, default=8)
+    se.add_argument("--out", default=None, help="PNG grid of the results (default: QUERY_results.png)")
+    se.set_defaults(func=_cmd_search)
+
+    demo = sub.add_parser("demo", help="the main job: train on the embedded digits (CPU, no download), before/after")
+    demo.add_argument("--config", default=None, help="default: configs/demo.yaml")
+    demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    demo.add_argument("--json", default=None, help="write recall@1_before / recall@1_after to this file")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -48,13 +48,14 @@ class PLMConfig:
     tau: float = 0.5
     n_max: int = 10
     subset_selection: bool = True
+    k_plain: int = 5  # neighbours per piece without subset selection (ablation)
     n_alpha: float = 5.0
     n_beta: float = 0.5
     symmetrize: str = "mean"  # mean, min, max
     binary: bool = False
     num_proxies: int = 300
     delta: float = 1.0
-    neighbourhood_n: int = 5
+    proxy_neighbours: int = 5  # n most similar batch points that L_neighbourhood pulls each proxy to
     weight_point: float = 1.0
     weight_proxy: float = 1.0
     weight_neighbourhood: float = 1.0

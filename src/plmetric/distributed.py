@@ -6,6 +6,7 @@ Launch with ``torchrun --nproc_per_node N -m plmetric.cli train ...``; a single 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -46,17 +47,25 @@ def init_from_env(device: str) -> bool:
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate equal-sized per-rank tensors along dim 0, keeping the autograd graph.
+    """Concatenate per-rank tensors along dim 0 (sizes may differ), keeping the autograd graph.
 
-    The backward pass sums the incoming gradients over ranks (reduce-scatter), so every rank
-    computing the same global loss and DDP averaging parameter gradients gives exactly the
+    Rows are padded to the largest rank's count for the collective and the padding is removed
+    again. The backward pass sums the incoming gradients over ranks (reduce-scatter), so every
+    rank computing the same global loss and DDP averaging parameter gradients gives exactly the
     one-process gradient.
     """
     if not is_distributed():
         return tensor
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    counts = all_gather_no_grad(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    pad = max(counts) - tensor.shape[0]
+    if pad:
+        tensor = torch.cat([tensor, tensor.new_zeros((pad, *tensor.shape[1:]))], dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the autograd-aware gather
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(tensor.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)], dim=0)
 
 
 @torch.no_grad()

@@ -491,11 +491,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def build_transform(backbone: str, image_size: int = 224, train: bool = False) -> Callable[[Image.Image], Tensor]:
+def build_transform(
+    backbone: str, image_size: int = 224, train: bool = False, crop_scale_min: float = 0.16
+) -> Callable[[Image.Image], Tensor]:
     """Return the PIL image -> normalised ``(3, image_size, image_size)`` tensor transform for a backbone.
 
     Eval: resize the shorter side to ``round(image_size * 256 / 224)``, centre-crop ``image_size``.
-    Train: ``RandomResizedCrop(image_size, scale=(0.16, 1))`` and a random horizontal flip.
+    Train: ``RandomResizedCrop(image_size, scale=(crop_scale_min, 1))`` and a random horizontal flip.
     Then ``(x - mean) / std`` on [0, 1] pixels with the backbone's mean/std (EfficientNet-Lite0:
     [-1, 1]; GoogLeNet/ResNet-50: ImageNet statistics). Images are converted to RGB first.
 
@@ -505,8 +507,10 @@ def build_transform(backbone: str, image_size: int = 224, train: bool = False) -
     spec = backbone_spec(backbone)
     if isinstance(image_size, bool) or not isinstance(image_size, Integral) or image_size <= 0:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if not 0.0 < crop_scale_min <= 1.0:
+        raise ValueError(f"crop_scale_min must lie in (0, 1], got {crop_scale_min!r}")
     if train:
-        geometry = [transforms.RandomResizedCrop(int(image_size), scale=(0.16, 1.0)), transforms.RandomHorizontalFlip()]
+        geometry = [transforms.RandomResizedCrop(int(image_size), scale=(crop_scale_min, 1.0)), transforms.RandomHorizontalFlip()]
     else:
         geometry = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(int(image_size))]
     return transforms.Compose(

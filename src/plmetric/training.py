@@ -1,0 +1,619 @@
+"""The training loop: momentum teacher, neighbourhood sampling, PLM losses, checkpoints.
+
+One readable loop (:func:`train`), in the spirit of DINO's training script:
+
+* the teacher is an exponential moving average of the student; a memory bank holds the teacher's
+  embeddings of the whole training set and is refreshed from every batch, plus a full
+  re-embedding every ``train.bank_refresh_every`` epochs;
+* batches are ``B/k`` seed images, each with its ``k-1`` nearest neighbours in the bank;
+* the objective (PLM by default) turns the teacher's embeddings of a batch into targets for the
+  student's distances;
+* every epoch writes a JSON-lines log record, a full training state (for exact ``--resume``) and
+  the student as a safetensors model checkpoint; the best evaluated epoch is kept as ``best``.
+
+Multi-GPU / multi-node: launch with ``torchrun``; each rank takes a slice of the same global
+batch, embeddings are gathered so every rank computes the one-process loss, the bank is kept
+identical on every rank, and rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from plmetric import distributed as dist_utils
+from plmetric.checkpoint import atomic_write_bytes, atomic_write_json, save_model
+from plmetric.config import Config, save_config
+from plmetric.data import DatasetSplits, ImageDataset, collate_skip_none, load_dataset
+from plmetric.evaluation import embed_dataset, evaluate
+from plmetric.sampling import MemoryBank, NeighbourhoodBatchSampler, ema_update, make_teacher
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.safetensors"
+BEST_MODEL_FILE = "best.safetensors"
+LOG_FILE = "log.jsonl"
+CONFIG_FILE = "config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    out_dir: Path
+    history: list[dict[str, Any]]
+    start_metrics: dict[str, Any] | None
+    final_metrics: dict[str, Any] | None
+    best_metrics: dict[str, Any] | None
+    best_epoch: int | None
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(obj: Any) -> Any:
+    return tuple(_to_tuple(o) for o in obj) if isinstance(obj, list | tuple) else obj
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the local CUDA device when available (per rank under torchrun), else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist_utils.is_distributed():
+        return torch.device("cuda", torch.cuda.current_device())
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def with_transform(dataset: ImageDataset, transform: Any) -> ImageDataset:
+    """A shallow copy of ``dataset`` that applies another transform (images are shared)."""
+    clone = copy.copy(dataset)
+    clone.transform = transform
+    return clone
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_objective(cfg: Config, dim: int, init_embeddings: torch.Tensor | None = None) -> nn.Module:
+    """The PLM loss with its proxies, from ``cfg.plm``; proxies start at the teacher's local PCA.
+
+    Args:
+        cfg: Run configuration.
+        dim: Embedding dimension.
+        init_embeddings: Teacher embeddings of the training set (the memory bank); proxies are
+            placed on random ones with the PCA of their nearest neighbours (METHOD.md §4).
+    """
+    from plmetric.losses import PLMLoss
+
+    p = cfg.plm
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    objective = PLMLoss(
+        dim, n_proxies=p.num_proxies, m=p.m, tau=p.tau, n_max=p.n_max, subset_selection=p.subset_selection,
+        k_plain=p.k_plain, n_alpha=p.n_alpha, n_beta=p.n_beta, symmetrize=p.symmetrize, binary=p.binary,
+        delta=p.delta, proxy_neighbours=p.proxy_neighbours, weight_point=p.weight_point,
+        weight_proxy=p.weight_proxy, weight_neighbourhood=p.weight_neighbourhood, generator=generator,
+    )
+    if objective.proxies is not None and init_embeddings is not None:
+        if init_embeddings.shape[0] < p.num_proxies:
+            raise ValueError(
+                f"plm.num_proxies ({p.num_proxies}) exceeds the number of training images "
+                f"({init_embeddings.shape[0]}); lower it"
+            )
+        objective.proxies.init_from_embeddings(init_embeddings.cpu(), generator=generator)
+    return objective
+
+
+def build_optimizer(cfg: Config, student: nn.Module, objective: nn.Module) -> torch.optim.Optimizer:
+    """AdamW with three parameter groups: backbone, embedding layer, objective (proxies)."""
+    t = cfg.train
+    groups = [
+        {"name": "backbone", "params": [p for p in student.backbone.parameters() if p.requires_grad],
+         "lr": t.lr_backbone},
+        {"name": "embedding", "params": [p for p in student.embedding.parameters() if p.requires_grad],
+         "lr": t.lr_embedding},
+        {"name": "proxies", "params": [p for p in objective.parameters() if p.requires_grad],
+         "lr": t.lr_proxies, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode (statistics fixed); call after ``model.train()``."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+@torch.no_grad()
+def init_embedding_pca(model: nn.Module, features: torch.Tensor) -> None:
+    """Initialise the linear embedding layer with the top principal directions of pooled features.
+
+    ``W = V_dᵀ`` (rows: the first ``d`` principal axes of the centred features), ``b = -W μ``, so the
+    untrained embedding is the PCA projection and keeps the backbone's neighbourhoods as far as
+    ``d`` components allow.
+    """
+    layer = model.embedding
+    if not isinstance(layer, nn.Linear):
+        return
+    mean = features.mean(0)
+    centred = (features - mean).double()
+    d = layer.out_features
+    q = min(d, centred.shape[0], centred.shape[1])
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    weight = torch.zeros_like(layer.weight, dtype=torch.float64)
+    weight[:q] = vh[:q]
+    if q < d:  # fewer samples than dimensions: fill the rest with orthogonal random directions
+        extra = torch.randn(d - q, weight.shape[1], dtype=torch.float64)
+        extra -= extra @ vh[:q].T @ vh[:q]
+        weight[q:] = torch.linalg.qr(extra.T).Q.T
+    layer.weight.copy_(weight.to(layer.weight.dtype))
+    layer.bias.copy_(-(weight @ mean.double()).to(layer.bias.dtype))
+
+
+# ----------------------------------------------------------------------------- embedding passes
+
+
+def embed_distributed(
+    model: nn.Module, dataset: ImageDataset, *, batch_size: int, num_workers: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embed a data set, sharded over ranks and gathered with its indices (no duplicates).
+
+    Returns CPU float32 embeddings, labels and dataset indices sorted by index.
+    """
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+    emb, labels, index = embed_dataset(model, shard, batch_size=batch_size, num_workers=num_workers, device=device)
+    if world > 1:
+        emb = dist_utils.all_gather_variable(emb.to(device)).cpu()
+        labels = dist_utils.all_gather_variable(labels.to(device)).cpu()
+        index = dist_utils.all_gather_variable(index.to(device)).cpu()
+    order = torch.argsort(index)
+    return emb[order], labels[order], index[order]
+
+
+def refresh_bank(
+    bank: MemoryBank, teacher: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device
+) -> None:
+    """Re-embed the whole training set with the teacher into the memory bank."""
+    emb, _, index = embed_distributed(
+        teacher, dataset, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers, device=device
+    )
+    bank.update(index.to(bank.embeddings.device), emb.to(bank.embeddings.device))
+
+
+def evaluate_model(
+    model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device
+) -> dict[str, Any]:
+    """Zero-shot retrieval metrics of ``model`` on a labelled test split."""
+    emb, labels, _ = embed_distributed(
+        model, dataset, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers, device=device
+    )
+    return evaluate(emb, labels, compute_nmi=False)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _state_bytes(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def load_training_state(path: Path, cfg: Config) -> dict[str, Any]:
+    """Load a full training state written by :func:`train` (``weights_only``: no code runs).
+
+    Raises:
+        ValueError: the state belongs to a run with another configuration.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state to resume from: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = json.loads(state["config_json"])
+    current = cfg.to_dict()
+    if saved != json.loads(json.dumps(current)):
+        diff = sorted(
+            f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+            for section, values in current.items()
+            for key, value in values.items()
+            if saved.get(section, {}).get(key) != json.loads(json.dumps(value))
+        )
+        raise ValueError(f"cannot resume {path}: it was written with another config ({'; '.join(diff)})")
+    return state
+
+
+def _model_metadata(cfg: Config, model: nn.Module, epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "backbone": cfg.model.backbone,
+        "embedding_dim": cfg.model.embedding_dim,
+        "output_dim": int(getattr(model, "embedding_dim", cfg.model.embedding_dim)),
+        "image_size": cfg.data.image_size,
+        "epoch": epoch,
+        "metrics": metrics,
+        "config": cfg.to_dict(),
+    }
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    splits: DatasetSplits | None = None,
+    model: nn.Module | None = None,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+) -> TrainResult:
+    """Train an embedding without labels (labels, when present, are used for evaluation only).
+
+    Args:
+        cfg: The run's configuration (validated here before any work starts).
+        out_dir: Run folder: ``config.yaml``, ``log.jsonl``, ``state.pt``, ``model.safetensors``,
+            ``best.safetensors``, plots.
+        resume: Continue from ``out_dir/state.pt`` exactly where it stopped.
+        splits: Data sets to use instead of loading ``cfg.data`` (tests, notebooks).
+        model: Student network to use instead of ``create_model(cfg.model...)``; it must have
+            ``backbone`` and ``embedding`` sub-modules and return L2-normalised embeddings.
+        progress: Show tqdm progress bars (rank 0).
+        stop_after_epochs: Stop (resumably) after this many epochs of this invocation, e.g. to fit
+            a job's time limit; ``resume=True`` later continues exactly.
+
+    Returns:
+        The per-epoch history and the metrics of the start, the final and the best epoch.
+    """
+    cfg.validate()
+    out_dir = Path(out_dir)
+    state = load_training_state(out_dir / STATE_FILE, cfg) if resume else None
+    device = resolve_device(cfg.train.device)
+    group_created_here = dist_utils.init_from_env(str(device))
+    try:
+        return _train(cfg, out_dir, state, splits, model, progress, stop_after_epochs)
+    finally:
+        if group_created_here:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    cfg: Config,
+    out_dir: Path,
+    state: dict[str, Any] | None,
+    splits: DatasetSplits | None,
+    model: nn.Module | None,
+    progress: bool,
+    stop_after_epochs: int | None,
+) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    from plmetric.models import build_transform, create_model
+
+    device = resolve_device(cfg.train.device)
+    main_process = dist_utils.is_main_process()
+    seed_everything(cfg.train.seed)
+
+    # --- data
+    if splits is None:
+        splits = load_dataset(
+            cfg.data.dataset, cfg.data.root,
+            train_transform=build_transform(
+                cfg.model.backbone, cfg.data.image_size, train=True, crop_scale_min=cfg.data.crop_scale_min
+            ),
+            test_transform=build_transform(cfg.model.backbone, cfg.data.image_size, train=False),
+            verbose=main_process,
+        )
+    train_set = splits.train
+    test_set = splits.test if splits.test is not None and splits.test.num_classes > 1 else None
+    bank_set = with_transform(train_set, splits.test.transform if splits.test is not None else train_set.transform)
+    num_items = len(train_set)
+    k = cfg.train.neighbours_per_seed
+    if k > num_items or cfg.train.batch_size > num_items:
+        raise ValueError(
+            f"train.neighbours_per_seed ({k}) and train.batch_size ({cfg.train.batch_size}) must not exceed "
+            f"the number of training images ({num_items})"
+        )
+
+    # --- networks
+    student = model if model is not None else create_model(
+        cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, pretrained=cfg.model.pretrained,
+        weights=cfg.model.weights,
+    )
+    student.to(device)
+    if cfg.model.embedding_init == "pca" and state is None:
+        feats = _pooled_features(student, bank_set, cfg, device)
+        init_embedding_pca(student, feats)
+    if device.type == "cuda" and cfg.train.channels_last:
+        student.to(memory_format=torch.channels_last)
+    teacher = make_teacher(student)
+    dim = int(student.embedding_dim)
+
+    bank = MemoryBank(num_items, dim, device=device)
+    if state is None:
+        refresh_bank(bank, teacher, bank_set, cfg, device)
+    else:
+        bank.load_state_dict(state["bank"])
+    objective = build_objective(cfg, dim, init_embeddings=bank.embeddings).to(device)
+    optimizer = build_optimizer(cfg, student, objective)
+    world = dist_utils.world_size()
+    sampler = NeighbourhoodBatchSampler(
+        bank.neighbours(k - 1), batch_size=cfg.train.batch_size, k=k, seed=cfg.train.seed,
+        rank=dist_utils.rank(), world_size=world,
+    )
+    # An epoch shows about as many images as the training set holds (STML's convention): N // B batches,
+    # each with a fresh random set of seeds, rather than every image as a seed (k times longer).
+    steps_per_epoch = min(len(sampler), num_items // cfg.train.batch_size)
+    if cfg.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"an epoch has no batch: {num_items} training images, train.batch_size {cfg.train.batch_size}, "
+            f"neighbours_per_seed {k}"
+        )
+    total_steps = steps_per_epoch * cfg.train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, int(cfg.train.warmup_epochs * steps_per_epoch))
+    )
+    ddp_student = student
+    if world > 1:
+        ddp_student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    history: list[dict[str, Any]] = []
+    start_epoch, best_epoch = 0, None
+    start_metrics = best_metrics = None
+    if state is not None:
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"]) + 1
+        history = json.loads(state["history_json"])
+        start_metrics = json.loads(state["start_metrics_json"])
+        best = json.loads(state["best_json"])
+        best_epoch, best_metrics = best["epoch"], best["metrics"]
+        _set_rng_state(state["rng"])
+        if main_process:
+            print(f"resuming {out_dir} after epoch {start_epoch}")
+    elif main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / CONFIG_FILE)
+        (out_dir / LOG_FILE).unlink(missing_ok=True)
+    if test_set is not None and start_metrics is None:
+        start_metrics = evaluate_model(teacher, test_set, cfg, device)
+        if main_process:
+            print(f"start: R@1 {100 * start_metrics['recall@1']:.2f}")
+
+    use_bf16 = cfg.train.bf16 and device.type == "cuda"
+    end_epoch = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, start_epoch + stop_after_epochs)
+    for epoch in range(start_epoch, end_epoch):
+        if epoch > 0 and epoch % cfg.train.bank_refresh_every == 0:
+            refresh_bank(bank, teacher, bank_set, cfg, device)
+        if epoch > 0:
+            sampler.set_neighbours(bank.neighbours(k - 1))
+        sampler.set_epoch(epoch)
+        loader = DataLoader(
+            train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+            collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
+        student.train()
+        if cfg.model.freeze_bn:
+            freeze_batchnorm(student)
+        sums: dict[str, torch.Tensor] = {}
+        seen, steps, t0 = 0, 0, time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                   disable=not (progress and main_process))
+        for batch in loader:
+            if steps >= steps_per_epoch:
+                break
+            if batch is None:
+                continue
+            images, _, index = batch
+            images = images.to(device, non_blocking=True)
+            index = index.to(device, non_blocking=True)
+            if device.type == "cuda" and cfg.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.no_grad():
+                    teacher_emb = teacher(images).float()
+                student_emb = ddp_student(images).float()
+            teacher_all = dist_utils.all_gather_variable(teacher_emb)
+            student_all = dist_utils.all_gather_with_grad(student_emb)
+            index_all = dist_utils.all_gather_variable(index)
+            terms = objective(student_all, teacher_all)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1} "
+                    f"({ {k_: float(v.detach()) for k_, v in terms.items()} }); the last good checkpoint is in {out_dir}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            dist_utils.average_gradients(list(objective.parameters()))
+            if cfg.train.grad_clip:
+                nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            objective.after_step()
+            ema_update(teacher, student, cfg.train.momentum)
+            bank.update(index_all, teacher_all.detach())
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach()
+            seen += int(index_all.numel())
+            steps += 1
+            bar.update(1)
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        record: dict[str, Any] = {"epoch": epoch + 1}
+        record.update({name: float(total) / max(steps, 1) for name, total in sums.items()})
+        record["lr"] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        record["images_per_second"] = seen / max(elapsed, 1e-9)
+        record["seconds"] = elapsed
+        metrics = None
+        evaluate_now = test_set is not None and (
+            (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
+        )
+        if evaluate_now:
+            metrics = evaluate_model(student, test_set, cfg, device)
+            record.update({key: value for key, value in metrics.items() if key.startswith("recall@")})
+            record["map@r"] = metrics.get("map@r")
+            if best_metrics is None or metrics["recall@1"] > best_metrics["recall@1"]:
+                best_metrics, best_epoch = metrics, epoch + 1
+                if main_process:
+                    save_model(out_dir / BEST_MODEL_FILE, student, _model_metadata(cfg, student, epoch + 1, metrics))
+        history.append(record)
+        if main_process:
+            _log_line(out_dir / LOG_FILE, record)
+            save_model(out_dir / MODEL_FILE, student, _model_metadata(cfg, student, epoch + 1, metrics))
+            state = {
+                "epoch": epoch,
+                "config_json": json.dumps(cfg.to_dict()),
+                "student": student.state_dict(),
+                "teacher": teacher.state_dict(),
+                "objective": objective.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "bank": bank.state_dict(),
+                "rng": _rng_state(),
+                "history_json": json.dumps(history),
+                "start_metrics_json": json.dumps(start_metrics),
+                "best_json": json.dumps({"epoch": best_epoch, "metrics": best_metrics}),
+            }
+            atomic_write_bytes(out_dir / STATE_FILE, _state_bytes(state))
+            summary = " ".join(f"{key} {value:.4f}" for key, value in record.items() if key.startswith("loss"))
+            r1 = f" R@1 {100 * metrics['recall@1']:.2f}" if metrics else ""
+            print(f"epoch {epoch + 1}/{cfg.train.epochs}: {summary}{r1} ({record['images_per_second']:.0f} img/s)")
+        dist_utils.barrier()
+
+    final_metrics = None
+    finished = bool(history) and history[-1]["epoch"] == cfg.train.epochs
+    if finished and test_set is not None and "recall@1" in history[-1]:
+        final_metrics = {key: value for key, value in history[-1].items() if key.startswith("recall@") or key == "map@r"}
+    if main_process and history:
+        plot_history(history, out_dir, start_metrics)
+        atomic_write_json(out_dir / "summary.json", {
+            "start": start_metrics, "final": final_metrics, "best": best_metrics, "best_epoch": best_epoch,
+            "epochs": cfg.train.epochs,
+        })
+    return TrainResult(out_dir, history, start_metrics, final_metrics, best_metrics, best_epoch)
+
+
+def _pooled_features(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> torch.Tensor:
+    """Pooled backbone features of a data set (for the PCA initialisation of the embedding layer)."""
+
+    class _Pooled(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner.pooled_features(x)
+
+    feats, _, _ = embed_distributed(
+        _Pooled(model), dataset, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers,
+        device=device,
+    )
+    return feats.to(device)
+
+
+def _log_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def plot_history(history: list[dict[str, Any]], out_dir: Path, start: dict[str, Any] | None) -> None:
+    """Write ``losses.png`` (each loss term per epoch) and ``recall.png`` (R@1 per epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in sorted({k for r in history for k in r if k.startswith("loss")}):
+        ax.plot(epochs, [r.get(key, float("nan")) for r in history], marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, out_dir / "losses.png")
+    plt.close(fig)
+
+    evaluated = [r for r in history if "recall@1" in r]
+    if evaluated:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [r["epoch"] for r in evaluated]
+        ys = [100 * r["recall@1"] for r in evaluated]
+        if start is not None:
+            xs, ys = [0, *xs], [100 * start["recall@1"], *ys]
+            ax.axhline(100 * start["recall@1"], color="grey", linestyle="--", label="start")
+        ax.plot(xs, ys, marker="o", label="R@1")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("Recall@1 (%)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _save_figure(fig, out_dir / "recall.png")
+        plt.close(fig)
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,192 @@
+"""Trainer: a full tiny run, exact resume, bad input, checkpoints, PCA initialisation, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import tiny_config, tiny_model, tiny_splits
+
+from plmetric.checkpoint import read_metadata
+from plmetric.training import (
+    NonFiniteLossError,
+    cosine_with_warmup,
+    init_embedding_pca,
+    load_training_state,
+    train,
+)
+
+TESTS = Path(__file__).parent
+
+
+def run(out: Path, cfg=None, **kwargs):
+    return train(cfg or tiny_config(), out, splits=tiny_splits(), model=tiny_model(), progress=False, **kwargs)
+
+
+def test_full_run_writes_log_checkpoints_and_plots(tmp_path):
+    result = run(tmp_path)
+    for name in ("config.yaml", "log.jsonl", "state.pt", "model.safetensors", "best.safetensors",
+                 "losses.png", "recall.png", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    for record in lines:
+        for key in ("loss", "loss_point", "loss_proxy", "loss_neighbourhood", "recall@1", "images_per_second"):
+            assert np.isfinite(record[key]), key
+        assert set(record["lr"]) == {"backbone", "embedding", "proxies"}
+    assert result.final_metrics["recall@1"] == lines[-1]["recall@1"]
+    assert result.best_metrics["recall@1"] == max(r["recall@1"] for r in lines)
+    meta = read_metadata(tmp_path / "model.safetensors")
+    assert meta["config"]["train"]["epochs"] == 3 and meta["epoch"] == 3
+    assert meta["embedding_dim"] == 16
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert json.loads(state["config_json"]) == tiny_config().to_dict()
+
+
+def test_training_changes_the_student_and_the_teacher_follows(tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(tiny_config(), tmp_path, splits=tiny_splits(), model=model, progress=False)
+    after = load_file(str(tmp_path / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    teacher, student = state["teacher"], state["student"]
+    # the teacher is an average: between its start and the student, never equal to the student
+    key = "embedding.weight"
+    assert not torch.equal(teacher[key], student[key])
+    assert (teacher[key] - before[key]).norm() < (student[key] - before[key]).norm()
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = run(tmp_path / "full")
+    part = tmp_path / "part"
+    first = run(part, stop_after_epochs=2)
+    assert len(first.history) == 2 and first.final_metrics is None
+    resumed = run(part, resume=True)
+    assert len(resumed.history) == 3
+    for a, b in zip(full.history, resumed.history, strict=True):
+        for key in ("loss", "loss_point", "loss_proxy", "loss_neighbourhood", "recall@1", "map@r"):
+            assert a[key] == b[key], (key, a["epoch"])
+    assert full.final_metrics == resumed.final_metrics
+    wa, wb = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_another_config_is_refused_before_work(tmp_path):
+    run(tmp_path, stop_after_epochs=1)
+    other = tiny_config(plm__n_alpha=4.0)
+    with pytest.raises(ValueError, match="another config.*plm.n_alpha"):
+        train(other, tmp_path, resume=True, splits=tiny_splits(), model=tiny_model(), progress=False)
+    with pytest.raises(FileNotFoundError, match="state.pt"):
+        run(tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train__batch_size": 12}, "divisible by train.neighbours_per_seed"),
+        ({"model__embedding_dim": 2}, "must exceed plm.m"),
+        ({"train__neighbours_per_seed": 50, "train__batch_size": 50}, "must not exceed the number of training images"),
+        ({"plm__num_proxies": 500}, "num_proxies"),
+    ],
+)
+def test_bad_settings_fail_clearly_before_training(tmp_path, overrides, message):
+    cfg = tiny_config()
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ValueError, match=message):
+        train(cfg, tmp_path, splits=tiny_splits(), model=tiny_model(cfg.model.embedding_dim or 16), progress=False)
+    assert not (tmp_path / "state.pt").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    run(tmp_path, stop_after_epochs=1)
+    good = (tmp_path / "state.pt").read_bytes()
+    from plmetric.losses import PLMLoss
+
+    original = PLMLoss.forward
+
+    def poisoned(self, student, teacher):
+        terms = original(self, student, teacher)
+        terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(PLMLoss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+        run(tmp_path, resume=True)
+    assert (tmp_path / "state.pt").read_bytes() == good
+
+
+def test_cosine_schedule_with_warmup():
+    factor = cosine_with_warmup(total_steps=100, warmup_steps=10)
+    assert factor(0) == pytest.approx(0.1)
+    assert factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5)
+    assert factor(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pca_initialisation_is_the_projection_on_principal_axes():
+    torch.manual_seed(0)
+    model = tiny_model(embedding_dim=4)
+    feats = torch.randn(200, 24) @ torch.diag(torch.linspace(3, 0.1, 24))
+    init_embedding_pca(model, feats)
+    w, b = model.embedding.weight.detach().double(), model.embedding.bias.detach().double()
+    x = feats.double().numpy()
+    xc = x - x.mean(0)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    projected = (torch.from_numpy(x) @ w.T + b).numpy()
+    reference = xc @ vt[:4].T
+    # same subspace and per-axis agreement up to sign
+    np.testing.assert_allclose(np.abs(projected), np.abs(reference), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(w @ w.T, np.eye(4), atol=1e-5)
+
+
+def test_pca_init_keeps_retrieval_of_raw_features(tmp_path):
+    cfg = tiny_config(model__embedding_init="pca", model__embedding_dim=20, train__epochs=1)
+    result = train(cfg, tmp_path, splits=tiny_splits(), model=tiny_model(20), progress=False)
+    assert result.start_metrics["recall@1"] >= 0.5
+
+
+def test_load_training_state_is_weights_only(tmp_path):
+    run(tmp_path, stop_after_epochs=1)
+    state = load_training_state(tmp_path / "state.pt", tiny_config())
+    assert state["epoch"] == 0
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """gloo, 2 CPU processes, the same global batches: the same losses and weights as 1 process."""
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(TESTS / "ddp_worker.py"), str(tmp_path / "one")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(TESTS / "ddp_worker.py"), str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = [json.loads(x) for x in (tmp_path / "one/log.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two/log.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "loss_point", "loss_proxy", "loss_neighbourhood"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        assert a["recall@1"] == b["recall@1"]
+    wa, wb = load_file(str(tmp_path / "one/model.safetensors")), load_file(str(tmp_path / "two/model.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+    # evaluation gathered every test image exactly once (37 is odd: no padding duplicates)
+    summary = json.loads((tmp_path / "two/summary.json").read_text())
+    assert summary["final"]["recall@1"] == one[-1]["recall@1"]
