@@ -119,7 +119,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     meta = read_metadata(path)
     model = create_model(meta["backbone"], embedding_dim=int(meta["embedding_dim"]), pretrained=False)
     state = load_file(str(path), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{path} does not match its own metadata ({meta['backbone']}, "
+                         f"embedding_dim {meta['embedding_dim']}): {str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match backbone '{meta['backbone']}' with embedding_dim "

@@ -55,6 +55,7 @@ class PLMConfig:
     binary: bool = False
     num_proxies: int = 300
     delta: float = 1.0
+    delta_mode: str = "fixed"  # fixed (paper), batch (mean target = mean distance), teacher (per-pair)
     proxy_neighbours: int = 5  # n most similar batch points that L_neighbourhood pulls each proxy to
     weight_point: float = 1.0
     weight_proxy: float = 1.0
@@ -114,6 +115,8 @@ class Config:
             raise ValueError(f"train.momentum must lie in [0, 1], got {t.momentum}")
         if p.symmetrize not in {"mean", "min", "max"}:
             raise ValueError(f"plm.symmetrize must be mean, min or max, got '{p.symmetrize}'")
+        if p.delta_mode not in {"fixed", "batch", "teacher"}:
+            raise ValueError(f"plm.delta_mode must be fixed, batch or teacher, got '{p.delta_mode}'")
         if mdl.embedding_init not in {"orthogonal", "pca"}:
             raise ValueError(f"model.embedding_init must be orthogonal or pca, got '{mdl.embedding_init}'")
         for name in ("epochs", "batch_size", "neighbours_per_seed", "eval_every", "bank_refresh_every"):

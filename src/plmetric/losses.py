@@ -29,12 +29,16 @@ from plmetric.manifold import (
 __all__ = ["PLMLoss", "neighbourhood_loss", "point_loss", "proxy_loss"]
 
 
-def _check_delta(delta: float) -> None:
+def _check_delta(delta: float | Tensor) -> None:
+    if isinstance(delta, Tensor):
+        if not bool(torch.isfinite(delta).all()) or bool((delta < 0).any()):
+            raise ValueError("delta: expected finite values >= 0")
+        return
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"delta: expected a finite number >= 0, got {delta!r}")
 
 
-def point_loss(student: Tensor, similarity: Tensor, delta: float = 1.0) -> Tensor:
+def point_loss(student: Tensor, similarity: Tensor, delta: float | Tensor = 1.0) -> Tensor:
     """``L_point = mean_{i≠j} (δ (1 - s_ij) - ‖f_i - f_j‖₂)²`` (slide 11).
 
     The similarity is a detached target; distances come from explicit differences, with a zero
@@ -43,7 +47,8 @@ def point_loss(student: Tensor, similarity: Tensor, delta: float = 1.0) -> Tenso
     Args:
         student: (B, d) student embeddings ``f_θ(x_i)``, B >= 2.
         similarity: (B, B) point-point similarity ``s`` (e.g. :func:`plm_similarity`).
-        delta: the distance that similarity 0 maps to [choice: 1].
+        delta: the distance that similarity 0 maps to [choice: 1]; a scalar or a (B, B) tensor of
+            per-pair scales (detached), see :func:`target_scales`.
 
     Returns:
         Scalar loss; gradient to ``student`` only.
@@ -53,13 +58,16 @@ def point_loss(student: Tensor, similarity: Tensor, delta: float = 1.0) -> Tenso
     b = student.shape[0]
     if similarity.shape != (b, b):
         raise ValueError(f"point_loss: similarity must be ({b}, {b}) for {b} embeddings, got {tuple(similarity.shape)}")
+    delta = delta.detach().to(student.dtype) if isinstance(delta, Tensor) else delta
     target = delta * (1.0 - similarity.detach().to(student.dtype))
     residual = (target - _exact_pairwise_distance(student, student)).pow(2)
     off_diagonal = ~torch.eye(b, dtype=torch.bool, device=student.device)
     return (residual * off_diagonal).sum() / (b * (b - 1))
 
 
-def proxy_loss(student: Tensor, proxy_similarity: Tensor, proxy_locations: Tensor, delta: float = 1.0) -> Tensor:
+def proxy_loss(
+    student: Tensor, proxy_similarity: Tensor, proxy_locations: Tensor, delta: float | Tensor = 1.0
+) -> Tensor:
     """``L_proxy = mean_{i,k} (δ (1 - s(x_i, ρ_k)) - ‖f_i - ρ_k‖₂)²`` (METHOD.md §5).
 
     The proxies are treated like data embeddings; ``ρ_k`` and the similarity are detached here,
@@ -83,8 +91,49 @@ def proxy_loss(student: Tensor, proxy_similarity: Tensor, proxy_locations: Tenso
             f"proxy_loss: expected proxy_locations (N, {student.shape[1]}) and proxy_similarity (B, N); got "
             f"{tuple(proxy_locations.shape)} and {tuple(proxy_similarity.shape)} for student {tuple(student.shape)}"
         )
+    delta = delta.detach().to(student.dtype) if isinstance(delta, Tensor) else delta
     target = delta * (1.0 - proxy_similarity.detach().to(student.dtype))
     return (target - _exact_pairwise_distance(student, locations)).pow(2).mean()
+
+
+DELTA_MODES = ("fixed", "batch", "teacher")
+
+
+@torch.no_grad()
+def target_scales(
+    mode: str, delta: float, similarity: Tensor, student_distances: Tensor, teacher_distances: Tensor
+) -> float | Tensor:
+    """The scale δ of the targets ``δ (1 - s)`` under a ``delta_mode`` [choice; METHOD.md: fixed δ = 1].
+
+    * ``fixed``: ``δ`` as given (the paper's form).
+    * ``batch``: one scalar per batch so the mean target equals the mean current student distance,
+      ``δ_b = δ · mean(‖f_i - f_j‖) / mean(1 - s_ij)`` (off-diagonal means for square inputs).
+    * ``teacher``: per pair, ``δ_ij = δ · c · ‖x_i - x_j‖`` with the teacher's distance and
+      ``c = mean(‖x_i - x_j‖) / mean(‖x_i - x_j‖ (1 - s_ij))``, so the targets keep the teacher's
+      mean distance: pairs more similar than average contract, less similar ones expand.
+
+    Args:
+        mode: one of :data:`DELTA_MODES`.
+        delta: the base δ.
+        similarity: (B, P) similarity s.
+        student_distances: (B, P) current student distances (only ``batch`` uses them).
+        teacher_distances: (B, P) teacher distances (only ``teacher`` uses them).
+    """
+    if mode == "fixed":
+        return delta
+    square = similarity.shape[0] == similarity.shape[1]
+    keep = ~torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device) if square else None
+
+    def mean(t: Tensor) -> Tensor:
+        return t[keep].mean() if keep is not None else t.mean()
+
+    dissimilarity = 1.0 - similarity
+    if mode == "batch":
+        return delta * mean(student_distances) / mean(dissimilarity).clamp_min(1e-12)
+    if mode == "teacher":
+        scale = mean(teacher_distances) / mean(teacher_distances * dissimilarity).clamp_min(1e-12)
+        return delta * scale * teacher_distances
+    raise ValueError(f"delta_mode: expected one of {DELTA_MODES}, got {mode!r}")
 
 
 def neighbourhood_loss(
@@ -153,6 +202,7 @@ class PLMLoss(nn.Module):
         m, tau, n_max, min_points, subset_selection, k_plain: :func:`fit_pieces` options.
         n_alpha, n_beta, symmetrize, binary: :func:`point_similarity` options.
         delta: δ of the point and proxy losses [choice: 1].
+        delta_mode: how δ scales the targets, see :func:`target_scales` [choice: fixed].
         proxy_neighbours: n of :func:`neighbourhood_loss` [choice: 5].
         weight_point, weight_proxy, weight_neighbourhood: term weights [choice: 1, 1, 1].
         generator: optional ``torch.Generator`` for the proxies' random initialisation.
@@ -174,6 +224,7 @@ class PLMLoss(nn.Module):
         symmetrize: Symmetrize = "mean",
         binary: bool = False,
         delta: float = 1.0,
+        delta_mode: str = "fixed",
         proxy_neighbours: int = 5,
         weight_point: float = 1.0,
         weight_proxy: float = 1.0,
@@ -200,7 +251,10 @@ class PLMLoss(nn.Module):
         )
         self.similarity_options = dict(n_alpha=n_alpha, n_beta=n_beta, symmetrize=symmetrize)
         self.binary = binary
+        if delta_mode not in DELTA_MODES:
+            raise ValueError(f"delta_mode: expected one of {DELTA_MODES}, got {delta_mode!r}")
         self.delta = delta
+        self.delta_mode = delta_mode
         self.proxy_neighbours = proxy_neighbours
         self.weights = dict(point=weight_point, proxy=weight_proxy, neighbourhood=weight_neighbourhood)
         self.proxies = Proxies(dim, n_proxies, m, generator=generator) if n_proxies > 0 else None
@@ -225,7 +279,7 @@ class PLMLoss(nn.Module):
         with torch.no_grad():
             pieces = fit_pieces(teacher, **self.piece_options)
             similarity = point_similarity(pieces, binary=self.binary, **self.similarity_options)
-        terms = {"loss_point": point_loss(student, similarity, self.delta)}
+        terms = {"loss_point": point_loss(student, similarity, self._scale(similarity, student, teacher))}
         if self.proxies is not None:
             locations, bases = self.proxies()
             with torch.no_grad():
@@ -235,7 +289,8 @@ class PLMLoss(nn.Module):
                     bases.detach().to(teacher.dtype),
                     **self.similarity_options,
                 )
-            terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, self.delta)
+            proxy_delta = self._scale(proxy_similarity, student, teacher, locations.detach().to(teacher.dtype))
+            terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, proxy_delta)
             terms["loss_neighbourhood"] = neighbourhood_loss(
                 teacher, locations, bases, proxy_similarity, self.proxy_neighbours
             )
@@ -250,6 +305,20 @@ class PLMLoss(nn.Module):
         )
         terms["piece_size"] = pieces.size.to(student.dtype).mean()
         return terms
+
+    def _scale(
+        self, similarity: Tensor, student: Tensor, teacher: Tensor, others: Tensor | None = None
+    ) -> float | Tensor:
+        """δ for targets against ``others`` (the batch itself when None, else proxy locations)."""
+        if self.delta_mode == "fixed":
+            return self.delta
+        with torch.no_grad():
+            other_student = student.detach() if others is None else others.to(student.dtype)
+            other_teacher = teacher if others is None else others
+            return target_scales(
+                self.delta_mode, self.delta, similarity.to(student.dtype),
+                torch.cdist(student.detach(), other_student), torch.cdist(teacher, other_teacher).to(student.dtype),
+            )
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -141,7 +141,7 @@ def build_objective(cfg: Config, dim: int, init_embeddings: torch.Tensor | None 
     objective = PLMLoss(
         dim, n_proxies=p.num_proxies, m=p.m, tau=p.tau, n_max=p.n_max, subset_selection=p.subset_selection,
         k_plain=p.k_plain, n_alpha=p.n_alpha, n_beta=p.n_beta, symmetrize=p.symmetrize, binary=p.binary,
-        delta=p.delta, proxy_neighbours=p.proxy_neighbours, weight_point=p.weight_point,
+        delta=p.delta, delta_mode=p.delta_mode, proxy_neighbours=p.proxy_neighbours, weight_point=p.weight_point,
         weight_proxy=p.weight_proxy, weight_neighbourhood=p.weight_neighbourhood, generator=generator,
     )
     if objective.proxies is not None and init_embeddings is not None:

@@ -1,0 +1,133 @@
+"""The command line: eval, train, embed/index/search, demo, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from plmetric.cli import main
+
+
+def test_eval_digits_writes_json(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    code = main(["eval", "--dataset", "digits", "--backbone", "efficientnet_lite0", "--embedding-dim", "0",
+                 "--image-size", "32", "--json", str(out), "--no-progress", "--num-workers", "0"])
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_images"] == 896 and metrics["num_classes"] == 5
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "nmi"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["recall@1"] > 0.5  # pretrained features separate digits far above chance (0.2)
+    assert "recall@1" in capsys.readouterr().out
+
+
+def test_eval_on_cub_slice(tmp_path, cub_root):
+    """The real CUB layout, cut to 4 classes x 6 images so the test stays fast."""
+    src = cub_root / "CUB_200_2011"
+    dst = tmp_path / "CUB_200_2011"
+    (dst / "images").mkdir(parents=True)
+    lines, labels = [], []
+    for cls in range(1, 5):
+        folder = sorted((src / "images").iterdir())[cls - 1]
+        for image in sorted(folder.iterdir())[:6]:
+            (dst / "images" / folder.name).mkdir(exist_ok=True)
+            shutil.copy(image, dst / "images" / folder.name / image.name)
+            lines.append(f"{len(lines) + 1} {folder.name}/{image.name}")
+            labels.append(f"{len(labels) + 1} {cls}")
+    (dst / "images.txt").write_text("\n".join(lines) + "\n")
+    (dst / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (dst / "classes.txt").write_text("".join(f"{c} x{c}\n" for c in range(1, 5)))
+    out = tmp_path / "m.json"
+    assert main(["eval", "--dataset", "cub200", "--data-root", str(tmp_path), "--image-size", "96",
+                 "--json", str(out), "--no-progress", "--num-workers", "0"]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["num_images"] == 12 and metrics["num_classes"] == 2
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path, capsys):
+    code = main(["eval", "--dataset", "cub200", "--data-root", str(tmp_path / "nowhere"), "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "Traceback" not in err
+
+
+def test_unavailable_download_says_how_to_provide_weights(tmp_path, monkeypatch, capsys):
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("no network in this test")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    code = main(["eval", "--dataset", "digits", "--backbone", "googlenet", "--no-progress"])
+    assert code == 2
+    assert "--weights" in capsys.readouterr().err
+
+
+def test_train_rejects_unknown_keys_before_work(tmp_path, capsys):
+    code = main(["train", "--out", str(tmp_path / "run"), "--set", "train.epoch=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.epoch'" in err and "train.epochs" in err
+    assert not (tmp_path / "run").exists()
+
+
+def _write_folder(folder, n=6, size=40):
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(n):
+        colour = rng.integers(0, 256, 3)
+        image = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+        path = folder / ("sub" if i % 2 else ".") / f"img{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_index_and_search_find_the_query_itself(tmp_path, capsys):
+    paths = _write_folder(tmp_path / "photos")
+    index = tmp_path / "index.safetensors"
+    assert main(["index", str(tmp_path / "photos"), "--out", str(index), "--image-size", "64",
+                 "--no-progress", "--num-workers", "0"]) == 0
+    grid = tmp_path / "grid.png"
+    capsys.readouterr()
+    assert main(["search", str(paths[3]), "--index", str(index), "--top-k", "3", "--out", str(grid)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-1] == str(paths[3])
+    assert float(lines[0].split()[1]) == pytest.approx(1.0, abs=1e-4)
+    assert Image.open(grid).size[0] > 100
+
+
+def test_search_errors_are_clear(tmp_path, capsys):
+    assert main(["search", str(tmp_path / "q.jpg"), "--index", str(tmp_path / "none.safetensors")]) == 2
+    assert "none.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_then_eval_checkpoint_and_demo_json(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", "configs/demo.yaml", "--out", str(run), "--no-progress",
+                 "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2",
+                 "--set", "data.image_size=32", "--set", "plm.num_proxies=20"]) == 0
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--dataset", "digits", "--checkpoint", str(run / "model.safetensors"),
+                 "--json", str(out), "--no-progress", "--num-workers", "0"]) == 0
+    metrics = json.loads(out.read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert metrics["embedding_dim"] == 128 and metrics["image_size"] == 32
+    assert metrics["recall@1"] == pytest.approx(summary["final"]["recall@1"])
+    demo_json = tmp_path / "demo.json"
+    code = main(["demo", "--out", str(tmp_path / "demo"), "--json", str(demo_json), "--no-progress",
+                 "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=1", "--set", "data.image_size=32",
+                 "--set", "plm.num_proxies=20"])
+    result = json.loads(demo_json.read_text())
+    assert code == (0 if result["recall@1_after"] > result["recall@1_before"] else 1)
+    assert 0 <= result["recall@1_before"] <= 1 and 0 <= result["recall@1_after"] <= 1
