@@ -13,8 +13,9 @@ from plmetric.models import create_model
 
 def test_round_trip_gives_the_same_embeddings(tmp_path):
     model = create_model("efficientnet_lite0", embedding_dim=8, pretrained=False).eval()
-    path = save_model(tmp_path / "m.safetensors", model, {"backbone": "efficientnet_lite0", "embedding_dim": 8,
-                                                        "image_size": 64})
+    path = save_model(
+        tmp_path / "m.safetensors", model, {"backbone": "efficientnet_lite0", "embedding_dim": 8, "image_size": 64}
+    )
     loaded, meta = load_model(path)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

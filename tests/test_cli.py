@@ -15,8 +15,24 @@ from plmetric.cli import main
 
 def test_eval_digits_writes_json(tmp_path, capsys):
     out = tmp_path / "m.json"
-    code = main(["eval", "--dataset", "digits", "--backbone", "efficientnet_lite0", "--embedding-dim", "0",
-                 "--image-size", "32", "--json", str(out), "--no-progress", "--num-workers", "0"])
+    code = main(
+        [
+            "eval",
+            "--dataset",
+            "digits",
+            "--backbone",
+            "efficientnet_lite0",
+            "--embedding-dim",
+            "0",
+            "--image-size",
+            "32",
+            "--json",
+            str(out),
+            "--no-progress",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert code == 0
     metrics = json.loads(out.read_text())
     assert metrics["num_images"] == 896 and metrics["num_classes"] == 5
@@ -43,8 +59,25 @@ def test_eval_on_cub_slice(tmp_path, cub_root):
     (dst / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
     (dst / "classes.txt").write_text("".join(f"{c} x{c}\n" for c in range(1, 5)))
     out = tmp_path / "m.json"
-    assert main(["eval", "--dataset", "cub200", "--data-root", str(tmp_path), "--image-size", "96",
-                 "--json", str(out), "--no-progress", "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--dataset",
+                "cub200",
+                "--data-root",
+                str(tmp_path),
+                "--image-size",
+                "96",
+                "--json",
+                str(out),
+                "--no-progress",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     assert metrics["num_images"] == 12 and metrics["num_classes"] == 2
 
@@ -95,8 +128,22 @@ def _write_folder(folder, n=6, size=40):
 def test_index_and_search_find_the_query_itself(tmp_path, capsys):
     paths = _write_folder(tmp_path / "photos")
     index = tmp_path / "index.safetensors"
-    assert main(["index", str(tmp_path / "photos"), "--out", str(index), "--image-size", "64",
-                 "--no-progress", "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                str(tmp_path / "photos"),
+                "--out",
+                str(index),
+                "--image-size",
+                "64",
+                "--no-progress",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     grid = tmp_path / "grid.png"
     capsys.readouterr()
     assert main(["search", str(paths[3]), "--index", str(index), "--top-k", "3", "--out", str(grid)]) == 0
@@ -114,20 +161,68 @@ def test_search_errors_are_clear(tmp_path, capsys):
 @pytest.mark.slow
 def test_train_then_eval_checkpoint_and_demo_json(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--config", "configs/demo.yaml", "--out", str(run), "--no-progress",
-                 "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2",
-                 "--set", "data.image_size=32", "--set", "plm.num_proxies=20"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "configs/demo.yaml",
+                "--out",
+                str(run),
+                "--no-progress",
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "train.max_steps_per_epoch=2",
+                "--set",
+                "data.image_size=32",
+                "--set",
+                "plm.num_proxies=20",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "eval.json"
-    assert main(["eval", "--dataset", "digits", "--checkpoint", str(run / "model.safetensors"),
-                 "--json", str(out), "--no-progress", "--num-workers", "0"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--dataset",
+                "digits",
+                "--checkpoint",
+                str(run / "model.safetensors"),
+                "--json",
+                str(out),
+                "--no-progress",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert metrics["embedding_dim"] == 128 and metrics["image_size"] == 32
     assert metrics["recall@1"] == pytest.approx(summary["final"]["recall@1"])
     demo_json = tmp_path / "demo.json"
-    code = main(["demo", "--out", str(tmp_path / "demo"), "--json", str(demo_json), "--no-progress",
-                 "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=1", "--set", "data.image_size=32",
-                 "--set", "plm.num_proxies=20"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--json",
+            str(demo_json),
+            "--no-progress",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.max_steps_per_epoch=1",
+            "--set",
+            "data.image_size=32",
+            "--set",
+            "plm.num_proxies=20",
+        ]
+    )
     result = json.loads(demo_json.read_text())
     assert code == (0 if result["recall@1_after"] > result["recall@1_before"] else 1)
     assert 0 <= result["recall@1_before"] <= 1 and 0 <= result["recall@1_after"] <= 1

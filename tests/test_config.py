@@ -26,8 +26,17 @@ def test_paper_settings_in_configs():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["train.epochs=7", "plm.binary=true", "train.grad_clip=none", "data.root=/x",
-                             "plm.tau=1", "train.lr_backbone=3e-5"])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=7",
+            "plm.binary=true",
+            "train.grad_clip=none",
+            "data.root=/x",
+            "plm.tau=1",
+            "train.lr_backbone=3e-5",
+        ],
+    )
     assert cfg.train.epochs == 7 and cfg.plm.binary is True and cfg.train.grad_clip is None
     assert cfg.data.root == "/x" and cfg.plm.tau == 1.0 and isinstance(cfg.plm.tau, float)
     assert cfg.train.lr_backbone == pytest.approx(3e-5)

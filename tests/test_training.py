@@ -32,8 +32,16 @@ def run(out: Path, cfg=None, **kwargs):
 
 def test_full_run_writes_log_checkpoints_and_plots(tmp_path):
     result = run(tmp_path)
-    for name in ("config.yaml", "log.jsonl", "state.pt", "model.safetensors", "best.safetensors",
-                 "losses.png", "recall.png", "summary.json"):
+    for name in (
+        "config.yaml",
+        "log.jsonl",
+        "state.pt",
+        "model.safetensors",
+        "best.safetensors",
+        "losses.png",
+        "recall.png",
+        "summary.json",
+    ):
         assert (tmp_path / name).is_file(), name
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
@@ -168,13 +176,28 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
         [sys.executable, str(TESTS / "ddp_worker.py"), str(tmp_path / "one")],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert single.returncode == 0, single.stderr[-3000:]
     double = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(TESTS / "ddp_worker.py"), str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(TESTS / "ddp_worker.py"),
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert double.returncode == 0, double.stderr[-3000:]
     one = [json.loads(x) for x in (tmp_path / "one/log.jsonl").read_text().splitlines()]

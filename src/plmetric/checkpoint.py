@@ -53,7 +53,10 @@ def git_revision() -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -122,8 +125,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{path} does not match its own metadata ({meta['backbone']}, "
-                         f"embedding_dim {meta['embedding_dim']}): {str(err).splitlines()[-1].strip()}") from None
+        raise ValueError(
+            f"{path} does not match its own metadata ({meta['backbone']}, "
+            f"embedding_dim {meta['embedding_dim']}): {str(err).splitlines()[-1].strip()}"
+        ) from None
     if missing or unexpected:
         raise ValueError(
             f"{path} does not match backbone '{meta['backbone']}' with embedding_dim "

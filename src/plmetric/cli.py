@@ -105,7 +105,10 @@ def evaluate_on_test_split(
     metrics["skipped_images"] = int(splits.test.skipped)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     metrics.update(
-        dataset=dataset, backbone=backbone, embedding_dim=int(model.embedding_dim), image_size=image_size,
+        dataset=dataset,
+        backbone=backbone,
+        embedding_dim=int(model.embedding_dim),
+        image_size=image_size,
         checkpoint=checkpoint,
     )
     return metrics
@@ -175,13 +178,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     before, after = result.start_metrics["recall@1"], result.final_metrics["recall@1"]
     _print_before_after(result.start_metrics, result.final_metrics, result.best_metrics, result.best_epoch)
     verdict = "improved" if after > before else "did NOT improve"
-    print(f"Recall@1 on the unseen digits: {100 * before:.2f} before training, {100 * after:.2f} after: "
-          f"training {verdict} the pretrained start ({100 * (after - before):+.2f} points).")
+    print(
+        f"Recall@1 on the unseen digits: {100 * before:.2f} before training, {100 * after:.2f} after: "
+        f"training {verdict} the pretrained start ({100 * (after - before):+.2f} points)."
+    )
     if args.json:
-        atomic_write_json(args.json, {
-            "recall@1_before": before, "recall@1_after": after, "start": result.start_metrics,
-            "final": result.final_metrics, "epochs": cfg.train.epochs, "run_dir": str(result.out_dir),
-        })
+        atomic_write_json(
+            args.json,
+            {
+                "recall@1_before": before,
+                "recall@1_after": after,
+                "start": result.start_metrics,
+                "final": result.final_metrics,
+                "epochs": cfg.train.epochs,
+                "run_dir": str(result.out_dir),
+            },
+        )
         print(f"wrote {args.json}")
     return 0 if after > before else 1
 
@@ -214,7 +226,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model.to(device)
     emb, labels, index = embed_dataset(
-        model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=device,
         progress=not args.no_progress,
     )
     paths = [str(dataset.paths[i]) if dataset.paths is not None else f"item:{i}" for i in index.tolist()]
@@ -235,7 +251,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if not query_path.is_file():
         raise FileNotFoundError(f"query image not found: {query_path}")
     model, _ = load_embedding_model(
-        description.get("checkpoint"), description["backbone"], int(description["embedding_dim"]),
+        description.get("checkpoint"),
+        description["backbone"],
+        int(description["embedding_dim"]),
         description.get("weights"),
     )
     transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
@@ -289,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root", default=None, help="data set root in its official layout (not needed for digits)")
     ev.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0, googlenet or resnet50")
     ev.add_argument("--checkpoint", default=None, help="a .safetensors model checkpoint written by plmetric")
-    ev.add_argument("--weights", default=None, help="local backbone weights file (.safetensors/.pth) instead of a download")
+    ev.add_argument(
+        "--weights", default=None, help="local backbone weights file (.safetensors/.pth) instead of a download"
+    )
     ev.add_argument("--embedding-dim", type=int, default=0, help="0 = raw pooled backbone features")
     ev.add_argument("--image-size", type=int, default=224)
     ev.add_argument("--ks", default=None, help="Recall@K cut-offs, e.g. 1,2,4,8 (default; SOP: 1,10,100,1000)")
@@ -356,9 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug or os.environ.get("PLMETRIC_DEBUG"):
             raise
         known = (CLIError, FileNotFoundError, ValueError, NotADirectoryError, PermissionError)
-        from plmetric import models
+        from plmetric.models import WeightsUnavailableError
+        from plmetric.training import NonFiniteLossError
 
-        known += (getattr(models, "WeightsUnavailableError", CLIError),)
+        known += (WeightsUnavailableError, NonFiniteLossError)
         if isinstance(err, known):
             print(f"plmetric: error: {err}", file=sys.stderr)
             return 2
@@ -367,4 +388,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

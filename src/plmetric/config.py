@@ -37,7 +37,8 @@ class ModelConfig:
     pretrained: bool = True
     weights: str | None = None  # local backbone weights instead of a download
     embedding_init: str = "orthogonal"  # orthogonal or pca (PCA of the pretrained pooled features)
-    freeze_bn: bool = False  # keep BatchNorm statistics of the backbone fixed
+    freeze_bn: bool = True  # keep BatchNorm statistics fixed (batches of neighbours are not i.i.d.)
+    frozen_stages: int = 0  # freeze the first N backbone stages (training.backbone_stages)
 
 
 @dataclass
@@ -119,6 +120,8 @@ class Config:
             raise ValueError(f"plm.delta_mode must be fixed, batch or teacher, got '{p.delta_mode}'")
         if mdl.embedding_init not in {"orthogonal", "pca"}:
             raise ValueError(f"model.embedding_init must be orthogonal or pca, got '{mdl.embedding_init}'")
+        if mdl.frozen_stages < 0:
+            raise ValueError(f"model.frozen_stages must be >= 0, got {mdl.frozen_stages}")
         for name in ("epochs", "batch_size", "neighbours_per_seed", "eval_every", "bank_refresh_every"):
             if getattr(t, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
@@ -127,7 +130,9 @@ class Config:
 def valid_keys(cfg: Config | None = None) -> list[str]:
     """All dotted keys a config accepts."""
     cfg = cfg or Config()
-    return [f"{sec.name}.{f.name}" for sec in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, sec.name))]
+    return [
+        f"{sec.name}.{f.name}" for sec in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, sec.name))
+    ]
 
 
 def _convert(value: Any, annotation: Any, key: str) -> Any:
@@ -172,7 +177,9 @@ def from_dict(data: dict[str, Any], base: Config | None = None, source: str = "c
         raise ValueError(f"{source}: expected a mapping of sections (data, model, plm, train)")
     for section, values in data.items():
         if not isinstance(values, dict):
-            raise ValueError(f"{source}: section '{section}' must be a mapping; valid keys: {', '.join(valid_keys(cfg))}")
+            raise ValueError(
+                f"{source}: section '{section}' must be a mapping; valid keys: {', '.join(valid_keys(cfg))}"
+            )
         for name, value in values.items():
             set_value(cfg, f"{section}.{name}", value)
     return cfg

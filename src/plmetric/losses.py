@@ -316,8 +316,11 @@ class PLMLoss(nn.Module):
             other_student = student.detach() if others is None else others.to(student.dtype)
             other_teacher = teacher if others is None else others
             return target_scales(
-                self.delta_mode, self.delta, similarity.to(student.dtype),
-                torch.cdist(student.detach(), other_student), torch.cdist(teacher, other_teacher).to(student.dtype),
+                self.delta_mode,
+                self.delta,
+                similarity.to(student.dtype),
+                torch.cdist(student.detach(), other_student),
+                torch.cdist(teacher, other_teacher).to(student.dtype),
             )
 
     @torch.no_grad()

@@ -510,7 +510,10 @@ def build_transform(
     if not 0.0 < crop_scale_min <= 1.0:
         raise ValueError(f"crop_scale_min must lie in (0, 1], got {crop_scale_min!r}")
     if train:
-        geometry = [transforms.RandomResizedCrop(int(image_size), scale=(crop_scale_min, 1.0)), transforms.RandomHorizontalFlip()]
+        geometry = [
+            transforms.RandomResizedCrop(int(image_size), scale=(crop_scale_min, 1.0)),
+            transforms.RandomHorizontalFlip(),
+        ]
     else:
         geometry = [transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(int(image_size))]
     return transforms.Compose(

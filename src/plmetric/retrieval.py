@@ -34,8 +34,10 @@ def load_embedding_model(checkpoint: str | None, backbone: str, embedding_dim: i
     if checkpoint:
         model, meta = load_model(checkpoint)
         return model, {
-            "checkpoint": str(Path(checkpoint).resolve()), "backbone": meta["backbone"],
-            "embedding_dim": int(meta["embedding_dim"]), "image_size": int(meta.get("image_size", 224)),
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "backbone": meta["backbone"],
+            "embedding_dim": int(meta["embedding_dim"]),
+            "image_size": int(meta.get("image_size", 224)),
         }
     model = create_model(backbone, embedding_dim=embedding_dim, pretrained=True, weights=weights)
     return model.eval(), {"checkpoint": None, "backbone": backbone, "embedding_dim": embedding_dim, "weights": weights}
@@ -56,7 +58,8 @@ def save_embeddings(
     try:
         save_file(
             {"embeddings": embeddings.float().contiguous().cpu(), "labels": labels.long().contiguous().cpu()},
-            str(buffer_path), metadata=meta,
+            str(buffer_path),
+            metadata=meta,
         )
         os.replace(buffer_path, path)
     finally:

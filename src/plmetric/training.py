@@ -139,10 +139,24 @@ def build_objective(cfg: Config, dim: int, init_embeddings: torch.Tensor | None 
     p = cfg.plm
     generator = torch.Generator().manual_seed(cfg.train.seed)
     objective = PLMLoss(
-        dim, n_proxies=p.num_proxies, m=p.m, tau=p.tau, n_max=p.n_max, subset_selection=p.subset_selection,
-        k_plain=p.k_plain, n_alpha=p.n_alpha, n_beta=p.n_beta, symmetrize=p.symmetrize, binary=p.binary,
-        delta=p.delta, delta_mode=p.delta_mode, proxy_neighbours=p.proxy_neighbours, weight_point=p.weight_point,
-        weight_proxy=p.weight_proxy, weight_neighbourhood=p.weight_neighbourhood, generator=generator,
+        dim,
+        n_proxies=p.num_proxies,
+        m=p.m,
+        tau=p.tau,
+        n_max=p.n_max,
+        subset_selection=p.subset_selection,
+        k_plain=p.k_plain,
+        n_alpha=p.n_alpha,
+        n_beta=p.n_beta,
+        symmetrize=p.symmetrize,
+        binary=p.binary,
+        delta=p.delta,
+        delta_mode=p.delta_mode,
+        proxy_neighbours=p.proxy_neighbours,
+        weight_point=p.weight_point,
+        weight_proxy=p.weight_proxy,
+        weight_neighbourhood=p.weight_neighbourhood,
+        generator=generator,
     )
     if objective.proxies is not None and init_embeddings is not None:
         if init_embeddings.shape[0] < p.num_proxies:
@@ -158,15 +172,48 @@ def build_optimizer(cfg: Config, student: nn.Module, objective: nn.Module) -> to
     """AdamW with three parameter groups: backbone, embedding layer, objective (proxies)."""
     t = cfg.train
     groups = [
-        {"name": "backbone", "params": [p for p in student.backbone.parameters() if p.requires_grad],
-         "lr": t.lr_backbone},
-        {"name": "embedding", "params": [p for p in student.embedding.parameters() if p.requires_grad],
-         "lr": t.lr_embedding},
-        {"name": "proxies", "params": [p for p in objective.parameters() if p.requires_grad],
-         "lr": t.lr_proxies, "weight_decay": 0.0},
+        {
+            "name": "backbone",
+            "params": [p for p in student.backbone.parameters() if p.requires_grad],
+            "lr": t.lr_backbone,
+        },
+        {
+            "name": "embedding",
+            "params": [p for p in student.embedding.parameters() if p.requires_grad],
+            "lr": t.lr_embedding,
+        },
+        {
+            "name": "proxies",
+            "params": [p for p in objective.parameters() if p.requires_grad],
+            "lr": t.lr_proxies,
+            "weight_decay": 0.0,
+        },
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+
+
+def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's top-level modules in order, with ``nn.Sequential`` children expanded one level
+    (EfficientNet-Lite0: stem, bn, 7 block groups, head conv, bn; ResNet: conv1 ... layer4)."""
+    stages: list[nn.Module] = []
+    for child in backbone.children():
+        stages.extend(child.children() if isinstance(child, nn.Sequential) else [child])
+    return [stage for stage in stages if any(True for _ in stage.parameters())]
+
+
+def freeze_stages(model: nn.Module, count: int) -> None:
+    """Freeze the parameters of the first ``count`` backbone stages (see :func:`backbone_stages`)."""
+    stages = backbone_stages(model.backbone)
+    if count > len(stages):
+        raise ValueError(f"model.frozen_stages ({count}) exceeds the backbone's {len(stages)} stages")
+    for stage in stages[:count]:
+        stage.requires_grad_(False)
+
+
+def frozen_stage_modules(model: nn.Module, count: int) -> list[nn.Module]:
+    """The modules frozen by :func:`freeze_stages` (kept in eval mode during training)."""
+    return backbone_stages(model.backbone)[:count]
 
 
 def freeze_batchnorm(model: nn.Module) -> None:
@@ -233,9 +280,7 @@ def refresh_bank(
     bank.update(index.to(bank.embeddings.device), emb.to(bank.embeddings.device))
 
 
-def evaluate_model(
-    model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device
-) -> dict[str, Any]:
+def evaluate_model(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> dict[str, Any]:
     """Zero-shot retrieval metrics of ``model`` on a labelled test split."""
     emb, labels, _ = embed_distributed(
         model, dataset, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers, device=device
@@ -348,7 +393,8 @@ def _train(
     # --- data
     if splits is None:
         splits = load_dataset(
-            cfg.data.dataset, cfg.data.root,
+            cfg.data.dataset,
+            cfg.data.root,
             train_transform=build_transform(
                 cfg.model.backbone, cfg.data.image_size, train=True, crop_scale_min=cfg.data.crop_scale_min
             ),
@@ -367,11 +413,19 @@ def _train(
         )
 
     # --- networks
-    student = model if model is not None else create_model(
-        cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, pretrained=cfg.model.pretrained,
-        weights=cfg.model.weights,
+    student = (
+        model
+        if model is not None
+        else create_model(
+            cfg.model.backbone,
+            embedding_dim=cfg.model.embedding_dim,
+            pretrained=cfg.model.pretrained,
+            weights=cfg.model.weights,
+        )
     )
     student.to(device)
+    if cfg.model.frozen_stages:
+        freeze_stages(student, cfg.model.frozen_stages)
     if cfg.model.embedding_init == "pca" and state is None:
         feats = _pooled_features(student, bank_set, cfg, device)
         init_embedding_pca(student, feats)
@@ -389,8 +443,12 @@ def _train(
     optimizer = build_optimizer(cfg, student, objective)
     world = dist_utils.world_size()
     sampler = NeighbourhoodBatchSampler(
-        bank.neighbours(k - 1), batch_size=cfg.train.batch_size, k=k, seed=cfg.train.seed,
-        rank=dist_utils.rank(), world_size=world,
+        bank.neighbours(k - 1),
+        batch_size=cfg.train.batch_size,
+        k=k,
+        seed=cfg.train.seed,
+        rank=dist_utils.rank(),
+        world_size=world,
     )
     # An epoch shows about as many images as the training set holds (STML's convention): N // B batches,
     # each with a fresh random set of seeds, rather than every image as a seed (k times longer).
@@ -439,7 +497,9 @@ def _train(
             print(f"start: R@1 {100 * start_metrics['recall@1']:.2f}")
 
     use_bf16 = cfg.train.bf16 and device.type == "cuda"
-    end_epoch = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, start_epoch + stop_after_epochs)
+    end_epoch = (
+        cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, start_epoch + stop_after_epochs)
+    )
     for epoch in range(start_epoch, end_epoch):
         if epoch > 0 and epoch % cfg.train.bank_refresh_every == 0:
             refresh_bank(bank, teacher, bank_set, cfg, device)
@@ -447,17 +507,26 @@ def _train(
             sampler.set_neighbours(bank.neighbours(k - 1))
         sampler.set_epoch(epoch)
         loader = DataLoader(
-            train_set, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-            collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
+            train_set,
+            batch_sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            collate_fn=collate_skip_none,
+            pin_memory=device.type == "cuda",
             persistent_workers=False,
         )
         student.train()
         if cfg.model.freeze_bn:
             freeze_batchnorm(student)
+        for stage in frozen_stage_modules(student, cfg.model.frozen_stages):
+            stage.eval()
         sums: dict[str, torch.Tensor] = {}
         seen, steps, t0 = 0, 0, time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-                   disable=not (progress and main_process))
+        bar = tqdm(
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            leave=False,
+            disable=not (progress and main_process),
+        )
         for batch in loader:
             if steps >= steps_per_epoch:
                 break
@@ -480,7 +549,8 @@ def _train(
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1} "
-                    f"({ {k_: float(v.detach()) for k_, v in terms.items()} }); the last good checkpoint is in {out_dir}"
+                    f"({ {k_: float(v.detach()) for k_, v in terms.items()} }); "
+                    f"the last good checkpoint is in {out_dir}"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -543,13 +613,21 @@ def _train(
     final_metrics = None
     finished = bool(history) and history[-1]["epoch"] == cfg.train.epochs
     if finished and test_set is not None and "recall@1" in history[-1]:
-        final_metrics = {key: value for key, value in history[-1].items() if key.startswith("recall@") or key == "map@r"}
+        final_metrics = {
+            key: value for key, value in history[-1].items() if key.startswith("recall@") or key == "map@r"
+        }
     if main_process and history:
         plot_history(history, out_dir, start_metrics)
-        atomic_write_json(out_dir / "summary.json", {
-            "start": start_metrics, "final": final_metrics, "best": best_metrics, "best_epoch": best_epoch,
-            "epochs": cfg.train.epochs,
-        })
+        atomic_write_json(
+            out_dir / "summary.json",
+            {
+                "start": start_metrics,
+                "final": final_metrics,
+                "best": best_metrics,
+                "best_epoch": best_epoch,
+                "epochs": cfg.train.epochs,
+            },
+        )
     return TrainResult(out_dir, history, start_metrics, final_metrics, best_metrics, best_epoch)
 
 
@@ -565,7 +643,10 @@ def _pooled_features(model: nn.Module, dataset: ImageDataset, cfg: Config, devic
             return self.inner.pooled_features(x)
 
     feats, _, _ = embed_distributed(
-        _Pooled(model), dataset, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers,
+        _Pooled(model),
+        dataset,
+        batch_size=cfg.train.eval_batch_size,
+        num_workers=cfg.data.num_workers,
         device=device,
     )
     return feats.to(device)
