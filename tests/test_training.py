@@ -213,3 +213,14 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     # evaluation gathered every test image exactly once (37 is odd: no padding duplicates)
     summary = json.loads((tmp_path / "two/summary.json").read_text())
     assert summary["final"]["recall@1"] == one[-1]["recall@1"]
+
+
+def test_unlabelled_training_skips_evaluation(tmp_path, capsys):
+    splits = tiny_splits()
+    splits.train.labels[:] = -1
+    splits.test = None
+    result = train(tiny_config(train__epochs=1), tmp_path, splits=splits, model=tiny_model(), progress=False)
+    assert result.start_metrics is None and result.final_metrics is None and result.best_epoch is None
+    assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "best.safetensors").exists()
+    record = json.loads((tmp_path / "log.jsonl").read_text())
+    assert "recall@1" not in record and np.isfinite(record["loss"])

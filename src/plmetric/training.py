@@ -392,18 +392,21 @@ def _train(
 
     # --- data
     if splits is None:
+        eval_transform = build_transform(cfg.model.backbone, cfg.data.image_size, train=False)
         splits = load_dataset(
             cfg.data.dataset,
             cfg.data.root,
             train_transform=build_transform(
                 cfg.model.backbone, cfg.data.image_size, train=True, crop_scale_min=cfg.data.crop_scale_min
             ),
-            test_transform=build_transform(cfg.model.backbone, cfg.data.image_size, train=False),
+            test_transform=eval_transform,
             verbose=main_process,
         )
+    else:  # injected data sets: the test split's transform is the deterministic one
+        eval_transform = splits.test.transform if splits.test is not None else splits.train.transform
     train_set = splits.train
     test_set = splits.test if splits.test is not None and splits.test.num_classes > 1 else None
-    bank_set = with_transform(train_set, splits.test.transform if splits.test is not None else train_set.transform)
+    bank_set = with_transform(train_set, eval_transform)
     num_items = len(train_set)
     k = cfg.train.neighbours_per_seed
     if k > num_items or cfg.train.batch_size > num_items:
