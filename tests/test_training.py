@@ -224,3 +224,26 @@ def test_unlabelled_training_skips_evaluation(tmp_path, capsys):
     assert (tmp_path / "model.safetensors").is_file() and not (tmp_path / "best.safetensors").exists()
     record = json.loads((tmp_path / "log.jsonl").read_text())
     assert "recall@1" not in record and np.isfinite(record["loss"])
+
+
+def test_label_correlation_matches_numpy_pearson():
+    from plmetric.training import label_correlation
+
+    rng = np.random.default_rng(0)
+    s = rng.random((9, 9))
+    s = (s + s.T) / 2
+    y = rng.integers(0, 3, 9)
+    iu = np.triu_indices(9, 1)
+    expected = np.corrcoef(s[iu], (y[:, None] == y[None, :])[iu].astype(float))[0, 1]
+    got = label_correlation(torch.from_numpy(s), torch.from_numpy(y))
+    assert float(got) == pytest.approx(expected, abs=1e-6)
+    assert float(label_correlation(torch.ones(4, 4), torch.tensor([0, 0, 1, 1]))) == 0.0
+
+
+def test_diagnostics_are_logged_every_epoch(tmp_path):
+    run(tmp_path, cfg=tiny_config(train__epochs=1))
+    record = json.loads((tmp_path / "log.jsonl").read_text())
+    for key in ("target_label_correlation", "target_mean", "distance_mean", "piece_size"):
+        assert np.isfinite(record[key]), key
+    assert -1.0 <= record["target_label_correlation"] <= 1.0
+    assert 0.0 < record["target_mean"] <= 1.0 and 0.0 < record["distance_mean"] <= 2.0

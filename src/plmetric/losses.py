@@ -258,6 +258,7 @@ class PLMLoss(nn.Module):
         self.proxy_neighbours = proxy_neighbours
         self.weights = dict(point=weight_point, proxy=weight_proxy, neighbourhood=weight_neighbourhood)
         self.proxies = Proxies(dim, n_proxies, m, generator=generator) if n_proxies > 0 else None
+        self.last_similarity: Tensor | None = None
 
     def forward(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
         """Compute the loss terms for one batch.
@@ -268,7 +269,9 @@ class PLMLoss(nn.Module):
 
         Returns:
             ``{"loss", "loss_point", "loss_proxy", "loss_neighbourhood"}`` (scalars; ``loss`` is
-            the weighted sum) and ``"piece_size"`` (mean points per piece, detached).
+            the weighted sum) and, detached, for monitoring: ``"piece_size"`` (mean points per
+            piece), ``"target_mean"`` and ``"distance_mean"`` (mean point target δ(1 - s) and mean
+            student distance over pairs i ≠ j). ``self.last_similarity`` keeps the batch's s.
         """
         _check_embeddings(student, "PLMLoss: student", min_rows=2)
         if teacher.shape != student.shape:
@@ -279,7 +282,9 @@ class PLMLoss(nn.Module):
         with torch.no_grad():
             pieces = fit_pieces(teacher, **self.piece_options)
             similarity = point_similarity(pieces, binary=self.binary, **self.similarity_options)
-        terms = {"loss_point": point_loss(student, similarity, self._scale(similarity, student, teacher))}
+        point_delta = self._scale(similarity, student, teacher)
+        terms = {"loss_point": point_loss(student, similarity, point_delta)}
+        self.last_similarity = similarity
         if self.proxies is not None:
             locations, bases = self.proxies()
             with torch.no_grad():
@@ -304,6 +309,11 @@ class PLMLoss(nn.Module):
             + self.weights["neighbourhood"] * terms["loss_neighbourhood"]
         )
         terms["piece_size"] = pieces.size.to(student.dtype).mean()
+        with torch.no_grad():  # monitoring: mean target distance vs mean student distance, off the diagonal
+            off_diagonal = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
+            target = point_delta * (1.0 - similarity.to(student.dtype))
+            terms["target_mean"] = target[off_diagonal].mean()
+            terms["distance_mean"] = torch.cdist(student.detach(), student.detach())[off_diagonal].mean()
         return terms
 
     def _scale(

@@ -500,6 +500,7 @@ def _train(
             print(f"start: R@1 {100 * start_metrics['recall@1']:.2f}")
 
     use_bf16 = cfg.train.bf16 and device.type == "cuda"
+    monitor_labels = bool((train_set.labels >= 0).all()) and train_set.num_classes > 1
     end_epoch = (
         cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, start_epoch + stop_after_epochs)
     )
@@ -535,7 +536,7 @@ def _train(
                 break
             if batch is None:
                 continue
-            images, _, index = batch
+            images, labels, index = batch
             images = images.to(device, non_blocking=True)
             index = index.to(device, non_blocking=True)
             if device.type == "cuda" and cfg.train.channels_last:
@@ -548,6 +549,9 @@ def _train(
             student_all = dist_utils.all_gather_with_grad(student_emb)
             index_all = dist_utils.all_gather_variable(index)
             terms = objective(student_all, teacher_all)
+            if monitor_labels:  # labels watch the targets' quality; they never reach the loss
+                labels_all = dist_utils.all_gather_variable(labels.to(device, non_blocking=True))
+                terms["target_label_correlation"] = label_correlation(objective.last_similarity, labels_all)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -632,6 +636,21 @@ def _train(
             },
         )
     return TrainResult(out_dir, history, start_metrics, final_metrics, best_metrics, best_epoch)
+
+
+@torch.no_grad()
+def label_correlation(similarity: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation over pairs i < j of ``s_ij`` with ``1[y_i = y_j]`` (slide 14), on the device.
+
+    Monitoring only (no host sync); 0 when either side is constant over the pairs.
+    """
+    b = similarity.shape[0]
+    upper = torch.triu(torch.ones(b, b, dtype=torch.bool, device=similarity.device), diagonal=1)
+    s = similarity[upper].double()
+    same = (labels[:, None] == labels[None, :])[upper].double()
+    s, same = s - s.mean(), same - same.mean()
+    denominator = (s.square().sum() * same.square().sum()).sqrt()
+    return torch.where(denominator > 0, (s * same).sum() / denominator.clamp_min(1e-300), 0.0).float()
 
 
 def _pooled_features(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> torch.Tensor:
