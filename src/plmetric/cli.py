@@ -12,6 +12,7 @@ from typing import Any
 
 DEFAULT_KS = {"sop": (1, 10, 100, 1000)}
 FALLBACK_KS = (1, 2, 4, 8)
+NMI_AUTO_MAX_CLASSES = 1000
 
 
 class CLIError(Exception):
@@ -72,6 +73,7 @@ def evaluate_on_test_split(
     num_workers: int = 0,
     device: str = "cpu",
     backend: str = "auto",
+    nmi: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embed a data set's zero-shot test split and compute retrieval metrics.
@@ -101,7 +103,9 @@ def evaluate_on_test_split(
     embeddings, labels, _ = embed_dataset(
         model, splits.test, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
     )
-    metrics: dict[str, Any] = evaluate(embeddings, labels, ks=ks, backend=backend)
+    if nmi == "auto":  # k-means with one cluster per class: slow for SOP's 11,316 classes
+        nmi = "on" if splits.test.num_classes <= NMI_AUTO_MAX_CLASSES else "off"
+    metrics: dict[str, Any] = evaluate(embeddings, labels, ks=ks, backend=backend, compute_nmi=nmi == "on")
     metrics["skipped_images"] = int(splits.test.skipped)
     metrics["seconds"] = round(time.perf_counter() - start, 2)
     metrics.update(
@@ -130,6 +134,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         device=resolve_device(args.device),
         backend=args.backend,
+        nmi=args.nmi,
         progress=not args.no_progress,
     )
     print(format_metrics_table(metrics, title=f"Zero-shot retrieval on the {args.dataset} test split"))
@@ -149,15 +154,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     cfg = load_config(args.config, overrides)
-    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_after_epochs=args.stop_after)
     _print_before_after(result.start_metrics, result.final_metrics, result.best_metrics, result.best_epoch)
     print(f"run folder: {result.out_dir}")
     return 0
 
 
 def _print_before_after(start, final, best, best_epoch) -> None:
-    if start is None or final is None:
+    if start is None:
         print("no labelled test split: evaluation skipped")
+        return
+    if final is None:
+        print("stopped before the last epoch: continue with --resume")
         return
     keys = [k for k in start if k.startswith("recall@")]
     print("            " + "  ".join(f"{k:>9}" for k in keys))
@@ -278,6 +286,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_similarity_study(args: argparse.Namespace) -> int:
+    """Correlation with the ground truth of PLM and competing similarity estimates (slide 14)."""
+    from plmetric.similarity_cli import run
+
+    return run(args)
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="a .safetensors model written by 'plmetric train'")
     p.add_argument("--backbone", default="efficientnet_lite0", help="pretrained backbone when no checkpoint is given")
@@ -317,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ev.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"], help="nearest-neighbour search")
+    ev.add_argument(
+        "--nmi", default="auto", choices=["auto", "on", "off"], help="NMI by k-means (auto: only up to 1,000 classes)"
+    )
     ev.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_eval)
@@ -326,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     tr.add_argument("--out", required=True, help="run folder (config, log, checkpoints, plots)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    tr.add_argument(
+        "--stop-after", type=int, default=None, metavar="N", help="stop after N epochs of this call (resume later)"
+    )
     tr.add_argument("--images", default=None, help="train on an unlabelled folder of images (searched recursively)")
     tr.add_argument("--data-root", default=None, help="shortcut for --set data.root=PATH")
     tr.add_argument("--no-progress", action="store_true")
@@ -360,6 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", default=None, help="write recall@1_before / recall@1_after to this file")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_cmd_demo)
+
+    ss = sub.add_parser(
+        "similarity-study", help="how well PLM and competing similarity estimates agree with the labels (slide 14)"
+    )
+    from plmetric.similarity_cli import add_similarity_study_arguments
+
+    add_similarity_study_arguments(ss)
+    ss.set_defaults(func=_cmd_similarity_study)
     return parser
 
 
