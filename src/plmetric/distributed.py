@@ -91,6 +91,15 @@ def all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)], dim=0)
 
 
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (a MIN all-reduce; the flag itself without a group)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def average_gradients(params: list[torch.Tensor]) -> None:
     """All-reduce (mean) the gradients of parameters that DDP does not manage."""
     if not is_distributed():

@@ -534,7 +534,8 @@ def _train(
         for batch in loader:
             if steps >= steps_per_epoch:
                 break
-            if batch is None:
+            # a batch whose every image was unreadable is skipped, by all ranks together under DDP
+            if not dist_utils.all_ranks_true(batch is not None, device):
                 continue
             images, labels, index = batch
             images = images.to(device, non_blocking=True)
