@@ -1,0 +1,1367 @@
+"""How good is a similarity estimate? PLM against the estimators it competes with (slide 14).
+
+The paper's central claim (Bhatnagar & Ahuja, CPAL 2024, slide 14; numbers in METHOD.md): the
+piecewise-linear-manifold similarity correlates better with the ground truth (same class or not)
+than the estimates of k-means, hierarchical clustering and random walks, and its pieces are purer.
+This module holds the competing estimators and the study that measures them.
+
+Estimators
+----------
+Every estimator is a function ``(embeddings (B, d) tensor, **options) -> (similarity, groups)``:
+
+* ``similarity``: (B, B) tensor on the input's device and dtype (half precision gives float32);
+  only its off-diagonal entries are used.
+* ``groups``: what the estimator groups points into, for the label purity; ``None`` when it forms
+  no groups, a (B,) int64 tensor of cluster ids for a partition (k-means, agglomerative), or a
+  (B, B) bool membership matrix, ``groups[i, j]`` = ``x_j`` is in the group of ``x_i``, for
+  overlapping groups (PLM's pieces, one per point).
+
+:data:`ESTIMATORS` maps a name to such a function (variants are ``functools.partial`` objects with
+their options filled in). Each estimator's docstring names the paper it follows. Slide 14 cites its
+baselines only by number ([17] k-means, [15] hierarchical clustering, [24] random walk); the full
+paper's bibliography is not available here, so the attributions (DeepCluster, UHML, MOM) are ours,
+made from the UDML literature the paper compares with.
+
+Quality measures
+----------------
+* correlation: Pearson correlation of ``s_ij`` with ``1[y_i = y_j]`` over the pairs i < j
+  (:func:`plmetric.manifold.similarity_correlation`).
+* purity: for every point, the fraction of the *other* members of its group that share its label,
+  averaged over the points whose group has another member (:func:`group_purity`). For a partition,
+  the group of a point is its cluster; for PLM, its piece. One definition for all estimators, so
+  that the numbers compare (they still depend on the group size, reported alongside).
+
+The study
+---------
+:func:`run_study` measures every estimator the way training sees it, on batches made by the
+neighbourhood sampler (B/k seeds, each with its k-1 nearest neighbours; repeated items removed),
+averaged over many batches with the standard deviation, and over the whole set at once.
+:func:`run_sweep` varies PLM's parameters (N_α, N_β, m, τ, neighbours per seed k) one at a time
+around METHOD.md's defaults, :func:`run_baseline_sweep` the competitors' own options.
+:func:`cached_features` embeds a data set split once with a pretrained backbone and caches the
+features (safetensors, outside the data folder and the repo). ``plmetric similarity-study``
+(:func:`similarity_study_command`) prints the tables (Markdown), writes ``--json`` and a bar chart.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from plmetric.manifold import fit_pieces, point_similarity, similarity_correlation
+
+__all__ = [
+    "DEFAULT_BASELINE_SWEEP",
+    "DEFAULT_STUDY",
+    "DEFAULT_SWEEP",
+    "ESTIMATORS",
+    "PAPER_CUB",
+    "Estimate",
+    "agglomerative_comembership",
+    "cached_features",
+    "feature_cache_path",
+    "format_study_table",
+    "format_sweep_table",
+    "gaussian_similarity",
+    "group_membership",
+    "group_purity",
+    "group_size",
+    "kmeans_comembership",
+    "load_features_file",
+    "neighbourhood_batches",
+    "ordering_verdict",
+    "plm_estimate",
+    "plot_study",
+    "random_walk_similarity",
+    "run_baseline_sweep",
+    "run_study",
+    "run_sweep",
+    "similarity_auc",
+    "stml_similarity",
+]
+
+Estimate = tuple[Tensor, Tensor | None]
+
+# Slide 14 (CUB-200-2011, full data set, GoogLeNet): correlation with the ground truth and purity.
+PAPER_CUB = {
+    "correlation": {"kmeans": 0.37, "agglomerative": 0.52, "random_walk": 0.45, "plm": 0.61},
+    "purity": {"kmeans": 0.38, "agglomerative": 0.49, "plm": 0.67},
+}
+PAPER_BASELINES = ("kmeans", "agglomerative", "random_walk")
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_x(x: Tensor, name: str, min_rows: int = 2) -> Tensor:
+    """A finite floating (B, d) tensor with B >= min_rows; half precision is returned as float32."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] < 1:
+        raise ValueError(f"{name}: expected a 2-D tensor (B, d), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[0] < min_rows:
+        raise ValueError(f"{name}: expected at least {min_rows} points, got {x.shape[0]}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    x = x.detach()
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive_float(name: str, value: Any, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+    return v
+
+
+def _squared_distances(x: Tensor) -> Tensor:
+    """‖x_i - x_j‖² = ‖x_i‖² + ‖x_j‖² - 2 x_i·x_j (one matrix product), clamped at 0, diagonal 0."""
+    sq = x.pow(2).sum(dim=1)
+    d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x @ x.T)).clamp_min(0)
+    return d2.fill_diagonal_(0.0)
+
+
+def _n_clusters(n_points: int, n_clusters: int | None, points_per_cluster: int) -> int:
+    """``n_clusters`` if given, else ``round(B / points_per_cluster)``; clamped to [1, B]."""
+    if n_clusters is None:
+        points_per_cluster = _check_positive_int("points_per_cluster", points_per_cluster)
+        n_clusters = max(1, round(n_points / points_per_cluster))
+    else:
+        n_clusters = _check_positive_int("n_clusters", n_clusters)
+    return min(n_clusters, n_points)
+
+
+def _comembership(groups: Tensor, like: Tensor) -> Tensor:
+    return (groups.unsqueeze(0) == groups.unsqueeze(1)).to(device=like.device, dtype=like.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. estimators
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def plm_estimate(
+    embeddings: Tensor,
+    *,
+    m: int = 2,
+    tau: float = 0.5,
+    n_max: int = 10,
+    min_points: int | None = None,
+    subset_selection: bool = True,
+    k_plain: int = 5,
+    n_alpha: float = 5.0,
+    n_beta: float = 0.5,
+    symmetrize: str = "mean",
+    binary: bool = False,
+) -> Estimate:
+    """Piecewise-linear-manifold similarity (Bhatnagar & Ahuja, CPAL 2024, slides 8-9, 14-15).
+
+    ``s_ij = sym(s'(x_i, x_j), s'(x_j, x_i))``, ``s'(x_i, x_j) = (1 + o/2)^(-N_α) (1 + p)^(-N_β)``
+    with o, p the orthogonal and in-piece distances of ``x_i`` from ``x_j``'s piece, the pieces from
+    :func:`plmetric.manifold.fit_pieces` (greedy subset selection with threshold τ, or plain k-NN +
+    PCA with ``subset_selection=False``); ``binary=True`` is the binary ablation (piece
+    membership, symmetrised by the same rule). Options and defaults: METHOD.md §2-3.
+
+    Returns:
+        ``(s (B, B), members (B, B) bool)``: ``members[i, j]`` = ``x_j`` belongs to piece i.
+    """
+    x = _check_x(embeddings, "plm: embeddings")
+    pieces = fit_pieces(
+        x, m=m, tau=tau, n_max=n_max, min_points=min_points, subset_selection=subset_selection, k_plain=k_plain
+    )
+    s = point_similarity(pieces, n_alpha=n_alpha, n_beta=n_beta, symmetrize=symmetrize, binary=binary)
+    return s.to(x.dtype), pieces.members
+
+
+@torch.no_grad()
+def gaussian_similarity(embeddings: Tensor, *, sigma: float | None = None) -> Estimate:
+    """Gaussian kernel on Euclidean distances, ``s_ij = exp(-‖x_i - x_j‖² / σ)``.
+
+    The plain distance-based estimate every neighbourhood method starts from; it is the "pairwise"
+    half ``W_P`` of STML's similarity (Kim et al., "Self-Taught Metric Learning without Labels",
+    CVPR 2022), where σ = 3 on unit-norm embeddings.
+
+    Args:
+        embeddings: (B, d).
+        sigma: bandwidth; None = the median of the off-diagonal squared distances of the batch
+            (the common median heuristic; 1 if that median is 0).
+
+    Returns:
+        ``(s (B, B), None)``.
+    """
+    x = _check_x(embeddings, "gaussian: embeddings")
+    d2 = _squared_distances(x)
+    if sigma is None:
+        off = ~torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
+        median = float(d2[off].median())
+        sigma = median if median > 0 else 1.0
+    else:
+        sigma = _check_positive_float("sigma", sigma)
+    return torch.exp(-d2 / sigma), None
+
+
+def _kmeans_once(x: Tensor, k: int, generator: torch.Generator, max_iter: int) -> tuple[Tensor, float]:
+    """One k-means run: k-means++ seeding (D² sampling), then Lloyd iterations until the
+    assignment stops changing. Returns ``(cluster ids (N,), inertia)``."""
+    n = x.shape[0]
+    sq = x.pow(2).sum(dim=1)
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = [x[first]]
+    d2 = (sq - 2.0 * (x @ x[first]) + sq[first]).clamp_min(0)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total <= 0:  # fewer distinct points than clusters: any remaining point will do
+            nxt = int(torch.randint(n, (1,), generator=generator))
+        else:
+            nxt = int(torch.multinomial((d2 / total).cpu().double(), 1, generator=generator))
+        centres.append(x[nxt])
+        d2 = torch.minimum(d2, (sq - 2.0 * (x @ x[nxt]) + sq[nxt]).clamp_min(0))
+    c = torch.stack(centres)
+    assign = torch.full((n,), -1, dtype=torch.int64, device=x.device)
+    for _ in range(max_iter):
+        dist = (sq.unsqueeze(1) - 2.0 * (x @ c.T) + c.pow(2).sum(dim=1).unsqueeze(0)).clamp_min(0)
+        new = dist.argmin(dim=1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        filled = counts > 0  # an empty cluster keeps its centre
+        c = torch.where(filled.unsqueeze(1), sums / counts.clamp_min(1).unsqueeze(1), c)
+    dist = (sq.unsqueeze(1) - 2.0 * (x @ c.T) + c.pow(2).sum(dim=1).unsqueeze(0)).clamp_min(0)
+    assign = dist.argmin(dim=1)
+    return assign, float(dist.gather(1, assign.unsqueeze(1)).sum())
+
+
+@torch.no_grad()
+def kmeans_comembership(
+    embeddings: Tensor,
+    *,
+    n_clusters: int | None = None,
+    points_per_cluster: int = 5,
+    n_init: int = 3,
+    max_iter: int = 100,
+    seed: int = 0,
+) -> Estimate:
+    """k-means co-membership, ``s_ij = 1[c_i = c_j]``, as in DeepCluster (Caron, Bojanowski, Joulin
+    & Douze, "Deep Clustering for Unsupervised Learning of Visual Features", ECCV 2018), whose
+    k-means pseudo-labels are the similarity the network is trained on (slide 14: "K-Means").
+
+    Batched torch k-means (k-means++ seeding, Lloyd iterations; ``n_init`` restarts, lowest
+    inertia wins) on the embeddings as given; on the input's device. (scikit-learn's ``KMeans``
+    was minutes slower with hundreds of clusters on 2 CPU cores.)
+
+    Args:
+        embeddings: (B, d).
+        n_clusters: number of clusters; None = ``round(B / points_per_cluster)`` (on a batch of
+            B/k neighbourhoods of k points: B/k clusters).
+        points_per_cluster: see ``n_clusters`` [5, the neighbourhood size k].
+        n_init: restarts.
+        max_iter: most Lloyd iterations per restart.
+        seed: seed of the CPU generator of the seeding.
+
+    Returns:
+        ``(s (B, B) in {0, 1}, cluster ids (B,) int64)``.
+    """
+    x = _check_x(embeddings, "kmeans: embeddings")
+    k = _n_clusters(x.shape[0], n_clusters, points_per_cluster)
+    n_init = _check_positive_int("n_init", n_init)
+    max_iter = _check_positive_int("max_iter", max_iter)
+    generator = torch.Generator().manual_seed(int(seed))
+    best: tuple[Tensor, float] | None = None
+    for _ in range(n_init):
+        assign, inertia = _kmeans_once(x, k, generator, max_iter)
+        if best is None or inertia < best[1]:
+            best = (assign, inertia)
+    groups = best[0]
+    return _comembership(groups, x), groups
+
+
+def agglomerative_comembership(
+    embeddings: Tensor,
+    *,
+    n_clusters: int | None = None,
+    points_per_cluster: int = 5,
+    linkage: str = "average",
+) -> Estimate:
+    """Agglomerative (hierarchical) clustering co-membership, ``s_ij = 1[c_i = c_j]``, as in UHML
+    (Yan, Luo, Deng & Huang, "Unsupervised Hyperbolic Metric Learning", CVPR 2021), which draws its
+    pseudo-labels from a hierarchical clustering of the embeddings (slide 14: "Hierarchical
+    Clustering"). Simplification: the clustering runs on the (Euclidean) embeddings, not in
+    UHML's hyperbolic space.
+
+    scikit-learn's ``AgglomerativeClustering`` with Euclidean distances, cut at ``n_clusters``.
+
+    Args:
+        embeddings: (B, d).
+        n_clusters: number of clusters; None = ``round(B / points_per_cluster)``.
+        points_per_cluster: see ``n_clusters`` [5].
+        linkage: "average" (default), "ward", "complete" or "single".
+
+    Returns:
+        ``(s (B, B) in {0, 1}, cluster ids (B,) int64)``.
+    """
+    from sklearn.cluster import AgglomerativeClustering
+
+    if linkage not in ("average", "ward", "complete", "single"):
+        raise ValueError(f"linkage: expected 'average', 'ward', 'complete' or 'single', got {linkage!r}")
+    x = _check_x(embeddings, "agglomerative: embeddings")
+    k = _n_clusters(x.shape[0], n_clusters, points_per_cluster)
+    data = x.cpu().double().numpy()
+    ids = AgglomerativeClustering(n_clusters=k, linkage=linkage).fit_predict(data)
+    groups = torch.as_tensor(ids, dtype=torch.int64, device=x.device)
+    return _comembership(groups, x), groups
+
+
+@torch.no_grad()
+def random_walk_similarity(
+    embeddings: Tensor,
+    *,
+    n_neighbours: int = 10,
+    gamma: float = 3.0,
+    alpha: float = 0.99,
+    graph: str = "mutual",
+    steps: int | None = None,
+) -> Estimate:
+    """Random walk on the k-NN graph, as in MOM (Iscen, Tolias, Avrithis & Chum, "Mining on
+    Manifolds: Metric Learning without Labels", CVPR 2018), which ranks points by the steady
+    state of a random walk on the nearest-neighbour graph (the diffusion of Iscen et al.,
+    CVPR 2017) (slide 14: "Random Walk").
+
+    Graph: cosine similarities ``c_ij`` of the L2-normalised embeddings; ``a_ij = max(c_ij, 0)^γ``
+    when ``x_j`` is among the ``n_neighbours`` nearest of ``x_i`` (self excluded), else 0;
+    ``W = min(A, Aᵀ)`` (``graph="mutual"``: only reciprocal neighbours are linked, as in the
+    diffusion papers) or ``max(A, Aᵀ)`` (``graph="union"``). ``D = diag(W 1)``.
+
+    * ``steps=None`` (default, MOM): the random walk with restart / personalised PageRank steady
+      state of every point at once, ``F = (1 - α)(I - α D^{-1/2} W D^{-1/2})^{-1}`` (symmetric).
+    * ``steps=t``: t steps of the plain walk, ``F = ½ (Pᵗ + (Pᵗ)ᵀ)`` with ``P = D^{-1} W``
+      (a point without an edge stays where it is).
+
+    Points without any edge get ``F_ij = 0`` to every other point.
+
+    Returns:
+        ``(F (B, B), None)``.
+    """
+    x = _check_x(embeddings, "random_walk: embeddings")
+    b = x.shape[0]
+    n_neighbours = min(_check_positive_int("n_neighbours", n_neighbours), b - 1)
+    gamma = _check_positive_float("gamma", gamma)
+    if not (0 < float(alpha) < 1):
+        raise ValueError(f"alpha: expected a number in (0, 1), got {alpha!r}")
+    if graph not in ("mutual", "union"):
+        raise ValueError(f"graph: expected 'mutual' or 'union', got {graph!r}")
+    xn = F.normalize(x, dim=1)
+    cos = xn @ xn.T
+    eye = torch.eye(b, dtype=torch.bool, device=x.device)
+    ranked = cos.masked_fill(eye, -math.inf)
+    index = ranked.topk(n_neighbours, dim=1).indices
+    a = torch.zeros_like(cos).scatter_(1, index, cos.gather(1, index).clamp_min(0).pow(gamma))
+    w = torch.minimum(a, a.T) if graph == "mutual" else torch.maximum(a, a.T)
+    degree = w.sum(dim=1)
+    connected = degree > 0
+    if steps is None:
+        d_inv_sqrt = torch.where(connected, degree.clamp_min(1e-30).rsqrt(), torch.zeros_like(degree))
+        s = d_inv_sqrt.unsqueeze(1) * w * d_inv_sqrt.unsqueeze(0)
+        f = (1 - alpha) * torch.linalg.inv(torch.eye(b, dtype=x.dtype, device=x.device) - alpha * s)
+        f = 0.5 * (f + f.T)  # exact in theory; removes rounding asymmetry
+    else:
+        steps = _check_positive_int("steps", steps)
+        p = torch.where(connected.unsqueeze(1), w / degree.clamp_min(1e-30).unsqueeze(1), eye.to(x.dtype))
+        pt = torch.linalg.matrix_power(p, steps)
+        f = 0.5 * (pt + pt.T)
+    return f, None
+
+
+@torch.no_grad()
+def stml_similarity(
+    embeddings: Tensor,
+    *,
+    sigma: float = 3.0,
+    topk: int = 5,
+    query_expansion: int | None = None,
+    normalize: bool = True,
+) -> Estimate:
+    """STML's contextualised similarity (Kim, Kim, Cho & Kwak, "Self-Taught Metric Learning
+    without Labels", CVPR 2022; the authors' public code, ``RC_STML`` in ``code/loss.py``).
+
+    With ``t`` the L2-normalised embeddings:
+
+    * ``W_P = exp(-‖t_i - t_j‖² / σ)``;
+    * ``N(i)``: the ``topk`` largest entries of row i of ``W_P`` (the point itself included);
+      ``V_ij = 1[j ∈ N(i) and i ∈ N(j)]``, the k-reciprocal neighbours ``R(i) = {j: V_ij = 1}``;
+    * ``W̃_il = |R(i) ∩ R(l)| / |R(i)|`` for ``l ∈ R(i)``, else 0 (``= (V V)_il V_il / |R(i)|``);
+    * query expansion: ``Ŵ_i = mean_{q ∈ N'(i)} W̃_q`` over the ``query_expansion`` nearest
+      (self first), default ``round(topk / 2)`` (ties to even, as ``np.around`` in their code);
+    * ``W_C = ½ (Ŵ + Ŵᵀ)`` and ``W = ½ (W_P + W_C)``.
+
+    Simplification: STML's batches hold two augmented views of every image and use
+    ``topk = 2 · neighbours`` (= 10 on CUB), treating the views of one image as identical for the
+    neighbour ranking. Here there is one view per image (features of the un-augmented images), so
+    ``topk`` counts distinct images: the default 5 matches their 5 neighbours per seed. The loop
+    over points of their code is vectorised (same result, tested).
+
+    Returns:
+        ``(W (B, B), None)``.
+    """
+    x = _check_x(embeddings, "stml: embeddings")
+    b = x.shape[0]
+    sigma = _check_positive_float("sigma", sigma)
+    topk = min(_check_positive_int("topk", topk), b)
+    if query_expansion is None:
+        query_expansion = max(1, int(np.around(topk / 2)))
+    query_expansion = min(_check_positive_int("query_expansion", query_expansion), topk)
+    t = F.normalize(x, dim=1) if normalize else x
+    w_p = torch.exp(-_squared_distances(t) / sigma)
+    # The point itself always ranks first (W_P_ii = 1 is the maximum; a duplicate ties with it).
+    ranking = w_p.clone()
+    ranking.fill_diagonal_(math.inf)
+    top = ranking.topk(topk, dim=1).indices
+    w_nn = torch.zeros_like(w_p).scatter_(1, top, 1.0)
+    v = w_nn * w_nn.T
+    w_tilde = (v @ v) * v / v.sum(dim=1, keepdim=True)
+    w_hat = w_tilde[top[:, :query_expansion]].mean(dim=1)
+    w_c = 0.5 * (w_hat + w_hat.T)
+    return 0.5 * (w_p + w_c), None
+
+
+ESTIMATORS: dict[str, Callable[..., Estimate]] = {
+    "plm": plm_estimate,
+    "plm_min": functools.partial(plm_estimate, symmetrize="min"),
+    "plm_max": functools.partial(plm_estimate, symmetrize="max"),
+    "plm_no_subset": functools.partial(plm_estimate, subset_selection=False),
+    "plm_binary": functools.partial(plm_estimate, binary=True),
+    "gaussian": gaussian_similarity,
+    "kmeans": kmeans_comembership,
+    "agglomerative": agglomerative_comembership,
+    "agglomerative_ward": functools.partial(agglomerative_comembership, linkage="ward"),
+    "random_walk": random_walk_similarity,
+    "stml": stml_similarity,
+}
+"""name -> estimator; every function returns ``(similarity (B, B), groups or None)``."""
+
+DEFAULT_STUDY = tuple(ESTIMATORS)
+
+FOLLOWS = {
+    "plm": "PLM (Bhatnagar & Ahuja 2024), mean sym.",
+    "plm_min": "PLM, min sym.",
+    "plm_max": "PLM, max sym.",
+    "plm_no_subset": "PLM without subset selection (k-NN + PCA)",
+    "plm_binary": "PLM binary (piece membership)",
+    "gaussian": "Gaussian kernel, median bandwidth",
+    "kmeans": "k-means co-membership (DeepCluster)",
+    "agglomerative": "agglomerative, average linkage (UHML)",
+    "agglomerative_ward": "agglomerative, Ward linkage (UHML)",
+    "random_walk": "random walk on k-NN graph (MOM)",
+    "stml": "STML contextualised similarity",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# 2. quality measures
+# --------------------------------------------------------------------------------------------
+
+
+def group_membership(groups: Tensor | np.ndarray, n: int) -> np.ndarray:
+    """(n, n) bool: ``[i, j]`` = ``x_j`` is in the group of ``x_i``, from cluster ids (n,) or a
+    membership matrix (n, n)."""
+    g = groups.detach().cpu().numpy() if isinstance(groups, Tensor) else np.asarray(groups)
+    if g.shape == (n,):
+        return g[:, None] == g[None, :]
+    if g.shape == (n, n):
+        return g.astype(bool)
+    raise ValueError(f"groups: expected cluster ids ({n},) or a membership matrix ({n}, {n}), got {g.shape}")
+
+
+def group_purity(groups: Tensor | np.ndarray, labels: Tensor | np.ndarray | Sequence[int]) -> float:
+    """Label purity of the groups: ``mean_i |{j ∈ G(i), j ≠ i: y_j = y_i}| / |{j ∈ G(i), j ≠ i}|``
+    over the points i whose group ``G(i)`` has another member (slide 14, as
+    :func:`plmetric.manifold.piece_purity`).
+
+    Args:
+        groups: cluster ids (n,) or membership (n, n) bool (row i = the group of point i).
+        labels: (n,) class labels.
+
+    Returns:
+        purity in [0, 1]; NaN when no group has a second member (all singletons).
+    """
+    y = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels: expected a 1-D array, got shape {y.shape}")
+    mem = group_membership(groups, len(y)) & ~np.eye(len(y), dtype=bool)
+    counts = mem.sum(axis=1)
+    valid = counts > 0
+    if not valid.any():
+        return math.nan
+    same = (mem & (y[:, None] == y[None, :])).sum(axis=1)
+    return float((same[valid] / counts[valid]).mean())
+
+
+def similarity_auc(similarity: Tensor | np.ndarray, labels: Tensor | np.ndarray | Sequence[int]) -> float:
+    """ROC AUC of the similarity as a same-class detector over the pairs i < j: the probability
+    that a random same-class pair scores higher than a random different-class pair (ties count ½).
+    Rank-based, so unlike the Pearson correlation it ignores any monotone rescaling of ``s``.
+
+    Returns:
+        AUC in [0, 1]; NaN when all pairs are same-class or none is.
+    """
+    from scipy.stats import rankdata
+
+    s = similarity.detach().cpu().double().numpy() if isinstance(similarity, Tensor) else np.asarray(similarity)
+    y = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    if s.ndim != 2 or s.shape != (len(y), len(y)):
+        raise ValueError(f"similarity_auc: expected a ({len(y)}, {len(y)}) similarity, got {s.shape}")
+    upper = np.triu_indices(len(y), k=1)
+    values = s[upper]
+    truth = (y[:, None] == y[None, :])[upper]
+    n_pos = int(truth.sum())
+    n_neg = truth.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(values)  # average ranks for ties
+    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def group_size(groups: Tensor | np.ndarray, n: int) -> float:
+    """Mean number of *other* members in a point's group."""
+    mem = group_membership(groups, n)
+    return float(mem.sum() - np.trace(mem)) / n
+
+
+# --------------------------------------------------------------------------------------------
+# 3. features: files and the embedding cache
+# --------------------------------------------------------------------------------------------
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    """Integer labels from ``.npy`` (1-D, or (N, 1)), ``.txt`` (whitespace) or ``.csv`` (commas)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"labels file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".txt", ".csv"):
+        raise ValueError(f"labels file {path}: expected .npy, .txt or .csv, got '{suffix}'")
+    try:
+        if suffix == ".npy":
+            labels = np.load(path, allow_pickle=False)
+        else:
+            labels = np.loadtxt(path, dtype=np.int64, delimiter="," if suffix == ".csv" else None, ndmin=1)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"labels file {path}: cannot read it ({err})") from err
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels file {path}: expected a 1-D array of integers, got {labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)
+
+
+def load_features_file(
+    features_path: str | os.PathLike, labels_path: str | os.PathLike | None = None
+) -> tuple[Tensor, Tensor]:
+    """Read features (N, d) and integer labels (N,) from files.
+
+    ``features_path``: a ``.npy`` array (N, d), or a ``.safetensors`` file holding ``features`` or
+    ``embeddings`` (N, d) and optionally ``labels`` (N,) (e.g. written by ``plmetric embed`` or by
+    this module's cache). ``labels_path`` (``.npy``, ``.txt`` or ``.csv`` with one integer per item)
+    is required unless the safetensors file holds labels; given, it takes precedence.
+
+    Returns:
+        ``(features float32 (N, d), labels int64 (N,))`` on the CPU.
+
+    Raises:
+        FileNotFoundError: a file does not exist.
+        ValueError: unreadable file, wrong shape or type, a label count that differs from the
+            feature count, missing or negative (unlabelled) labels.
+    """
+    path = Path(features_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"features file not found: {path}")
+    suffix = path.suffix.lower()
+    labels: np.ndarray | None = None
+    if suffix == ".npy":
+        try:
+            features = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"features file {path}: cannot read it as a NumPy array ({err})") from err
+    elif suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:  # safetensors raises several unrelated types
+            raise ValueError(f"features file {path}: cannot read it as safetensors ({err})") from err
+        key = next((k for k in ("features", "embeddings") if k in tensors), None)
+        if key is None:
+            raise ValueError(
+                f"features file {path}: expected a 'features' or 'embeddings' tensor, found {sorted(tensors)}"
+            )
+        features = tensors[key].float().numpy()
+        if "labels" in tensors:
+            labels = tensors["labels"].long().numpy()
+    else:
+        raise ValueError(f"features file {path}: expected a .npy or .safetensors file, got '{suffix}'")
+    if features.ndim != 2 or features.shape[0] < 2 or not np.issubdtype(features.dtype, np.number):
+        raise ValueError(f"features file {path}: expected a numeric (N, d) array with N >= 2, got {features.shape}")
+    if labels_path is not None:
+        labels = _read_labels(Path(labels_path).expanduser())
+        where = f"labels file {labels_path}"
+    else:
+        where = f"the labels in {path}"
+    if labels is None:
+        raise ValueError(
+            f"features file {path} holds no labels: give --labels FILE (.npy or .txt, one integer per item)"
+        )
+    if len(labels) != features.shape[0]:
+        raise ValueError(f"{where} has {len(labels)} labels but {path} has {features.shape[0]} feature rows")
+    if (labels < 0).any():
+        raise ValueError(f"{where}: labels must be >= 0 (-1 marks unlabelled items; the study needs labels)")
+    x = torch.as_tensor(np.ascontiguousarray(features), dtype=torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"features file {path}: contains NaN or infinite values")
+    return x, torch.as_tensor(labels, dtype=torch.int64)
+
+
+def default_cache_dir() -> Path:
+    """``$PLMETRIC_CACHE/features`` or ``~/.cache/plmetric/features``."""
+    base = os.environ.get("PLMETRIC_CACHE")
+    return Path(base).expanduser() / "features" if base else Path.home() / ".cache" / "plmetric" / "features"
+
+
+def _cache_key(dataset: str, root: str | None, split: str, backbone: str, image_size: int, weights: str | None) -> dict:
+    return {
+        "dataset": dataset,
+        "root": str(Path(root).expanduser().resolve()) if root else None,
+        "split": split,
+        "backbone": backbone,
+        "image_size": int(image_size),
+        "weights": str(Path(weights).expanduser().resolve()) if weights else None,
+        "features": "pooled (avg + max), L2-normalised, eval transform",
+        "version": 1,
+    }
+
+
+def feature_cache_path(
+    cache_dir: str | os.PathLike,
+    dataset: str,
+    root: str | None,
+    split: str,
+    backbone: str,
+    image_size: int = 224,
+    weights: str | None = None,
+) -> Path:
+    """The cache file for (data set, root, split, backbone, image size, weights)."""
+    key = _cache_key(dataset, root, split, backbone, image_size, weights)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / f"{dataset}-{split}-{backbone}-{int(image_size)}px-{digest}.safetensors"
+
+
+def cached_features(
+    dataset: str,
+    root: str | None,
+    split: str,
+    backbone: str = "efficientnet_lite0",
+    *,
+    image_size: int = 224,
+    weights: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Pooled, L2-normalised pretrained-backbone features of a data set split, cached on disk.
+
+    The first call embeds the split (eval transform, ``create_model(backbone, embedding_dim=0)``)
+    and writes ``features``, ``labels`` and the key as metadata to
+    :func:`feature_cache_path` (atomically); later calls read the file.
+
+    Returns:
+        ``(features float32 (N, d), labels int64 (N,), info)``; ``info`` holds the key, the cache
+        path, whether it was a cache hit, and the seconds spent.
+
+    Raises:
+        ValueError: unknown split or a split without labels; a cache folder inside the data folder.
+    """
+    from safetensors.torch import load_file, save
+
+    from plmetric.checkpoint import atomic_write_bytes
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if root is not None:
+        root_path = Path(root).expanduser().resolve()
+        if cache_dir.resolve() == root_path or root_path in cache_dir.resolve().parents:
+            raise ValueError(f"--cache-dir {cache_dir} lies inside the data folder {root_path}; choose another folder")
+    path = feature_cache_path(cache_dir, dataset, root, split, backbone, image_size, weights)
+    key = _cache_key(dataset, root, split, backbone, image_size, weights)
+    start = time.perf_counter()
+    if path.is_file():
+        tensors = load_file(str(path))
+        info = {
+            "key": key,
+            "cache_file": str(path),
+            "cache_hit": True,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        return tensors["features"].float(), tensors["labels"].long(), info
+
+    from plmetric.data import load_dataset
+    from plmetric.evaluation import embed_dataset
+    from plmetric.models import build_transform, create_model
+
+    transform = build_transform(backbone, image_size=image_size, train=False)
+    splits = load_dataset(dataset, root, train_transform=transform, test_transform=transform, verbose=progress)
+    part = getattr(splits, split)
+    if part is None or (part.labels < 0).all():
+        raise ValueError(f"dataset {dataset!r}: the {split} split has no labelled images; the study needs labels")
+    model = create_model(backbone, embedding_dim=0, pretrained=weights is None, weights=weights).to(device)
+    features, labels, _ = embed_dataset(
+        model, part, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
+    )
+    features, labels = features.float().contiguous(), labels.long().contiguous()
+    blob = save({"features": features, "labels": labels}, metadata={"plmetric_feature_cache": json.dumps(key)})
+    atomic_write_bytes(path, blob)
+    info = {"key": key, "cache_file": str(path), "cache_hit": False, "seconds": round(time.perf_counter() - start, 2)}
+    return features, labels, info
+
+
+# --------------------------------------------------------------------------------------------
+# 4. batches and the study
+# --------------------------------------------------------------------------------------------
+
+
+def neighbourhood_batches(
+    features: Tensor, *, batch_size: int = 120, k: int = 5, n_batches: int = 50, seed: int = 0
+) -> list[Tensor]:
+    """Batches as training builds them: B/k random seeds, each with its k-1 nearest neighbours.
+
+    The neighbour table is the cosine k-NN of the features (2k wide);
+    :class:`plmetric.sampling.NeighbourhoodBatchSampler` (``avoid_duplicates=True``) builds the
+    batches, epoch after epoch until ``n_batches`` are collected. Items still repeated within a
+    batch are dropped (first occurrence kept), so a batch may hold slightly fewer than B points:
+    a repeated item would add a pair of identical points that is trivially "same class".
+
+    Returns:
+        ``n_batches`` int64 index tensors.
+    """
+    from plmetric.evaluation import nearest_neighbors
+    from plmetric.sampling import NeighbourhoodBatchSampler
+
+    n = features.shape[0]
+    batch_size = _check_positive_int("batch_size", batch_size, 2)
+    k = _check_positive_int("k (neighbours per seed)", k)
+    n_batches = _check_positive_int("n_batches", n_batches)
+    if batch_size > n:
+        raise ValueError(f"batch_size ({batch_size}) exceeds the number of points ({n})")
+    if batch_size % k:
+        raise ValueError(f"batch_size ({batch_size}) must be divisible by k, the neighbours per seed ({k})")
+    width = max(1, min(2 * k, n - 1))
+    _, table = nearest_neighbors(features, width, metric="cosine")
+    sampler = NeighbourhoodBatchSampler(table.cpu(), batch_size=batch_size, k=k, seed=seed, avoid_duplicates=True)
+    batches: list[Tensor] = []
+    epoch = 0
+    while len(batches) < n_batches:
+        for batch in sampler.global_batches(epoch):
+            values = batch.numpy()
+            _, first = np.unique(values, return_index=True)
+            batches.append(torch.as_tensor(values[np.sort(first)]))
+            if len(batches) == n_batches:
+                break
+        epoch += 1
+    return batches
+
+
+def _nan_stats(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def _measure(fn: Callable[..., Estimate], options: Mapping[str, Any], x: Tensor, y: Tensor) -> dict[str, Any]:
+    start = time.perf_counter()
+    sim, groups = fn(x, **options)
+    seconds = time.perf_counter() - start
+    out: dict[str, Any] = {
+        "correlation": similarity_correlation(sim, y),
+        "auc": similarity_auc(sim, y),
+        "seconds": seconds,
+    }
+    if groups is not None:
+        out["purity"] = group_purity(groups, y)
+        out["group_size"] = group_size(groups, x.shape[0])
+    return out
+
+
+def _round(value: Any, digits: int = 4) -> Any:
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else round(value, digits)
+    return value
+
+
+def evaluate_estimator(
+    fn: Callable[..., Estimate],
+    features: Tensor,
+    labels: Tensor,
+    batches: Sequence[Tensor] | None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    whole_set: bool = True,
+) -> dict[str, Any]:
+    """Correlation (and purity, group size where the estimator forms groups) of one estimator on
+    each batch (mean and sample std over the batches) and on the whole set.
+
+    Returns:
+        ``{"batch": {...}, "whole_set": {...}}`` (either absent when not measured).
+    """
+    options = dict(options or {})
+    result: dict[str, Any] = {}
+    if batches:
+        rows = [_measure(fn, options, features[b], labels[b]) for b in batches]
+        batch: dict[str, Any] = {"n_batches": len(rows), "mean_points": float(np.mean([len(b) for b in batches]))}
+        for key in ("correlation", "auc", "purity", "group_size"):
+            if key in rows[0]:
+                mean, std = _nan_stats([r[key] for r in rows])
+                batch[f"{key}_mean"], batch[f"{key}_std"] = mean, std
+        batch["seconds_per_batch"] = float(np.mean([r["seconds"] for r in rows]))
+        result["batch"] = {k: _round(v) for k, v in batch.items()}
+    if whole_set:
+        whole = _measure(fn, options, features, labels)
+        whole["points"] = int(features.shape[0])
+        result["whole_set"] = {k: _round(v) for k, v in whole.items()}
+    return result
+
+
+def _resolve(name: str) -> Callable[..., Estimate]:
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name]
+
+
+def _prepare_features(features: Tensor, labels: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    x = _check_x(torch.as_tensor(features), "features")
+    y = torch.as_tensor(labels)
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"labels: expected {x.shape[0]} labels (one per feature row), got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"labels: expected integers, got dtype {y.dtype}")
+    if torch.unique(y).numel() < 2:
+        raise ValueError("labels: the study needs at least 2 classes (the ground truth would be constant)")
+    return (F.normalize(x, dim=1) if normalize else x), y.long()
+
+
+def run_study(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    estimators: Sequence[str] = DEFAULT_STUDY,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    batch_size: int = 120,
+    k: int = 5,
+    n_batches: int = 50,
+    seed: int = 0,
+    whole_set: bool = True,
+    normalize: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Measure every estimator on neighbourhood batches and on the whole set.
+
+    Args:
+        features: (N, d) embeddings; labels: (N,) class ids (used for measuring only).
+        estimators: names in :data:`ESTIMATORS`.
+        options: per-estimator keyword overrides, e.g. ``{"plm": {"tau": 1.0}}``.
+        batch_size, k, n_batches, seed: the neighbourhood batches (:func:`neighbourhood_batches`);
+            ``n_batches=0`` skips the batch measurement.
+        whole_set: also measure on all N points at once.
+        normalize: L2-normalise the features first (METHOD.md: unit-sphere embeddings).
+
+    Returns:
+        ``{"settings": ..., "estimators": {name: {"follows", "options", "batch", "whole_set"}}}``.
+    """
+    x, y = _prepare_features(features, labels, normalize)
+    options = {name: dict(opts) for name, opts in (options or {}).items()}
+    fns = {name: _resolve(name) for name in estimators}
+    batches = neighbourhood_batches(x, batch_size=batch_size, k=k, n_batches=n_batches, seed=seed) if n_batches else []
+    results: dict[str, Any] = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        entry = evaluate_estimator(fn, x, y, batches, options=options.get(name), whole_set=whole_set)
+        entry = {"follows": FOLLOWS.get(name, name), "options": _options_of(fn, options.get(name)), **entry}
+        results[name] = entry
+        if progress:
+            print(f"  {name:<20} {time.perf_counter() - start:6.1f} s", flush=True)
+    return {
+        "settings": {
+            "points": int(x.shape[0]),
+            "classes": int(torch.unique(y).numel()),
+            "dim": int(x.shape[1]),
+            "batch_size": batch_size,
+            "neighbours_per_seed": k,
+            "n_batches": len(batches),
+            "seed": seed,
+            "normalized": normalize,
+        },
+        "estimators": results,
+    }
+
+
+def _options_of(fn: Callable, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    opts = dict(fn.keywords) if isinstance(fn, functools.partial) else {}
+    opts.update(extra or {})
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in opts.items()}
+
+
+# One-at-a-time sweep of PLM's parameters around METHOD.md's defaults.
+DEFAULT_SWEEP: dict[str, tuple] = {
+    "n_alpha": (1.0, 2.0, 3.0, 5.0, 8.0, 12.0),
+    "n_beta": (0.0, 0.25, 0.5, 1.0, 2.0),
+    "m": (1, 2, 3, 4),
+    "tau": (0.25, 0.5, 1.0, 2.0, 4.0),
+    "k": (2, 3, 4, 5, 6, 8, 10),
+}
+PLM_DEFAULTS = {"n_alpha": 5.0, "n_beta": 0.5, "m": 2, "tau": 0.5, "k": 5}
+
+
+def run_sweep(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    base: Mapping[str, Any] | None = None,
+    batch_size: int = 120,
+    n_batches: int = 50,
+    seed: int = 0,
+    whole_set: bool = True,
+    normalize: bool = True,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Vary PLM's parameters one at a time around ``base`` (METHOD.md's defaults).
+
+    Parameters: ``n_alpha``, ``n_beta``, ``m``, ``tau`` (options of :func:`plm_estimate`) and
+    ``k``, the neighbours per seed of the batches, with the piece cap ``n_max = 2k`` following it
+    (METHOD.md §2). Every row is measured on the same batches as the others with the same k; when
+    k does not divide ``batch_size``, the batches hold the largest multiple of k below it.
+
+    Returns:
+        one row per (parameter, value): batch correlation mean/std, purity mean, group size,
+        whole-set correlation and purity.
+    """
+    x, y = _prepare_features(features, labels, normalize)
+    grid = dict(DEFAULT_SWEEP if grid is None else grid)
+    base = {**PLM_DEFAULTS, **(base or {})}
+    unknown = set(grid) - set(PLM_DEFAULTS)
+    if unknown:
+        raise ValueError(f"sweep: unknown parameters {sorted(unknown)}; expected some of {sorted(PLM_DEFAULTS)}")
+    batch_cache: dict[int, list[Tensor]] = {}
+    rows = []
+    for param, values in grid.items():
+        for value in values:
+            setting = {**base, param: value}
+            k = int(setting["k"])
+            b_k = batch_size - batch_size % k  # B must be a multiple of k: the largest one <= B
+            if k not in batch_cache:
+                batch_cache[k] = (
+                    neighbourhood_batches(x, batch_size=b_k, k=k, n_batches=n_batches, seed=seed) if n_batches else []
+                )
+            opts = {
+                "n_alpha": float(setting["n_alpha"]),
+                "n_beta": float(setting["n_beta"]),
+                "m": int(setting["m"]),
+                "tau": float(setting["tau"]),
+                "n_max": max(2 * k, int(setting["m"]) + 1),
+            }
+            res = evaluate_estimator(plm_estimate, x, y, batch_cache[k], options=opts, whole_set=whole_set)
+            row = _sweep_row("plm", param, value, value == PLM_DEFAULTS[param], b_k, res)
+            rows.append(row)
+            if progress:
+                print(f"  sweep plm {param}={value}: r = {row['batch_correlation_mean']}", flush=True)
+    return rows
+
+
+def _sweep_row(estimator: str, param: str, value: Any, default: bool, batch_size: int, res: Mapping) -> dict:
+    b, w = res.get("batch", {}), res.get("whole_set", {})
+    return {
+        "estimator": estimator,
+        "parameter": param,
+        "value": value,
+        "default": bool(default),
+        "batch_size": batch_size,
+        "batch_correlation_mean": b.get("correlation_mean"),
+        "batch_correlation_std": b.get("correlation_std"),
+        "batch_auc_mean": b.get("auc_mean"),
+        "batch_purity_mean": b.get("purity_mean"),
+        "batch_group_size": b.get("group_size_mean"),
+        "whole_correlation": w.get("correlation"),
+        "whole_auc": w.get("auc"),
+        "whole_purity": w.get("purity"),
+        "whole_group_size": w.get("group_size"),
+    }
+
+
+# One-at-a-time sweep of the baselines' own parameters (fairness: PLM's were chosen by its authors).
+DEFAULT_BASELINE_SWEEP: dict[str, dict[str, tuple]] = {
+    "gaussian": {"sigma": (None, 0.25, 0.5, 1.0, 3.0)},
+    "kmeans": {"points_per_cluster": (2, 3, 5, 10, 20, 40)},
+    "agglomerative": {"points_per_cluster": (2, 3, 5, 10, 20, 40)},
+    "agglomerative_ward": {"points_per_cluster": (2, 3, 5, 10, 20, 40)},
+    "random_walk": {"n_neighbours": (3, 5, 10, 20), "alpha": (0.5, 0.9, 0.99), "graph": ("mutual", "union")},
+    "stml": {"topk": (3, 5, 10, 20), "sigma": (1.0, 3.0)},
+}
+
+
+def _default_option(fn: Callable, name: str) -> Any:
+    if isinstance(fn, functools.partial) and name in fn.keywords:
+        return fn.keywords[name]
+    base = fn.func if isinstance(fn, functools.partial) else fn
+    param = inspect.signature(base).parameters.get(name)
+    return None if param is None else param.default
+
+
+def run_baseline_sweep(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    grid: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
+    batch_size: int = 120,
+    k: int = 5,
+    n_batches: int = 50,
+    seed: int = 0,
+    whole_set: bool = True,
+    normalize: bool = True,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Vary the competing estimators' own parameters one at a time (``grid``: estimator ->
+    option -> values; default :data:`DEFAULT_BASELINE_SWEEP`), on the same neighbourhood batches.
+
+    Returns:
+        rows as :func:`run_sweep`'s, with ``estimator`` naming the estimator.
+    """
+    x, y = _prepare_features(features, labels, normalize)
+    grid = DEFAULT_BASELINE_SWEEP if grid is None else grid
+    fns = {name: _resolve(name) for name in grid}
+    batches = neighbourhood_batches(x, batch_size=batch_size, k=k, n_batches=n_batches, seed=seed) if n_batches else []
+    rows = []
+    for name, params in grid.items():
+        for param, values in params.items():
+            for value in values:
+                res = evaluate_estimator(fns[name], x, y, batches, options={param: value}, whole_set=whole_set)
+                default = value == _default_option(fns[name], param)
+                rows.append(_sweep_row(name, param, value, default, batch_size, res))
+                if progress:
+                    print(f"  sweep {name} {param}={value}: r = {rows[-1]['batch_correlation_mean']}", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# 5. reporting
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, std: Any = None) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.3f} ± {std:.3f}" if std is not None else f"{value:.3f}"
+
+
+def format_study_table(study: Mapping[str, Any], title: str = "") -> str:
+    """A Markdown table (paste-ready) of one study: estimator, batch r, purity, whole-set r, purity."""
+    s = study["settings"]
+    lines = [title] if title else []
+    lines.append(
+        f"{s['points']} points, {s['classes']} classes, d = {s['dim']}; batches: {s['n_batches']} × "
+        f"B = {s['batch_size']} (seeds + {s['neighbours_per_seed'] - 1} neighbours)"
+    )
+    lines.append("")
+    lines.append(
+        "| estimator | follows | batch r (mean ± std) | batch AUC | batch purity | group size | whole-set r | "
+        "whole-set AUC | whole-set purity | whole-set group size |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for name, entry in study["estimators"].items():
+        b, w = entry.get("batch", {}), entry.get("whole_set", {})
+        lines.append(
+            f"| {name} | {entry['follows']} | {_fmt(b.get('correlation_mean'), b.get('correlation_std'))} | "
+            f"{_fmt(b.get('auc_mean'))} | {_fmt(b.get('purity_mean'))} | {_fmt(b.get('group_size_mean'))} | "
+            f"{_fmt(w.get('correlation'))} | {_fmt(w.get('auc'))} | {_fmt(w.get('purity'))} | "
+            f"{_fmt(w.get('group_size'))} |"
+        )
+    return "\n".join(lines)
+
+
+def format_sweep_table(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:
+    """A Markdown table of :func:`run_sweep` rows; the default value of each parameter is starred."""
+    lines = [title] if title else []
+    lines.append(
+        "| estimator | parameter | value | batch r (mean ± std) | batch AUC | batch purity | group size | "
+        "whole-set r | whole-set purity |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        value = f"{r['value']}{' *' if r['default'] else ''}"
+        lines.append(
+            f"| {r['estimator']} | {r['parameter']} | {value} | "
+            f"{_fmt(r['batch_correlation_mean'], r['batch_correlation_std'])} | {_fmt(r['batch_auc_mean'])} | "
+            f"{_fmt(r['batch_purity_mean'])} | {_fmt(r['batch_group_size'])} | {_fmt(r['whole_correlation'])} | "
+            f"{_fmt(r['whole_purity'])} |"
+        )
+    return "\n".join(lines)
+
+
+def ordering_verdict(study: Mapping[str, Any]) -> dict[str, Any]:
+    """Does PLM (mean) correlate better than the paper's baselines (k-means, agglomerative, random
+    walk) and than every other non-PLM estimator here? Per measurement (batch mean, whole set)."""
+    est = study["estimators"]
+    out: dict[str, Any] = {}
+    for where, key in (("batch", "correlation_mean"), ("whole_set", "correlation")):
+        if "plm" not in est or where not in est["plm"]:
+            continue
+        plm = est["plm"][where][key]
+        others = {n: e[where][key] for n, e in est.items() if not n.startswith("plm") and where in e}
+        paper = {n: v for n, v in others.items() if n.split("_ward")[0] in PAPER_BASELINES}
+        best_paper = max(paper, key=paper.get) if paper else None
+        best_any = max(others, key=others.get) if others else None
+        out[where] = {
+            "plm": plm,
+            "best_paper_baseline": best_paper,
+            "best_paper_baseline_r": paper.get(best_paper),
+            "plm_beats_paper_baselines": bool(best_paper is None or plm > paper[best_paper]),
+            "best_other": best_any,
+            "best_other_r": others.get(best_any),
+            "plm_beats_all_others": bool(best_any is None or plm > others[best_any]),
+        }
+    return out
+
+
+def plot_study(studies: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Bar chart of the correlation with the ground truth per estimator (batch mean ± std and
+    whole set), one panel per study (e.g. per split); the paper's CUB numbers as markers.
+    Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plmetric.checkpoint import atomic_write_bytes
+
+    names = list(studies)
+    fig, axes = plt.subplots(1, len(names), figsize=(max(7.0, 6.5 * len(names)), 4.8), squeeze=False)
+    for ax, split in zip(axes[0], names, strict=True):
+        est = studies[split]["estimators"]
+        labels = list(est)
+        pos = np.arange(len(labels))
+        batch = [est[n].get("batch", {}).get("correlation_mean") for n in labels]
+        batch_std = [est[n].get("batch", {}).get("correlation_std") for n in labels]
+        whole = [est[n].get("whole_set", {}).get("correlation") for n in labels]
+
+        def clean(values):
+            return [np.nan if v is None else v for v in values]
+
+        ax.bar(pos - 0.2, clean(batch), 0.4, yerr=clean(batch_std), capsize=2, label="batches (mean ± std)")
+        ax.bar(pos + 0.2, clean(whole), 0.4, label="whole set")
+        paper = [PAPER_CUB["correlation"].get(n) for n in labels]
+        marked = [(p, v) for p, v in zip(pos, paper, strict=True) if v is not None]
+        if marked:
+            ax.scatter(
+                [p for p, _ in marked],
+                [v for _, v in marked],
+                marker="_",
+                s=400,
+                c="k",
+                zorder=3,
+                label="paper, full CUB (slide 14)",
+            )
+        ax.set_xticks(pos)
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("correlation with ground truth")
+        ax.set_title(str(split))
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# 6. command line (``plmetric similarity-study``)
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_option_overrides(items: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """``["plm.tau=1.0", "kmeans.n_clusters=30"]`` -> ``{"plm": {"tau": 1.0}, ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        name_key, sep, raw = item.partition("=")
+        name, dot, key = name_key.partition(".")
+        if not (sep and dot and name and key):
+            raise ValueError(f"--set {item!r}: expected ESTIMATOR.OPTION=VALUE, e.g. plm.tau=1.0")
+        if name not in ESTIMATORS:
+            raise ValueError(f"--set {item!r}: unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(name, {})[key] = value
+    return out
+
+
+def _verdict_line(where: str, v: Mapping[str, Any]) -> str:
+    line = f"{where}: PLM r = {_fmt(v['plm'])}"
+    if v["best_paper_baseline"] is not None:
+        verb = "beats" if v["plm_beats_paper_baselines"] else "does NOT beat"
+        line += f"; {verb} the best paper baseline, {v['best_paper_baseline']} (r = {_fmt(v['best_paper_baseline_r'])})"
+    if v["best_other"] is not None:
+        line += f"; best non-PLM estimator here: {v['best_other']} (r = {_fmt(v['best_other_r'])})"
+    return line
+
+
+def similarity_study_command(args: Any) -> int:
+    """Run ``plmetric similarity-study`` from parsed arguments; prints tables, writes JSON and PNG."""
+    from plmetric.checkpoint import atomic_write_json
+
+    estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
+    for name in estimators:
+        _resolve(name)
+    options = _parse_option_overrides(args.set)
+    progress = not args.no_progress
+    inputs: dict[str, tuple[Tensor, Tensor, dict[str, Any]]] = {}
+    if args.features:
+        if args.dataset:
+            raise ValueError("give either --features FILE (with --labels) or --dataset NAME, not both")
+        x, y = load_features_file(args.features, args.labels)
+        inputs[Path(args.features).stem] = (x, y, {"features_file": str(Path(args.features).resolve())})
+    elif args.dataset:
+        if args.labels:
+            raise ValueError("--labels goes with --features; a data set brings its own labels")
+        from plmetric.cli import resolve_device
+
+        device = resolve_device(args.device)
+        for split in ("train", "test") if args.split == "both" else (args.split,):
+            x, y, info = cached_features(
+                args.dataset,
+                args.data_root,
+                split,
+                args.backbone,
+                image_size=args.image_size,
+                weights=args.weights,
+                cache_dir=args.cache_dir,
+                batch_size=args.embed_batch_size,
+                num_workers=args.num_workers,
+                device=device,
+                progress=progress,
+            )
+            hit = "read from cache" if info["cache_hit"] else "embedded and cached"
+            print(
+                f"{args.dataset}/{split}: {x.shape[0]} features of dimension {x.shape[1]} {hit}: {info['cache_file']}"
+            )
+            inputs[split] = (x, y, info)
+    else:
+        raise ValueError("give --dataset NAME (with --data-root) or --features FILE with --labels FILE")
+
+    report: dict[str, Any] = {
+        "estimators_follow": {name: FOLLOWS.get(name, name) for name in estimators},
+        "paper_cub_slide14": PAPER_CUB,
+        "splits": {},
+    }
+    studies = {}
+    for split, (x, y, info) in inputs.items():
+        if progress:
+            print(f"[{split}] measuring {len(estimators)} estimators", flush=True)
+        study = run_study(
+            x,
+            y,
+            estimators=estimators,
+            options=options,
+            batch_size=args.batch_size,
+            k=args.neighbours_per_seed,
+            n_batches=args.batches,
+            seed=args.seed,
+            whole_set=not args.no_whole_set,
+            normalize=not args.no_normalize,
+            progress=progress,
+        )
+        study["source"] = info
+        study["verdict"] = ordering_verdict(study)
+        print()
+        print(format_study_table(study, title=f"### Similarity vs ground truth: {split}"))
+        for where, v in study["verdict"].items():
+            print(_verdict_line(where, v))
+        if args.json and args.sweep:
+            report["splits"][split] = study
+            atomic_write_json(args.json, report)
+        if args.sweep:
+            if progress:
+                print(f"[{split}] PLM parameter sweep", flush=True)
+            plm_base = {k: v for k, v in options.get("plm", {}).items() if k in PLM_DEFAULTS}
+            study["sweep"] = run_sweep(
+                x,
+                y,
+                base={**plm_base, "k": args.neighbours_per_seed},
+                batch_size=args.batch_size,
+                n_batches=args.batches,
+                seed=args.seed,
+                whole_set=args.sweep_whole_set and not args.no_whole_set,
+                normalize=not args.no_normalize,
+                progress=progress,
+            )
+            study["baseline_sweep"] = run_baseline_sweep(
+                x,
+                y,
+                batch_size=args.batch_size,
+                k=args.neighbours_per_seed,
+                n_batches=args.batches,
+                seed=args.seed,
+                whole_set=args.sweep_whole_set and not args.no_whole_set,
+                normalize=not args.no_normalize,
+                progress=progress,
+            )
+            print()
+            print(format_sweep_table(study["sweep"], title=f"### PLM parameter sweep: {split} (* = METHOD.md default)"))
+            print()
+            print(
+                format_sweep_table(
+                    study["baseline_sweep"], title=f"### Baseline parameter sweep: {split} (* = default)"
+                )
+            )
+        report["splits"][split] = study
+        studies[split] = study
+        if args.json:  # after every split, so that an interrupted run keeps what it measured
+            atomic_write_json(args.json, report)
+    if args.json:
+        print(f"wrote {args.json}")
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot:
+        plot_study(studies, plot)
+        print(f"wrote {plot}")
+    return 0
