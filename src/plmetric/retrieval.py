@@ -8,7 +8,6 @@ query image the same way.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from plmetric.checkpoint import atomic_write_bytes, load_model
+from plmetric.checkpoint import atomic_write_figure, load_model
 
 INDEX_KEY = "plmetric_index"
 
@@ -116,8 +115,4 @@ def draw_results(query_path: str, result_paths: list[str], scores: list[float], 
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
         ax.set_title(title, fontsize=8, color="tab:red" if title == "query" else "black")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(out, buffer.getvalue())
-    return Path(out)
+    return atomic_write_figure(fig, out, dpi=90)

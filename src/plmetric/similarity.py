@@ -48,7 +48,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import io
 import json
 import math
 import os
@@ -1169,7 +1168,7 @@ def plot_study(studies: Mapping[str, Mapping[str, Any]], path: str | os.PathLike
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from plmetric.checkpoint import atomic_write_bytes
+    from plmetric.checkpoint import atomic_write_figure
 
     names = list(studies)
     fig, axes = plt.subplots(1, len(names), figsize=(max(7.0, 6.5 * len(names)), 4.8), squeeze=False)
@@ -1205,12 +1204,7 @@ def plot_study(studies: Mapping[str, Mapping[str, Any]], path: str | os.PathLike
         ax.axhline(0, color="grey", lw=0.5)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return atomic_write_figure(fig, path, dpi=120)
 
 
 # --------------------------------------------------------------------------------------------

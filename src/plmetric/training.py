@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from plmetric import distributed as dist_utils
-from plmetric.checkpoint import atomic_write_bytes, atomic_write_json, save_model
+from plmetric.checkpoint import atomic_write_bytes, atomic_write_figure, atomic_write_json, save_model
 from plmetric.config import Config, save_config
 from plmetric.data import DatasetSplits, ImageDataset, collate_skip_none, load_dataset
 from plmetric.evaluation import embed_dataset, evaluate
@@ -687,17 +687,19 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path, start: dict[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def finish(fig: Any, ax: Any, ylabel: str, name: str) -> None:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        atomic_write_figure(fig, out_dir / name)
+
     epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in sorted({k for r in history for k in r if k.startswith("loss")}):
         ax.plot(epochs, [r.get(key, float("nan")) for r in history], marker="o", label=key)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save_figure(fig, out_dir / "losses.png")
-    plt.close(fig)
+    finish(fig, ax, "loss", "losses.png")
 
     evaluated = [r for r in history if "recall@1" in r]
     if evaluated:
@@ -708,16 +710,4 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path, start: dict[str, 
             xs, ys = [0, *xs], [100 * start["recall@1"], *ys]
             ax.axhline(100 * start["recall@1"], color="grey", linestyle="--", label="start")
         ax.plot(xs, ys, marker="o", label="R@1")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("Recall@1 (%)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        _save_figure(fig, out_dir / "recall.png")
-        plt.close(fig)
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    atomic_write_bytes(path, buffer.getvalue())
+        finish(fig, ax, "Recall@1 (%)", "recall.png")
