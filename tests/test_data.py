@@ -375,3 +375,18 @@ def test_collate_skip_none_shapes():
     assert images.shape == (2, 3, 2, 2) and labels.tolist() == [4, 5] and indices.tolist() == [0, 2]
     assert collate_skip_none([None, None]) is None
     assert isinstance(DatasetSplits("x", ImageDataset([], None), None).summary(), str)
+
+
+def test_feature_dataset_items_and_errors():
+    from plmetric.data import FeatureDataset
+
+    feats = np.arange(12, dtype=np.float64).reshape(4, 3)
+    ds = FeatureDataset(feats, [0, 1, 1, 2], name="f")
+    x, label, index = ds[2]
+    assert x.dtype == torch.float32 and x.tolist() == [6.0, 7.0, 8.0] and (label, index) == (1, 2)
+    assert len(ds) == 4 and ds.num_classes == 3
+    assert FeatureDataset(feats, None).num_classes == 0
+    with pytest.raises(ValueError, match="labels"):
+        FeatureDataset(feats, [0, 1])
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        FeatureDataset(np.zeros(3), None)

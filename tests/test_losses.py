@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from plmetric.losses import PLMLoss, neighbourhood_loss, point_loss, proxy_loss
+from plmetric.losses import PLMLoss, neighbourhood_loss, point_loss, proxy_loss, relaxed_contrastive_loss
 from plmetric.manifold import Proxies, fit_pieces, orthonormal_columns, proxy_point_similarity
 
 
@@ -227,7 +227,14 @@ def test_without_proxies_only_the_point_term_remains() -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [{"binary": True, "symmetrize": "max"}, {"subset_selection": False}, {"m": 1, "tau": 1.0}]
+    "options",
+    [
+        {"binary": True, "symmetrize": "max"},
+        {"subset_selection": False},
+        {"m": 1, "tau": 1.0},
+        {"loss_form": "contrastive"},
+        {"loss_form": "contrastive", "delta_mode": "batch"},
+    ],
 )
 def test_plm_loss_options_run(options: dict) -> None:
     student, teacher = clustered(30, 8, 6).requires_grad_(), clustered(30, 8, 7)
@@ -256,3 +263,49 @@ def test_plm_loss_follows_dtype(dtype: torch.dtype) -> None:
     assert terms["loss"].dtype == dtype
     terms["loss"].backward()
     assert student.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("margin", [1.0, 0.8])
+@pytest.mark.parametrize("normalize_rows", [True, False])
+def test_relaxed_contrastive_loss_matches_a_loop_reference(margin: float, normalize_rows: bool) -> None:
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((10, 5))
+    w = rng.uniform(0, 1, (10, 10))
+    d = np_pdist(f, f)
+    if normalize_rows:  # STML's code: each row divided by its mean, the zero self-distance included
+        d = d / d.mean(axis=1, keepdims=True)
+    total = 0.0
+    for i in range(10):
+        for j in range(10):
+            if i != j:
+                total += w[i, j] * d[i, j] ** 2 + (1 - w[i, j]) * max(margin - d[i, j], 0.0) ** 2
+    got = relaxed_contrastive_loss(torch.tensor(f), torch.tensor(w), margin=margin, normalize_rows=normalize_rows)
+    assert got.item() == pytest.approx(total / 90, rel=1e-12)
+
+
+def test_relaxed_contrastive_loss_against_other_points_matches_numpy() -> None:
+    rng = np.random.default_rng(4)
+    f, p, w = rng.standard_normal((7, 4)), rng.standard_normal((5, 4)), rng.uniform(0, 1, (7, 5))
+    d = np_pdist(f, p)
+    d = d / d.mean(axis=1, keepdims=True)
+    expected = (w * d**2 + (1 - w) * np.maximum(1.0 - d, 0) ** 2).mean()
+    got = relaxed_contrastive_loss(torch.tensor(f), torch.tensor(w), torch.tensor(p))
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_relaxed_contrastive_loss_leaves_far_dissimilar_pairs_alone() -> None:
+    # two points far beyond the margin with W = 0: no force, unlike the regression onto δ(1 - s)
+    f = torch.tensor([[0.0, 0.0], [3.0, 0.0]], requires_grad=True)
+    w = torch.zeros(2, 2)
+    relaxed_contrastive_loss(f, w, margin=0.5, normalize_rows=False).backward()
+    assert torch.count_nonzero(f.grad) == 0
+    g = f.detach().clone().requires_grad_()
+    point_loss(g, w, 0.5).backward()
+    assert g.grad.abs().sum() > 0
+
+
+def test_relaxed_contrastive_loss_errors() -> None:
+    with pytest.raises(ValueError, match="weights"):
+        relaxed_contrastive_loss(torch.randn(4, 3), torch.rand(3, 3))
+    with pytest.raises(ValueError, match="loss_form"):
+        PLMLoss(4, loss_form="hinge")

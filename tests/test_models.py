@@ -460,3 +460,16 @@ def test_transform_argument_errors():
         build_transform("alexnet")
     with pytest.raises(ValueError, match="image_size"):
         build_transform("resnet50", image_size=0)
+
+
+def test_feature_model_pools_to_the_features_themselves():
+    from plmetric.models import feature_model
+
+    x = torch.randn(5, 7)
+    model = feature_model(7, embedding_dim=0)
+    assert torch.allclose(model.pooled_features(x), x)
+    assert torch.allclose(model(x), torch.nn.functional.normalize(x, dim=1))
+    with pytest.raises(ValueError, match="feature_dim"):
+        feature_model(0)
+    with pytest.raises(ValueError, match="feature vectors"):
+        model(torch.randn(2, 3, 4, 4))

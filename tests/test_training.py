@@ -247,3 +247,102 @@ def test_diagnostics_are_logged_every_epoch(tmp_path):
         assert np.isfinite(record[key]), key
     assert -1.0 <= record["target_label_correlation"] <= 1.0
     assert 0.0 < record["target_mean"] <= 1.0 and 0.0 < record["distance_mean"] <= 2.0
+
+
+def test_keep_teacher_evaluates_and_saves_the_moving_average(tmp_path):
+    cfg = tiny_config(train__keep="teacher", train__epochs=2)
+    run(tmp_path, cfg)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    saved = load_file(tmp_path / "model.safetensors")
+    for name, value in state["teacher"].items():
+        assert torch.equal(saved[name], value), name
+    assert any(not torch.equal(state["teacher"][n], state["student"][n]) for n in state["student"])
+
+
+def test_head_warmup_keeps_the_backbone_still_then_releases_it(tmp_path):
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    cfg = tiny_config(train__head_warmup_epochs=1.0, train__epochs=1)
+    train(cfg, tmp_path / "warm", splits=tiny_splits(), model=model, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.backbone.named_parameters())
+    model2 = tiny_model()
+    cfg2 = tiny_config(train__head_warmup_epochs=1.0, train__epochs=2)
+    train(cfg2, tmp_path / "released", splits=tiny_splits(), model=model2, progress=False)
+    assert any(not torch.equal(before[n], p) for n, p in model2.backbone.named_parameters())
+
+
+def test_method_none_reports_the_untrained_start(tmp_path):
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    result = train(tiny_config(train__method="none"), tmp_path, splits=tiny_splits(), model=model, progress=False)
+    assert result.history == [] and result.final_metrics == result.start_metrics
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert json.loads((tmp_path / "summary.json").read_text())["final"]["recall@1"] == result.start_metrics["recall@1"]
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_contrastive_loss_form_trains(tmp_path):
+    result = run(tmp_path, tiny_config(plm__loss_form="contrastive", train__epochs=2))
+    assert len(result.history) == 2 and all(np.isfinite(r["loss"]) for r in result.history)
+
+
+def test_head_only_training_on_cached_features(tmp_path):
+    from plmetric.data import DatasetSplits, FeatureDataset
+    from plmetric.models import feature_model
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 12))
+    labels = np.repeat(np.arange(8), 10)
+    features = centres[labels] + 0.3 * rng.normal(size=(80, 12))
+    train_part = FeatureDataset(features[labels < 4], labels[labels < 4])
+    splits = DatasetSplits("features", train_part, FeatureDataset(features[labels >= 4], labels[labels >= 4]))
+    cfg = tiny_config(model__embedding_init="pca", model__embedding_dim=8, train__epochs=2)
+    result = train(cfg, tmp_path, splits=splits, model=feature_model(12, 8), progress=False)
+    assert result.start_metrics["recall@1"] > 0.9  # PCA of well-separated clusters keeps them apart
+    assert len(result.history) == 2
+
+
+class _RecordingTrunk(torch.nn.Module):
+    """Records, per call, whether gradients were on (student) and whether the input was all zero."""
+
+    calls: list[tuple[bool, bool]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        _RecordingTrunk.calls.append((torch.is_grad_enabled(), bool((x == 0).all())))
+        return self.conv(x) + 1.0
+
+
+@pytest.mark.parametrize("view", ["same", "clean"])
+def test_teacher_view_feeds_the_teacher_its_own_images(tmp_path, view):
+    from plmetric.models import EmbeddingModel
+
+    splits = tiny_splits()
+    splits.train.transform = lambda image: torch.zeros(3, 12, 12)  # the student's "augmentation": blank images
+    _RecordingTrunk.calls = []
+    model = EmbeddingModel("rec", _RecordingTrunk(), feature_dim=8, embedding_dim=4)
+    cfg = tiny_config(train__teacher_view=view, train__epochs=1, model__embedding_dim=4)
+    train(cfg, tmp_path, splits=splits, model=model, progress=False)
+    student_calls = [zero for grad, zero in _RecordingTrunk.calls if grad]
+    teacher_zero = [zero for grad, zero in _RecordingTrunk.calls if not grad]
+    assert student_calls and all(student_calls)  # the student always saw its own (blank) view
+    # "same": the teacher saw the blank student views too; "clean": only real images (steps, bank, evaluation)
+    assert any(teacher_zero) == (view == "same")
+
+
+def test_teacher_view_needs_images(tmp_path):
+    from plmetric.data import DatasetSplits, FeatureDataset
+    from plmetric.models import feature_model
+
+    part = FeatureDataset(np.random.default_rng(0).normal(size=(20, 6)), np.repeat(np.arange(4), 5))
+    with pytest.raises(ValueError, match="teacher_view"):
+        train(
+            tiny_config(train__teacher_view="clean", model__embedding_dim=4),
+            tmp_path,
+            splits=DatasetSplits("f", part, part),
+            model=feature_model(6, 4),
+            progress=False,
+        )

@@ -57,6 +57,7 @@ class PLMConfig:
     num_proxies: int = 300
     delta: float = 1.0
     delta_mode: str = "fixed"  # fixed (paper), batch (mean target = mean distance), teacher (per-pair)
+    loss_form: str = "regression"  # regression (paper: d -> δ(1 - s)) or contrastive (STML's relaxed form, W = s)
     proxy_neighbours: int = 5  # n most similar batch points that L_neighbourhood pulls each proxy to
     weight_point: float = 1.0
     weight_proxy: float = 1.0
@@ -64,9 +65,24 @@ class PLMConfig:
 
 
 @dataclass
+class STMLConfig:
+    """STML, the peer method (Kim et al., CVPR 2022; METHOD.md's last section), used with ``train.method=stml``."""
+
+    sigma: float = 3.0  # Gaussian kernel width of W_P
+    delta: float = 1.0  # margin of the relaxed contrastive loss (0.9 on SOP)
+    topk: int = 5  # neighbours of the contextual similarity W_C
+    g_dim: int = 1024  # the auxiliary head whose teacher gives the targets
+    weight_kl: float = 1.0  # self-distillation from the auxiliary head to the embedding
+
+
+METHODS = ("plm", "stml", "none")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, sampling and bookkeeping (METHOD.md §1, §6)."""
 
+    method: str = "plm"  # plm, stml (the peer) or none (the untrained start, evaluated only)
     epochs: int = 90
     batch_size: int = 120
     neighbours_per_seed: int = 5  # k: each seed image brings its k-1 nearest neighbours
@@ -76,6 +92,7 @@ class TrainConfig:
     lr_proxies: float = 1e-2
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
+    head_warmup_epochs: float = 0.0  # the backbone's learning rate stays 0 for these first epochs
     grad_clip: float | None = None
     bank_refresh_every: int = 5  # full re-embedding of the training set every N epochs
     eval_every: int = 1
@@ -85,6 +102,8 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA only
     channels_last: bool = True  # CUDA only
     max_steps_per_epoch: int | None = None  # for quick runs and tests
+    teacher_view: str = "same"  # teacher input: same (the student crop), clean (eval transform), other (a 2nd crop)
+    keep: str = "student"  # the network evaluated and saved: student, or teacher (its moving average)
 
 
 @dataclass
@@ -94,6 +113,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     plm: PLMConfig = field(default_factory=PLMConfig)
+    stml: STMLConfig = field(default_factory=STMLConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,8 +138,27 @@ class Config:
             raise ValueError(f"plm.symmetrize must be mean, min or max, got '{p.symmetrize}'")
         if p.delta_mode not in {"fixed", "batch", "teacher"}:
             raise ValueError(f"plm.delta_mode must be fixed, batch or teacher, got '{p.delta_mode}'")
+        if p.loss_form not in {"regression", "contrastive"}:
+            raise ValueError(f"plm.loss_form must be regression or contrastive, got '{p.loss_form}'")
         if mdl.embedding_init not in {"orthogonal", "pca"}:
             raise ValueError(f"model.embedding_init must be orthogonal or pca, got '{mdl.embedding_init}'")
+        if t.head_warmup_epochs < 0 or t.warmup_epochs < 0:
+            raise ValueError(
+                f"train.warmup_epochs ({t.warmup_epochs}) and train.head_warmup_epochs ({t.head_warmup_epochs}) "
+                "must be >= 0"
+            )
+        if t.method not in METHODS:
+            raise ValueError(f"train.method must be one of {', '.join(METHODS)}, got '{t.method}'")
+        st = self.stml
+        if st.sigma <= 0 or st.delta < 0 or st.topk < 1 or st.g_dim < 1 or st.weight_kl < 0:
+            raise ValueError(
+                f"stml options out of range: sigma {st.sigma} (> 0), delta {st.delta} (>= 0), topk {st.topk} (>= 1), "
+                f"g_dim {st.g_dim} (>= 1), weight_kl {st.weight_kl} (>= 0)"
+            )
+        if t.teacher_view not in {"same", "clean", "other"}:
+            raise ValueError(f"train.teacher_view must be same, clean or other, got '{t.teacher_view}'")
+        if t.keep not in {"student", "teacher"}:
+            raise ValueError(f"train.keep must be student or teacher, got '{t.keep}'")
         if mdl.frozen_stages < 0:
             raise ValueError(f"model.frozen_stages must be >= 0, got {mdl.frozen_stages}")
         for name in ("epochs", "batch_size", "neighbours_per_seed", "eval_every", "bank_refresh_every"):
@@ -174,7 +213,7 @@ def from_dict(data: dict[str, Any], base: Config | None = None, source: str = "c
     """Build a config from a nested dict (as read from YAML) over ``base`` or the defaults."""
     cfg = base or Config()
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping of sections (data, model, plm, train)")
+        raise ValueError(f"{source}: expected a mapping of sections (data, model, plm, stml, train)")
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ValueError(

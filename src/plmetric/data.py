@@ -163,6 +163,54 @@ def collate_skip_none(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return images, labels, indices
 
 
+class PairedViews:
+    """A transform giving two views of one image: ``(student_transform(img), teacher_transform(img))``.
+
+    Collated batches then hold ``[student_images, teacher_images]``; the trainer feeds the first to
+    the student and the second to the teacher (``train.teacher_view``).
+    """
+
+    def __init__(self, student_transform: Callable, teacher_transform: Callable) -> None:
+        self.student_transform = student_transform
+        self.teacher_transform = teacher_transform
+
+    def __call__(self, image: Any) -> tuple[Any, Any]:
+        return self.student_transform(image), self.teacher_transform(image)
+
+
+class FeatureDataset(Dataset):
+    """Precomputed feature vectors with labels; items are ``(feature (D,), label, index)``.
+
+    The head-only setting: with a :func:`plmetric.models.feature_model` the trainer learns the
+    embedding layer on cached pooled backbone features (no images decoded, no backbone pass),
+    which makes recipe studies cheap. ``transform`` exists for interface compatibility and is ignored.
+    """
+
+    def __init__(self, features: torch.Tensor | np.ndarray, labels: Sequence[int] | np.ndarray | None, name: str = ""):
+        self.name = name
+        self.features = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        if self.features.dim() != 2:
+            raise ValueError(f"FeatureDataset {name!r}: features must be (N, D), got {tuple(self.features.shape)}")
+        n = self.features.shape[0]
+        self.labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, np.int64).reshape(-1)
+        if len(self.labels) != n:
+            raise ValueError(f"FeatureDataset {name!r}: {n} feature rows but {len(self.labels)} labels")
+        self.transform: Callable | None = None
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct labels >= 0."""
+        return int(np.unique(self.labels[self.labels >= 0]).size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        i = int(i)
+        return self.features[i], int(self.labels[i]), i
+
+
 @dataclass
 class DatasetSplits:
     """A named train/test pair; ``test`` is ``None`` for an unlabelled folder."""

@@ -26,7 +26,7 @@ from plmetric.manifold import (
     proxy_point_similarity,
 )
 
-__all__ = ["PLMLoss", "neighbourhood_loss", "point_loss", "proxy_loss"]
+__all__ = ["LOSS_FORMS", "PLMLoss", "neighbourhood_loss", "point_loss", "proxy_loss", "relaxed_contrastive_loss"]
 
 
 def _check_delta(delta: float | Tensor) -> None:
@@ -96,6 +96,48 @@ def proxy_loss(
     return (target - _exact_pairwise_distance(student, locations)).pow(2).mean()
 
 
+def relaxed_contrastive_loss(
+    student: Tensor, weights: Tensor, others: Tensor | None = None, margin: float = 1.0, normalize_rows: bool = True
+) -> Tensor:
+    """STML's relaxed contrastive loss with soft pair weights ``W`` (Kim et al., CVPR 2022, ``RC_STML``).
+
+    ``L = Σ_{i≠j} [W_ij d̂_ij² + (1 - W_ij) relu(δ - d̂_ij)²] / (B (B - 1))`` with
+    ``d̂_ij = d_ij / mean_l d_il`` (each row divided by its mean, the zero self-distance included, as
+    in the authors' code) when ``normalize_rows``. Unlike the regression of :func:`point_loss`, pairs
+    with ``W ≈ 0`` that already lie beyond the margin feel no force, so a good ranking is left alone.
+
+    Args:
+        student: (B, d) student embeddings.
+        weights: (B, B) pull weights in [0, 1] (detached), or (B, P) against ``others``.
+        others: (P, d) points the rows are compared with (e.g. detached proxy locations); the
+            batch itself when None, and then the diagonal is excluded.
+        margin: δ, the normalised distance beyond which dissimilar pairs stop being pushed.
+        normalize_rows: divide each row of distances by its mean.
+
+    Returns:
+        Scalar loss; gradient to ``student`` (and to ``others`` unless detached by the caller).
+    """
+    _check_delta(margin)
+    _check_embeddings(student, "relaxed_contrastive_loss: student", min_rows=2 if others is None else 1)
+    b = student.shape[0]
+    target = student if others is None else others.to(student.dtype)
+    if target.dim() != 2 or target.shape[1] != student.shape[1] or weights.shape != (b, target.shape[0]):
+        raise ValueError(
+            f"relaxed_contrastive_loss: expected weights ({b}, {target.shape[0]}) and others (P, {student.shape[1]}); "
+            f"got weights {tuple(weights.shape)}, others {tuple(target.shape)}"
+        )
+    distance = _exact_pairwise_distance(student, target)
+    if normalize_rows:
+        distance = distance / distance.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    w = weights.detach().to(student.dtype)
+    terms = w * distance.pow(2) + (1.0 - w) * torch.relu(margin - distance).pow(2)
+    if others is None:
+        off_diagonal = ~torch.eye(b, dtype=torch.bool, device=student.device)
+        return (terms * off_diagonal).sum() / (b * (b - 1))
+    return terms.mean()
+
+
+LOSS_FORMS = ("regression", "contrastive")
 DELTA_MODES = ("fixed", "batch", "teacher")
 
 
@@ -203,6 +245,8 @@ class PLMLoss(nn.Module):
         n_alpha, n_beta, symmetrize, binary: :func:`point_similarity` options.
         delta: δ of the point and proxy losses [choice: 1].
         delta_mode: how δ scales the targets, see :func:`target_scales` [choice: fixed].
+        loss_form: ``regression`` (the paper: distances regressed onto δ(1 - s)) or ``contrastive``
+            (:func:`relaxed_contrastive_loss` with ``W = s`` and margin δ on row-normalised distances).
         proxy_neighbours: n of :func:`neighbourhood_loss` [choice: 5].
         weight_point, weight_proxy, weight_neighbourhood: term weights [choice: 1, 1, 1].
         generator: optional ``torch.Generator`` for the proxies' random initialisation.
@@ -225,6 +269,7 @@ class PLMLoss(nn.Module):
         binary: bool = False,
         delta: float = 1.0,
         delta_mode: str = "fixed",
+        loss_form: str = "regression",
         proxy_neighbours: int = 5,
         weight_point: float = 1.0,
         weight_proxy: float = 1.0,
@@ -253,8 +298,11 @@ class PLMLoss(nn.Module):
         self.binary = binary
         if delta_mode not in DELTA_MODES:
             raise ValueError(f"delta_mode: expected one of {DELTA_MODES}, got {delta_mode!r}")
+        if loss_form not in LOSS_FORMS:
+            raise ValueError(f"loss_form: expected one of {LOSS_FORMS}, got {loss_form!r}")
         self.delta = delta
         self.delta_mode = delta_mode
+        self.loss_form = loss_form
         self.proxy_neighbours = proxy_neighbours
         self.weights = dict(point=weight_point, proxy=weight_proxy, neighbourhood=weight_neighbourhood)
         self.proxies = Proxies(dim, n_proxies, m, generator=generator) if n_proxies > 0 else None
@@ -283,7 +331,10 @@ class PLMLoss(nn.Module):
             pieces = fit_pieces(teacher, **self.piece_options)
             similarity = point_similarity(pieces, binary=self.binary, **self.similarity_options)
         point_delta = self._scale(similarity, student, teacher)
-        terms = {"loss_point": point_loss(student, similarity, point_delta)}
+        if self.loss_form == "contrastive":
+            terms = {"loss_point": relaxed_contrastive_loss(student, similarity, margin=self.delta)}
+        else:
+            terms = {"loss_point": point_loss(student, similarity, point_delta)}
         self.last_similarity = similarity
         if self.proxies is not None:
             locations, bases = self.proxies()
@@ -294,8 +345,13 @@ class PLMLoss(nn.Module):
                     bases.detach().to(teacher.dtype),
                     **self.similarity_options,
                 )
-            proxy_delta = self._scale(proxy_similarity, student, teacher, locations.detach().to(teacher.dtype))
-            terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, proxy_delta)
+            if self.loss_form == "contrastive":
+                terms["loss_proxy"] = relaxed_contrastive_loss(
+                    student, proxy_similarity, locations.detach(), margin=self.delta
+                )
+            else:
+                proxy_delta = self._scale(proxy_similarity, student, teacher, locations.detach().to(teacher.dtype))
+                terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, proxy_delta)
             terms["loss_neighbourhood"] = neighbourhood_loss(
                 teacher, locations, bases, proxy_similarity, self.proxy_neighbours
             )

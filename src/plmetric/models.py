@@ -53,6 +53,7 @@ __all__ = [
     "BACKBONE_NAMES",
     "BackboneSpec",
     "EmbeddingModel",
+    "FeatureTrunk",
     "GoogLeNetTrunk",
     "ResNet50Trunk",
     "WeightsUnavailableError",
@@ -60,6 +61,7 @@ __all__ = [
     "build_transform",
     "create_model",
     "efficientnet_lite0_imagenet_classifier",
+    "feature_model",
 ]
 
 BACKBONE_NAMES = ("efficientnet_lite0", "googlenet", "resnet50")
@@ -479,6 +481,27 @@ def create_model(
     else:
         trunk = _build_trunk(spec.name)
     return EmbeddingModel(spec.name, trunk, spec.feature_dim, embedding_dim)
+
+
+class FeatureTrunk(nn.Module):
+    """A parameter-free "trunk" for precomputed pooled features: ``(B, D)`` -> ``(B, D, 1, 1)``.
+
+    The map holds ``x / 2`` so that `EmbeddingModel`'s average + max pooling returns ``x`` itself.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"FeatureTrunk expects (B, D) feature vectors, got {tuple(x.shape)}")
+        return (0.5 * x)[:, :, None, None]
+
+
+def feature_model(feature_dim: int, embedding_dim: int = 512) -> EmbeddingModel:
+    """An `EmbeddingModel` on precomputed pooled features (the head-only setting; see
+    `plmetric.data.FeatureDataset`): only the linear embedding layer has parameters."""
+    _check_embedding_dim(embedding_dim)
+    if isinstance(feature_dim, bool) or not isinstance(feature_dim, Integral) or feature_dim < 1:
+        raise ValueError(f"feature_dim must be a positive integer, got {feature_dim!r}")
+    return EmbeddingModel("features", FeatureTrunk(), int(feature_dim), embedding_dim)
 
 
 # --------------------------------------------------------------------------------------------

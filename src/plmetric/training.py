@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from plmetric import distributed as dist_utils
 from plmetric.checkpoint import atomic_write_bytes, atomic_write_figure, atomic_write_json, save_model
 from plmetric.config import Config, save_config
-from plmetric.data import DatasetSplits, ImageDataset, collate_skip_none, load_dataset
+from plmetric.data import DatasetSplits, FeatureDataset, ImageDataset, PairedViews, collate_skip_none, load_dataset
 from plmetric.evaluation import embed_dataset, evaluate
 from plmetric.sampling import MemoryBank, NeighbourhoodBatchSampler, ema_update, make_teacher
 
@@ -126,7 +126,8 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
 
 
 def build_objective(cfg: Config, dim: int, init_embeddings: torch.Tensor | None = None) -> nn.Module:
-    """The PLM loss with its proxies, from ``cfg.plm``; proxies start at the teacher's local PCA.
+    """The training objective of ``cfg.train.method``: STML's loss (``cfg.stml``), or the PLM loss
+    with its proxies (``cfg.plm``); proxies start at the teacher's local PCA.
 
     Args:
         cfg: Run configuration.
@@ -136,6 +137,11 @@ def build_objective(cfg: Config, dim: int, init_embeddings: torch.Tensor | None 
     """
     from plmetric.losses import PLMLoss
 
+    if cfg.train.method == "stml":
+        from plmetric.stml import STMLLoss
+
+        st = cfg.stml
+        return STMLLoss(sigma=st.sigma, delta=st.delta, topk=st.topk, weight_kl=st.weight_kl)
     p = cfg.plm
     generator = torch.Generator().manual_seed(cfg.train.seed)
     objective = PLMLoss(
@@ -152,6 +158,7 @@ def build_objective(cfg: Config, dim: int, init_embeddings: torch.Tensor | None 
         binary=p.binary,
         delta=p.delta,
         delta_mode=p.delta_mode,
+        loss_form=p.loss_form,
         proxy_neighbours=p.proxy_neighbours,
         weight_point=p.weight_point,
         weight_proxy=p.weight_proxy,
@@ -169,8 +176,10 @@ def build_objective(cfg: Config, dim: int, init_embeddings: torch.Tensor | None 
 
 
 def build_optimizer(cfg: Config, student: nn.Module, objective: nn.Module) -> torch.optim.Optimizer:
-    """AdamW with three parameter groups: backbone, embedding layer, objective (proxies)."""
+    """AdamW with three parameter groups: backbone, embedding layer(s) (every student parameter outside
+    the backbone, e.g. STML's auxiliary head too), objective (proxies)."""
     t = cfg.train
+    backbone_ids = {id(p) for p in student.backbone.parameters()}
     groups = [
         {
             "name": "backbone",
@@ -179,7 +188,7 @@ def build_optimizer(cfg: Config, student: nn.Module, objective: nn.Module) -> to
         },
         {
             "name": "embedding",
-            "params": [p for p in student.embedding.parameters() if p.requires_grad],
+            "params": [p for p in student.parameters() if p.requires_grad and id(p) not in backbone_ids],
             "lr": t.lr_embedding,
         },
         {
@@ -405,8 +414,15 @@ def _train(
     else:  # injected data sets: the test split's transform is the deterministic one
         eval_transform = splits.test.transform if splits.test is not None else splits.train.transform
     train_set = splits.train
-    test_set = splits.test if splits.test is not None and splits.test.num_classes > 1 else None
     bank_set = with_transform(train_set, eval_transform)
+    if cfg.train.teacher_view != "same":
+        if isinstance(train_set, FeatureDataset):
+            raise ValueError(
+                f"train.teacher_view={cfg.train.teacher_view} needs images; a feature data set has one view"
+            )
+        teacher_transform = eval_transform if cfg.train.teacher_view == "clean" else train_set.transform
+        train_set = with_transform(train_set, PairedViews(train_set.transform, teacher_transform))
+    test_set = splits.test if splits.test is not None and splits.test.num_classes > 1 else None
     num_items = len(train_set)
     k = cfg.train.neighbours_per_seed
     if k > num_items or cfg.train.batch_size > num_items:
@@ -426,6 +442,12 @@ def _train(
             weights=cfg.model.weights,
         )
     )
+    method = cfg.train.method
+    if method == "stml":
+        from plmetric.stml import STMLModel
+
+        if not isinstance(student, STMLModel):
+            student = STMLModel(student, g_dim=cfg.stml.g_dim)
     student.to(device)
     if cfg.model.frozen_stages:
         freeze_stages(student, cfg.model.frozen_stages)
@@ -435,6 +457,7 @@ def _train(
     if device.type == "cuda" and cfg.train.channels_last:
         student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
+    kept = teacher if cfg.train.keep == "teacher" else student  # the network evaluated and saved
     dim = int(student.embedding_dim)
 
     bank = MemoryBank(num_items, dim, device=device)
@@ -464,8 +487,14 @@ def _train(
             f"neighbours_per_seed {k}"
         )
     total_steps = steps_per_epoch * cfg.train.epochs
+    schedule = cosine_with_warmup(total_steps, int(cfg.train.warmup_epochs * steps_per_epoch))
+    head_only_steps = int(cfg.train.head_warmup_epochs * steps_per_epoch)
+
+    def backbone_schedule(step: int) -> float:  # the backbone waits while the head warms up
+        return 0.0 if step < head_only_steps else schedule(step)
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, int(cfg.train.warmup_epochs * steps_per_epoch))
+        optimizer, [backbone_schedule if g.get("name") == "backbone" else schedule for g in optimizer.param_groups]
     )
     ddp_student = student
     if world > 1:
@@ -498,8 +527,17 @@ def _train(
         start_metrics = evaluate_model(teacher, test_set, cfg, device)
         if main_process:
             print(f"start: R@1 {100 * start_metrics['recall@1']:.2f}")
+    if method == "none":  # the floor: the untrained start with the same embedding layer, saved as the model
+        if main_process:
+            save_model(out_dir / MODEL_FILE, student, _model_metadata(cfg, student, 0, start_metrics))
+            atomic_write_json(
+                out_dir / "summary.json",
+                {"start": start_metrics, "final": start_metrics, "best": start_metrics, "best_epoch": 0, "epochs": 0},
+            )
+        return TrainResult(out_dir, [], start_metrics, start_metrics, start_metrics, 0)
 
     use_bf16 = cfg.train.bf16 and device.type == "cuda"
+    two_heads = method == "stml"
     monitor_labels = bool((train_set.labels >= 0).all()) and train_set.num_classes > 1
     end_epoch = (
         cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, start_epoch + stop_after_epochs)
@@ -538,18 +576,29 @@ def _train(
             if not dist_utils.all_ranks_true(batch is not None, device):
                 continue
             images, labels, index = batch
-            images = images.to(device, non_blocking=True)
+            memory_format = (
+                torch.channels_last if device.type == "cuda" and cfg.train.channels_last else torch.preserve_format
+            )
+            # one tensor (the teacher sees the student's images) or [student views, teacher views]
+            views = [images] if isinstance(images, torch.Tensor) else images
+            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
+            student_images, teacher_images = views[0], views[-1]
             index = index.to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 with torch.no_grad():
-                    teacher_emb = teacher(images).float()
-                student_emb = ddp_student(images).float()
-            teacher_all = dist_utils.all_gather_variable(teacher_emb)
-            student_all = dist_utils.all_gather_with_grad(student_emb)
+                    teacher_out = _as_tuple(
+                        teacher(teacher_images, both_heads=True) if two_heads else teacher(teacher_images)
+                    )
+                student_out = _as_tuple(
+                    ddp_student(student_images, both_heads=True) if two_heads else ddp_student(student_images)
+                )
+            teacher_all = [dist_utils.all_gather_variable(t.float()) for t in teacher_out]
+            student_all = [dist_utils.all_gather_with_grad(t.float()) for t in student_out]
             index_all = dist_utils.all_gather_variable(index)
-            terms = objective(student_all, teacher_all)
+            if two_heads:  # STML: both student heads against the teacher's auxiliary head
+                terms = objective(student_all[0], student_all[1], teacher_all[1])
+            else:
+                terms = objective(student_all[0], teacher_all[0])
             if monitor_labels:  # labels watch the targets' quality; they never reach the loss
                 labels_all = dist_utils.all_gather_variable(labels.to(device, non_blocking=True))
                 terms["target_label_correlation"] = label_correlation(objective.last_similarity, labels_all)
@@ -569,7 +618,7 @@ def _train(
             scheduler.step()
             objective.after_step()
             ema_update(teacher, student, cfg.train.momentum)
-            bank.update(index_all, teacher_all.detach())
+            bank.update(index_all, teacher_all[0].detach())
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach()
             seen += int(index_all.numel())
@@ -587,17 +636,17 @@ def _train(
             (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
         )
         if evaluate_now:
-            metrics = evaluate_model(student, test_set, cfg, device)
+            metrics = evaluate_model(kept, test_set, cfg, device)
             record.update({key: value for key, value in metrics.items() if key.startswith("recall@")})
             record["map@r"] = metrics.get("map@r")
             if best_metrics is None or metrics["recall@1"] > best_metrics["recall@1"]:
                 best_metrics, best_epoch = metrics, epoch + 1
                 if main_process:
-                    save_model(out_dir / BEST_MODEL_FILE, student, _model_metadata(cfg, student, epoch + 1, metrics))
+                    save_model(out_dir / BEST_MODEL_FILE, kept, _model_metadata(cfg, kept, epoch + 1, metrics))
         history.append(record)
         if main_process:
             _log_line(out_dir / LOG_FILE, record)
-            save_model(out_dir / MODEL_FILE, student, _model_metadata(cfg, student, epoch + 1, metrics))
+            save_model(out_dir / MODEL_FILE, kept, _model_metadata(cfg, kept, epoch + 1, metrics))
             state = {
                 "epoch": epoch,
                 "config_json": json.dumps(cfg.to_dict()),
@@ -637,6 +686,10 @@ def _train(
             },
         )
     return TrainResult(out_dir, history, start_metrics, final_metrics, best_metrics, best_epoch)
+
+
+def _as_tuple(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return output if isinstance(output, tuple) else (output,)
 
 
 @torch.no_grad()

@@ -1,0 +1,126 @@
+"""Recipe study (issue 8): which training choices make PLM improve on its pretrained start?
+
+Runs a grid of levers on ``cub200_subset100`` and prints, per variant, R@1 of the start, the best
+and the final evaluation, the final gain over the start and the worst drop below the start after
+the first epoch (mean ± std over the seeds given). Labels are used for evaluation only; choosing the
+"best" epoch uses them too, so the final epoch is the honest number.
+
+    python benchmarks/recipe_study.py --setting head --seeds 0 1 2 --json benchmarks/results/recipe_head.json
+    python benchmarks/recipe_study.py --setting cpu --variants paper recipe --json benchmarks/results/recipe_cpu.json
+    python benchmarks/recipe_study.py --setting gpu --variants paper recipe   # one lent GPU call
+
+Settings are described in ``benchmarks/common.py``. ``--set key=value`` adds overrides to every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import SETTINGS, fmt, run_one, summarize  # noqa: E402
+
+from plmetric.checkpoint import atomic_write_json  # noqa: E402
+from plmetric.paths import REPO_ROOT, cub_subset_root  # noqa: E402
+
+# name -> (overrides, what it tests); "paper" is METHOD.md's defaults, "recipe" the chosen default.
+VARIANTS: dict[str, tuple[list[str], str]] = {
+    "paper": ([], "METHOD.md defaults: regression onto δ(1 - s), δ fixed 1, N_ρ 300, m 2, N_α 5, N_β 0.5"),
+    "recipe": (
+        ["train.keep=teacher", "train.momentum=0.99", "train.lr_backbone=1e-5", "train.lr_embedding=3e-4"],
+        "the chosen recipe: gentle learning rates, momentum 0.99, keep the EMA teacher",
+    ),
+    "orthogonal_init": (["model.embedding_init=orthogonal"], "random orthogonal embedding layer instead of PCA"),
+    "no_proxies": (["plm.num_proxies=0"], "ablation: no proxies"),
+    "proxies_100": (["plm.num_proxies=100"], "N_ρ = 100"),
+    "no_subset_selection": (["plm.subset_selection=false"], "ablation: pieces from 5-NN + PCA"),
+    "binary": (["plm.binary=true"], "ablation: binary similarity"),
+    "n_beta_0": (["plm.n_beta=0"], "ablation: no decay along the piece"),
+    "m3": (["plm.m=3"], "3-d pieces"),
+    "n_alpha_3": (["plm.n_alpha=3"], "N_α = 3"),
+    "n_alpha_8": (["plm.n_alpha=8"], "N_α = 8"),
+    "sym_min": (["plm.symmetrize=min"], "symmetrisation by min"),
+    "delta_batch": (["plm.delta_mode=batch"], "δ set so the mean target equals the mean distance"),
+    "delta_teacher": (["plm.delta_mode=teacher"], "per-pair δ from the teacher's distances"),
+    "contrastive": (["plm.loss_form=contrastive"], "STML's relaxed contrastive form with W = s, row-normalised"),
+    "momentum_0.99": (["train.momentum=0.99"], "teacher momentum 0.99"),
+    "keep_teacher": (["train.keep=teacher"], "evaluate and keep the EMA teacher"),
+    "lr_emb_3e-4": (["train.lr_embedding=3e-4"], "embedding lr 3e-4"),
+    "lr_emb_3e-3": (["train.lr_embedding=3e-3"], "embedding lr 3e-3"),
+    "neighbours_3": (["train.neighbours_per_seed=3"], "k = 3 neighbours per seed"),
+    "lr_backbone_1e-5": (["train.lr_backbone=1e-5"], "backbone lr 1e-5"),
+    "head_warmup": (["train.head_warmup_epochs=1"], "backbone frozen for the first epoch"),
+    "bn_updated": (["model.freeze_bn=false"], "BatchNorm statistics updated"),
+    "crop_0.5": (["data.crop_scale_min=0.5"], "milder crops (scale 0.5-1)"),
+}
+BACKBONE_LEVERS = {"lr_backbone_1e-5", "head_warmup", "bn_updated", "crop_0.5"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="head")
+    parser.add_argument("--variants", nargs="*", default=None, help=f"default: all; choose from {', '.join(VARIANTS)}")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--data-root", default=str(cub_subset_root()))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "recipe_study"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    names = args.variants or [v for v in VARIANTS if args.setting != "head" or v not in BACKBONE_LEVERS]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if not Path(args.data_root).is_dir():
+        parser.error(f"--data-root {args.data_root} does not exist (the CUB subset in the official layout)")
+
+    results = {}
+    for name in names:
+        overrides = [*VARIANTS[name][0], *args.set]
+        runs = []
+        for seed in args.seeds:
+            out = Path(args.out) / args.setting / f"{name}-seed{seed}"
+            run = run_one(args.setting, overrides, seed, out, args.data_root)
+            runs.append(run)
+            trajectory = " ".join(f"{100 * v:.2f}" for _, v in run["r1_by_epoch"])
+            print(f"{name} seed {seed}: start {100 * run['start']['recall@1']:.2f} | {trajectory} ({run['seconds']}s)")
+        results[name] = {"description": VARIANTS[name][1], "runs": runs, "summary": summarize(runs)}
+        if args.json:  # after every variant, so a stopped study keeps what it measured
+            _write(args, results)
+
+    n = len(args.seeds)
+    print(f"\nCUB subset, setting '{args.setting}', seeds {args.seeds}: R@1 on the 50 test species")
+    header = f"{'variant':22}{'start':>16}{'best':>16}{'final':>16}{'final - start':>16}{'worst after ep 1':>18}"
+    print(header)
+    for name, result in results.items():
+        s = result["summary"]
+        print(
+            f"{name:22}{fmt(s['start'], n):>16}{fmt(s['best'], n):>16}{fmt(s['final'], n):>16}"
+            f"{fmt(s['gain'], n):>16}{fmt(s['worst_after_epoch1'], n):>18}"
+        )
+    if args.json:
+        _write(args, results)
+        print(f"wrote {args.json}")
+
+
+def _write(args: argparse.Namespace, results: dict) -> None:
+    import torch
+
+    atomic_write_json(
+        args.json,
+        {
+            "setting": args.setting,
+            "setting_overrides": SETTINGS[args.setting],
+            "extra_overrides": args.set,
+            "seeds": args.seeds,
+            "device": torch.cuda.get_device_name() if args.setting == "gpu" else f"cpu {platform.processor()}",
+            "results": results,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
