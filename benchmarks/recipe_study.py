@@ -46,6 +46,8 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "delta_batch": (["plm.delta_mode=batch"], "δ set so the mean target equals the mean distance"),
     "delta_teacher": (["plm.delta_mode=teacher"], "per-pair δ from the teacher's distances"),
     "contrastive": (["plm.loss_form=contrastive"], "STML's relaxed contrastive form with W = s, row-normalised"),
+    "row_normalized": (["plm.normalize_rows=true"], "regression on row-normalised distances (as STML)"),
+    "dim_1280": (["model.embedding_dim=1280"], "1280-d embedding layer (a full PCA rotation of the features)"),
     "momentum_0.99": (["train.momentum=0.99"], "teacher momentum 0.99"),
     "keep_teacher": (["train.keep=teacher"], "evaluate and keep the EMA teacher"),
     "lr_emb_3e-4": (["train.lr_embedding=3e-4"], "embedding lr 3e-4"),
@@ -55,8 +57,9 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "head_warmup": (["train.head_warmup_epochs=1"], "backbone frozen for the first epoch"),
     "bn_updated": (["model.freeze_bn=false"], "BatchNorm statistics updated"),
     "crop_0.5": (["data.crop_scale_min=0.5"], "milder crops (scale 0.5-1)"),
+    "teacher_clean": (["train.teacher_view=clean"], "the teacher sees the un-augmented image, the student a crop"),
 }
-BACKBONE_LEVERS = {"lr_backbone_1e-5", "head_warmup", "bn_updated", "crop_0.5"}
+BACKBONE_LEVERS = {"lr_backbone_1e-5", "head_warmup", "bn_updated", "crop_0.5", "teacher_clean"}
 
 
 def main() -> None:

@@ -226,3 +226,13 @@ def test_train_then_eval_checkpoint_and_demo_json(tmp_path):
     result = json.loads(demo_json.read_text())
     assert code == (0 if result["recall@1_after"] > result["recall@1_before"] else 1)
     assert 0 <= result["recall@1_before"] <= 1 and 0 <= result["recall@1_after"] <= 1
+
+
+@pytest.mark.slow
+def test_train_method_none_reports_the_start(tmp_path, capsys):
+    run = tmp_path / "none"
+    args = ["train", "--config", "configs/demo.yaml", "--out", str(run), "--no-progress", "--method", "none"]
+    assert main([*args, "--set", "data.image_size=32", "--set", "plm.num_proxies=20"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final"] == summary["start"] and summary["epochs"] == 0
+    assert (run / "model.safetensors").is_file()

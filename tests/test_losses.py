@@ -234,6 +234,7 @@ def test_without_proxies_only_the_point_term_remains() -> None:
         {"m": 1, "tau": 1.0},
         {"loss_form": "contrastive"},
         {"loss_form": "contrastive", "delta_mode": "batch"},
+        {"normalize_rows": True},
     ],
 )
 def test_plm_loss_options_run(options: dict) -> None:
@@ -309,3 +310,18 @@ def test_relaxed_contrastive_loss_errors() -> None:
         relaxed_contrastive_loss(torch.randn(4, 3), torch.rand(3, 3))
     with pytest.raises(ValueError, match="loss_form"):
         PLMLoss(4, loss_form="hinge")
+
+
+def test_point_and_proxy_loss_on_row_normalised_distances_match_numpy() -> None:
+    rng = np.random.default_rng(5)
+    f, p = rng.standard_normal((8, 5)), rng.standard_normal((4, 5))
+    s, sp = rng.uniform(0, 1, (8, 8)), rng.uniform(0, 1, (8, 4))
+    d = np_pdist(f, f)
+    d = d / d.mean(axis=1, keepdims=True)
+    expected = np.mean([(0.9 * (1 - s[i, j]) - d[i, j]) ** 2 for i in range(8) for j in range(8) if i != j])
+    got = point_loss(torch.tensor(f), torch.tensor(s), 0.9, normalize_rows=True)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    dp = np_pdist(f, p)
+    dp = dp / dp.mean(axis=1, keepdims=True)
+    got = proxy_loss(torch.tensor(f), torch.tensor(sp), torch.tensor(p), normalize_rows=True)
+    assert got.item() == pytest.approx((((1 - sp) - dp) ** 2).mean(), rel=1e-12)

@@ -137,8 +137,10 @@ def test_memmap_round_trip_atomic_files_and_reuse(image_set, tmp_path, monkeypat
             assert torch.equal(cache.get(int(i)), in_memory.get(int(i)))
     # A second build with the same files reuses the file without decoding anything ...
     monkeypatch.setattr(image_set, "load_image", lambda i: (_ for _ in ()).throw(AssertionError("decoded")))
-    reused = build_cache(image_set, path=path)
+    with pytest.warns(UnreadableImageWarning, match="bad.jpg"):  # the missing image is still reported
+        reused = ImageCache.build(image_set, CACHE, path=path)
     assert torch.equal(reused.get(0), in_memory.get(0))
+    np.testing.assert_array_equal(reused.missing, in_memory.missing)
     # ... but another cache size does not.
     with pytest.raises(AssertionError, match="decoded"):
         build_cache(image_set, path=path, cache_size=CACHE + 1)
@@ -377,3 +379,17 @@ def test_loader_errors_propagate_and_early_stop_ends_the_thread(image_set):
     next(it)
     it.close()
     assert threading.active_count() == before
+
+
+def test_loader_staged_path_equals_the_in_thread_path(image_set):
+    """The accelerator path (crops packed into one buffer, augmented by the consumer), run on the CPU."""
+    cache = build_cache(image_set)
+    for train in (True, False):
+        augment = DeviceAugment.from_backbone(BACKBONE, S, train=train)
+        outputs = []
+        for in_thread in (True, False):
+            loader = CachedBatchLoader(cache, [[0, 4, 3], [5, 1]], augment, generator=torch.Generator().manual_seed(4))
+            loader._augment_in_thread = in_thread
+            outputs.append(list(loader))
+        for a, b in zip(*outputs, strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

@@ -346,3 +346,21 @@ def test_teacher_view_needs_images(tmp_path):
             model=feature_model(6, 4),
             progress=False,
         )
+
+
+def test_stml_method_trains_both_heads_and_saves_a_loadable_embedding(tmp_path):
+    cfg = tiny_config(train__method="stml", train__epochs=2, stml__g_dim=12)
+    model = tiny_model()
+    result = train(cfg, tmp_path, splits=tiny_splits(), model=model, progress=False)
+    record = result.history[-1]
+    for key in ("loss", "loss_rc", "loss_kl", "target_label_correlation"):
+        assert np.isfinite(record[key]), key
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["student"]["embedding_g.weight"].shape == (12, 24)  # the auxiliary head trained and resumable
+    saved = load_file(tmp_path / "model.safetensors")
+    assert not any(name.startswith("embedding_g") for name in saved)
+    loaded = tiny_model(seed=1)
+    loaded.load_state_dict(saved)  # strict: exactly an EmbeddingModel's keys
+    model.eval()
+    x = torch.randn(3, 3, 12, 12)
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)

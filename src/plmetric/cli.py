@@ -153,6 +153,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides += ["data.dataset=images", f"data.root={args.images}"]
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
+    if args.method:
+        overrides.append(f"train.method={args.method}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_after_epochs=args.stop_after)
     _print_before_after(result.start_metrics, result.final_metrics, result.best_metrics, result.best_epoch)
@@ -349,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--images", default=None, help="train on an unlabelled folder of images (searched recursively)")
     tr.add_argument("--data-root", default=None, help="shortcut for --set data.root=PATH")
+    tr.add_argument(
+        "--method",
+        default=None,
+        choices=["plm", "stml", "none"],
+        help="shortcut for --set train.method=...: plm, stml (the peer) or none (evaluate the untrained start)",
+    )
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)
 

@@ -57,6 +57,7 @@ class PLMConfig:
     num_proxies: int = 300
     delta: float = 1.0
     delta_mode: str = "fixed"  # fixed (paper), batch (mean target = mean distance), teacher (per-pair)
+    normalize_rows: bool = False  # regression on row-normalised student distances (as STML)
     loss_form: str = "regression"  # regression (paper: d -> δ(1 - s)) or contrastive (STML's relaxed form, W = s)
     proxy_neighbours: int = 5  # n most similar batch points that L_neighbourhood pulls each proxy to
     weight_point: float = 1.0

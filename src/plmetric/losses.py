@@ -24,6 +24,7 @@ from plmetric.manifold import (
     fit_pieces,
     point_similarity,
     proxy_point_similarity,
+    value_checks_enabled,
 )
 
 __all__ = ["LOSS_FORMS", "PLMLoss", "neighbourhood_loss", "point_loss", "proxy_loss", "relaxed_contrastive_loss"]
@@ -31,6 +32,8 @@ __all__ = ["LOSS_FORMS", "PLMLoss", "neighbourhood_loss", "point_loss", "proxy_l
 
 def _check_delta(delta: float | Tensor) -> None:
     if isinstance(delta, Tensor):
+        if not value_checks_enabled():  # a value check would cost a host-device synchronisation
+            return
         if not bool(torch.isfinite(delta).all()) or bool((delta < 0).any()):
             raise ValueError("delta: expected finite values >= 0")
         return
@@ -38,8 +41,13 @@ def _check_delta(delta: float | Tensor) -> None:
         raise ValueError(f"delta: expected a finite number >= 0, got {delta!r}")
 
 
-def point_loss(student: Tensor, similarity: Tensor, delta: float | Tensor = 1.0) -> Tensor:
+def point_loss(
+    student: Tensor, similarity: Tensor, delta: float | Tensor = 1.0, normalize_rows: bool = False
+) -> Tensor:
     """``L_point = mean_{i≠j} (δ (1 - s_ij) - ‖f_i - f_j‖₂)²`` (slide 11).
+
+    With ``normalize_rows`` the distances are divided by their row mean first (the zero
+    self-distance included), as STML does: only relative distances within a row are matched.
 
     The similarity is a detached target; distances come from explicit differences, with a zero
     (finite) gradient where two student embeddings coincide.
@@ -49,6 +57,7 @@ def point_loss(student: Tensor, similarity: Tensor, delta: float | Tensor = 1.0)
         similarity: (B, B) point-point similarity ``s`` (e.g. :func:`plm_similarity`).
         delta: the distance that similarity 0 maps to [choice: 1]; a scalar or a (B, B) tensor of
             per-pair scales (detached), see :func:`target_scales`.
+        normalize_rows: match row-normalised distances [choice: False, the paper's form].
 
     Returns:
         Scalar loss; gradient to ``student`` only.
@@ -60,13 +69,22 @@ def point_loss(student: Tensor, similarity: Tensor, delta: float | Tensor = 1.0)
         raise ValueError(f"point_loss: similarity must be ({b}, {b}) for {b} embeddings, got {tuple(similarity.shape)}")
     delta = delta.detach().to(student.dtype) if isinstance(delta, Tensor) else delta
     target = delta * (1.0 - similarity.detach().to(student.dtype))
-    residual = (target - _exact_pairwise_distance(student, student)).pow(2)
+    residual = (target - _distances(student, student, normalize_rows)).pow(2)
     off_diagonal = ~torch.eye(b, dtype=torch.bool, device=student.device)
     return (residual * off_diagonal).sum() / (b * (b - 1))
 
 
+def _distances(a: Tensor, b: Tensor, normalize_rows: bool) -> Tensor:
+    distance = _exact_pairwise_distance(a, b)
+    return distance / distance.mean(dim=1, keepdim=True).clamp_min(1e-12) if normalize_rows else distance
+
+
 def proxy_loss(
-    student: Tensor, proxy_similarity: Tensor, proxy_locations: Tensor, delta: float | Tensor = 1.0
+    student: Tensor,
+    proxy_similarity: Tensor,
+    proxy_locations: Tensor,
+    delta: float | Tensor = 1.0,
+    normalize_rows: bool = False,
 ) -> Tensor:
     """``L_proxy = mean_{i,k} (δ (1 - s(x_i, ρ_k)) - ‖f_i - ρ_k‖₂)²`` (METHOD.md §5).
 
@@ -78,6 +96,7 @@ def proxy_loss(
         proxy_similarity: (B, N_ρ) ``s(x_i, ρ_k)`` (:func:`proxy_point_similarity`).
         proxy_locations: (N_ρ, d) ``ρ_k``.
         delta: as in :func:`point_loss` [choice: 1].
+        normalize_rows: divide each row of point-proxy distances by its mean first.
 
     Returns:
         Scalar loss; gradient to ``student`` only.
@@ -93,7 +112,7 @@ def proxy_loss(
         )
     delta = delta.detach().to(student.dtype) if isinstance(delta, Tensor) else delta
     target = delta * (1.0 - proxy_similarity.detach().to(student.dtype))
-    return (target - _exact_pairwise_distance(student, locations)).pow(2).mean()
+    return (target - _distances(student, locations, normalize_rows)).pow(2).mean()
 
 
 def relaxed_contrastive_loss(
@@ -126,9 +145,7 @@ def relaxed_contrastive_loss(
             f"relaxed_contrastive_loss: expected weights ({b}, {target.shape[0]}) and others (P, {student.shape[1]}); "
             f"got weights {tuple(weights.shape)}, others {tuple(target.shape)}"
         )
-    distance = _exact_pairwise_distance(student, target)
-    if normalize_rows:
-        distance = distance / distance.mean(dim=1, keepdim=True).clamp_min(1e-12)
+    distance = _distances(student, target, normalize_rows)
     w = weights.detach().to(student.dtype)
     terms = w * distance.pow(2) + (1.0 - w) * torch.relu(margin - distance).pow(2)
     if others is None:
@@ -247,6 +264,8 @@ class PLMLoss(nn.Module):
         delta_mode: how δ scales the targets, see :func:`target_scales` [choice: fixed].
         loss_form: ``regression`` (the paper: distances regressed onto δ(1 - s)) or ``contrastive``
             (:func:`relaxed_contrastive_loss` with ``W = s`` and margin δ on row-normalised distances).
+        normalize_rows: regression form only: match row-normalised student distances (as STML does)
+            [choice: False].
         proxy_neighbours: n of :func:`neighbourhood_loss` [choice: 5].
         weight_point, weight_proxy, weight_neighbourhood: term weights [choice: 1, 1, 1].
         generator: optional ``torch.Generator`` for the proxies' random initialisation.
@@ -270,6 +289,7 @@ class PLMLoss(nn.Module):
         delta: float = 1.0,
         delta_mode: str = "fixed",
         loss_form: str = "regression",
+        normalize_rows: bool = False,
         proxy_neighbours: int = 5,
         weight_point: float = 1.0,
         weight_proxy: float = 1.0,
@@ -303,6 +323,7 @@ class PLMLoss(nn.Module):
         self.delta = delta
         self.delta_mode = delta_mode
         self.loss_form = loss_form
+        self.normalize_rows = normalize_rows
         self.proxy_neighbours = proxy_neighbours
         self.weights = dict(point=weight_point, proxy=weight_proxy, neighbourhood=weight_neighbourhood)
         self.proxies = Proxies(dim, n_proxies, m, generator=generator) if n_proxies > 0 else None
@@ -334,7 +355,7 @@ class PLMLoss(nn.Module):
         if self.loss_form == "contrastive":
             terms = {"loss_point": relaxed_contrastive_loss(student, similarity, margin=self.delta)}
         else:
-            terms = {"loss_point": point_loss(student, similarity, point_delta)}
+            terms = {"loss_point": point_loss(student, similarity, point_delta, self.normalize_rows)}
         self.last_similarity = similarity
         if self.proxies is not None:
             locations, bases = self.proxies()
@@ -351,7 +372,7 @@ class PLMLoss(nn.Module):
                 )
             else:
                 proxy_delta = self._scale(proxy_similarity, student, teacher, locations.detach().to(teacher.dtype))
-                terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, proxy_delta)
+                terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, proxy_delta, self.normalize_rows)
             terms["loss_neighbourhood"] = neighbourhood_loss(
                 teacher, locations, bases, proxy_similarity, self.proxy_neighbours
             )

@@ -18,7 +18,9 @@ Proxies (§4) are learnable pieces ``(ρ_k, V_k)`` that stand in for ``P_j`` in 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +40,8 @@ __all__ = [
     "point_similarity",
     "proxy_point_similarity",
     "similarity_correlation",
+    "value_checks",
+    "value_checks_enabled",
     "symmetrize_similarity",
 ]
 
@@ -48,6 +52,29 @@ SYMMETRIZE_RULES = ("mean", "min", "max")
 # --------------------------------------------------------------------------------------------
 # validation and small numerical helpers
 # --------------------------------------------------------------------------------------------
+
+
+_VALUE_CHECKS = True
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the checks that read tensor *values* (finiteness, index ranges) on or off in a block.
+
+    They cost a host-device synchronisation each; a training loop that checks its loss on the
+    device itself turns them off (shape, dtype and option checks stay on).
+    """
+    global _VALUE_CHECKS
+    previous, _VALUE_CHECKS = _VALUE_CHECKS, bool(enabled)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS = previous
+
+
+def value_checks_enabled() -> bool:
+    """Whether :func:`value_checks` currently allows value checks."""
+    return _VALUE_CHECKS
 
 
 def _check_embeddings(x: Tensor, name: str, *, min_rows: int = 1) -> None:
@@ -62,7 +89,7 @@ def _check_embeddings(x: Tensor, name: str, *, min_rows: int = 1) -> None:
         raise ValueError(f"{name}: expected at least {min_rows} rows, got {x.shape[0]}")
     if x.shape[1] < 1:
         raise ValueError(f"{name}: expected at least one column, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if _VALUE_CHECKS and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: contains NaN or infinite values")
 
 

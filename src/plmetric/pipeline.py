@@ -241,6 +241,8 @@ class ImageCache:
             if reused is not None:
                 reused.labels = dataset.labels.copy()
                 reused.name = dataset.name
+                if reused.missing.any():
+                    _warn_unreadable(dataset, dict.fromkeys(np.flatnonzero(reused.missing).tolist(), f"in {path}"))
                 return reused
 
         # 1. Sizes, from headers only: a quick estimate, then the exact total.
@@ -617,12 +619,15 @@ class DeviceAugment(nn.Module):
     std)``, i.e. ``(x / 255 - mean) / std``. Resizing is ``F.interpolate(mode="bilinear",
     antialias=True, align_corners=False)``, the tensor equivalent of PIL's bilinear resize. On the
     CPU it runs on ``uint8`` (PyTorch's port of Pillow's kernel: fast and equal to PIL's result to
-    the rounding; the float kernel is much slower there), elsewhere on ``float32`` (the ``uint8``
-    kernel is CPU-only), set by ``uint8_resize``.
+    the rounding; the float kernel is much slower there), elsewhere on ``float32`` (PyTorch's
+    ``uint8`` antialiased path is a CPU one), set by ``uint8_resize``.
 
-    The crop and resize loop over the images (they differ in size); images needing no resize (eval
-    with the cache at the eval size) are only sliced. The flip and the normalisation act on the whole
-    batch.
+    The mode is fixed at construction (attribute ``train_mode``); ``nn.Module.train()`` / ``.eval()``
+    do not change it: build one module per mode.
+
+    The crop, resize and flip loop over the images (they differ in size); images needing no resize
+    (eval with the cache at the eval size) are only sliced. The normalisation (and the conversion to
+    ``float32``) is one fused op on the whole batch.
 
     Args:
         image_size: output side ``S``.
@@ -731,8 +736,10 @@ class DeviceAugment(nn.Module):
                 drawn_boxes, drawn_flips = self.sample_params(shapes[:, 0], shapes[:, 1], generator)
                 boxes = drawn_boxes if boxes is None else boxes
                 flips = drawn_flips if flips is None else flips
-            for img, (top, left, h, w) in zip(images, boxes.tolist(), strict=True):
-                out.append(self._resize(img[:, top : top + h, left : left + w], (size, size), use_uint8))
+            flip_list = torch.as_tensor(flips, dtype=torch.bool).tolist()
+            for img, (top, left, h, w), flip in zip(images, boxes.tolist(), flip_list, strict=True):
+                crop = self._resize(img[:, top : top + h, left : left + w], (size, size), use_uint8)
+                out.append(crop.flip(-1) if flip else crop)  # flipping after the resize, as torchvision
         else:
             for img in images:
                 h, w = img.shape[-2:]
@@ -740,12 +747,9 @@ class DeviceAugment(nn.Module):
                 x = img if (rh, rw) == (h, w) else self._resize(img, (rh, rw), use_uint8)[0]
                 top, left = int(round((rh - size) / 2.0)), int(round((rw - size) / 2.0))
                 out.append(x[:, top : top + size, left : left + size].unsqueeze(0))
-        # one contiguous NCHW float32 batch (uint8 pieces are converted once, after the cat)
-        batch = torch.cat(out).float() if use_uint8 else torch.cat([o.float() for o in out])
-        if self.train_mode:
-            flips = torch.as_tensor(flips, dtype=torch.bool).to(batch.device, non_blocking=True)
-            batch = torch.where(flips.view(-1, 1, 1, 1), batch.flip(-1), batch)
-        return batch.mul_(self._mul).sub_(self._sub)
+        # uint8 pieces are converted to float once, by the fused normalisation -mean/std + x / (255 std)
+        batch = torch.cat(out) if use_uint8 else torch.cat([o.float() for o in out])
+        return torch.addcmul(-self._sub, batch, self._mul).contiguous()
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -807,6 +811,8 @@ class CachedBatchLoader:
         self.prefetch = int(prefetch)
         self.generator = generator
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
+        # CPU: the producer thread augments; elsewhere it stages crops and the consumer augments
+        self._augment_in_thread = self.device.type == "cpu"
 
     def __len__(self) -> int:
         return len(self.batch_sampler)  # type: ignore[arg-type]
@@ -827,7 +833,7 @@ class CachedBatchLoader:
             shapes = torch.from_numpy(self.cache.shapes[index])
             boxes, flips = self.augment.sample_params(shapes[:, 0], shapes[:, 1], generator)
             images = [img[:, t : t + h, s : s + w] for img, (t, s, h, w) in zip(images, boxes.tolist(), strict=True)]
-        if self.device.type == "cpu":
+        if self._augment_in_thread:
             return self._augment(images, flips), labels, index_t
         # Pack the crops, (h, w, 3) each, into one (pinned) buffer for a single host-to-device copy.
         shapes_hw = [tuple(img.shape[-2:]) for img in images]
@@ -848,7 +854,7 @@ class CachedBatchLoader:
 
     def _finish(self, item: tuple | None) -> tuple[Tensor, Tensor, Tensor] | None:
         """Consumer side: for accelerators, copy the packed crops to the device and augment them."""
-        if item is None or self.device.type == "cpu":
+        if item is None or self._augment_in_thread:
             return item
         (flat, shapes_hw, flips), labels, index = item
         flat = flat.to(self.device, non_blocking=self.pin_memory)

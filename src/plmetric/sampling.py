@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from plmetric.manifold import value_checks_enabled
+
 __all__ = ["MemoryBank", "NeighbourhoodBatchSampler", "ema_update", "make_teacher"]
 
 # Default element budget of one similarity chunk in MemoryBank.neighbours (chunk_size * N entries).
@@ -186,9 +188,9 @@ class MemoryBank:
         work_dtype = torch.promote_types(self.dtype, torch.float32)
         x = embeddings.detach().to(device=self.device, dtype=work_dtype)
         norms = torch.linalg.vector_norm(x, dim=1)
-        # One host sync for all checks.
+        # One host sync for all checks (skipped inside plmetric.manifold.value_checks(False)).
         bad = (indices.min() < 0) | (indices.max() >= self.num_items) | ~torch.isfinite(x).all() | (norms == 0).any()
-        if bool(bad):
+        if value_checks_enabled() and bool(bad):
             if bool((indices.min() < 0) | (indices.max() >= self.num_items)):
                 raise ValueError(
                     f"MemoryBank.update: indices must lie in [0, {self.num_items}), got range "
@@ -197,12 +199,13 @@ class MemoryBank:
             raise ValueError("MemoryBank.update: embeddings must be finite and non-zero in every row")
         x = (x / norms.unsqueeze(1)).to(self.dtype)
 
-        # Last write wins: keep, for every distinct index, its last position in the batch.
-        unique, inverse = torch.unique(indices, return_inverse=True)
+        # Last write wins, without a host sync: every position writes the row of its index's last
+        # occurrence, so repeated indices write identical values (deterministic on every device).
         positions = torch.arange(indices.numel(), device=self.device)
-        last = torch.full_like(unique, -1).scatter_reduce_(0, inverse, positions, reduce="amax")
-        self.embeddings[unique] = x[last]
-        self.filled[unique] = True
+        last = torch.full((self.num_items,), -1, dtype=torch.int64, device=self.device)
+        last.scatter_reduce_(0, indices, positions, reduce="amax")
+        self.embeddings.index_copy_(0, indices, x[last[indices]])
+        self.filled[indices] = True
 
     @torch.no_grad()
     def neighbours(self, k: int, *, chunk_size: int | None = None) -> Tensor:

@@ -38,6 +38,7 @@ from plmetric.checkpoint import atomic_write_bytes, atomic_write_figure, atomic_
 from plmetric.config import Config, save_config
 from plmetric.data import DatasetSplits, FeatureDataset, ImageDataset, PairedViews, collate_skip_none, load_dataset
 from plmetric.evaluation import embed_dataset, evaluate
+from plmetric.manifold import value_checks
 from plmetric.sampling import MemoryBank, NeighbourhoodBatchSampler, ema_update, make_teacher
 
 STATE_FILE = "state.pt"
@@ -159,6 +160,7 @@ def build_objective(cfg: Config, dim: int, init_embeddings: torch.Tensor | None 
         delta=p.delta,
         delta_mode=p.delta_mode,
         loss_form=p.loss_form,
+        normalize_rows=p.normalize_rows,
         proxy_neighbours=p.proxy_neighbours,
         weight_point=p.weight_point,
         weight_proxy=p.weight_proxy,
@@ -342,6 +344,96 @@ def _model_metadata(cfg: Config, model: nn.Module, epoch: int, metrics: dict[str
 
 # ----------------------------------------------------------------------------- the loop
 
+NONFINITE_CHECK_EVERY = 50  # steps between the (synchronising) checks of the device-side NaN flag
+
+
+class TrainStep:
+    """One optimisation step of the loop, shared with ``benchmarks/throughput.py``.
+
+    Teacher forward (no gradient) on the teacher's views, student forward on the student's views
+    (bf16 autocast on CUDA), gathering across ranks, the objective, backward, AdamW, schedule,
+    proxy re-orthonormalisation, EMA update of the teacher and the memory-bank update. Nothing in
+    it waits for the device: the returned terms stay on the device.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        student: nn.Module,
+        ddp_student: nn.Module,
+        teacher: nn.Module,
+        objective: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        bank: MemoryBank,
+        device: torch.device,
+    ) -> None:
+        self.cfg, self.device = cfg, device
+        self.student, self.ddp_student, self.teacher = student, ddp_student, teacher
+        self.objective, self.optimizer, self.scheduler, self.bank = objective, optimizer, scheduler, bank
+        self.two_heads = cfg.train.method == "stml"
+        self.use_bf16 = cfg.train.bf16 and device.type == "cuda"
+        cuda_channels_last = device.type == "cuda" and cfg.train.channels_last
+        self.memory_format = torch.channels_last if cuda_channels_last else torch.preserve_format
+        self.objective_params = list(objective.parameters())
+
+    def _forward(self, net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _as_tuple(net(images, both_heads=True) if self.two_heads else net(images))
+
+    def __call__(
+        self,
+        student_images: torch.Tensor,
+        teacher_images: torch.Tensor,
+        index: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run one step; ``labels`` (monitoring only) add ``target_label_correlation``. Returns detached terms."""
+        device = self.device
+        same_views = teacher_images is student_images
+        student_images = student_images.to(device, non_blocking=True, memory_format=self.memory_format)
+        teacher_images = (
+            student_images
+            if same_views
+            else teacher_images.to(device, non_blocking=True, memory_format=self.memory_format)
+        )
+        index = index.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            with torch.no_grad():
+                teacher_out = self._forward(self.teacher, teacher_images)
+            student_out = self._forward(self.ddp_student, student_images)
+        teacher_all = [dist_utils.all_gather_variable(t.float()) for t in teacher_out]
+        student_all = [dist_utils.all_gather_with_grad(t.float()) for t in student_out]
+        index_all = dist_utils.all_gather_variable(index)
+        if self.two_heads:  # STML: both student heads against the teacher's auxiliary head
+            terms = self.objective(student_all[0], student_all[1], teacher_all[1])
+        else:
+            terms = self.objective(student_all[0], teacher_all[0])
+        if labels is not None:  # labels watch the targets' quality; they never reach the loss
+            labels_all = dist_utils.all_gather_variable(labels.to(device, non_blocking=True))
+            terms["target_label_correlation"] = label_correlation(self.objective.last_similarity, labels_all)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        dist_utils.average_gradients(self.objective_params)
+        if self.cfg.train.grad_clip:
+            nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.objective.after_step()
+        ema_update(self.teacher, self.student, self.cfg.train.momentum)
+        self.bank.update(index_all, teacher_all[0].detach())
+        return {name: value.detach() for name, value in terms.items()}
+
+
+def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, sums: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """Raise `NonFiniteLossError` when the device-side flag recorded a non-finite loss (one host sync)."""
+    bad_step = int(first_bad)
+    if bad_step >= 0:
+        raise NonFiniteLossError(
+            f"the loss became non-finite at epoch {epoch + 1}, step {bad_step + 1} "
+            f"(running sums: { {name: float(v) for name, v in sums.items()} }); "
+            f"the last good checkpoint is in {out_dir}"
+        )
+
 
 def train(
     cfg: Config,
@@ -376,7 +468,9 @@ def train(
     device = resolve_device(cfg.train.device)
     group_created_here = dist_utils.init_from_env(str(device))
     try:
-        return _train(cfg, out_dir, state, splits, model, progress, stop_after_epochs)
+        # value checks (finiteness, index ranges) would cost a host sync per call; the loop checks its loss
+        with value_checks(False):
+            return _train(cfg, out_dir, state, splits, model, progress, stop_after_epochs)
     finally:
         if group_created_here:
             torch.distributed.destroy_process_group()
@@ -536,9 +630,8 @@ def _train(
             )
         return TrainResult(out_dir, [], start_metrics, start_metrics, start_metrics, 0)
 
-    use_bf16 = cfg.train.bf16 and device.type == "cuda"
-    two_heads = method == "stml"
     monitor_labels = bool((train_set.labels >= 0).all()) and train_set.num_classes > 1
+    step = TrainStep(cfg, student, ddp_student, teacher, objective, optimizer, scheduler, bank, device)
     end_epoch = (
         cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, start_epoch + stop_after_epochs)
     )
@@ -563,6 +656,7 @@ def _train(
             stage.eval()
         sums: dict[str, torch.Tensor] = {}
         seen, steps, t0 = 0, 0, time.perf_counter()
+        first_bad = torch.tensor(-1, device=device)
         bar = tqdm(
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -576,55 +670,24 @@ def _train(
             if not dist_utils.all_ranks_true(batch is not None, device):
                 continue
             images, labels, index = batch
-            memory_format = (
-                torch.channels_last if device.type == "cuda" and cfg.train.channels_last else torch.preserve_format
-            )
             # one tensor (the teacher sees the student's images) or [student views, teacher views]
             views = [images] if isinstance(images, torch.Tensor) else images
-            views = [v.to(device, non_blocking=True, memory_format=memory_format) for v in views]
-            student_images, teacher_images = views[0], views[-1]
-            index = index.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                with torch.no_grad():
-                    teacher_out = _as_tuple(
-                        teacher(teacher_images, both_heads=True) if two_heads else teacher(teacher_images)
-                    )
-                student_out = _as_tuple(
-                    ddp_student(student_images, both_heads=True) if two_heads else ddp_student(student_images)
-                )
-            teacher_all = [dist_utils.all_gather_variable(t.float()) for t in teacher_out]
-            student_all = [dist_utils.all_gather_with_grad(t.float()) for t in student_out]
-            index_all = dist_utils.all_gather_variable(index)
-            if two_heads:  # STML: both student heads against the teacher's auxiliary head
-                terms = objective(student_all[0], student_all[1], teacher_all[1])
-            else:
-                terms = objective(student_all[0], teacher_all[0])
-            if monitor_labels:  # labels watch the targets' quality; they never reach the loss
-                labels_all = dist_utils.all_gather_variable(labels.to(device, non_blocking=True))
-                terms["target_label_correlation"] = label_correlation(objective.last_similarity, labels_all)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {steps + 1} "
-                    f"({ {k_: float(v.detach()) for k_, v in terms.items()} }); "
-                    f"the last good checkpoint is in {out_dir}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            dist_utils.average_gradients(list(objective.parameters()))
-            if cfg.train.grad_clip:
-                nn.utils.clip_grad_norm_(student.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            objective.after_step()
-            ema_update(teacher, student, cfg.train.momentum)
-            bank.update(index_all, teacher_all[0].detach())
+            try:
+                terms = step(views[0], views[-1], index, labels if monitor_labels else None)
+            except (RuntimeError, ValueError):  # e.g. a decomposition failing on weights a NaN step ruined
+                _raise_if_nonfinite(first_bad, epoch, sums, out_dir)
+                raise
+            # no host sync per step: a non-finite loss is noted on the device and raised below
+            first_bad = torch.where(~torch.isfinite(terms["loss"]) & (first_bad < 0), steps, first_bad)
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach()
-            seen += int(index_all.numel())
+                sums[name] = sums.get(name, 0.0) + value
+            seen += int(index.numel()) * world
             steps += 1
             bar.update(1)
+            if steps % NONFINITE_CHECK_EVERY == 0 or steps >= steps_per_epoch:
+                _raise_if_nonfinite(first_bad, epoch, sums, out_dir)
         bar.close()
+        _raise_if_nonfinite(first_bad, epoch, sums, out_dir)
         elapsed = time.perf_counter() - t0
         record: dict[str, Any] = {"epoch": epoch + 1}
         record.update({name: float(total) / max(steps, 1) for name, total in sums.items()})
@@ -642,11 +705,13 @@ def _train(
             if best_metrics is None or metrics["recall@1"] > best_metrics["recall@1"]:
                 best_metrics, best_epoch = metrics, epoch + 1
                 if main_process:
-                    save_model(out_dir / BEST_MODEL_FILE, kept, _model_metadata(cfg, kept, epoch + 1, metrics))
+                    save_model(
+                        out_dir / BEST_MODEL_FILE, _deployable(kept), _model_metadata(cfg, kept, epoch + 1, metrics)
+                    )
         history.append(record)
         if main_process:
             _log_line(out_dir / LOG_FILE, record)
-            save_model(out_dir / MODEL_FILE, kept, _model_metadata(cfg, kept, epoch + 1, metrics))
+            save_model(out_dir / MODEL_FILE, _deployable(kept), _model_metadata(cfg, kept, epoch + 1, metrics))
             state = {
                 "epoch": epoch,
                 "config_json": json.dumps(cfg.to_dict()),
@@ -686,6 +751,11 @@ def _train(
             },
         )
     return TrainResult(out_dir, history, start_metrics, final_metrics, best_metrics, best_epoch)
+
+
+def _deployable(model: nn.Module) -> nn.Module:
+    """What a model checkpoint holds: the embedding network alone (STML's auxiliary head is dropped)."""
+    return model.embedding_model() if hasattr(model, "embedding_model") else model
 
 
 def _as_tuple(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
