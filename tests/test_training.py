@@ -364,3 +364,25 @@ def test_stml_method_trains_both_heads_and_saves_a_loadable_embedding(tmp_path):
     model.eval()
     x = torch.randn(3, 3, 12, 12)
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+def test_cached_pipeline_trains_deterministically(tmp_path):
+    cfg = tiny_config(data__pipeline="cached", data__image_size=12, train__epochs=2)
+    first = run(tmp_path / "a", cfg)
+    second = run(tmp_path / "b", tiny_config(data__pipeline="cached", data__image_size=12, train__epochs=2))
+    assert [r["loss"] for r in first.history] == [r["loss"] for r in second.history]
+    assert all(np.isfinite(r["loss"]) for r in first.history)
+
+
+def test_cached_pipeline_falls_back_to_streaming_over_its_size_guard(tmp_path):
+    from plmetric.pipeline import CacheFallbackWarning
+
+    cfg = tiny_config(data__pipeline="cached", data__image_size=12, data__cache_max_bytes="1000", train__epochs=1)
+    with pytest.warns(CacheFallbackWarning, match="1,000"):
+        result = run(tmp_path, cfg)
+    assert np.isfinite(result.history[0]["loss"])
+
+
+def test_cached_pipeline_refuses_two_views():
+    with pytest.raises(ValueError, match="teacher_view"):
+        tiny_config(data__pipeline="cached", train__teacher_view="clean")

@@ -26,6 +26,12 @@ class DataConfig:
     image_size: int = 224
     crop_scale_min: float = 0.16  # RandomResizedCrop scale (min, 1)
     num_workers: int = 4
+    # training input: pil (decode + augment per item in DataLoader workers), cached (decode once into a
+    # uint8 cache, augment on the device: plmetric.pipeline) or auto (cached on CUDA, pil on the CPU)
+    pipeline: str = "auto"
+    cache_size: int | None = None  # shorter side of cached images (default round(image_size * 256 / 224))
+    cache_max_bytes: str | None = None  # size guard, e.g. "16G" (default $PLMETRIC_CACHE_MAX_BYTES or 8 GiB)
+    cache_path: str | None = None  # a .npy file to memory-map (shared by ranks, reused across runs)
 
 
 @dataclass
@@ -102,6 +108,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True  # autocast on CUDA only
     channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the student's and the teacher's forward
     max_steps_per_epoch: int | None = None  # for quick runs and tests
     teacher_view: str = "same"  # teacher input: same (the student crop), clean (eval transform), other (a 2nd crop)
     keep: str = "student"  # the network evaluated and saved: student, or teacher (its moving average)
@@ -143,6 +150,13 @@ class Config:
             raise ValueError(f"plm.loss_form must be regression or contrastive, got '{p.loss_form}'")
         if mdl.embedding_init not in {"orthogonal", "pca"}:
             raise ValueError(f"model.embedding_init must be orthogonal or pca, got '{mdl.embedding_init}'")
+        if self.data.pipeline not in {"auto", "pil", "cached"}:
+            raise ValueError(f"data.pipeline must be auto, pil or cached, got '{self.data.pipeline}'")
+        if self.data.pipeline == "cached" and t.teacher_view != "same":
+            raise ValueError(
+                f"data.pipeline=cached gives one view per image; train.teacher_view={t.teacher_view} needs "
+                "data.pipeline=pil"
+            )
         if t.head_warmup_epochs < 0 or t.warmup_epochs < 0:
             raise ValueError(
                 f"train.warmup_epochs ({t.warmup_epochs}) and train.head_warmup_epochs ({t.head_warmup_epochs}) "

@@ -281,14 +281,94 @@ def embed_distributed(
     return emb[order], labels[order], index[order]
 
 
+@torch.no_grad()
+def embed_cached(
+    model: nn.Module, cache: Any, augment: nn.Module, *, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`embed_distributed` for images held in a `plmetric.pipeline.ImageCache` (eval-mode augment on the device)."""
+    from plmetric.pipeline import CachedBatchLoader
+
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    mine = list(range(rank, len(cache), world))
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    was_training = model.training
+    model.eval()
+    outputs, labels, indices = [], [], []
+    try:
+        for batch in CachedBatchLoader(cache, batches, augment, device):
+            if batch is None:
+                continue
+            images, batch_labels, batch_index = batch
+            outputs.append(model(images).float().cpu())
+            labels.append(batch_labels)
+            indices.append(batch_index)
+    finally:
+        model.train(was_training)
+    dim = int(getattr(model, "embedding_dim", 0))
+    emb = torch.cat(outputs) if outputs else torch.zeros(0, dim)
+    label_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    index_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)
+    if world > 1:
+        emb = dist_utils.all_gather_variable(emb.to(device)).cpu()
+        label_t = dist_utils.all_gather_variable(label_t.to(device)).cpu()
+        index_t = dist_utils.all_gather_variable(index_t.to(device)).cpu()
+    order = torch.argsort(index_t)
+    return emb[order], label_t[order], index_t[order]
+
+
+class CachedImages:
+    """A training set's `plmetric.pipeline.ImageCache` with its train- and eval-mode device augmentations."""
+
+    def __init__(self, cache: Any, train_augment: nn.Module, eval_augment: nn.Module) -> None:
+        self.cache, self.train_augment, self.eval_augment = cache, train_augment, eval_augment
+
+
 def refresh_bank(
-    bank: MemoryBank, teacher: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device
+    bank: MemoryBank, teacher: nn.Module, dataset: ImageDataset | CachedImages, cfg: Config, device: torch.device
 ) -> None:
     """Re-embed the whole training set with the teacher into the memory bank."""
-    emb, _, index = embed_distributed(
-        teacher, dataset, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers, device=device
-    )
+    emb, _, index = embed_source(teacher, dataset, cfg, device)
     bank.update(index.to(bank.embeddings.device), emb.to(bank.embeddings.device))
+
+
+def embed_source(
+    model: nn.Module, source: ImageDataset | CachedImages, cfg: Config, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embed a data set (PIL path) or cached images (eval-mode device augmentation), gathered over ranks."""
+    if isinstance(source, CachedImages):
+        return embed_cached(model, source.cache, source.eval_augment, batch_size=cfg.train.eval_batch_size, device=device)
+    return embed_distributed(
+        model, source, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers, device=device
+    )
+
+
+def build_cached_images(cfg: Config, dataset: Any, device: torch.device) -> CachedImages | None:
+    """The uint8 cache of the training images for ``data.pipeline`` (None: stream with PIL instead).
+
+    ``auto`` caches on CUDA only; ``cached`` always (falling back to streaming, with a warning, when
+    the cache would exceed ``data.cache_max_bytes``). Feature data sets and paired views stream.
+    """
+    from plmetric.pipeline import DeviceAugment, cached_or_streaming
+
+    d = cfg.data
+    wanted = d.pipeline == "cached" or (d.pipeline == "auto" and device.type == "cuda")
+    if not wanted or not isinstance(dataset, ImageDataset) or cfg.train.teacher_view != "same":
+        return None
+    cache = cached_or_streaming(
+        dataset,
+        d.image_size,
+        cache_size=d.cache_size,
+        max_bytes=d.cache_max_bytes,
+        cache_path=d.cache_path,
+        num_workers=d.num_workers,
+        progress=False,
+    )
+    if cache is None:
+        return None
+    backbone = cfg.model.backbone
+    train_augment = DeviceAugment.from_backbone(backbone, d.image_size, train=True, crop_scale_min=d.crop_scale_min)
+    eval_augment = DeviceAugment.from_backbone(backbone, d.image_size, train=False)
+    return CachedImages(cache, train_augment, eval_augment)
 
 
 def evaluate_model(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -376,6 +456,7 @@ class TrainStep:
         cuda_channels_last = device.type == "cuda" and cfg.train.channels_last
         self.memory_format = torch.channels_last if cuda_channels_last else torch.preserve_format
         self.objective_params = list(objective.parameters())
+        self.teacher_forward: nn.Module = teacher  # may be a torch.compile wrapper of the teacher
 
     def _forward(self, net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _as_tuple(net(images, both_heads=True) if self.two_heads else net(images))
@@ -399,7 +480,7 @@ class TrainStep:
         index = index.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             with torch.no_grad():
-                teacher_out = self._forward(self.teacher, teacher_images)
+                teacher_out = self._forward(self.teacher_forward, teacher_images)
             student_out = self._forward(self.ddp_student, student_images)
         teacher_all = [dist_utils.all_gather_variable(t.float()) for t in teacher_out]
         student_all = [dist_utils.all_gather_with_grad(t.float()) for t in student_out]
@@ -488,6 +569,7 @@ def _train(
     from tqdm.auto import tqdm
 
     from plmetric.models import build_transform, create_model
+    from plmetric.pipeline import CachedBatchLoader
 
     device = resolve_device(cfg.train.device)
     main_process = dist_utils.is_main_process()
@@ -517,6 +599,9 @@ def _train(
         teacher_transform = eval_transform if cfg.train.teacher_view == "clean" else train_set.transform
         train_set = with_transform(train_set, PairedViews(train_set.transform, teacher_transform))
     test_set = splits.test if splits.test is not None and splits.test.num_classes > 1 else None
+    cached = build_cached_images(cfg, train_set, device)
+    if cached is not None:
+        bank_set = cached
     num_items = len(train_set)
     k = cfg.train.neighbours_per_seed
     if k > num_items or cfg.train.batch_size > num_items:
@@ -595,6 +680,10 @@ def _train(
         ddp_student = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
+    teacher_forward: nn.Module = teacher
+    if cfg.train.compile:  # the compiled wrappers share parameters with the modules they wrap
+        ddp_student = torch.compile(ddp_student)
+        teacher_forward = torch.compile(teacher)
 
     history: list[dict[str, Any]] = []
     start_epoch, best_epoch = 0, None
@@ -632,6 +721,7 @@ def _train(
 
     monitor_labels = bool((train_set.labels >= 0).all()) and train_set.num_classes > 1
     step = TrainStep(cfg, student, ddp_student, teacher, objective, optimizer, scheduler, bank, device)
+    step.teacher_forward = teacher_forward
     end_epoch = (
         cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, start_epoch + stop_after_epochs)
     )
@@ -641,14 +731,17 @@ def _train(
         if epoch > 0:
             sampler.set_neighbours(bank.neighbours(k - 1))
         sampler.set_epoch(epoch)
-        loader = DataLoader(
-            train_set,
-            batch_sampler=sampler,
-            num_workers=cfg.data.num_workers,
-            collate_fn=collate_skip_none,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
+        if cached is not None:  # decoded once, cropped and flipped on the device, prefetched by a thread
+            loader: Any = CachedBatchLoader(cached.cache, sampler, cached.train_augment, device)
+        else:
+            loader = DataLoader(
+                train_set,
+                batch_sampler=sampler,
+                num_workers=cfg.data.num_workers,
+                collate_fn=collate_skip_none,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+            )
         student.train()
         if cfg.model.freeze_bn:
             freeze_batchnorm(student)
@@ -777,7 +870,9 @@ def label_correlation(similarity: torch.Tensor, labels: torch.Tensor) -> torch.T
     return torch.where(denominator > 0, (s * same).sum() / denominator.clamp_min(1e-300), 0.0).float()
 
 
-def _pooled_features(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> torch.Tensor:
+def _pooled_features(
+    model: nn.Module, dataset: ImageDataset | CachedImages, cfg: Config, device: torch.device
+) -> torch.Tensor:
     """Pooled backbone features of a data set (for the PCA initialisation of the embedding layer)."""
 
     class _Pooled(nn.Module):
@@ -788,13 +883,7 @@ def _pooled_features(model: nn.Module, dataset: ImageDataset, cfg: Config, devic
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.inner.pooled_features(x)
 
-    feats, _, _ = embed_distributed(
-        _Pooled(model),
-        dataset,
-        batch_size=cfg.train.eval_batch_size,
-        num_workers=cfg.data.num_workers,
-        device=device,
-    )
+    feats, _, _ = embed_source(_Pooled(model), dataset, cfg, device)
     return feats.to(device)
 
 
