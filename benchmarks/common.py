@@ -88,7 +88,9 @@ def run_one(setting: str, overrides: list[str], seed: int, out_dir: Path, data_r
     all_overrides = [*SETTINGS[setting], f"data.root={data_root}", f"train.seed={seed}", *overrides]
     cfg = load_config(REPO_ROOT / "configs" / "cub200.yaml", all_overrides)
     splits = model = None
-    if setting == "head":
+    if setting == "head":  # features have one view: the teacher sees what the student sees
+        all_overrides.insert(len(SETTINGS[setting]), "train.teacher_view=same")
+        cfg = load_config(REPO_ROOT / "configs" / "cub200.yaml", all_overrides)
         splits = head_splits(data_root)
         model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)
     start = time.perf_counter()

@@ -393,3 +393,23 @@ def test_loader_staged_path_equals_the_in_thread_path(image_set):
             outputs.append(list(loader))
         for a, b in zip(*outputs, strict=True):
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_teacher_view_is_the_eval_transform_of_the_same_images(tmp_path):
+    from plmetric.data import ImageDataset
+    from plmetric.pipeline import CachedBatchLoader, DeviceAugment, ImageCache
+
+    rng = np.random.default_rng(0)
+    arrays = rng.integers(0, 256, size=(6, 20, 24, 3), dtype=np.uint8)
+    dataset = ImageDataset(arrays, np.arange(6))
+    cache = ImageCache.build(dataset, 14, num_workers=0)
+    train_aug = DeviceAugment(12, (0.5,) * 3, (0.5,) * 3, train=True)
+    eval_aug = DeviceAugment(12, (0.5,) * 3, (0.5,) * 3, train=False)
+    batches = [[0, 1, 2], [3, 4, 5]]
+    paired = list(CachedBatchLoader(cache, batches, train_aug, teacher_augment=eval_aug, prefetch=0))
+    alone = list(CachedBatchLoader(cache, batches, eval_aug, prefetch=0))
+    for (views, labels, index), (eval_images, _, eval_index) in zip(paired, alone, strict=True):
+        student, teacher = views
+        assert student.shape == teacher.shape == (3, 3, 12, 12)
+        assert torch.equal(teacher, eval_images) and torch.equal(index, eval_index)
+        assert not torch.equal(student, teacher)

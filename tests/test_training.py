@@ -383,6 +383,8 @@ def test_cached_pipeline_falls_back_to_streaming_over_its_size_guard(tmp_path):
     assert np.isfinite(result.history[0]["loss"])
 
 
-def test_cached_pipeline_refuses_two_views():
-    with pytest.raises(ValueError, match="teacher_view"):
-        tiny_config(data__pipeline="cached", train__teacher_view="clean")
+@pytest.mark.parametrize("view", ["clean", "other"])
+def test_cached_pipeline_gives_the_teacher_its_own_view(tmp_path, view):
+    cfg = tiny_config(data__pipeline="cached", data__image_size=12, train__epochs=1, train__teacher_view=view)
+    result = run(tmp_path, cfg)
+    assert np.isfinite(result.history[0]["loss"])

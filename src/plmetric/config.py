@@ -152,11 +152,6 @@ class Config:
             raise ValueError(f"model.embedding_init must be orthogonal or pca, got '{mdl.embedding_init}'")
         if self.data.pipeline not in {"auto", "pil", "cached"}:
             raise ValueError(f"data.pipeline must be auto, pil or cached, got '{self.data.pipeline}'")
-        if self.data.pipeline == "cached" and t.teacher_view != "same":
-            raise ValueError(
-                f"data.pipeline=cached gives one view per image; train.teacher_view={t.teacher_view} needs "
-                "data.pipeline=pil"
-            )
         if t.head_warmup_epochs < 0 or t.warmup_epochs < 0:
             raise ValueError(
                 f"train.warmup_epochs ({t.warmup_epochs}) and train.head_warmup_epochs ({t.head_warmup_epochs}) "

@@ -786,6 +786,8 @@ class CachedBatchLoader:
         generator: CPU generator for crops and flips; default: seeded from the global torch RNG at
             each ``iter()`` (so ``torch.manual_seed`` makes runs repeatable).
         pin_memory: stage crops in pinned memory; default True for CUDA devices.
+        teacher_augment: a second view of every image (e.g. eval mode: the whole, un-augmented
+            image for the teacher); batches then hold ``[images, teacher_images]``.
 
     Yields:
         ``(images float32 (B, 3, S, S) on device, labels int64 (B,), index int64 (B,))`` with
@@ -803,11 +805,14 @@ class CachedBatchLoader:
         prefetch: int = 2,
         generator: torch.Generator | None = None,
         pin_memory: bool | None = None,
+        teacher_augment: DeviceAugment | None = None,
     ) -> None:
         self.cache = cache
         self.batch_sampler = batch_sampler
         self.device = torch.device(device)
         self.augment = augment.to(self.device)
+        self.teacher_augment = teacher_augment.to(self.device) if teacher_augment is not None else None
+        self.augments = [self.augment] + ([self.teacher_augment] if self.teacher_augment is not None else [])
         self.prefetch = int(prefetch)
         self.generator = generator
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
@@ -816,6 +821,17 @@ class CachedBatchLoader:
 
     def __len__(self) -> int:
         return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    def _cut(
+        self, augment: DeviceAugment, images: list[Tensor], index: np.ndarray, generator: torch.Generator
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Draw one view's crops and flips (train mode) and slice the crops; eval mode keeps whole images."""
+        if not augment.train_mode:
+            return images, None
+        shapes = torch.from_numpy(self.cache.shapes[index])
+        boxes, flips = augment.sample_params(shapes[:, 0], shapes[:, 1], generator)
+        crops = [img[:, t : t + h, s : s + w] for img, (t, s, h, w) in zip(images, boxes.tolist(), strict=True)]
+        return crops, flips
 
     def _prepare(self, indices: Sequence[int], generator: torch.Generator) -> tuple | None:
         """CPU side of one batch: drop missing items, draw params, gather crops (and augment on the CPU)."""
@@ -828,14 +844,14 @@ class CachedBatchLoader:
         labels = torch.from_numpy(self.cache.labels[index])
         index_t = torch.from_numpy(index)
         images = [self.cache.get(i) for i in index]
-        flips = None
-        if self.augment.train_mode:
-            shapes = torch.from_numpy(self.cache.shapes[index])
-            boxes, flips = self.augment.sample_params(shapes[:, 0], shapes[:, 1], generator)
-            images = [img[:, t : t + h, s : s + w] for img, (t, s, h, w) in zip(images, boxes.tolist(), strict=True)]
+        views = [self._cut(augment, images, index, generator) for augment in self.augments]
         if self._augment_in_thread:
-            return self._augment(images, flips), labels, index_t
-        # Pack the crops, (h, w, 3) each, into one (pinned) buffer for a single host-to-device copy.
+            out = [self._augment(a, crops, flips) for a, (crops, flips) in zip(self.augments, views, strict=True)]
+            return (out[0] if len(out) == 1 else out), labels, index_t
+        return [(*self._pack(crops), flips) for crops, flips in views], labels, index_t
+
+    def _pack(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Pack crops, (h, w, 3) each, into one (pinned) buffer for a single host-to-device copy."""
         shapes_hw = [tuple(img.shape[-2:]) for img in images]
         sizes = [3 * h * w for h, w in shapes_hw]
         flat = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=self.pin_memory)
@@ -843,26 +859,30 @@ class CachedBatchLoader:
         for img, (h, w), n in zip(images, shapes_hw, sizes, strict=True):
             flat[start : start + n].view(h, w, 3).copy_(img.permute(1, 2, 0))
             start += n
-        return (flat, shapes_hw, flips), labels, index_t
+        return flat, shapes_hw
 
-    def _augment(self, images: list[Tensor], flips: Tensor | None) -> Tensor:
-        """Run the transform on crops already cut (train: each crop is the whole of its tensor)."""
+    @staticmethod
+    def _augment(augment: DeviceAugment, images: list[Tensor], flips: Tensor | None) -> Tensor:
+        """Run a transform on crops already cut (train: each crop is the whole of its tensor)."""
         boxes = None
-        if self.augment.train_mode:
+        if augment.train_mode:
             boxes = torch.tensor([[0, 0, *img.shape[-2:]] for img in images], dtype=torch.int64)
-        return self.augment(images, boxes, flips)
+        return augment(images, boxes, flips)
 
-    def _finish(self, item: tuple | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    def _finish(self, item: tuple | None) -> tuple[Any, Tensor, Tensor] | None:
         """Consumer side: for accelerators, copy the packed crops to the device and augment them."""
         if item is None or self._augment_in_thread:
             return item
-        (flat, shapes_hw, flips), labels, index = item
-        flat = flat.to(self.device, non_blocking=self.pin_memory)
-        images, start = [], 0
-        for h, w in shapes_hw:
-            images.append(flat[start : start + 3 * h * w].view(h, w, 3).permute(2, 0, 1))
-            start += 3 * h * w
-        return self._augment(images, flips), labels, index
+        packed_views, labels, index = item
+        out = []
+        for augment, (flat, shapes_hw, flips) in zip(self.augments, packed_views, strict=True):
+            flat = flat.to(self.device, non_blocking=self.pin_memory)
+            images, start = [], 0
+            for h, w in shapes_hw:
+                images.append(flat[start : start + 3 * h * w].view(h, w, 3).permute(2, 0, 1))
+                start += 3 * h * w
+            out.append(self._augment(augment, images, flips))
+        return (out[0] if len(out) == 1 else out), labels, index
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor] | None]:
         generator = self.generator

@@ -319,8 +319,11 @@ def embed_cached(
 class CachedImages:
     """A training set's `plmetric.pipeline.ImageCache` with its train- and eval-mode device augmentations."""
 
-    def __init__(self, cache: Any, train_augment: nn.Module, eval_augment: nn.Module) -> None:
+    def __init__(
+        self, cache: Any, train_augment: nn.Module, eval_augment: nn.Module, teacher_augment: nn.Module | None = None
+    ) -> None:
         self.cache, self.train_augment, self.eval_augment = cache, train_augment, eval_augment
+        self.teacher_augment = teacher_augment  # the teacher's own view (train.teacher_view), None: the student's
 
 
 def refresh_bank(
@@ -336,7 +339,9 @@ def embed_source(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embed a data set (PIL path) or cached images (eval-mode device augmentation), gathered over ranks."""
     if isinstance(source, CachedImages):
-        return embed_cached(model, source.cache, source.eval_augment, batch_size=cfg.train.eval_batch_size, device=device)
+        return embed_cached(
+            model, source.cache, source.eval_augment, batch_size=cfg.train.eval_batch_size, device=device
+        )
     return embed_distributed(
         model, source, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers, device=device
     )
@@ -346,13 +351,13 @@ def build_cached_images(cfg: Config, dataset: Any, device: torch.device) -> Cach
     """The uint8 cache of the training images for ``data.pipeline`` (None: stream with PIL instead).
 
     ``auto`` caches on CUDA only; ``cached`` always (falling back to streaming, with a warning, when
-    the cache would exceed ``data.cache_max_bytes``). Feature data sets and paired views stream.
+    the cache would exceed ``data.cache_max_bytes``). Feature data sets stream.
     """
     from plmetric.pipeline import DeviceAugment, cached_or_streaming
 
     d = cfg.data
     wanted = d.pipeline == "cached" or (d.pipeline == "auto" and device.type == "cuda")
-    if not wanted or not isinstance(dataset, ImageDataset) or cfg.train.teacher_view != "same":
+    if not wanted or not isinstance(dataset, ImageDataset):
         return None
     cache = cached_or_streaming(
         dataset,
@@ -368,7 +373,9 @@ def build_cached_images(cfg: Config, dataset: Any, device: torch.device) -> Cach
     backbone = cfg.model.backbone
     train_augment = DeviceAugment.from_backbone(backbone, d.image_size, train=True, crop_scale_min=d.crop_scale_min)
     eval_augment = DeviceAugment.from_backbone(backbone, d.image_size, train=False)
-    return CachedImages(cache, train_augment, eval_augment)
+    view = cfg.train.teacher_view
+    teacher_augment = None if view == "same" else eval_augment if view == "clean" else copy.deepcopy(train_augment)
+    return CachedImages(cache, train_augment, eval_augment, teacher_augment)
 
 
 def evaluate_model(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> dict[str, Any]:
@@ -732,7 +739,9 @@ def _train(
             sampler.set_neighbours(bank.neighbours(k - 1))
         sampler.set_epoch(epoch)
         if cached is not None:  # decoded once, cropped and flipped on the device, prefetched by a thread
-            loader: Any = CachedBatchLoader(cached.cache, sampler, cached.train_augment, device)
+            loader: Any = CachedBatchLoader(
+                cached.cache, sampler, cached.train_augment, device, teacher_augment=cached.teacher_augment
+            )
         else:
             loader = DataLoader(
                 train_set,
