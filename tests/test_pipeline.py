@@ -408,8 +408,9 @@ def test_teacher_view_is_the_eval_transform_of_the_same_images(tmp_path):
     batches = [[0, 1, 2], [3, 4, 5]]
     paired = list(CachedBatchLoader(cache, batches, train_aug, teacher_augment=eval_aug, prefetch=0))
     alone = list(CachedBatchLoader(cache, batches, eval_aug, prefetch=0))
-    for (views, labels, index), (eval_images, _, eval_index) in zip(paired, alone, strict=True):
+    for (views, labels, index), (eval_images, eval_labels, eval_index) in zip(paired, alone, strict=True):
         student, teacher = views
         assert student.shape == teacher.shape == (3, 3, 12, 12)
         assert torch.equal(teacher, eval_images) and torch.equal(index, eval_index)
+        assert torch.equal(labels, eval_labels)
         assert not torch.equal(student, teacher)
