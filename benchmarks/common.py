@@ -100,7 +100,7 @@ def run_one(
     cfg = load_config(REPO_ROOT / "configs" / base, all_overrides)
     splits = model = None
     if setting == "head":  # features have one view: the teacher sees what the student sees
-        all_overrides.insert(len(SETTINGS[setting]), "train.teacher_view=same")
+        all_overrides.append("train.teacher_view=same")
         cfg = load_config(REPO_ROOT / "configs" / base, all_overrides)
         splits = head_splits(data_root)
         model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)

@@ -19,10 +19,21 @@ def test_shipped_configs_load_and_validate(name):
 
 
 def test_paper_settings_in_configs():
-    cub, sop = load_config(CONFIGS / "cub200.yaml"), load_config(CONFIGS / "sop.yaml")
-    assert cub.data.dataset == "cub200" and cub.model.embedding_dim == 512 and cub.train.momentum == 0.999
-    assert (cub.plm.n_alpha, cub.plm.n_beta, cub.plm.m, cub.plm.num_proxies) == (5.0, 0.5, 2, 300)
+    paper, sop = load_config(CONFIGS / "cub200_paper.yaml"), load_config(CONFIGS / "sop.yaml")
+    assert paper.data.dataset == "cub200" and paper.model.embedding_dim == 512 and paper.train.momentum == 0.999
+    assert (paper.train.lr_backbone, paper.train.lr_embedding, paper.train.keep) == (1e-4, 1e-3, "student")
+    assert (paper.plm.n_alpha, paper.plm.n_beta, paper.plm.m, paper.plm.num_proxies) == (5.0, 0.5, 2, 300)
     assert sop.train.momentum == 0.9 and sop.train.neighbours_per_seed == 2
+
+
+def test_recipe_configs_share_the_method_settings_and_differ_in_training():
+    recipe, paper = load_config(CONFIGS / "cub200.yaml"), load_config(CONFIGS / "cub200_paper.yaml")
+    assert recipe.plm == paper.plm and recipe.data == paper.data
+    assert (recipe.train.momentum, recipe.train.lr_backbone, recipe.train.lr_embedding) == (0.99, 1e-5, 3e-4)
+    assert (recipe.train.keep, recipe.train.teacher_view, recipe.model.embedding_init) == ("teacher", "clean", "pca")
+    for name in ("cars196", "sop"):
+        other = load_config(CONFIGS / f"{name}.yaml")
+        assert (other.train.keep, other.train.teacher_view, other.train.lr_backbone) == ("teacher", "clean", 1e-5)
 
 
 def test_overrides_are_typed():

@@ -6,8 +6,11 @@ One readable loop (:func:`train`), in the spirit of DINO's training script:
   embeddings of the whole training set and is refreshed from every batch, plus a full
   re-embedding every ``train.bank_refresh_every`` epochs;
 * batches are ``B/k`` seed images, each with its ``k-1`` nearest neighbours in the bank;
-* the objective (PLM by default) turns the teacher's embeddings of a batch into targets for the
-  student's distances;
+* the objective (``train.method``: PLM, or STML as the peer; ``none`` only evaluates the start)
+  turns the teacher's embeddings of a batch into targets for the student's distances; the teacher
+  may see its own view of each image (``train.teacher_view``);
+* input: PIL decoding in DataLoader workers, or (``data.pipeline``) a uint8 cache decoded once and
+  augmented on the device (`plmetric.pipeline`); nothing in a step waits for the device;
 * every epoch writes a JSON-lines log record, a full training state (for exact ``--resume``) and
   the student as a safetensors model checkpoint; the best evaluated epoch is kept as ``best``.
 
