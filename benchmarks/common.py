@@ -151,3 +151,24 @@ def fmt(pair: tuple[float, float], n: int) -> str:
     """``mean ± std`` (just the mean for one seed)."""
     mean, std = pair
     return f"{mean:6.2f}" if n == 1 else f"{mean:6.2f} ± {std:4.2f}"
+
+
+def write_results(path: str, setting: str, extra_overrides: list[str], seeds: list[int], results: dict) -> None:
+    """The study's JSON: setting, overrides, seeds, device and every run (atomically)."""
+    import platform
+
+    import torch
+
+    from plmetric.checkpoint import atomic_write_json
+
+    atomic_write_json(
+        path,
+        {
+            "setting": setting,
+            "setting_overrides": SETTINGS[setting],
+            "extra_overrides": extra_overrides,
+            "seeds": seeds,
+            "device": torch.cuda.get_device_name() if setting == "gpu" else f"cpu {platform.processor()}",
+            "results": results,
+        },
+    )

@@ -14,15 +14,13 @@ Settings are described in ``benchmarks/common.py``. ``--set key=value`` adds ove
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SETTINGS, fmt, run_one, summarize  # noqa: E402
+from common import SETTINGS, fmt, run_one, summarize, write_results  # noqa: E402
 
-from plmetric.checkpoint import atomic_write_json  # noqa: E402
 from plmetric.paths import REPO_ROOT, cub_subset_root  # noqa: E402
 
 # Every row uses configs/cub200.yaml (the recipe) except *_paper (configs/cub200_paper.yaml). STML keeps the
@@ -79,7 +77,7 @@ def main() -> None:
             )
         results[name] = {"description": ROWS[name][1], "runs": runs, "summary": summarize(runs)}
         if args.json:
-            _write(args, results)
+            write_results(args.json, args.setting, args.set, args.seeds, results)
 
     n = len(args.seeds)
     print(f"\nCUB subset, setting '{args.setting}', seeds {args.seeds}: final epoch, 50 unseen test species")
@@ -89,24 +87,8 @@ def main() -> None:
         cells = [fmt(s[f"final_recall@{k}"], n) for k in (1, 2, 4, 8)] + [fmt(s["gain"], n)]
         print(f"{name:18}" + "".join(f"{c:>16}" for c in cells))
     if args.json:
-        _write(args, results)
+        write_results(args.json, args.setting, args.set, args.seeds, results)
         print(f"wrote {args.json}")
-
-
-def _write(args: argparse.Namespace, results: dict) -> None:
-    import torch
-
-    atomic_write_json(
-        args.json,
-        {
-            "setting": args.setting,
-            "setting_overrides": SETTINGS[args.setting],
-            "extra_overrides": args.set,
-            "seeds": args.seeds,
-            "device": torch.cuda.get_device_name() if args.setting == "gpu" else f"cpu {platform.processor()}",
-            "results": results,
-        },
-    )
 
 
 if __name__ == "__main__":

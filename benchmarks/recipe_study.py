@@ -15,15 +15,13 @@ Settings are described in ``benchmarks/common.py``. ``--set key=value`` adds ove
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SETTINGS, fmt, run_one, summarize  # noqa: E402
+from common import SETTINGS, fmt, run_one, summarize, write_results  # noqa: E402
 
-from plmetric.checkpoint import atomic_write_json  # noqa: E402
 from plmetric.paths import REPO_ROOT, cub_subset_root  # noqa: E402
 
 # name -> (overrides over configs/cub200_paper.yaml, what it tests); "paper" is METHOD.md's defaults,
@@ -99,7 +97,7 @@ def main() -> None:
             print(f"{name} seed {seed}: start {100 * run['start']['recall@1']:.2f} | {trajectory} ({run['seconds']}s)")
         results[name] = {"description": VARIANTS[name][1], "runs": runs, "summary": summarize(runs)}
         if args.json:  # after every variant, so a stopped study keeps what it measured
-            _write(args, results)
+            write_results(args.json, args.setting, args.set, args.seeds, results)
 
     n = len(args.seeds)
     print(f"\nCUB subset, setting '{args.setting}', seeds {args.seeds}: R@1 on the 50 test species")
@@ -112,24 +110,8 @@ def main() -> None:
             f"{fmt(s['gain'], n):>16}{fmt(s['worst_after_epoch1'], n):>18}"
         )
     if args.json:
-        _write(args, results)
+        write_results(args.json, args.setting, args.set, args.seeds, results)
         print(f"wrote {args.json}")
-
-
-def _write(args: argparse.Namespace, results: dict) -> None:
-    import torch
-
-    atomic_write_json(
-        args.json,
-        {
-            "setting": args.setting,
-            "setting_overrides": SETTINGS[args.setting],
-            "extra_overrides": args.set,
-            "seeds": args.seeds,
-            "device": torch.cuda.get_device_name() if args.setting == "gpu" else f"cpu {platform.processor()}",
-            "results": results,
-        },
-    )
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def build_config(args: argparse.Namespace, device: torch.device, extra: list[str
             f"train.batch_size={args.batch_size}",
             f"train.device={device.type}",
             f"train.compile={args.compile}",
+            "model.backbone=efficientnet_lite0",
             "model.embedding_dim=512",
             *extra,
         ],

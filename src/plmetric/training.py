@@ -276,7 +276,14 @@ def embed_distributed(
     world, rank = dist_utils.world_size(), dist_utils.rank()
     shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
     emb, labels, index = embed_dataset(model, shard, batch_size=batch_size, num_workers=num_workers, device=device)
-    if world > 1:
+    return _gather_in_index_order(emb, labels, index, device)
+
+
+def _gather_in_index_order(
+    emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather each rank's shard (CPU tensors) and sort everything by data set index."""
+    if dist_utils.world_size() > 1:
         emb = dist_utils.all_gather_variable(emb.to(device)).cpu()
         labels = dist_utils.all_gather_variable(labels.to(device)).cpu()
         index = dist_utils.all_gather_variable(index.to(device)).cpu()
@@ -311,12 +318,7 @@ def embed_cached(
     emb = torch.cat(outputs) if outputs else torch.zeros(0, dim)
     label_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     index_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)
-    if world > 1:
-        emb = dist_utils.all_gather_variable(emb.to(device)).cpu()
-        label_t = dist_utils.all_gather_variable(label_t.to(device)).cpu()
-        index_t = dist_utils.all_gather_variable(index_t.to(device)).cpu()
-    order = torch.argsort(index_t)
-    return emb[order], label_t[order], index_t[order]
+    return _gather_in_index_order(emb, label_t, index_t, device)
 
 
 class CachedImages:
