@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_model
 
 from plmetric.sampling import ema_update, make_teacher
 from plmetric.similarity import stml_similarity
 from plmetric.stml import STMLLoss, STMLModel, stml_kl_loss, stml_rc_loss
-from tests.tiny import tiny_model
 
 # ------------------------------------------------------------------------------------------
 # plain loop ports of the authors' RC_STML / KL_STML (github tjddus9597/STML-CVPR22, code/loss.py)
