@@ -97,11 +97,11 @@ def run_one(
 
     data_root = data_root or str(cub_subset_root())
     all_overrides = [*SETTINGS[setting], f"data.root={data_root}", f"train.seed={seed}", *overrides]
-    cfg = load_config(REPO_ROOT / "configs" / base, all_overrides)
-    splits = model = None
     if setting == "head":  # features have one view: the teacher sees what the student sees
         all_overrides.append("train.teacher_view=same")
-        cfg = load_config(REPO_ROOT / "configs" / base, all_overrides)
+    cfg = load_config(REPO_ROOT / "configs" / base, all_overrides)
+    splits = model = None
+    if setting == "head":
         splits = head_splits(data_root)
         model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)
     start = time.perf_counter()

@@ -18,6 +18,7 @@ Timings on a shared machine are noisy: compare the ratios of one run.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -94,8 +95,6 @@ def main() -> None:  # noqa: PLR0915 - one readable measurement script
     args.image_size = args.image_size or (224 if cuda else 128)
     args.steps = args.steps or (20 if cuda else 4)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    import os
-
     args.num_workers = args.num_workers if args.num_workers is not None else (os.cpu_count() or 1)
     if not args.skip_epoch and not Path(args.data_root).is_dir():
         parser.error(f"--data-root {args.data_root} does not exist (needed for the real epoch; or --skip-epoch)")

@@ -459,6 +459,7 @@ class TrainStep:
         scheduler: Any,
         bank: MemoryBank,
         device: torch.device,
+        teacher_forward: nn.Module | None = None,
     ) -> None:
         self.cfg, self.device = cfg, device
         self.student, self.ddp_student, self.teacher = student, ddp_student, teacher
@@ -468,7 +469,7 @@ class TrainStep:
         cuda_channels_last = device.type == "cuda" and cfg.train.channels_last
         self.memory_format = torch.channels_last if cuda_channels_last else torch.preserve_format
         self.objective_params = list(objective.parameters())
-        self.teacher_forward: nn.Module = teacher  # may be a torch.compile wrapper of the teacher
+        self.teacher_forward = teacher if teacher_forward is None else teacher_forward  # e.g. torch.compile(teacher)
 
     def _forward(self, net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _as_tuple(net(images, both_heads=True) if self.two_heads else net(images))
@@ -732,8 +733,7 @@ def _train(
         return TrainResult(out_dir, [], start_metrics, start_metrics, start_metrics, 0)
 
     monitor_labels = bool((train_set.labels >= 0).all()) and train_set.num_classes > 1
-    step = TrainStep(cfg, student, ddp_student, teacher, objective, optimizer, scheduler, bank, device)
-    step.teacher_forward = teacher_forward
+    step = TrainStep(cfg, student, ddp_student, teacher, objective, optimizer, scheduler, bank, device, teacher_forward)
     end_epoch = (
         cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, start_epoch + stop_after_epochs)
     )
