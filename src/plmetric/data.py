@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,21 @@ _UNLABELLED_LAYOUT = """\
     img1.jpg, any/sub/dir/img2.png ..."""
 
 
+class DataLayoutError(FileNotFoundError):
+    """A data set file or folder is missing; ``layout_hint`` is a one-line summary of the layout
+    (the message itself ends with the full expected tree)."""
+
+    def __init__(self, message: str, layout_hint: str) -> None:
+        super().__init__(message)
+        self.layout_hint = layout_hint
+
+
+def _one_line(layout: str) -> str:
+    """The layout tree as one line: its entries, comments dropped."""
+    entries = [line.split("  ")[0].strip() for line in layout.splitlines() if line.strip()]
+    return " ".join(entries)
+
+
 class UnreadableImageWarning(UserWarning):
     """An image file could not be decoded and its item was skipped."""
 
@@ -75,8 +90,9 @@ class ImageDataset(Dataset):
     Attributes:
         labels: ``int64`` array, -1 = unlabelled.
         paths: ``str`` array of file paths, or ``None`` for in-memory images.
-        skipped: number of distinct items found unreadable so far in this process (each
-            DataLoader worker process counts its own).
+        skipped: number of distinct items known to be unreadable in this process (found by a
+            read here, or reported back with :meth:`mark_unreadable` after a pass in workers, as
+            :func:`plmetric.evaluation.embed_dataset` does).
     """
 
     def __init__(
@@ -107,7 +123,9 @@ class ImageDataset(Dataset):
             self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
             if len(self.labels) != n:
                 raise ValueError(f"ImageDataset {name!r}: {n} images but {len(self.labels)} labels")
-        self.skipped = 0
+        # Items found unreadable, shared by shallow copies (``with_transform``) and inherited by
+        # DataLoader workers started after :meth:`mark_unreadable`: each file is decoded (and
+        # warned about) once, then skipped without reading it again.
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -118,28 +136,50 @@ class ImageDataset(Dataset):
         """Number of distinct labels >= 0."""
         return int(np.unique(self.labels[self.labels >= 0]).size)
 
+    @property
+    def skipped(self) -> int:
+        """Number of distinct items known to be unreadable (found here or via :meth:`mark_unreadable`)."""
+        return len(self._bad)
+
+    @property
+    def unreadable(self) -> list[int]:
+        """Sorted indices of the items known to be unreadable."""
+        return sorted(self._bad)
+
+    def mark_unreadable(self, indices: Iterable[int]) -> None:
+        """Record items found unreadable elsewhere (e.g. in DataLoader workers): they are skipped
+        from now on without being decoded or warned about again."""
+        self._bad.update(int(i) for i in indices)
+
+    def describe(self, i: int) -> str:
+        """The file path of item ``i`` (a plain string), or ``in-memory item i``."""
+        return str(self.paths[i]) if self.paths is not None else f"in-memory item {i}"
+
     def load_image(self, i: int) -> Image.Image:
         """Return image ``i`` as an RGB PIL image, untransformed; raises if it cannot be decoded."""
         if self.arrays is not None:
             return Image.fromarray(self.arrays[i]).convert("RGB")
-        with Image.open(self.paths[i]) as img:
+        with Image.open(str(self.paths[i])) as img:
             return img.convert("RGB")  # convert() decodes fully, so corrupt data raises here
 
     def __getitem__(self, i: int) -> tuple[Any, int, int] | None:
-        """Return ``(transform(image), label, i)``, or ``None`` if the image cannot be decoded."""
+        """Return ``(transform(image), label, i)``, or ``None`` if the image cannot be decoded.
+
+        The first failure of an item warns (:class:`UnreadableImageWarning`, naming the file);
+        later requests for it return ``None`` without touching the file.
+        """
         i = int(i)
+        if i in self._bad:
+            return None
         try:
             image = self.load_image(i)
         except _DECODE_ERRORS as err:
-            if i not in self._bad:
-                self._bad.add(i)
-                self.skipped += 1
-                where = self.paths[i] if self.paths is not None else f"in-memory item {i}"
-                warnings.warn(
-                    f"skipping unreadable image {where} ({type(err).__name__}: {err})",
-                    UnreadableImageWarning,
-                    stacklevel=2,
-                )
+            self._bad.add(i)
+            warnings.warn(
+                f"skipping unreadable image {self.describe(i)} ({type(err).__name__}: {err})",
+                UnreadableImageWarning,
+                stacklevel=2,
+            )
             return None
         if self.transform is not None:
             image = self.transform(image)
@@ -197,6 +237,13 @@ class FeatureDataset(Dataset):
             raise ValueError(f"FeatureDataset {name!r}: {n} feature rows but {len(self.labels)} labels")
         self.transform: Callable | None = None
         self.skipped = 0
+        self.unreadable: list[int] = []
+
+    def mark_unreadable(self, indices: Iterable[int]) -> None:
+        """Feature vectors are always readable; nothing to record."""
+
+    def describe(self, i: int) -> str:
+        return f"feature row {i}"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -236,7 +283,7 @@ class DatasetSplits:
 def _require(path: Path, what: str, layout: str) -> Path:
     """Return ``path`` if it exists, else raise FileNotFoundError showing the expected layout."""
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}\nExpected layout:\n{layout}")
+        raise DataLayoutError(f"{what} not found: {path}\nExpected layout:\n{layout}", _one_line(layout))
     return path
 
 
@@ -255,17 +302,22 @@ def _read_int_table(path: Path, columns: str, skip_header: bool = False) -> list
     names = columns.split()
     has_path = names[-1] == "path"
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if (skip_header and lineno == 1) or not line.strip():
-                continue
-            fields = line.split(maxsplit=len(names) - 1) if has_path else line.split()
-            int_fields = fields[:-1] if has_path else fields
-            if len(fields) != len(names) or not all(_is_int(x) for x in int_fields):
-                raise ValueError(f"{path}, line {lineno}: expected '{columns}', got {line.rstrip()!r}")
-            if has_path:
-                fields[-1] = fields[-1].strip()
-            rows.append((lineno, fields))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); expected '{columns}' lines"
+        ) from None
+    for lineno, line in enumerate(lines, start=1):
+        if (skip_header and lineno == 1) or not line.strip():
+            continue
+        fields = line.split(maxsplit=len(names) - 1) if has_path else line.split()
+        int_fields = fields[:-1] if has_path else fields
+        if len(fields) != len(names) or not all(_is_int(x) for x in int_fields):
+            raise ValueError(f"{path}, line {lineno}: expected '{columns}', got {line.rstrip()!r}")
+        if has_path:
+            fields[-1] = fields[-1].strip()
+        rows.append((lineno, fields))
     return rows
 
 
@@ -315,7 +367,8 @@ def _find_images(folder: Path) -> list[Path]:
 def _require_dir(root: str | os.PathLike, what: str, layout: str) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"{what} root folder not found: {root}\nExpected layout:\n{layout}")
+        kind = "is a file, not a folder" if root.exists() else "not found"
+        raise DataLayoutError(f"{what} {kind}: {root}\nExpected layout:\n{layout}", _one_line(layout))
     return root
 
 
@@ -333,7 +386,7 @@ def load_cub200(
     ``train_test_split.txt`` is ignored. ``images.txt`` and ``image_class_labels.txt`` must list
     the same image ids in the same order.
     """
-    root = _require_dir(root, "CUB-200-2011", _CUB_LAYOUT)
+    root = _require_dir(root, "CUB-200-2011 root folder", _CUB_LAYOUT)
     base = root / "CUB_200_2011" if (root / "CUB_200_2011").is_dir() else root
     images_txt = _require(base / "images.txt", "CUB-200-2011 index file", _CUB_LAYOUT)
     labels_txt = _require(base / "image_class_labels.txt", "CUB-200-2011 label file", _CUB_LAYOUT)
@@ -374,7 +427,7 @@ def load_cars196(
     """
     import scipy.io
 
-    root = _require_dir(root, "Cars-196", _CARS_LAYOUT)
+    root = _require_dir(root, "Cars-196 root folder", _CARS_LAYOUT)
     mat_path = _require(root / "cars_annos.mat", "Cars-196 annotation file", _CARS_LAYOUT)
     try:
         mat = scipy.io.loadmat(mat_path, squeeze_me=True, struct_as_record=False)
@@ -406,7 +459,7 @@ def load_sop(
     test_transform: Callable | None = None,
 ) -> DatasetSplits:
     """Stanford Online Products, split by its own ``Ebay_train.txt`` / ``Ebay_test.txt``."""
-    root = _require_dir(root, "Stanford Online Products", _SOP_LAYOUT)
+    root = _require_dir(root, "Stanford Online Products root folder", _SOP_LAYOUT)
     if not (root / "Ebay_train.txt").exists() and (root / "Stanford_Online_Products").is_dir():
         root = root / "Stanford_Online_Products"
     parts = []

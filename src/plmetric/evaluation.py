@@ -724,7 +724,7 @@ def embed_dataset(
         ``(embeddings, labels, indices)``: float32 (M, D), int64 (M,) and int64 (M,) CPU tensors
         in data set order, M = the number of readable items; (0, 0), (0,) and (0,) when none is.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
 
     from plmetric.data import collate_skip_none
 
@@ -760,7 +760,27 @@ def embed_dataset(
             indices.append(torch.as_tensor(batch_indices).long().cpu())
     finally:
         model.train(was_training)
+    dim = int(getattr(model, "embedding_dim", 0) or 0)
     if not embeddings:
         empty = torch.empty(0, dtype=torch.int64)
-        return torch.empty(0, 0), empty, empty.clone()
-    return torch.cat(embeddings), torch.cat(labels), torch.cat(indices)
+        out = torch.empty(0, dim), empty, empty.clone()
+    else:
+        out = torch.cat(embeddings), torch.cat(labels), torch.cat(indices)
+    _report_unreadable(dataset, out[2])
+    return out
+
+
+def _report_unreadable(dataset: torch.utils.data.Dataset, embedded: Tensor) -> None:
+    """Tell the (underlying) data set which requested items were not embedded: they were unreadable
+    in whichever process decoded them, and later passes skip them without decoding them again."""
+    base, requested = dataset, None
+    while isinstance(base, torch.utils.data.Subset):
+        requested = [base.indices[i] for i in requested] if requested is not None else list(base.indices)
+        base = base.dataset
+    mark = getattr(base, "mark_unreadable", None)
+    if mark is None:
+        return
+    requested_set = set(range(len(base))) if requested is None else {int(i) for i in requested}
+    missing = requested_set - set(embedded.tolist())
+    if missing:
+        mark(missing)

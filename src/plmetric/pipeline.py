@@ -442,7 +442,7 @@ def _header_sizes(
         for i in chunk:
             i = int(i)
             try:
-                with Image.open(dataset.paths[i]) as image:
+                with Image.open(str(dataset.paths[i])) as image:
                     w, h = image.size
                 sizes[position[i]] = (h, w)
             except _DECODE_ERRORS as err:
@@ -456,7 +456,7 @@ def _header_sizes(
 
 def _run_chunks(fn: Any, indices: np.ndarray, workers: int, progress: bool, desc: str) -> list[Any]:
     """Run ``fn`` on chunks of ``indices`` (in a thread pool if ``workers`` > 0); concatenate the lists."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
 
     chunks = [indices[k : k + _CHUNK] for k in range(0, len(indices), _CHUNK)]
     results: list[Any] = []
@@ -482,6 +482,9 @@ def _too_large(dataset: ImageDataset, n: int, cache_size: int, nbytes: int, limi
 
 
 def _warn_unreadable(dataset: ImageDataset, errors: dict[int, str]) -> None:
+    """One warning for all unreadable images of a cache build (listing up to five); the data set
+    records them, so that its own loaders skip them without decoding them again."""
+    dataset.mark_unreadable(errors)
     shown = sorted(errors)[:5]
     where = [str(dataset.paths[i]) if dataset.paths is not None else f"in-memory item {i}" for i in shown]
     details = "; ".join(f"{w} ({errors[i]})" for w, i in zip(where, shown, strict=True))

@@ -208,7 +208,7 @@ class MemoryBank:
         self.filled[indices] = True
 
     @torch.no_grad()
-    def neighbours(self, k: int, *, chunk_size: int | None = None) -> Tensor:
+    def neighbours(self, k: int, *, chunk_size: int | None = None, rows: Tensor | None = None) -> Tensor:
         """Indices of each item's k nearest other items under cosine similarity.
 
         ``out[i]`` lists the k items j ≠ i with the largest ⟨e_i, e_j⟩, most similar first; item i is
@@ -216,24 +216,34 @@ class MemoryBank:
         Similarities are computed ``chunk_size`` rows at a time, so the extra memory is
         O(chunk_size · N). Ties are broken arbitrarily.
 
+        With ``rows`` (the bank rows to use, e.g. ``filled.nonzero()`` when some images were
+        unreadable), the search runs among those rows only and the table is in *positions* of
+        ``rows``: ``out[p]`` lists positions q ≠ p, so ``rows[out]`` are item indices.
+
         Args:
-            k: number of neighbours, 1 <= k < N.
+            k: number of neighbours, 1 <= k < N (or < len(rows)).
             chunk_size: rows per similarity chunk; default ≈ 2**24 / N.
+            rows: (M,) distinct item indices to restrict the search to (None: all N items).
 
         Returns:
-            (N, k) int64 tensor on the bank's device.
+            (N, k) (or (M, k)) int64 tensor on the bank's device.
 
         Raises:
-            ValueError: some row was never written, k outside [1, N), or chunk_size < 1.
+            ValueError: a row in use was never written, k outside [1, N), or chunk_size < 1.
         """
-        n = self.num_items
+        if rows is None:
+            embeddings, filled = self.embeddings, self.filled
+        else:
+            rows = torch.as_tensor(rows, device=self.device).long().flatten()
+            embeddings, filled = self.embeddings[rows], self.filled[rows]
+        n = embeddings.shape[0]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
             raise ValueError(f"MemoryBank.neighbours: k must be an integer in [1, N) = [1, {n}), got {k!r}")
         if chunk_size is None:
             chunk_size = max(1, min(n, _SIMILARITY_CHUNK_ELEMENTS // n))
         elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"MemoryBank.neighbours: chunk_size must be a positive integer, got {chunk_size!r}")
-        missing = (~self.filled).nonzero().flatten()
+        missing = (~filled).nonzero().flatten()
         if missing.numel():
             raise ValueError(
                 f"MemoryBank.neighbours: {missing.numel()} of {n} rows were never filled "
@@ -242,10 +252,10 @@ class MemoryBank:
 
         out = torch.empty(n, k, dtype=torch.int64, device=self.device)
         for start in range(0, n, chunk_size):
-            rows = torch.arange(start, min(start + chunk_size, n), device=self.device)
-            sims = self.embeddings[rows] @ self.embeddings.T  # (chunk, N)
-            sims[torch.arange(rows.numel(), device=self.device), rows] = float("-inf")
-            out[rows] = sims.topk(k, dim=1, largest=True, sorted=True).indices
+            chunk = torch.arange(start, min(start + chunk_size, n), device=self.device)
+            sims = embeddings[chunk] @ embeddings.T  # (chunk, N)
+            sims[torch.arange(chunk.numel(), device=self.device), chunk] = float("-inf")
+            out[chunk] = sims.topk(k, dim=1, largest=True, sorted=True).indices
         return out
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -338,6 +348,9 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
         rank, world_size: this process's rank and the number of processes (DDP).
         drop_last: drop the ragged last seed group (True) or complete it (False), see above.
         avoid_duplicates: replace items repeated within a batch by further neighbours, see above.
+        items: (N,) distinct data set indices of the table's rows (e.g. the readable images, with a
+            table from ``bank.neighbours(k, rows=items)``); batches are built on table positions and
+            yielded as ``items[position]``. None: the table's rows are the data set indices.
 
     Raises:
         ValueError: an option out of range or inconsistent with the others, or an invalid table; the
@@ -355,6 +368,7 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
         world_size: int = 1,
         drop_last: bool = True,
         avoid_duplicates: bool = False,
+        items: Tensor | None = None,
     ) -> None:
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.k = _check_int("k", k, 1)
@@ -376,6 +390,15 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.position = 0  # batches of the current epoch handed out so far
         self._neighbours = self._validated(neighbours)
         self._epoch_neighbours: Tensor | None = None  # table of the epoch in progress
+        self.items: Tensor | None = None
+        if items is not None:
+            mapped = torch.as_tensor(items).detach().to("cpu", torch.int64).flatten()
+            if mapped.shape[0] != self.num_items or mapped.unique().numel() != mapped.numel():
+                raise ValueError(
+                    f"NeighbourhoodBatchSampler: items must hold {self.num_items} distinct indices (one per "
+                    f"table row), got {mapped.shape[0]}"
+                )
+            self.items = mapped
 
     # -- configuration ------------------------------------------------------------------------------
 
@@ -501,8 +524,10 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
             self._epoch_neighbours = self._neighbours
         per_rank = self.batch_size // self.world_size
         batches = self.global_batches(self.epoch, self._epoch_neighbours)
-        mine = batches[self.position :, self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
-        for batch in mine:
+        mine = batches[self.position :, self.rank * per_rank : (self.rank + 1) * per_rank]
+        if self.items is not None:  # table positions -> data set indices
+            mine = self.items[mine]
+        for batch in mine.tolist():
             self.position += 1
             yield batch
 
