@@ -105,7 +105,7 @@ def run_one(
         splits = head_splits(data_root)
         model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)
     start = time.perf_counter()
-    result = train(cfg, out_dir, splits=splits, model=model, progress=False)
+    result = train(cfg, out_dir, splits=splits, model=model, progress=False, overwrite=True)
     seconds = time.perf_counter() - start
     evaluated = [r for r in result.history if "recall@1" in r]
     start_metrics = result.start_metrics or {}

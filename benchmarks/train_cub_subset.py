@@ -55,7 +55,7 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     out = Path(args.out or REPO_ROOT / "runs" / f"train_cub_{'gpu' if args.gpu else 'cpu'}")
     start = time.perf_counter()
-    result = train(cfg, out, progress=False)
+    result = train(cfg, out, progress=False, overwrite=True)
     seconds = time.perf_counter() - start
 
     keys = ["recall@1", "recall@2", "recall@4", "recall@8"]

@@ -215,6 +215,31 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert summary["final"]["recall@1"] == one[-1]["recall@1"]
 
 
+@pytest.mark.slow
+def test_ddp_with_unreadable_images_matches_one_process(tmp_path):
+    """Under DDP (gloo, 2 processes, each with 2 DataLoader workers) the unreadable images are found
+    on whichever rank decodes them, left out on every rank, and the run matches one process."""
+    from image_trees import make_tree
+
+    root, bad = make_tree("images", tmp_path / "data", bad=3)
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
+    for name, prefix in (("one", [sys.executable]), ("two", launcher)):
+        done = subprocess.run(
+            [*prefix, str(TESTS / "ddp_worker.py"), str(tmp_path / name), str(root)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    assert sorted(summaries[0]["skipped_images"]) == sorted(summaries[1]["skipped_images"]) == sorted(map(str, bad))
+    one, two = ([json.loads(x) for x in (tmp_path / n / "log.jsonl").read_text().splitlines()] for n in ("one", "two"))
+    for a, b in zip(one, two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
 def test_unlabelled_training_skips_evaluation(tmp_path, capsys):
     splits = tiny_splits()
     splits.train.labels[:] = -1
@@ -388,3 +413,78 @@ def test_cached_pipeline_gives_the_teacher_its_own_view(tmp_path, view):
     cfg = tiny_config(data__pipeline="cached", data__image_size=12, train__epochs=1, train__teacher_view=view)
     result = run(tmp_path, cfg)
     assert np.isfinite(result.history[0]["loss"])
+
+
+# ----------------------------------------------------------------------------- unreadable images
+
+
+def _tree_config(layout: str, root: Path, **overrides):
+    cfg = tiny_config(train__epochs=2, train__bank_refresh_every=1, **overrides)
+    cfg.data.dataset, cfg.data.root, cfg.data.image_size = layout, str(root), 16
+    return cfg
+
+
+@pytest.mark.filterwarnings("ignore::plmetric.data.UnreadableImageWarning")
+@pytest.mark.parametrize(
+    "layout, pipeline, workers",
+    [("cub200", "pil", 2), ("cars196", "pil", 0), ("sop", "pil", 2), ("images", "pil", 2), ("folder", "cached", 0)],
+)
+def test_unreadable_images_are_left_out_and_named_in_the_summary(tmp_path, layout, pipeline, workers):
+    """A zero-byte .jpg, a truncated JPEG and a text file named .jpg among the training images of
+    every loader: the run trains on the rest, lists them in summary.json and keeps them out of the
+    bank (``tests/test_cli.py`` checks the warnings a user sees)."""
+    from image_trees import make_tree
+
+    root, bad = make_tree(layout, tmp_path / "data")
+    cfg = _tree_config(layout, root, data__pipeline=pipeline, data__num_workers=workers)
+    result = train(cfg, tmp_path / "run", model=tiny_model(), progress=False)
+    bad_names = sorted(str(p) for p in bad)
+    assert sorted(result.skipped_images) == bad_names
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert sorted(summary["skipped_images"]) == bad_names
+    assert summary["skipped_test_images"] == []
+    state = torch.load(tmp_path / "run/state.pt", weights_only=True)
+    from plmetric.data import load_dataset
+
+    splits_paths = [str(p) for p in load_dataset(layout, str(root), verbose=False).train.paths]
+    filled = state["bank"]["filled"]
+    bad_rows = [splits_paths.index(p) for p in bad_names]
+    assert not filled[bad_rows].any() and int(filled.sum()) == len(splits_paths) - len(bad)
+    assert (tmp_path / "run/model.safetensors").is_file()
+
+
+@pytest.mark.filterwarnings("ignore::plmetric.data.UnreadableImageWarning")
+def test_sampler_never_yields_unreadable_items(tmp_path):
+    """The batches of a run with unreadable images hold readable items only."""
+    from image_trees import make_tree
+
+    from plmetric import sampling
+
+    root, bad = make_tree("images", tmp_path / "data", bad=3)
+    seen: list[int] = []
+    original = sampling.NeighbourhoodBatchSampler.__iter__
+
+    def recording_iter(self):
+        for batch in original(self):
+            seen.extend(batch)
+            yield batch
+
+    sampling.NeighbourhoodBatchSampler.__iter__ = recording_iter
+    try:
+        train(_tree_config("images", root), tmp_path / "run", model=tiny_model(), progress=False)
+    finally:
+        sampling.NeighbourhoodBatchSampler.__iter__ = original
+    from plmetric.data import load_dataset
+
+    paths = [str(p) for p in load_dataset("images", str(root), verbose=False).train.paths]
+    bad_rows = {paths.index(str(p)) for p in bad}
+    assert seen and not bad_rows & set(seen)
+
+
+@pytest.mark.filterwarnings("ignore::plmetric.data.UnreadableImageWarning")
+def test_too_few_readable_images_is_a_clear_error(tmp_path):
+    from image_trees import make_tree
+
+    root, _ = make_tree("images", tmp_path / "data", classes=2, per_class=7, bad=5)
+    with pytest.raises(ValueError, match=r"only 9 of 14 training images are readable"):
+        train(_tree_config("images", root), tmp_path / "run", model=tiny_model(), progress=False)

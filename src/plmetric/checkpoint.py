@@ -24,23 +24,58 @@ METADATA_KEY = "plmetric"
 FORMAT_VERSION = 1
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temporary_path(path: Path) -> Path:
+    """A fresh temporary file ``.NAME.XXXX.tmp`` beside ``path`` (created empty, usual permissions).
+
+    :func:`remove_stale_temporaries` recognises these names after a crash.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, file_mode())  # mkstemp creates 0600; give the file the usual permissions
+    return Path(tmp)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that an interrupted atomic write left in ``folder``; return them."""
+    removed = []
+    for tmp in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def file_mode() -> int:
+    """The permissions a new file gets from the umask (0644 under the usual umask 022)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then rename.
 
-    A crash mid-write leaves the previous file (if any) intact.
+    A crash mid-write leaves the previous file (if any) intact, and a temporary file that
+    :func:`remove_stale_temporaries` removes.
     """
+    from plmetric import faults
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = temporary_path(path)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        with open(tmp, "wb") as handle:
+            half = len(data) // 2
+            handle.write(data[:half])
+            handle.flush()
+            faults.reached(f"write:{path.name}")
+            handle.write(data[half:])
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -102,18 +137,41 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, metadata: dict[s
             raise ValueError(f"checkpoint metadata needs '{key}'")
     meta = {"format_version": FORMAT_VERSION, "git_revision": git_revision(), **metadata}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
-    try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_safetensors(path, tensors, {METADATA_KEY: json.dumps(meta)})
     atomic_write_json(path.with_suffix(".json"), meta)
     return path
+
+
+def atomic_save_safetensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> Path:
+    """``safetensors.torch.save_file`` to a temporary file beside ``path``, then rename; the file gets
+    the umask's permissions (safetensors itself creates 0600 files)."""
+    from plmetric import faults
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, file_mode())
+        faults.reached(f"write:{path.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 4 MiB blocks)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -128,7 +186,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not a readable safetensors checkpoint: {err}") from err
     if raw is None:
         raise ValueError(f"{path} has no '{METADATA_KEY}' metadata: not a plmetric model checkpoint")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: its '{METADATA_KEY}' metadata is not valid JSON ({err}): not a plmetric model checkpoint"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its '{METADATA_KEY}' metadata is not a JSON object: not a plmetric model checkpoint")
+    for key, kind in (("backbone", str), ("embedding_dim", int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise ValueError(
+                f"{path}: its metadata lacks a valid '{key}' ({kind.__name__}): not a plmetric model checkpoint"
+            )
+    return meta
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
@@ -141,8 +212,14 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
     path = _existing(path)
     meta = read_metadata(path)
-    model = create_model(meta["backbone"], embedding_dim=int(meta["embedding_dim"]), pretrained=False)
-    state = load_file(str(path), device=str(map_location))
+    try:
+        model = create_model(meta["backbone"], embedding_dim=int(meta["embedding_dim"]), pretrained=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {err}") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches

@@ -130,7 +130,19 @@ class Config:
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any work starts."""
+        from plmetric.data import DATASET_NAMES
+        from plmetric.models import BACKBONE_NAMES
+
         t, p, mdl = self.train, self.plm, self.model
+        if self.data.dataset not in DATASET_NAMES:
+            raise ValueError(f"data.dataset must be one of {', '.join(DATASET_NAMES)}, got '{self.data.dataset}'")
+        if mdl.backbone not in BACKBONE_NAMES:
+            raise ValueError(f"model.backbone must be one of {', '.join(BACKBONE_NAMES)}, got '{mdl.backbone}'")
+        if self.data.image_size < 8 or not 0 < self.data.crop_scale_min <= 1 or self.data.num_workers < 0:
+            raise ValueError(
+                f"data.image_size ({self.data.image_size}) must be >= 8, data.crop_scale_min "
+                f"({self.data.crop_scale_min}) in (0, 1] and data.num_workers ({self.data.num_workers}) >= 0"
+            )
         if t.batch_size % t.neighbours_per_seed:
             raise ValueError(
                 f"train.batch_size ({t.batch_size}) must be divisible by train.neighbours_per_seed "
@@ -199,6 +211,8 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in {"true", "yes", "1", "on", "false", "no", "0", "off"}:
             return value.lower() in {"true", "yes", "1", "on"}
         raise ValueError(f"{key}: expected true or false, got '{value}'")
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ValueError(f"{key}: expected {annotation.__name__}, got '{value}'")
     if annotation in (int, float, str):
         try:
             if annotation is int and isinstance(value, float) and not value.is_integer():
@@ -241,15 +255,31 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        with open(path) as handle:
-            cfg = from_dict(yaml.safe_load(handle) or {}, cfg, source=str(path))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path}: not valid YAML ({_yaml_problem(err)})") from None
+        cfg = from_dict(data or {}, cfg, source=str(path))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"override '{item}' must look like key=value (e.g. train.epochs=30)")
-        set_value(cfg, key.strip(), yaml.safe_load(value) if value.strip() else None)
+            raise ValueError(f"--set '{item}' must look like key=value (e.g. train.epochs=30)")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set '{item}': the value is not valid YAML ({_yaml_problem(err)})") from None
+        set_value(cfg, key.strip(), parsed)
     cfg.validate()
     return cfg
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a YAML error: the problem and its line/column."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -27,7 +27,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from plmetric import distributed as dist_utils
+from plmetric import faults
 from plmetric.checkpoint import atomic_write_bytes, atomic_write_figure, atomic_write_json, save_model
 from plmetric.config import Config, save_config
 from plmetric.data import DatasetSplits, FeatureDataset, ImageDataset, PairedViews, collate_skip_none, load_dataset
@@ -65,6 +66,7 @@ class TrainResult:
     final_metrics: dict[str, Any] | None
     best_metrics: dict[str, Any] | None
     best_epoch: int | None
+    skipped_images: list[str] = field(default_factory=list)  # unreadable training images, left out
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -400,26 +402,132 @@ def _state_bytes(state: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+# Config keys that may change when a run is resumed: where the data lives and bookkeeping that
+# does not touch the numbers. ``train.epochs`` may grow (extending a run: the cosine schedule is
+# then rebuilt for the new length, so an extended run is not the run it would have been had it
+# been planned that long from the start). Any other change would break exact resumption.
+RESUMABLE_KEYS = frozenset(
+    {"data.root", "data.num_workers", "data.cache_path", "data.cache_max_bytes", "train.eval_every"}
+)
+STATE_KEYS = (
+    "epoch",
+    "config_json",
+    "student",
+    "teacher",
+    "objective",
+    "optimizer",
+    "scheduler",
+    "bank",
+    "rng",
+    "history_json",
+    "start_metrics_json",
+    "best_json",
+)
+
+
 def load_training_state(path: Path, cfg: Config) -> dict[str, Any]:
     """Load a full training state written by :func:`train` (``weights_only``: no code runs).
 
+    Only :data:`RESUMABLE_KEYS` and a longer ``train.epochs`` may differ from the state's config.
+
     Raises:
-        ValueError: the state belongs to a run with another configuration.
+        FileNotFoundError: no state at ``path``.
+        ValueError: the file is not a plmetric training state (corrupt, truncated, crafted), or
+            it belongs to a run with another configuration (the message lists the differences).
     """
     if not path.is_file():
-        raise FileNotFoundError(f"no training state to resume from: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = json.loads(state["config_json"])
-    current = cfg.to_dict()
-    if saved != json.loads(json.dumps(current)):
-        diff = sorted(
-            f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
-            for section, values in current.items()
-            for key, value in values.items()
-            if saved.get(section, {}).get(key) != json.loads(json.dumps(value))
+        raise FileNotFoundError(f"no training state to resume from: {path} (start the run without --resume)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, EOFError, RuntimeError (zip), ...: never load it unsafely
+        detail = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path} is not a plmetric training state (it cannot be read as one: {type(err).__name__}: {detail}); "
+            "it may be truncated or not written by plmetric: start the run again with --overwrite"
+        ) from None
+    if not isinstance(state, dict) or any(key not in state for key in STATE_KEYS):
+        raise ValueError(f"{path} is not a plmetric training state (expected the keys {', '.join(STATE_KEYS)})")
+    try:
+        saved = json.loads(state["config_json"])
+    except (TypeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a plmetric training state (its config is not JSON)") from None
+    current = json.loads(json.dumps(cfg.to_dict()))
+    diff = []
+    for section, values in current.items():
+        for key, value in values.items():
+            before = saved.get(section, {}).get(key) if isinstance(saved.get(section), dict) else None
+            name = f"{section}.{key}"
+            if before == value or name in RESUMABLE_KEYS:
+                continue
+            if name == "train.epochs" and isinstance(before, int) and value >= int(state["epoch"]) + 1:
+                continue
+            diff.append(f"{name}: {before!r} -> {value!r}")
+    if diff:
+        raise ValueError(
+            f"cannot resume {path}: it was written with another config, and these changes would break exact resumption "
+            f"({'; '.join(sorted(diff))}); only {', '.join(sorted(RESUMABLE_KEYS))} and a larger train.epochs "
+            "may change"
         )
-        raise ValueError(f"cannot resume {path}: it was written with another config ({'; '.join(diff)})")
     return state
+
+
+RUN_FILES = (CONFIG_FILE, STATE_FILE, LOG_FILE, MODEL_FILE, BEST_MODEL_FILE, "summary.json")
+
+
+def existing_run(out_dir: Path) -> dict[str, Any] | None:
+    """What ``out_dir`` already holds of a training run (None: nothing): the files found and, from
+    ``log.jsonl``, the last epoch logged."""
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if not found:
+        return None
+    last_epoch = None
+    try:
+        lines = (out_dir / LOG_FILE).read_text().splitlines()
+        last_epoch = int(json.loads(lines[-1])["epoch"]) if lines else None
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        pass
+    return {"files": found, "last_epoch": last_epoch}
+
+
+def _stopped_before_first_epoch(out_dir: Path) -> bool:
+    """A run killed before its first training state was written: a config, no state, no summary,
+    and at most the first epoch's model and log line (written just before that state)."""
+    if not (out_dir / CONFIG_FILE).is_file() or (out_dir / STATE_FILE).exists() or (out_dir / "summary.json").exists():
+        return False
+    found = existing_run(out_dir)
+    return found is not None and (found["last_epoch"] is None or found["last_epoch"] <= 1)
+
+
+def check_run_folder(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start over a run unless ``overwrite`` (before any work: nothing is removed here;
+    :func:`clear_run_folder` does that when the new run writes its first file).
+
+    Raises:
+        FileExistsError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite`` was given.
+        NotADirectoryError: ``out_dir`` is a file.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; the run folder must be a directory")
+    found = existing_run(out_dir) if out_dir.is_dir() else None
+    if found is not None and not resume and not overwrite:
+        epochs = f" (epoch {found['last_epoch']} logged)" if found["last_epoch"] else ""
+        raise FileExistsError(
+            f"--out {out_dir} already holds a training run{epochs}: add --resume to continue or extend it "
+            "(--resume --set train.epochs=N), or --overwrite to replace it, or choose another --out"
+        )
+
+
+def clear_run_folder(out_dir: Path, *, replace: bool) -> None:
+    """Remove what an interrupted write left (stale temporaries) and, with ``replace``, the files of
+    the run being replaced (``--overwrite``); rank 0 only."""
+    from plmetric.checkpoint import remove_stale_temporaries
+
+    if not out_dir.is_dir() or not dist_utils.is_main_process():
+        return
+    if replace:
+        for name in (*RUN_FILES, "model.json", "best.json", "losses.png", "recall.png"):
+            (out_dir / name).unlink(missing_ok=True)
+    remove_stale_temporaries(out_dir)
 
 
 def _model_metadata(cfg: Config, model: nn.Module, epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -538,6 +646,7 @@ def train(
     model: nn.Module | None = None,
     progress: bool = True,
     stop_after_epochs: int | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train an embedding without labels (labels, when present, are used for evaluation only).
 
@@ -545,20 +654,30 @@ def train(
         cfg: The run's configuration (validated here before any work starts).
         out_dir: Run folder: ``config.yaml``, ``log.jsonl``, ``state.pt``, ``model.safetensors``,
             ``best.safetensors``, plots.
-        resume: Continue from ``out_dir/state.pt`` exactly where it stopped.
+        resume: Continue from ``out_dir/state.pt`` exactly where it stopped (the log is cut back
+            to the state's epoch); with a larger ``cfg.train.epochs``, extend a finished run.
         splits: Data sets to use instead of loading ``cfg.data`` (tests, notebooks).
         model: Student network to use instead of ``create_model(cfg.model...)``; it must have
             ``backbone`` and ``embedding`` sub-modules and return L2-normalised embeddings.
         progress: Show tqdm progress bars (rank 0).
         stop_after_epochs: Stop (resumably) after this many epochs of this invocation, e.g. to fit
             a job's time limit; ``resume=True`` later continues exactly.
+        overwrite: Replace a run already in ``out_dir`` (without it, such a folder is refused).
 
     Returns:
         The per-epoch history and the metrics of the start, the final and the best epoch.
     """
     cfg.validate()
     out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if resume and _stopped_before_first_epoch(out_dir):
+        # nothing was finished (no state, no logged epoch, no model): there is nothing to continue
+        if dist_utils.is_main_process():
+            print(f"{out_dir} has no training state yet (stopped in its first epoch): starting it from the beginning")
+        resume, overwrite = False, True
     state = load_training_state(out_dir / STATE_FILE, cfg) if resume else None
+    check_run_folder(out_dir, resume=resume, overwrite=overwrite)
     device = resolve_device(cfg.train.device)
     group_created_here = dist_utils.init_from_env(str(device))
     try:
@@ -579,7 +698,7 @@ def _train(
     progress: bool,
     stop_after_epochs: int | None,
 ) -> TrainResult:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
 
     from plmetric.models import build_transform, create_model
     from plmetric.pipeline import CachedBatchLoader
@@ -656,21 +775,30 @@ def _train(
     if state is None:
         refresh_bank(bank, teacher, bank_set, cfg, device)
     else:
-        bank.load_state_dict(state["bank"])
-    objective = build_objective(cfg, dim, init_embeddings=bank.embeddings).to(device)
+        try:
+            bank.load_state_dict(state["bank"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise _state_mismatch(out_dir, err) from None
+    # Images that could not be decoded in the first full pass stay out of the bank's neighbour
+    # search and the sampler for the whole run (named once in the summary).
+    readable_rows, skipped_images = _readable_items(bank, train_set, cfg)
+    num_readable = num_items if readable_rows is None else int(readable_rows.numel())
+    init_rows = bank.embeddings if readable_rows is None else bank.embeddings[readable_rows]
+    objective = build_objective(cfg, dim, init_embeddings=init_rows).to(device)
     optimizer = build_optimizer(cfg, student, objective)
     world = dist_utils.world_size()
     sampler = NeighbourhoodBatchSampler(
-        bank.neighbours(k - 1),
+        bank.neighbours(k - 1, rows=readable_rows),
         batch_size=cfg.train.batch_size,
         k=k,
         seed=cfg.train.seed,
         rank=dist_utils.rank(),
         world_size=world,
+        items=None if readable_rows is None else readable_rows.cpu(),
     )
     # An epoch shows about as many images as the training set holds (STML's convention): N // B batches,
     # each with a fresh random set of seeds, rather than every image as a seed (k times longer).
-    steps_per_epoch = min(len(sampler), num_items // cfg.train.batch_size)
+    steps_per_epoch = min(len(sampler), num_readable // cfg.train.batch_size)
     if cfg.train.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
     if steps_per_epoch == 0:
@@ -702,23 +830,31 @@ def _train(
     start_epoch, best_epoch = 0, None
     start_metrics = best_metrics = None
     if state is not None:
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = json.loads(state["history_json"])
-        start_metrics = json.loads(state["start_metrics_json"])
-        best = json.loads(state["best_json"])
-        best_epoch, best_metrics = best["epoch"], best["metrics"]
-        _set_rng_state(state["rng"])
+        try:
+            student.load_state_dict(state["student"])
+            teacher.load_state_dict(state["teacher"])
+            objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch = int(state["epoch"]) + 1
+            history = json.loads(state["history_json"])
+            start_metrics = json.loads(state["start_metrics_json"])
+            best = json.loads(state["best_json"])
+            best_epoch, best_metrics = best["epoch"], best["metrics"]
+            _set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise _state_mismatch(out_dir, err) from None
         if main_process:
+            # the log and config follow the state: records of epochs after it (written before a crash
+            # cut the state's write short) are dropped, and an extended run records its new length
+            clear_run_folder(out_dir, replace=False)
+            atomic_write_bytes(out_dir / LOG_FILE, "".join(json.dumps(r) + "\n" for r in history).encode())
+            save_config(cfg, out_dir / CONFIG_FILE)
             print(f"resuming {out_dir} after epoch {start_epoch}")
-    elif main_process:
+    elif main_process:  # the run's first file: only now is a replaced run (--overwrite) removed
+        clear_run_folder(out_dir, replace=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / CONFIG_FILE)
-        (out_dir / LOG_FILE).unlink(missing_ok=True)
     if test_set is not None and start_metrics is None:
         start_metrics = evaluate_model(teacher, test_set, cfg, device)
         if main_process:
@@ -728,9 +864,16 @@ def _train(
             save_model(out_dir / MODEL_FILE, student, _model_metadata(cfg, student, 0, start_metrics))
             atomic_write_json(
                 out_dir / "summary.json",
-                {"start": start_metrics, "final": start_metrics, "best": start_metrics, "best_epoch": 0, "epochs": 0},
+                {
+                    "start": start_metrics,
+                    "final": start_metrics,
+                    "best": start_metrics,
+                    "best_epoch": 0,
+                    "epochs": 0,
+                    **_skipped_summary(skipped_images, test_set),
+                },
             )
-        return TrainResult(out_dir, [], start_metrics, start_metrics, start_metrics, 0)
+        return TrainResult(out_dir, [], start_metrics, start_metrics, start_metrics, 0, skipped_images)
 
     monitor_labels = bool((train_set.labels >= 0).all()) and train_set.num_classes > 1
     step = TrainStep(cfg, student, ddp_student, teacher, objective, optimizer, scheduler, bank, device, teacher_forward)
@@ -741,7 +884,7 @@ def _train(
         if epoch > 0 and epoch % cfg.train.bank_refresh_every == 0:
             refresh_bank(bank, teacher, bank_set, cfg, device)
         if epoch > 0:
-            sampler.set_neighbours(bank.neighbours(k - 1))
+            sampler.set_neighbours(bank.neighbours(k - 1, rows=readable_rows))
         sampler.set_epoch(epoch)
         if cached is not None:  # decoded once, cropped and flipped on the device, prefetched by a thread
             loader: Any = CachedBatchLoader(
@@ -791,6 +934,7 @@ def _train(
             seen += int(index.numel()) * world
             steps += 1
             bar.update(1)
+            faults.reached("step")
             if steps % NONFINITE_CHECK_EVERY == 0 or steps >= steps_per_epoch:
                 _raise_if_nonfinite(first_bad, epoch, sums, out_dir)
         bar.close()
@@ -855,9 +999,50 @@ def _train(
                 "best": best_metrics,
                 "best_epoch": best_epoch,
                 "epochs": cfg.train.epochs,
+                **_skipped_summary(skipped_images, test_set),
             },
         )
-    return TrainResult(out_dir, history, start_metrics, final_metrics, best_metrics, best_epoch)
+    return TrainResult(out_dir, history, start_metrics, final_metrics, best_metrics, best_epoch, skipped_images)
+
+
+def _skipped_summary(skipped_images: list[str], test_set: Any) -> dict[str, list[str]]:
+    """The summary's record of unreadable images: training images (left out of the bank and the
+    sampler) and test images (left out of the evaluation)."""
+    test_skipped = [test_set.describe(i) for i in test_set.unreadable] if test_set is not None else []
+    return {"skipped_images": skipped_images, "skipped_test_images": test_skipped}
+
+
+def _state_mismatch(out_dir: Path, err: BaseException) -> ValueError:
+    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return ValueError(
+        f"{out_dir / STATE_FILE} does not fit this run's networks, bank and optimiser ({detail}): "
+        "not a state of this run"
+    )
+
+
+def _readable_items(bank: MemoryBank, train_set: Any, cfg: Config) -> tuple[torch.Tensor | None, list[str]]:
+    """The bank rows filled by the first full pass (None when every image was readable) and the
+    paths of the images that were not; those are marked unreadable so no loader decodes them again.
+
+    Raises:
+        ValueError: too few readable images remain for one batch.
+    """
+    missing = (~bank.filled).nonzero().flatten().cpu()
+    if missing.numel() == 0:
+        return None, []
+    train_set.mark_unreadable(missing.tolist())
+    readable = bank.filled.nonzero().flatten()
+    needed = max(cfg.train.batch_size, cfg.train.neighbours_per_seed + 1)
+    if readable.numel() < needed:
+        raise ValueError(
+            f"only {readable.numel()} of {bank.num_items} training images are readable; train.batch_size "
+            f"({cfg.train.batch_size}) needs at least {needed}"
+        )
+    skipped = [train_set.describe(int(i)) for i in missing.tolist()]
+    if dist_utils.is_main_process():
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"skipping {len(skipped)} unreadable training image(s) for the whole run: {shown}")
+    return readable, skipped
 
 
 def _deployable(model: nn.Module) -> nn.Module:
@@ -902,8 +1087,14 @@ def _pooled_features(
 
 
 def _log_line(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON record; a line cut short by a crash is dropped on resume (the log is rebuilt
+    from the training state)."""
+    line = json.dumps(record) + "\n"
     with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(line[: len(line) // 2])
+        handle.flush()
+        faults.reached(f"write:{path.name}")
+        handle.write(line[len(line) // 2 :])
 
 
 def plot_history(history: list[dict[str, Any]], out_dir: Path, start: dict[str, Any] | None) -> None:
