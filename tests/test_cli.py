@@ -236,3 +236,83 @@ def test_train_method_none_reports_the_start(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final"] == summary["start"] and summary["epochs"] == 0
     assert (run / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- run folders
+
+
+def _folder_run(tmp_path, *extra: str) -> list[str]:
+    from image_trees import make_tree
+
+    root = tmp_path / "data"
+    if not root.exists():
+        make_tree("images", root, classes=4, per_class=10, bad=0)
+    small = ["data.image_size=32", "model.embedding_dim=16", "plm.num_proxies=6", "train.batch_size=10"]
+    small += ["data.num_workers=0", "train.epochs=2", "train.device=cpu"]
+    return ["train", "--images", str(root), "--no-progress", *[f"--set={s}" for s in small], *extra]
+
+
+def _log_epochs(run) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_never_replaces_a_run_without_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_folder_run(tmp_path, "--out", str(run))) == 0
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(_folder_run(tmp_path, "--out", str(run))) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run (epoch 2 logged)" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+    assert main(_folder_run(tmp_path, "--out", str(run), "--resume", "--overwrite")) == 2
+    assert main(_folder_run(tmp_path, "--out", str(run), "--overwrite")) == 0
+    assert _log_epochs(run) == [1, 2]
+
+
+@pytest.mark.slow
+def test_resume_alone_reads_the_runs_config_and_extends_a_finished_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_folder_run(tmp_path, "--out", str(run), "--stop-after", "1")) == 0
+    assert _log_epochs(run) == [1]
+    # the README's resume line: nothing but --out and --resume (the data root comes from the run's config)
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert _log_epochs(run) == [1, 2]
+    assert main(["train", "--out", str(run), "--resume", "--no-progress", "--set", "train.epochs=3"]) == 0
+    assert _log_epochs(run) == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+    capsys.readouterr()
+    assert main(["train", "--out", str(run), "--resume", "--set", "plm.n_alpha=3"]) == 2
+    assert "plm.n_alpha: 5.0 -> 3" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--set", "train.epochs=2"]) == 2
+    assert main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert _log_epochs(run) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_named_once_in_plain_words(tmp_path):
+    """A real process with 2 DataLoader workers and a PCA pass (two full passes over the images):
+    each unreadable file is warned about exactly once, as a plain path on one line."""
+    import subprocess
+    import sys
+
+    from image_trees import make_tree
+
+    root, bad = make_tree("images", tmp_path / "data", classes=4, per_class=10, bad=3)
+    args = _folder_run(tmp_path, "--out", str(tmp_path / "run"))
+    args[2] = str(root)
+    args += ["--set", "data.num_workers=2", "--set", "model.embedding_init=pca"]
+    done = subprocess.run(
+        [sys.executable, "-m", "plmetric.cli", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    warned = [line for line in done.stderr.splitlines() if "skipping unreadable image" in line]
+    assert sorted(line.split("skipping unreadable image ")[1].split(" (")[0] for line in warned) == sorted(
+        map(str, bad)
+    )
+    assert all(line.startswith("plmetric: warning: ") for line in warned), warned
+    assert "np.str_" not in done.stderr and "Traceback" not in done.stderr
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert sorted(summary["skipped_images"]) == sorted(map(str, bad))
+    assert "left out 3 unreadable training image(s)" in done.stdout

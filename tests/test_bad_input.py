@@ -1,0 +1,437 @@
+"""Every bad input to every command: exit status 2, one line naming the file or option and what was
+expected, no traceback, and no existing file changed (nothing new written either).
+
+One shared workspace holds the good inputs (photos, a checkpoint, an index, a finished run) and the
+bad ones; each case runs ``plmetric.cli.main`` in-process and compares the workspace before/after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from plmetric.checkpoint import save_model
+from plmetric.cli import main
+from plmetric.config import Config, save_config
+from plmetric.models import create_model
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG header that declares a huge image (a decompression bomb) with almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
+
+
+class Evil:
+    """Pickles to a call of os.system: a checkpoint that would run code if loaded unsafely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _checkpoint(path: Path, seed: int = 0, dim: int = 16) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("efficientnet_lite0", embedding_dim=dim, pretrained=False)
+    return save_model(path, model, {"backbone": "efficientnet_lite0", "embedding_dim": dim, "image_size": 32})
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad_input")
+    rng = np.random.default_rng(0)
+    photos = root / "photos"
+    photos.mkdir()
+    for i in range(5):
+        pixels = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(photos / f"p{i}.png")
+    (root / "empty").mkdir()
+    ckpt = _checkpoint(root / "model.safetensors")
+    changing = _checkpoint(root / "changing.safetensors", seed=1)
+    small = ["--image-size", "32", "--no-progress", "--num-workers", "0"]
+    assert (
+        main(["index", str(photos), "--checkpoint", str(ckpt), "--out", str(root / "index.safetensors"), *small]) == 0
+    )
+    assert (
+        main(["index", str(photos), "--checkpoint", str(changing), "--out", str(root / "stale.safetensors"), *small])
+        == 0
+    )
+    _checkpoint(changing, seed=2)  # rewritten after indexing, as a run's model.safetensors is every epoch
+
+    # model files that are not what they claim
+    (root / "garbage.safetensors").write_bytes(b"\xff\xfe\x00 definitely not safetensors" * 4)
+    tensors = {"w": torch.zeros(2)}
+    save_file(tensors, str(root / "badmeta.safetensors"), metadata={"plmetric": "{not json"})
+    wrong = create_model("efficientnet_lite0", embedding_dim=32, pretrained=False)
+    meta = {"plmetric": json.dumps({"backbone": "efficientnet_lite0", "embedding_dim": 16})}
+    save_file(
+        {k: v.contiguous() for k, v in wrong.state_dict().items()}, str(root / "wrongshape.safetensors"), metadata=meta
+    )
+    (root / "notweights.pth").write_bytes(b"PK\x03\x04 not a zip")
+
+    # images that are not images
+    (root / "text.jpg").write_text("not an image\n")
+    (root / "bomb.png").write_bytes(_png_claiming(40000, 40000))
+    # data and config files that are not what they claim
+    cub = root / "cub_latin1" / "CUB_200_2011"
+    (cub / "images").mkdir(parents=True)
+    (cub / "images.txt").write_bytes("1 001.Caf\xe9/a.jpg\n".encode("latin-1"))
+    (cub / "image_class_labels.txt").write_text("1 1\n")
+    (root / "notyaml.yaml").write_text("train: [epochs: 3\n")
+    (root / "list.yaml").write_text("- 1\n- 2\n")
+    (root / "latin1.yaml").write_bytes("data:\n  root: caf\xe9\n".encode("latin-1"))
+    (root / "a_file").write_text("I am a file, not a folder\n")
+    np.save(root / "features.npy", rng.normal(size=(10, 4)).astype(np.float32))
+    np.save(root / "labels.npy", np.arange(10) % 2)
+
+    # run folders: a finished run, and runs whose state.pt is broken in every way
+    cfg = Config()
+    cfg.data.dataset, cfg.data.root = "images", str(photos)
+    cfg.train.batch_size, cfg.plm.num_proxies = 5, 5  # the 5 photos make a batch: errors come from the state
+    finished = root / "finished"
+    save_config(cfg, finished / "config.yaml")
+    (finished / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 0.1}) + "\n" for e in (1, 2, 3)))
+    (finished / "model.safetensors").write_bytes(ckpt.read_bytes())
+    states: dict[str, bytes] = {}
+    states["corrupt"] = bytes(rng.integers(0, 256, 4096, dtype=np.uint8))
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"epoch": 0, "student": {"w": torch.zeros(1000)}}, buffer)
+    states["truncated"] = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    buffer = io.BytesIO()
+    torch.save({"epoch": 0, "payload": Evil(root / "PWNED")}, buffer)
+    states["crafted"] = buffer.getvalue()
+    buffer = io.BytesIO()
+    fake = dict.fromkeys(("teacher", "objective", "optimizer", "scheduler", "bank", "rng"), {})
+    fake.update(epoch=0, config_json=json.dumps(cfg.to_dict()), history_json="[]", start_metrics_json="null")
+    fake.update(best_json=json.dumps({"epoch": None, "metrics": None}), student={"embedding.weight": torch.zeros(3, 3)})
+    torch.save(fake, buffer)
+    states["shapes"] = buffer.getvalue()
+    for name, data in states.items():
+        save_config(cfg, root / f"run_{name}" / "config.yaml")
+        (root / f"run_{name}" / "state.pt").write_bytes(data)
+    return {
+        "root": root,
+        "photos": photos,
+        "photo": photos / "p0.png",
+        "ckpt": ckpt,
+        "index": root / "index.safetensors",
+    }
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# (case id, argv with {placeholders} from the workspace, substrings the one error line must contain)
+CASES: list[tuple[str, list[str], list[str]]] = [
+    # eval
+    ("eval-missing-root", ["eval", "--dataset", "cub200", "--data-root", "{root}/nowhere"], ["nowhere", "not found"]),
+    (
+        "eval-latin1-index-file",
+        ["eval", "--dataset", "cub200", "--data-root", "{root}/cub_latin1"],
+        ["images.txt", "not UTF-8"],
+    ),
+    (
+        "eval-missing-checkpoint",
+        ["eval", "--dataset", "digits", "--checkpoint", "{root}/none.safetensors"],
+        ["none.safetensors", "not found"],
+    ),
+    (
+        "eval-garbage-checkpoint",
+        ["eval", "--dataset", "digits", "--checkpoint", "{root}/garbage.safetensors"],
+        ["garbage.safetensors", "not a readable"],
+    ),
+    (
+        "eval-metadata-not-json",
+        ["eval", "--dataset", "digits", "--checkpoint", "{root}/badmeta.safetensors"],
+        ["badmeta.safetensors", "not valid JSON"],
+    ),
+    (
+        "eval-wrong-shapes",
+        ["eval", "--dataset", "digits", "--checkpoint", "{root}/wrongshape.safetensors"],
+        ["wrongshape.safetensors", "does not match"],
+    ),
+    ("eval-bad-ks", ["eval", "--dataset", "digits", "--ks", "0,1"], ["--ks", "positive integers"]),
+    (
+        "eval-bad-weights",
+        ["eval", "--dataset", "digits", "--weights", "{root}/notweights.pth"],
+        ["notweights.pth", "weights"],
+    ),
+    ("eval-json-suffix", ["eval", "--dataset", "digits", "--json", "{root}/metrics.txt"], ["--json", ".json"]),
+    ("eval-unknown-dataset", ["eval", "--dataset", "mnist"], ["--dataset", "invalid choice"]),
+    ("eval-image-size-0", ["eval", "--dataset", "digits", "--image-size", "0"], ["--image-size", ">= 1"]),
+    # train: configs and overrides
+    (
+        "train-missing-config",
+        ["train", "--out", "{root}/r", "--config", "{root}/none.yaml"],
+        ["none.yaml", "not found"],
+    ),
+    (
+        "train-config-not-yaml",
+        ["train", "--out", "{root}/r", "--config", "{root}/notyaml.yaml"],
+        ["notyaml.yaml", "not valid YAML"],
+    ),
+    ("train-config-a-list", ["train", "--out", "{root}/r", "--config", "{root}/list.yaml"], ["list.yaml", "mapping"]),
+    (
+        "train-config-latin1",
+        ["train", "--out", "{root}/r", "--config", "{root}/latin1.yaml"],
+        ["latin1.yaml", "not UTF-8"],
+    ),
+    ("train-unknown-key", ["train", "--out", "{root}/r", "--set", "train.epoch=1"], ["train.epoch", "train.epochs"]),
+    ("train-wrong-type", ["train", "--out", "{root}/r", "--set", "train.epochs=abc"], ["train.epochs", "expected int"]),
+    (
+        "train-bool-for-int",
+        ["train", "--out", "{root}/r", "--set", "train.epochs=true"],
+        ["train.epochs", "expected int"],
+    ),
+    ("train-set-no-equals", ["train", "--out", "{root}/r", "--set", "train.epochs"], ["train.epochs", "key=value"]),
+    ("train-set-bad-yaml", ["train", "--out", "{root}/r", "--set", "data.root=[x"], ["data.root", "not valid YAML"]),
+    (
+        "train-unknown-backbone",
+        ["train", "--out", "{root}/r", "--set", "model.backbone=vgg"],
+        ["model.backbone", "vgg"],
+    ),
+    (
+        "train-batch-not-divisible",
+        ["train", "--out", "{root}/r", "--set", "train.batch_size=7"],
+        ["train.batch_size", "divisible"],
+    ),
+    ("train-stop-after-0", ["train", "--out", "{root}/r", "--stop-after", "0"], ["--stop-after", ">= 1"]),
+    # train: data
+    (
+        "train-missing-images",
+        ["train", "--out", "{root}/r", "--images", "{root}/nowhere"],
+        ["nowhere", "image folder not found"],
+    ),
+    ("train-empty-images", ["train", "--out", "{root}/r", "--images", "{root}/empty"], ["empty", "holds no images"]),
+    ("train-images-is-a-file", ["train", "--out", "{root}/r", "--images", "{root}/a_file"], ["a_file", "is a file"]),
+    (
+        "train-missing-data-root",
+        ["train", "--out", "{root}/r", "--set", "data.dataset=cub200", "--data-root", "{root}/nowhere"],
+        ["nowhere", "CUB-200-2011"],
+    ),
+    # train: run folders
+    (
+        "train-over-finished-run",
+        ["train", "--out", "{root}/finished", "--images", "{photos}"],
+        ["finished", "--overwrite"],
+    ),
+    ("train-out-is-a-file", ["train", "--out", "{root}/a_file", "--images", "{photos}"], ["a_file", "is a file"]),
+    ("train-resume-nothing", ["train", "--out", "{root}/nothing", "--resume"], ["nothing", "no run to resume"]),
+    (
+        "train-resume-and-overwrite",
+        ["train", "--out", "{root}/finished", "--resume", "--overwrite"],
+        ["--resume", "--overwrite"],
+    ),
+    (
+        "train-resume-no-state",
+        ["train", "--out", "{root}/finished", "--resume", "--set", "train.epochs=5"],
+        ["finished", "no training state"],
+    ),
+    (
+        "train-state-corrupt",
+        ["train", "--out", "{root}/run_corrupt", "--resume"],
+        ["run_corrupt", "not a plmetric training state"],
+    ),
+    (
+        "train-state-truncated",
+        ["train", "--out", "{root}/run_truncated", "--resume"],
+        ["run_truncated", "not a plmetric training state"],
+    ),
+    (
+        "train-state-crafted",
+        ["train", "--out", "{root}/run_crafted", "--resume"],
+        ["run_crafted", "not a plmetric training state"],
+    ),
+    (
+        "train-state-shapes",
+        ["train", "--out", "{root}/run_shapes", "--resume"],
+        ["run_shapes", "does not fit this run"],
+    ),
+    (
+        "train-resume-other-config",
+        ["train", "--out", "{root}/run_shapes", "--resume", "--set", "plm.n_alpha=3"],
+        ["plm.n_alpha", "exact resumption"],
+    ),
+    # embed / index
+    ("embed-out-suffix", ["embed", "--images", "{photos}", "--out", "{root}/e.npz"], ["--out", ".safetensors"]),
+    ("embed-no-source", ["embed", "--out", "{root}/e.safetensors"], ["--images", "--dataset"]),
+    (
+        "embed-over-a-model",
+        ["embed", "--images", "{photos}", "--out", "{root}/changing.safetensors"],
+        ["changing.safetensors", "not a file this command writes"],
+    ),
+    ("index-missing-folder", ["index", "{root}/nowhere", "--out", "{root}/i.safetensors"], ["nowhere", "not found"]),
+    (
+        "index-out-is-checkpoint",
+        ["index", "{photos}", "--checkpoint", "{ckpt}", "--out", "{ckpt}"],
+        ["model.safetensors", "also an input"],
+    ),
+    (
+        "index-random-head",
+        ["index", "{photos}", "--embedding-dim", "128", "--out", "{root}/i.safetensors"],
+        ["--embedding-dim 128", "--checkpoint"],
+    ),
+    ("index-out-suffix", ["index", "{photos}", "--out", "{root}/i.txt"], ["--out", ".safetensors"]),
+    (
+        "index-negative-batch",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--batch-size", "-1"],
+        ["--batch-size", ">= 1"],
+    ),
+    # search
+    (
+        "search-missing-index",
+        ["search", "{photo}", "--index", "{root}/none.safetensors", "--out", "{root}/g.png"],
+        ["none.safetensors", "not found"],
+    ),
+    (
+        "search-model-as-index",
+        ["search", "{photo}", "--index", "{ckpt}", "--out", "{root}/g.png"],
+        ["model.safetensors", "not a plmetric index"],
+    ),
+    (
+        "search-binary-index",
+        ["search", "{photo}", "--index", "{root}/garbage.safetensors", "--out", "{root}/g.png"],
+        ["garbage.safetensors", "not a plmetric index"],
+    ),
+    (
+        "search-text-as-index",
+        ["search", "{photo}", "--index", "{root}/notyaml.yaml", "--out", "{root}/g.png"],
+        ["notyaml.yaml", "not a plmetric index"],
+    ),
+    (
+        "search-missing-query",
+        ["search", "{root}/none.jpg", "--index", "{index}", "--out", "{root}/g.png"],
+        ["none.jpg", "not found"],
+    ),
+    (
+        "search-text-query",
+        ["search", "{root}/text.jpg", "--index", "{index}", "--out", "{root}/g.png"],
+        ["text.jpg", "cannot read query image"],
+    ),
+    (
+        "search-bomb-query",
+        ["search", "{root}/bomb.png", "--index", "{index}", "--out", "{root}/g.png"],
+        ["bomb.png", "too large"],
+    ),
+    ("search-top-k-negative", ["search", "{photo}", "--index", "{index}", "--top-k", "-3"], ["--top-k", ">= 1"]),
+    ("search-top-k-zero", ["search", "{photo}", "--index", "{index}", "--top-k", "0"], ["--top-k", ">= 1"]),
+    ("search-out-suffix", ["search", "{photo}", "--index", "{index}", "--out", "{root}/g.jpg"], ["--out", ".png"]),
+    (
+        "search-out-is-query",
+        ["search", "{photo}", "--index", "{index}", "--out", "{photo}"],
+        ["p0.png", "also an input"],
+    ),
+    (
+        "search-stale-index",
+        ["search", "{photo}", "--index", "{root}/stale.safetensors", "--out", "{root}/g.png"],
+        ["changing.safetensors", "has changed"],
+    ),
+    # demo, similarity study
+    (
+        "demo-unknown-key",
+        ["demo", "--out", "{root}/d", "--set", "train.epoch=1"],
+        ["train.epoch", "unknown config key"],
+    ),
+    ("demo-missing-config", ["demo", "--out", "{root}/d", "--config", "{root}/none.yaml"], ["none.yaml", "not found"]),
+    ("study-no-input", ["similarity-study"], ["--dataset", "--features"]),
+    (
+        "study-unknown-estimator",
+        [
+            "similarity-study",
+            "--features",
+            "{root}/features.npy",
+            "--labels",
+            "{root}/labels.npy",
+            "--estimators",
+            "nope",
+        ],
+        ["nope", "estimator"],
+    ),
+    (
+        "study-missing-features",
+        ["similarity-study", "--features", "{root}/none.npy", "--labels", "{root}/labels.npy"],
+        ["none.npy", "not found"],
+    ),
+]
+
+
+def test_every_bad_input_is_one_clear_line_with_exit_status_2(ws, capsys):
+    root = ws["root"]
+    fill = {k: str(v) for k, v in ws.items()}
+    failures = []
+    for case, argv, expected in CASES:
+        args = [a.format(**fill) for a in argv]
+        before = _snapshot(root)
+        capsys.readouterr()
+        code = main(args)
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        problems = []
+        if code != 2:
+            problems.append(f"exit status {code}")
+        if len(lines) != 1:
+            problems.append(f"{len(lines)} lines on stderr")
+        if "Traceback" in err + out:
+            problems.append("a traceback")
+        missing = [s for s in expected if s not in err]
+        if missing:
+            problems.append(f"message lacks {missing}")
+        after = _snapshot(root)
+        changed = sorted(k for k in before if after.get(k) != before[k])
+        created = sorted(set(after) - set(before))
+        if changed or created:
+            problems.append(f"changed {changed} created {created}")
+        if problems:
+            failures.append(f"{case}: {'; '.join(problems)}: {err.strip()[:300]!r}")
+    assert not (root / "PWNED").exists(), "a crafted state.pt ran code"
+    print(f"\ntried {len(CASES)} bad inputs across eval, train, embed, index, search, demo, similarity-study")
+    assert not failures, "\n".join(failures)
+    assert len(CASES) >= 30
+
+
+def test_unavailable_googlenet_weights_name_the_train_option(tmp_path, monkeypatch, capsys):
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    args = [
+        "train",
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "data.dataset=digits",
+        "--set",
+        "model.backbone=googlenet",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--set model.weights=PATH" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
