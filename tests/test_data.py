@@ -390,3 +390,47 @@ def test_feature_dataset_items_and_errors():
         FeatureDataset(feats, [0, 1])
     with pytest.raises(ValueError, match=r"\(N, D\)"):
         FeatureDataset(np.zeros(3), None)
+
+
+def test_unreadable_items_reported_from_workers_are_skipped_without_decoding(tmp_path, monkeypatch):
+    """What DataLoader workers found unreadable is told back to the data set (embed_dataset does
+    it); from then on those items are skipped without touching the file, also in shallow copies."""
+    import copy
+
+    from plmetric.evaluation import embed_dataset
+
+    good = [write_image(tmp_path / f"g{k}.png", value=k) for k in range(3)]
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("text, not a JPEG")
+    dataset = ImageDataset([good[0], bad, good[1], good[2]], None, TO_TENSOR, "mixed")
+    twin = copy.copy(dataset)  # as training.with_transform makes them
+
+    class Mean(torch.nn.Module):
+        embedding_dim = 3
+
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    with warnings.catch_warnings():  # the warning is printed in the worker process, out of pytest's reach
+        warnings.simplefilter("ignore", UnreadableImageWarning)
+        _, _, index = embed_dataset(Mean(), dataset, batch_size=2, num_workers=2)
+    assert index.tolist() == [0, 2, 3] and dataset.unreadable == [1] and twin.skipped == 1
+    in_process = ImageDataset([good[0], bad], None, TO_TENSOR, "mixed")
+    with pytest.warns(UnreadableImageWarning, match=r"skipping unreadable image .*bad\.jpg") as record:
+        embed_dataset(Mean(), in_process, batch_size=2, num_workers=0)
+    assert "np.str_" not in str(record[0].message) and in_process.unreadable == [1]
+    opened = []
+    monkeypatch.setattr(ImageDataset, "load_image", lambda self, i: opened.append(i))
+    assert twin[1] is None and opened == []
+    assert dataset.describe(1) == str(bad) and isinstance(dataset.describe(1), str)
+
+
+def test_layout_errors_carry_a_one_line_hint(tmp_path):
+    from plmetric.data import DataLayoutError
+
+    with pytest.raises(DataLayoutError, match="CUB-200-2011 root folder not found") as err:
+        load_cub200(tmp_path / "nowhere")
+    assert "\n" not in err.value.layout_hint and "images.txt" in err.value.layout_hint
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataLayoutError, match="image folder is a file, not a folder"):
+        load_unlabelled_folder(tmp_path / "file")

@@ -433,3 +433,47 @@ def test_sampler_errors_name_the_option():
         NeighbourhoodBatchSampler(table, batch_size=12, k=3).load_state_dict(state)
     with pytest.raises(ValueError, match="position"):
         sampler.load_state_dict({**state, "position": 99})
+
+
+# --------------------------------------------------------------------------------------------------
+# Unreadable items: a bank with holes, a sampler on the readable rows only
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bank_neighbours_among_some_rows_are_positions_of_those_rows():
+    """12 points on an arc at irregular angles (no ties), rows 3 and 7 never filled: the neighbours of
+    each readable point are its nearest *readable* points on the arc, given as positions in ``rows``."""
+    n = 12
+    steps = torch.arange(n, dtype=torch.float64)
+    angles = 0.3 * steps + 0.01 * steps**2  # 0 .. 4.51 rad: no wrap-around, distinct gaps
+    points = torch.stack([angles.cos(), angles.sin()], 1)
+    rows = torch.tensor([i for i in range(n) if i not in (3, 7)])
+    bank = MemoryBank(n, 2)
+    bank.update(rows, points[rows])
+    with pytest.raises(ValueError, match="2 of 12 rows were never filled"):
+        bank.neighbours(2)
+    table = bank.neighbours(2, rows=rows)
+    assert table.shape == (10, 2)
+    readable = rows.tolist()
+    for position, item in enumerate(readable):
+        others = [j for j in readable if j != item]
+        nearest = sorted(others, key=lambda j: abs(float(angles[j] - angles[item])))[:2]
+        assert set(rows[table[position]].tolist()) == set(nearest), item
+
+
+def test_sampler_with_items_yields_only_those_items_and_the_same_batches_in_their_numbering():
+    rng = np.random.default_rng(0)
+    items = torch.tensor(sorted(rng.choice(50, size=30, replace=False).tolist()))
+    table = torch.stack([torch.randperm(30, generator=torch.Generator().manual_seed(i))[:4] for i in range(30)])
+    table = torch.where(table == torch.arange(30).unsqueeze(1), (table + 1) % 30, table)
+    plain = NeighbourhoodBatchSampler(table, batch_size=10, k=5, seed=3)
+    mapped = NeighbourhoodBatchSampler(table, batch_size=10, k=5, seed=3, items=items)
+    plain_batches, mapped_batches = list(plain), list(mapped)
+    assert len(mapped_batches) == len(plain_batches) == len(mapped) > 0
+    for p, m in zip(plain_batches, mapped_batches, strict=True):
+        assert m == items[torch.tensor(p)].tolist()
+    assert set(sum(mapped_batches, [])) <= set(items.tolist())
+    with pytest.raises(ValueError, match="items must hold 30 distinct indices"):
+        NeighbourhoodBatchSampler(table, batch_size=10, k=5, items=items[:29])
+    with pytest.raises(ValueError, match="items must hold 30 distinct indices"):
+        NeighbourhoodBatchSampler(table, batch_size=10, k=5, items=torch.zeros(30, dtype=torch.int64))

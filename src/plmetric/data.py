@@ -69,8 +69,8 @@ class DataLayoutError(FileNotFoundError):
 
 def _one_line(layout: str) -> str:
     """The layout tree as one line: its entries, comments dropped."""
-    entries = [line.split("  ")[0].strip() for line in layout.splitlines() if line.strip()]
-    return " ".join(entries)
+    entries = [line.strip().split("  ")[0] for line in layout.splitlines() if line.strip()]
+    return ", ".join(entry for entry in entries if entry)
 
 
 class UnreadableImageWarning(UserWarning):
