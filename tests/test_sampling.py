@@ -477,3 +477,50 @@ def test_sampler_with_items_yields_only_those_items_and_the_same_batches_in_thei
         NeighbourhoodBatchSampler(table, batch_size=10, k=5, items=items[:29])
     with pytest.raises(ValueError, match="items must hold 30 distinct indices"):
         NeighbourhoodBatchSampler(table, batch_size=10, k=5, items=torch.zeros(30, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------------
+# Class-balanced batches (the supervised ceiling)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_class_balanced_batches_hold_m_distinct_images_of_b_over_m_distinct_classes():
+    from plmetric.sampling import ClassBalancedBatchSampler
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(12), rng.integers(6, 15, 12))
+    labels[:3] = 99  # a class with 3 images (< m): drawn with replacement
+    labels[5] = -1  # unlabelled: never drawn
+    sampler = ClassBalancedBatchSampler(labels, batch_size=20, m=5, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(labels) // 20
+    seen_classes = set()
+    for batch in batches:
+        assert len(batch) == 20 and 5 not in batch
+        groups = [batch[i : i + 5] for i in range(0, 20, 5)]
+        classes = [set(labels[g].tolist()) for g in groups]
+        assert all(len(c) == 1 for c in classes) and len({c.pop() for c in classes}) == 4
+        for g in groups:
+            if labels[g[0]] != 99:
+                assert len(set(g)) == 5  # without replacement where the class has >= m images
+        seen_classes |= set(labels[batch].tolist())
+    assert len(seen_classes) >= 10
+    again = ClassBalancedBatchSampler(labels, batch_size=20, m=5, seed=1)
+    assert list(again) == batches
+    again.set_epoch(1)
+    assert list(again) != batches
+    halves = [list(ClassBalancedBatchSampler(labels, 20, 5, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves, strict=True)] == batches
+
+
+def test_class_balanced_sampler_maps_items_and_checks_its_options():
+    from plmetric.sampling import ClassBalancedBatchSampler
+
+    labels = np.repeat(np.arange(4), 6)
+    items = torch.arange(100, 124)
+    batches = list(ClassBalancedBatchSampler(labels, 8, 2, items=items))
+    assert all(100 <= i < 124 for b in batches for i in b)
+    with pytest.raises(ValueError, match="needs 5 classes; the labels have 4"):
+        ClassBalancedBatchSampler(labels, 10, 2)
+    with pytest.raises(ValueError, match="divisible by m"):
+        ClassBalancedBatchSampler(labels, 9, 2)

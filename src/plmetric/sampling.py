@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from plmetric.manifold import value_checks_enabled
 
-__all__ = ["MemoryBank", "NeighbourhoodBatchSampler", "ema_update", "make_teacher"]
+__all__ = ["ClassBalancedBatchSampler", "MemoryBank", "NeighbourhoodBatchSampler", "ema_update", "make_teacher"]
 
 # Default element budget of one similarity chunk in MemoryBank.neighbours (chunk_size * N entries).
 _SIMILARITY_CHUNK_ELEMENTS = 1 << 24
@@ -584,3 +584,105 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
             self._epoch_neighbours = epoch_table if epoch_table is not None else neighbours
         else:
             self._epoch_neighbours = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Class-balanced batch sampler (the supervised ceiling)
+# --------------------------------------------------------------------------------------------------
+
+
+class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of B = (B/m)·m indices: B/m distinct random classes, m random images of each.
+
+    The sampling of pytorch-metric-learning's ``MPerClassSampler`` (with ``batch_size``): for every
+    batch the classes are a fresh random choice, and a class's m images are drawn without
+    replacement when it has at least m, with replacement otherwise. Unlike it, the randomness comes
+    from a CPU generator seeded by (seed, epoch), not NumPy's global state, so batches are the same
+    on every rank (each yields its contiguous slice, as :class:`NeighbourhoodBatchSampler`) and an
+    epoch can be replayed exactly on resume. An epoch has ``N // B`` batches (about as many images
+    as the data set holds), like the neighbourhood sampler's epochs.
+
+    Args:
+        labels: (N,) class labels (only items with a label >= 0 are drawn).
+        batch_size: B, the global batch size; divisible by m and by world_size.
+        m: images per class in a batch.
+        seed: non-negative base seed.
+        rank, world_size: this process's rank and the number of processes (DDP).
+        items: (N,) data set indices of the labels' rows (e.g. the readable images); None: 0..N-1.
+
+    Raises:
+        ValueError: an option out of range, or fewer than B/m classes.
+    """
+
+    def __init__(
+        self,
+        labels: Tensor | np.ndarray,
+        batch_size: int,
+        m: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        items: Tensor | None = None,
+    ) -> None:
+        name = "ClassBalancedBatchSampler"
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.m = _check_int("m", m, 1)
+        self.seed = _check_int("seed", seed, 0)
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if batch_size % m or batch_size % world_size or rank >= world_size:
+            raise ValueError(
+                f"{name}: batch_size ({batch_size}) must be divisible by m ({m}) and world_size ({world_size}), "
+                f"and rank ({rank}) < world_size"
+            )
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.int64).flatten()
+        self.items = torch.arange(y.numel()) if items is None else torch.as_tensor(items, dtype=torch.int64).cpu()
+        if self.items.numel() != y.numel():
+            raise ValueError(f"{name}: items must hold one index per label, got {self.items.numel()} for {y.numel()}")
+        keep = y >= 0
+        y, self.items = y[keep], self.items[keep]
+        classes, counts = torch.unique(y, return_counts=True)
+        self.classes_per_batch = batch_size // m
+        if classes.numel() < self.classes_per_batch:
+            raise ValueError(
+                f"{name}: a batch of {batch_size} with {m} images per class needs {self.classes_per_batch} classes; "
+                f"the labels have {classes.numel()}"
+            )
+        order = torch.argsort(y, stable=True)
+        self._members = self.items[order]  # items grouped by class
+        self._starts = torch.cumsum(counts, 0) - counts
+        self._counts = counts
+        self.num_items = int(y.numel())
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return max(1, self.num_items // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    def global_batches(self, epoch: int) -> Tensor:
+        """All global batches of ``epoch`` as a (num_batches, B) tensor of data set indices."""
+        generator = _epoch_generator(self.seed, epoch)
+        n_batches, c, m = len(self), self.classes_per_batch, self.m
+        n_classes = self._counts.numel()
+        chosen = torch.argsort(torch.rand(n_batches, n_classes, generator=generator), dim=1)[:, :c]  # (G, c)
+        counts = self._counts[chosen]  # (G, c)
+        # m draws per class: a random permutation prefix where the class has >= m images (no
+        # replacement), uniform draws with replacement otherwise
+        width = max(int(self._counts.max()), m)
+        keys = torch.rand(n_batches, c, width, generator=generator)
+        positions = torch.arange(width).expand_as(keys)
+        keys = torch.where(positions < counts.unsqueeze(2), keys, 2.0)  # positions past the class's size last
+        without = torch.argsort(keys, dim=2)[:, :, :m]
+        draws = torch.rand(n_batches, c, m, generator=generator)
+        with_replacement = (draws * counts.unsqueeze(2)).long().clamp_max(counts.unsqueeze(2) - 1)
+        offset = torch.where((counts >= m).unsqueeze(2), without, with_replacement)
+        picked = self._members[self._starts[chosen].unsqueeze(2) + offset]
+        return picked.reshape(n_batches, self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.batch_size // self.world_size
+        batches = self.global_batches(self.epoch)[:, self.rank * per_rank : (self.rank + 1) * per_rank]
+        yield from batches.tolist()
