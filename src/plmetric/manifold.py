@@ -2,7 +2,10 @@
 
 METHOD.md §2-4 and the slides 5, 8, 9, 10 and 14 of Bhatnagar & Ahuja (CPAL 2024). Everything
 works on embeddings (not images), is batched (no Python loop over points or pairs), and follows the
-device and dtype of its input (float32 or float64; half precision is fitted in float32).
+device and dtype of its input (float32 or float64; half precision is fitted in float32). The
+cancellation-prone arithmetic (the orthogonal distance ``o``, the pieces' Gram matrices and
+residuals) runs in float64 internally, on devices that have it, and is cast back (see
+:func:`orthogonal_and_parallel` and :func:`fit_pieces` for the error bounds).
 
 Notation: a batch of teacher embeddings ``x`` (B × d). Every point ``x_i`` gets a *piece*
 ``P_i = (x_i, U_i)``, the affine subspace ``{x_i + U_i c}`` with an orthonormal basis
@@ -109,6 +112,22 @@ def _working_dtype(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+# Device types without float64 arithmetic; there the accurate dtype falls back to float32.
+_NO_FLOAT64_DEVICES = frozenset({"mps"})
+
+
+def _accurate_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the cancellation-prone arithmetic: float64, or float32 on devices without it.
+
+    Differences of squares (``‖v‖² - ‖Uᵀv‖²``, ``G_kk - Σ λ_r W[k, r]²``) lose half the digits
+    of the dtype they are computed in: an error of about ``sqrt(c·u)·‖v‖`` near 0, with ``u`` the
+    unit roundoff and c a small multiple of d. In float64 ``sqrt(u) = 1.1e-8``, below float32's
+    own ``u = 6e-8``, so float32 and half-precision inputs get results accurate to their dtype.
+    The float64 work is on (Q, P)-, (P, d, m)- and (B, n, n)-sized tensors only.
+    """
+    return torch.float32 if device.type in _NO_FLOAT64_DEVICES else torch.float64
+
+
 def _safe_sqrt(x: Tensor) -> Tensor:
     """``sqrt(max(x, 0))`` with a zero (not infinite) gradient at 0, so duplicates never give NaN."""
     positive = x > 0
@@ -148,6 +167,13 @@ def _masked_pca(gram: Tensor, mask: Tensor, m: int) -> tuple[Tensor, Tensor, Ten
     coordinates of member k on them are ``sqrt(λ_r) W[k, r]``, so its squared residual is
     ``G_kk - Σ_r λ_r W[k, r]²`` (no d-dimensional work).
 
+    Computed in ``gram``'s dtype; callers pass a float64 Gram (:func:`_accurate_dtype`). The
+    squared residual is a difference of squares: its error is about ``c·u·max_k ‖y_k‖²``
+    (``u`` the unit roundoff of that dtype, ``c`` a small multiple of n for the Gram products
+    and the eigensolver's backward error), so the residual itself is accurate only to
+    ``sqrt(c·u)·‖y‖`` near 0, and to ``c·u·‖y‖²/(2·residual)`` away from 0 (e.g. at the
+    acceptance threshold). :func:`_member_residual` gives ``c·u·‖y‖`` from the vectors.
+
     Returns:
         ``w`` (B, n, m) top eigenvectors, largest first; ``lam`` (B, m) their eigenvalues (>= 0);
         ``res2`` (B, n) squared residual of every member (0 for non-members).
@@ -168,6 +194,20 @@ def _basis_from_gram(y: Tensor, w: Tensor, mask: Tensor) -> Tensor:
     return orthonormal_columns(raw)
 
 
+def _member_residual(y: Tensor, bases: Tensor, mask: Tensor) -> Tensor:
+    """(B,) ``max_{k member} ‖y_k - U (Uᵀ y_k)‖``, the largest distance of a member from its piece.
+
+    From the member vectors themselves (y (B, n, d), bases (B, d, m) orthonormal, mask (B, n)),
+    not from the Gram matrix: the residual vector is formed explicitly, so the result is
+    accurate to about ``c·u·‖y‖`` (``u`` the unit roundoff of y's dtype, ``c`` ~ d·m from the two
+    products, plus the basis' departure from orthonormality), also at and near 0, where
+    ``sqrt(G_kk - Σ λ W²)`` is accurate only to ``sqrt(c·u)·‖y‖``.
+    """
+    coords = y @ bases  # (B, n, m)
+    residual = y - coords @ bases.transpose(1, 2)  # (B, n, d)
+    return (torch.linalg.vector_norm(residual, dim=-1) * mask.to(y.dtype)).amax(dim=1)
+
+
 # --------------------------------------------------------------------------------------------
 # 1. local linear pieces
 # --------------------------------------------------------------------------------------------
@@ -183,7 +223,8 @@ class Pieces:
         members: (B, B) bool, ``members[i, j]`` is True when ``x_j`` belongs to piece i
             (``members[i, i]`` is always True).
         residual: (B,) largest distance of a member of piece i from the piece,
-            ``max_{j ∈ P_i} ‖(I - U_i U_iᵀ)(x_j - x_i)‖``.
+            ``max_{j ∈ P_i} ‖(I - U_i U_iᵀ)(x_j - x_i)‖``, computed from the member vectors
+            (accurate to about ``c·u·‖x_j - x_i‖``, ``u`` the unit roundoff of the dtype, ``c`` ~ d·m).
         scale: () the median nearest-neighbour distance of the batch (duplicates ignored).
         threshold: () the acceptance threshold ``τ · scale`` (``inf`` without subset selection).
     """
@@ -232,6 +273,19 @@ def fit_pieces(
 
     The loop runs over the growth step (at most ``n_max - min_points`` steps), never over points;
     each step is one batched ``eigh`` of (B, n_max, n_max) Gram matrices.
+
+    Precision: the member vectors ``y = x_j - x_i``, their Gram matrices, the ``eigh`` and the
+    basis are computed in float64 whatever the input dtype (float32 on devices without float64,
+    such as ``mps``); the bases are then cast to the output dtype. The acceptance test uses the
+    Gram-route squared residual, whose error is about ``c·u₆₄·‖y‖²`` (a residual at the
+    threshold ``T`` is then off by ``c·u₆₄·‖y‖²/(2T)``, so decisions can only differ from exact
+    arithmetic for candidates within that of the threshold). The
+    reported :attr:`Pieces.residual` is computed from the member vectors and the final basis,
+    ``max_j ‖y_j - U (Uᵀ y_j)‖`` (:func:`_member_residual`), so it is accurate to about
+    ``c·u·‖y‖`` with ``u`` the unit roundoff of the output dtype (the basis is rounded to it) and
+    ``c`` ~ d·m, also for members lying exactly on the piece, where the Gram route
+    ``sqrt(G_kk - Σ λ W²)`` would give ``sqrt(c·u)·‖y‖`` instead of 0.
+
     Without subset selection (ablation, slide 15): the piece is the anchor plus its ``k_plain``
     nearest neighbours, fitted by the same anchor-centred PCA.
 
@@ -282,6 +336,7 @@ def fit_pieces(
         raise ValueError(f"k_plain: expected an integer >= m = {m}, got {k_plain!r}")
 
     xw = _working_dtype(x.detach())
+    accurate = _accurate_dtype(x.device)
     b = xw.shape[0]
     dist = _exact_pairwise_distance(xw, xw)
     dist.fill_diagonal_(math.inf)
@@ -291,14 +346,15 @@ def fit_pieces(
     n_pool = min(n_max if subset_selection else k_plain + 1, b)
     order = torch.topk(dist, n_pool - 1, dim=1, largest=False, sorted=True).indices
     index = torch.cat([torch.arange(b, device=x.device).unsqueeze(1), order], dim=1)  # (B, n)
-    y = xw[index] - xw.unsqueeze(1)  # (B, n, d), row 0 (the anchor) is zero
+    xa = xw.to(accurate)
+    y = xa[index] - xa.unsqueeze(1)  # (B, n, d) in float64, row 0 (the anchor) is zero
     gram = y @ y.transpose(1, 2)
 
     member = torch.zeros(b, n_pool, dtype=torch.bool, device=x.device)
     if subset_selection:
         member[:, :min_points] = True
         threshold = tau * scale
-        limit2 = threshold * threshold
+        limit2 = threshold.to(accurate).square()
         for t in range(min_points, n_pool):
             trial = member.clone()
             trial[:, t] = True
@@ -308,15 +364,16 @@ def fit_pieces(
         member[:] = True
         threshold = torch.full_like(scale, math.inf)
 
-    w, _, res2 = _masked_pca(gram, member, m)
+    w, _, _ = _masked_pca(gram, member, m)
     bases = _basis_from_gram(y, w, member)
+    residual = _member_residual(y, bases, member)
     members = torch.zeros(b, b, dtype=torch.bool, device=x.device)
     members.scatter_(1, index, member)
     return Pieces(
         anchors=xw,
-        bases=bases,
+        bases=bases.to(xw.dtype),
         members=members,
-        residual=res2.amax(dim=1).sqrt(),
+        residual=residual.to(xw.dtype),
         scale=scale,
         threshold=threshold,
     )
@@ -327,6 +384,24 @@ def fit_pieces(
 # --------------------------------------------------------------------------------------------
 
 
+def _projection_norm2(coords: Tensor, bases: Tensor) -> Tensor:
+    """``‖Π_j v‖²`` (Q, P) for the projector ``Π_j`` onto ``span(U_j)``, from ``c = U_jᵀ v`` (Q, P, m).
+
+    ``Π = U G⁻¹ Uᵀ`` with ``G = UᵀU``, so ``‖Π v‖² = cᵀ G⁻¹ c = ‖L⁻¹ c‖²`` for ``G = L Lᵀ``.
+    For a basis orthonormal to its own precision (``G = I + E``, ``‖E‖ ~ u₃₂`` for float32) this is
+    ``‖Uᵀv‖²`` corrected by ``-cᵀEc`` to the working precision, i.e. the bases re-orthonormalised
+    without touching the (P, d, m) tensor: ``G`` and ``L⁻¹`` are (P, m, m). A basis that is not of
+    full rank (no valid input) falls back to ``G = I``, the plain ``‖Uᵀv‖²``.
+    """
+    m = bases.shape[-1]
+    gram = bases.transpose(1, 2) @ bases
+    chol, info = torch.linalg.cholesky_ex(gram)
+    eye = torch.eye(m, dtype=bases.dtype, device=bases.device)
+    chol = torch.where((info == 0).view(-1, 1, 1), chol, eye)
+    inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)  # L⁻¹
+    return torch.einsum("pkm,qpm->qpk", inverse, coords).pow(2).sum(-1)
+
+
 def orthogonal_and_parallel(queries: Tensor, anchors: Tensor, bases: Tensor) -> tuple[Tensor, Tensor]:
     """Orthogonal and in-piece distances of query points from pieces (slide 9).
 
@@ -335,11 +410,29 @@ def orthogonal_and_parallel(queries: Tensor, anchors: Tensor, bases: Tensor) -> 
     With ``a_j = x_j`` these are METHOD.md §3's ``o(x_q, x_j)`` and ``p(x_q, x_j)``.
 
     Computed without (Q, P, d) tensors: ``U_jᵀ v = (q U_j) - (a_j U_j)`` from one (Q, d) × (d, P·m)
-    product, ``‖v‖²`` from norms and dot products (after a common shift to the anchors' mean,
-    which leaves v unchanged and reduces cancellation), ``o² = max(‖v‖² - ‖U_jᵀ v‖², 0)``.
-    Float rounding makes ``o`` of a point lying on the piece about ``sqrt(eps) · ‖x‖`` rather
-    than 0; the square roots have a zero gradient at 0. Half-precision inputs are computed in
-    float32 and the results cast back.
+    product, ``‖v‖²`` from norms and dot products (after a common shift ``c`` to the anchors' mean,
+    which leaves v unchanged and reduces cancellation), ``o² = max(‖v‖² - p², 0)``.
+
+    Precision. All of it runs in float64 for float16/bfloat16/float32/float64 inputs (in
+    float32 on devices without float64, e.g. ``mps``), and the results are cast back to the
+    queries' dtype. The bases are re-orthonormalised in that precision: a float32 basis is
+    orthonormal only to ``~u₃₂``, and ``UᵀU = I + E`` alone makes ``‖Uᵀv‖²`` wrong by
+    ``‖E‖·p²``, i.e. ``o`` wrong by ``sqrt(u₃₂)·p``; so ``p² = cᵀ (UᵀU)⁻¹ c`` with ``c = Uᵀv``,
+    the exact squared projection onto ``span(U_j)`` (a Cholesky factor of the (P, m, m) ``UᵀU``;
+    equal to ``‖Uᵀv‖²`` for an exactly orthonormal basis). With ``u`` the unit roundoff of the
+    working precision and, per pair, ``R = ‖q - c‖ + ‖a - c‖`` (c the shift):
+
+    * ``o² = ‖v‖² - p²`` is a difference of squares, off by at most ``δ = c_d·u·R²`` with
+      ``c_d = (1 + sqrt(m))²·(d + 3)`` (the length-d dot products of ``‖v‖²``, of the m
+      coordinates and of ``UᵀU``, and the m × m Cholesky), so ``|o - o_exact| <= sqrt(δ)``
+      everywhere (the worst case is ``o = 0``) and ``<= δ / o`` away from 0. In float64 that is
+      ``1.1e-8·sqrt(c_d)·R``: below float32's resolution for float32 inputs, ``sqrt(u)`` of the
+      input for float64 ones;
+    * ``p`` is accurate to ``sqrt(m)·(d + 1)·u·R`` (no cancellation);
+    * on top of both, the final cast rounds to the output dtype (relative ``u`` of that dtype).
+
+    The square roots have a zero gradient at 0; the whole computation is differentiable in
+    queries, anchors and bases.
 
     Args:
         queries: (Q, d).
@@ -361,13 +454,14 @@ def orthogonal_and_parallel(queries: Tensor, anchors: Tensor, bases: Tensor) -> 
             f"{tuple(queries.shape)}, anchors {tuple(anchors.shape)}, bases {tuple(bases.shape)}"
         )
     out_dtype = queries.dtype
-    queries, anchors, bases = _working_dtype(queries), _working_dtype(anchors), _working_dtype(bases)
+    accurate = _accurate_dtype(queries.device)
+    queries, anchors, bases = queries.to(accurate), anchors.to(accurate), bases.to(accurate)
     shift = anchors.detach().mean(dim=0)
     q = queries - shift
     a = anchors - shift
     q_coords = (q @ bases.permute(1, 0, 2).reshape(d, n_pieces * m)).view(-1, n_pieces, m)
     a_coords = torch.einsum("pd,pdm->pm", a, bases)
-    par2 = (q_coords - a_coords.unsqueeze(0)).pow(2).sum(-1)
+    par2 = _projection_norm2(q_coords - a_coords.unsqueeze(0), bases)
     v2 = q.pow(2).sum(1, keepdim=True) + a.pow(2).sum(1).unsqueeze(0) - 2.0 * (q @ a.T)
     orth2 = (v2.clamp_min(0) - par2).clamp_min(0)
     return _safe_sqrt(orth2).to(out_dtype), _safe_sqrt(par2).to(out_dtype)
@@ -620,7 +714,8 @@ class Proxies(nn.Module):
         dist = torch.cdist(centres, xw)
         dist[torch.arange(self.n_proxies, device=xw.device), chosen] = math.inf
         neighbours = torch.topk(dist, n_neighbours, dim=1, largest=False).indices
-        y = xw[neighbours] - centres.unsqueeze(1)
+        xa = xw.to(_accurate_dtype(xw.device))  # the Gram/eigh route in float64, as in fit_pieces
+        y = xa[neighbours] - xa[chosen].unsqueeze(1)
         mask = torch.ones(y.shape[:2], dtype=torch.bool, device=xw.device)
         w, _, _ = _masked_pca(y @ y.transpose(1, 2), mask, self.m)
         bases = _basis_from_gram(y, w, mask)
