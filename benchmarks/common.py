@@ -4,7 +4,7 @@ Three settings, all on ``cub200_subset100`` (train: 50 species, test: the other 
 
 * ``head``: head-only, the CPU setting that allows seeds and grids. Pooled EfficientNet-Lite0
   features of the un-augmented 224 px images are computed once and cached
-  (``plmetric.similarity.cached_features``); only the 512-d embedding layer (PCA-initialised)
+  (``plmetric.study.cached_features``); only the 512-d embedding layer (PCA-initialised)
   trains, 30 short epochs, about half a minute per run on two CPU cores. No augmentation, no
   backbone: the levers that move the backbone cannot be studied here.
 * ``cpu``: end to end on the CPU: 128 px, the first 6 of 9 backbone stages frozen, 3 epochs
@@ -68,7 +68,7 @@ _HEAD_SPLITS: dict[str, Any] = {}
 def head_splits(data_root: str):
     """Train/test `FeatureDataset` splits of cached 224 px pooled features (computed on first use)."""
     from plmetric.data import DatasetSplits, FeatureDataset
-    from plmetric.similarity import cached_features
+    from plmetric.study import cached_features
 
     if data_root not in _HEAD_SPLITS:
         parts = {}

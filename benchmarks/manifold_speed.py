@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from plmetric.losses import PLMLoss, neighbourhood_loss, point_loss, proxy_loss
+from plmetric.losses import neighbourhood_loss, point_loss, proxy_loss
 from plmetric.manifold import fit_pieces, point_similarity, proxy_point_similarity
+from plmetric.methods.plm import PLMLoss
 
 
 def clustered_embeddings(n: int, d: int, group: int, noise: float, generator: torch.Generator) -> torch.Tensor:
@@ -69,7 +70,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     teacher = clustered_embeddings(args.batch, args.dim, 5, 0.15, g).to(device)
     student = (teacher + 0.05 * torch.randn(args.batch, args.dim, generator=g).to(device)).requires_grad_()
-    criterion = PLMLoss(args.dim, n_proxies=args.proxies, m=args.m).to(device)
+    criterion = PLMLoss(args.dim, num_proxies=args.proxies, m=args.m).to(device)
     criterion.proxies.init_from_embeddings(clustered_embeddings(2000, args.dim, 5, 0.15, g).to(device), generator=g)
     proxies = criterion.proxies
 
@@ -88,7 +89,7 @@ def main() -> None:
     def plm_step() -> None:
         student.grad = None
         criterion.zero_grad(set_to_none=True)
-        criterion(student, teacher)["loss"].backward()
+        criterion.terms(student, teacher)["loss"].backward()
 
     def losses_step() -> None:
         student.grad = None

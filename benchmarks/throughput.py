@@ -85,9 +85,13 @@ def main() -> None:  # noqa: PLR0915 - one readable measurement script
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
+    from plmetric.devices import resolve_device
+    from plmetric.methods import get_method
     from plmetric.models import create_model
+    from plmetric.networks import freeze_batchnorm
+    from plmetric.optimization import build_optimizer
     from plmetric.sampling import MemoryBank, ema_update, make_teacher
-    from plmetric.training import TrainStep, build_objective, build_optimizer, freeze_batchnorm, resolve_device
+    from plmetric.training import TrainStep
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -136,11 +140,12 @@ def main() -> None:  # noqa: PLR0915 - one readable measurement script
     bank_size = 3000
     bank = MemoryBank(bank_size, 512, device=device)
     bank.update(torch.arange(bank_size, device=device), torch.randn(bank_size, 512, device=device))
-    objective = build_objective(cfg, 512, init_embeddings=bank.embeddings).to(device)
-    optimizer = build_optimizer(cfg, student, objective)
+    method = get_method("plm")(cfg)
+    objective = method.build_objective(512, bank.embeddings, torch.Generator().manual_seed(0)).to(device)
+    optimizer = build_optimizer(cfg.train, student, objective)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    step = TrainStep(cfg, student, torch.compile(student) if args.compile else student, teacher, objective,
-                     optimizer, scheduler, bank, device)  # fmt: skip
+    ddp_student = torch.compile(student) if args.compile else student
+    step = TrainStep(cfg, method, student, ddp_student, teacher, objective, optimizer, scheduler, bank, device)
     index = torch.randperm(bank_size)[:b]
     results["plm step (synthetic)"] = {
         "seconds_per_step": timed(lambda: step(x, x, index), device, args.warmup, args.steps)
@@ -156,7 +161,7 @@ def main() -> None:  # noqa: PLR0915 - one readable measurement script
             teacher(x)
 
     def loss_part() -> None:
-        terms = objective(s_emb, t_emb)
+        terms = objective.terms(s_emb, t_emb)
         terms["loss"].backward()
 
     parts = {

@@ -274,12 +274,12 @@ def test_directional_similarity_matches_numpy() -> None:
     rng = np.random.default_rng(1)
     o, p = rng.uniform(0, 3, (6, 9)), rng.uniform(0, 3, (6, 9))
     for n_alpha, n_beta in [(5.0, 0.5), (1.0, 1.5), (0.0, 2.0), (4.0, 0.0)]:
-        got = directional_similarity(torch.tensor(o), torch.tensor(p), n_alpha, n_beta)
+        got = directional_similarity(torch.tensor(o), torch.tensor(p), n_alpha=n_alpha, n_beta=n_beta)
         ref = np_sprime(o, p, n_alpha, n_beta)
         # exact o, p: only the evaluation of the two formulas (sprime_bound with zero input error)
         bound = sprime_bound(o, p, 0.0, 0.0, n_alpha, n_beta)
         assert_within(got, ref, bound, f"s' for N_α={n_alpha}, N_β={n_beta}")
-        wrong = directional_similarity(torch.tensor(o), torch.tensor(p), n_alpha + 1e-9, n_beta)
+        wrong = directional_similarity(torch.tensor(o), torch.tensor(p), n_alpha=n_alpha + 1e-9, n_beta=n_beta)
         assert_rejects(wrong, ref, bound, "s' with N_α off by 1e-9")
     assert directional_similarity(torch.zeros(1), torch.zeros(1)).item() == 1.0
     with pytest.raises(ValueError, match="n_alpha"):
@@ -472,7 +472,7 @@ def test_similarity_falls_faster_orthogonally_than_along_the_piece() -> None:
 
     def s_prime(points: torch.Tensor, n_alpha: float, n_beta: float) -> torch.Tensor:
         o, p = orthogonal_and_parallel(points, anchor, basis)
-        return directional_similarity(o, p, n_alpha, n_beta)[:, 0]
+        return directional_similarity(o, p, n_alpha=n_alpha, n_beta=n_beta)[:, 0]
 
     assert (s_prime(along, 5.0, 0.5) > s_prime(across, 5.0, 0.5)).all()
     assert (s_prime(across, 0.5, 5.0) > s_prime(along, 0.5, 5.0)).all()  # roles reversed

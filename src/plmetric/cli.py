@@ -74,17 +74,6 @@ def check_output(
     return out
 
 
-def resolve_device(name: str) -> str:
-    """Map ``auto`` to ``cuda`` when available, else ``cpu``; check explicit choices."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return name
-
-
 def parse_ks(text: str | None, dataset: str) -> tuple[int, ...]:
     """Parse ``--ks 1,2,4,8``; the default depends on the data set (SOP uses 1,10,100,1000)."""
     if text is None:
@@ -175,6 +164,7 @@ def evaluate_on_test_split(
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from plmetric.checkpoint import atomic_write_json
+    from plmetric.devices import resolve_device
 
     if args.json:
         check_output(args.json, "--json", (".json",), (args.checkpoint, args.weights))
@@ -310,6 +300,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
     )
     dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
+    from plmetric.devices import resolve_device
+
     device = resolve_device(args.device)
     model.to(device)
     emb, labels, index = embed_dataset(
@@ -383,9 +375,52 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_similarity_study(args: argparse.Namespace) -> int:
     """Correlation with the ground truth of PLM and competing similarity estimates (slide 14)."""
-    from plmetric.similarity_cli import run
+    from plmetric.study import similarity_study_command
 
-    return run(args)
+    return similarity_study_command(args)
+
+
+def _similarity_study_arguments(p: argparse.ArgumentParser) -> None:
+    """Register the options of ``plmetric similarity-study`` on an argparse (sub)parser."""
+    src = p.add_argument_group("input: a data set + backbone (features embedded once and cached), or a features file")
+    src.add_argument("--dataset", default=None, choices=["cub200", "cars196", "sop", "folder", "digits"])
+    src.add_argument("--data-root", default=None, help="data set root in its official layout")
+    src.add_argument("--split", default="both", choices=["train", "test", "both"], help="default: both halves")
+    src.add_argument("--backbone", default="efficientnet_lite0", help="pretrained backbone (raw pooled features)")
+    src.add_argument("--weights", default=None, help="local backbone weights file instead of the packaged ones")
+    src.add_argument("--image-size", type=int, default=224)
+    src.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/plmetric/features)")
+    src.add_argument("--embed-batch-size", type=int, default=64)
+    src.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1))
+    src.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (embedding only)")
+    src.add_argument(
+        "--features", default=None, help="features file (.npy (N, d) or .safetensors) instead of a data set"
+    )
+    src.add_argument("--labels", default=None, help="labels file (.npy/.txt, N integers) for --features")
+    st = p.add_argument_group("study")
+    st.add_argument(
+        "--estimators",
+        default="all",
+        help="comma-separated names of plmetric.estimators.ESTIMATORS (a wrong one lists them), or all",
+    )
+    st.add_argument("--set", action="append", metavar="EST.OPT=VALUE", help="estimator option, e.g. plm.tau=1.0")
+    st.add_argument("--batch-size", type=int, default=120, help="B, points per neighbourhood batch")
+    st.add_argument("--neighbours-per-seed", "-k", type=int, default=5, help="k: a seed and its k-1 neighbours")
+    st.add_argument("--batches", type=int, default=50, help="number of batches (0: whole set only)")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--no-whole-set", action="store_true", help="skip the whole-set measurement")
+    st.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the features")
+    st.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also sweep PLM's N_α, N_β, m, τ, k and the baselines' own options, one at a time",
+    )
+    st.add_argument(
+        "--sweep-whole-set", action="store_true", help="sweeps: also measure on the whole set (slow: N×N per setting)"
+    )
+    p.add_argument("--json", default=None, help="write all results to this JSON file")
+    p.add_argument("--plot", default=None, help="bar chart PNG (default: the --json path with .png)")
+    p.add_argument("--no-progress", action="store_true")
 
 
 DATASET_CHOICES = ["cub200", "cars196", "sop", "folder", "digits"]
@@ -424,6 +459,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with all subcommands."""
     from plmetric import __version__
+    from plmetric.methods import method_names
 
     parser = OneLineArgumentParser(
         prog="plmetric",
@@ -484,8 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--method",
         default=None,
-        choices=["plm", "stml", "none"],
-        help="shortcut for --set train.method=...: plm, stml (the peer) or none (evaluate the untrained start)",
+        choices=method_names(),
+        help="shortcut for --set train.method=...: none (evaluate the untrained start), plm, stml (the peer) "
+        "or supervised (the ceiling, with the train split's labels)",
     )
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.set_defaults(func=_cmd_train)
@@ -522,9 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     ss = command("similarity-study", "how well PLM and competing similarity estimates agree with the labels (slide 14)")
-    from plmetric.similarity_cli import add_similarity_study_arguments
-
-    add_similarity_study_arguments(ss)
+    _similarity_study_arguments(ss)
     ss.set_defaults(func=_cmd_similarity_study)
     return parser
 

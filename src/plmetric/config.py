@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from plmetric.options import PLMOptions, STMLOptions, SupervisedOptions
+from plmetric.validation import check_choice, check_int, check_number
+
 
 @dataclass
 class DataConfig:
@@ -48,48 +51,10 @@ class ModelConfig:
 
 
 @dataclass
-class PLMConfig:
-    """Piecewise-linear manifold similarity and losses (METHOD.md §2-5)."""
-
-    m: int = 2
-    tau: float = 0.5
-    n_max: int = 10
-    subset_selection: bool = True
-    k_plain: int = 5  # neighbours per piece without subset selection (ablation)
-    n_alpha: float = 5.0
-    n_beta: float = 0.5
-    symmetrize: str = "mean"  # mean, min, max
-    binary: bool = False
-    num_proxies: int = 300
-    delta: float = 1.0
-    delta_mode: str = "fixed"  # fixed (paper), batch (mean target = mean distance), teacher (per-pair)
-    normalize_rows: bool = False  # regression on row-normalised student distances (as STML)
-    loss_form: str = "regression"  # regression (paper: d -> δ(1 - s)) or contrastive (STML's relaxed form, W = s)
-    proxy_neighbours: int = 5  # n most similar batch points that L_neighbourhood pulls each proxy to
-    weight_point: float = 1.0
-    weight_proxy: float = 1.0
-    weight_neighbourhood: float = 1.0
-
-
-@dataclass
-class STMLConfig:
-    """STML, the peer method (Kim et al., CVPR 2022; METHOD.md's last section), used with ``train.method=stml``."""
-
-    sigma: float = 3.0  # Gaussian kernel width of W_P
-    delta: float = 1.0  # margin of the relaxed contrastive loss (0.9 on SOP)
-    topk: int = 5  # neighbours of the contextual similarity W_C
-    g_dim: int = 1024  # the auxiliary head whose teacher gives the targets
-    weight_kl: float = 1.0  # self-distillation from the auxiliary head to the embedding
-
-
-METHODS = ("plm", "stml", "none")
-
-
-@dataclass
 class TrainConfig:
     """Optimisation, sampling and bookkeeping (METHOD.md §1, §6)."""
 
-    method: str = "plm"  # plm, stml (the peer) or none (the untrained start, evaluated only)
+    method: str = "plm"  # a name of plmetric.methods.REGISTRY: none, plm, stml, supervised
     epochs: int = 90
     batch_size: int = 120
     neighbours_per_seed: int = 5  # k: each seed image brings its k-1 nearest neighbours
@@ -116,12 +81,13 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """One training run."""
+    """One training run: the data, the network, each method's options and the optimisation."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    plm: PLMConfig = field(default_factory=PLMConfig)
-    stml: STMLConfig = field(default_factory=STMLConfig)
+    plm: PLMOptions = field(default_factory=PLMOptions)
+    stml: STMLOptions = field(default_factory=STMLOptions)
+    supervised: SupervisedOptions = field(default_factory=SupervisedOptions)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,61 +97,49 @@ class Config:
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any work starts."""
         from plmetric.data import DATASET_NAMES
+        from plmetric.methods import method_names
         from plmetric.models import BACKBONE_NAMES
 
-        t, p, mdl = self.train, self.plm, self.model
-        if self.data.dataset not in DATASET_NAMES:
-            raise ValueError(f"data.dataset must be one of {', '.join(DATASET_NAMES)}, got '{self.data.dataset}'")
-        if mdl.backbone not in BACKBONE_NAMES:
-            raise ValueError(f"model.backbone must be one of {', '.join(BACKBONE_NAMES)}, got '{mdl.backbone}'")
-        if self.data.image_size < 8 or not 0 < self.data.crop_scale_min <= 1 or self.data.num_workers < 0:
-            raise ValueError(
-                f"data.image_size ({self.data.image_size}) must be >= 8, data.crop_scale_min "
-                f"({self.data.crop_scale_min}) in (0, 1] and data.num_workers ({self.data.num_workers}) >= 0"
-            )
+        t, p, mdl, d = self.train, self.plm, self.model, self.data
+        check_choice("data.dataset", d.dataset, DATASET_NAMES)
+        check_choice("model.backbone", mdl.backbone, BACKBONE_NAMES)
+        check_int("data.image_size", d.image_size, 8)
+        check_number("data.crop_scale_min", d.crop_scale_min, strict=True)
+        if d.crop_scale_min > 1:
+            raise ValueError(f"data.crop_scale_min must lie in (0, 1], got {d.crop_scale_min}")
+        check_int("data.num_workers", d.num_workers, 0)
+        check_choice("data.pipeline", d.pipeline, ("auto", "pil", "cached"))
         if t.batch_size % t.neighbours_per_seed:
             raise ValueError(
                 f"train.batch_size ({t.batch_size}) must be divisible by train.neighbours_per_seed "
                 f"({t.neighbours_per_seed})"
             )
-        if 0 < mdl.embedding_dim <= p.m:
-            raise ValueError(f"model.embedding_dim ({mdl.embedding_dim}) must exceed plm.m ({p.m})")
         if mdl.embedding_dim < 0:
             raise ValueError(f"model.embedding_dim must be >= 0, got {mdl.embedding_dim}")
+        if 0 < mdl.embedding_dim <= p.m:
+            raise ValueError(f"model.embedding_dim ({mdl.embedding_dim}) must exceed plm.m ({p.m})")
+        check_choice("model.embedding_init", mdl.embedding_init, ("orthogonal", "pca"))
+        check_int("model.frozen_stages", mdl.frozen_stages, 0)
+        self.plm.validate(where="plm.")
+        self.stml.validate(where="stml.")
+        self.supervised.validate(where="supervised.")
+        check_choice("train.method", t.method, method_names())
         if not 0.0 <= t.momentum <= 1.0:
             raise ValueError(f"train.momentum must lie in [0, 1], got {t.momentum}")
-        if p.symmetrize not in {"mean", "min", "max"}:
-            raise ValueError(f"plm.symmetrize must be mean, min or max, got '{p.symmetrize}'")
-        if p.delta_mode not in {"fixed", "batch", "teacher"}:
-            raise ValueError(f"plm.delta_mode must be fixed, batch or teacher, got '{p.delta_mode}'")
-        if p.loss_form not in {"regression", "contrastive"}:
-            raise ValueError(f"plm.loss_form must be regression or contrastive, got '{p.loss_form}'")
-        if mdl.embedding_init not in {"orthogonal", "pca"}:
-            raise ValueError(f"model.embedding_init must be orthogonal or pca, got '{mdl.embedding_init}'")
-        if self.data.pipeline not in {"auto", "pil", "cached"}:
-            raise ValueError(f"data.pipeline must be auto, pil or cached, got '{self.data.pipeline}'")
         if t.head_warmup_epochs < 0 or t.warmup_epochs < 0:
             raise ValueError(
                 f"train.warmup_epochs ({t.warmup_epochs}) and train.head_warmup_epochs ({t.head_warmup_epochs}) "
                 "must be >= 0"
             )
-        if t.method not in METHODS:
-            raise ValueError(f"train.method must be one of {', '.join(METHODS)}, got '{t.method}'")
-        st = self.stml
-        if st.sigma <= 0 or st.delta < 0 or st.topk < 1 or st.g_dim < 1 or st.weight_kl < 0:
-            raise ValueError(
-                f"stml options out of range: sigma {st.sigma} (> 0), delta {st.delta} (>= 0), topk {st.topk} (>= 1), "
-                f"g_dim {st.g_dim} (>= 1), weight_kl {st.weight_kl} (>= 0)"
-            )
-        if t.teacher_view not in {"same", "clean", "other"}:
-            raise ValueError(f"train.teacher_view must be same, clean or other, got '{t.teacher_view}'")
-        if t.keep not in {"student", "teacher"}:
-            raise ValueError(f"train.keep must be student or teacher, got '{t.keep}'")
-        if mdl.frozen_stages < 0:
-            raise ValueError(f"model.frozen_stages must be >= 0, got {mdl.frozen_stages}")
+        check_choice("train.teacher_view", t.teacher_view, ("same", "clean", "other"))
+        check_choice("train.keep", t.keep, ("student", "teacher"))
         for name in ("epochs", "batch_size", "neighbours_per_seed", "eval_every", "bank_refresh_every"):
-            if getattr(t, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+            check_int(f"train.{name}", getattr(t, name), 1)
+        if t.method == "supervised" and t.batch_size % self.supervised.per_class:
+            raise ValueError(
+                f"train.batch_size ({t.batch_size}) must be divisible by supervised.per_class "
+                f"({self.supervised.per_class})"
+            )
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -237,7 +191,8 @@ def from_dict(data: dict[str, Any], base: Config | None = None, source: str = "c
     """Build a config from a nested dict (as read from YAML) over ``base`` or the defaults."""
     cfg = base or Config()
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping of sections (data, model, plm, stml, train)")
+        sections = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ValueError(f"{source}: expected a mapping of sections ({sections})")
     for section, values in data.items():
         if not isinstance(values, dict):
             raise ValueError(

@@ -32,7 +32,7 @@ DATASET_NAMES = ("cub200", "cars196", "sop", "folder", "images", "digits")
 
 # Errors PIL raises for files it cannot decode (UnidentifiedImageError and "image file is
 # truncated" are OSErrors; some broken headers give SyntaxError or ValueError).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 _CUB_LAYOUT = """\
 <root>/CUB_200_2011/              (or <root> is CUB_200_2011 itself)
@@ -173,7 +173,7 @@ class ImageDataset(Dataset):
             return None
         try:
             image = self.load_image(i)
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             self._bad.add(i)
             warnings.warn(
                 f"skipping unreadable image {self.describe(i)} ({type(err).__name__}: {err})",
@@ -216,6 +216,16 @@ class PairedViews:
 
     def __call__(self, image: Any) -> tuple[Any, Any]:
         return self.student_transform(image), self.teacher_transform(image)
+
+
+def with_transform(dataset: Any, transform: Any) -> Any:
+    """A shallow copy of ``dataset`` that applies another transform (images, labels and the record
+    of unreadable items are shared)."""
+    import copy
+
+    clone = copy.copy(dataset)
+    clone.transform = transform
+    return clone
 
 
 class FeatureDataset(Dataset):

@@ -1,44 +1,35 @@
-"""The three PLM losses and their combination (METHOD.md §5, slide 11, flowchart).
+"""Loss terms as free functions, each with its gradient routing stated (METHOD.md §5, slide 11).
 
-``L = L_point + L_proxy + L_neighbourhood``. Gradient routing (METHOD.md §5): the similarity
-targets come from the teacher's manifold and carry no gradient; ``L_point`` and ``L_proxy`` reach
-the student's embeddings only (the proxies' locations and bases are detached there);
-``L_neighbourhood`` reaches the proxies only (the teacher's embeddings and the proxy-point
-similarity are detached).
+PLM: ``L = L_point + L_proxy + L_neighbourhood`` (:class:`plmetric.methods.plm.PLMLoss` combines
+them). Gradient routing (METHOD.md §5): the similarity targets come from the teacher's manifold
+and carry no gradient; ``L_point`` and ``L_proxy`` reach the student's embeddings only (the
+proxies' locations and bases are detached there); ``L_neighbourhood`` reaches the proxies only
+(the teacher's embeddings and the proxy-point similarity are detached).
+
+STML (Kim et al., CVPR 2022; :mod:`plmetric.methods.stml`): the relaxed contrastive loss
+(:func:`relaxed_contrastive_loss`, :func:`stml_rc_loss`) and the self-distillation term
+(:func:`stml_kl_loss`).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-from torch import Tensor, nn
+import torch.nn.functional as F
+from torch import Tensor
 
-from plmetric.manifold import (
-    Proxies,
-    Symmetrize,
-    _check_embeddings,
-    _check_exponents,
-    _check_symmetrize,
-    _exact_pairwise_distance,
-    fit_pieces,
-    point_similarity,
-    proxy_point_similarity,
-    value_checks_enabled,
-)
+from plmetric.distances import pairwise_distances
+from plmetric.options import DELTA_MODES
+from plmetric.validation import check_choice, check_embeddings, check_int, check_number, check_scale
 
-__all__ = ["LOSS_FORMS", "PLMLoss", "neighbourhood_loss", "point_loss", "proxy_loss", "relaxed_contrastive_loss"]
-
-
-def _check_delta(delta: float | Tensor) -> None:
-    if isinstance(delta, Tensor):
-        if not value_checks_enabled():  # a value check would cost a host-device synchronisation
-            return
-        if not bool(torch.isfinite(delta).all()) or bool((delta < 0).any()):
-            raise ValueError("delta: expected finite values >= 0")
-        return
-    if not (math.isfinite(delta) and delta >= 0):
-        raise ValueError(f"delta: expected a finite number >= 0, got {delta!r}")
+__all__ = [
+    "neighbourhood_loss",
+    "point_loss",
+    "proxy_loss",
+    "relaxed_contrastive_loss",
+    "stml_kl_loss",
+    "stml_rc_loss",
+    "target_scales",
+]
 
 
 def point_loss(
@@ -62,21 +53,16 @@ def point_loss(
     Returns:
         Scalar loss; gradient to ``student`` only.
     """
-    _check_delta(delta)
-    _check_embeddings(student, "point_loss: student", min_rows=2)
+    check_scale("delta", delta)
+    check_embeddings(student, "point_loss: student", min_rows=2)
     b = student.shape[0]
     if similarity.shape != (b, b):
         raise ValueError(f"point_loss: similarity must be ({b}, {b}) for {b} embeddings, got {tuple(similarity.shape)}")
     delta = delta.detach().to(student.dtype) if isinstance(delta, Tensor) else delta
     target = delta * (1.0 - similarity.detach().to(student.dtype))
-    residual = (target - _distances(student, student, normalize_rows)).pow(2)
+    residual = (target - pairwise_distances(student, student, normalize_rows=normalize_rows)).pow(2)
     off_diagonal = ~torch.eye(b, dtype=torch.bool, device=student.device)
     return (residual * off_diagonal).sum() / (b * (b - 1))
-
-
-def _distances(a: Tensor, b: Tensor, normalize_rows: bool) -> Tensor:
-    distance = _exact_pairwise_distance(a, b)
-    return distance / distance.mean(dim=1, keepdim=True).clamp_min(1e-12) if normalize_rows else distance
 
 
 def proxy_loss(
@@ -101,8 +87,8 @@ def proxy_loss(
     Returns:
         Scalar loss; gradient to ``student`` only.
     """
-    _check_delta(delta)
-    _check_embeddings(student, "proxy_loss: student")
+    check_scale("delta", delta)
+    check_embeddings(student, "proxy_loss: student")
     locations = proxy_locations.detach().to(student.dtype)
     expected = (student.shape[0], locations.shape[0])
     if locations.dim() != 2 or locations.shape[1] != student.shape[1] or proxy_similarity.shape != expected:
@@ -112,7 +98,7 @@ def proxy_loss(
         )
     delta = delta.detach().to(student.dtype) if isinstance(delta, Tensor) else delta
     target = delta * (1.0 - proxy_similarity.detach().to(student.dtype))
-    return (target - _distances(student, locations, normalize_rows)).pow(2).mean()
+    return (target - pairwise_distances(student, locations, normalize_rows=normalize_rows)).pow(2).mean()
 
 
 def relaxed_contrastive_loss(
@@ -136,8 +122,8 @@ def relaxed_contrastive_loss(
     Returns:
         Scalar loss; gradient to ``student`` (and to ``others`` unless detached by the caller).
     """
-    _check_delta(margin)
-    _check_embeddings(student, "relaxed_contrastive_loss: student", min_rows=2 if others is None else 1)
+    check_scale("margin", margin)
+    check_embeddings(student, "relaxed_contrastive_loss: student", min_rows=2 if others is None else 1)
     b = student.shape[0]
     target = student if others is None else others.to(student.dtype)
     if target.dim() != 2 or target.shape[1] != student.shape[1] or weights.shape != (b, target.shape[0]):
@@ -145,17 +131,13 @@ def relaxed_contrastive_loss(
             f"relaxed_contrastive_loss: expected weights ({b}, {target.shape[0]}) and others (P, {student.shape[1]}); "
             f"got weights {tuple(weights.shape)}, others {tuple(target.shape)}"
         )
-    distance = _distances(student, target, normalize_rows)
+    distance = pairwise_distances(student, target, normalize_rows=normalize_rows)
     w = weights.detach().to(student.dtype)
     terms = w * distance.pow(2) + (1.0 - w) * torch.relu(margin - distance).pow(2)
     if others is None:
         off_diagonal = ~torch.eye(b, dtype=torch.bool, device=student.device)
         return (terms * off_diagonal).sum() / (b * (b - 1))
     return terms.mean()
-
-
-LOSS_FORMS = ("regression", "contrastive")
-DELTA_MODES = ("fixed", "batch", "teacher")
 
 
 @torch.no_grad()
@@ -192,7 +174,8 @@ def target_scales(
     if mode == "teacher":
         scale = mean(teacher_distances) / mean(teacher_distances * dissimilarity).clamp_min(1e-12)
         return delta * scale * teacher_distances
-    raise ValueError(f"delta_mode: expected one of {DELTA_MODES}, got {mode!r}")
+    check_choice("delta_mode", mode, DELTA_MODES)
+    raise AssertionError(mode)  # every mode is handled above
 
 
 def neighbourhood_loss(
@@ -221,9 +204,8 @@ def neighbourhood_loss(
     Returns:
         Scalar loss; gradient to the proxies only.
     """
-    _check_embeddings(teacher, "neighbourhood_loss: teacher")
-    if not (isinstance(n_neighbours, int) and n_neighbours >= 1):
-        raise ValueError(f"n_neighbours: expected an integer >= 1, got {n_neighbours!r}")
+    check_embeddings(teacher, "neighbourhood_loss: teacher")
+    check_int("n_neighbours", n_neighbours, 1)
     b, d = teacher.shape
     if (
         proxy_locations.dim() != 2
@@ -245,173 +227,60 @@ def neighbourhood_loss(
     return (orthogonal.pow(2).sum(-1) + diff.pow(2).sum(-1)).mean()
 
 
-class PLMLoss(nn.Module):
-    """``L = w_point L_point + w_proxy L_proxy + w_neighbourhood L_neighbourhood`` (weights 1 by default).
+def stml_rc_loss(student: Tensor, weights: Tensor, delta: float = 1.0, normalize: bool = True) -> Tensor:
+    """STML's relaxed contrastive loss (``RC_STML`` of the authors' code) for one student head.
 
-    Per batch: pieces from the teacher (:func:`fit_pieces`), the point-point similarity
-    (:func:`point_similarity`) and the proxy-point similarity (:func:`proxy_point_similarity`),
-    all without gradient; then the three losses with METHOD.md §5's routing. The module owns the
-    :class:`Proxies` (``self.proxies``; none when ``n_proxies = 0``, the no-proxy ablation, where
-    the two proxy terms are 0). With ``binary=True`` only the point-point similarity becomes
-    binary (proxies have no member sets); the proxy-point similarity stays graded.
+    ``L_RC = Σ_{i≠j} [W_ij d̂_ij² + (1 - W_ij) relu(δ - d̂_ij)²] / (B (B - 1))`` with
+    ``d̂_ij = ‖s_i - s_j‖ / mean_l ‖s_i - s_l‖`` (the row mean over all B entries, the zero diagonal
+    included) and ``W`` the teacher's contextualised similarity
+    (``stml_similarity(teacher_g)[0]``), a detached target.
 
     Args:
-        dim: embedding dimension d.
-        n_proxies: N_ρ [choice: 300]; 0 disables the proxies.
-        m, tau, n_max, min_points, subset_selection, k_plain: :func:`fit_pieces` options.
-        n_alpha, n_beta, symmetrize, binary: :func:`point_similarity` options.
-        delta: δ of the point and proxy losses [choice: 1].
-        delta_mode: how δ scales the targets, see :func:`target_scales` [choice: fixed].
-        loss_form: ``regression`` (the paper: distances regressed onto δ(1 - s)) or ``contrastive``
-            (:func:`relaxed_contrastive_loss` with ``W = s`` and margin δ on row-normalised distances).
-        normalize_rows: regression form only: match row-normalised student distances (as STML does)
-            [choice: False].
-        proxy_neighbours: n of :func:`neighbourhood_loss` [choice: 5].
-        weight_point, weight_proxy, weight_neighbourhood: term weights [choice: 1, 1, 1].
-        generator: optional ``torch.Generator`` for the proxies' random initialisation.
+        student: (B, d) embeddings of one student head, B >= 2.
+        weights: (B, B) pair weights ``W`` in [0, 1] (detached here).
+        delta: the margin δ on normalised distances beyond which pairs with ``W < 1`` are no longer
+            pushed (1; 0.9 on SOP in the paper).
+        normalize: L2-normalise ``student`` first (their ``disable_mu`` flag; their default is False).
+
+    Returns:
+        Scalar loss; gradient to ``student`` only.
     """
+    delta = check_number("delta", delta)
+    check_embeddings(student, "stml_rc_loss: student", min_rows=2)
+    if normalize:
+        student = F.normalize(student, dim=1)
+    return relaxed_contrastive_loss(student, weights, margin=delta, normalize_rows=True)
 
-    def __init__(
-        self,
-        dim: int,
-        *,
-        n_proxies: int = 300,
-        m: int = 2,
-        tau: float = 0.5,
-        n_max: int = 10,
-        min_points: int | None = None,
-        subset_selection: bool = True,
-        k_plain: int = 5,
-        n_alpha: float = 5.0,
-        n_beta: float = 0.5,
-        symmetrize: Symmetrize = "mean",
-        binary: bool = False,
-        delta: float = 1.0,
-        delta_mode: str = "fixed",
-        loss_form: str = "regression",
-        normalize_rows: bool = False,
-        proxy_neighbours: int = 5,
-        weight_point: float = 1.0,
-        weight_proxy: float = 1.0,
-        weight_neighbourhood: float = 1.0,
-        generator: torch.Generator | None = None,
-    ):
-        super().__init__()
-        _check_symmetrize(symmetrize)
-        _check_exponents(n_alpha, n_beta)
-        _check_delta(delta)
-        if not (isinstance(n_proxies, int) and n_proxies >= 0):
-            raise ValueError(f"n_proxies: expected an integer >= 0, got {n_proxies!r}")
-        if not (isinstance(proxy_neighbours, int) and proxy_neighbours >= 1):
-            raise ValueError(f"proxy_neighbours: expected an integer >= 1, got {proxy_neighbours!r}")
-        for name, value in (
-            ("weight_point", weight_point),
-            ("weight_proxy", weight_proxy),
-            ("weight_neighbourhood", weight_neighbourhood),
-        ):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
-        self.piece_options = dict(
-            m=m, tau=tau, n_max=n_max, min_points=min_points, subset_selection=subset_selection, k_plain=k_plain
+
+def stml_kl_loss(student_f: Tensor, student_g: Tensor, temperature: float = 1.0, normalize: bool = True) -> Tensor:
+    """STML's self-distillation term (``KL_STML`` of the authors' code): the ``g`` head teaches ``f``.
+
+    With ``d̂^f`` and ``d̂^g`` the row-mean-normalised distance matrices of the two heads (diagonal
+    included), ``P_i = softmax(-d̂^g_i / T)`` (detached) and ``Q_i = softmax(-d̂^f_i / T)``:
+    ``L_KL = Σ_i KL(P_i ‖ Q_i) · T² / B = Σ_ij P_ij (log P_ij - log Q_ij) · T² / B``
+    (``F.kl_div(log Q, P, reduction="sum") · T² / B``).
+
+    Args:
+        student_f: (B, d_f) target-head embeddings (with gradient), B >= 2.
+        student_g: (B, d_g) auxiliary-head embeddings of the same images (detached here).
+        temperature: T > 0 (always 1 in the authors' code).
+        normalize: L2-normalise both heads first (their ``disable_mu`` flag; their default is False).
+
+    Returns:
+        Scalar loss; gradient to ``student_f`` only.
+    """
+    temperature = check_number("temperature", temperature, strict=True)
+    check_embeddings(student_f, "stml_kl_loss: student_f", min_rows=2)
+    check_embeddings(student_g, "stml_kl_loss: student_g", min_rows=2)
+    if student_g.shape[0] != student_f.shape[0]:
+        raise ValueError(
+            f"stml_kl_loss: student_g has {student_g.shape[0]} rows, student_f {student_f.shape[0]}; "
+            "they must embed the same images"
         )
-        self.similarity_options = dict(n_alpha=n_alpha, n_beta=n_beta, symmetrize=symmetrize)
-        self.binary = binary
-        if delta_mode not in DELTA_MODES:
-            raise ValueError(f"delta_mode: expected one of {DELTA_MODES}, got {delta_mode!r}")
-        if loss_form not in LOSS_FORMS:
-            raise ValueError(f"loss_form: expected one of {LOSS_FORMS}, got {loss_form!r}")
-        self.delta = delta
-        self.delta_mode = delta_mode
-        self.loss_form = loss_form
-        self.normalize_rows = normalize_rows
-        self.proxy_neighbours = proxy_neighbours
-        self.weights = dict(point=weight_point, proxy=weight_proxy, neighbourhood=weight_neighbourhood)
-        self.proxies = Proxies(dim, n_proxies, m, generator=generator) if n_proxies > 0 else None
-        self.last_similarity: Tensor | None = None
-
-    def forward(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
-        """Compute the loss terms for one batch.
-
-        Args:
-            student: (B, d) student embeddings (with gradient).
-            teacher: (B, d) teacher embeddings of the same images (detached here).
-
-        Returns:
-            ``{"loss", "loss_point", "loss_proxy", "loss_neighbourhood"}`` (scalars; ``loss`` is
-            the weighted sum) and, detached, for monitoring: ``"piece_size"`` (mean points per
-            piece), ``"target_mean"`` and ``"distance_mean"`` (mean point target δ(1 - s) and mean
-            student distance over pairs i ≠ j). ``self.last_similarity`` keeps the batch's s.
-        """
-        _check_embeddings(student, "PLMLoss: student", min_rows=2)
-        if teacher.shape != student.shape:
-            raise ValueError(
-                f"PLMLoss: teacher {tuple(teacher.shape)} and student {tuple(student.shape)} must have the same shape"
-            )
-        teacher = teacher.detach()
-        with torch.no_grad():
-            pieces = fit_pieces(teacher, **self.piece_options)
-            similarity = point_similarity(pieces, binary=self.binary, **self.similarity_options)
-        point_delta = self._scale(similarity, student, teacher)
-        if self.loss_form == "contrastive":
-            terms = {"loss_point": relaxed_contrastive_loss(student, similarity, margin=self.delta)}
-        else:
-            terms = {"loss_point": point_loss(student, similarity, point_delta, self.normalize_rows)}
-        self.last_similarity = similarity
-        if self.proxies is not None:
-            locations, bases = self.proxies()
-            with torch.no_grad():
-                proxy_similarity = proxy_point_similarity(
-                    pieces,
-                    locations.detach().to(teacher.dtype),
-                    bases.detach().to(teacher.dtype),
-                    **self.similarity_options,
-                )
-            if self.loss_form == "contrastive":
-                terms["loss_proxy"] = relaxed_contrastive_loss(
-                    student, proxy_similarity, locations.detach(), margin=self.delta
-                )
-            else:
-                proxy_delta = self._scale(proxy_similarity, student, teacher, locations.detach().to(teacher.dtype))
-                terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, proxy_delta, self.normalize_rows)
-            terms["loss_neighbourhood"] = neighbourhood_loss(
-                teacher, locations, bases, proxy_similarity, self.proxy_neighbours
-            )
-        else:
-            zero = student.new_zeros(())
-            terms["loss_proxy"] = zero
-            terms["loss_neighbourhood"] = zero
-        terms["loss"] = (
-            self.weights["point"] * terms["loss_point"]
-            + self.weights["proxy"] * terms["loss_proxy"]
-            + self.weights["neighbourhood"] * terms["loss_neighbourhood"]
-        )
-        terms["piece_size"] = pieces.size.to(student.dtype).mean()
-        with torch.no_grad():  # monitoring: mean target distance vs mean student distance, off the diagonal
-            off_diagonal = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
-            target = point_delta * (1.0 - similarity.to(student.dtype))
-            terms["target_mean"] = target[off_diagonal].mean()
-            terms["distance_mean"] = torch.cdist(student.detach(), student.detach())[off_diagonal].mean()
-        return terms
-
-    def _scale(
-        self, similarity: Tensor, student: Tensor, teacher: Tensor, others: Tensor | None = None
-    ) -> float | Tensor:
-        """δ for targets against ``others`` (the batch itself when None, else proxy locations)."""
-        if self.delta_mode == "fixed":
-            return self.delta
-        with torch.no_grad():
-            other_student = student.detach() if others is None else others.to(student.dtype)
-            other_teacher = teacher if others is None else others
-            return target_scales(
-                self.delta_mode,
-                self.delta,
-                similarity.to(student.dtype),
-                torch.cdist(student.detach(), other_student),
-                torch.cdist(teacher, other_teacher).to(student.dtype),
-            )
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        """Call after each optimiser step: re-orthonormalise the proxies' raw bases."""
-        if self.proxies is not None:
-            self.proxies.orthonormalize_()
+    g = student_g.detach().to(student_f.dtype)
+    if normalize:
+        student_f, g = F.normalize(student_f, dim=1), F.normalize(g, dim=1)
+    log_q = F.log_softmax(-pairwise_distances(student_f, normalize_rows=True) / temperature, dim=1)
+    log_p = F.log_softmax(-pairwise_distances(g, normalize_rows=True) / temperature, dim=1)
+    kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+    return kl * temperature**2 / student_f.shape[0]

@@ -21,15 +21,17 @@ Proxies (§4) are learnable pieces ``(ρ_k, V_k)`` that stand in for ``P_j`` in 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from plmetric.distances import pairwise_distances
+from plmetric.options import SYMMETRIZE_RULES, ManifoldOptions, PieceOptions, PLMLossOptions, SimilarityOptions, resolve
+from plmetric.validation import check_choice, check_embeddings, check_int
 
 __all__ = [
     "Pieces",
@@ -40,71 +42,17 @@ __all__ = [
     "orthonormal_columns",
     "piece_purity",
     "plm_similarity",
+    "plm_similarity_and_pieces",
     "point_similarity",
     "proxy_point_similarity",
     "similarity_correlation",
-    "value_checks",
-    "value_checks_enabled",
     "symmetrize_similarity",
 ]
 
-Symmetrize = Literal["mean", "min", "max"]
-SYMMETRIZE_RULES = ("mean", "min", "max")
-
 
 # --------------------------------------------------------------------------------------------
-# validation and small numerical helpers
+# small numerical helpers
 # --------------------------------------------------------------------------------------------
-
-
-_VALUE_CHECKS = True
-
-
-@contextlib.contextmanager
-def value_checks(enabled: bool) -> Iterator[None]:
-    """Turn the checks that read tensor *values* (finiteness, index ranges) on or off in a block.
-
-    They cost a host-device synchronisation each; a training loop that checks its loss on the
-    device itself turns them off (shape, dtype and option checks stay on).
-    """
-    global _VALUE_CHECKS
-    previous, _VALUE_CHECKS = _VALUE_CHECKS, bool(enabled)
-    try:
-        yield
-    finally:
-        _VALUE_CHECKS = previous
-
-
-def value_checks_enabled() -> bool:
-    """Whether :func:`value_checks` currently allows value checks."""
-    return _VALUE_CHECKS
-
-
-def _check_embeddings(x: Tensor, name: str, *, min_rows: int = 1) -> None:
-    """Raise ``ValueError`` unless ``x`` is a finite floating (N, d) tensor with N >= min_rows."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D tensor (N, d), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
-    if x.shape[0] < min_rows:
-        raise ValueError(f"{name}: expected at least {min_rows} rows, got {x.shape[0]}")
-    if x.shape[1] < 1:
-        raise ValueError(f"{name}: expected at least one column, got shape {tuple(x.shape)}")
-    if _VALUE_CHECKS and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: contains NaN or infinite values")
-
-
-def _check_symmetrize(symmetrize: str) -> None:
-    if symmetrize not in SYMMETRIZE_RULES:
-        raise ValueError(f"symmetrize: expected one of {SYMMETRIZE_RULES}, got {symmetrize!r}")
-
-
-def _check_exponents(n_alpha: float, n_beta: float) -> None:
-    for name, value in (("n_alpha", n_alpha), ("n_beta", n_beta)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
 
 
 def _working_dtype(x: Tensor) -> Tensor:
@@ -132,11 +80,6 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     """``sqrt(max(x, 0))`` with a zero (not infinite) gradient at 0, so duplicates never give NaN."""
     positive = x > 0
     return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), torch.zeros_like(x))
-
-
-def _exact_pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
-    """‖a_i - b_j‖ from explicit differences (no ‖a‖²+‖b‖²-2ab cancellation); zero-safe gradient."""
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def orthonormal_columns(a: Tensor) -> Tensor:
@@ -248,15 +191,7 @@ class Pieces:
 
 
 @torch.no_grad()
-def fit_pieces(
-    x: Tensor,
-    m: int = 2,
-    tau: float = 0.5,
-    n_max: int = 10,
-    min_points: int | None = None,
-    subset_selection: bool = True,
-    k_plain: int = 5,
-) -> Pieces:
+def fit_pieces(x: Tensor, options: PieceOptions | None = None, **fields: Any) -> Pieces:
     """Fit an m-dimensional linear piece around every point of a batch (slides 5, 8).
 
     With subset selection (the paper's method), for every anchor ``x_i`` at once:
@@ -298,12 +233,10 @@ def fit_pieces(
 
     Args:
         x: (B, d) teacher embeddings; detached (no gradient flows through the pieces).
-        m: dimension of the pieces [choice, METHOD.md §2: 2].
-        tau: error threshold relative to the median nearest-neighbour distance [choice: 0.5].
-        n_max: most points in a piece, the anchor included [choice: 2k = 10].
-        min_points: fewest points in a piece, the anchor included; default ``m + 1``.
-        subset_selection: greedy growth with the threshold (True) or plain k-NN + PCA (False).
-        k_plain: neighbours besides the anchor in the plain variant [choice: 5].
+        options: :class:`~plmetric.options.PieceOptions` (m, tau, n_max, min_points,
+            subset_selection, k_plain), or an object holding its fields (the config's ``plm``
+            section); default: their defaults.
+        **fields: single options overriding ``options``, e.g. ``tau=1.0``.
 
     Returns:
         The :class:`Pieces` of the batch, on ``x``'s device and dtype (float32 for a
@@ -313,13 +246,10 @@ def fit_pieces(
         ValueError: bad options, fewer than ``max(m + 1, min_points)`` points, ``m > d``, or
             non-finite input.
     """
-    if not (isinstance(m, int) and m >= 1):
-        raise ValueError(f"m: expected an integer >= 1, got {m!r}")
-    if min_points is None:
-        min_points = m + 1
-    if not (isinstance(min_points, int) and min_points >= m + 1):
-        raise ValueError(f"min_points: expected an integer >= m + 1 = {m + 1}, got {min_points!r}")
-    _check_embeddings(x, "fit_pieces: x", min_rows=1)
+    opts = resolve(PieceOptions, options, **fields)
+    m, tau, n_max, subset_selection, k_plain = opts.m, opts.tau, opts.n_max, opts.subset_selection, opts.k_plain
+    min_points = opts.minimum_points
+    check_embeddings(x, "fit_pieces: x", min_rows=1)
     if x.shape[0] < min_points:
         raise ValueError(
             f"fit_pieces: x has {x.shape[0]} points; a piece of dimension m={m} needs at least "
@@ -327,18 +257,11 @@ def fit_pieces(
         )
     if m > x.shape[1]:
         raise ValueError(f"m: the pieces' dimension {m} exceeds the embedding dimension {x.shape[1]}")
-    if subset_selection:
-        if not (isinstance(n_max, int) and n_max >= min_points):
-            raise ValueError(f"n_max: expected an integer >= min_points = {min_points}, got {n_max!r}")
-        if not (math.isfinite(tau) and tau >= 0):
-            raise ValueError(f"tau: expected a finite number >= 0, got {tau!r}")
-    elif not (isinstance(k_plain, int) and k_plain >= m):
-        raise ValueError(f"k_plain: expected an integer >= m = {m}, got {k_plain!r}")
 
     xw = _working_dtype(x.detach())
     accurate = _accurate_dtype(x.device)
     b = xw.shape[0]
-    dist = _exact_pairwise_distance(xw, xw)
+    dist = pairwise_distances(xw)
     dist.fill_diagonal_(math.inf)
     nn_dist = dist.min(dim=1).values
     scale = torch.nan_to_num(torch.nanquantile(torch.where(nn_dist > 0, nn_dist, math.nan), 0.5), nan=0.0)
@@ -467,7 +390,7 @@ def orthogonal_and_parallel(queries: Tensor, anchors: Tensor, bases: Tensor) -> 
     return _safe_sqrt(orth2).to(out_dtype), _safe_sqrt(par2).to(out_dtype)
 
 
-def directional_similarity(o: Tensor, p: Tensor, n_alpha: float = 5.0, n_beta: float = 0.5) -> Tensor:
+def directional_similarity(o: Tensor, p: Tensor, options: SimilarityOptions | None = None, **fields: Any) -> Tensor:
     """``s' = α·β`` with ``α = (1 + o/2)^(-N_α)``, ``β = (1 + p)^(-N_β)`` (slide 9).
 
     Evaluated as ``exp(-N_α log1p(o/2) - N_β log1p(p))``; in (0, 1] for o, p >= 0, 1 at o = p = 0.
@@ -475,14 +398,18 @@ def directional_similarity(o: Tensor, p: Tensor, n_alpha: float = 5.0, n_beta: f
     Args:
         o: orthogonal distances (any shape), >= 0.
         p: in-piece distances (same shape), >= 0.
-        n_alpha: decay exponent orthogonal to the piece [choice: 5].
-        n_beta: decay exponent along the piece [choice: 0.5].
+        options: :class:`~plmetric.options.SimilarityOptions` (``n_alpha``, ``n_beta`` are read);
+            ``**fields`` override single ones.
     """
-    _check_exponents(n_alpha, n_beta)
-    return torch.exp(-(n_alpha * torch.log1p(o / 2) + n_beta * torch.log1p(p)))
+    opts = resolve(SimilarityOptions, options, **fields)
+    return _directional(o, p, opts)
 
 
-def symmetrize_similarity(forward: Tensor, backward: Tensor, rule: Symmetrize = "mean") -> Tensor:
+def _directional(o: Tensor, p: Tensor, opts: SimilarityOptions) -> Tensor:
+    return torch.exp(-(opts.n_alpha * torch.log1p(o / 2) + opts.n_beta * torch.log1p(p)))
+
+
+def symmetrize_similarity(forward: Tensor, backward: Tensor, rule: str = SimilarityOptions.symmetrize) -> Tensor:
     """``s = mean | min | max (s'(a, b), s'(b, a))``, elementwise (METHOD.md §3).
 
     Args:
@@ -490,7 +417,11 @@ def symmetrize_similarity(forward: Tensor, backward: Tensor, rule: Symmetrize = 
         backward: ``s'(b_j, a_i)`` laid out as (N, M).
         rule: "mean" [choice: default], "min" or "max".
     """
-    _check_symmetrize(rule)
+    check_choice("symmetrize", rule, SYMMETRIZE_RULES)
+    return _symmetrize(forward, backward, rule)
+
+
+def _symmetrize(forward: Tensor, backward: Tensor, rule: str) -> Tensor:
     if rule == "mean":
         return 0.5 * (forward + backward)
     if rule == "min":
@@ -498,13 +429,7 @@ def symmetrize_similarity(forward: Tensor, backward: Tensor, rule: Symmetrize = 
     return torch.maximum(forward, backward)
 
 
-def point_similarity(
-    pieces: Pieces,
-    n_alpha: float = 5.0,
-    n_beta: float = 0.5,
-    symmetrize: Symmetrize = "mean",
-    binary: bool = False,
-) -> Tensor:
+def point_similarity(pieces: Pieces, options: SimilarityOptions | None = None, **fields: Any) -> Tensor:
     """Point-point similarity ``s`` (B × B) of the batch the pieces were fitted on (slide 9).
 
     ``s'_ij = s'(x_i, x_j) = (1 + o(x_i, x_j)/2)^(-N_α) (1 + p(x_i, x_j))^(-N_β)`` with o, p
@@ -517,32 +442,30 @@ def point_similarity(
 
     Args:
         pieces: from :func:`fit_pieces`.
-        n_alpha, n_beta: decay exponents [choice: 5, 0.5].
-        symmetrize: "mean" [choice], "min" or "max".
-        binary: use piece membership instead of the graded similarity.
+        options: :class:`~plmetric.options.SimilarityOptions` (n_alpha, n_beta, symmetrize,
+            binary) or an object holding its fields; ``**fields`` override single ones.
 
     Returns:
         (B, B) symmetric, values in (0, 1] (graded) or {0, ½, 1} (binary), 1 on the diagonal.
     """
-    _check_symmetrize(symmetrize)
-    if binary:
+    opts = resolve(SimilarityOptions, options, **fields)
+    if opts.binary:
         one_sided = pieces.members.T.to(pieces.anchors.dtype)  # [i, j] = x_i ∈ P_j
-        return symmetrize_similarity(one_sided, one_sided.T, symmetrize)
+        return _symmetrize(one_sided, one_sided.T, opts.symmetrize)
     o, p = orthogonal_and_parallel(pieces.anchors, pieces.anchors, pieces.bases)
     eye = torch.eye(o.shape[0], dtype=torch.bool, device=o.device)
     o = o.masked_fill(eye, 0.0)
     p = p.masked_fill(eye, 0.0)
-    s_prime = directional_similarity(o, p, n_alpha, n_beta)
-    return symmetrize_similarity(s_prime, s_prime.T, symmetrize)
+    s_prime = _directional(o, p, opts)
+    return _symmetrize(s_prime, s_prime.T, opts.symmetrize)
 
 
 def proxy_point_similarity(
     pieces: Pieces,
     proxy_locations: Tensor,
     proxy_bases: Tensor,
-    n_alpha: float = 5.0,
-    n_beta: float = 0.5,
-    symmetrize: Symmetrize = "mean",
+    options: SimilarityOptions | None = None,
+    **fields: Any,
 ) -> Tensor:
     """Proxy-point similarity ``s(x_i, ρ_k)`` (B × N_ρ) (METHOD.md §4).
 
@@ -550,67 +473,53 @@ def proxy_point_similarity(
     ``s'(x_i, ρ_k) = (1 + ‖(I - V_k V_kᵀ)(x_i - ρ_k)‖/2)^(-N_α) (1 + ‖V_kᵀ(x_i - ρ_k)‖)^(-N_β)``;
     the "vice versa" half uses the point's piece ``P_i``:
     ``s'(ρ_k, x_i) = (1 + ‖(I - U_i U_iᵀ)(ρ_k - x_i)‖/2)^(-N_α) (1 + ‖U_iᵀ(ρ_k - x_i)‖)^(-N_β)``;
-    ``s = sym(s'(x_i, ρ_k), s'(ρ_k, x_i))``.
-    Differentiable in all inputs; the losses use it as a detached target.
+    ``s = sym(s'(x_i, ρ_k), s'(ρ_k, x_i))``. Always graded (proxies have no member sets, so
+    ``binary`` is not read). Differentiable in all inputs; the losses use it as a detached target.
 
     Args:
         pieces: the batch's pieces (:func:`fit_pieces`).
         proxy_locations: (N_ρ, d) ``ρ_k``.
         proxy_bases: (N_ρ, d, m) orthonormal ``V_k``.
-        n_alpha, n_beta, symmetrize: as in :func:`point_similarity`.
+        options, fields: as in :func:`point_similarity`.
 
     Returns:
         (B, N_ρ), values in (0, 1].
     """
-    _check_symmetrize(symmetrize)
+    opts = resolve(SimilarityOptions, options, **fields)
     o_fwd, p_fwd = orthogonal_and_parallel(pieces.anchors, proxy_locations, proxy_bases)
     o_bwd, p_bwd = orthogonal_and_parallel(proxy_locations, pieces.anchors, pieces.bases)
-    forward = directional_similarity(o_fwd, p_fwd, n_alpha, n_beta)
-    backward = directional_similarity(o_bwd, p_bwd, n_alpha, n_beta).T
-    return symmetrize_similarity(forward, backward, symmetrize)
+    forward = _directional(o_fwd, p_fwd, opts)
+    backward = _directional(o_bwd, p_bwd, opts).T
+    return _symmetrize(forward, backward, opts.symmetrize)
 
 
 @torch.no_grad()
-def plm_similarity(
-    embeddings: Tensor,
-    *,
-    m: int = 2,
-    tau: float = 0.5,
-    n_max: int = 10,
-    min_points: int | None = None,
-    subset_selection: bool = True,
-    k_plain: int = 5,
-    n_alpha: float = 5.0,
-    n_beta: float = 0.5,
-    symmetrize: Symmetrize = "mean",
-    binary: bool = False,
-) -> Tensor:
+def plm_similarity_and_pieces(
+    embeddings: Tensor, options: ManifoldOptions | None = None, **fields: Any
+) -> tuple[Tensor, Pieces]:
+    """:func:`plm_similarity` and the pieces it was computed from: ``(s (B, B), pieces)``."""
+    opts = resolve(ManifoldOptions, options, **fields)
+    pieces = fit_pieces(embeddings, opts)
+    return point_similarity(pieces, opts).to(embeddings.dtype), pieces
+
+
+@torch.no_grad()
+def plm_similarity(embeddings: Tensor, options: ManifoldOptions | None = None, **fields: Any) -> Tensor:
     """The whole estimate: ``s = point_similarity(fit_pieces(x))`` for a batch of embeddings.
 
     ``s_ij = sym((1 + o(x_i,x_j)/2)^(-N_α)(1 + p(x_i,x_j))^(-N_β), (1 + o(x_j,x_i)/2)^(-N_α)
     (1 + p(x_j,x_i))^(-N_β))`` with the pieces of :func:`fit_pieces`; computed without gradient
-    on the detached input. Options and defaults are those of :func:`fit_pieces` and
-    :func:`point_similarity`.
+    on the detached input.
 
     Args:
         embeddings: (B, d) finite floating tensor.
+        options: :class:`~plmetric.options.ManifoldOptions` (the piece and similarity options),
+            or an object holding its fields (the config's ``plm`` section); ``**fields`` override.
 
     Returns:
         (B, B) symmetric similarity, 1 on the diagonal, on the input's device and dtype.
     """
-    _check_symmetrize(symmetrize)
-    _check_exponents(n_alpha, n_beta)
-    pieces = fit_pieces(
-        embeddings,
-        m=m,
-        tau=tau,
-        n_max=n_max,
-        min_points=min_points,
-        subset_selection=subset_selection,
-        k_plain=k_plain,
-    )
-    s = point_similarity(pieces, n_alpha=n_alpha, n_beta=n_beta, symmetrize=symmetrize, binary=binary)
-    return s.to(embeddings.dtype)
+    return plm_similarity_and_pieces(embeddings, options, **fields)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,14 +546,19 @@ class Proxies(nn.Module):
         generator: optional ``torch.Generator`` for the random initialisation.
     """
 
-    def __init__(self, dim: int, n_proxies: int = 300, m: int = 2, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        dim: int,
+        n_proxies: int = PLMLossOptions.num_proxies,
+        m: int = PieceOptions.m,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
-        if not (isinstance(dim, int) and dim >= 1):
-            raise ValueError(f"dim: expected an integer >= 1, got {dim!r}")
-        if not (isinstance(n_proxies, int) and n_proxies >= 1):
-            raise ValueError(f"n_proxies: expected an integer >= 1, got {n_proxies!r}")
-        if not (isinstance(m, int) and 1 <= m <= dim):
-            raise ValueError(f"m: expected an integer in [1, dim={dim}], got {m!r}")
+        check_int("dim", dim, 1)
+        check_int("n_proxies", n_proxies, 1)
+        check_int("m", m, 1)
+        if m > dim:
+            raise ValueError(f"m must be an integer in [1, dim={dim}], got {m!r}")
         locations = torch.randn(n_proxies, dim, generator=generator)
         locations = locations / locations.norm(dim=1, keepdim=True)
         raw = orthonormal_columns(torch.randn(n_proxies, dim, m, generator=generator))
@@ -679,7 +593,7 @@ class Proxies(nn.Module):
 
     @torch.no_grad()
     def init_from_embeddings(
-        self, x: Tensor, n_neighbours: int = 5, generator: torch.Generator | None = None
+        self, x: Tensor, n_neighbours: int = PieceOptions.k_plain, generator: torch.Generator | None = None
     ) -> Proxies:
         """Place the proxies on N_ρ random embeddings, each with the local PCA of its neighbours.
 
@@ -698,11 +612,10 @@ class Proxies(nn.Module):
         Raises:
             ValueError: shape mismatch, non-finite input, too few embeddings.
         """
-        _check_embeddings(x, "Proxies.init_from_embeddings: x")
+        check_embeddings(x, "Proxies.init_from_embeddings: x")
         if x.shape[1] != self.dim:
             raise ValueError(f"Proxies.init_from_embeddings: x has dimension {x.shape[1]}, the proxies {self.dim}")
-        if not (isinstance(n_neighbours, int) and n_neighbours >= self.m):
-            raise ValueError(f"n_neighbours: expected an integer >= m = {self.m}, got {n_neighbours!r}")
+        check_int("n_neighbours", n_neighbours, self.m)
         if x.shape[0] < self.n_proxies or x.shape[0] < n_neighbours + 1:
             raise ValueError(
                 f"Proxies.init_from_embeddings: need at least max(N_ρ={self.n_proxies}, "
@@ -711,7 +624,7 @@ class Proxies(nn.Module):
         xw = _working_dtype(x.detach())
         chosen = torch.randperm(xw.shape[0], generator=generator)[: self.n_proxies].to(xw.device)
         centres = xw[chosen]
-        dist = torch.cdist(centres, xw)
+        dist = pairwise_distances(centres, xw, method="torch")
         dist[torch.arange(self.n_proxies, device=xw.device), chosen] = math.inf
         neighbours = torch.topk(dist, n_neighbours, dim=1, largest=False).indices
         xa = xw.to(_accurate_dtype(xw.device))  # the Gram/eigh route in float64, as in fit_pieces

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from plmetric.data import _DECODE_ERRORS, ImageDataset, UnreadableImageWarning
+from plmetric.data import DECODE_ERRORS, ImageDataset, UnreadableImageWarning
 
 DEFAULT_MAX_BYTES = 8 * 2**30
 """Default size limit of an image cache: 8 GiB."""
@@ -295,7 +295,7 @@ class ImageCache:
                                 f"(expected {tuple(shapes[i])} after resizing)"
                             )
                         data[offsets[i] : offsets[i] + nbytes[i]] = pixels.reshape(-1)
-                    except _DECODE_ERRORS as err:
+                    except DECODE_ERRORS as err:
                         failed.append((i, f"{type(err).__name__}: {err}"))
                 return failed
 
@@ -445,7 +445,7 @@ def _header_sizes(
                 with Image.open(str(dataset.paths[i])) as image:
                     w, h = image.size
                 sizes[position[i]] = (h, w)
-            except _DECODE_ERRORS as err:
+            except DECODE_ERRORS as err:
                 failed.append((i, f"{type(err).__name__}: {err}"))
         return failed
 

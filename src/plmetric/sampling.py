@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from plmetric.manifold import value_checks_enabled
+from plmetric.validation import check_int, value_checks_enabled
 
 __all__ = ["ClassBalancedBatchSampler", "MemoryBank", "NeighbourhoodBatchSampler", "ema_update", "make_teacher"]
 
@@ -289,10 +289,8 @@ class MemoryBank:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"NeighbourhoodBatchSampler: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
+_NBS = "NeighbourhoodBatchSampler: "
+_CBS = "ClassBalancedBatchSampler: "
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -370,19 +368,19 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
         avoid_duplicates: bool = False,
         items: Tensor | None = None,
     ) -> None:
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.k = _check_int("k", k, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1, where=_NBS)
+        self.k = check_int("k", k, 1, where=_NBS)
         if batch_size % k:
             raise ValueError(f"NeighbourhoodBatchSampler: batch_size ({batch_size}) must be divisible by k ({k})")
-        self.world_size = _check_int("world_size", world_size, 1)
+        self.world_size = check_int("world_size", world_size, 1, where=_NBS)
         if batch_size % world_size:
             raise ValueError(
                 f"NeighbourhoodBatchSampler: batch_size ({batch_size}) must be divisible by world_size ({world_size})"
             )
-        self.rank = _check_int("rank", rank, 0)
+        self.rank = check_int("rank", rank, 0, where=_NBS)
         if rank >= world_size:
             raise ValueError(f"NeighbourhoodBatchSampler: rank ({rank}) must be < world_size ({world_size})")
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0, where=_NBS)
         self.drop_last = bool(drop_last)
         self.avoid_duplicates = bool(avoid_duplicates)
         self.seeds_per_batch = batch_size // k
@@ -460,7 +458,7 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch; a different epoch than the current one restarts at its first batch."""
-        _check_int("epoch", epoch, 0)
+        check_int("epoch", epoch, 0, where=_NBS)
         if epoch != self.epoch:
             self.epoch = epoch
             self.position = 0
@@ -571,7 +569,7 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
         if epoch_table is not None:
             epoch_table = self._validated(epoch_table, expected_items=self.num_items)
         epoch, position = state["epoch"], state["position"]
-        _check_int("epoch", epoch, 0)
+        check_int("epoch", epoch, 0, where=_NBS)
         if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= len(self):
             raise ValueError(
                 f"NeighbourhoodBatchSampler.load_state_dict: position must be an integer in "
@@ -626,11 +624,11 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         items: Tensor | None = None,
     ) -> None:
         name = "ClassBalancedBatchSampler"
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.m = _check_int("m", m, 1)
-        self.seed = _check_int("seed", seed, 0)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+        self.batch_size = check_int("batch_size", batch_size, 1, where=_CBS)
+        self.m = check_int("m", m, 1, where=_CBS)
+        self.seed = check_int("seed", seed, 0, where=_CBS)
+        self.world_size = check_int("world_size", world_size, 1, where=_CBS)
+        self.rank = check_int("rank", rank, 0, where=_CBS)
         if batch_size % m or batch_size % world_size or rank >= world_size:
             raise ValueError(
                 f"{name}: batch_size ({batch_size}) must be divisible by m ({m}) and world_size ({world_size}), "
@@ -660,7 +658,7 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         return max(1, self.num_items // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = check_int("epoch", epoch, 0, where=_CBS)
 
     def global_batches(self, epoch: int) -> Tensor:
         """All global batches of ``epoch`` as a (num_batches, B) tensor of data set indices."""

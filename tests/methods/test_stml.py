@@ -1,4 +1,5 @@
-"""Tests of plmetric.stml: STML's loss against loop ports of the authors' code, gradient routing, the model."""
+"""Tests of plmetric.methods.stml (and its terms in plmetric.losses): STML's loss against loop ports of the
+authors' code, gradient routing, the model."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from numerics import (
 )
 from tiny import tiny_model
 
+from plmetric.estimators import stml_similarity
+from plmetric.losses import stml_kl_loss, stml_rc_loss
+from plmetric.methods.stml import STMLLoss, STMLModel
 from plmetric.sampling import ema_update, make_teacher
-from plmetric.similarity import stml_similarity
-from plmetric.stml import STMLLoss, STMLModel, stml_kl_loss, stml_rc_loss
 
 # ------------------------------------------------------------------------------------------
 # plain loop ports of the authors' RC_STML / KL_STML (github tjddus9597/STML-CVPR22, code/loss.py)
@@ -297,7 +299,7 @@ def test_loss_matches_loop_port_of_authors_code(seed, b, d_f, d_g, topk, normali
     s_f, s_g, t_g = _random_inputs(seed, b, d_f, d_g)
     sigma, delta = 3.0, 0.9 if seed % 2 else 1.0
     criterion = STMLLoss(sigma=sigma, delta=delta, topk=topk, normalize_student=normalize)
-    out = criterion(s_f, s_g, t_g)
+    out = criterion.terms(s_f, s_g, t_g)
     assert set(out) == {"loss", "loss_rc", "loss_kl"} and all(v.dim() == 0 for v in out.values())
     f_np, g_np, t_np = s_f.numpy(), s_g.numpy(), t_g.numpy()
     ref_loss, ref_rc, ref_kl = _ref_stml(f_np, g_np, t_np, sigma, delta, topk, normalize)
@@ -313,9 +315,9 @@ def test_loss_matches_loop_port_of_authors_code(seed, b, d_f, d_g, topk, normali
     assert_within(criterion.last_similarity, _ref_similarity(t_np, sigma, topk), w_err, "W")
     assert (
         abs(
-            STMLLoss(sigma=sigma, delta=delta * (1 + 1e-9), topk=topk, normalize_student=normalize)(s_f, s_g, t_g)[
-                "loss_rc"
-            ].item()
+            STMLLoss(sigma=sigma, delta=delta * (1 + 1e-9), topk=topk, normalize_student=normalize)
+            .terms(s_f, s_g, t_g)["loss_rc"]
+            .item()
             - ref_rc
         )
         > rc_err
@@ -329,7 +331,7 @@ def test_values_and_gradients_match_authors_torch_code(normalize):
     sigma, delta, topk = 3.0, 1.0, 5
     ours_f, ours_g = s_f.clone().requires_grad_(), s_g.clone().requires_grad_()
     theirs_f, theirs_g = s_f.clone().requires_grad_(), s_g.clone().requires_grad_()
-    out = STMLLoss(sigma=sigma, delta=delta, topk=topk, normalize_student=normalize)(ours_f, ours_g, t_g)
+    out = STMLLoss(sigma=sigma, delta=delta, topk=topk, normalize_student=normalize).terms(ours_f, ours_g, t_g)
     out["loss"].backward()
     idx = torch.arange(16)
     rc = (
@@ -359,11 +361,11 @@ def test_plain_functions_and_options():
     kl2 = stml_kl_loss(s_f, s_g, temperature=2.0)
     kl2_err = _kl_error(f_np, g_np, True, temperature=2.0)
     assert abs(kl2.item() - _ref_kl(f_np, g_np, True, temperature=2.0)) <= kl2_err
-    out = STMLLoss(weight_kl=0.25)(s_f, s_g, t_g)
+    out = STMLLoss(weight_kl=0.25).terms(s_f, s_g, t_g)
     assert out["loss"].item() == (out["loss_rc"] + 0.25 * out["loss_kl"]).item()  # the same two operations
     # the query expansion option reaches the similarity (the same function on the same values)
     crit = STMLLoss(topk=6, query_expansion=1)
-    crit(s_f, s_g, t_g)
+    crit.terms(s_f, s_g, t_g)
     expanded = stml_similarity(t_g, sigma=3.0, topk=6, query_expansion=1)[0]
     torch.testing.assert_close(crit.last_similarity, expanded, rtol=0, atol=0)
     assert not torch.equal(expanded, stml_similarity(t_g, sigma=3.0, topk=6)[0])
@@ -385,7 +387,7 @@ def test_kl_is_zero_when_heads_agree():
 
 def test_gradient_routing():
     s_f, s_g, t_g = (t.requires_grad_() for t in _random_inputs(6, 12, 8, 16))
-    out = STMLLoss()(s_f, s_g, t_g)
+    out = STMLLoss().terms(s_f, s_g, t_g)
     out["loss"].backward()
     assert t_g.grad is None  # the teacher's targets carry no gradient
     assert s_f.grad.abs().sum() > 0 and s_g.grad.abs().sum() > 0
@@ -397,7 +399,7 @@ def test_gradient_routing():
 
     # the RC term reaches both heads
     f, g, t = (x.detach().clone().requires_grad_() for x in (s_f, s_g, t_g))
-    STMLLoss()(f, g, t)["loss_rc"].backward()
+    STMLLoss().terms(f, g, t)["loss_rc"].backward()
     assert f.grad.abs().sum() > 0 and g.grad.abs().sum() > 0 and t.grad is None
 
 
@@ -489,15 +491,15 @@ def test_bad_shapes_raise():
     s_f, s_g, t_g = _random_inputs(8, 10, 8, 16)
     crit = STMLLoss()
     with pytest.raises(ValueError, match="student_f"):
-        crit(s_f[0], s_g, t_g)
+        crit.terms(s_f[0], s_g, t_g)
     with pytest.raises(ValueError, match="student_g"):
-        crit(s_f, s_g[:9], t_g)
+        crit.terms(s_f, s_g[:9], t_g)
     with pytest.raises(ValueError, match="teacher_g"):
-        crit(s_f, s_g, t_g[:, :8])
+        crit.terms(s_f, s_g, t_g[:, :8])
     with pytest.raises(ValueError, match="teacher_g"):
-        crit(s_f, s_g, torch.full_like(t_g, float("nan")))
+        crit.terms(s_f, s_g, torch.full_like(t_g, float("nan")))
     with pytest.raises(ValueError, match="student_f"):
-        crit(s_f[:1], s_g[:1], t_g[:1])
+        crit.terms(s_f[:1], s_g[:1], t_g[:1])
     with pytest.raises(ValueError, match="temperature"):
         stml_kl_loss(s_f, s_g, temperature=0.0)
     with pytest.raises(ValueError, match="student_g"):
@@ -531,4 +533,4 @@ def test_targets_and_loss_follow_cluster_structure():
     mixed = teacher[torch.arange(2 * n_per).view(2, n_per).T.reshape(-1)]  # interleave: clusters mixed up
     assert stml_rc_loss(separated, w).item() < stml_rc_loss(mixed, w).item()
     crit = STMLLoss()
-    assert crit(separated, separated, teacher)["loss"] < crit(mixed, mixed, teacher)["loss"]
+    assert crit.terms(separated, separated, teacher)["loss"] < crit.terms(mixed, mixed, teacher)["loss"]

@@ -6,7 +6,7 @@ A port of the training objective of the authors' public code (github.com/tjddus9
 The student has two linear heads on the same pooled backbone features: the target embedding ``f``
 (evaluated, e.g. 512-d) and an auxiliary, larger head ``g`` (1024-d). The teacher is a momentum (EMA)
 copy of the student; its ``g`` embeddings give soft pair targets ``W`` (the contextualised
-similarity, :func:`plmetric.similarity.stml_similarity`). With ``d̂`` the row-mean-normalised
+similarity, :func:`plmetric.estimators.stml_similarity`). With ``d̂`` the row-mean-normalised
 student distances:
 
 * ``L_RC(s) = Σ_{i≠j} [W_ij d̂_ij² + (1 - W_ij) relu(δ - d̂_ij)²] / (B (B - 1))`` (relaxed contrastive);
@@ -32,158 +32,60 @@ Simplifications and differences from the authors' code:
   row means are clamped at 1e-12; the contextual similarity is vectorised (no loop over points).
 * Their teacher network has the ``g`` head only; here it is the EMA copy of the whole two-head
   :class:`STMLModel` (the trainer uses its ``f`` for the memory bank).
+
+The loss terms are free functions in :mod:`plmetric.losses` (:func:`~plmetric.losses.stml_rc_loss`,
+:func:`~plmetric.losses.stml_kl_loss`); options: :class:`plmetric.options.STMLOptions`, the config's
+``stml`` section.
 """
 
 from __future__ import annotations
 
-import math
-from numbers import Integral
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plmetric.losses import relaxed_contrastive_loss
-from plmetric.manifold import _check_embeddings, _exact_pairwise_distance
+from plmetric.estimators import stml_similarity
+from plmetric.losses import stml_kl_loss, stml_rc_loss
+from plmetric.methods.base import Method, Objective, StepInputs
 from plmetric.models import EmbeddingModel
-from plmetric.similarity import stml_similarity
+from plmetric.options import STMLOptions, resolve
+from plmetric.validation import check_bool, check_embeddings, check_int
 
-__all__ = ["STMLLoss", "STMLModel", "stml_kl_loss", "stml_rc_loss"]
-
-
-def _check_number(name: str, value: object, *, positive: bool) -> float:
-    """A finite real number, > 0 when ``positive`` else >= 0; ValueError naming ``name`` otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: expected a number, got {value!r}")
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{name}: expected a finite number {'>' if positive else '>='} 0, got {value!r}")
-    return v
+__all__ = ["STMLLoss", "STMLMethod", "STMLModel"]
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def _row_normalised_distances(x: Tensor) -> Tensor:
-    """``d̂_ij = ‖x_i - x_j‖ / mean_l ‖x_i - x_l‖`` (the mean over the row includes the zero self-distance)."""
-    distance = _exact_pairwise_distance(x, x)
-    return distance / distance.mean(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def stml_rc_loss(student: Tensor, weights: Tensor, delta: float = 1.0, normalize: bool = True) -> Tensor:
-    """STML's relaxed contrastive loss (``RC_STML`` of the authors' code) for one student head.
-
-    ``L_RC = Σ_{i≠j} [W_ij d̂_ij² + (1 - W_ij) relu(δ - d̂_ij)²] / (B (B - 1))`` with
-    ``d̂_ij = ‖s_i - s_j‖ / mean_l ‖s_i - s_l‖`` (the row mean over all B entries, the zero diagonal
-    included) and ``W`` the teacher's contextualised similarity
-    (``stml_similarity(teacher_g)[0]``), a detached target.
-
-    Args:
-        student: (B, d) embeddings of one student head, B >= 2.
-        weights: (B, B) pair weights ``W`` in [0, 1] (detached here).
-        delta: the margin δ on normalised distances beyond which pairs with ``W < 1`` are no longer
-            pushed (1; 0.9 on SOP in the paper).
-        normalize: L2-normalise ``student`` first (their ``disable_mu`` flag; their default is False).
-
-    Returns:
-        Scalar loss; gradient to ``student`` only.
-    """
-    delta = _check_number("delta", delta, positive=False)
-    _check_embeddings(student, "stml_rc_loss: student", min_rows=2)
-    if normalize:
-        student = F.normalize(student, dim=1)
-    return relaxed_contrastive_loss(student, weights, margin=delta, normalize_rows=True)
-
-
-def stml_kl_loss(student_f: Tensor, student_g: Tensor, temperature: float = 1.0, normalize: bool = True) -> Tensor:
-    """STML's self-distillation term (``KL_STML`` of the authors' code): the ``g`` head teaches ``f``.
-
-    With ``d̂^f`` and ``d̂^g`` the row-mean-normalised distance matrices of the two heads (diagonal
-    included), ``P_i = softmax(-d̂^g_i / T)`` (detached) and ``Q_i = softmax(-d̂^f_i / T)``:
-    ``L_KL = Σ_i KL(P_i ‖ Q_i) · T² / B = Σ_ij P_ij (log P_ij - log Q_ij) · T² / B``
-    (``F.kl_div(log Q, P, reduction="sum") · T² / B``).
-
-    Args:
-        student_f: (B, d_f) target-head embeddings (with gradient), B >= 2.
-        student_g: (B, d_g) auxiliary-head embeddings of the same images (detached here).
-        temperature: T > 0 (always 1 in the authors' code).
-        normalize: L2-normalise both heads first (their ``disable_mu`` flag; their default is False).
-
-    Returns:
-        Scalar loss; gradient to ``student_f`` only.
-    """
-    temperature = _check_number("temperature", temperature, positive=True)
-    _check_embeddings(student_f, "stml_kl_loss: student_f", min_rows=2)
-    _check_embeddings(student_g, "stml_kl_loss: student_g", min_rows=2)
-    if student_g.shape[0] != student_f.shape[0]:
-        raise ValueError(
-            f"stml_kl_loss: student_g has {student_g.shape[0]} rows, student_f {student_f.shape[0]}; "
-            "they must embed the same images"
-        )
-    g = student_g.detach().to(student_f.dtype)
-    if normalize:
-        student_f, g = F.normalize(student_f, dim=1), F.normalize(g, dim=1)
-    log_q = F.log_softmax(-_row_normalised_distances(student_f) / temperature, dim=1)
-    log_p = F.log_softmax(-_row_normalised_distances(g) / temperature, dim=1)
-    kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
-    return kl * temperature**2 / student_f.shape[0]
-
-
-class STMLLoss(nn.Module):
+class STMLLoss(Objective):
     """STML's objective (``STML_loss`` of the authors' code) on the two student heads.
 
     ``L = ½ (L_RC(f) + L_RC(g)) + weight_kl · L_KL(f, g)``, both RC terms with the same targets
-    ``W = stml_similarity(teacher_g)``; see :func:`stml_rc_loss` and :func:`stml_kl_loss`.
-    Gradient routing: ``teacher_g`` and ``W`` carry none; ``L_RC`` reaches both student heads,
-    ``L_KL`` the ``f`` head only.
+    ``W = stml_similarity(teacher_g)``; see :func:`~plmetric.losses.stml_rc_loss` and
+    :func:`~plmetric.losses.stml_kl_loss`. Gradient routing: ``teacher_g`` and ``W`` carry none;
+    ``L_RC`` reaches both student heads, ``L_KL`` the ``f`` head only.
+
+    Args:
+        options: :class:`~plmetric.options.STMLOptions` (sigma, delta, topk, query_expansion,
+            weight_kl, normalize_student; ``g_dim`` is the model's), e.g. the config's ``stml``
+            section; ``**fields`` override single options.
 
     Attributes:
         last_similarity: the detached (B, B) ``W`` of the last batch (None before the first).
+
+    Raises:
+        ValueError: an option out of range; the message names it.
     """
 
-    def __init__(
-        self,
-        *,
-        sigma: float = 3.0,
-        delta: float = 1.0,
-        topk: int = 5,
-        query_expansion: int | None = None,
-        weight_kl: float = 1.0,
-        normalize_student: bool = True,
-    ) -> None:
-        """Set the options.
-
-        Args:
-            sigma: width of ``W_P = exp(-‖t_i - t_j‖² / σ)`` on the L2-normalised teacher embeddings
-                (3 in the paper's runs).
-            delta: margin δ of the relaxed contrastive loss (1; 0.9 on SOP).
-            topk: neighbours (the point itself included) of the contextual similarity ``W_C``; counts
-                distinct images (one view per image).
-            query_expansion: rows averaged in ``W_C``'s query expansion; None: ``round(topk / 2)``.
-            weight_kl: weight of the self-distillation term (1 in the paper).
-            normalize_student: L2-normalise the student heads inside the loss (their ``disable_mu``).
-
-        Raises:
-            ValueError: an option out of range; the message names it.
-        """
+    def __init__(self, options: STMLOptions | None = None, **fields: Any) -> None:
         super().__init__()
-        self.sigma = _check_number("sigma", sigma, positive=True)
-        self.delta = _check_number("delta", delta, positive=False)
-        self.topk = _check_count("topk", topk)
-        self.query_expansion = None if query_expansion is None else _check_count("query_expansion", query_expansion)
-        self.weight_kl = _check_number("weight_kl", weight_kl, positive=False)
-        if not isinstance(normalize_student, bool):
-            raise ValueError(f"normalize_student: expected a bool, got {normalize_student!r}")
-        self.normalize_student = normalize_student
+        self.options = resolve(STMLOptions, options, **fields)
         self.last_similarity: Tensor | None = None
 
-    def forward(self, student_f: Tensor, student_g: Tensor, teacher_g: Tensor) -> dict[str, Tensor]:
+    def forward(self, inputs: StepInputs) -> dict[str, Tensor]:
+        """The terms of a batch: both student heads against the teacher's auxiliary head (:meth:`terms`)."""
+        return self.terms(inputs.student[0], inputs.student[1], inputs.teacher[1])
+
+    def terms(self, student_f: Tensor, student_g: Tensor, teacher_g: Tensor) -> dict[str, Tensor]:
         """Compute the loss terms for one batch.
 
         Args:
@@ -197,9 +99,9 @@ class STMLLoss(nn.Module):
         Raises:
             ValueError: a tensor that is not a finite floating (B, d) matrix, or shapes that disagree.
         """
-        _check_embeddings(student_f, "STMLLoss: student_f", min_rows=2)
-        _check_embeddings(student_g, "STMLLoss: student_g", min_rows=2)
-        _check_embeddings(teacher_g, "STMLLoss: teacher_g", min_rows=2)
+        check_embeddings(student_f, "STMLLoss: student_f", min_rows=2)
+        check_embeddings(student_g, "STMLLoss: student_g", min_rows=2)
+        check_embeddings(teacher_g, "STMLLoss: teacher_g", min_rows=2)
         b = student_f.shape[0]
         if student_g.shape[0] != b or teacher_g.shape[0] != b:
             raise ValueError(
@@ -211,20 +113,18 @@ class STMLLoss(nn.Module):
                 f"STMLLoss: teacher_g {tuple(teacher_g.shape)} must come from the auxiliary head, the same size "
                 f"as student_g {tuple(student_g.shape)}"
             )
+        o = self.options
         with torch.no_grad():
             weights, _ = stml_similarity(
-                teacher_g.detach(), sigma=self.sigma, topk=self.topk, query_expansion=self.query_expansion
+                teacher_g.detach(), sigma=o.sigma, topk=o.topk, query_expansion=o.query_expansion
             )
-        normalize = self.normalize_student
-        loss_rc_f = stml_rc_loss(student_f, weights, self.delta, normalize=normalize)
-        loss_rc_g = stml_rc_loss(student_g, weights, self.delta, normalize=normalize)
+        normalize = o.normalize_student
+        loss_rc_f = stml_rc_loss(student_f, weights, o.delta, normalize=normalize)
+        loss_rc_g = stml_rc_loss(student_g, weights, o.delta, normalize=normalize)
         loss_rc = 0.5 * (loss_rc_f + loss_rc_g)
         loss_kl = stml_kl_loss(student_f, student_g, temperature=1.0, normalize=normalize)
         self.last_similarity = weights.detach()
-        return {"loss": loss_rc + self.weight_kl * loss_kl, "loss_rc": loss_rc, "loss_kl": loss_kl}
-
-    def after_step(self) -> None:
-        """Called by the trainer after each optimiser step; STML keeps no state to update."""
+        return {"loss": loss_rc + o.weight_kl * loss_kl, "loss_rc": loss_rc, "loss_kl": loss_kl}
 
 
 class STMLModel(nn.Module):
@@ -246,7 +146,7 @@ class STMLModel(nn.Module):
         normalize_heads: whether ``forward_heads`` L2-normalises its outputs.
     """
 
-    def __init__(self, base: EmbeddingModel, g_dim: int = 1024, *, normalize_heads: bool = True) -> None:
+    def __init__(self, base: EmbeddingModel, g_dim: int = STMLOptions.g_dim, *, normalize_heads: bool = True) -> None:
         """Wrap ``base`` and add the auxiliary head.
 
         Args:
@@ -263,9 +163,8 @@ class STMLModel(nn.Module):
         super().__init__()
         if not isinstance(base, EmbeddingModel):
             raise TypeError(f"STMLModel wraps an EmbeddingModel, got {type(base).__name__}")
-        self.g_dim = _check_count("g_dim", g_dim)
-        if not isinstance(normalize_heads, bool):
-            raise ValueError(f"normalize_heads: expected a bool, got {normalize_heads!r}")
+        self.g_dim = check_int("g_dim", g_dim, 1)
+        check_bool("normalize_heads", normalize_heads)
         self.normalize_heads = normalize_heads
         self.backbone_name = base.backbone_name
         self.feature_dim = int(base.feature_dim)
@@ -313,3 +212,27 @@ class STMLModel(nn.Module):
         model.embedding = self.embedding
         model.embedding_dim = self.embedding_dim
         return model
+
+
+class STMLMethod(Method):
+    """STML in the trainer: a second, auxiliary head whose EMA teacher's contextual similarity
+    gives soft pair targets to both student heads; checkpoints hold the target head ``f``."""
+
+    name = "stml"
+    summary = "STML: contextual similarity + relaxed contrastive + self-distillation (Kim et al., CVPR 2022)"
+
+    def wrap_student(self, model: nn.Module) -> nn.Module:
+        """The model with STML's auxiliary head ``g`` (``stml.g_dim``)."""
+        return model if isinstance(model, STMLModel) else STMLModel(model, g_dim=self.cfg.stml.g_dim)
+
+    def heads(self, net: nn.Module, images: Tensor) -> tuple[Tensor, ...]:
+        """``(f, g)`` from one backbone pass (through DDP or ``torch.compile`` wrappers too)."""
+        return tuple(net(images, both_heads=True))
+
+    def build_objective(self, dim: int, init_embeddings: Tensor | None, generator: torch.Generator) -> STMLLoss:
+        """STML's loss with the config's ``stml`` options."""
+        return STMLLoss(self.cfg.stml)
+
+    def deployable(self, model: nn.Module) -> nn.Module:
+        """The target embedding ``f`` alone (the auxiliary head is dropped from checkpoints)."""
+        return model.embedding_model()

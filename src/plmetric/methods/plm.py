@@ -1,0 +1,170 @@
+"""PLM: Piecewise-Linear Manifolds for Deep Metric Learning (Bhatnagar & Ahuja, CPAL 2024).
+
+The teacher's embeddings of a batch are covered by local linear pieces (:mod:`plmetric.manifold`);
+their point-point and proxy-point similarities are the targets of the student's distances
+(METHOD.md §2-5): ``L = w_point L_point + w_proxy L_proxy + w_neighbourhood L_neighbourhood``
+(the terms in :mod:`plmetric.losses`). Options: :class:`plmetric.options.PLMOptions`, the config's
+``plm`` section.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from plmetric.distances import pairwise_distances
+from plmetric.losses import neighbourhood_loss, point_loss, proxy_loss, relaxed_contrastive_loss, target_scales
+from plmetric.manifold import Proxies, fit_pieces, point_similarity, proxy_point_similarity
+from plmetric.methods.base import Method, Objective, StepInputs
+from plmetric.options import PLMOptions, resolve
+from plmetric.validation import check_embeddings
+
+__all__ = ["PLMLoss", "PLMMethod"]
+
+
+class PLMLoss(Objective):
+    """``L = w_point L_point + w_proxy L_proxy + w_neighbourhood L_neighbourhood`` (weights 1 by default).
+
+    Per batch: pieces from the teacher (:func:`fit_pieces`), the point-point similarity
+    (:func:`point_similarity`) and the proxy-point similarity (:func:`proxy_point_similarity`),
+    all without gradient; then the three losses with METHOD.md §5's routing. The module owns the
+    :class:`Proxies` (``self.proxies``; none when ``num_proxies = 0``, the no-proxy ablation, where
+    the two proxy terms are 0). With ``binary=True`` only the point-point similarity becomes
+    binary (proxies have no member sets); the proxy-point similarity stays graded.
+    ``loss_form="contrastive"`` replaces the regression onto ``δ(1 - s)`` by STML's relaxed
+    contrastive loss with ``W = s`` and margin δ on row-normalised distances.
+
+    Args:
+        dim: embedding dimension d.
+        options: :class:`~plmetric.options.PLMOptions` (pieces, similarities, losses), e.g. the
+            config's ``plm`` section; ``**fields`` override single options (``num_proxies=0``).
+        generator: optional ``torch.Generator`` for the proxies' random initialisation.
+    """
+
+    def __init__(
+        self, dim: int, options: PLMOptions | None = None, *, generator: torch.Generator | None = None, **fields: Any
+    ) -> None:
+        super().__init__()
+        self.options = resolve(PLMOptions, options, **fields)
+        o = self.options
+        self.proxies = Proxies(dim, o.num_proxies, o.m, generator=generator) if o.num_proxies > 0 else None
+        self.last_similarity: Tensor | None = None
+
+    def forward(self, inputs: StepInputs) -> dict[str, Tensor]:
+        """The loss terms of a batch from the student's and the teacher's first heads (:meth:`terms`)."""
+        return self.terms(inputs.student[0], inputs.teacher[0])
+
+    def terms(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
+        """Compute the loss terms for one batch.
+
+        Args:
+            student: (B, d) student embeddings (with gradient).
+            teacher: (B, d) teacher embeddings of the same images (detached here).
+
+        Returns:
+            ``{"loss", "loss_point", "loss_proxy", "loss_neighbourhood"}`` (scalars; ``loss`` is
+            the weighted sum) and, detached, for monitoring: ``"piece_size"`` (mean points per
+            piece), ``"target_mean"`` and ``"distance_mean"`` (mean point target δ(1 - s) and mean
+            student distance over pairs i ≠ j). ``self.last_similarity`` keeps the batch's s.
+        """
+        o = self.options
+        check_embeddings(student, "PLMLoss: student", min_rows=2)
+        if teacher.shape != student.shape:
+            raise ValueError(
+                f"PLMLoss: teacher {tuple(teacher.shape)} and student {tuple(student.shape)} must have the same shape"
+            )
+        teacher = teacher.detach()
+        with torch.no_grad():
+            pieces = fit_pieces(teacher, o)
+            similarity = point_similarity(pieces, o)
+        point_delta = self._scale(similarity, student, teacher)
+        if o.loss_form == "contrastive":
+            terms = {"loss_point": relaxed_contrastive_loss(student, similarity, margin=o.delta)}
+        else:
+            terms = {"loss_point": point_loss(student, similarity, point_delta, o.normalize_rows)}
+        self.last_similarity = similarity
+        if self.proxies is not None:
+            locations, bases = self.proxies()
+            with torch.no_grad():
+                proxy_similarity = proxy_point_similarity(
+                    pieces, locations.detach().to(teacher.dtype), bases.detach().to(teacher.dtype), o
+                )
+            if o.loss_form == "contrastive":
+                terms["loss_proxy"] = relaxed_contrastive_loss(
+                    student, proxy_similarity, locations.detach(), margin=o.delta
+                )
+            else:
+                proxy_delta = self._scale(proxy_similarity, student, teacher, locations.detach().to(teacher.dtype))
+                terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, proxy_delta, o.normalize_rows)
+            terms["loss_neighbourhood"] = neighbourhood_loss(
+                teacher, locations, bases, proxy_similarity, o.proxy_neighbours
+            )
+        else:
+            zero = student.new_zeros(())
+            terms["loss_proxy"] = zero
+            terms["loss_neighbourhood"] = zero
+        terms["loss"] = (
+            o.weight_point * terms["loss_point"]
+            + o.weight_proxy * terms["loss_proxy"]
+            + o.weight_neighbourhood * terms["loss_neighbourhood"]
+        )
+        terms["piece_size"] = pieces.size.to(student.dtype).mean()
+        with torch.no_grad():  # monitoring: mean target distance vs mean student distance, off the diagonal
+            off_diagonal = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
+            target = point_delta * (1.0 - similarity.to(student.dtype))
+            terms["target_mean"] = target[off_diagonal].mean()
+            distances = pairwise_distances(student.detach(), student.detach(), method="torch")
+            terms["distance_mean"] = distances[off_diagonal].mean()
+        return terms
+
+    def _scale(
+        self, similarity: Tensor, student: Tensor, teacher: Tensor, others: Tensor | None = None
+    ) -> float | Tensor:
+        """δ for targets against ``others`` (the batch itself when None, else proxy locations)."""
+        o = self.options
+        if o.delta_mode == "fixed":
+            return o.delta
+        with torch.no_grad():
+            other_student = student.detach() if others is None else others.to(student.dtype)
+            other_teacher = teacher if others is None else others
+            return target_scales(
+                o.delta_mode,
+                o.delta,
+                similarity.to(student.dtype),
+                pairwise_distances(student.detach(), other_student, method="torch"),
+                pairwise_distances(teacher, other_teacher, method="torch").to(student.dtype),
+            )
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Call after each optimiser step: re-orthonormalise the proxies' raw bases."""
+        if self.proxies is not None:
+            self.proxies.orthonormalize_()
+
+
+class PLMMethod(Method):
+    """PLM in the trainer: the student's distances regress onto the teacher's manifold similarity
+    (targets from the EMA teacher's embeddings of each neighbourhood batch)."""
+
+    name = "plm"
+    summary = "PLM: piecewise-linear manifold similarity as targets (Bhatnagar & Ahuja, CPAL 2024)"
+
+    def build_objective(self, dim: int, init_embeddings: Tensor | None, generator: torch.Generator) -> PLMLoss:
+        """The PLM loss with the config's ``plm`` options; proxies start at the teacher's local
+        PCA around random training embeddings (METHOD.md §4).
+
+        Raises:
+            ValueError: more proxies than training images.
+        """
+        p = self.cfg.plm
+        objective = PLMLoss(dim, p, generator=generator)
+        if objective.proxies is not None and init_embeddings is not None:
+            if init_embeddings.shape[0] < p.num_proxies:
+                raise ValueError(
+                    f"plm.num_proxies ({p.num_proxies}) exceeds the number of training images "
+                    f"({init_embeddings.shape[0]}); lower it"
+                )
+            objective.proxies.init_from_embeddings(init_embeddings.cpu(), generator=generator)
+        return objective

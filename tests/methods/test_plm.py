@@ -1,0 +1,154 @@
+"""Tests of plmetric.methods.plm: the PLM objective (gradient routing, options, dtypes, proxies)
+and the method in the trainer's interface."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from numerics import assert_within, qr_orthonormality
+
+from plmetric.losses import point_loss
+from plmetric.methods.base import StepInputs
+from plmetric.methods.plm import PLMLoss
+
+
+def clustered(b: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(b // 5, d, generator=g), dim=1)
+    x = centres.repeat_interleave(5, 0) + 0.1 * torch.randn(b, d, generator=g)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_gradient_routing_of_plm_loss() -> None:
+    student = clustered(40, 16, 0).requires_grad_()
+    teacher = clustered(40, 16, 0).add(0.01).requires_grad_()  # a leaf that must stay untouched
+    criterion = PLMLoss(16, num_proxies=12)
+    criterion.proxies.init_from_embeddings(clustered(60, 16, 1))
+    terms = criterion.terms(student, teacher)
+    proxies = criterion.proxies
+    inputs = [student, teacher, proxies.locations, proxies.raw_bases]
+
+    def grads(name: str) -> list[torch.Tensor | None]:
+        return list(torch.autograd.grad(terms[name], inputs, retain_graph=True, allow_unused=True))
+
+    for name in ("loss_point", "loss_proxy"):
+        g_student, g_teacher, g_loc, g_bases = grads(name)
+        assert g_student is not None and g_student.abs().sum() > 0, name
+        assert g_teacher is None and g_loc is None and g_bases is None, name
+    g_student, g_teacher, g_loc, g_bases = grads("loss_neighbourhood")
+    assert g_student is None and g_teacher is None
+    assert g_loc is not None and g_loc.abs().sum() > 0
+    assert g_bases is not None and g_bases.abs().sum() > 0
+    terms["loss"].backward()
+    assert teacher.grad is None
+    assert torch.isfinite(student.grad).all() and torch.isfinite(proxies.raw_bases.grad).all()
+
+
+def test_duplicate_and_zero_embeddings_give_finite_gradients() -> None:
+    student = torch.cat([torch.randn(6, 8), torch.zeros(3, 8)])
+    student = torch.cat([student, student[:4]]).requires_grad_()  # copies and coincident zeros
+    teacher = torch.cat([torch.randn(9, 8), torch.randn(4, 8)])
+    teacher[9:] = teacher[:4]
+    criterion = PLMLoss(8, num_proxies=5)
+    with torch.no_grad():
+        criterion.proxies.locations[0] = student[0]  # a proxy on a student embedding
+    terms = criterion.terms(student, teacher)
+    terms["loss"].backward()
+    assert all(torch.isfinite(v).all() for v in terms.values())
+    assert torch.isfinite(student.grad).all()
+    assert torch.isfinite(criterion.proxies.locations.grad).all()
+    assert torch.isfinite(criterion.proxies.raw_bases.grad).all()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_embeddings_raise(bad: float) -> None:
+    good = torch.randn(20, 8)
+    broken = good.clone()
+    broken[2, 3] = bad
+    criterion = PLMLoss(8, num_proxies=4)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        criterion.terms(broken, good)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        criterion.terms(good, broken)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        point_loss(broken, torch.ones(20, 20))
+
+
+def test_shape_and_option_errors() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        PLMLoss(8, num_proxies=2).terms(torch.randn(10, 8), torch.randn(11, 8))
+    with pytest.raises(ValueError, match="symmetrize"):
+        PLMLoss(8, symmetrize="median")
+    with pytest.raises(ValueError, match="num_proxies"):
+        PLMLoss(8, num_proxies=-1)
+
+
+def test_without_proxies_only_the_point_term_remains() -> None:
+    student, teacher = clustered(30, 8, 4).requires_grad_(), clustered(30, 8, 5)
+    criterion = PLMLoss(8, num_proxies=0, weight_point=2.0)
+    assert criterion.proxies is None and len(list(criterion.parameters())) == 0
+    terms = criterion.terms(student, teacher)
+    assert terms["loss_proxy"].item() == 0.0 and terms["loss_neighbourhood"].item() == 0.0
+    assert terms["loss"].item() == 2.0 * terms["loss_point"].item()  # 2·L + 1·0 + 1·0: exact
+    terms["loss"].backward()
+    assert student.grad.abs().sum() > 0
+    criterion.after_step()  # no proxies: nothing to do, no error
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"binary": True, "symmetrize": "max"},
+        {"subset_selection": False},
+        {"m": 1, "tau": 1.0},
+        {"loss_form": "contrastive"},
+        {"loss_form": "contrastive", "delta_mode": "batch"},
+        {"normalize_rows": True},
+    ],
+)
+def test_plm_loss_options_run(options: dict) -> None:
+    student, teacher = clustered(30, 8, 6).requires_grad_(), clustered(30, 8, 7)
+    terms = PLMLoss(8, num_proxies=10, **options).terms(student, teacher)
+    terms["loss"].backward()
+    assert torch.isfinite(student.grad).all()
+    assert 2 <= terms["piece_size"].item() <= 10
+
+
+def test_after_step_keeps_the_proxy_bases() -> None:
+    criterion = PLMLoss(8, num_proxies=6)
+    with torch.no_grad():
+        criterion.proxies.raw_bases.mul_(3.0).add_(0.1)
+    before = criterion.proxies.bases.detach().clone()
+    criterion.after_step()
+    # float32 QR of an (orthonormal) basis returns it up to qr_orthonormality (d = 8, m = 2), as
+    # in test_manifold's test_proxy_bases_are_orthonormal_and_differentiable
+    bound = qr_orthonormality(8, 2, torch.float32)
+    assert_within(criterion.proxies.bases.detach(), before, bound, "bases after after_step")
+    assert_within(criterion.proxies.raw_bases.detach(), before, bound, "raw bases after after_step")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plm_loss_follows_dtype(dtype: torch.dtype) -> None:
+    student = clustered(25, 8, 8).to(dtype).requires_grad_()
+    teacher = clustered(25, 8, 9).to(dtype)
+    criterion = PLMLoss(8, num_proxies=7).to(dtype)
+    terms = criterion.terms(student, teacher)
+    assert terms["loss"].dtype == dtype
+    terms["loss"].backward()
+    assert student.grad.dtype == dtype
+
+
+def test_one_call_shape_step_inputs_give_the_terms() -> None:
+    """The trainer's call ``objective(StepInputs)`` is :meth:`PLMLoss.terms` of the first heads."""
+    student, teacher = clustered(30, 8, 10), clustered(30, 8, 11)
+    torch.manual_seed(0)
+    a = PLMLoss(8, num_proxies=5)
+    torch.manual_seed(0)
+    b = PLMLoss(8, num_proxies=5)
+    via_inputs = a(StepInputs((student,), (teacher,), None))
+    direct = b.terms(student, teacher)
+    assert via_inputs.keys() == direct.keys()
+    for key in direct:
+        assert torch.equal(via_inputs[key], direct[key]), key
