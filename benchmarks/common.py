@@ -1,6 +1,9 @@
-"""Settings and bookkeeping shared by the CUB-subset studies (recipe_study.py, head_to_head.py).
+"""Settings and bookkeeping shared by the studies (recipe_study.py, head_to_head.py).
 
-Three settings, all on ``cub200_subset100`` (train: 50 species, test: the other 50):
+Three development data sets in ``../shared/data`` (``--dataset``; each README there has the split):
+``cub200`` (the CUB subset, 50 / 50 species), ``plankton106`` (NDSB plankton, a labelled folder,
+53 / 53 classes) and ``cars98dev`` (Stanford Cars classes 1-98 only, 49 / 49; the benchmark's test
+classes 99-196 are never seen). Three settings:
 
 * ``head``: head-only, the CPU setting that allows seeds and grids. Pooled EfficientNet-Lite0
   features of the un-augmented 224 px images are computed once and cached
@@ -21,7 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from plmetric.config import load_config
-from plmetric.paths import REPO_ROOT, cub_subset_root
+from plmetric.paths import REPO_ROOT, shared_data_root
+
+# --dataset -> (loader name, folder under ../shared/data)
+DATASETS = {"cub200": ("cub200", "cub200_subset100"), "plankton106": ("folder", "plankton106"),
+            "cars98dev": ("cars196", "cars98dev")}  # fmt: skip
+
+
+def dataset_root(dataset: str, data_root: str | None = None) -> str:
+    """The data set's folder: ``data_root`` when given, else ``../shared/data/<folder>``."""
+    return data_root or str(shared_data_root() / DATASETS[dataset][1])
+
 
 HEAD_SETTING = [
     "model.backbone=efficientnet_lite0",
@@ -62,21 +75,23 @@ GPU_SETTING = [
 ]
 SETTINGS = {"head": HEAD_SETTING, "cpu": CPU_SETTING, "gpu": GPU_SETTING}
 
-_HEAD_SPLITS: dict[str, Any] = {}
+_HEAD_SPLITS: dict[tuple[str, str], Any] = {}
 
 
-def head_splits(data_root: str):
+def head_splits(dataset: str, data_root: str):
     """Train/test `FeatureDataset` splits of cached 224 px pooled features (computed on first use)."""
     from plmetric.data import DatasetSplits, FeatureDataset
     from plmetric.study import cached_features
 
-    if data_root not in _HEAD_SPLITS:
+    key = (dataset, data_root)
+    if key not in _HEAD_SPLITS:
+        loader = DATASETS[dataset][0]
         parts = {}
         for split in ("train", "test"):
-            features, labels, _ = cached_features("cub200", data_root, split, "efficientnet_lite0", image_size=224)
-            parts[split] = FeatureDataset(features, labels, name=f"cub200-{split}-features")
-        _HEAD_SPLITS[data_root] = DatasetSplits("cub200-features", parts["train"], parts["test"])
-    return _HEAD_SPLITS[data_root]
+            features, labels, _ = cached_features(loader, data_root, split, "efficientnet_lite0", image_size=224)
+            parts[split] = FeatureDataset(features, labels, name=f"{dataset}-{split}-features")
+        _HEAD_SPLITS[key] = DatasetSplits(f"{dataset}-features", parts["train"], parts["test"])
+    return _HEAD_SPLITS[key]
 
 
 def run_one(
@@ -86,23 +101,28 @@ def run_one(
     out_dir: Path,
     data_root: str | None = None,
     base: str = "cub200_paper.yaml",
+    dataset: str = "cub200",
 ) -> dict:
-    """Train one configuration and return its R@1 trajectory (start, every evaluation, final, best).
+    """Train one configuration and return its R@1 trajectory (start, every evaluation, final, best,
+    the label-free pick and every epoch's selection criteria).
 
     ``base`` is the config under the setting and the overrides: ``cub200_paper.yaml`` (METHOD.md's
-    literal defaults, the reference of the recipe study) or ``cub200.yaml`` (the chosen recipe).
+    literal defaults, the reference of the recipe study) or ``cub200.yaml`` (the chosen recipe);
+    its data section is replaced by ``dataset``'s.
     """
     from plmetric.models import feature_model
     from plmetric.training import train
 
-    data_root = data_root or str(cub_subset_root())
-    all_overrides = [*SETTINGS[setting], f"data.root={data_root}", f"train.seed={seed}", *overrides]
+    data_root = dataset_root(dataset, data_root)
+    loader = DATASETS[dataset][0]
+    all_overrides = [*SETTINGS[setting], f"data.dataset={loader}", f"train.seed={seed}", *overrides]
     if setting == "head":  # features have one view: the teacher sees what the student sees
         all_overrides.append("train.teacher_view=same")
     cfg = load_config(REPO_ROOT / "configs" / base, all_overrides)
+    cfg.data.root = data_root
     splits = model = None
     if setting == "head":
-        splits = head_splits(data_root)
+        splits = head_splits(dataset, data_root)
         model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)
     start = time.perf_counter()
     result = train(cfg, out_dir, splits=splits, model=model, progress=False, overwrite=True)
@@ -110,15 +130,25 @@ def run_one(
     evaluated = [r for r in result.history if "recall@1" in r]
     start_metrics = result.start_metrics or {}
     final = result.final_metrics or start_metrics
+
+    def recalls(metrics: dict | None) -> dict:
+        return {k: v for k, v in (metrics or start_metrics).items() if k.startswith("recall@")}
+
     return {
+        "dataset": dataset,
         "overrides": overrides,
         "seed": seed,
         "seconds": round(seconds, 1),
-        "start": {k: v for k, v in start_metrics.items() if k.startswith("recall@")},
-        "final": {k: v for k, v in final.items() if k.startswith("recall@")},
-        "best": {k: v for k, v in (result.best_metrics or start_metrics).items() if k.startswith("recall@")},
+        "start": recalls(start_metrics),
+        "final": recalls(final),
+        "best": recalls(result.best_metrics),
         "best_epoch": result.best_epoch,
+        "selected": recalls(result.selected_metrics),
+        "selected_epoch": result.selected_epoch,
+        "select_rule": cfg.train.select,
         "r1_by_epoch": [(r["epoch"], r["recall@1"]) for r in evaluated],
+        "selection_by_epoch": [(0, result.selection_start)]
+        + [(r["epoch"], r.get("selection")) for r in result.history],
         "target_label_correlation": [r.get("target_label_correlation") for r in result.history],
     }
 
@@ -131,11 +161,15 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict]) -> dict[str, Any]:
-    """R@1 start / best / final (x100) and the worst drop below the start after the first epoch, over seeds."""
+    """R@1 (x100) of the start, the best (an oracle: chosen with test labels), the final and the
+    label-free pick, gains over the start, and the worst drop below the start after the first
+    epoch, over seeds (mean, std)."""
     out: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
-    for key in ("start", "best", "final"):
+    for key in ("start", "best", "final", "selected"):
         out[key] = mean_std([100 * r[key]["recall@1"] for r in runs])
     out["gain"] = mean_std([100 * (r["final"]["recall@1"] - r["start"]["recall@1"]) for r in runs])
+    out["gain_selected"] = mean_std([100 * (r["selected"]["recall@1"] - r["start"]["recall@1"]) for r in runs])
+    out["selected_epoch"] = [r.get("selected_epoch") for r in runs]
 
     def worst_after_first(run: dict) -> float:
         later = [v for e, v in run["r1_by_epoch"] if e > 1] or [run["final"]["recall@1"]]
@@ -147,10 +181,33 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
     return out
 
 
+def share_of_ceiling(value: float, start: float, ceiling: float) -> float:
+    """``(value - start) / (ceiling - start)``: the share of what labels could buy (NaN without room)."""
+    room = ceiling - start
+    return (value - start) / room if room > 0 else math.nan
+
+
 def fmt(pair: tuple[float, float], n: int) -> str:
     """``mean ± std`` (just the mean for one seed)."""
     mean, std = pair
     return f"{mean:6.2f}" if n == 1 else f"{mean:6.2f} ± {std:4.2f}"
+
+
+def results_table(results: dict, dataset: str, n: int) -> list[str]:
+    """The Markdown table of one data set's rows; the share of the ceiling uses the best epoch (an
+    oracle) of the ``supervised`` (or ``ceiling``) row when the study has one."""
+    rows = {r["row"]: r for r in results.values() if r["dataset"] == dataset}
+    ceiling_row = rows.get("supervised") or rows.get("ceiling") or {}
+    ceiling = ceiling_row.get("summary", {}).get("best", (math.nan,))[0]
+    header = "start | final | label-free pick | best (oracle) | pick - start | share of ceiling | worst after ep 1"
+    lines = [f"| {dataset} | {header} |", "|---|---|---|---|---|---|---|---|"]
+    for result in rows.values():
+        s = result["summary"]
+        share = share_of_ceiling(s["selected"][0], s["start"][0], ceiling)
+        cells = [fmt(s["start"], n), fmt(s["final"], n), fmt(s["selected"], n), fmt(s["best"], n)]
+        cells += [fmt(s["gain_selected"], n), f"{100 * share:5.0f} %", fmt(s["worst_after_epoch1"], n)]
+        lines.append(f"| {result['row']} | " + " | ".join(c.strip() for c in cells) + " |")
+    return lines
 
 
 def write_results(path: str, setting: str, extra_overrides: list[str], seeds: list[int], results: dict) -> None:

@@ -1,11 +1,13 @@
-"""Recipe study (issue 8): which training choices make PLM improve on its pretrained start?
+"""Recipe study: which training choices make PLM improve on its pretrained start, on three data sets?
 
-Runs a grid of levers on ``cub200_subset100`` and prints, per variant, R@1 of the start, the best
-and the final evaluation, the final gain over the start and the worst drop below the start after
-the first epoch (mean ± std over the seeds given). Labels are used for evaluation only; choosing the
-"best" epoch uses them too, so the final epoch is the honest number.
+Runs a grid of levers over ``configs/cub200_paper.yaml`` on each ``--datasets`` entry and prints, per
+variant, R@1 of the start, the final epoch, the label-free pick (``train.select``), the best epoch
+(chosen with test labels: an oracle), the pick's gain and its share of the supervised ceiling's gain
+(the ``ceiling`` variant, run with the train labels), and the worst drop below the start after
+epoch 1 (mean ± std over the seeds given).
 
-    python benchmarks/recipe_study.py --setting head --seeds 0 1 2 --json benchmarks/results/recipe_head.json
+    python benchmarks/recipe_study.py --setting head --datasets cub200 plankton106 cars98dev --seeds 0 \
+        --json benchmarks/results/recipe_head.json
     python benchmarks/recipe_study.py --setting cpu --variants paper recipe --json benchmarks/results/recipe_cpu.json
     python benchmarks/recipe_study.py --setting gpu --variants paper recipe   # one lent GPU call
 
@@ -20,22 +22,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import SETTINGS, fmt, run_one, summarize, write_results  # noqa: E402
+from common import DATASETS, SETTINGS, results_table, run_one, summarize, write_results  # noqa: E402
 
-from plmetric.paths import REPO_ROOT, cub_subset_root  # noqa: E402
+from plmetric.paths import REPO_ROOT  # noqa: E402
 
+RECIPE = [
+    "train.keep=teacher",
+    "train.momentum=0.99",
+    "train.lr_backbone=1e-5",
+    "train.lr_embedding=3e-4",
+    "train.teacher_view=clean",
+]
 # name -> (overrides over configs/cub200_paper.yaml, what it tests); "paper" is METHOD.md's defaults,
 # "recipe" the default of configs/cub200.yaml. The head setting drops teacher_view (features have one view).
 VARIANTS: dict[str, tuple[list[str], str]] = {
+    "ceiling": (
+        ["train.method=supervised", *RECIPE],
+        "supervised ceiling with the recipe's training settings (train labels; best epoch = oracle)",
+    ),
     "paper": ([], "METHOD.md defaults: regression onto δ(1 - s), δ fixed 1, N_ρ 300, m 2, N_α 5, N_β 0.5"),
     "recipe": (
-        [
-            "train.keep=teacher",
-            "train.momentum=0.99",
-            "train.lr_backbone=1e-5",
-            "train.lr_embedding=3e-4",
-            "train.teacher_view=clean",
-        ],
+        RECIPE,
         "configs/cub200.yaml: gentle learning rates, momentum 0.99, clean teacher view, keep the EMA teacher",
     ),
     "orthogonal_init": (["model.embedding_init=orthogonal"], "random orthogonal embedding layer instead of PCA"),
@@ -70,9 +77,10 @@ BACKBONE_LEVERS = {"lr_backbone_1e-5", "head_warmup", "bn_updated", "crop_0.5", 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="head")
+    parser.add_argument("--datasets", nargs="*", default=["cub200"], choices=sorted(DATASETS))
     parser.add_argument("--variants", nargs="*", default=None, help=f"default: all; choose from {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
-    parser.add_argument("--data-root", default=str(cub_subset_root()))
+    parser.add_argument("--data-root", default=None, help="one data set's folder (default ../shared/data/<name>)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=str(REPO_ROOT / "runs" / "recipe_study"))
     parser.add_argument("--json", default=None)
@@ -82,33 +90,38 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    if not Path(args.data_root).is_dir():
-        parser.error(f"--data-root {args.data_root} does not exist (the CUB subset in the official layout)")
+    if args.data_root and len(args.datasets) > 1:
+        parser.error("--data-root names one data set's folder: give one --datasets")
 
-    results = {}
-    for name in names:
-        overrides = [*VARIANTS[name][0], *args.set]
-        runs = []
-        for seed in args.seeds:
-            out = Path(args.out) / args.setting / f"{name}-seed{seed}"
-            run = run_one(args.setting, overrides, seed, out, args.data_root)
-            runs.append(run)
-            trajectory = " ".join(f"{100 * v:.2f}" for _, v in run["r1_by_epoch"])
-            print(f"{name} seed {seed}: start {100 * run['start']['recall@1']:.2f} | {trajectory} ({run['seconds']}s)")
-        results[name] = {"description": VARIANTS[name][1], "runs": runs, "summary": summarize(runs)}
-        if args.json:  # after every variant, so a stopped study keeps what it measured
-            write_results(args.json, args.setting, args.set, args.seeds, results)
+    results: dict = {}
+    for dataset in args.datasets:
+        for name in names:
+            overrides = [*VARIANTS[name][0], *args.set]
+            runs = []
+            for seed in args.seeds:
+                out = Path(args.out) / args.setting / dataset / f"{name}-seed{seed}"
+                run = run_one(args.setting, overrides, seed, out, args.data_root, dataset=dataset)
+                runs.append(run)
+                trajectory = " ".join(f"{100 * v:.2f}" for _, v in run["r1_by_epoch"])
+                print(
+                    f"{dataset} {name} seed {seed}: start {100 * run['start']['recall@1']:.2f} | {trajectory} | "
+                    f"pick {100 * run['selected']['recall@1']:.2f} (epoch {run['selected_epoch']}) ({run['seconds']}s)",
+                    flush=True,
+                )
+            results[f"{dataset}/{name}"] = {
+                "dataset": dataset,
+                "row": name,
+                "description": VARIANTS[name][1],
+                "runs": runs,
+                "summary": summarize(runs),
+            }
+            if args.json:  # after every variant, so a stopped study keeps what it measured
+                write_results(args.json, args.setting, args.set, args.seeds, results)
 
     n = len(args.seeds)
-    print(f"\nCUB subset, setting '{args.setting}', seeds {args.seeds}: R@1 on the 50 test species")
-    header = f"{'variant':22}{'start':>16}{'best':>16}{'final':>16}{'final - start':>16}{'worst after ep 1':>18}"
-    print(header)
-    for name, result in results.items():
-        s = result["summary"]
-        print(
-            f"{name:22}{fmt(s['start'], n):>16}{fmt(s['best'], n):>16}{fmt(s['final'], n):>16}"
-            f"{fmt(s['gain'], n):>16}{fmt(s['worst_after_epoch1'], n):>18}"
-        )
+    print(f"\nsetting '{args.setting}', seeds {args.seeds}: R@1 (%) on each data set's unseen test classes")
+    for dataset in args.datasets:
+        print("\n" + "\n".join(results_table(results, dataset, n)))
     if args.json:
         write_results(args.json, args.setting, args.set, args.seeds, results)
         print(f"wrote {args.json}")

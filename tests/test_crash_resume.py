@@ -69,7 +69,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, reference, fau
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert without_timing(log(run)) == without_timing(log(reference))  # each epoch once, same numbers
     assert [r["epoch"] for r in log(run)] == [1, 2, 3]
-    for name in ("model.safetensors", "best.safetensors"):
+    for name in ("model.safetensors", "best.safetensors", "selected.safetensors"):
         got, want = load_file(str(run / name)), load_file(str(reference / name))
         assert got.keys() == want.keys()
         for key in want:

@@ -77,6 +77,11 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # for quick runs and tests
     teacher_view: str = "same"  # teacher input: same (the student crop), clean (eval transform), other (a 2nd crop)
     keep: str = "student"  # the network evaluated and saved: student, or teacher (its moving average)
+    # label-free model selection (plmetric.selection): the rule that picks the epoch kept as
+    # selected.safetensors, from a fixed subset of the unlabelled training images
+    select: str = "consensus"  # final, or a criterion of plmetric.selection.CRITERIA (maximised)
+    select_images: int = 1000  # training images the criteria are computed on
+    select_k: int = 10  # neighbours of the criteria's k-NN graphs
 
 
 @dataclass
@@ -133,6 +138,11 @@ class Config:
             )
         check_choice("train.teacher_view", t.teacher_view, ("same", "clean", "other"))
         check_choice("train.keep", t.keep, ("student", "teacher"))
+        from plmetric.selection import SELECTION_RULES
+
+        check_choice("train.select", t.select, SELECTION_RULES)
+        check_int("train.select_images", t.select_images, 3)
+        check_int("train.select_k", t.select_k, 1)
         for name in ("epochs", "batch_size", "neighbours_per_seed", "eval_every", "bank_refresh_every"):
             check_int(f"train.{name}", getattr(t, name), 1)
         if t.method == "supervised" and t.batch_size % self.supervised.per_class:

@@ -33,14 +33,25 @@ __all__ = [
 
 
 def embed_distributed(
-    model: nn.Module, dataset: ImageDataset, *, batch_size: int, num_workers: int, device: torch.device
+    model: nn.Module,
+    dataset: ImageDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    indices: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Embed a data set, sharded over ranks and gathered with its indices (no duplicates).
+    """Embed a data set (or its items ``indices``), sharded over ranks and gathered with its
+    indices (no duplicates).
 
     Returns CPU float32 embeddings, labels and dataset indices sorted by index.
     """
     world, rank = dist_utils.world_size(), dist_utils.rank()
-    shard = dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+    items = list(range(len(dataset))) if indices is None else list(indices)
+    if world == 1:
+        shard = dataset if indices is None else Subset(dataset, items)
+    else:
+        shard = Subset(dataset, items[rank::world])
     emb, labels, index = embed_dataset(model, shard, batch_size=batch_size, num_workers=num_workers, device=device)
     return _gather_in_index_order(emb, labels, index, device)
 
@@ -59,13 +70,20 @@ def _gather_in_index_order(
 
 @torch.no_grad()
 def embed_cached(
-    model: nn.Module, cache: Any, augment: nn.Module, *, batch_size: int, device: torch.device
+    model: nn.Module,
+    cache: Any,
+    augment: nn.Module,
+    *,
+    batch_size: int,
+    device: torch.device,
+    indices: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`embed_distributed` for images held in a `plmetric.pipeline.ImageCache` (eval-mode augment on the device)."""
     from plmetric.pipeline import CachedBatchLoader
 
     world, rank = dist_utils.world_size(), dist_utils.rank()
-    mine = list(range(rank, len(cache), world))
+    items = list(range(len(cache))) if indices is None else list(indices)
+    mine = items[rank::world]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     was_training = model.training
     model.eval()
@@ -106,15 +124,30 @@ def refresh_bank(
 
 
 def embed_source(
-    model: nn.Module, source: ImageDataset | CachedImages, cfg: Config, device: torch.device
+    model: nn.Module,
+    source: ImageDataset | CachedImages,
+    cfg: Config,
+    device: torch.device,
+    indices: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Embed a data set (PIL path) or cached images (eval-mode device augmentation), gathered over ranks."""
+    """Embed a data set (PIL path) or cached images (eval-mode device augmentation), all items or
+    those in ``indices``, gathered over ranks in index order."""
     if isinstance(source, CachedImages):
         return embed_cached(
-            model, source.cache, source.eval_augment, batch_size=cfg.train.eval_batch_size, device=device
+            model,
+            source.cache,
+            source.eval_augment,
+            batch_size=cfg.train.eval_batch_size,
+            device=device,
+            indices=indices,
         )
     return embed_distributed(
-        model, source, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers, device=device
+        model,
+        source,
+        batch_size=cfg.train.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        indices=indices,
     )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "LOG_FILE",
     "MODEL_FILE",
     "RESUMABLE_KEYS",
+    "SELECTED_MODEL_FILE",
     "STATE_FILE",
     "SUMMARY_FILE",
     "TrainingState",
@@ -51,6 +52,7 @@ BEST_MODEL_FILE = "best.safetensors"
 LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+SELECTED_MODEL_FILE = "selected.safetensors"
 
 
 def seed_everything(seed: int) -> None:
@@ -151,7 +153,7 @@ def load_training_state(path: Path, cfg: Config) -> dict[str, Any]:
     return state
 
 
-RUN_FILES = (CONFIG_FILE, STATE_FILE, LOG_FILE, MODEL_FILE, BEST_MODEL_FILE, SUMMARY_FILE)
+RUN_FILES = (CONFIG_FILE, STATE_FILE, LOG_FILE, MODEL_FILE, BEST_MODEL_FILE, SELECTED_MODEL_FILE, SUMMARY_FILE)
 
 
 def existing_run(out_dir: Path) -> dict[str, Any] | None:
@@ -205,7 +207,7 @@ def clear_run_folder(out_dir: Path, *, replace: bool) -> None:
     if not out_dir.is_dir() or not dist_utils.is_main_process():
         return
     if replace:
-        for name in (*RUN_FILES, "model.json", "best.json", "losses.png", "recall.png"):
+        for name in (*RUN_FILES, "model.json", "best.json", "selected.json", "losses.png", "recall.png"):
             (out_dir / name).unlink(missing_ok=True)
     remove_stale_temporaries(out_dir)
 
@@ -251,11 +253,27 @@ class TrainingState:
     start_metrics: dict[str, Any] | None = None
     best_epoch: int | None = None
     best_metrics: dict[str, Any] | None = None
+    # label-free selection (plmetric.selection): the epoch picked so far (0 = the start), its score
+    # and its test metrics (None when not evaluated), the image subset and the start's embeddings of it
+    selected_epoch: int | None = None
+    selected_score: float | None = None
+    selected_metrics: dict[str, Any] | None = None
+    selection_items: torch.Tensor | None = None
+    selection_start: torch.Tensor | None = None
+    selection_start_criteria: dict[str, float] | None = None
 
     def record_best(self, epoch: int, metrics: dict[str, Any]) -> bool:
         """Keep ``metrics`` as the best when its R@1 beats the best so far; True when it does."""
         if self.best_metrics is None or metrics["recall@1"] > self.best_metrics["recall@1"]:
             self.best_metrics, self.best_epoch = metrics, epoch
+            return True
+        return False
+
+    def record_selected(self, epoch: int, score: float, metrics: dict[str, Any] | None, rule: str) -> bool:
+        """Keep ``epoch`` as the selected one when its ``score`` beats the selected so far (rule
+        ``final``: every epoch replaces the last); True when it does."""
+        if rule == "final" or self.selected_score is None or score > self.selected_score:
+            self.selected_epoch, self.selected_score, self.selected_metrics = epoch, score, metrics
             return True
         return False
 
@@ -269,6 +287,17 @@ class TrainingState:
             "history_json": json.dumps(self.history),
             "start_metrics_json": json.dumps(self.start_metrics),
             "best_json": json.dumps({"epoch": self.best_epoch, "metrics": self.best_metrics}),
+            "selected_json": json.dumps(
+                {
+                    "epoch": self.selected_epoch,
+                    "score": self.selected_score,
+                    "metrics": self.selected_metrics,
+                    "start_criteria": self.selection_start_criteria,
+                }
+            ),
+            "selection": {"items": self.selection_items, "start": self.selection_start}
+            if self.selection_items is not None
+            else {},
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -286,12 +315,20 @@ class TrainingState:
                 if part is not None:
                     part.load_state_dict(raw[name])
             best = json.loads(raw["best_json"])
+            selected = json.loads(raw.get("selected_json", "{}"))
+            selection = raw.get("selection") or {}
             restored = cls(
                 next_epoch=int(raw["epoch"]) + 1,
                 history=json.loads(raw["history_json"]),
                 start_metrics=json.loads(raw["start_metrics_json"]),
                 best_epoch=best["epoch"],
                 best_metrics=best["metrics"],
+                selected_epoch=selected.get("epoch"),
+                selected_score=selected.get("score"),
+                selected_metrics=selected.get("metrics"),
+                selection_items=selection.get("items"),
+                selection_start=selection.get("start"),
+                selection_start_criteria=selected.get("start_criteria"),
             )
             _set_rng_state(raw["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as err:

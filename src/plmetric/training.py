@@ -41,12 +41,20 @@ from plmetric.methods import get_method
 from plmetric.methods.base import Method, Objective, StepInputs
 from plmetric.networks import freeze_batchnorm, freeze_stages, frozen_stage_modules, init_embedding_pca
 from plmetric.optimization import build_optimizer, build_scheduler
-from plmetric.passes import CachedImages, build_cached_images, evaluate_model, pooled_features, refresh_bank
+from plmetric.passes import (
+    CachedImages,
+    build_cached_images,
+    embed_source,
+    evaluate_model,
+    pooled_features,
+    refresh_bank,
+)
 from plmetric.runs import (
     BEST_MODEL_FILE,
     CONFIG_FILE,
     LOG_FILE,
     MODEL_FILE,
+    SELECTED_MODEL_FILE,
     STATE_FILE,
     SUMMARY_FILE,
     TrainingState,
@@ -62,6 +70,7 @@ from plmetric.runs import (
     stopped_before_first_epoch,
 )
 from plmetric.sampling import ClassBalancedBatchSampler, MemoryBank, NeighbourhoodBatchSampler, ema_update, make_teacher
+from plmetric.selection import selection_criteria
 from plmetric.validation import value_checks
 
 __all__ = ["NonFiniteLossError", "TrainResult", "TrainStep", "label_correlation", "train"]
@@ -84,6 +93,9 @@ class TrainResult:
     best_metrics: dict[str, Any] | None
     best_epoch: int | None
     skipped_images: list[str] = field(default_factory=list)  # unreadable training images, left out
+    selected_epoch: int | None = None  # the label-free pick (train.select; 0 = the start)
+    selected_metrics: dict[str, Any] | None = None  # its test metrics (None without a test split)
+    selection_start: dict[str, float] | None = None  # the selection criteria of the start (epoch 0)
 
 
 # ============================================================================ one step
@@ -520,6 +532,7 @@ def evaluate_and_save(run: Run, state: TrainingState, epoch: int, record: dict[s
             save_model(
                 out_dir / BEST_MODEL_FILE, run.method.deployable(kept), model_metadata(cfg, kept, epoch + 1, metrics)
             )
+    select_epoch(run, state, epoch + 1, record, metrics)
     state.history.append(record)
     state.next_epoch = epoch + 1
     if main:
@@ -530,6 +543,52 @@ def evaluate_and_save(run: Run, state: TrainingState, epoch: int, record: dict[s
         r1 = f" R@1 {100 * metrics['recall@1']:.2f}" if metrics else ""
         print(f"epoch {epoch + 1}/{cfg.train.epochs}: {losses}{r1} ({record['images_per_second']:.0f} img/s)")
     dist_utils.barrier()
+
+
+def start_selection(
+    cfg: Config,
+    method: Method,
+    nets: Networks,
+    data: TrainData,
+    batches: Batches | None,
+    state: TrainingState,
+    device: torch.device,
+    out_dir: Path,
+) -> None:
+    """Fix the subset of training images the label-free criteria are computed on, embed it with the
+    start, and make the start the first candidate (epoch 0, saved as ``selected.safetensors``)."""
+    rows = batches.readable_rows if batches is not None else None
+    rows = torch.arange(len(data.train_set)) if rows is None else rows.cpu()
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    items = rows[torch.randperm(rows.numel(), generator=generator)[: cfg.train.select_images]].sort().values
+    start, _, index = embed_source(nets.kept, data.bank_set, cfg, device, indices=items.tolist())
+    state.selection_items, state.selection_start = index, start
+    rule = cfg.train.select
+    state.selection_start_criteria = selection_criteria(start, start, k=cfg.train.select_k)
+    score = 0.0 if rule == "final" else state.selection_start_criteria[rule]
+    state.record_selected(0, score, state.start_metrics, rule)
+    if dist_utils.is_main_process():
+        model = method.deployable(nets.kept)
+        save_model(out_dir / SELECTED_MODEL_FILE, model, model_metadata(cfg, nets.kept, 0, state.start_metrics))
+
+
+def select_epoch(
+    run: Run, state: TrainingState, epoch: int, record: dict[str, Any], metrics: dict[str, Any] | None
+) -> None:
+    """Compute the label-free criteria of the epoch on the training subset, log them, and keep the
+    epoch as ``selected.safetensors`` when the rule (``train.select``) prefers it."""
+    cfg, nets = run.cfg, run.nets
+    items = state.selection_items.tolist()
+    kept, _, _ = embed_source(nets.kept, run.data.bank_set, cfg, run.device, indices=items)
+    student = None
+    if nets.kept is not nets.student:
+        student, _, _ = embed_source(nets.student, run.data.bank_set, cfg, run.device, indices=items)
+    criteria = selection_criteria(kept, state.selection_start, student, k=cfg.train.select_k)
+    record["selection"] = criteria
+    rule = cfg.train.select
+    if state.record_selected(epoch, criteria.get(rule, 0.0), metrics, rule) and dist_utils.is_main_process():
+        model = run.method.deployable(nets.kept)
+        save_model(run.out_dir / SELECTED_MODEL_FILE, model, model_metadata(cfg, nets.kept, epoch, metrics))
 
 
 def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, sums: dict[str, torch.Tensor], out_dir: Path) -> None:
@@ -642,6 +701,8 @@ def _train(
             print(f"start: R@1 {100 * state.start_metrics['recall@1']:.2f}")
     if not method.trains:
         return _report_start(cfg, method, nets, data, state, out_dir)
+    if state.selection_items is None:
+        start_selection(cfg, method, nets, data, batches, state, device, out_dir)
 
     # ---------------------------------------------------------------- the epochs
     end = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, state.next_epoch + stop_after_epochs)
@@ -689,8 +750,9 @@ def _report_start(
     if dist_utils.is_main_process():
         save_model(out_dir / MODEL_FILE, method.deployable(nets.student), model_metadata(cfg, nets.student, 0, start))
         summary = {"start": start, "final": start, "best": start, "best_epoch": 0, "epochs": 0}
+        summary.update(selected=start, selected_epoch=0, select_rule=cfg.train.select)
         atomic_write_json(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
-    return TrainResult(out_dir, [], start, start, start, 0, skipped)
+    return TrainResult(out_dir, [], start, start, start, 0, skipped, 0, start)
 
 
 def _finish(cfg: Config, state: TrainingState, data: TrainData, skipped: list[str], out_dir: Path) -> TrainResult:
@@ -706,7 +768,22 @@ def _finish(cfg: Config, state: TrainingState, data: TrainData, skipped: list[st
             "final": final,
             "best": state.best_metrics,
             "best_epoch": state.best_epoch,
+            "selected": state.selected_metrics,
+            "selected_epoch": state.selected_epoch,
+            "select_rule": cfg.train.select,
+            "selection_start": state.selection_start_criteria,
             "epochs": cfg.train.epochs,
         }
         atomic_write_json(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
-    return TrainResult(out_dir, history, state.start_metrics, final, state.best_metrics, state.best_epoch, skipped)
+    return TrainResult(
+        out_dir,
+        history,
+        state.start_metrics,
+        final,
+        state.best_metrics,
+        state.best_epoch,
+        skipped,
+        state.selected_epoch,
+        state.selected_metrics,
+        state.selection_start_criteria,
+    )

@@ -1,0 +1,143 @@
+"""How good is each label-free stopping rule? Regret and rank correlation over every run of the studies.
+
+Reads the JSON of ``head_to_head.py`` / ``recipe_study.py`` runs (each run holds R@1 and the
+selection criteria of the start, epoch 0, and of every epoch) and, for each rule of
+``plmetric.selection.SELECTION_RULES`` (``final``: the last epoch; otherwise the epoch that
+maximises the criterion, the start included):
+
+* regret: R@1 of the label-chosen best epoch (an oracle, the start included) minus R@1 of the
+  epoch the rule picks, mean and max over the runs (x100);
+* Spearman's rank correlation of the criterion with test R@1 over the epochs of a run, averaged
+  over the runs;
+* the same per data set and per method (row).
+
+Runs of the ``none`` method (nothing to select) are left out.
+
+    python benchmarks/selection_report.py benchmarks/results/head_to_head_head.json \\
+        benchmarks/results/recipe_head.json \\
+        --json benchmarks/results/selection_report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plmetric.selection import SELECTION_RULES  # noqa: E402
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant side."""
+    if len(a) < 3:
+        return math.nan
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var > 0 else math.nan
+
+
+def run_curve(run: dict) -> tuple[dict[int, float], dict[int, dict]]:
+    """R@1 by epoch (the start as epoch 0) and the criteria by epoch."""
+    r1 = {0: run["start"]["recall@1"], **{int(e): v for e, v in run["r1_by_epoch"]}}
+    criteria = {int(e): c for e, c in run.get("selection_by_epoch", []) if c}
+    return r1, criteria
+
+
+def pick(rule: str, r1: dict[int, float], criteria: dict[int, dict]) -> int:
+    epochs = sorted(e for e in r1 if e in criteria)
+    if rule == "final":
+        return max(r1)
+    return max(epochs, key=lambda e: (criteria[e][rule], -e))
+
+
+def evaluate(runs: list[dict]) -> dict:
+    """Per rule: mean/max regret (x100) and mean Spearman correlation, overall, by data set, by row."""
+    table: dict = {}
+    for rule in SELECTION_RULES:
+        regrets, rhos = defaultdict(list), defaultdict(list)
+        for run in runs:
+            r1, criteria = run_curve(run)
+            if not criteria:
+                continue
+            oracle = max(r1.values())
+            chosen = pick(rule, r1, criteria)
+            regret = 100 * (oracle - r1[chosen])
+            for key in ("all", f"dataset:{run['dataset']}", f"row:{run['row']}"):
+                regrets[key].append(regret)
+                if rule != "final":
+                    epochs = sorted(e for e in r1 if e in criteria)
+                    rho = spearman([criteria[e][rule] for e in epochs], [r1[e] for e in epochs])
+                    if not math.isnan(rho):
+                        rhos[key].append(rho)
+        table[rule] = {
+            key: {
+                "runs": len(values),
+                "regret_mean": statistics.fmean(values),
+                "regret_max": max(values),
+                "spearman_mean": statistics.fmean(rhos[key]) if rhos.get(key) else None,
+            }
+            for key, values in regrets.items()
+        }
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("studies", nargs="+", help="JSON files written by head_to_head.py or recipe_study.py")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    runs = []
+    for path in args.studies:
+        study = json.loads(Path(path).read_text())
+        for entry in study["results"].values():
+            if entry.get("row") == "none":
+                continue
+            runs += [
+                {**run, "row": entry.get("row", "?"), "dataset": entry.get("dataset", "?")} for run in entry["runs"]
+            ]
+    table = evaluate(runs)
+    keys = sorted({k for rule in table.values() for k in rule}, key=lambda k: (k != "all", k))
+    print(f"{len(runs)} runs from {len(args.studies)} studies: regret (x100 R@1, mean / max) and mean Spearman rho\n")
+    print("| rule | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for rule, by_key in table.items():
+        cells = []
+        for key in keys:
+            s = by_key.get(key)
+            if s is None:
+                cells.append("")
+                continue
+            rho = "" if s["spearman_mean"] is None else f", ρ {s['spearman_mean']:+.2f}"
+            cells.append(f"{s['regret_mean']:.2f} / {s['regret_max']:.2f}{rho}")
+        print(f"| {rule} | " + " | ".join(cells) + " |")
+    if args.json:
+        from plmetric.checkpoint import atomic_write_json
+
+        atomic_write_json(args.json, {"studies": args.studies, "runs": len(runs), "rules": table})
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

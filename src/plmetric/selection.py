@@ -1,0 +1,89 @@
+"""Label-free model selection: which epoch to keep, judged from unlabelled training images only.
+
+After every epoch the trainer embeds a fixed random subset of the (readable) training images with
+the network it keeps, and with the student when it keeps the teacher, and computes these criteria
+on the subset's cosine k-nearest-neighbour graphs (no label is read):
+
+* ``mutual_knn``: the share of k-NN relations that are mutual, ``|{(i, j): j ∈ N(i), i ∈ N(j)}| / (n k)``.
+  Embeddings that group images into tight, well separated groups have many reciprocal neighbours.
+* ``start_agreement``: the mean overlap of every image's k nearest neighbours with those of the
+  untrained start, ``mean_i |N_t(i) ∩ N_0(i)| / k``: how much of the pretrained neighbourhood
+  structure survives (1 at the start).
+* ``student_teacher_agreement``: the same overlap between the student's and the teacher's graphs
+  (1 when they agree, or when the student is the kept network).
+* ``neighbour_margin``: ``mean_i [mean_{j ∈ N(i)} cos(x_i, x_j) - mean_{j ∉ N(i) ∪ {i}} cos(x_i, x_j)]``,
+  how far a neighbourhood stands out from the rest.
+* ``consensus`` (the default rule, ``train.select``): ``mutual_knn · start_agreement``: structure
+  gained, discounted by the pretrained structure lost. At the start it is the start's own mutual
+  share; an epoch that tightens groups without scrambling neighbourhoods raises it.
+
+:data:`SELECTION_RULES` names the criterion each rule maximises; ``final`` keeps the last epoch.
+The rule is judged by its regret (test R@1 of the label-chosen best epoch minus that of the epoch
+it picks) over every run of the studies (``benchmarks/selection_report.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from plmetric.validation import check_embeddings, check_int
+
+__all__ = ["CRITERIA", "SELECTION_RULES", "knn_indices", "neighbour_overlap", "selection_criteria"]
+
+CRITERIA = ("mutual_knn", "start_agreement", "student_teacher_agreement", "neighbour_margin", "consensus")
+SELECTION_RULES = ("final", *CRITERIA)
+
+
+@torch.no_grad()
+def knn_indices(embeddings: Tensor, k: int) -> Tensor:
+    """(n, k) indices of each row's k most cosine-similar other rows (the row itself excluded)."""
+    x = F.normalize(check_embeddings(embeddings, "knn_indices: embeddings", min_rows=2).float(), dim=1)
+    k = min(check_int("k", k, 1), x.shape[0] - 1)
+    sims = x @ x.T
+    sims.fill_diagonal_(float("-inf"))
+    return sims.topk(k, dim=1).indices
+
+
+@torch.no_grad()
+def neighbour_overlap(a: Tensor, b: Tensor) -> float:
+    """``mean_i |A(i) ∩ B(i)| / k`` for two (n, k) neighbour tables of the same points."""
+    if a.shape != b.shape:
+        raise ValueError(f"neighbour_overlap: tables of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    same = (a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2)
+    return float(same.float().mean())
+
+
+@torch.no_grad()
+def selection_criteria(kept: Tensor, start: Tensor, student: Tensor | None = None, k: int = 10) -> dict[str, float]:
+    """Every criterion of the module docstring for one epoch.
+
+    Args:
+        kept: (n, d) embeddings of the subset by the network that is kept (evaluated, saved).
+        start: (n, d) the same images embedded by the untrained start.
+        student: (n, d) the student's embeddings when the teacher is kept (None: kept is the student).
+        k: neighbours per image.
+
+    Returns:
+        ``{criterion: value}`` for every name in :data:`CRITERIA`.
+    """
+    x = F.normalize(check_embeddings(kept, "selection: kept", min_rows=3).float(), dim=1)
+    n = x.shape[0]
+    table = knn_indices(x, k)
+    k = table.shape[1]
+    member = torch.zeros(n, n, dtype=torch.bool, device=x.device).scatter_(1, table, True)
+    mutual = float((member & member.T).sum()) / (n * k)
+    start_overlap = neighbour_overlap(table, knn_indices(start.to(x.device), k))
+    st_overlap = 1.0 if student is None else neighbour_overlap(table, knn_indices(student.to(x.device), k))
+    sims = x @ x.T
+    others = ~member & ~torch.eye(n, dtype=torch.bool, device=x.device)
+    inside = (sims * member).sum(1) / k
+    outside = (sims * others).sum(1) / others.sum(1).clamp_min(1)
+    return {
+        "mutual_knn": mutual,
+        "start_agreement": start_overlap,
+        "student_teacher_agreement": st_overlap,
+        "neighbour_margin": float((inside - outside).mean()),
+        "consensus": mutual * start_overlap,
+    }
