@@ -33,12 +33,20 @@ __all__ = [
 
 
 def point_loss(
-    student: Tensor, similarity: Tensor, delta: float | Tensor = 1.0, normalize_rows: bool = False
+    student: Tensor,
+    similarity: Tensor,
+    delta: float | Tensor = 1.0,
+    normalize_rows: bool = False,
+    groups: Tensor | None = None,
 ) -> Tensor:
     """``L_point = mean_{i≠j} (δ (1 - s_ij) - ‖f_i - f_j‖₂)²`` (slide 11).
 
     With ``normalize_rows`` the distances are divided by their row mean first (the zero
     self-distance included), as STML does: only relative distances within a row are matched.
+    With ``groups`` (the batch's neighbourhoods: a seed and its neighbours share an id), only pairs
+    inside a neighbourhood are regressed onto their targets; a pair across neighbourhoods adds
+    ``relu(δ (1 - s_ij) - ‖f_i - f_j‖)²``: it is pushed apart when closer than its target, never
+    pulled together (a local objective with a margin).
 
     The similarity is a detached target; distances come from explicit differences, with a zero
     (finite) gradient where two student embeddings coincide.
@@ -60,7 +68,13 @@ def point_loss(
         raise ValueError(f"point_loss: similarity must be ({b}, {b}) for {b} embeddings, got {tuple(similarity.shape)}")
     delta = delta.detach().to(student.dtype) if isinstance(delta, Tensor) else delta
     target = delta * (1.0 - similarity.detach().to(student.dtype))
-    residual = (target - pairwise_distances(student, student, normalize_rows=normalize_rows)).pow(2)
+    difference = target - pairwise_distances(student, student, normalize_rows=normalize_rows)
+    if groups is not None:
+        if groups.shape != (b,):
+            raise ValueError(f"point_loss: groups must be ({b},), got {tuple(groups.shape)}")
+        inside = groups.unsqueeze(0) == groups.unsqueeze(1)
+        difference = torch.where(inside, difference, torch.relu(difference))
+    residual = difference.pow(2)
     off_diagonal = ~torch.eye(b, dtype=torch.bool, device=student.device)
     return (residual * off_diagonal).sum() / (b * (b - 1))
 

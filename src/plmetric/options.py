@@ -21,7 +21,9 @@ from plmetric.validation import check_bool, check_choice, check_int, check_numbe
 __all__ = [
     "DELTA_MODES",
     "LOSS_FORMS",
+    "PAIR_SCOPES",
     "SYMMETRIZE_RULES",
+    "TARGET_SPACES",
     "ManifoldOptions",
     "PLMLossOptions",
     "PLMOptions",
@@ -35,6 +37,8 @@ __all__ = [
 SYMMETRIZE_RULES = ("mean", "min", "max")
 DELTA_MODES = ("fixed", "batch", "teacher")
 LOSS_FORMS = ("regression", "contrastive")
+TARGET_SPACES = ("embedding", "features")
+PAIR_SCOPES = ("batch", "neighbourhood")
 
 Options = TypeVar("Options")
 
@@ -123,6 +127,12 @@ class PLMLossOptions:
     loss_form: str = "regression"  # regression (the paper: d -> δ(1 - s)) or contrastive (STML's form, W = s)
     normalize_rows: bool = False  # regression on row-normalised student distances (as STML)
     proxy_neighbours: int = 5  # n most similar batch points that L_neighbourhood pulls each proxy to
+    # where the point targets' manifold is built: the teacher's embedding (the paper) or its pooled
+    # backbone features (L2-normalised, before the embedding layer)
+    target_space: str = "embedding"
+    # which pairs L_point regresses: every pair of the batch (the paper), or the pairs inside each
+    # sampled neighbourhood, the others only pushed apart when closer than their target
+    pair_scope: str = "batch"
     weight_point: float = 1.0
     weight_proxy: float = 1.0
     weight_neighbourhood: float = 1.0
@@ -135,6 +145,8 @@ class PLMLossOptions:
         check_choice("loss_form", self.loss_form, LOSS_FORMS, where=where)
         check_bool("normalize_rows", self.normalize_rows, where=where)
         check_int("proxy_neighbours", self.proxy_neighbours, 1, where=where)
+        check_choice("target_space", self.target_space, TARGET_SPACES, where=where)
+        check_choice("pair_scope", self.pair_scope, PAIR_SCOPES, where=where)
         for name in ("weight_point", "weight_proxy", "weight_neighbourhood"):
             check_number(name, getattr(self, name), where=where)
 

@@ -154,7 +154,7 @@ class TrainStep:
         index = index.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             with torch.no_grad():
-                teacher_out = method.heads(self.teacher_forward, teacher_images) if method.uses_teacher else ()
+                teacher_out = method.teacher_heads(self.teacher_forward, teacher_images) if method.uses_teacher else ()
             student_out = method.heads(self.ddp_student, student_images)
         teacher_all = tuple(dist_utils.all_gather_variable(t.float()) for t in teacher_out)
         student_all = tuple(dist_utils.all_gather_with_grad(t.float()) for t in student_out)

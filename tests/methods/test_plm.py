@@ -152,3 +152,55 @@ def test_one_call_shape_step_inputs_give_the_terms() -> None:
     assert via_inputs.keys() == direct.keys()
     for key in direct:
         assert torch.equal(via_inputs[key], direct[key]), key
+
+
+def test_neighbourhood_pair_scope_regresses_inside_and_only_pushes_across() -> None:
+    """With groups, pairs inside a group are regressed, pairs across pay only when too close."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    student = torch.nn.functional.normalize(torch.randn(12, 5, generator=g, dtype=torch.float64), dim=1)
+    s = torch.rand(12, 12, generator=g, dtype=torch.float64)
+    s = 0.5 * (s + s.T)
+    groups = torch.arange(12) // 4
+    got = point_loss(student, s, 1.0, groups=groups)
+    x, t = student.numpy(), 1.0 - s.numpy()
+    total = 0.0
+    for i in range(12):
+        for j in range(12):
+            if i != j:
+                d = np.linalg.norm(x[i] - x[j])
+                e = t[i, j] - d
+                total += e * e if i // 4 == j // 4 else max(e, 0.0) ** 2
+    assert abs(got.item() - total / (12 * 11)) <= 1e-12
+    assert got < point_loss(student, s, 1.0)  # across-group pairs farther than their target are free
+
+
+def test_pair_scope_and_target_space_in_the_objective() -> None:
+    student, teacher = clustered(30, 8, 12).requires_grad_(), clustered(30, 8, 13)
+    local = PLMLoss(8, num_proxies=4, pair_scope="neighbourhood", group_size=5).terms(student, teacher)
+    local["loss"].backward()
+    assert torch.isfinite(student.grad).all()
+    with pytest.raises(ValueError, match="group_size"):
+        PLMLoss(8, pair_scope="neighbourhood")
+    features = clustered(30, 20, 14)
+    from plmetric.manifold import plm_similarity
+
+    on_features = PLMLoss(8, num_proxies=0, target_space="features")
+    terms = on_features(StepInputs((student,), (teacher, features)))
+    # the targets are the features' manifold similarity, not the embedding's
+    torch.testing.assert_close(on_features.last_similarity, plm_similarity(features), rtol=0, atol=0)
+    assert torch.equal(terms["loss_point"], on_features.terms(student, teacher, features)["loss_point"])
+    on_embedding = PLMLoss(8, num_proxies=0)
+    assert not torch.equal(terms["loss_point"], on_embedding(StepInputs((student,), (teacher, features)))["loss_point"])
+
+
+@pytest.mark.parametrize("overrides", [{"plm__target_space": "features"}, {"plm__pair_scope": "neighbourhood"}])
+def test_the_levers_train(tmp_path, overrides) -> None:
+    from tiny import tiny_config, tiny_model, tiny_splits
+
+    from plmetric.training import train
+
+    cfg = tiny_config(train__epochs=1, **overrides)
+    result = train(cfg, tmp_path, splits=tiny_splits(), model=tiny_model(), progress=False)
+    assert result.final_metrics is not None

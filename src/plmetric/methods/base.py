@@ -92,6 +92,10 @@ class Method(ABC):
         """One forward pass of ``net`` (the student, its DDP wrapper, or the teacher): its heads."""
         return (net(images),)
 
+    def teacher_heads(self, teacher: nn.Module, images: Tensor) -> tuple[Tensor, ...]:
+        """The teacher's outputs the objective reads (default: the same heads as the student's)."""
+        return self.heads(teacher, images)
+
     @abstractmethod
     def build_objective(self, dim: int, init_embeddings: Tensor | None, generator: torch.Generator) -> Objective:
         """The objective for embeddings of dimension ``dim``.

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from plmetric.distances import pairwise_distances
 from plmetric.losses import neighbourhood_loss, point_loss, proxy_loss, relaxed_contrastive_loss, target_scales
@@ -44,24 +45,41 @@ class PLMLoss(Objective):
     """
 
     def __init__(
-        self, dim: int, options: PLMOptions | None = None, *, generator: torch.Generator | None = None, **fields: Any
+        self,
+        dim: int,
+        options: PLMOptions | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        group_size: int | None = None,
+        **fields: Any,
     ) -> None:
         super().__init__()
         self.options = resolve(PLMOptions, options, **fields)
         o = self.options
+        if o.pair_scope == "neighbourhood" and not group_size:
+            raise ValueError(
+                "plm.pair_scope=neighbourhood needs the neighbourhood size (group_size, train.neighbours_per_seed)"
+            )
+        self.group_size = group_size
         self.proxies = Proxies(dim, o.num_proxies, o.m, generator=generator) if o.num_proxies > 0 else None
         self.last_similarity: Tensor | None = None
 
     def forward(self, inputs: StepInputs) -> dict[str, Tensor]:
-        """The loss terms of a batch from the student's and the teacher's first heads (:meth:`terms`)."""
-        return self.terms(inputs.student[0], inputs.teacher[0])
+        """The loss terms of a batch from the student's and the teacher's first heads (:meth:`terms`);
+        with ``target_space="features"`` the point targets come from the teacher's second output,
+        its pooled features."""
+        features = inputs.teacher[1] if self.options.target_space == "features" else None
+        return self.terms(inputs.student[0], inputs.teacher[0], features)
 
-    def terms(self, student: Tensor, teacher: Tensor) -> dict[str, Tensor]:
+    def terms(self, student: Tensor, teacher: Tensor, teacher_features: Tensor | None = None) -> dict[str, Tensor]:
         """Compute the loss terms for one batch.
 
         Args:
             student: (B, d) student embeddings (with gradient).
             teacher: (B, d) teacher embeddings of the same images (detached here).
+            teacher_features: (B, D) the teacher's pooled features of the same images; when given,
+                the point targets come from pieces fitted on them (the proxies stay in the
+                embedding space, with the embedding's pieces).
 
         Returns:
             ``{"loss", "loss_point", "loss_proxy", "loss_neighbourhood"}`` (scalars; ``loss`` is
@@ -78,12 +96,20 @@ class PLMLoss(Objective):
         teacher = teacher.detach()
         with torch.no_grad():
             pieces = fit_pieces(teacher, o)
-            similarity = point_similarity(pieces, o)
+            if teacher_features is None:
+                target_pieces = pieces
+            else:
+                check_embeddings(teacher_features, "PLMLoss: teacher_features", min_rows=2)
+                target_pieces = fit_pieces(teacher_features.detach(), o)
+            similarity = point_similarity(target_pieces, o).to(teacher.dtype)
         point_delta = self._scale(similarity, student, teacher)
+        groups = None
+        if o.pair_scope == "neighbourhood":
+            groups = torch.arange(student.shape[0], device=student.device) // self.group_size
         if o.loss_form == "contrastive":
             terms = {"loss_point": relaxed_contrastive_loss(student, similarity, margin=o.delta)}
         else:
-            terms = {"loss_point": point_loss(student, similarity, point_delta, o.normalize_rows)}
+            terms = {"loss_point": point_loss(student, similarity, point_delta, o.normalize_rows, groups)}
         self.last_similarity = similarity
         if self.proxies is not None:
             locations, bases = self.proxies()
@@ -110,7 +136,7 @@ class PLMLoss(Objective):
             + o.weight_proxy * terms["loss_proxy"]
             + o.weight_neighbourhood * terms["loss_neighbourhood"]
         )
-        terms["piece_size"] = pieces.size.to(student.dtype).mean()
+        terms["piece_size"] = target_pieces.size.to(student.dtype).mean()
         with torch.no_grad():  # monitoring: mean target distance vs mean student distance, off the diagonal
             off_diagonal = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
             target = point_delta * (1.0 - similarity.to(student.dtype))
@@ -146,10 +172,19 @@ class PLMLoss(Objective):
 
 class PLMMethod(Method):
     """PLM in the trainer: the student's distances regress onto the teacher's manifold similarity
-    (targets from the EMA teacher's embeddings of each neighbourhood batch)."""
+    (targets from the EMA teacher's embeddings of each neighbourhood batch, or from its pooled
+    features with ``plm.target_space=features``)."""
 
     name = "plm"
     summary = "PLM: piecewise-linear manifold similarity as targets (Bhatnagar & Ahuja, CPAL 2024)"
+
+    def teacher_heads(self, teacher: nn.Module, images: Tensor) -> tuple[Tensor, ...]:
+        """The teacher's embedding, and with ``plm.target_space=features`` its L2-normalised pooled
+        features (one backbone pass for both)."""
+        if self.cfg.plm.target_space != "features":
+            return (teacher(images),)
+        features = teacher.pooled_features(images)
+        return F.normalize(teacher.embedding(features), dim=1), F.normalize(features, dim=1)
 
     def build_objective(self, dim: int, init_embeddings: Tensor | None, generator: torch.Generator) -> PLMLoss:
         """The PLM loss with the config's ``plm`` options; proxies start at the teacher's local
@@ -159,7 +194,7 @@ class PLMMethod(Method):
             ValueError: more proxies than training images.
         """
         p = self.cfg.plm
-        objective = PLMLoss(dim, p, generator=generator)
+        objective = PLMLoss(dim, p, generator=generator, group_size=self.cfg.train.neighbours_per_seed)
         if objective.proxies is not None and init_embeddings is not None:
             if init_embeddings.shape[0] < p.num_proxies:
                 raise ValueError(
