@@ -23,12 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from plmetric.config import load_config
 from plmetric.paths import REPO_ROOT, shared_data_root
 
 # --dataset -> (loader name, folder under ../shared/data)
-DATASETS = {"cub200": ("cub200", "cub200_subset100"), "plankton106": ("folder", "plankton106"),
-            "cars98dev": ("cars196", "cars98dev")}  # fmt: skip
+DATASETS = {
+    "cub200": ("cub200", "cub200_subset100"),
+    "plankton106": ("folder", "plankton106"),
+    "cars98dev": ("cars196", "cars98dev"),
+}
 
 
 def dataset_root(dataset: str, data_root: str | None = None) -> str:
@@ -73,9 +78,59 @@ GPU_SETTING = [
     "train.device=cuda",
     "train.eval_batch_size=512",
 ]
-SETTINGS = {"head": HEAD_SETTING, "cpu": CPU_SETTING, "gpu": GPU_SETTING}
+# The cheap end-to-end CPU setting: the last 5 of the 11 backbone stages (block groups 5-7, the head
+# convolution and its BatchNorm) and the embedding layer train on cached outputs of the first 6
+# (frozen) stages for 4 random crops per image at 128 px (view 0: the clean image, the teacher's);
+# the same cut as the ``cpu`` setting, without decoding, augmenting or re-running the frozen stages.
+TAIL_SETTING = [
+    "model.backbone=efficientnet_lite0",
+    "model.embedding_dim=512",
+    "model.embedding_init=pca",
+    "data.image_size=128",
+    "data.num_workers=0",
+    "train.epochs=10",
+    "train.eval_every=1",
+    "train.bank_refresh_every=2",
+    "train.warmup_epochs=0.5",
+    "train.device=cpu",
+    "train.eval_batch_size=256",
+]
+TAIL_FROZEN, TAIL_VIEWS = 6, 5
+# The head setting with augmentation: pooled 224 px features of 4 random crops per image (view 0
+# the clean image, the teacher's); only the embedding layer trains.
+HEAD_AUG_SETTING = HEAD_SETTING
+HEAD_AUG_VIEWS = 5
+SETTINGS = {
+    "head": HEAD_SETTING,
+    "head_aug": HEAD_AUG_SETTING,
+    "tail": TAIL_SETTING,
+    "cpu": CPU_SETTING,
+    "gpu": GPU_SETTING,
+}
+CACHED_SETTINGS = ("head", "head_aug", "tail")
 
 _HEAD_SPLITS: dict[tuple[str, str], Any] = {}
+_VIEW_SPLITS: dict[tuple[str, str, str], Any] = {}
+
+
+def view_splits(setting: str, dataset: str, data_root: str):
+    """Train/test `ViewFeatureDataset` splits of cached views (``tail``: the first stages' maps at
+    128 px; ``head_aug``: pooled 224 px features), computed on first use."""
+    from plmetric.data import DatasetSplits, ViewFeatureDataset
+    from plmetric.study import cached_views
+
+    key = (setting, dataset, data_root)
+    if key not in _VIEW_SPLITS:
+        loader = DATASETS[dataset][0]
+        frozen, size, views = (TAIL_FROZEN, 128, TAIL_VIEWS) if setting == "tail" else (None, 224, HEAD_AUG_VIEWS)
+        parts = {}
+        for split in ("train", "test"):
+            tensors, labels, _ = cached_views(
+                loader, data_root, split, "efficientnet_lite0", image_size=size, frozen=frozen, views=views
+            )
+            parts[split] = ViewFeatureDataset(tensors, labels, name=f"{dataset}-{split}-{setting}")
+        _VIEW_SPLITS[key] = DatasetSplits(f"{dataset}-{setting}", parts["train"], parts["test"])
+    return _VIEW_SPLITS[key]
 
 
 def head_splits(dataset: str, data_root: str):
@@ -116,14 +171,25 @@ def run_one(
     data_root = dataset_root(dataset, data_root)
     loader = DATASETS[dataset][0]
     all_overrides = [*SETTINGS[setting], f"data.dataset={loader}", f"train.seed={seed}", *overrides]
-    if setting == "head":  # features have one view: the teacher sees what the student sees
-        all_overrides.append("train.teacher_view=same")
+    if setting in CACHED_SETTINGS:  # cached views: the data set pairs a crop with the clean view itself
+        all_overrides += ["train.teacher_view=same", "model.frozen_stages=0"]
     cfg = load_config(REPO_ROOT / "configs" / base, all_overrides)
     cfg.data.root = data_root
     splits = model = None
     if setting == "head":
         splits = head_splits(dataset, data_root)
         model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)
+    elif setting == "head_aug":
+        splits = view_splits(setting, dataset, data_root)
+        model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)
+    elif setting == "tail":
+        from plmetric.models import create_model
+        from plmetric.networks import tail_model
+
+        splits = view_splits(setting, dataset, data_root)
+        torch.manual_seed(seed)
+        full = create_model("efficientnet_lite0", embedding_dim=cfg.model.embedding_dim, pretrained=True)
+        model = tail_model(full, TAIL_FROZEN)
     start = time.perf_counter()
     result = train(cfg, out_dir, splits=splits, model=model, progress=False, overwrite=True)
     seconds = time.perf_counter() - start

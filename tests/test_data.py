@@ -434,3 +434,22 @@ def test_layout_errors_carry_a_one_line_hint(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataLayoutError, match="image folder is a file, not a folder"):
         load_unlabelled_folder(tmp_path / "file")
+
+
+def test_view_feature_dataset_pairs_a_random_augmented_view_with_the_clean_one():
+    from plmetric.data import ViewFeatureDataset, with_transform
+
+    views = torch.arange(3 * 4 * 2, dtype=torch.float16).view(3, 4, 2)  # 3 views of 4 items
+    dataset = ViewFeatureDataset(views, [0, 0, 1, 1])
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        (student, teacher), label, index = dataset[2]
+        assert torch.equal(teacher, views[0, 2].float()) and student.dtype == torch.float32
+        seen.add(int(student[0]))
+        assert (label, index) == (1, 2)
+    assert seen == {int(views[1, 2, 0]), int(views[2, 2, 0])}  # only the augmented views, both of them
+    clean = with_transform(dataset, None)
+    assert torch.equal(clean[1][0], views[0, 1].float()) and dataset.num_classes == 2
+    with pytest.raises(ValueError, match="views must be a float"):
+        ViewFeatureDataset(torch.zeros(3, 4, dtype=torch.int64), None)

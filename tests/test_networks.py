@@ -23,3 +23,22 @@ def test_pca_initialisation_is_the_projection_on_principal_axes():
     # same subspace and per-axis agreement up to sign
     np.testing.assert_allclose(np.abs(projected), np.abs(reference), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(w @ w.T, np.eye(4), atol=1e-5)
+
+
+def test_split_backbone_and_tail_model_reproduce_the_network():
+    from plmetric.models import create_model
+    from plmetric.networks import backbone_stages, split_backbone, tail_model
+
+    model = create_model("efficientnet_lite0", embedding_dim=16, pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    for frozen in (0, 6, len(backbone_stages(model.backbone))):
+        prefix, tail = split_backbone(model, frozen)
+        assert torch.equal(tail(prefix(x)), model.backbone(x)), frozen  # the same modules in the same order
+    prefix, _ = split_backbone(model, 6)
+    tail = tail_model(model, 6).eval()
+    assert torch.equal(tail(prefix(x)), model(x)) and tail.embedding is model.embedding
+    assert not set(map(id, prefix.parameters())) & set(map(id, tail.parameters()))
+    import pytest
+
+    with pytest.raises(ValueError, match="frozen must lie in"):
+        split_backbone(model, 99)

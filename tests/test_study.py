@@ -183,3 +183,38 @@ def test_cli_dataset_path_runs_both_halves(tmp_path, monkeypatch, capsys):
     assert report["splits"]["test"]["verdict"]["batch"]["best_paper_baseline"] == "kmeans"
     assert "read from cache" in capsys.readouterr().out
     assert main([*argv, "--features", str(out)]) == 2  # a data set and a features file: ambiguous
+
+
+def test_cached_views_are_the_prefix_of_clean_and_augmented_images(tmp_path, monkeypatch):
+    """View 0 is the clean image through the first stages; the others are random crops, seeded:
+    a second call reads the cache."""
+    from image_trees import make_tree
+
+    from plmetric.models import build_transform, create_model
+    from plmetric.networks import split_backbone
+
+    root, _ = make_tree("folder", tmp_path / "data", classes=4, per_class=3, bad=0)
+    cache = tmp_path / "cache"
+    views, labels, info = sim.cached_views(
+        "folder", str(root), "train", image_size=32, frozen=3, views=3, cache_dir=cache, num_workers=0, progress=False
+    )
+    assert views.shape[:2] == (3, 6) and views.dtype == torch.float16 and not info["cache_hit"]
+    model = create_model("efficientnet_lite0", embedding_dim=0, pretrained=True).eval()
+    prefix = split_backbone(model, 3)[0].eval()
+    from PIL import Image
+
+    from plmetric.data import load_dataset
+
+    part = load_dataset("folder", str(root), verbose=False).train
+    with Image.open(part.paths[0]) as img:
+        clean = prefix(build_transform("efficientnet_lite0", 32)(img.convert("RGB")).unsqueeze(0))[0]
+    assert torch.allclose(views[0, 0].float(), clean, rtol=1e-2, atol=1e-2)  # float16 storage
+    assert not torch.equal(views[1], views[0]) and not torch.equal(views[1], views[2])
+    again, _, info2 = sim.cached_views(
+        "folder", str(root), "train", image_size=32, frozen=3, views=3, cache_dir=cache, num_workers=0, progress=False
+    )
+    assert info2["cache_hit"] and torch.equal(again, views)
+    test_views, _, _ = sim.cached_views(
+        "folder", str(root), "test", image_size=32, frozen=3, views=3, cache_dir=cache, num_workers=0, progress=False
+    )
+    assert test_views.shape[0] == 1

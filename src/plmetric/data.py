@@ -268,6 +268,65 @@ class FeatureDataset(Dataset):
         return self.features[i], int(self.labels[i]), i
 
 
+class ViewFeatureDataset(Dataset):
+    """Precomputed network inputs of several views of every image: ``views[0]`` the deterministic
+    (clean) view, ``views[1:]`` augmentations (random crops and flips) computed once. A cheap
+    stand-in for augmenting images every epoch (the cached settings of the studies).
+
+    With ``transform == ViewFeatureDataset.PAIRED`` items are ``((one of the augmented views drawn
+    at random, the clean view), label, index)``: the student gets the augmentation, the teacher
+    the clean view, as ``train.teacher_view=clean`` does with images; with any other transform
+    (the deterministic copy the trainer makes for the bank and the evaluation) ``(clean view,
+    label, index)``. Views are stored in any float dtype (e.g. float16) and returned as float32.
+
+    Args:
+        views: (V, N, ...) tensor, V >= 1.
+        labels: (N,) class ids, or None (unlabelled).
+    """
+
+    PAIRED = "paired views"
+
+    def __init__(self, views: torch.Tensor, labels: Sequence[int] | np.ndarray | None, name: str = ""):
+        self.name = name
+        self.views = torch.as_tensor(views)
+        if self.views.dim() < 3 or not self.views.is_floating_point():
+            raise ValueError(f"ViewFeatureDataset {name!r}: views must be a float (V, N, ...) tensor")
+        n = self.views.shape[1]
+        self.labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, np.int64).reshape(-1)
+        if len(self.labels) != n:
+            raise ValueError(f"ViewFeatureDataset {name!r}: {n} items but {len(self.labels)} labels")
+        self.transform: Any = self.PAIRED if self.views.shape[0] > 1 else None
+        self.skipped = 0
+        self.unreadable: list[int] = []
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The clean views (N, ...)."""
+        return self.views[0]
+
+    def mark_unreadable(self, indices: Iterable[int]) -> None:
+        """Precomputed views are always readable; nothing to record."""
+
+    def describe(self, i: int) -> str:
+        return f"view row {i}"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct labels >= 0."""
+        return int(np.unique(self.labels[self.labels >= 0]).size)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        i = int(i)
+        clean = self.views[0, i].float()
+        if self.transform == self.PAIRED and self.views.shape[0] > 1:
+            view = int(torch.randint(1, self.views.shape[0], ()))
+            return (self.views[view, i].float(), clean), int(self.labels[i]), i
+        return clean, int(self.labels[i]), i
+
+
 @dataclass
 class DatasetSplits:
     """A named train/test pair; ``test`` is ``None`` for an unlabelled folder."""

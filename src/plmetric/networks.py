@@ -8,7 +8,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["backbone_stages", "freeze_batchnorm", "freeze_stages", "frozen_stage_modules", "init_embedding_pca"]
+__all__ = [
+    "backbone_stages",
+    "freeze_batchnorm",
+    "freeze_stages",
+    "frozen_stage_modules",
+    "init_embedding_pca",
+    "split_backbone",
+    "tail_model",
+]
 
 
 def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
@@ -65,3 +73,48 @@ def init_embedding_pca(model: nn.Module, features: torch.Tensor) -> None:
         weight[q:] = torch.linalg.qr(extra.T).Q.T
     layer.weight.copy_(weight.to(layer.weight.dtype))
     layer.bias.copy_(-(weight @ mean.double()).to(layer.bias.dtype))
+
+
+def _expanded_children(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's children in order, ``nn.Sequential`` ones expanded one level (every module,
+    also those without parameters): a trunk whose forward applies them in this order."""
+    children: list[nn.Module] = []
+    for child in backbone.children():
+        children.extend(child.children() if isinstance(child, nn.Sequential) else [child])
+    return children
+
+
+def split_backbone(model: nn.Module, frozen: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """The backbone cut after its first ``frozen`` stages (:func:`backbone_stages`): ``(prefix, tail)``
+    with ``tail(prefix(x)) == backbone(x)``, sharing the modules (no copy).
+
+    For trunks whose forward is their children in order (EfficientNet-Lite0, ResNet-50); the
+    parameter-free modules right after the cut (ReLU, pooling) stay with the prefix.
+
+    Raises:
+        ValueError: ``frozen`` out of range, or a backbone whose forward is not its children in order.
+    """
+    backbone = model.backbone
+    if getattr(model, "backbone_name", None) == "googlenet":
+        raise ValueError("split_backbone: GoogLeNet's forward is not its children in order (transform_input)")
+    stages = backbone_stages(backbone)
+    if not 0 <= frozen <= len(stages):
+        raise ValueError(f"split_backbone: frozen must lie in [0, {len(stages)}], got {frozen}")
+    children = _expanded_children(backbone)
+    cut = 0
+    if frozen:
+        cut = next(i for i, c in enumerate(children) if c is stages[frozen - 1]) + 1
+        while cut < len(children) and not any(True for _ in children[cut].parameters()):
+            cut += 1
+    return nn.Sequential(*children[:cut]), nn.Sequential(*children[cut:])
+
+
+def tail_model(model: nn.Module, frozen: int) -> nn.Module:
+    """The model without its first ``frozen`` backbone stages: an ``EmbeddingModel`` whose trunk
+    takes the prefix's feature maps (see :func:`split_backbone`); embedding layer shared."""
+    from plmetric.models import EmbeddingModel
+
+    _, tail = split_backbone(model, frozen)
+    out = EmbeddingModel(f"{model.backbone_name}[{frozen}:]", tail, model.feature_dim, 0)
+    out.embedding, out.embedding_dim = model.embedding, model.embedding_dim
+    return out

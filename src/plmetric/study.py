@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_SWEEP",
     "PAPER_CUB",
     "cached_features",
+    "cached_views",
     "evaluate_estimator",
     "feature_cache_path",
     "format_study_table",
@@ -268,6 +269,113 @@ def cached_features(
     atomic_write_bytes(path, blob)
     info = {"key": key, "cache_file": str(path), "cache_hit": False, "seconds": round(time.perf_counter() - start, 2)}
     return features, labels, info
+
+
+def cached_views(
+    dataset: str,
+    root: str | None,
+    split: str,
+    backbone: str = "efficientnet_lite0",
+    *,
+    image_size: int = 128,
+    frozen: int | None = 6,
+    views: int = 5,
+    crop_scale_min: float = 0.16,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Several views of every image of a split, passed once through the pretrained backbone's first
+    ``frozen`` stages (``None``: the whole backbone and its pooling, the head setting), cached.
+
+    View 0 is the deterministic transform (resize, centre crop); views 1 .. V-1 are random resized
+    crops with flips (the training transform, seeded by ``seed`` and the view). The cheap cached
+    settings of the studies train the rest of the network on them
+    (:class:`plmetric.data.ViewFeatureDataset`, :func:`plmetric.networks.tail_model`).
+
+    Returns:
+        ``(views float16 (V, N, ...), labels int64 (N,), info)`` (one view for the test split).
+    """
+    from safetensors.torch import load_file, save
+
+    from plmetric.checkpoint import atomic_write_bytes
+    from plmetric.data import load_dataset
+    from plmetric.evaluation import embed_dataset
+    from plmetric.models import build_transform, create_model
+    from plmetric.networks import split_backbone
+
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    views = views if split == "train" else 1
+    key = {
+        **_cache_key(dataset, root, split, backbone, image_size, None),
+        "features": "views through the first stages" if frozen is not None else "views, pooled (avg + max)",
+        "frozen": frozen,
+        "views": views,
+        "crop_scale_min": crop_scale_min,
+        "seed": seed,
+    }
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir / f"{dataset}-{split}-views{views}-{backbone}-{image_size}px-f{frozen}-{digest}.safetensors"
+    start = time.perf_counter()
+    if path.is_file():
+        tensors = load_file(str(path))
+        info = {
+            "key": key,
+            "cache_file": str(path),
+            "cache_hit": True,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        return tensors["views"], tensors["labels"].long(), info
+    model = create_model(backbone, embedding_dim=0, pretrained=True).eval()
+    if frozen is None:
+        net: torch.nn.Module = _Pooled(model)
+    else:
+        net = split_backbone(model, frozen)[0].eval()
+    splits = load_dataset(dataset, root, verbose=progress)
+    part = getattr(splits, split)
+    outputs, labels, index = [], None, None
+    for view in range(views):
+        part.transform = build_transform(backbone, image_size, train=view > 0, crop_scale_min=crop_scale_min)
+        torch.manual_seed(seed * 1000 + view)  # the crops (and the workers' seeds) of this view
+        out, y, i = embed_dataset(_Flat(net), part, batch_size=batch_size, num_workers=num_workers, progress=progress)
+        if index is not None and not torch.equal(i, index):
+            raise ValueError(f"cached_views: view {view} read other images than view 0 (unreadable files changed?)")
+        outputs.append(out.half())
+        labels, index = y, i
+    shape = tuple(net(torch.zeros(1, 3, image_size, image_size)).shape[1:]) if frozen is not None else None
+    stacked = torch.stack(outputs)
+    if shape is not None:
+        stacked = stacked.view(views, stacked.shape[1], *shape)
+    blob = save(
+        {"views": stacked.contiguous(), "labels": labels.contiguous()},
+        metadata={"plmetric_view_cache": json.dumps(key)},
+    )
+    atomic_write_bytes(path, blob)
+    info = {"key": key, "cache_file": str(path), "cache_hit": False, "seconds": round(time.perf_counter() - start, 2)}
+    return stacked, labels, info
+
+
+class _Pooled(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.pooled_features(x)
+
+
+class _Flat(torch.nn.Module):
+    """A network's output flattened to (B, -1), as :func:`plmetric.evaluation.embed_dataset` wants."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten(1)
 
 
 # --------------------------------------------------------------------------------------------
