@@ -94,3 +94,10 @@ def test_save_and_reload_round_trip(tmp_path):
 def test_valid_keys_cover_every_section():
     keys = valid_keys(Config())
     assert {"data.dataset", "model.backbone", "plm.n_alpha", "train.epochs"} <= set(keys)
+
+
+def test_unknown_key_suggests_the_closest_valid_one():
+    with pytest.raises(ValueError, match=r"did you mean 'plm.n_alpha'\?"):
+        load_config(None, ["plm.n_alfa=3"])
+    with pytest.raises(ValueError, match=r"unknown config key 'zzz.qqq'; valid keys"):
+        load_config(None, ["zzz.qqq=1"])

@@ -193,7 +193,12 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     sec = getattr(cfg, section, None) if section in {f.name for f in dataclasses.fields(cfg)} else None
     fields = {f.name: f for f in dataclasses.fields(sec)} if sec is not None else {}
     if name not in fields:
-        raise ValueError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys(cfg))}")
+        import difflib
+
+        keys = valid_keys(cfg)
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"unknown config key '{key}'; {hint}valid keys: {', '.join(keys)}")
     setattr(sec, name, _convert(value, typing.get_type_hints(type(sec))[name], key))
 
 
