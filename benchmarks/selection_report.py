@@ -65,17 +65,28 @@ def run_curve(run: dict) -> tuple[dict[int, float], dict[int, dict]]:
     return r1, criteria
 
 
+# Candidate rules beyond the library's (explored here; a rule that wins is moved into
+# plmetric.selection): name -> score of an epoch's criteria (the epoch with the highest is picked).
+EXTRA_RULES = {
+    f"mutual*agreement^{a}": (lambda c, a=a: c["mutual_knn"] * c["start_agreement"] ** a) for a in (0.25, 0.5, 2.0)
+}
+
+
+def score(rule: str, criteria: dict) -> float:
+    return EXTRA_RULES[rule](criteria) if rule in EXTRA_RULES else criteria[rule]
+
+
 def pick(rule: str, r1: dict[int, float], criteria: dict[int, dict]) -> int:
     epochs = sorted(e for e in r1 if e in criteria)
     if rule == "final":
         return max(r1)
-    return max(epochs, key=lambda e: (criteria[e][rule], -e))
+    return max(epochs, key=lambda e: (score(rule, criteria[e]), -e))
 
 
 def evaluate(runs: list[dict]) -> dict:
     """Per rule: mean/max regret (x100) and mean Spearman correlation, overall, by data set, by row."""
     table: dict = {}
-    for rule in SELECTION_RULES:
+    for rule in (*SELECTION_RULES, *EXTRA_RULES):
         regrets, rhos = defaultdict(list), defaultdict(list)
         for run in runs:
             r1, criteria = run_curve(run)
@@ -88,7 +99,7 @@ def evaluate(runs: list[dict]) -> dict:
                 regrets[key].append(regret)
                 if rule != "final":
                     epochs = sorted(e for e in r1 if e in criteria)
-                    rho = spearman([criteria[e][rule] for e in epochs], [r1[e] for e in epochs])
+                    rho = spearman([score(rule, criteria[e]) for e in epochs], [r1[e] for e in epochs])
                     if not math.isnan(rho):
                         rhos[key].append(rho)
         table[rule] = {

@@ -73,3 +73,20 @@ def test_an_unlabelled_run_selects_too(tmp_path):
     assert result.selected_epoch is not None and result.selected_metrics is None
     assert (tmp_path / "selected.safetensors").is_file()
     assert json.loads((tmp_path / "summary.json").read_text())["selected_epoch"] == result.selected_epoch
+
+
+def test_effective_rank_and_uniformity_known_answers():
+    """Rows spread over 4 orthonormal directions in equal numbers: effective rank 4, every distinct
+    pair at squared distance 2; all rows equal: rank 1, uniformity 0."""
+    basis = torch.eye(8)[:4].repeat(5, 1)  # 20 rows, 4 directions, 5 each
+    c = selection_criteria(basis, basis, k=4)
+    assert c["effective_rank"] == pytest.approx(4.0, rel=1e-6)
+    # 80 of the 380 ordered pairs coincide (distance 0), 300 are at squared distance 2
+    assert c["uniformity"] == pytest.approx(-np.log((80 + 300 * np.exp(-4.0)) / 380), rel=1e-9)
+    same = torch.ones(6, 3)
+    collapsed = selection_criteria(same, same, k=2)
+    assert collapsed["effective_rank"] == pytest.approx(1.0, rel=1e-6)
+    # cos(x, x) of float32 unit rows is 1 up to the dot product's and the normalisation's rounding,
+    # about (d + 2) u32 with d = 3; the squared distance 2 - 2 cos is off by twice that, and
+    # -log mean exp(-2 d²) ~ 2 d² near 0
+    assert 0.0 <= collapsed["uniformity"] <= 2 * 2 * (3 + 2) * 2.0**-24

@@ -13,9 +13,15 @@ on the subset's cosine k-nearest-neighbour graphs (no label is read):
   (1 when they agree, or when the student is the kept network).
 * ``neighbour_margin``: ``mean_i [mean_{j ∈ N(i)} cos(x_i, x_j) - mean_{j ∉ N(i) ∪ {i}} cos(x_i, x_j)]``,
   how far a neighbourhood stands out from the rest.
-* ``consensus`` (the default rule, ``train.select``): ``mutual_knn · start_agreement``: structure
-  gained, discounted by the pretrained structure lost. At the start it is the start's own mutual
-  share; an epoch that tightens groups without scrambling neighbourhoods raises it.
+* ``consensus``: ``mutual_knn · start_agreement``: structure gained, discounted by the pretrained
+  structure lost. At the start it is the start's own mutual share.
+* ``effective_rank`` (RankMe; Garrido, Balestriero, Najman & LeCun, "RankMe: Assessing the
+  Downstream Performance of Pretrained Self-Supervised Representations by Their Rank", ICML 2023):
+  ``exp(-Σ_k p_k log p_k)`` with ``p_k = σ_k / Σ σ`` the normalised singular values of the (n, d)
+  embeddings; a collapsing (over-contracted) embedding loses rank.
+* ``uniformity`` (Wang & Isola, "Understanding Contrastive Representation Learning through
+  Alignment and Uniformity on the Hypersphere", ICML 2020): ``-log mean_{i≠j} exp(-2 ‖x_i - x_j‖²)``
+  of the L2-normalised embeddings; higher is more evenly spread.
 
 :data:`SELECTION_RULES` names the criterion each rule maximises; ``final`` keeps the last epoch.
 The rule is judged by its regret (test R@1 of the label-chosen best epoch minus that of the epoch
@@ -32,7 +38,15 @@ from plmetric.validation import check_embeddings, check_int
 
 __all__ = ["CRITERIA", "SELECTION_RULES", "knn_indices", "neighbour_overlap", "selection_criteria"]
 
-CRITERIA = ("mutual_knn", "start_agreement", "student_teacher_agreement", "neighbour_margin", "consensus")
+CRITERIA = (
+    "mutual_knn",
+    "start_agreement",
+    "student_teacher_agreement",
+    "neighbour_margin",
+    "consensus",
+    "effective_rank",
+    "uniformity",
+)
 SELECTION_RULES = ("final", *CRITERIA)
 
 
@@ -80,10 +94,16 @@ def selection_criteria(kept: Tensor, start: Tensor, student: Tensor | None = Non
     others = ~member & ~torch.eye(n, dtype=torch.bool, device=x.device)
     inside = (sims * member).sum(1) / k
     outside = (sims * others).sum(1) / others.sum(1).clamp_min(1)
+    singular = torch.linalg.svdvals(x.double())
+    p = singular / singular.sum() + 1e-12
+    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    squared = (2.0 - 2.0 * sims).clamp_min(0)[off]  # ‖x_i - x_j‖² of unit vectors
     return {
         "mutual_knn": mutual,
         "start_agreement": start_overlap,
         "student_teacher_agreement": st_overlap,
         "neighbour_margin": float((inside - outside).mean()),
         "consensus": mutual * start_overlap,
+        "effective_rank": float(torch.exp(-(p * p.log()).sum())),
+        "uniformity": float(-torch.log(torch.exp(-2.0 * squared.double()).mean())),
     }
