@@ -70,6 +70,23 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "bn_updated": (["model.freeze_bn=false"], "BatchNorm statistics updated"),
     "crop_0.5": (["data.crop_scale_min=0.5"], "milder crops (scale 0.5-1)"),
     "teacher_clean": (["train.teacher_view=clean"], "the teacher sees the un-augmented image, the student a crop"),
+    # the design questions of the three-data-set study, each over the recipe
+    "recipe_features": ([*RECIPE, "plm.target_space=features"], "recipe, manifold of the teacher's pooled features"),
+    "recipe_local": ([*RECIPE, "plm.pair_scope=neighbourhood"], "recipe, pairs inside neighbourhoods + margin"),
+    "recipe_m3": ([*RECIPE, "plm.m=3"], "recipe, 3-d pieces"),
+    "recipe_delta_batch": ([*RECIPE, "plm.delta_mode=batch"], "recipe, δ matched to the batch's distances"),
+    "recipe_no_proxies": ([*RECIPE, "plm.num_proxies=0"], "recipe without proxies"),
+    "recipe_lr_emb_1e-3": ([*RECIPE, "train.lr_embedding=1e-3"], "recipe, embedding lr 1e-3"),
+    "recipe_60_epochs": ([*RECIPE, "train.epochs=60"], "recipe, twice as long"),
+    "recipe_momentum_0.999": ([*RECIPE, "train.momentum=0.999"], "recipe, slower teacher"),
+    "ceiling_lr_3e-3": (
+        ["train.method=supervised", *RECIPE, "train.lr_embedding=3e-3"],
+        "supervised ceiling, embedding lr 3e-3 (is the ceiling's schedule holding it back?)",
+    ),
+    "ceiling_student": (
+        ["train.method=supervised", *RECIPE, "train.keep=student", "train.lr_embedding=1e-3"],
+        "supervised ceiling, the student kept, embedding lr 1e-3",
+    ),
 }
 BACKBONE_LEVERS = {"lr_backbone_1e-5", "head_warmup", "bn_updated", "crop_0.5", "teacher_clean"}
 
