@@ -157,3 +157,47 @@ def test_save_and_load_round_trip_and_foreign_files(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(b"\xff\xfe not a safetensors file")
     with pytest.raises(ValueError, match="is not a plmetric index"):
         load_embeddings(tmp_path / "t.safetensors")
+
+
+def test_batch_search_writes_json_csv_and_a_grid_per_query(tmp_path, capsys):
+    import csv
+    import json
+
+    paths = photos(tmp_path / "p")
+    index = tmp_path / "i.safetensors"
+    assert main(["index", str(tmp_path / "p"), "--out", str(index), *SMALL]) == 0
+    listing = tmp_path / "queries.txt"
+    listing.write_text(f"# two more queries\n{paths[4]}\n{paths[5]}\n")
+    out_dir = tmp_path / "grids"
+    args = ["search", str(paths[0]), str(paths[1]), "--queries-file", str(listing), "--index", str(index)]
+    args += [
+        "--top-k",
+        "2",
+        "--out-dir",
+        str(out_dir),
+        "--json",
+        str(tmp_path / "r.json"),
+        "--csv",
+        str(tmp_path / "r.csv"),
+    ]
+    code, lines, _ = top_result(capsys, *args)
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [q["query"] for q in report["queries"]] == [
+        str(p.resolve()) for p in (paths[0], paths[1], paths[4], paths[5])
+    ]
+    for query in report["queries"]:  # every indexed query finds itself first
+        assert query["results"][0]["path"] == query["query"] and len(query["results"]) == 2
+        assert query["results"][0]["score"] >= query["results"][1]["score"]
+    rows = list(csv.reader((tmp_path / "r.csv").open()))
+    assert rows[0] == ["query", "rank", "path", "score"] and len(rows) == 1 + 4 * 2
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        f"{p.stem}_results.png" for p in (paths[0], paths[1], paths[4], paths[5])
+    )
+    # a folder of queries, no grids asked for
+    code, lines, _ = top_result(capsys, "search", str(tmp_path / "p"), "--index", str(index), "--top-k", "1")
+    assert code == 0 and sum(line.startswith("query ") for line in lines) == 6 and "no grids drawn" in lines[-1]
+    code, _, err = top_result(
+        capsys, "search", str(paths[0]), str(paths[1]), "--index", str(index), "--out", str(tmp_path / "g.png")
+    )
+    assert code == 2 and "--out-dir" in err

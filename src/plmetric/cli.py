@@ -338,38 +338,151 @@ def _read_query(path: Path, transform: Callable) -> typing.Any:
         raise ValueError(f"cannot read query image {path}: {err}") from None
 
 
+def _query_paths(args: argparse.Namespace) -> list[Path]:
+    """The query images: files, folders (searched recursively) and the lines of ``--queries-file``."""
+    from plmetric.data import IMAGE_EXTENSIONS, find_images
+
+    items = [Path(q) for q in args.query]
+    if args.queries_file:
+        listing = Path(args.queries_file)
+        if not listing.is_file():
+            raise FileNotFoundError(f"--queries-file not found: {listing}")
+        try:
+            lines = listing.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--queries-file {listing}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        items += [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    paths: list[Path] = []
+    for item in items:
+        if item.is_dir():
+            found = find_images(item)
+            if not found:
+                raise ValueError(
+                    f"query folder {item} holds no images (extensions {' '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"query image not found: {item}")
+    if not paths:
+        raise CLIError("give at least one query image, folder or --queries-file")
+    return paths
+
+
+def _grid_names(queries: list[Path], out_dir: Path) -> list[Path]:
+    """``<stem>_results.png`` in ``out_dir`` for every query; repeated stems get a counter."""
+    names, used = [], set()
+    for n, query in enumerate(queries):
+        name = f"{query.stem}_results.png"
+        if name in used:
+            name = f"{query.stem}_{n}_results.png"
+        used.add(name)
+        names.append(out_dir / name)
+    return names
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     import torch
 
+    from plmetric.checkpoint import atomic_write_bytes, atomic_write_json
+    from plmetric.data import ImageDataset
+    from plmetric.evaluation import embed_dataset
     from plmetric.models import build_transform
     from plmetric.retrieval import draw_results, load_embeddings, model_from_description, top_k
 
-    query_path = Path(args.query)
-    out = Path(args.out) if args.out else Path(f"{query_path.stem}_results.png")
-    check_output(out, "--out", (".png",), (args.query, args.index))
+    queries = _query_paths(args)
+    inputs = [args.index, args.queries_file, *queries]
+    if args.out and len(queries) > 1:
+        raise CLIError("--out names one grid: with several queries give --out-dir DIR (a grid per query)")
+    grids: list[Path | None] = [None] * len(queries)
+    if len(queries) == 1 and not args.out_dir:
+        out = Path(args.out) if args.out else Path(f"{queries[0].stem}_results.png")
+        grids = [check_output(out, "--out", (".png",), inputs)]
+    elif args.out_dir:
+        out_dir = Path(args.out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CLIError(f"--out-dir {out_dir} is a file; expected a folder for the grids")
+        grids = [check_output(g, "--out-dir", (".png",), inputs) for g in _grid_names(queries, out_dir)]
+    json_out = check_output(args.json, "--json", (".json",), inputs) if args.json else None
+    csv_out = check_output(args.csv, "--csv", (".csv",), inputs) if args.csv else None
     database, _, paths, description = load_embeddings(args.index)
-    if out.expanduser().resolve() in {Path(p).resolve() for p in paths if p.lower().endswith(".png")}:
-        raise CLIError(f"--out {out} is an image of the index; writing it would destroy it")
+    indexed = {Path(p).resolve() for p in paths}
+    for out in (*grids, json_out, csv_out):
+        if out is not None and out.expanduser().resolve() in indexed:
+            raise CLIError(f"{out} is an image of the index; writing it would destroy it")
     transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
-    image = _read_query(query_path, transform)
     model = model_from_description(description, args.index)
-    with torch.no_grad():
-        query = model.eval()(image.unsqueeze(0))
-    if query.shape[1] != database.shape[1]:
-        raise ValueError(f"query embedding has dimension {query.shape[1]}, the index {args.index} {database.shape[1]}")
-    scores, indices = top_k(query, database, args.top_k)
-    results = [paths[i] for i in indices[0].tolist()]
-    moved = [p for p in results if not Path(p).is_file()]
-    for rank_, (p, s) in enumerate(zip(results, scores[0].tolist(), strict=True), start=1):
-        print(f"{rank_:3d}  {s:.4f}  {p}{'  (missing: moved or deleted since indexing)' if p in moved else ''}")
+    if len(queries) == 1:  # one query: any unreadable or oversized file is an error
+        with torch.no_grad():
+            embeddings = model.eval()(_read_query(queries[0], transform).unsqueeze(0))
+        found = [0]
+    else:
+        dataset = ImageDataset(queries, None, transform, "queries")
+        embeddings, _, index = embed_dataset(
+            model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=False
+        )
+        found = index.tolist()
+        if not found:
+            raise ValueError(f"none of the {len(queries)} query images could be read")
+    if embeddings.shape[1] != database.shape[1]:
+        raise ValueError(
+            f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.shape[1]}"
+        )
+    scores, indices = top_k(embeddings, database, args.top_k)
+    report, rows, moved = [], [], 0
+    for row, q in enumerate(found):
+        results = [paths[i] for i in indices[row].tolist()]
+        values = scores[row].tolist()
+        missing = [not Path(p).is_file() for p in results]
+        moved += sum(missing)
+        if len(found) > 1:
+            print(f"query {queries[q]}")
+        for rank_, (p, value, gone) in enumerate(zip(results, values, missing, strict=True), start=1):
+            print(f"{rank_:3d}  {value:.4f}  {p}{'  (missing: moved or deleted since indexing)' if gone else ''}")
+            rows.append((str(queries[q]), rank_, p, value))
+        report.append(
+            {
+                "query": str(queries[q].resolve()),
+                "results": [
+                    {"rank": r, "path": p, "score": v, "missing": g}
+                    for r, (p, v, g) in enumerate(zip(results, values, missing, strict=True), start=1)
+                ],
+            }
+        )
+        if grids[q] is not None:
+            draw_results(str(queries[q]), results, values, grids[q])
     if moved:
         print(
-            f"plmetric: warning: {len(moved)} of {len(results)} results no longer exist where {args.index} recorded "
-            f"them (e.g. {moved[0]}): the images moved or were deleted since the index was built; rebuild it",
+            f"plmetric: warning: {moved} of {len(found) * scores.shape[1]} results no longer exist where {args.index} "
+            "recorded them: the images moved or were deleted since the index was built; rebuild it",
             file=sys.stderr,
         )
-    draw_results(str(query_path), results, scores[0].tolist(), out)
-    print(f"wrote {out}")
+    unreadable = [str(queries[q]) for q in range(len(queries)) if q not in set(found)]
+    if json_out is not None:
+        atomic_write_json(
+            json_out,
+            {
+                "index": str(Path(args.index).resolve()),
+                "top_k": args.top_k,
+                "queries": report,
+                "unreadable_queries": unreadable,
+            },
+        )
+    if csv_out is not None:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["query", "rank", "path", "score"])
+        writer.writerows(rows)
+        atomic_write_bytes(csv_out, buffer.getvalue().encode())
+    written = [str(g) for g in grids if g is not None] + [str(o) for o in (json_out, csv_out) if o is not None]
+    if written:
+        print(f"wrote {', '.join(written) if len(written) <= 3 else f'{len(written)} files'}")
+    elif len(queries) > 1:
+        print("no grids drawn: give --out-dir DIR for one grid per query")
     return 0
 
 
@@ -542,11 +655,17 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--out", required=True, help="output index file (.safetensors)")
     ix.set_defaults(func=_cmd_embed, dataset=None, data_root=None, split="train")
 
-    se = command("search", "an image -> its top-k most similar images in an index")
-    se.add_argument("query", help="query image file")
+    se = command("search", "images -> their top-k most similar images in an index (many queries in one process)")
+    se.add_argument("query", nargs="*", help="query image files or folders (searched recursively)")
+    se.add_argument("--queries-file", default=None, help="a text file of query paths, one per line")
     se.add_argument("--index", required=True, help="index written by 'plmetric index'")
-    se.add_argument("--top-k", type=positive_int, default=8, help="number of results")
-    se.add_argument("--out", default=None, help="PNG grid of the results (default: QUERY_results.png)")
+    se.add_argument("--top-k", type=positive_int, default=8, help="number of results per query")
+    se.add_argument("--out", default=None, help="one query: PNG grid of the results (default: QUERY_results.png)")
+    se.add_argument("--out-dir", default=None, help="a PNG grid per query, QUERY_results.png, in this folder")
+    se.add_argument("--json", default=None, help="write every query's results (rank, path, score) as JSON")
+    se.add_argument("--csv", default=None, help="write every query's results as CSV: query,rank,path,score")
+    se.add_argument("--batch-size", type=positive_int, default=64, help="query images per forward pass")
+    se.add_argument("--num-workers", type=non_negative_int, default=0, help="decoding workers for many queries")
     se.set_defaults(func=_cmd_search)
 
     demo = command("demo", "the main job: train on the embedded digits (CPU, no download), before/after")

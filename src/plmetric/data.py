@@ -420,7 +420,7 @@ def _zero_shot(
     )
 
 
-def _find_images(folder: Path) -> list[Path]:
+def find_images(folder: Path) -> list[Path]:
     """All image files under ``folder``, recursively, sorted; hidden files and folders skipped."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -563,7 +563,7 @@ def load_labelled_folder(
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     paths, labels = [], []
     for class_dir in class_dirs:
-        found = _find_images(class_dir)
+        found = find_images(class_dir)
         if found:
             labels += [labels[-1] + 1 if labels else 0] * len(found)
             paths += found
@@ -587,7 +587,7 @@ def load_unlabelled_folder(
     """
     del test_transform
     root = _require_dir(root, "image folder", _UNLABELLED_LAYOUT)
-    paths = _find_images(root)
+    paths = find_images(root)
     if not paths:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise ValueError(f"image folder {root} holds no images (extensions {exts})")
