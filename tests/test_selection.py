@@ -53,10 +53,10 @@ def test_the_run_keeps_its_label_free_pick(tmp_path):
         tiny_config(train__epochs=3), tmp_path / "a", splits=tiny_splits(), model=tiny_model(), progress=False
     )
     summary = json.loads((tmp_path / "a/summary.json").read_text())
-    assert summary["select_rule"] == "consensus" and summary["selected_epoch"] == result.selected_epoch
+    assert summary["select_rule"] == "mutual_knn" and summary["selected_epoch"] == result.selected_epoch
     assert 0 <= result.selected_epoch <= 3 and (tmp_path / "a/selected.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "a/log.jsonl").read_text().splitlines()]
-    scores = [summary["selection_start"]["consensus"]] + [r["selection"]["consensus"] for r in log]
+    scores = [summary["selection_start"]["mutual_knn"]] + [r["selection"]["mutual_knn"] for r in log]
     assert result.selected_epoch == int(np.argmax(scores))  # the first of equal maxima
     picked = [result.start_metrics] + [{k: v for k, v in r.items() if k.startswith("recall@")} for r in log]
     assert result.selected_metrics["recall@1"] == picked[result.selected_epoch]["recall@1"]

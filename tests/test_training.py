@@ -458,3 +458,40 @@ def test_too_few_readable_images_is_a_clear_error(tmp_path):
     root, _ = make_tree("images", tmp_path / "data", classes=2, per_class=7, bad=5)
     with pytest.raises(ValueError, match=r"only 9 of 14 training images are readable"):
         train(_tree_config("images", root), tmp_path / "run", model=tiny_model(), progress=False)
+
+
+def test_training_on_cached_views_gives_the_teacher_the_clean_view(tmp_path, monkeypatch):
+    """A ViewFeatureDataset pairs a random augmented view (student) with the clean one (teacher);
+    the bank and the evaluation see the clean views."""
+    from plmetric.data import DatasetSplits, ViewFeatureDataset
+    from plmetric.models import feature_model
+
+    g = torch.Generator().manual_seed(0)
+    labels = np.repeat(np.arange(8), 10)
+    clean = torch.nn.functional.normalize(torch.randn(8, 24, generator=g), dim=1)[labels] * 3
+    clean = clean + 0.3 * torch.randn(80, 24, generator=g)
+    views = torch.stack([clean, *(clean + 0.2 * torch.randn(80, 24, generator=g) for _ in range(3))])
+    train_views = ViewFeatureDataset(views[:, :40], labels[:40], name="train")
+    test_views = ViewFeatureDataset(views[:1, 40:], labels[40:], name="test")
+    seen = []
+    from plmetric.training import TrainStep
+
+    original = TrainStep.__call__
+
+    def spy(self, student_images, teacher_images, index, labels=None):
+        seen.append((student_images.clone(), teacher_images.clone(), index.clone()))
+        return original(self, student_images, teacher_images, index, labels)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    cfg = tiny_config(train__epochs=2, train__teacher_view="same")
+    result = train(
+        cfg,
+        tmp_path,
+        splits=DatasetSplits("views", train_views, test_views),
+        model=feature_model(24, 16),
+        progress=False,
+    )
+    assert result.final_metrics is not None and seen
+    for student, teacher, index in seen:
+        assert torch.equal(teacher, views[0, index])  # the teacher always gets the clean view
+        assert not torch.equal(student, teacher)  # the student an augmented one

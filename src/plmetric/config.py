@@ -79,7 +79,7 @@ class TrainConfig:
     keep: str = "student"  # the network evaluated and saved: student, or teacher (its moving average)
     # label-free model selection (plmetric.selection): the rule that picks the epoch kept as
     # selected.safetensors, from a fixed subset of the unlabelled training images
-    select: str = "consensus"  # final, or a criterion of plmetric.selection.CRITERIA (maximised)
+    select: str = "mutual_knn"  # final, or a criterion of plmetric.selection.CRITERIA (maximised)
     select_images: int = 1000  # training images the criteria are computed on
     select_k: int = 10  # neighbours of the criteria's k-NN graphs
 
