@@ -72,6 +72,9 @@ EXTRA_RULES = {
 }
 
 
+EXTRA_NEEDS = {name: {"mutual_knn", "start_agreement"} for name in EXTRA_RULES}
+
+
 def score(rule: str, criteria: dict) -> float:
     return EXTRA_RULES[rule](criteria) if rule in EXTRA_RULES else criteria[rule]
 
@@ -92,6 +95,9 @@ def evaluate(runs: list[dict]) -> dict:
             r1, criteria = run_curve(run)
             if not criteria:
                 continue
+            needed = EXTRA_NEEDS.get(rule, {rule}) if rule != "final" else set()
+            if any(not needed <= set(c) for c in criteria.values()):
+                continue  # a run logged before this criterion existed
             oracle = max(r1.values())
             chosen = pick(rule, r1, criteria)
             regret = 100 * (oracle - r1[chosen])

@@ -391,6 +391,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from plmetric.models import build_transform
     from plmetric.retrieval import draw_results, load_embeddings, model_from_description, top_k
 
+    if not Path(args.index).is_file():  # the index first: without it no query matters
+        raise FileNotFoundError(f"index/embeddings file not found: {args.index}")
     queries = _query_paths(args)
     inputs = [args.index, args.queries_file, *queries]
     if args.out and len(queries) > 1:
