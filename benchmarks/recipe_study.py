@@ -79,6 +79,20 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
     "recipe_lr_emb_1e-3": ([*RECIPE, "train.lr_embedding=1e-3"], "recipe, embedding lr 1e-3"),
     "recipe_60_epochs": ([*RECIPE, "train.epochs=60"], "recipe, twice as long"),
     "recipe_momentum_0.999": ([*RECIPE, "train.momentum=0.999"], "recipe, slower teacher"),
+    "recipe_features_lr_1e-3": (
+        [*RECIPE, "plm.target_space=features", "train.lr_embedding=1e-3"],
+        "recipe, feature manifold, embedding lr 1e-3",
+    ),
+    "recipe_features_m3": ([*RECIPE, "plm.target_space=features", "plm.m=3"], "recipe, feature manifold, 3-d pieces"),
+    "recipe_features_contrastive": (
+        [*RECIPE, "plm.target_space=features", "plm.loss_form=contrastive"],
+        "recipe, feature manifold, STML's relaxed contrastive form",
+    ),
+    "recipe_features_no_proxies": (
+        [*RECIPE, "plm.target_space=features", "plm.num_proxies=0"],
+        "recipe, feature manifold, no proxies",
+    ),
+    "recipe_contrastive": ([*RECIPE, "plm.loss_form=contrastive"], "recipe, STML's relaxed contrastive form"),
     "ceiling_lr_3e-3": (
         ["train.method=supervised", *RECIPE, "train.lr_embedding=3e-3"],
         "supervised ceiling, embedding lr 3e-3 (is the ceiling's schedule holding it back?)",
