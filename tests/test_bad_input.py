@@ -351,6 +351,24 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["search", "{photo}", "--index", "{root}/stale.safetensors", "--out", "{root}/g.png"],
         ["changing.safetensors", "has changed"],
     ),
+    # export
+    (
+        "export-missing-checkpoint",
+        ["export", "--format", "onnx", "{root}/none.safetensors", "--out", "{root}/m.onnx"],
+        ["none.safetensors", "not found"],
+    ),
+    (
+        "export-garbage-checkpoint",
+        ["export", "--format", "torchscript", "{root}/garbage.safetensors", "--out", "{root}/m.pt"],
+        ["garbage.safetensors", "not a readable"],
+    ),
+    ("export-out-suffix", ["export", "--format", "onnx", "{ckpt}", "--out", "{root}/m.pt"], ["--out", ".onnx"]),
+    ("export-out-is-checkpoint", ["export", "--format", "onnx", "{ckpt}", "--out", "{ckpt}"], ["--out", ".onnx"]),
+    (
+        "export-unknown-format",
+        ["export", "--format", "tflite", "{ckpt}", "--out", "{root}/m.onnx"],
+        ["--format", "invalid choice"],
+    ),
     # demo, similarity study
     (
         "demo-unknown-key",
@@ -409,7 +427,7 @@ def test_every_bad_input_is_one_clear_line_with_exit_status_2(ws, capsys):
         if problems:
             failures.append(f"{case}: {'; '.join(problems)}: {err.strip()[:300]!r}")
     assert not (root / "PWNED").exists(), "a crafted state.pt ran code"
-    print(f"\ntried {len(CASES)} bad inputs across eval, train, embed, index, search, demo, similarity-study")
+    print(f"\ntried {len(CASES)} bad inputs across eval, train, embed, index, search, export, demo, similarity-study")
     assert not failures, "\n".join(failures)
     assert len(CASES) >= 30
 

@@ -488,6 +488,24 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from plmetric.export import FORMATS, export_model, is_export, read_sidecar, require_backend, sidecar_path
+
+    inputs = (args.checkpoint,)
+    out = check_output(args.out, "--out", FORMATS[args.format], inputs, is_export)
+    check_output(sidecar_path(out), "--out", (".json",), inputs, lambda p: read_sidecar(p) is not None)
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    require_backend(args.format)
+    meta = export_model(args.checkpoint, out, args.format, image_size=args.image_size)
+    print(
+        f"wrote {out} ({args.format}: {meta['backbone']}, {meta['image_size']} px input, "
+        f"{meta['output_dim']}-d L2-normalised output; max |diff| to PyTorch {meta['check']['max_abs_diff']:.1e}) "
+        f"and {sidecar_path(out)}"
+    )
+    return 0
+
+
 def _cmd_similarity_study(args: argparse.Namespace) -> int:
     """Correlation with the ground truth of PLM and competing similarity estimates (slide 14)."""
     from plmetric.study import similarity_study_command
@@ -670,6 +688,17 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--num-workers", type=non_negative_int, default=0, help="decoding workers for many queries")
     se.set_defaults(func=_cmd_search)
 
+    ex = command("export", "a checkpoint's embedding model -> ONNX or TorchScript, its preprocessing in the metadata")
+    ex.add_argument("checkpoint", help="a .safetensors model written by 'plmetric train' (it names its backbone)")
+    ex.add_argument(
+        "--format", required=True, choices=["onnx", "torchscript"], help="onnx (.onnx) or torchscript (.pt)"
+    )
+    ex.add_argument(
+        "--out", required=True, help="output file: .onnx, or .pt/.torchscript; the metadata also goes to OUT.json"
+    )
+    ex.add_argument("--image-size", type=positive_int, default=224, help="input side when the checkpoint records none")
+    ex.set_defaults(func=_cmd_export)
+
     demo = command("demo", "the main job: train on the embedded digits (CPU, no download), before/after")
     demo.add_argument("--config", default=None, help="default: configs/demo.yaml")
     demo.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -704,6 +733,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     import yaml
     from PIL import Image
 
+    from plmetric.export import ExportDependencyError
     from plmetric.models import WeightsUnavailableError
     from plmetric.training import NonFiniteLossError
 
@@ -719,6 +749,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         Image.DecompressionBombError,
         WeightsUnavailableError,
         NonFiniteLossError,
+        ExportDependencyError,
     )
 
 
