@@ -291,6 +291,50 @@ def test_resume_alone_reads_the_runs_config_and_extends_a_finished_run(tmp_path,
 
 
 @pytest.mark.slow
+def test_folder_preset_fits_the_folder_and_names_the_model_and_the_next_command(tmp_path, capsys):
+    """``train --images`` without --config takes configs/folder.yaml, fits its sizes to the 40 images
+    (batch, proxies ≤ n/4, embedding ≤ n) unless set, and ends with the picked model and the index line."""
+    from image_trees import make_tree
+
+    from plmetric.config import load_config
+
+    root = tmp_path / "data"
+    make_tree("images", root, classes=4, per_class=10, bad=0)
+    run = tmp_path / "run"
+    small = ["data.image_size=32", "data.num_workers=0", "train.epochs=2", "train.device=cpu", "train.warmup_epochs=0"]
+    args = ["train", "--images", str(root), "--out", str(run), "--no-progress", *[f"--set={s}" for s in small]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "configs/folder.yaml for 40 images, fitted: " in out
+    assert "train.batch_size=40" in out and "plm.num_proxies=10" in out and "model.embedding_dim=40" in out
+    cfg = load_config(run / "config.yaml")
+    assert (cfg.model.backbone, cfg.train.batch_size, cfg.plm.num_proxies, cfg.model.embedding_dim) == (
+        "efficientnet_lite0",
+        40,
+        10,
+        40,
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["select_rule"] == "mutual_knn" and summary["selected_epoch"] in (0, 1, 2)
+    assert set(summary["final_selection"]) >= {"mutual_knn", "start_agreement"}
+    assert (run / "selected.safetensors").is_file()
+    lines = out.splitlines()
+    picked = [line for line in lines if "selected.safetensors" in line and not line.startswith("next:")]
+    assert len(picked) == 1
+    if summary["selected_epoch"] == 0:
+        assert "did not improve the label-free criterion mutual_knn" in picked[0]
+    else:
+        assert f"epoch {summary['selected_epoch']} of 2, picked without labels by mutual_knn" in picked[0]
+    assert f"next:  plmetric index {root} --checkpoint {run / 'selected.safetensors'} --out" in out
+    # a size the user set is left alone, and one that cannot work fails before any image is decoded
+    capsys.readouterr()
+    assert main([*args[:4], str(tmp_path / "run2"), *args[5:], "--set", "plm.num_proxies=41"]) == 2
+    err = capsys.readouterr().err
+    assert "plm.num_proxies (41) exceeds the number of training images (40)" in err
+    assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.slow
 def test_unreadable_images_are_named_once_in_plain_words(tmp_path):
     """A real process with 2 DataLoader workers and a PCA pass (two full passes over the images):
     each unreadable file is warned about exactly once, as a plain path on one line."""

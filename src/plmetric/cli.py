@@ -205,11 +205,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config_path = Path(args.out) / CONFIG_FILE
         if not config_path.is_file():
             raise CLIError(f"--resume: {args.out} holds no run to resume (no {CONFIG_FILE}); start it without --resume")
+    preset = args.images and config_path is None  # a folder without a config: the folder preset
+    if preset:
+        config_path = FOLDER_PRESET
     cfg = load_config(config_path, overrides)
     root = args.images or args.data_root
     if root is not None:  # set directly, not through YAML: any folder name is a path
         set_value(cfg, "data.root", str(root))
         cfg.validate()
+    if preset:
+        _fit_preset_to_folder(cfg, Path(args.images), overrides)
     result = train(
         cfg,
         args.out,
@@ -222,7 +227,65 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if result.skipped_images:
         print(f"left out {len(result.skipped_images)} unreadable training image(s): listed in summary.json")
     print(f"run folder: {result.out_dir}")
+    _print_selected_and_next(cfg, result, args.images)
     return 0
+
+
+FOLDER_PRESET_NAME = "configs/folder.yaml"
+FOLDER_PRESET = Path(__file__).resolve().parents[2] / FOLDER_PRESET_NAME
+PROXIES_PER_IMAGE = 0.25  # the preset's proxies: at most a quarter of the folder's images
+
+
+def _fit_preset_to_folder(cfg: Any, folder: Path, overrides: Sequence[str]) -> None:
+    """Fit the folder preset's sizes to the number of images in ``folder`` (a listing, nothing
+    decoded): batch ≤ n (a multiple of the neighbours per seed), proxies ≤ n/4, embedding ≤ n
+    dimensions, selection neighbours < n. Keys the user set with ``--set`` are left alone."""
+    from plmetric.config import set_value
+    from plmetric.data import find_images
+
+    if not folder.is_dir():
+        return  # the data loader names the problem
+    n = len(find_images(folder))
+    if n == 0:
+        return
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    k = cfg.train.neighbours_per_seed
+    fitted = {
+        "train.batch_size": min(cfg.train.batch_size, max(k, n - n % k)),
+        "plm.num_proxies": min(cfg.plm.num_proxies, int(PROXIES_PER_IMAGE * n)),
+        "model.embedding_dim": min(cfg.model.embedding_dim, n),
+        "train.select_k": min(cfg.train.select_k, max(n - 1, 1)),
+    }
+    changed = []
+    for key, value in fitted.items():
+        section, name = key.split(".")
+        if key not in given and getattr(getattr(cfg, section), name) != value:
+            set_value(cfg, key, value)
+            changed.append(f"{key}={value}")
+    cfg.validate()
+    fit = f", fitted: {' '.join(changed)}" if changed else ""
+    print(f"{FOLDER_PRESET_NAME} for {n:,} images{fit} (change any with --set KEY=VALUE)")
+
+
+def _print_selected_and_next(cfg: Any, result: Any, images: str | None) -> None:
+    """Name the model to use (the label-free pick) and the next command."""
+    from plmetric.runs import MODEL_FILE, SELECTED_MODEL_FILE
+
+    if result.history and result.history[-1]["epoch"] != cfg.train.epochs:
+        return  # stopped early (--stop-after): nothing is final yet
+    rule = cfg.train.select if result.history else "final"  # a method that does not train: its start
+    model = result.out_dir / (SELECTED_MODEL_FILE if rule != "final" else MODEL_FILE)
+    if rule != "final" and result.selected_epoch == 0:
+        print(
+            f"training did not improve the label-free criterion {rule} over the untrained start: "
+            f"{model} is the start (the last epoch is {result.out_dir / MODEL_FILE})"
+        )
+    elif rule != "final":
+        print(f"model: {model} (epoch {result.selected_epoch} of {cfg.train.epochs}, picked without labels by {rule})")
+    else:
+        print(f"model: {model}")
+    folder = images if images else "IMAGES_DIR"
+    print(f"next:  plmetric index {folder} --checkpoint {model} --out {result.out_dir / 'index.safetensors'}")
 
 
 def _print_before_after(start, final, best, best_epoch) -> None:

@@ -212,8 +212,12 @@ class TrainData:
         return bool((self.train_set.labels >= 0).all()) and self.train_set.num_classes > 1
 
 
-def build_data(cfg: Config, splits: DatasetSplits | None, device: torch.device) -> TrainData:
-    """Load ``cfg.data`` (or take the injected ``splits``) and prepare the views each pass needs."""
+def build_data(
+    cfg: Config, splits: DatasetSplits | None, device: torch.device, method: Method | None = None
+) -> TrainData:
+    """Load ``cfg.data`` (or take the injected ``splits``) and prepare the views each pass needs;
+    the sizes (batch, neighbours, the method's own, e.g. proxies) are checked against the number of
+    training images before any image is decoded."""
     from plmetric.models import build_transform
 
     if splits is None:
@@ -239,13 +243,15 @@ def build_data(cfg: Config, splits: DatasetSplits | None, device: torch.device) 
         teacher_transform = eval_transform if view == "clean" else train_set.transform
         train_set = with_transform(train_set, PairedViews(train_set.transform, teacher_transform))
     test_set = splits.test if splits.test is not None and splits.test.num_classes > 1 else None
-    cached = build_cached_images(cfg, train_set, device)
     k, n = cfg.train.neighbours_per_seed, len(train_set)
     if k > n or cfg.train.batch_size > n:
         raise ValueError(
             f"train.neighbours_per_seed ({k}) and train.batch_size ({cfg.train.batch_size}) must not exceed "
             f"the number of training images ({n})"
         )
+    if method is not None and method.trains:
+        method.check_training_size(n)
+    cached = build_cached_images(cfg, train_set, device)
     return TrainData(train_set, cached if cached is not None else bank_set, test_set, cached)
 
 
@@ -674,7 +680,7 @@ def _train(
         raw_state = None  # nothing to resume: the start is evaluated again
 
     # ---------------------------------------------------------------- data, networks, bank, batches
-    data = build_data(cfg, splits, device)
+    data = build_data(cfg, splits, device, method)
     nets = build_networks(cfg, method, model, data, device, fresh=raw_state is None)
     batches = build_batches(cfg, method, nets, data, device, raw_state, out_dir) if method.trains else None
 
@@ -772,6 +778,8 @@ def _finish(cfg: Config, state: TrainingState, data: TrainData, skipped: list[st
             "selected_epoch": state.selected_epoch,
             "select_rule": cfg.train.select,
             "selection_start": state.selection_start_criteria,
+            "selected_score": state.selected_score,  # the rule's value at the selected epoch
+            "final_selection": history[-1].get("selection"),  # every criterion at the last epoch
             "epochs": cfg.train.epochs,
         }
         atomic_write_json(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})

@@ -107,6 +107,11 @@ class Method(ABC):
             generator: a CPU generator seeded from ``train.seed`` for random initialisation.
         """
 
+    def check_training_size(self, num_images: int) -> None:
+        """Raise ValueError when the method's options cannot work on ``num_images`` training
+        images (called before any image is decoded; default: no constraint)."""
+        del num_images
+
     def deployable(self, model: nn.Module) -> nn.Module:
         """What a model checkpoint holds: the embedding network (default: ``model`` itself)."""
         return model

@@ -186,6 +186,19 @@ class PLMMethod(Method):
         features = teacher.pooled_features(images)
         return F.normalize(teacher.embedding(features), dim=1), F.normalize(features, dim=1)
 
+    def check_training_size(self, num_images: int) -> None:
+        """Each proxy starts at a distinct training image (METHOD.md §4): ``N_ρ ≤ n``.
+
+        Raises:
+            ValueError: more proxies than training images.
+        """
+        n_proxies = self.cfg.plm.num_proxies
+        if n_proxies > num_images:
+            raise ValueError(
+                f"plm.num_proxies ({n_proxies}) exceeds the number of training images ({num_images}); "
+                f"lower it (e.g. --set plm.num_proxies={max(num_images // 4, 0)})"
+            )
+
     def build_objective(self, dim: int, init_embeddings: Tensor | None, generator: torch.Generator) -> PLMLoss:
         """The PLM loss with the config's ``plm`` options; proxies start at the teacher's local
         PCA around random training embeddings (METHOD.md §4).
@@ -194,12 +207,9 @@ class PLMMethod(Method):
             ValueError: more proxies than training images.
         """
         p = self.cfg.plm
+        if init_embeddings is not None:
+            self.check_training_size(init_embeddings.shape[0])
         objective = PLMLoss(dim, p, generator=generator, group_size=self.cfg.train.neighbours_per_seed)
         if objective.proxies is not None and init_embeddings is not None:
-            if init_embeddings.shape[0] < p.num_proxies:
-                raise ValueError(
-                    f"plm.num_proxies ({p.num_proxies}) exceeds the number of training images "
-                    f"({init_embeddings.shape[0]}); lower it"
-                )
             objective.proxies.init_from_embeddings(init_embeddings.cpu(), generator=generator)
         return objective
