@@ -321,23 +321,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_query(path: Path, transform: Callable) -> typing.Any:
-    """Decode and transform a query image; one clear error for any unreadable or oversized file."""
-    from PIL import Image
-
-    if not path.is_file():
-        raise FileNotFoundError(f"query image not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return transform(img.convert("RGB"))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(f"query image {path} is too large to decode safely ({err})") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"cannot read query image {path}: {err}") from None
-
-
 def _query_paths(args: argparse.Namespace) -> list[Path]:
     """The query images: files, folders (searched recursively) and the lines of ``--queries-file``."""
     from plmetric.data import IMAGE_EXTENSIONS, find_images
@@ -389,7 +372,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from plmetric.data import ImageDataset
     from plmetric.evaluation import embed_dataset
     from plmetric.models import build_transform
-    from plmetric.retrieval import draw_results, load_embeddings, model_from_description, top_k
+    from plmetric.retrieval import draw_results, load_embeddings, model_from_description, read_query_image, top_k
 
     if not Path(args.index).is_file():  # the index first: without it no query matters
         raise FileNotFoundError(f"index/embeddings file not found: {args.index}")
@@ -417,7 +400,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     model = model_from_description(description, args.index)
     if len(queries) == 1:  # one query: any unreadable or oversized file is an error
         with torch.no_grad():
-            embeddings = model.eval()(_read_query(queries[0], transform).unsqueeze(0))
+            embeddings = model.eval()(read_query_image(queries[0], transform).unsqueeze(0))
         found = [0]
     else:
         dataset = ImageDataset(queries, None, transform, "queries")
