@@ -489,6 +489,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number from 1 to 65535, got '{text}'") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number from 1 to 65535, got {value}")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from plmetric.serve import ServeDependencyError, serve
+
+    try:
+        serve(args.index, host=args.host, port=args.port, top_k=args.top_k)
+    except ServeDependencyError as err:
+        raise CLIError(str(err)) from None
+    return 0
+
+
 def _cmd_similarity_study(args: argparse.Namespace) -> int:
     """Correlation with the ground truth of PLM and competing similarity estimates (slide 14)."""
     from plmetric.study import similarity_study_command
@@ -681,6 +701,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--image-size", type=positive_int, default=224, help="input side when the checkpoint records none")
     ex.set_defaults(func=_cmd_export)
+
+    sv = command("serve", "a local web page to browse an index: pick or upload a query image, click to search on")
+    sv.add_argument("index", help="index written by 'plmetric index' (its model is loaded once, at start-up)")
+    sv.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (other than localhost: other machines see the images)"
+    )
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port to listen on")
+    sv.add_argument("--top-k", type=positive_int, default=12, help="number of results per query")
+    sv.set_defaults(func=_cmd_serve)
 
     demo = command("demo", "the main job: train on the embedded digits (CPU, no download), before/after")
     demo.add_argument("--config", default=None, help="default: configs/demo.yaml")
