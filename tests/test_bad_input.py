@@ -369,6 +369,16 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["export", "--format", "tflite", "{ckpt}", "--out", "{root}/m.onnx"],
         ["--format", "invalid choice"],
     ),
+    # serve: every bad input is refused before anything listens
+    ("serve-missing-index", ["serve", "{root}/none.safetensors"], ["none.safetensors", "not found"]),
+    ("serve-model-as-index", ["serve", "{ckpt}"], ["model.safetensors", "not a plmetric index"]),
+    ("serve-binary-index", ["serve", "{root}/garbage.safetensors"], ["garbage.safetensors", "not a plmetric index"]),
+    ("serve-stale-index", ["serve", "{root}/stale.safetensors"], ["changing.safetensors", "has changed"]),
+    ("serve-port-text", ["serve", "{index}", "--port", "http"], ["--port", "1 to 65535", "'http'"]),
+    ("serve-port-zero", ["serve", "{index}", "--port", "0"], ["--port", "1 to 65535"]),
+    ("serve-port-too-large", ["serve", "{index}", "--port", "70000"], ["--port", "1 to 65535"]),
+    ("serve-top-k-zero", ["serve", "{index}", "--top-k", "0"], ["--top-k", ">= 1"]),
+    ("serve-top-k-text", ["serve", "{index}", "--top-k", "many"], ["--top-k", "'many'"]),
     # demo, similarity study
     (
         "demo-unknown-key",
@@ -427,7 +437,8 @@ def test_every_bad_input_is_one_clear_line_with_exit_status_2(ws, capsys):
         if problems:
             failures.append(f"{case}: {'; '.join(problems)}: {err.strip()[:300]!r}")
     assert not (root / "PWNED").exists(), "a crafted state.pt ran code"
-    print(f"\ntried {len(CASES)} bad inputs across eval, train, embed, index, search, export, demo, similarity-study")
+    commands = "eval, train, embed, index, search, export, serve, demo, similarity-study"
+    print(f"\ntried {len(CASES)} bad inputs across {commands}")
     assert not failures, "\n".join(failures)
     assert len(CASES) >= 30
 

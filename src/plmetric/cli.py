@@ -384,23 +384,6 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_query(path: Path, transform: Callable) -> typing.Any:
-    """Decode and transform a query image; one clear error for any unreadable or oversized file."""
-    from PIL import Image
-
-    if not path.is_file():
-        raise FileNotFoundError(f"query image not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                return transform(img.convert("RGB"))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(f"query image {path} is too large to decode safely ({err})") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"cannot read query image {path}: {err}") from None
-
-
 def _query_paths(args: argparse.Namespace) -> list[Path]:
     """The query images: files, folders (searched recursively) and the lines of ``--queries-file``."""
     from plmetric.data import IMAGE_EXTENSIONS, find_images
@@ -452,7 +435,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from plmetric.data import ImageDataset
     from plmetric.evaluation import embed_dataset
     from plmetric.models import build_transform
-    from plmetric.retrieval import draw_results, load_embeddings, model_from_description, top_k
+    from plmetric.retrieval import draw_results, load_embeddings, model_from_description, read_query_image, top_k
 
     if not Path(args.index).is_file():  # the index first: without it no query matters
         raise FileNotFoundError(f"index/embeddings file not found: {args.index}")
@@ -480,7 +463,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     model = model_from_description(description, args.index)
     if len(queries) == 1:  # one query: any unreadable or oversized file is an error
         with torch.no_grad():
-            embeddings = model.eval()(_read_query(queries[0], transform).unsqueeze(0))
+            embeddings = model.eval()(read_query_image(queries[0], transform).unsqueeze(0))
         found = [0]
     else:
         dataset = ImageDataset(queries, None, transform, "queries")
@@ -566,6 +549,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
         f"{meta['output_dim']}-d L2-normalised output; max |diff| to PyTorch {meta['check']['max_abs_diff']:.1e}) "
         f"and {sidecar_path(out)}"
     )
+    return 0
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number from 1 to 65535, got '{text}'") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number from 1 to 65535, got {value}")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from plmetric.serve import ServeDependencyError, serve
+
+    try:
+        serve(args.index, host=args.host, port=args.port, top_k=args.top_k)
+    except ServeDependencyError as err:
+        raise CLIError(str(err)) from None
     return 0
 
 
@@ -761,6 +764,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--image-size", type=positive_int, default=224, help="input side when the checkpoint records none")
     ex.set_defaults(func=_cmd_export)
+
+    sv = command("serve", "a local web page to browse an index: pick or upload a query image, click to search on")
+    sv.add_argument("index", help="index written by 'plmetric index' (its model is loaded once, at start-up)")
+    sv.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (other than localhost: other machines see the images)"
+    )
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port to listen on")
+    sv.add_argument("--top-k", type=positive_int, default=12, help="number of results per query")
+    sv.set_defaults(func=_cmd_serve)
 
     demo = command("demo", "the main job: train on the embedded digits (CPU, no download), before/after")
     demo.add_argument("--config", default=None, help="default: configs/demo.yaml")

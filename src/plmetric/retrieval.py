@@ -18,8 +18,11 @@ backbone's pooled features (``embedding_dim = 0``) are reproducible.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +233,53 @@ def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
             f"{path} is not a valid plmetric index (embeddings, labels, paths and model disagree or are missing)"
         )
     return embeddings, labels, paths, model
+
+
+def decode_image(source: str | os.PathLike | bytes, what: str = "query image", max_side: int | None = None) -> Any:
+    """Decode an image file (or its bytes) to an RGB ``PIL.Image``.
+
+    Args:
+        source: a path, or the bytes of an image file (an upload).
+        what: how the errors name the image, e.g. ``"query image photo.jpg"``; a path is appended.
+        max_side: let JPEG decoding shrink the image towards this side (``Image.draft``: thumbnails);
+            None decodes at full size (embedding).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a decodable image, or one whose pixel count makes it a decompression bomb
+            (over PIL's ``Image.MAX_IMAGE_PIXELS``); one line naming ``what``.
+    """
+    from PIL import Image
+
+    if isinstance(source, bytes):
+        name, handle = what, io.BytesIO(source)
+    else:
+        name, handle = f"{what} {source}", Path(source)
+        if not handle.is_file():
+            raise FileNotFoundError(f"{what} not found: {source}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as img:
+                if max_side is not None:
+                    img.draft("RGB", (max_side, max_side))
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{name} is too large to decode safely ({err})") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"cannot read {name}: {err}") from None
+
+
+def read_query_image(
+    source: str | os.PathLike | bytes, transform: Callable[[Any], torch.Tensor], what: str = "query image"
+) -> torch.Tensor:
+    """Decode a query image (a path or an upload's bytes) and apply the index's transform.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`decode_image`, one clear line for any unreadable
+            or oversized file.
+    """
+    return transform(decode_image(source, what))
 
 
 def top_k(query: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
