@@ -120,15 +120,85 @@ def evaluate(runs: list[dict]) -> dict:
     return table
 
 
+def picks(entries: list[dict], rule: str) -> list[dict]:
+    """Per (data set, row): R@1 (x100, mean ± std over seeds) of the start, the final epoch, the
+    epoch ``rule`` picks (the start included), the best epoch (an oracle), the pick's gain and share of
+    the ceiling's gain (the best epoch of the ``supervised``/``ceiling`` row of the same data set,
+    over every study given), and the worst R@1 below the start after epoch 1."""
+    ceilings: dict[str, list[float]] = defaultdict(list)
+    for entry in entries:
+        if entry["row"] in ("supervised", "ceiling"):
+            ceilings[entry["dataset"]] += [max(run_curve(run)[0].values()) for run in entry["runs"]]
+
+    def mean_std(values: list[float]) -> tuple[float, float]:
+        return 100 * statistics.fmean(values), 100 * (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    rows = []
+    for entry in entries:
+        starts, finals, picked, bests, worsts, epochs = [], [], [], [], [], []
+        for run in entry["runs"]:
+            r1, criteria = run_curve(run)
+            if rule != "final" and not all(rule in c for c in criteria.values()) or not criteria:
+                if entry["row"] != "none":
+                    break
+            chosen = max(r1) if entry["row"] == "none" else pick(rule, r1, criteria)
+            starts.append(r1[0])
+            finals.append(r1[max(r1)])
+            picked.append(r1[chosen])
+            bests.append(max(r1.values()))
+            later = [v for e, v in r1.items() if e > 1] or [r1[max(r1)]]
+            worsts.append(min(later) - r1[0])
+            epochs.append(chosen)
+        else:
+            ceiling = statistics.fmean(ceilings[entry["dataset"]]) if ceilings.get(entry["dataset"]) else math.nan
+            start = statistics.fmean(starts)
+            room = ceiling - start
+            gain = statistics.fmean(picked) - start
+            rows.append(
+                {
+                    "dataset": entry["dataset"],
+                    "row": entry["row"],
+                    "seeds": len(starts),
+                    "start": mean_std(starts),
+                    "final": mean_std(finals),
+                    "pick": mean_std(picked),
+                    "pick_epochs": epochs,
+                    "best_oracle": mean_std(bests),
+                    "gain_pick": 100 * gain,
+                    "ceiling_oracle": 100 * ceiling,
+                    "share_of_ceiling": gain / room if room > 0 else math.nan,
+                    "worst_after_epoch1": mean_std(worsts),
+                }
+            )
+    return rows
+
+
+def print_picks(rows: list[dict], rule: str) -> None:
+    def f(pair: tuple[float, float]) -> str:
+        return f"{pair[0]:.2f} ± {pair[1]:.2f}"
+
+    print(f"\nR@1 at the epoch {rule} picks (mean ± std over seeds; ceiling = best epoch of the supervised row, an oracle)\n")
+    print("| data set | row | seeds | start | final | pick | pick epochs | best (oracle) | pick - start | share of ceiling | worst after ep 1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['dataset']} | {r['row']} | {r['seeds']} | {r['start'][0]:.2f} | {f(r['final'])} | {f(r['pick'])} | "
+            f"{' '.join(map(str, r['pick_epochs']))} | {f(r['best_oracle'])} | {r['gain_pick']:+.2f} | "
+            f"{100 * r['share_of_ceiling']:.0f}% | {r['worst_after_epoch1'][0]:+.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("studies", nargs="+", help="JSON files written by head_to_head.py or recipe_study.py")
+    parser.add_argument("--picks", default="mutual_knn", help="the rule whose picks are tabulated per row")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    runs = []
+    runs, entries = [], []
     for path in args.studies:
         study = json.loads(Path(path).read_text())
         for entry in study["results"].values():
+            entries.append({**entry, "row": entry.get("row", "?"), "dataset": entry.get("dataset", "?")})
             if entry.get("row") == "none":
                 continue
             runs += [
@@ -149,10 +219,14 @@ def main() -> None:
             rho = "" if s["spearman_mean"] is None else f", ρ {s['spearman_mean']:+.2f}"
             cells.append(f"{s['regret_mean']:.2f} / {s['regret_max']:.2f}{rho}")
         print(f"| {rule} | " + " | ".join(cells) + " |")
+    picked = picks(entries, args.picks)
+    print_picks(picked, args.picks)
     if args.json:
         from plmetric.checkpoint import atomic_write_json
 
-        atomic_write_json(args.json, {"studies": args.studies, "runs": len(runs), "rules": table})
+        atomic_write_json(
+            args.json, {"studies": args.studies, "runs": len(runs), "rules": table, "picks": {args.picks: picked}}
+        )
         print(f"wrote {args.json}")
 
 
