@@ -392,3 +392,21 @@ def test_a_crash_while_adding_keeps_the_old_index_whole(tmp_path):
 
     faiss_index, plan = load_faiss_index(index)
     assert faiss_index.ntotal == 4 and plan.kind == "flat"
+
+
+def test_index_help_shows_the_faiss_defaults(capsys):
+    from plmetric import ann
+    from plmetric.options import IndexOptions
+
+    assert main(["index", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default: {IndexOptions.kind} = exact torch search" in text
+    assert f"auto = exact below {ann.AUTO_EXACT_BELOW:,} vectors, else {ann.AUTO_KIND}" in text
+    assert f"(default: {IndexOptions.hnsw_m})" in text and "(default: ceil(nlist / 16), at least 8)" in text
+    # the size rules the help states are the ones plan_index applies
+    assert "(default: round(4 sqrt(n)), at most n / 39)" in text and ann.default_nlist(10_000) == 256
+    assert "(default: 80 below 100k vectors, 128 below 1M, else 200)" in text
+    assert [ann.default_ef_construction(n) for n in (99_999, 100_000, 999_999, 10**6)] == [80, 128, 128, 200]
+    assert "(default: 64 below 1M vectors, else 128)" in text
+    assert [ann.default_ef_search(n) for n in (999_999, 10**6)] == [64, 128]
+    assert [ann.default_nprobe(n) for n in (7, 128, 129, 1265)] == [7, 8, 9, 80]
