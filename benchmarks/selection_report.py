@@ -138,9 +138,9 @@ def picks(entries: list[dict], rule: str) -> list[dict]:
         starts, finals, picked, bests, worsts, epochs = [], [], [], [], [], []
         for run in entry["runs"]:
             r1, criteria = run_curve(run)
-            if rule != "final" and not all(rule in c for c in criteria.values()) or not criteria:
-                if entry["row"] != "none":
-                    break
+            unscored = not criteria or rule != "final" and not all(rule in c for c in criteria.values())
+            if unscored and entry["row"] != "none":
+                break  # a run logged before this criterion existed
             chosen = max(r1) if entry["row"] == "none" else pick(rule, r1, criteria)
             starts.append(r1[0])
             finals.append(r1[max(r1)])
@@ -177,8 +177,13 @@ def print_picks(rows: list[dict], rule: str) -> None:
     def f(pair: tuple[float, float]) -> str:
         return f"{pair[0]:.2f} ± {pair[1]:.2f}"
 
-    print(f"\nR@1 at the epoch {rule} picks (mean ± std over seeds; ceiling = best epoch of the supervised row, an oracle)\n")
-    print("| data set | row | seeds | start | final | pick | pick epochs | best (oracle) | pick - start | share of ceiling | worst after ep 1 |")
+    print(
+        f"\nR@1 at the epoch {rule} picks (mean ± std over seeds; ceiling = the supervised row's best epoch, an oracle)\n"
+    )
+    print(
+        "| data set | row | seeds | start | final | pick | pick epochs | best (oracle) | pick - start "
+        "| share of ceiling | worst after ep 1 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -20,10 +20,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from plmetric.ann import faiss_available
 from plmetric.checkpoint import save_model
 from plmetric.cli import main
 from plmetric.config import Config, save_config
 from plmetric.models import create_model
+from plmetric.retrieval import load_embeddings, read_index_metadata, save_embeddings
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -75,6 +77,15 @@ def ws(tmp_path_factory) -> dict[str, Path]:
         == 0
     )
     _checkpoint(changing, seed=2)  # rewritten after indexing, as a run's model.safetensors is every epoch
+    # an index whose faiss file is not the one it was written with (or, without faiss, one it cannot read)
+    tampered = root / "tampered.safetensors"
+    if faiss_available():
+        assert main(["index", str(photos), "--out", str(tampered), "--faiss", "flat", *small]) == 0
+        (root / read_index_metadata(tampered)["ann"]["file"]).write_bytes(b"another faiss file")
+    else:
+        emb, labels, paths, model = load_embeddings(root / "index.safetensors")
+        ann = {"kind": "flat", "params": {}, "file": "tampered.000000000000.faiss", "sha256": "0" * 64}
+        save_embeddings(tampered, emb, labels, paths, model, ann=ann)
 
     # model files that are not what they claim
     (root / "garbage.safetensors").write_bytes(b"\xff\xfe\x00 definitely not safetensors" * 4)
@@ -302,7 +313,56 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["index", "{photos}", "--out", "{root}/i.safetensors", "--batch-size", "-1"],
         ["--batch-size", ">= 1"],
     ),
+    ("index-no-out", ["index", "{photos}"], ["--out", "--add-to"]),
+    ("index-unknown-faiss", ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "lsh"], ["--faiss"]),
+    (
+        "index-nlist-without-ivf",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--nlist", "4"],
+        ["--nlist", "--faiss ivf"],
+    ),
+    (
+        "index-nlist-above-n",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "ivf", "--nlist", "50"],
+        ["--nlist 50", "the index has 5"],
+    ),
+    (
+        "index-hnsw-m-one",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "hnsw", "--hnsw-m", "1"],
+        ["--hnsw-m", ">= 2"],
+    ),
+    ("index-add-to-missing", ["index", "{photos}", "--add-to", "{root}/none.safetensors"], ["none.safetensors"]),
+    ("index-add-to-model", ["index", "{photos}", "--add-to", "{ckpt}"], ["model.safetensors", "not a plmetric index"]),
+    (
+        "index-add-to-other-checkpoint",
+        ["index", "{photos}", "--add-to", "{index}", "--checkpoint", "{root}/changing.safetensors"],
+        ["changing.safetensors", "model.safetensors", "is not the model"],
+    ),
+    (
+        "index-add-to-stale-checkpoint",
+        ["index", "{photos}", "--add-to", "{root}/stale.safetensors"],
+        ["changing.safetensors", "has changed"],
+    ),
+    (
+        "index-add-to-out-is-checkpoint",
+        ["index", "{photos}", "--add-to", "{index}", "--out", "{ckpt}"],
+        ["--out", "also an input"],
+    ),
+    (
+        "index-add-to-new-kind",
+        ["index", "{photos}", "--add-to", "{index}", "--faiss", "hnsw"],
+        ["--faiss", "--add-to keeps"],
+    ),
+    (
+        "index-add-to-tampered-faiss",
+        ["index", "{photos}", "--add-to", "{root}/tampered.safetensors"],
+        ["tampered", "--exact"],
+    ),
     # search
+    (
+        "search-tampered-faiss",
+        ["search", "{photo}", "--index", "{root}/tampered.safetensors", "--out", "{root}/g.png"],
+        ["tampered", "--exact"],
+    ),
     (
         "search-missing-index",
         ["search", "{photo}", "--index", "{root}/none.safetensors", "--out", "{root}/g.png"],

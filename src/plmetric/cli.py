@@ -342,11 +342,30 @@ def _is_index(path: Path) -> bool:
     return read_index_metadata(path) is not None
 
 
-def _cmd_embed(args: argparse.Namespace) -> int:
-    from plmetric.data import load_dataset, load_unlabelled_folder
+def _embed_images(args: argparse.Namespace, model: Any, description: dict[str, Any], dataset: Any):
+    """Embed every readable image of ``dataset`` the way ``description`` says: (embeddings, labels, paths)."""
+    from plmetric.devices import resolve_device
     from plmetric.evaluation import embed_dataset
     from plmetric.models import build_transform
-    from plmetric.retrieval import load_embedding_model, save_embeddings
+
+    dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
+    device = resolve_device(args.device)
+    model.to(device)
+    emb, labels, index = embed_dataset(
+        model,
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=device,
+        progress=not args.no_progress,
+    )
+    paths = [dataset.describe(i) if dataset.paths is not None else f"item:{i}" for i in index.tolist()]
+    return emb, labels, paths
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from plmetric.data import load_dataset, load_unlabelled_folder
+    from plmetric.retrieval import load_embedding_model, write_index
 
     # every check on the output comes before the first image is read
     out = check_output(args.out, "--out", (".safetensors",), (args.checkpoint, args.weights), _is_index)
@@ -362,25 +381,152 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     model, description = load_embedding_model(
         args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
     )
-    dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
-    from plmetric.devices import resolve_device
-
-    device = resolve_device(args.device)
-    model.to(device)
-    emb, labels, index = embed_dataset(
-        model,
-        dataset,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        progress=not args.no_progress,
-    )
+    emb, labels, paths = _embed_images(args, model, description, dataset)
     if emb.shape[0] == 0:
         raise CLIError(f"no image could be read ({dataset.skipped} unreadable): nothing to write to {out}")
-    paths = [dataset.describe(i) if dataset.paths is not None else f"item:{i}" for i in index.tolist()]
-    save_embeddings(out, emb, labels, paths, description)
+    write_index(out, emb, labels, paths, description)
     skipped = f"; left out {dataset.skipped} unreadable image(s)" if dataset.skipped else ""
     print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{skipped}")
+    return 0
+
+
+_BUILD_OPTIONS = (
+    ("faiss", "--faiss"),
+    ("nlist", "--nlist"),
+    ("hnsw_m", "--hnsw-m"),
+    ("ef_construction", "--ef-construction"),
+)
+
+
+def _index_options(args: argparse.Namespace) -> Any:
+    """The ``IndexOptions`` of ``plmetric index``; an option of another kind than --faiss is an error."""
+    from plmetric.options import IndexOptions
+
+    kind = args.faiss or IndexOptions.kind
+    uses = {"nlist": ("ivf",), "nprobe": ("ivf",), "hnsw_m": ("hnsw", "auto"), "ef_construction": ("hnsw", "auto")}
+    uses["ef_search"] = uses["hnsw_m"]
+    for dest, kinds in uses.items():
+        if getattr(args, dest) is not None and kind not in kinds:
+            option = "--" + dest.replace("_", "-")
+            raise CLIError(f"{option} applies to --faiss {' or '.join(kinds)}, not --faiss {kind}")
+    options = IndexOptions(
+        kind=kind,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        hnsw_m=IndexOptions.hnsw_m if args.hnsw_m is None else args.hnsw_m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+    )
+    options.validate("--faiss: ")
+    return options
+
+
+def _faiss_note(plan: Any, faiss_path: Path | None) -> str:
+    if plan is None or faiss_path is None:
+        return "exact search (no faiss index)"
+    params = ", ".join(f"{k} {v}" for k, v in plan.params.items() if k != "trained_on")
+    return f"faiss {plan.kind} index{f' ({params})' if params else ''} in {faiss_path}"
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from plmetric import ann
+    from plmetric.data import load_unlabelled_folder
+    from plmetric.retrieval import load_embedding_model, write_index
+
+    if args.add_to:
+        return _index_add(args)
+    if args.out is None:
+        raise CLIError("give --out INDEX.safetensors (the index to write), or --add-to INDEX.safetensors to extend one")
+    # every check on the output and the options comes before the first image is read
+    out = check_output(args.out, "--out", (".safetensors",), (args.checkpoint, args.weights), _is_index)
+    options = _index_options(args)
+    dataset = load_unlabelled_folder(args.images).train
+    if ann.plan_index(len(dataset), options) is not None:  # faiss installed, nlist possible
+        try:
+            ann.import_faiss()
+        except ann.FaissUnavailableError as err:
+            raise CLIError(f"--faiss {options.kind}: {err}") from None
+    model, description = load_embedding_model(
+        args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
+    )
+    emb, labels, paths = _embed_images(args, model, description, dataset)
+    if emb.shape[0] == 0:
+        raise CLIError(f"no image could be read ({dataset.skipped} unreadable): nothing to write to {out}")
+    plan = ann.plan_index(len(paths), options)
+    _, faiss_path = write_index(out, emb, labels, paths, description, plan)
+    skipped = f"; left out {dataset.skipped} unreadable image(s)" if dataset.skipped else ""
+    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{skipped}")
+    print(_faiss_note(plan, faiss_path))
+    return 0
+
+
+def _index_add(args: argparse.Namespace) -> int:
+    """``plmetric index DIR --add-to INDEX``: embed the images of DIR that INDEX lacks, append them."""
+    import torch
+
+    from plmetric.data import ImageDataset, load_unlabelled_folder
+    from plmetric.retrieval import (
+        check_same_model,
+        extend_index,
+        load_embeddings,
+        load_faiss_index,
+        model_from_description,
+        new_images,
+        read_index_metadata,
+    )
+
+    source = Path(args.add_to).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"--add-to: index not found: {source}")
+    meta = read_index_metadata(source)
+    if meta is None:
+        raise ValueError(f"--add-to {source} is not a plmetric index (expected a file written by plmetric index)")
+    kind = (meta.get("ann") or {}).get("kind", "none")
+    for dest, option in _BUILD_OPTIONS:
+        if getattr(args, dest) is not None:
+            raise CLIError(
+                f"{option}: --add-to keeps the index's own kind and structure (--faiss {kind}); "
+                "to change them build a new index with --out"
+            )
+    if (args.nprobe is not None and kind != "ivf") or (args.ef_search is not None and kind != "hnsw"):
+        option = "--nprobe" if args.nprobe is not None else "--ef-search"
+        raise CLIError(f"{option} does not apply to {source}: its index kind is {kind}")
+    recorded = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    inputs = (args.checkpoint, args.weights, recorded.get("checkpoint"), recorded.get("weights"))
+    out = check_output(args.out or source, "--out", (".safetensors",), inputs, _is_index)
+    _, _, indexed, description = load_embeddings(source)
+    check_same_model(description, source, args.checkpoint, args.weights)
+    model = model_from_description(description, source)  # the recorded checkpoint, unchanged
+    faiss_index = load_faiss_index(source, meta)  # faiss installed, the .faiss file the right one
+    candidates = load_unlabelled_folder(args.images).train
+    fresh, present = new_images([Path(p) for p in candidates.paths], indexed)
+    in_place = out.resolve() == source.resolve()
+    if not fresh and in_place and args.nprobe is None and args.ef_search is None:
+        print(f"added 0 images to {source} (still {len(indexed):,}); skipped {present:,} already in the index")
+        return 0
+    dataset = ImageDataset(fresh, None, None, candidates.name)
+    if fresh:
+        emb, labels, paths = _embed_images(args, model, description, dataset)
+    else:
+        emb, labels, paths = torch.empty(0, int(meta["dim"])), torch.empty(0, dtype=torch.long), []
+    unreadable = f"; left out {dataset.skipped} unreadable image(s)" if dataset.skipped else ""
+    if not paths and in_place and args.nprobe is None and args.ef_search is None:
+        print(
+            f"added 0 images to {source} (still {len(indexed):,}); skipped {present:,} already in the index{unreadable}"
+        )
+        return 0
+    count, faiss_path, plan = extend_index(
+        source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
+    )
+    print(f"added {len(paths):,} images to {out} (now {count:,}); skipped {present:,} already in the index{unreadable}")
+    if plan is not None:
+        print(_faiss_note(plan, faiss_path))
+        trained_on = plan.params.get("trained_on")
+        if trained_on and count > 4 * trained_on:
+            print(
+                f"note: the IVF cells were trained on {trained_on:,} vectors; the index now holds {count:,}: "
+                "rebuilding it (plmetric index --faiss ivf --out ...) would restore the best recall"
+            )
     return 0
 
 
@@ -435,7 +581,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from plmetric.data import ImageDataset
     from plmetric.evaluation import embed_dataset
     from plmetric.models import build_transform
-    from plmetric.retrieval import draw_results, load_embeddings, model_from_description, read_query_image, top_k
+    from plmetric.retrieval import (
+        draw_results,
+        load_embeddings,
+        load_faiss_index,
+        model_from_description,
+        read_query_image,
+        search,
+    )
 
     if not Path(args.index).is_file():  # the index first: without it no query matters
         raise FileNotFoundError(f"index/embeddings file not found: {args.index}")
@@ -455,6 +608,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     json_out = check_output(args.json, "--json", (".json",), inputs) if args.json else None
     csv_out = check_output(args.csv, "--csv", (".csv",), inputs) if args.csv else None
     database, _, paths, description = load_embeddings(args.index)
+    faiss_index = None if args.exact else load_faiss_index(args.index)  # faiss there, the .faiss file its own
     indexed = {Path(p).resolve() for p in paths}
     for out in (*grids, json_out, csv_out):
         if out is not None and out.expanduser().resolve() in indexed:
@@ -477,11 +631,15 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise ValueError(
             f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.shape[1]}"
         )
-    scores, indices = top_k(embeddings, database, args.top_k)
-    report, rows, moved = [], [], 0
+    scores, indices = search(
+        args.index, embeddings, args.top_k, database, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
+    )
+    report, rows, moved, shown = [], [], 0, 0
     for row, q in enumerate(found):
-        results = [paths[i] for i in indices[row].tolist()]
-        values = scores[row].tolist()
+        hit = indices[row] >= 0  # an approximate index may find fewer than --top-k
+        results = [paths[i] for i in indices[row][hit].tolist()]
+        values = scores[row][hit].tolist()
+        shown += len(results)
         missing = [not Path(p).is_file() for p in results]
         moved += sum(missing)
         if len(found) > 1:
@@ -502,7 +660,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             draw_results(str(queries[q]), results, values, grids[q])
     if moved:
         print(
-            f"plmetric: warning: {moved} of {len(found) * scores.shape[1]} results no longer exist where {args.index} "
+            f"plmetric: warning: {moved} of {shown} results no longer exist where {args.index} "
             "recorded them: the images moved or were deleted since the index was built; rebuild it",
             file=sys.stderr,
         )
@@ -646,6 +804,54 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _index_arguments(p: argparse.ArgumentParser) -> None:
+    """The faiss options of ``plmetric index`` (defaults from ``plmetric.options.IndexOptions``; unset
+    ones are chosen from the number of vectors n by ``plmetric.ann.plan_index``)."""
+    from plmetric import ann
+    from plmetric.options import INDEX_KINDS, IndexOptions
+
+    group = p.add_argument_group('search index (faiss, optional: pip install "plmetric[faiss]")')
+    group.add_argument(
+        "--faiss",
+        default=None,
+        choices=INDEX_KINDS,
+        help=f"default: {IndexOptions.kind} = exact torch search (no extra file); auto = exact below "
+        f"{ann.AUTO_EXACT_BELOW:,} vectors, else {ann.AUTO_KIND}; flat = faiss exact; ivf, hnsw = faiss approximate "
+        "(a .faiss file beside the index; inner product of the L2-normalised embeddings = their cosine)",
+    )
+    group.add_argument(
+        "--nlist",
+        type=positive_int,
+        default=None,
+        help="IVF cells (default: round(4 sqrt(n)), at most n / 39)",
+    )
+    group.add_argument(
+        "--nprobe",
+        type=positive_int,
+        default=None,
+        help="IVF cells scanned per query (default: ceil(nlist / 16), at least 8); search --nprobe overrides it",
+    )
+    group.add_argument(
+        "--hnsw-m",
+        type=_int_at_least(2),
+        default=None,
+        help=f"HNSW links per vector (default: {IndexOptions.hnsw_m})",
+    )
+    group.add_argument(
+        "--ef-construction",
+        type=positive_int,
+        default=None,
+        help="HNSW build beam (default: 80 below 100k vectors, 128 below 1M, else 200)",
+    )
+    group.add_argument(
+        "--ef-search",
+        type=positive_int,
+        default=None,
+        help="HNSW search beam, at least --top-k (default: 64 below 1M vectors, else 128); "
+        "search --ef-search overrides it",
+    )
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default (unless it is None or False)."""
 
@@ -738,8 +944,16 @@ def build_parser() -> argparse.ArgumentParser:
     ix = command("index", "a folder of images -> a saved, self-checking nearest-neighbour index")
     ix.add_argument("images", help="folder of images (searched recursively)")
     _model_options(ix)
-    ix.add_argument("--out", required=True, help="output index file (.safetensors)")
-    ix.set_defaults(func=_cmd_embed, dataset=None, data_root=None, split="train")
+    ix.add_argument("--out", default=None, help="output index file (.safetensors); with --add-to: default the same")
+    ix.add_argument(
+        "--add-to",
+        default=None,
+        metavar="INDEX",
+        help="extend this index (atomically, in place unless --out) with the images of the folder that it lacks "
+        "(by absolute path), embedded with the index's own model: a --checkpoint, if given, must be that model",
+    )
+    _index_arguments(ix)
+    ix.set_defaults(func=_cmd_index, dataset=None, data_root=None, split="train")
 
     se = command("search", "images -> their top-k most similar images in an index (many queries in one process)")
     se.add_argument("query", nargs="*", help="query image files or folders (searched recursively)")
@@ -752,6 +966,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--csv", default=None, help="write every query's results as CSV: query,rank,path,score")
     se.add_argument("--batch-size", type=positive_int, default=64, help="query images per forward pass")
     se.add_argument("--num-workers", type=non_negative_int, default=0, help="decoding workers for many queries")
+    se.add_argument("--exact", action="store_true", help="exact torch search even when the index has a faiss index")
+    se.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells to scan (default: the index's own)")
+    se.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search beam (default: the index's own)")
     se.set_defaults(func=_cmd_search)
 
     ex = command("export", "a checkpoint's embedding model -> ONNX or TorchScript, its preprocessing in the metadata")

@@ -33,6 +33,16 @@ products of a row-by-row search), counts for every query the items ranked ahead 
 positive (exact Recall@K for every K) and keeps only the top ``max R_i`` neighbours for MAP@R and
 R-precision. The faiss backend searches ``max(max(ks), max R_i)`` neighbours with a flat index.
 Neither ever holds an N × N matrix.
+
+Why ``backend="auto"`` is torch (``benchmarks/knn_speed.py``, docs/results.md "Why the faiss path is
+slower"): with large K the faiss backend does more work, not less. It scores every ordered pair
+(the torch engine each unordered pair once) and must keep the ``max(ks)`` best of every query; for
+Recall@1000 faiss's selection of 1,000 candidates per query cost more than its matrix products
+(20,000 × 512, one thread: 5.1 s for k = 1, 11.1 s for k = 1,000), and the 1,000-wide lists then
+pass through the tie re-sort and label lookups. The torch engine only counts the items ranked ahead
+of each query's best positive, whatever K: at SOP size with K up to 1,000 it needed 52 CPU seconds
+against faiss's 77. Only for K ≤ 10 was faiss cheaper (by about 15 %), not enough to make the
+metrics depend on whether faiss is installed.
 """
 
 from __future__ import annotations
@@ -299,7 +309,7 @@ def nearest_neighbors(
         chunk_size: query rows scored at once; memory is about ``chunk_size × N`` scores. None picks
             ``2**26 // N`` rows (256 MiB of float32 scores) for torch and 4096 for faiss.
         backend: "torch" (chunked matrix products + topk), "faiss" (flat index; needs faiss-cpu),
-            or "auto" (= torch).
+            or "auto" (= torch; see the module docstring).
         metric: "cosine" (inner product of L2-normalised rows) or "euclidean".
 
     Returns:

@@ -20,10 +20,12 @@ from plmetric.validation import check_bool, check_choice, check_int, check_numbe
 
 __all__ = [
     "DELTA_MODES",
+    "INDEX_KINDS",
     "LOSS_FORMS",
     "PAIR_SCOPES",
     "SYMMETRIZE_RULES",
     "TARGET_SPACES",
+    "IndexOptions",
     "ManifoldOptions",
     "PLMLossOptions",
     "PLMOptions",
@@ -39,6 +41,9 @@ DELTA_MODES = ("fixed", "batch", "teacher")
 LOSS_FORMS = ("regression", "contrastive")
 TARGET_SPACES = ("embedding", "features")
 PAIR_SCOPES = ("batch", "neighbourhood")
+#: ``none``: exact torch search; ``auto``: exact below ``plmetric.ann.AUTO_EXACT_BELOW`` vectors,
+#: else ``plmetric.ann.AUTO_KIND``; ``flat``, ``ivf``, ``hnsw``: that faiss index.
+INDEX_KINDS = ("none", "auto", "flat", "ivf", "hnsw")
 
 Options = TypeVar("Options")
 
@@ -202,3 +207,28 @@ class SupervisedOptions:
         check_number("base", self.base, -1.0, where=where)
         check_number("miner_epsilon", self.miner_epsilon, where=where)
         check_int("per_class", self.per_class, 2, where=where)
+
+
+@dataclass
+class IndexOptions:
+    """The nearest-neighbour index of a ``plmetric index`` file (:mod:`plmetric.ann`).
+
+    ``None`` means "chosen from the number of vectors n" (:func:`plmetric.ann.plan_index` documents
+    the rules); the search-time options (``nprobe``, ``ef_search``) are recorded in the index and
+    may be overridden per search.
+    """
+
+    kind: str = "none"  # one of INDEX_KINDS
+    nlist: int | None = None  # IVF cells; None: from n (plmetric.ann.default_nlist)
+    nprobe: int | None = None  # IVF cells visited per query; None: from nlist (plmetric.ann.default_nprobe)
+    hnsw_m: int = 32  # HNSW links per node and layer (faiss's M)
+    ef_construction: int | None = None  # HNSW build beam; None: from n (plmetric.ann.default_ef_construction)
+    ef_search: int | None = None  # HNSW search beam (at least k); None: from n (plmetric.ann.default_ef_search)
+
+    def validate(self, where: str = "") -> None:
+        """Raise ValueError for an option out of range."""
+        check_choice("kind", self.kind, INDEX_KINDS, where=where)
+        for name in ("nlist", "nprobe", "ef_construction", "ef_search"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1, where=where)
+        check_int("hnsw_m", self.hnsw_m, 2, where=where)

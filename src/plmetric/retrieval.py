@@ -9,7 +9,16 @@ An index (or embeddings file) is one safetensors file: ``embeddings`` (N × d, L
   epoch: a changed file is refused with both hashes named), or the pretrained backbone (and the
   weights file with its hash); the embedding and output dimensions, the image size and the
   preprocessing (resize, crop, mean, std);
-* ``format``, ``version``, ``created``, ``count``, ``dim``.
+* ``format``, ``version``, ``created``, ``count``, ``dim``;
+* ``ann`` (only with a faiss index, :mod:`plmetric.ann`): its ``kind`` (flat, ivf, hnsw), resolved
+  ``params``, the ``file`` name and ``sha256`` of the faiss index stored beside the index
+  (``INDEX.<first 12 hex digits of its SHA-256>.faiss``), its ``count`` and the faiss version.
+
+Writing an index with a faiss file writes the faiss file first, then the ``.safetensors`` file
+(atomically, the commit point), then removes the faiss file the replaced index named: a crash at
+any moment leaves a complete old or new pair (and at most an unnamed ``.faiss`` file). The faiss
+file is named by its content, so a pair cannot go stale without a changed file, which search
+detects by the SHA-256 (and refuses, naming both hashes; ``--exact`` still searches).
 
 An index is never built with an untrained random embedding layer: without a checkpoint only the
 backbone's pooled features (``embedding_dim = 0``) are reproducible.
@@ -30,7 +39,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from plmetric.checkpoint import atomic_save_safetensors, atomic_write_figure, file_sha256, load_model
+from plmetric.checkpoint import (
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_figure,
+    file_sha256,
+    load_model,
+)
 
 INDEX_KEY = "plmetric_index"
 INDEX_FORMAT = "plmetric-index"
@@ -159,8 +174,11 @@ def save_embeddings(
     labels: torch.Tensor,
     paths: list[str],
     model: dict[str, Any],
+    ann: dict[str, Any] | None = None,
 ) -> Path:
-    """Write embeddings, labels, absolute image paths and the model description to one safetensors file."""
+    """Write embeddings, labels, absolute image paths and the model description to one safetensors file.
+
+    ``ann`` is the description of a faiss file written beside it (see :func:`write_index`)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors, got {path}")
@@ -176,6 +194,8 @@ def save_embeddings(
         "paths": absolute,
         "model": model,
     }
+    if ann is not None:
+        meta["ann"] = ann
     tensors = {"embeddings": embeddings.float().contiguous().cpu(), "labels": labels.long().contiguous().cpu()}
     return atomic_save_safetensors(path, tensors, {INDEX_KEY: json.dumps(meta)})
 
@@ -289,6 +309,240 @@ def top_k(query: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torch.Te
     k = min(k, database.shape[0])
     sims = query.float() @ database.float().T
     return sims.topk(k, dim=1)
+
+
+# ----------------------------------------------------------------------------- faiss files, growing an index
+
+
+def faiss_file_name(index_path: str | os.PathLike, digest: str) -> Path:
+    """Where the faiss file with SHA-256 ``digest`` of index ``INDEX.safetensors`` lives:
+    ``INDEX.<digest[:12]>.faiss`` beside it."""
+    index_path = Path(index_path)
+    return index_path.with_name(f"{index_path.stem}.{digest[:12]}.faiss")
+
+
+def _named_faiss_file(index_path: Path, meta: dict[str, Any] | None) -> Path | None:
+    """The faiss file an index's metadata names, if it is a plain name beside the index."""
+    ann_meta = (meta or {}).get("ann")
+    name = ann_meta.get("file") if isinstance(ann_meta, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".faiss"):
+        return None
+    return index_path.with_name(name)
+
+
+def write_index(
+    path: str | os.PathLike,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    paths: list[str],
+    model: dict[str, Any],
+    plan: Any = None,
+    faiss_index: Any = None,
+) -> tuple[Path, Path | None]:
+    """Write an index, with a faiss index of ``plan`` (an :class:`plmetric.ann.AnnPlan`) beside it.
+
+    ``faiss_index`` is a built faiss index of exactly these embeddings (e.g. grown by
+    :func:`extend_index`); without it the plan's index is built here. Write order (see the module
+    docstring): the faiss file, the ``.safetensors`` file (the commit), then the removal of the
+    faiss file that the replaced index at ``path`` named.
+
+    Returns:
+        ``(index path, faiss file path or None)``.
+    """
+    from plmetric import ann
+
+    path = Path(path)
+    replaced = _named_faiss_file(path, read_index_metadata(path)) if path.is_file() else None
+    ann_meta, faiss_path = None, None
+    if plan is not None:
+        if faiss_index is None:
+            faiss_index = ann.build_index(embeddings, plan)
+        if int(faiss_index.ntotal) != len(embeddings):
+            raise ValueError(f"the faiss index holds {faiss_index.ntotal} vectors, the index {len(embeddings)}")
+        data = ann.serialize_index(faiss_index)
+        import hashlib
+
+        digest = hashlib.sha256(data).hexdigest()
+        faiss_path = faiss_file_name(path, digest)
+        atomic_write_bytes(faiss_path, data)
+        ann_meta = {
+            **plan.to_dict(),
+            "metric": "inner_product",
+            "file": faiss_path.name,
+            "sha256": digest,
+            "count": len(embeddings),
+            "faiss_version": ann.import_faiss().__version__,
+        }
+    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta)
+    if replaced is not None and replaced != faiss_path:
+        replaced.unlink(missing_ok=True)
+    return path, faiss_path
+
+
+def load_faiss_index(index_path: str | os.PathLike, meta: dict[str, Any] | None = None) -> tuple[Any, Any] | None:
+    """The faiss index an index file names, checked: ``(faiss index, AnnPlan)``, or None if it names none.
+
+    Raises:
+        IndexMismatchError: the faiss file is missing, is not the one the index recorded (its
+            SHA-256 differs; both named), or holds another number or dimension of vectors.
+        FaissUnavailableError: faiss is not installed.
+        ValueError: the index's faiss description is malformed or the file unreadable.
+    """
+    from plmetric import ann
+
+    index_path = Path(index_path)
+    meta = read_index_metadata(index_path) if meta is None else meta
+    ann_meta = (meta or {}).get("ann")
+    if ann_meta is None:
+        return None
+    faiss_path = _named_faiss_file(index_path, meta)
+    if (
+        faiss_path is None
+        or ann_meta.get("kind") not in ann.FAISS_KINDS
+        or not isinstance(ann_meta.get("params"), dict)
+        or not isinstance(ann_meta.get("sha256"), str)
+    ):
+        raise ValueError(f"{index_path} has a malformed faiss description ('ann' metadata); rebuild the index")
+    try:
+        ann.import_faiss()
+    except ann.FaissUnavailableError as err:
+        raise ann.FaissUnavailableError(
+            f"index {index_path} has a faiss {ann_meta['kind']} index, but {err} (or search with --exact)"
+        ) from None
+    if not faiss_path.is_file():
+        raise IndexMismatchError(
+            f"index {index_path} needs its faiss file {faiss_path}, which is missing: keep it beside the index "
+            "(or rebuild the index, or search with --exact)"
+        )
+    recorded, found = ann_meta["sha256"], file_sha256(faiss_path)
+    if found != recorded:
+        raise IndexMismatchError(
+            f"the faiss file {faiss_path} is not the one index {index_path} was written with (SHA-256 "
+            f"{recorded[:16]}... recorded, {found[:16]}... found): rebuild the index, or search with --exact"
+        )
+    index = ann.read_index(faiss_path)
+    count, dim = meta.get("count"), meta.get("dim")
+    if int(index.ntotal) != count or int(index.d) != dim:
+        raise IndexMismatchError(
+            f"the faiss file {faiss_path} holds {index.ntotal} vectors of dimension {index.d}, index {index_path} "
+            f"{count} of dimension {dim}: rebuild the index, or search with --exact"
+        )
+    return index, ann.AnnPlan(ann_meta["kind"], dict(ann_meta["params"]))
+
+
+def search(
+    index_path: str | os.PathLike,
+    queries: torch.Tensor,
+    k: int,
+    database: torch.Tensor,
+    faiss_index: tuple[Any, Any] | None = None,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each query: through ``faiss_index`` (from :func:`load_faiss_index`) when given,
+    else exactly (:func:`top_k`). Slots an approximate index could not fill have id -1."""
+    from plmetric import ann
+
+    if faiss_index is None:
+        return top_k(queries, database, k)
+    index, plan = faiss_index
+    return ann.search_index(index, queries, k, plan, nprobe=nprobe, ef_search=ef_search)
+
+
+def new_images(candidates: list[Path], indexed: list[str]) -> tuple[list[Path], int]:
+    """The candidate images whose absolute path is not among the index's paths (in their order),
+    and how many candidates already were."""
+    known = set(indexed)
+    fresh = [p for p in candidates if str(Path(p).expanduser().resolve()) not in known]
+    return fresh, len(candidates) - len(fresh)
+
+
+def check_same_model(
+    description: dict[str, Any],
+    index_path: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+) -> None:
+    """Refuse a ``checkpoint`` (or backbone ``weights`` file) other than the one the index was built with.
+
+    The files are compared by SHA-256, so a copy of the same model is accepted.
+
+    Raises:
+        IndexMismatchError: naming the given file and its hash and the index's model and its hash.
+        FileNotFoundError: the given file does not exist.
+    """
+    for given, role in ((checkpoint, "checkpoint"), (weights, "weights")):
+        if not given:
+            continue
+        given = Path(given).expanduser()
+        if not given.is_file():
+            raise FileNotFoundError(f"--{role} not found: {given}")
+        found = file_sha256(given)
+        recorded_path, recorded = description.get(role), description.get(f"{role}_sha256")
+        if found == recorded:
+            continue
+        built_with = (
+            f"the {role} {recorded_path} (SHA-256 {recorded[:16]}...)"
+            if recorded_path and recorded
+            else f"no {role} (the pretrained {description.get('backbone')} backbone"
+            + (f", checkpoint {description['checkpoint']})" if description.get("checkpoint") else ")")
+        )
+        raise IndexMismatchError(
+            f"--{role} {given} (SHA-256 {found[:16]}...) is not the model index {index_path} was built with: "
+            f"{built_with}; embeddings of two models cannot share an index: build a new one with --out"
+        )
+
+
+def extend_index(
+    index_path: str | os.PathLike,
+    out: str | os.PathLike,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    paths: list[str],
+    faiss_index: tuple[Any, Any] | None = None,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> tuple[int, Path | None, Any]:
+    """Append embeddings (with their labels and paths) to the index at ``index_path``, and to its
+    faiss index (``faiss_index``, from :func:`load_faiss_index`) if it has one; write the result to
+    ``out`` (which may be ``index_path`` itself: the old index stays whole until the new one is
+    committed). ``nprobe``/``ef_search`` replace the recorded search parameters.
+
+    Returns:
+        ``(number of vectors now, faiss file path or None, its AnnPlan or None)``.
+
+    Raises:
+        ValueError: embeddings of another dimension, or a path already in the index.
+    """
+    from plmetric import ann
+
+    old_embeddings, old_labels, old_paths, model = load_embeddings(index_path)
+    if embeddings.dim() != 2 or embeddings.shape[1] != old_embeddings.shape[1]:
+        raise ValueError(
+            f"new embeddings have shape {tuple(embeddings.shape)}, index {index_path} dimension "
+            f"{old_embeddings.shape[1]}"
+        )
+    absolute = [p if p.startswith("item:") else str(Path(p).expanduser().resolve()) for p in paths]
+    repeated = sorted(set(absolute) & set(old_paths))
+    if repeated:
+        raise ValueError(f"{repeated[0]} is already in index {index_path}")
+    plan, grown = None, None
+    if faiss_index is not None:
+        grown, plan = faiss_index
+        if len(embeddings):
+            ann.add_vectors(grown, embeddings)
+        params = dict(plan.params)
+        if nprobe is not None and plan.kind == "ivf":
+            params["nprobe"] = min(nprobe, params["nlist"])
+        if ef_search is not None and plan.kind == "hnsw":
+            params["ef_search"] = ef_search
+        plan = ann.AnnPlan(plan.kind, params)
+    all_embeddings = torch.cat([old_embeddings, embeddings.float().cpu()])
+    all_labels = torch.cat([old_labels, labels.long().cpu()])
+    _, faiss_path = write_index(out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown)
+    return len(all_embeddings), faiss_path, plan
 
 
 def draw_results(query_path: str, result_paths: list[str], scores: list[float], out: str | os.PathLike) -> Path:

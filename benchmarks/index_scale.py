@@ -1,0 +1,348 @@
+"""Search indexes by size: exact torch search against faiss flat, IVF and HNSW (plmetric.ann).
+
+Data: 512-d L2-normalised vectors in groups of planted near-duplicates: ``n / group`` centres,
+each with ``group`` members ``normalize(centre + noise)`` (``--noise``, the noise norm: 1.0 gives
+members a cosine of about 0.5 to each other); the centres lie around ``sqrt(n / group)`` random
+topics (``--topic-noise`` 1.0: two centres of a topic have a cosine of about 0.5), so members of
+other groups of the same topic crowd a query's neighbourhood at a cosine of about 0.25.
+Queries are noisy copies (``--query-noise``) of random database vectors, so the exact top 10 of a
+query is its source and the source's group. (On structureless uniform vectors every neighbour
+after the first is at noise level and recall@10 of any approximate index means nothing.)
+
+Per size and index kind, each in its own child process: build time; peak resident memory above
+the loaded data (``/proc/self/status`` VmHWM after a reset through ``/proc/self/clear_refs``; faiss
+allocates outside Python, where tracemalloc cannot see); size on disk (exact: the embeddings
+file; faiss: the .faiss file, written beside the embeddings); the latency of one query (median of
+``--single-queries``) and of a batch of ``--batch`` queries (per query); recall@10 against the
+exact search; the share of queries whose top-1 is their source. Also the trainer's neighbour table
+(``MemoryBank.neighbours``: the k nearest other rows of every bank row) exact with torch and, as
+an option for large banks, through faiss (flat, HNSW), with the recall of HNSW's table on a
+sample of rows.
+
+    nice -n 19 python benchmarks/index_scale.py --sizes 10000 100000 --json index_scale.json
+    python benchmarks/index_scale.py            # 10k, 100k and 1M (about 2 GiB per copy of the data)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+KINDS = ("exact", "flat", "ivf", "hnsw")
+BANK_KINDS = ("bank-torch", "bank-flat", "bank-hnsw")
+
+
+def planted_groups(n: int, dim: int, group: int, noise: float, topic_noise: float, seed: int) -> np.ndarray:
+    """``n`` unit vectors in groups of ``group`` near-duplicates; the groups' centres lie around
+    ``sqrt(n / group)`` random topic centres (noise norm ``topic_noise``), so that a query's
+    neighbourhood is crowded by the other groups of its topic, as in real embeddings."""
+    rng = np.random.default_rng(seed)
+    groups = -(-n // group)
+    topics = rng.standard_normal((max(1, round(np.sqrt(groups))), dim), dtype=np.float32)
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    centres = topics[rng.integers(0, len(topics), groups)]
+    centres += rng.standard_normal((groups, dim), dtype=np.float32) * np.float32(topic_noise / np.sqrt(dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.repeat(centres, group, axis=0)[:n]
+    x += rng.standard_normal((n, dim), dtype=np.float32) * np.float32(noise / np.sqrt(dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def noisy_copies(x: np.ndarray, count: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` queries, each a noisy copy of a random row of ``x``; returns (queries, sources)."""
+    rng = np.random.default_rng(seed + 1)
+    sources = rng.choice(len(x), size=count, replace=False)
+    q = x[sources] + rng.standard_normal((count, x.shape[1]), dtype=np.float32) * np.float32(
+        noise / np.sqrt(x.shape[1])
+    )
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return q.astype(np.float32), sources
+
+
+# ----------------------------------------------------------------------------- child process
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _exact_top(database, queries, k: int):
+    import torch
+
+    from plmetric.retrieval import top_k
+
+    return top_k(torch.as_tensor(queries), database, k)
+
+
+def run_kind(kind: str, data: Path, k: int, single: int, bank_k: int, sample: int) -> dict:
+    """Build and query one index kind (or time one neighbour table) on the saved data."""
+    import torch
+
+    from plmetric import ann
+
+    x = torch.from_numpy(np.load(data / "database.npy"))
+    queries = np.load(data / "queries.npy")
+    sources = np.load(data / "sources.npy")
+    n = len(x)
+    baseline = _status_kib("VmRSS")
+    reset = _reset_peak()
+    out: dict = {"kind": kind, "n": n, "peak_reset": reset}
+    if kind.startswith("bank"):
+        return {**out, **_bank(kind, x, bank_k, sample, baseline)}
+    start = time.perf_counter()
+    plan, index = None, None
+    if kind != "exact":
+        plan = ann.plan_index(n, kind=kind)
+        index = ann.build_index(x, plan)
+        out["params"] = plan.params
+    out["build_s"] = time.perf_counter() - start
+    out["peak_rss_delta_mib"] = (_status_kib("VmHWM") - baseline) / 1024
+    with tempfile.TemporaryDirectory(dir=data) as tmp:
+        if index is None:
+            from safetensors.torch import save_file
+
+            path = Path(tmp) / "e.safetensors"
+            save_file({"embeddings": x, "labels": torch.full((n,), -1)}, str(path))
+        else:
+            path = Path(tmp) / "e.faiss"
+            path.write_bytes(ann.serialize_index(index))
+        out["disk_mib"] = path.stat().st_size / 2**20
+
+    def search(q):
+        if index is None:
+            return _exact_top(x, q, k)
+        return ann.search_index(index, q, k, plan)
+
+    times = []
+    for row in range(single):
+        start = time.perf_counter()
+        search(queries[row : row + 1])
+        times.append(time.perf_counter() - start)
+    out["one_query_ms"] = 1000 * statistics.median(times)
+    start = time.perf_counter()
+    _, ids = search(queries)
+    out["batch_query_ms"] = 1000 * (time.perf_counter() - start) / len(queries)
+    out["top1_is_source"] = float((ids[:, 0].numpy() == sources).mean())
+    np.save(data / f"ids_{kind}.npy", ids.numpy())
+    if kind in ("ivf", "hnsw") and (data / "ids_exact.npy").exists():
+        out["sweep"] = _sweep(index, plan, queries, k, np.load(data / "ids_exact.npy"))
+    return out
+
+
+def _sweep(index, plan, queries, k: int, exact: np.ndarray) -> list[dict]:
+    """Recall@k and batch latency at other search-time settings (IVF nprobe, HNSW efSearch)."""
+    from plmetric import ann
+
+    if plan.kind == "ivf":
+        nlist = plan.params["nlist"]
+        values = sorted({min(nlist, 2**i) for i in range(nlist.bit_length() + 1)} | {plan.params["nprobe"]})
+        name = "nprobe"
+    else:
+        values, name = [16, 32, 64, 128, 256], "ef_search"
+    rows = []
+    for value in values:
+        start = time.perf_counter()
+        _, ids = ann.search_index(index, queries, k, plan, **{name: value})
+        seconds = time.perf_counter() - start
+        recall = float((ids.numpy()[:, :, None] == exact[:, None, :]).any(2).mean())
+        rows.append({name: value, "recall@10": recall, "batch_query_ms": 1000 * seconds / len(queries)})
+    return rows
+
+
+def _bank(kind: str, x, k: int, sample: int, baseline: int) -> dict:
+    """The k nearest other rows of every row: MemoryBank.neighbours (torch) or faiss."""
+    import torch
+
+    from plmetric import ann
+    from plmetric.sampling import MemoryBank
+
+    n = len(x)
+    start = time.perf_counter()
+    if kind == "bank-torch":
+        bank = MemoryBank(n, x.shape[1])
+        bank.update(torch.arange(n), x)
+        table = bank.neighbours(k)
+    else:
+        plan = ann.plan_index(n, kind=kind.split("-")[1])
+        index = ann.build_index(x, plan)
+        _, ids = ann.search_index(index, x, k + 1, plan)
+        is_self = ids == torch.arange(n)[:, None]
+        is_self[~is_self.any(1), -1] = True  # self not found: drop the weakest instead
+        table = ids[~is_self].view(n, k)
+    out = {"table_s": time.perf_counter() - start, "peak_rss_delta_mib": (_status_kib("VmHWM") - baseline) / 1024}
+    rows = torch.from_numpy(np.random.default_rng(0).choice(n, size=min(sample, n), replace=False))
+    scores = x[rows] @ x.T
+    scores[torch.arange(len(rows)), rows] = -torch.inf
+    exact = scores.topk(k, dim=1).indices
+    hits = (table[rows][:, :, None] == exact[:, None, :]).any(2).float().mean()
+    out["table_recall"] = float(hits)
+    return out
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def _child(kind: str, data: Path, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--k", str(args.k)]
+    command += ["--single-queries", str(args.single_queries), "--bank-k", str(args.bank_k)]
+    command += ["--bank-sample", str(args.bank_sample)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        return {"kind": kind, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_size(n: int, args: argparse.Namespace) -> list[dict]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        x = planted_groups(n, args.dim, args.group, args.noise, args.topic_noise, args.seed)
+        queries, sources = noisy_copies(x, args.batch, args.query_noise, args.seed)
+        np.save(data / "database.npy", x)
+        np.save(data / "queries.npy", queries)
+        np.save(data / "sources.npy", sources)
+        del x
+        for kind in args.kinds:
+            print(f"n={n:,} {kind} ...", flush=True)
+            r = _child(kind, data, args)
+            if "error" not in r:
+                ids = np.load(data / f"ids_{kind}.npy")
+                exact = np.load(data / "ids_exact.npy") if (data / "ids_exact.npy").exists() else None
+                if exact is not None:
+                    r["recall@10"] = float((ids[:, :, None] == exact[:, None, :]).any(2).mean())
+            r["load_after"] = os.getloadavg()[0]
+            results.append(r)
+        bank_kinds = [b for b in BANK_KINDS if b != "bank-torch" or n <= args.bank_exact_max]
+        bank_kinds = [b for b in bank_kinds if b != "bank-flat" or n <= args.bank_exact_max]
+        for kind in bank_kinds if not args.skip_bank else []:
+            print(f"n={n:,} {kind} ...", flush=True)
+            r = _child(kind, data, args)
+            r["load_after"] = os.getloadavg()[0]
+            results.append(r)
+    return results
+
+
+def print_tables(results: list[dict]) -> None:
+    print(
+        "| n | index | build s | peak MiB | disk MiB | 1 query ms | batch ms/query | recall@10 | top-1 = source "
+        "| speed-up (batch) |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    exact = {r["n"]: r for r in results if r.get("kind") == "exact" and "error" not in r}
+    for r in results:
+        if r["kind"].startswith("bank"):
+            continue
+        if "error" in r:
+            print(f"| {r.get('n', '?')} | {r['kind']} | error: {r['error']} |")
+            continue
+        ref = exact.get(r["n"])
+        speed = f"{ref['batch_query_ms'] / r['batch_query_ms']:.1f}x" if ref else "-"
+        recall = f"{r['recall@10']:.4f}" if "recall@10" in r else "-"
+        params = ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items() if k != "trained_on")
+        name = f"{r['kind']} ({params})" if params else r["kind"]
+        print(
+            f"| {r['n']:,} | {name} | {r['build_s']:.2f} | {r['peak_rss_delta_mib']:.0f} | {r['disk_mib']:.0f} "
+            f"| {r['one_query_ms']:.2f} | {r['batch_query_ms']:.3f} | {recall} | {r['top1_is_source']:.4f} | {speed} |"
+        )
+    sweeps = [r for r in results if r.get("sweep")]
+    if sweeps:
+        print()
+        print("| n | index | search setting | recall@10 | batch ms/query |")
+        print("|---:|---|---:|---:|---:|")
+        for r in sweeps:
+            for row in r["sweep"]:
+                name = "nprobe" if "nprobe" in row else "ef_search"
+                print(
+                    f"| {r['n']:,} | {r['kind']} | {name} {row[name]} | {row['recall@10']:.4f} "
+                    f"| {row['batch_query_ms']:.3f} |"
+                )
+    banks = [r for r in results if r["kind"].startswith("bank")]
+    if banks:
+        print()
+        print("| n | neighbour table | seconds | peak MiB | recall (sample) |")
+        print("|---:|---|---:|---:|---:|")
+        for r in banks:
+            if "error" in r:
+                print(f"| {r.get('n', '?')} | {r['kind']} | error: {r['error']} |")
+                continue
+            print(
+                f"| {r['n']:,} | {r['kind']} | {r['table_s']:.2f} | {r['peak_rss_delta_mib']:.0f} "
+                f"| {r['table_recall']:.4f} |"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="database sizes")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--group", type=int, default=10, help="near-duplicates per group")
+    parser.add_argument("--noise", type=float, default=1.0, help="noise norm of a group member around its centre")
+    parser.add_argument("--topic-noise", type=float, default=1.0, help="noise norm of a group centre around its topic")
+    parser.add_argument("--query-noise", type=float, default=0.5, help="noise norm of a query around its source")
+    parser.add_argument("--batch", type=int, default=1000, help="queries in the batch (and for recall)")
+    parser.add_argument("--single-queries", type=int, default=20, help="one-query searches timed (median)")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per query (recall@k)")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="exact must come first")
+    parser.add_argument("--bank-k", type=int, default=4, help="neighbours of the trainer's table (k - 1 = 4)")
+    parser.add_argument("--bank-exact-max", type=int, default=50_000, help="largest bank timed exactly (n² work)")
+    parser.add_argument("--bank-sample", type=int, default=1000, help="rows whose table recall is checked")
+    parser.add_argument("--skip-bank", action="store_true", help="skip the neighbour tables")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        r = run_kind(args.worker, args.data, args.k, args.single_queries, args.bank_k, args.bank_sample)
+        print(json.dumps(r))
+        return 0
+    import faiss
+
+    print(
+        f"{os.cpu_count()} CPUs, faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    results = []
+    for n in args.sizes:
+        results += run_size(n, args)
+    print()
+    print_tables(results)
+    if args.json:
+        report = {
+            "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker", "data")},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "faiss": faiss.__version__},
+            "results": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
