@@ -178,7 +178,8 @@ def print_picks(rows: list[dict], rule: str) -> None:
         return f"{pair[0]:.2f} ± {pair[1]:.2f}"
 
     print(
-        f"\nR@1 at the epoch {rule} picks (mean ± std over seeds; ceiling = the supervised row's best epoch, an oracle)\n"
+        f"\nR@1 at the epoch {rule} picks (mean ± std over seeds; "
+        "ceiling = the supervised row's best epoch, an oracle)\n"
     )
     print(
         "| data set | row | seeds | start | final | pick | pick epochs | best (oracle) | pick - start "

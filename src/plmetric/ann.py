@@ -59,8 +59,9 @@ FAISS_KINDS = ("flat", "ivf", "hnsw")
 #: 67 ms at 100k (21 ms in an earlier, quieter run; a matrix-vector product over all n rows,
 #: linear in n), HNSW 0.2-0.5 ms at either size; but HNSW took 2.7 s to build at 10k and
 #: 117 s at 100k (88 s earlier), IVF 0.8 s and 35 s. Below ~50k vectors an exact query stays
-#: near 10-30 ms, less than embedding the query image itself on a CPU, while an index build would cost about a minute: exact (no build, no
-#: extra file, no approximation) is the better default there.
+#: near 10-30 ms, less than embedding the query image itself on a CPU, while an index build
+#: would cost about a minute: exact (no build, no extra file, no approximation) is the better
+#: default there.
 AUTO_EXACT_BELOW = 50_000
 #: The kind ``--faiss auto`` picks from AUTO_EXACT_BELOW on: at 100k vectors HNSW answered a
 #: batch of queries 6.8x faster than the exact search at recall@10 0.998 (IVF at its default
