@@ -51,7 +51,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	grep -v -i -E '$(TORCH_BUILD_PACKAGES)' $(CONSTRAINTS) > $(VENV)/constraints-without-torch.txt
 	$(PY) -m pip install --quiet --upgrade -c $(INSTALL_CONSTRAINTS) pip
 	$(PY) -m pip install --quiet -c $(INSTALL_CONSTRAINTS) $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -c $(INSTALL_CONSTRAINTS) --build-constraint $(INSTALL_CONSTRAINTS) -e ".[test,faiss,export,serve]"
+	$(PY) -m pip install --quiet -c $(INSTALL_CONSTRAINTS) --build-constraint $(INSTALL_CONSTRAINTS) -e ".[test,faiss,export,serve,parquet]"
 	touch $(STAMP)
 
 demo: $(STAMP)

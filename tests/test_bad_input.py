@@ -292,6 +292,21 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("embed-out-suffix", ["embed", "--images", "{photos}", "--out", "{root}/e.npz"], ["--out", ".safetensors"]),
     ("embed-no-source", ["embed", "--out", "{root}/e.safetensors"], ["--images", "--dataset"]),
     (
+        "embed-missing-paths-file",
+        ["embed", "--paths-file", "{root}/none.txt", "--out", "{root}/e.npy"],
+        ["--paths-file", "none.txt"],
+    ),
+    (
+        "embed-missing-image",
+        ["embed", "--images", "{root}/gone.jpg", "--out", "{root}/e.npy"],
+        ["gone.jpg", "not found"],
+    ),
+    (
+        "embed-images-and-dataset",
+        ["embed", "--images", "{photos}", "--dataset", "cub200", "--out", "{root}/e.parquet"],
+        ["--dataset", "not both"],
+    ),
+    (
         "embed-over-a-model",
         ["embed", "--images", "{photos}", "--out", "{root}/changing.safetensors"],
         ["changing.safetensors", "not a file this command writes"],

@@ -365,15 +365,30 @@ def _embed_images(args: argparse.Namespace, model: Any, description: dict[str, A
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     from plmetric.data import load_dataset, load_unlabelled_folder
+    from plmetric.embedding_files import SUFFIXES, require_parquet, sidecars, write_embeddings
     from plmetric.retrieval import load_embedding_model, write_index
 
     # every check on the output comes before the first image is read
-    out = check_output(args.out, "--out", (".safetensors",), (args.checkpoint, args.weights), _is_index)
-    if args.images:
-        dataset = load_unlabelled_folder(args.images).train
+    out = check_output(args.out, "--out", SUFFIXES, (args.checkpoint, args.weights), _replaceable_embeddings)
+    for sidecar in sidecars(out):  # X.paths.txt, X.json: replaced only together with their X.npy
+        check_output(
+            sidecar, "--out", (sidecar.suffix,), (args.checkpoint, args.weights), lambda _: _replaceable_embeddings(out)
+        )
+    if out.suffix.lower() == ".parquet":
+        require_parquet()
+    if args.images or args.paths_file:
+        if args.dataset:
+            raise CLIError("give --images/--paths-file or --dataset, not both")
+        if len(args.images or []) == 1 and not args.paths_file and Path(args.images[0]).is_dir():
+            dataset = load_unlabelled_folder(args.images[0]).train
+        else:
+            from plmetric.data import ImageDataset
+
+            listed = _image_paths(args.images or [], args.paths_file, "--images")
+            dataset = ImageDataset([str(p.resolve()) for p in listed], None, None, "images")
     else:
         if not args.dataset:
-            raise CLIError("give --images DIR or --dataset NAME (with --data-root)")
+            raise CLIError("give --images DIR|FILE..., --paths-file or --dataset NAME (with --data-root)")
         splits = load_dataset(args.dataset, args.data_root)
         dataset = getattr(splits, args.split)
         if dataset is None:
@@ -384,10 +399,21 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     emb, labels, paths = _embed_images(args, model, description, dataset)
     if emb.shape[0] == 0:
         raise CLIError(f"no image could be read ({dataset.skipped} unreadable): nothing to write to {out}")
-    write_index(out, emb, labels, paths, description)
+    if out.suffix.lower() == ".safetensors":
+        write_index(out, emb, labels, paths, description)
+    else:
+        write_embeddings(out, emb, labels, paths, description)
     skipped = f"; left out {dataset.skipped} unreadable image(s)" if dataset.skipped else ""
-    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{skipped}")
+    beside = "".join(f" + {p.name}" for p in sidecars(out))
+    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{beside}{skipped}")
     return 0
+
+
+def _replaceable_embeddings(path: Path) -> bool:
+    """``embed`` replaces only its own outputs: an index, or an export of :mod:`plmetric.embedding_files`."""
+    from plmetric.embedding_files import is_embedding_export
+
+    return _is_index(path) if path.suffix.lower() == ".safetensors" else is_embedding_export(path)
 
 
 _BUILD_OPTIONS = (
@@ -532,33 +558,43 @@ def _index_add(args: argparse.Namespace) -> int:
 
 def _query_paths(args: argparse.Namespace) -> list[Path]:
     """The query images: files, folders (searched recursively) and the lines of ``--queries-file``."""
+    return _image_paths(args.query, args.queries_file, "query", "--queries-file")
+
+
+def _image_paths(
+    items: Sequence[str], listing: str | None, what: str, listing_option: str = "--paths-file"
+) -> list[Path]:
+    """Image files from ``items`` (files, or folders searched recursively) and the lines of the text
+    file ``listing`` (one path per line; blank lines and ``#`` comments skipped), in that order."""
     from plmetric.data import IMAGE_EXTENSIONS, find_images
 
-    items = [Path(q) for q in args.query]
-    if args.queries_file:
-        listing = Path(args.queries_file)
-        if not listing.is_file():
-            raise FileNotFoundError(f"--queries-file not found: {listing}")
+    entries = [Path(item) for item in items]
+    if listing:
+        listing_path = Path(listing)
+        if not listing_path.is_file():
+            raise FileNotFoundError(f"{listing_option} not found: {listing_path}")
         try:
-            lines = listing.read_text(encoding="utf-8").splitlines()
+            lines = listing_path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as err:
-            raise ValueError(f"--queries-file {listing}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-        items += [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            raise ValueError(
+                f"{listing_option} {listing_path}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
+        entries += [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
     paths: list[Path] = []
-    for item in items:
+    for item in entries:
         if item.is_dir():
             found = find_images(item)
             if not found:
                 raise ValueError(
-                    f"query folder {item} holds no images (extensions {' '.join(sorted(IMAGE_EXTENSIONS))})"
+                    f"{what} folder {item} holds no images (extensions {' '.join(sorted(IMAGE_EXTENSIONS))})"
                 )
             paths += found
         elif item.is_file():
             paths.append(item)
         else:
-            raise FileNotFoundError(f"query image not found: {item}")
+            raise FileNotFoundError(f"{what} image not found: {item}")
     if not paths:
-        raise CLIError("give at least one query image, folder or --queries-file")
+        raise CLIError(f"give at least one {what} image, folder or {listing_option}")
     return paths
 
 
@@ -932,13 +968,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.set_defaults(func=_cmd_train)
 
-    em = command("embed", "images -> embeddings file (.safetensors)")
+    em = command("embed", "images -> embeddings (.safetensors index, .npy + paths file, or .parquet)")
     _model_options(em)
-    em.add_argument("--images", default=None, help="a folder of images (searched recursively)")
+    em.add_argument(
+        "--images", nargs="+", default=None, metavar="DIR|FILE", help="folders (searched recursively) or image files"
+    )
+    em.add_argument("--paths-file", default=None, help="a text file of image paths, one per line")
     em.add_argument("--dataset", default=None, choices=DATASET_CHOICES, help="a data set instead of --images")
     em.add_argument("--data-root", default=None, help="root of --dataset in its official layout")
     em.add_argument("--split", default="test", choices=["train", "test"], help="which split of --dataset")
-    em.add_argument("--out", required=True, help="output .safetensors file")
+    em.add_argument(
+        "--out",
+        required=True,
+        help="output: X.safetensors (an index search reads), X.npy (+ X.paths.txt, X.json) or X.parquet "
+        "(columns path, label, embedding)",
+    )
     em.set_defaults(func=_cmd_embed)
 
     ix = command("index", "a folder of images -> a saved, self-checking nearest-neighbour index")
