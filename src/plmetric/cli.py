@@ -343,24 +343,44 @@ def _is_index(path: Path) -> bool:
 
 
 def _embed_images(args: argparse.Namespace, model: Any, description: dict[str, Any], dataset: Any):
-    """Embed every readable image of ``dataset`` the way ``description`` says: (embeddings, labels, paths)."""
+    """Embed every readable image of ``dataset`` the way ``description`` says: (embeddings, labels,
+    paths, unreadable count, whether this process writes the output).
+
+    Under torchrun (``WORLD_SIZE`` > 1) the images are sharded over the ranks (rank r takes items
+    r, r + W, ...), embedded, and gathered in data set order (gloo on the CPU, NCCL on GPUs): every
+    rank gets the whole result, and only rank 0 writes."""
+    from plmetric import distributed as dist_utils
     from plmetric.devices import resolve_device
     from plmetric.evaluation import embed_dataset
     from plmetric.models import build_transform
+    from plmetric.passes import embed_distributed
 
     dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
     device = resolve_device(args.device)
-    model.to(device)
-    emb, labels, index = embed_dataset(
-        model,
-        dataset,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-        progress=not args.no_progress,
-    )
+    started = dist_utils.init_from_env(str(device))
+    try:
+        model.to(device)
+        if dist_utils.world_size() > 1:
+            emb, labels, index = embed_distributed(
+                model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, device=device
+            )
+        else:
+            emb, labels, index = embed_dataset(
+                model,
+                dataset,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                device=device,
+                progress=not args.no_progress,
+            )
+        writer = dist_utils.is_main_process()
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     paths = [dataset.describe(i) if dataset.paths is not None else f"item:{i}" for i in index.tolist()]
-    return emb, labels, paths
+    return emb, labels, paths, len(dataset) - len(paths), writer
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -396,14 +416,16 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     model, description = load_embedding_model(
         args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
     )
-    emb, labels, paths = _embed_images(args, model, description, dataset)
+    emb, labels, paths, unreadable, writer = _embed_images(args, model, description, dataset)
     if emb.shape[0] == 0:
-        raise CLIError(f"no image could be read ({dataset.skipped} unreadable): nothing to write to {out}")
+        raise CLIError(f"no image could be read ({unreadable} unreadable): nothing to write to {out}")
+    if not writer:
+        return 0  # torchrun: rank 0 writes the gathered result
     if out.suffix.lower() == ".safetensors":
         write_index(out, emb, labels, paths, description)
     else:
         write_embeddings(out, emb, labels, paths, description)
-    skipped = f"; left out {dataset.skipped} unreadable image(s)" if dataset.skipped else ""
+    skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
     beside = "".join(f" + {p.name}" for p in sidecars(out))
     print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{beside}{skipped}")
     return 0
@@ -475,12 +497,14 @@ def _cmd_index(args: argparse.Namespace) -> int:
     model, description = load_embedding_model(
         args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
     )
-    emb, labels, paths = _embed_images(args, model, description, dataset)
+    emb, labels, paths, unreadable, writer = _embed_images(args, model, description, dataset)
     if emb.shape[0] == 0:
-        raise CLIError(f"no image could be read ({dataset.skipped} unreadable): nothing to write to {out}")
+        raise CLIError(f"no image could be read ({unreadable} unreadable): nothing to write to {out}")
+    if not writer:
+        return 0  # torchrun: rank 0 builds and writes the index of the gathered result
     plan = ann.plan_index(len(paths), options)
     _, faiss_path = write_index(out, emb, labels, paths, description, plan)
-    skipped = f"; left out {dataset.skipped} unreadable image(s)" if dataset.skipped else ""
+    skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
     print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{skipped}")
     print(_faiss_note(plan, faiss_path))
     return 0
@@ -532,10 +556,12 @@ def _index_add(args: argparse.Namespace) -> int:
         return 0
     dataset = ImageDataset(fresh, None, None, candidates.name)
     if fresh:
-        emb, labels, paths = _embed_images(args, model, description, dataset)
+        emb, labels, paths, skipped, writer = _embed_images(args, model, description, dataset)
+        if not writer:
+            return 0  # torchrun: rank 0 extends the index with the gathered result
     else:
-        emb, labels, paths = torch.empty(0, int(meta["dim"])), torch.empty(0, dtype=torch.long), []
-    unreadable = f"; left out {dataset.skipped} unreadable image(s)" if dataset.skipped else ""
+        emb, labels, paths, skipped = torch.empty(0, int(meta["dim"])), torch.empty(0, dtype=torch.long), [], 0
+    unreadable = f"; left out {skipped} unreadable image(s)" if skipped else ""
     if not paths and in_place and args.nprobe is None and args.ef_search is None:
         print(
             f"added 0 images to {source} (still {len(indexed):,}); skipped {present:,} already in the index{unreadable}"
