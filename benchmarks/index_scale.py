@@ -187,12 +187,8 @@ def _bank(kind: str, x, k: int, sample: int, baseline: int) -> dict:
         bank.update(torch.arange(n), x)
         table = bank.neighbours(k)
     else:
-        plan = ann.plan_index(n, kind=kind.split("-")[1])
-        index = ann.build_index(x, plan)
-        _, ids = ann.search_index(index, x, k + 1, plan)
-        is_self = ids == torch.arange(n)[:, None]
-        is_self[~is_self.any(1), -1] = True  # self not found: drop the weakest instead
-        table = ids[~is_self].view(n, k)
+        # the trainer's own code path for large banks (MemoryBank.neighbours above BANK_APPROXIMATE_ABOVE)
+        table = ann.knn_table(torch.as_tensor(x), k, ann.plan_index(n, kind=kind.split("-")[1]))
     out = {"table_s": time.perf_counter() - start, "peak_rss_delta_mib": (_status_kib("VmHWM") - baseline) / 1024}
     rows = torch.from_numpy(np.random.default_rng(0).choice(n, size=min(sample, n), replace=False))
     scores = x[rows] @ x.T

@@ -524,3 +524,28 @@ def test_class_balanced_sampler_maps_items_and_checks_its_options():
         ClassBalancedBatchSampler(labels, 10, 2)
     with pytest.raises(ValueError, match="divisible by m"):
         ClassBalancedBatchSampler(labels, 9, 2)
+
+
+@pytest.mark.skipif(not __import__("plmetric.ann", fromlist=["x"]).faiss_available(), reason="faiss not installed")
+def test_a_large_bank_takes_its_neighbour_table_from_faiss_hnsw():
+    """From ``approximate_above`` rows the table comes from plmetric.ann.knn_table (HNSW): never a
+    row itself, k distinct neighbours, recall of the exact table ≥ 0.95 on planted groups."""
+    from point_sets import planted_duplicates
+
+    from plmetric import ann
+
+    x = planted_duplicates(n=3000, d=32)
+    bank = MemoryBank(len(x), x.shape[1])
+    bank.update(torch.arange(len(x)), x)
+    exact = bank.neighbours(5, approximate_above=None)
+    approx = bank.neighbours(5, approximate_above=1000)
+    assert approx.shape == exact.shape and not (approx == torch.arange(len(x))[:, None]).any()
+    assert all(len(set(row)) == 5 for row in approx.tolist())
+    recall = (approx[:, :, None] == exact[:, None, :]).any(2).float().mean()
+    assert recall >= 0.95, float(recall)
+    # the library default keeps small banks exact (and exactly reproducible)
+    assert torch.equal(bank.neighbours(5), exact)
+    assert bank.neighbours(5, approximate_above=10_000).equal(exact)
+    # rows the approximate search could not fill are recomputed exactly (an IVF of tiny cells)
+    tiny = ann.knn_table(torch.as_tensor(x[:200]), 5, ann.AnnPlan("ivf", {"nlist": 50, "nprobe": 1, "trained_on": 200}))
+    assert (tiny >= 0).all() and not (tiny == torch.arange(200)[:, None]).any()

@@ -46,6 +46,15 @@ def test_tight_clusters_score_higher_than_noise():
     assert loose["mutual_knn"] < 1.0 and tight["neighbour_margin"] > loose["neighbour_margin"]
     scrambled = selection_criteria(noise, clusters, k=4)  # neighbourhoods unrelated to the start's
     assert scrambled["start_agreement"] < 0.5 and set(tight) == set(CRITERIA)
+    # anchored: the start's own value is its mutual share; an epoch that rebuilt the neighbourhoods
+    # into tight groups unrelated to the start (mutual share 1, agreement 1/4 or less) scores lower
+    # than the same mutual share with the start's structure kept
+    assert tight["anchored_mutual_knn"] == tight["mutual_knn"]
+    relabelled = clusters[torch.randperm(20, generator=g)]  # same tight groups, members shuffled
+    rebuilt = selection_criteria(relabelled, clusters, k=4)
+    assert rebuilt["mutual_knn"] == 1.0 and rebuilt["start_agreement"] <= 0.25
+    assert rebuilt["anchored_mutual_knn"] == pytest.approx(rebuilt["start_agreement"] ** 0.25, abs=1e-12)
+    assert rebuilt["anchored_mutual_knn"] < tight["anchored_mutual_knn"]
 
 
 def test_the_run_keeps_its_label_free_pick(tmp_path):

@@ -271,6 +271,32 @@ def search_index(
     return scores, ids
 
 
+def knn_table(embeddings: Tensor, k: int, plan: AnnPlan) -> Tensor:
+    """The k most similar *other* rows of every row through a faiss index of ``plan`` (the
+    trainer's neighbour table of a large memory bank): (N, k) int64 on the CPU, best first.
+
+    The index is searched for k + 1 rows; a row's own id is dropped (when the search did not return
+    it, the weakest result is dropped instead). Rows for which the approximate search found fewer
+    than k others (id -1) are recomputed exactly. With HNSW the table is approximate (benchmarks/
+    index_scale.py measures its recall) and, built on several threads, not bit-reproducible.
+    """
+    x = embeddings.detach().to("cpu", torch.float32)
+    n = x.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+        raise ValueError(f"knn_table: k must be an integer in [1, N) = [1, {n}), got {k!r}")
+    index = build_index(x, plan)
+    _, ids = search_index(index, x, k + 1, plan)
+    is_self = ids == torch.arange(n)[:, None]
+    is_self[~is_self.any(1), -1] = True  # self not returned: drop the weakest result instead
+    table = ids[~is_self].view(n, k)
+    short = (table < 0).any(1).nonzero().flatten()
+    if short.numel():  # fewer than k found (e.g. IVF cells too small): exact for those rows
+        sims = x[short] @ x.T
+        sims[torch.arange(short.numel()), short] = -torch.inf
+        table[short] = sims.topk(k, dim=1).indices
+    return table
+
+
 # ----------------------------------------------------------------------------- storage
 
 

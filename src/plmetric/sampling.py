@@ -26,6 +26,10 @@ __all__ = ["ClassBalancedBatchSampler", "MemoryBank", "NeighbourhoodBatchSampler
 
 # Default element budget of one similarity chunk in MemoryBank.neighbours (chunk_size * N entries).
 _SIMILARITY_CHUNK_ELEMENTS = 1 << 24
+# From this many bank rows the neighbour table comes from a faiss HNSW index (when faiss is
+# installed): the exact table is O(N² d), quadratic in the bank, HNSW's about O(N log N · d)
+# (benchmarks/index_scale.py times both). Below it the table stays exact and reproducible (exact resume).
+BANK_APPROXIMATE_ABOVE = 200_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,7 +212,14 @@ class MemoryBank:
         self.filled[indices] = True
 
     @torch.no_grad()
-    def neighbours(self, k: int, *, chunk_size: int | None = None, rows: Tensor | None = None) -> Tensor:
+    def neighbours(
+        self,
+        k: int,
+        *,
+        chunk_size: int | None = None,
+        rows: Tensor | None = None,
+        approximate_above: int | None = BANK_APPROXIMATE_ABOVE,
+    ) -> Tensor:
         """Indices of each item's k nearest other items under cosine similarity.
 
         ``out[i]`` lists the k items j ≠ i with the largest ⟨e_i, e_j⟩, most similar first; item i is
@@ -220,10 +231,15 @@ class MemoryBank:
         unreadable), the search runs among those rows only and the table is in *positions* of
         ``rows``: ``out[p]`` lists positions q ≠ p, so ``rows[out]`` are item indices.
 
+        The exact search costs O(N² d); from ``approximate_above`` rows on (when faiss is installed)
+        the table comes from a faiss HNSW index instead (:func:`plmetric.ann.knn_table`: about
+        O(N log N · d), approximate, recall measured by ``benchmarks/index_scale.py``).
+
         Args:
             k: number of neighbours, 1 <= k < N (or < len(rows)).
             chunk_size: rows per similarity chunk; default ≈ 2**24 / N.
             rows: (M,) distinct item indices to restrict the search to (None: all N items).
+            approximate_above: the bank size from which faiss HNSW is used (None: always exact).
 
         Returns:
             (N, k) (or (M, k)) int64 tensor on the bank's device.
@@ -250,6 +266,12 @@ class MemoryBank:
                 f"(e.g. items {missing[:5].tolist()}); fill the whole bank first"
             )
 
+        if approximate_above is not None and n >= approximate_above:
+            from plmetric import ann
+
+            if ann.faiss_available():
+                plan = ann.plan_index(n, kind="hnsw")
+                return ann.knn_table(embeddings, k, plan).to(self.device)
         out = torch.empty(n, k, dtype=torch.int64, device=self.device)
         for start in range(0, n, chunk_size):
             chunk = torch.arange(start, min(start + chunk_size, n), device=self.device)

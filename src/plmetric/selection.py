@@ -16,6 +16,10 @@ on the subset's cosine k-nearest-neighbour graphs (no label is read):
   how far a neighbourhood stands out from the rest.
 * ``consensus``: ``mutual_knn · start_agreement``: structure gained, discounted by the pretrained
   structure lost. At the start it is the start's own mutual share.
+* ``anchored_mutual_knn``: ``mutual_knn · start_agreement^(1/4)``: the mutual share, discounted a
+  little by the pretrained structure lost; it keeps ``mutual_knn``'s ranking of good epochs but
+  refuses an epoch that rebuilt the neighbourhoods into new tight groups unrelated to the start
+  (a collapsing run raises ``mutual_knn`` while it destroys retrieval).
 * ``effective_rank`` (RankMe; Garrido, Balestriero, Najman & LeCun, "RankMe: Assessing the
   Downstream Performance of Pretrained Self-Supervised Representations by Their Rank", ICML 2023):
   ``exp(-Σ_k p_k log p_k)`` with ``p_k = σ_k / Σ σ`` the normalised singular values of the (n, d)
@@ -48,10 +52,12 @@ CRITERIA = (
     "student_teacher_agreement",
     "neighbour_margin",
     "consensus",
+    "anchored_mutual_knn",
     "effective_rank",
     "uniformity",
 )
 SELECTION_RULES = ("final", *CRITERIA)
+ANCHOR_EXPONENT = 0.25  # anchored_mutual_knn's weight of the start agreement (selection_report: 0.25, 0.5, 1, 2)
 
 
 @torch.no_grad()
@@ -108,6 +114,7 @@ def selection_criteria(kept: Tensor, start: Tensor, student: Tensor | None = Non
         "student_teacher_agreement": st_overlap,
         "neighbour_margin": float((inside - outside).mean()),
         "consensus": mutual * start_overlap,
+        "anchored_mutual_knn": mutual * start_overlap**ANCHOR_EXPONENT,
         "effective_rank": float(torch.exp(-(p * p.log()).sum())),
         "uniformity": float(-torch.log(torch.exp(-2.0 * squared.double()).mean())),
     }
