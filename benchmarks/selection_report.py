@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plmetric.selection import SELECTION_RULES  # noqa: E402
+from plmetric.selection import ANCHOR_EXPONENT, SELECTION_RULES  # noqa: E402
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -61,7 +61,10 @@ def spearman(a: list[float], b: list[float]) -> float:
 def run_curve(run: dict) -> tuple[dict[int, float], dict[int, dict]]:
     """R@1 by epoch (the start as epoch 0) and the criteria by epoch."""
     r1 = {0: run["start"]["recall@1"], **{int(e): v for e, v in run["r1_by_epoch"]}}
-    criteria = {int(e): c for e, c in run.get("selection_by_epoch", []) if c}
+    criteria = {int(e): dict(c) for e, c in run.get("selection_by_epoch", []) if c}
+    for c in criteria.values():  # runs logged before anchored_mutual_knn existed: it is a function of two
+        if "anchored_mutual_knn" not in c and {"mutual_knn", "start_agreement"} <= set(c):
+            c["anchored_mutual_knn"] = c["mutual_knn"] * c["start_agreement"] ** ANCHOR_EXPONENT
     return r1, criteria
 
 
@@ -225,7 +228,14 @@ def main() -> None:
             rho = "" if s["spearman_mean"] is None else f", ρ {s['spearman_mean']:+.2f}"
             cells.append(f"{s['regret_mean']:.2f} / {s['regret_max']:.2f}{rho}")
         print(f"| {rule} | " + " | ".join(cells) + " |")
-    picked = picks(entries, args.picks)
+    merged: dict[tuple[str, str], dict] = {}  # one row per (data set, row): studies split by seeds combine
+    for entry in entries:
+        key = (entry["dataset"], entry["row"])
+        if key in merged:
+            merged[key] = {**merged[key], "runs": merged[key]["runs"] + entry["runs"]}
+        else:
+            merged[key] = entry
+    picked = picks(list(merged.values()), args.picks)
     print_picks(picked, args.picks)
     if args.json:
         from plmetric.checkpoint import atomic_write_json

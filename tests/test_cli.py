@@ -290,6 +290,22 @@ def test_resume_alone_reads_the_runs_config_and_extends_a_finished_run(tmp_path,
     assert _log_epochs(run) == [1, 2, 3]
 
 
+def test_the_folder_fit_caps_proxies_and_leaves_what_the_user_set(tmp_path, capsys):
+    from image_trees import make_tree
+
+    from plmetric.cli import FOLDER_PRESET, _fit_preset_to_folder
+    from plmetric.config import load_config
+
+    root, _ = make_tree("images", tmp_path / "data", classes=4, per_class=10, bad=0)
+    cfg = load_config(FOLDER_PRESET, ["plm.num_proxies=300", "train.batch_size=120"])
+    _fit_preset_to_folder(cfg, root, [])
+    assert (cfg.plm.num_proxies, cfg.train.batch_size, cfg.model.embedding_dim, cfg.train.select_k) == (10, 40, 40, 10)
+    assert "plm.num_proxies=10" in capsys.readouterr().out
+    cfg = load_config(FOLDER_PRESET, ["plm.num_proxies=300", "model.embedding_dim=64"])
+    _fit_preset_to_folder(cfg, root, ["plm.num_proxies=300", "model.embedding_dim=64"])  # given with --set
+    assert (cfg.plm.num_proxies, cfg.model.embedding_dim, cfg.train.batch_size) == (300, 64, 40)
+
+
 @pytest.mark.slow
 def test_folder_preset_fits_the_folder_and_names_the_model_and_the_next_command(tmp_path, capsys):
     """``train --images`` without --config takes configs/folder.yaml, fits its sizes to the 40 images
@@ -306,14 +322,10 @@ def test_folder_preset_fits_the_folder_and_names_the_model_and_the_next_command(
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "configs/folder.yaml for 40 images, fitted: " in out
-    assert "train.batch_size=40" in out and "plm.num_proxies=10" in out and "model.embedding_dim=40" in out
+    assert "train.batch_size=40" in out and "model.embedding_dim=40" in out
     cfg = load_config(run / "config.yaml")
-    assert (cfg.model.backbone, cfg.train.batch_size, cfg.plm.num_proxies, cfg.model.embedding_dim) == (
-        "efficientnet_lite0",
-        40,
-        10,
-        40,
-    )
+    assert (cfg.model.backbone, cfg.train.batch_size, cfg.model.embedding_dim) == ("efficientnet_lite0", 40, 40)
+    assert (cfg.plm.num_proxies, cfg.plm.target_space) == (0, "features")  # the recipe: no proxies
     summary = json.loads((run / "summary.json").read_text())
     assert summary["select_rule"] == "mutual_knn" and summary["selected_epoch"] in (0, 1, 2)
     assert set(summary["final_selection"]) >= {"mutual_knn", "start_agreement"}
