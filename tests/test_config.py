@@ -27,13 +27,18 @@ def test_paper_settings_in_configs():
 
 
 def test_recipe_configs_share_the_method_settings_and_differ_in_training():
+    import dataclasses
+
     recipe, paper = load_config(CONFIGS / "cub200.yaml"), load_config(CONFIGS / "cub200_paper.yaml")
-    assert recipe.plm == paper.plm and recipe.data == paper.data
+    # the three-data-set recipe: METHOD.md's PLM options but targets from the pooled features, no proxies
+    assert recipe.plm == dataclasses.replace(paper.plm, target_space="features", num_proxies=0)
+    assert recipe.data == paper.data
     assert (recipe.train.momentum, recipe.train.lr_backbone, recipe.train.lr_embedding) == (0.99, 1e-5, 3e-4)
     assert (recipe.train.keep, recipe.train.teacher_view, recipe.model.embedding_init) == ("teacher", "clean", "pca")
-    for name in ("cars196", "sop"):
+    for name in ("cars196", "sop", "plankton106", "folder"):
         other = load_config(CONFIGS / f"{name}.yaml")
         assert (other.train.keep, other.train.teacher_view, other.train.lr_backbone) == ("teacher", "clean", 1e-5)
+        assert (other.plm.target_space, other.plm.num_proxies) == ("features", 0), name
 
 
 def test_overrides_are_typed():
