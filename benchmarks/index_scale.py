@@ -73,21 +73,10 @@ def noisy_copies(x: np.ndarray, count: int, noise: float, seed: int) -> tuple[np
 # ----------------------------------------------------------------------------- child process
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the peak-memory probes of eval_speed.py (VmHWM, reset through /proc/self/clear_refs)
+from eval_speed import _proc_status_kib as _status_kib  # noqa: E402
+from eval_speed import _reset_peak_rss as _reset_peak  # noqa: E402
 
 
 def _exact_top(database, queries, k: int):

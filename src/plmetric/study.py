@@ -200,6 +200,15 @@ def feature_cache_path(
     return Path(cache_dir).expanduser() / f"{dataset}-{split}-{backbone}-{int(image_size)}px-{digest}.safetensors"
 
 
+def _load_cache_hit(path: Path, key: dict[str, Any], start: float) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A cache file's tensors and the info of a hit (its key, file and load seconds since ``start``)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    info = {"key": key, "cache_file": str(path), "cache_hit": True, "seconds": round(time.perf_counter() - start, 2)}
+    return tensors, info
+
+
 def cached_features(
     dataset: str,
     root: str | None,
@@ -227,7 +236,7 @@ def cached_features(
     Raises:
         ValueError: unknown split or a split without labels; a cache folder inside the data folder.
     """
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     from plmetric.checkpoint import atomic_write_bytes
 
@@ -242,13 +251,7 @@ def cached_features(
     key = _cache_key(dataset, root, split, backbone, image_size, weights)
     start = time.perf_counter()
     if path.is_file():
-        tensors = load_file(str(path))
-        info = {
-            "key": key,
-            "cache_file": str(path),
-            "cache_hit": True,
-            "seconds": round(time.perf_counter() - start, 2),
-        }
+        tensors, info = _load_cache_hit(path, key, start)
         return tensors["features"].float(), tensors["labels"].long(), info
 
     from plmetric.data import load_dataset
@@ -298,7 +301,7 @@ def cached_views(
     Returns:
         ``(views float16 (V, N, ...), labels int64 (N,), info)`` (one view for the test split).
     """
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     from plmetric.checkpoint import atomic_write_bytes
     from plmetric.data import load_dataset
@@ -320,13 +323,7 @@ def cached_views(
     path = cache_dir / f"{dataset}-{split}-views{views}-{backbone}-{image_size}px-f{frozen}-{digest}.safetensors"
     start = time.perf_counter()
     if path.is_file():
-        tensors = load_file(str(path))
-        info = {
-            "key": key,
-            "cache_file": str(path),
-            "cache_hit": True,
-            "seconds": round(time.perf_counter() - start, 2),
-        }
+        tensors, info = _load_cache_hit(path, key, start)
         return tensors["views"], tensors["labels"].long(), info
     model = create_model(backbone, embedding_dim=0, pretrained=True).eval()
     if frozen is None:
