@@ -636,25 +636,11 @@ def _grid_names(queries: list[Path], out_dir: Path) -> list[Path]:
     return names
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    import torch
-
-    from plmetric.checkpoint import atomic_write_bytes, atomic_write_json
-    from plmetric.data import ImageDataset
-    from plmetric.evaluation import embed_dataset
-    from plmetric.models import build_transform
-    from plmetric.retrieval import (
-        draw_results,
-        load_embeddings,
-        load_faiss_index,
-        model_from_description,
-        read_query_image,
-        search,
-    )
-
-    if not Path(args.index).is_file():  # the index first: without it no query matters
-        raise FileNotFoundError(f"index/embeddings file not found: {args.index}")
-    queries = _query_paths(args)
+def _search_outputs(
+    args: argparse.Namespace, queries: list[Path]
+) -> tuple[list[Path | None], Path | None, Path | None]:
+    """``search``'s outputs, checked before any work: a grid per query (``--out`` for one query,
+    ``--out-dir`` for several, None where none is drawn), ``--json`` and ``--csv``."""
     inputs = [args.index, args.queries_file, *queries]
     if args.out and len(queries) > 1:
         raise CLIError("--out names one grid: with several queries give --out-dir DIR (a grid per query)")
@@ -669,6 +655,72 @@ def _cmd_search(args: argparse.Namespace) -> int:
         grids = [check_output(g, "--out-dir", (".png",), inputs) for g in _grid_names(queries, out_dir)]
     json_out = check_output(args.json, "--json", (".json",), inputs) if args.json else None
     csv_out = check_output(args.csv, "--csv", (".csv",), inputs) if args.csv else None
+    return grids, json_out, csv_out
+
+
+def _write_search_tables(
+    args: argparse.Namespace,
+    json_out: Path | None,
+    csv_out: Path | None,
+    report: list[dict[str, Any]],
+    rows: list[tuple[str, int, str, float]],
+    unreadable: list[str],
+) -> None:
+    """Write ``--json`` (every query's ranked results) and ``--csv`` (query, rank, path, score)."""
+    from plmetric.checkpoint import atomic_write_bytes, atomic_write_json
+
+    if json_out is not None:
+        atomic_write_json(
+            json_out,
+            {
+                "index": str(Path(args.index).resolve()),
+                "top_k": args.top_k,
+                "queries": report,
+                "unreadable_queries": unreadable,
+            },
+        )
+    if csv_out is not None:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["query", "rank", "path", "score"])
+        writer.writerows(rows)
+        atomic_write_bytes(csv_out, buffer.getvalue().encode())
+
+
+def _embed_queries(
+    args: argparse.Namespace, queries: list[Path], model: Any, transform: Callable
+) -> tuple[Any, list[int]]:
+    """The query embeddings and the positions of the queries they belong to. One query: any
+    unreadable or oversized file is an error; several: unreadable ones are left out."""
+    import torch
+
+    from plmetric.data import ImageDataset
+    from plmetric.evaluation import embed_dataset
+    from plmetric.retrieval import read_query_image
+
+    if len(queries) == 1:
+        with torch.no_grad():
+            return model.eval()(read_query_image(queries[0], transform).unsqueeze(0)), [0]
+    dataset = ImageDataset(queries, None, transform, "queries")
+    embeddings, _, index = embed_dataset(
+        model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=False
+    )
+    if index.numel() == 0:
+        raise ValueError(f"none of the {len(queries)} query images could be read")
+    return embeddings, index.tolist()
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from plmetric.models import build_transform
+    from plmetric.retrieval import draw_results, load_embeddings, load_faiss_index, model_from_description, search
+
+    if not Path(args.index).is_file():  # the index first: without it no query matters
+        raise FileNotFoundError(f"index/embeddings file not found: {args.index}")
+    queries = _query_paths(args)
+    grids, json_out, csv_out = _search_outputs(args, queries)
     database, _, paths, description = load_embeddings(args.index)
     faiss_index = None if args.exact else load_faiss_index(args.index)  # faiss there, the .faiss file its own
     indexed = {Path(p).resolve() for p in paths}
@@ -677,18 +729,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             raise CLIError(f"{out} is an image of the index; writing it would destroy it")
     transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
     model = model_from_description(description, args.index)
-    if len(queries) == 1:  # one query: any unreadable or oversized file is an error
-        with torch.no_grad():
-            embeddings = model.eval()(read_query_image(queries[0], transform).unsqueeze(0))
-        found = [0]
-    else:
-        dataset = ImageDataset(queries, None, transform, "queries")
-        embeddings, _, index = embed_dataset(
-            model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=False
-        )
-        found = index.tolist()
-        if not found:
-            raise ValueError(f"none of the {len(queries)} query images could be read")
+    embeddings, found = _embed_queries(args, queries, model, transform)
     if embeddings.shape[1] != database.shape[1]:
         raise ValueError(
             f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.shape[1]}"
@@ -726,26 +767,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
             "recorded them: the images moved or were deleted since the index was built; rebuild it",
             file=sys.stderr,
         )
-    unreadable = [str(queries[q]) for q in range(len(queries)) if q not in set(found)]
-    if json_out is not None:
-        atomic_write_json(
-            json_out,
-            {
-                "index": str(Path(args.index).resolve()),
-                "top_k": args.top_k,
-                "queries": report,
-                "unreadable_queries": unreadable,
-            },
-        )
-    if csv_out is not None:
-        import csv
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["query", "rank", "path", "score"])
-        writer.writerows(rows)
-        atomic_write_bytes(csv_out, buffer.getvalue().encode())
+    read = set(found)
+    unreadable = [str(query) for q, query in enumerate(queries) if q not in read]
+    _write_search_tables(args, json_out, csv_out, report, rows, unreadable)
     written = [str(g) for g in grids if g is not None] + [str(o) for o in (json_out, csv_out) if o is not None]
     if written:
         print(f"wrote {', '.join(written) if len(written) <= 3 else f'{len(written)} files'}")
