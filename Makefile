@@ -35,8 +35,8 @@ endif
 # (threadpoolctl's architecture), NPY_DISABLE_CPU_FEATURES (numpy's __cpu_features__) and
 # FAISS_SIMD_LEVEL (faiss.SIMDConfig). MKL_ENABLE_INSTRUCTIONS cannot be read back and did not change
 # MKL's speed on that AMD CPU (MKL documents it for Intel processors); it is set for the Intel machines.
-CODEPATH_TESTS := tests/test_manifold.py tests/test_losses.py tests/methods/test_plm.py tests/methods/test_stml.py \
-	tests/test_estimators.py tests/test_evaluation.py tests/test_ann.py
+CODEPATH_TESTS := tests/manifold/test_pieces.py tests/methods/test_losses.py tests/methods/test_plm.py \
+	tests/methods/test_stml.py tests/evaluation/test_estimators.py tests/evaluation/test_metrics.py tests/manifold/test_ann.py
 CODEPATH_ENV := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 OPENBLAS_CORETYPE=Sandybridge FAISS_SIMD_LEVEL=NONE
 NPY_DISPATCHED = $$($(PY) -c "import numpy; c = getattr(numpy, '_core', None) or numpy.core; print(' '.join(c._multiarray_umath.__cpu_dispatch__))")

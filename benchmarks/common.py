@@ -7,7 +7,7 @@ classes 99-196 are never seen). Three settings:
 
 * ``head``: head-only, the CPU setting that allows seeds and grids. Pooled EfficientNet-Lite0
   features of the un-augmented 224 px images are computed once and cached
-  (``plmetric.study.cached_features``); only the 512-d embedding layer (PCA-initialised)
+  (``plmetric.studies.similarity.cached_features``); only the 512-d embedding layer (PCA-initialised)
   trains, 30 short epochs, about half a minute per run on two CPU cores. No augmentation, no
   backbone: the levers that move the backbone cannot be studied here.
 * ``cpu``: end to end on the CPU: 128 px, the first 6 of 9 backbone stages frozen, 3 epochs
@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from plmetric.config import load_config
-from plmetric.paths import REPO_ROOT, shared_data_root
+from plmetric.config.schema import load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "tests"))  # shared_data: where ../shared/data is (tests and benchmarks only)
+from shared_data import cub_subset_root, shared_data_root  # noqa: E402
 
 # --dataset -> (loader name, folder under ../shared/data)
 DATASETS = {
@@ -116,8 +120,8 @@ _VIEW_SPLITS: dict[tuple[str, str, str], Any] = {}
 def view_splits(setting: str, dataset: str, data_root: str):
     """Train/test `ViewFeatureDataset` splits of cached views (``tail``: the first stages' maps at
     128 px; ``head_aug``: pooled 224 px features), computed on first use."""
-    from plmetric.data import DatasetSplits, ViewFeatureDataset
-    from plmetric.study import cached_views
+    from plmetric.data.datasets import DatasetSplits, ViewFeatureDataset
+    from plmetric.studies.similarity import cached_views
 
     key = (setting, dataset, data_root)
     if key not in _VIEW_SPLITS:
@@ -135,8 +139,8 @@ def view_splits(setting: str, dataset: str, data_root: str):
 
 def head_splits(dataset: str, data_root: str):
     """Train/test `FeatureDataset` splits of cached 224 px pooled features (computed on first use)."""
-    from plmetric.data import DatasetSplits, FeatureDataset
-    from plmetric.study import cached_features
+    from plmetric.data.datasets import DatasetSplits, FeatureDataset
+    from plmetric.studies.similarity import cached_features
 
     key = (dataset, data_root)
     if key not in _HEAD_SPLITS:
@@ -165,15 +169,15 @@ def run_one(
     literal defaults, the reference of the recipe study) or ``cub200.yaml`` (the chosen recipe);
     its data section is replaced by ``dataset``'s.
     """
-    from plmetric.models import feature_model
-    from plmetric.training import train
+    from plmetric.data.backbones import feature_model
+    from plmetric.training.loop import train
 
     data_root = dataset_root(dataset, data_root)
     loader = DATASETS[dataset][0]
     all_overrides = [*SETTINGS[setting], f"data.dataset={loader}", f"train.seed={seed}", *overrides]
     if setting in CACHED_SETTINGS:  # cached views: the data set pairs a crop with the clean view itself
         all_overrides += ["train.teacher_view=same", "model.frozen_stages=0"]
-    cfg = load_config(REPO_ROOT / "configs" / base, all_overrides)
+    cfg = load_config(base.removesuffix(".yaml"), all_overrides)  # a preset name
     cfg.data.root = data_root
     splits = model = None
     if setting == "head":
@@ -183,8 +187,8 @@ def run_one(
         splits = view_splits(setting, dataset, data_root)
         model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)
     elif setting == "tail":
-        from plmetric.models import create_model
-        from plmetric.networks import tail_model
+        from plmetric.data.backbones import create_model
+        from plmetric.training.networks import tail_model
 
         splits = view_splits(setting, dataset, data_root)
         torch.manual_seed(seed)
@@ -282,7 +286,7 @@ def write_results(path: str, setting: str, extra_overrides: list[str], seeds: li
 
     import torch
 
-    from plmetric.checkpoint import atomic_write_json
+    from plmetric.core.checkpoint import atomic_write_json
 
     atomic_write_json(
         path,

@@ -1,6 +1,6 @@
 """Speed and peak memory of exact retrieval evaluation on SOP-sized synthetic embeddings.
 
-Compares ``plmetric.evaluation.evaluate`` (torch backend, optionally several chunk sizes; faiss
+Compares ``plmetric.evaluation.metrics.evaluate`` (torch backend, optionally several chunk sizes; faiss
 backend) with pytorch-metric-learning's ``AccuracyCalculator`` (precision_at_1,
 mean_average_precision_at_r, r_precision). Each method runs in its own child process, which
 reports its wall-clock time and its peak resident memory above the baseline of the loaded data
@@ -90,7 +90,7 @@ def run_worker(method: str, data_dir: Path, ks: list[int], chunk_size: int | Non
             device=torch.device("cpu"),
         )
     else:
-        from plmetric.evaluation import evaluate
+        from plmetric.evaluation.metrics import evaluate
 
     baseline = _proc_status_kib("VmRSS")
     reset = _reset_peak_rss()

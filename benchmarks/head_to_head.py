@@ -23,9 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATASETS, SETTINGS, results_table, run_one, summarize, write_results  # noqa: E402
+from common import DATASETS, REPO_ROOT, SETTINGS, results_table, run_one, summarize, write_results  # noqa: E402
 
-from plmetric.paths import REPO_ROOT  # noqa: E402
 
 # Every row uses configs/cub200.yaml (the recipe, its data section replaced by the data set's) except
 # *_paper (configs/cub200_paper.yaml). STML and the ceiling keep the recipe's shared settings (embedding

@@ -1,4 +1,4 @@
-"""Search indexes by size: exact torch search against faiss flat, IVF and HNSW (plmetric.ann).
+"""Search indexes by size: exact torch search against faiss flat, IVF and HNSW (plmetric.manifold.ann).
 
 Data: 512-d L2-normalised vectors in groups of planted near-duplicates: ``n / group`` centres,
 each with ``group`` members ``normalize(centre + noise)`` (``--noise``, the noise norm: 1.0 gives
@@ -82,7 +82,7 @@ from eval_speed import _reset_peak_rss as _reset_peak  # noqa: E402
 def _exact_top(database, queries, k: int):
     import torch
 
-    from plmetric.retrieval import top_k
+    from plmetric.retrieval.index import top_k
 
     return top_k(torch.as_tensor(queries), database, k)
 
@@ -91,8 +91,7 @@ def run_kind(kind: str, data: Path, k: int, single: int, bank_k: int, sample: in
     """Build and query one index kind (or time one neighbour table) on the saved data."""
     import torch
 
-    from plmetric import ann
-
+    from plmetric.manifold import ann
     x = torch.from_numpy(np.load(data / "database.npy"))
     queries = np.load(data / "queries.npy")
     sources = np.load(data / "sources.npy")
@@ -144,8 +143,7 @@ def run_kind(kind: str, data: Path, k: int, single: int, bank_k: int, sample: in
 
 def _sweep(index, plan, queries, k: int, exact: np.ndarray) -> list[dict]:
     """Recall@k and batch latency at other search-time settings (IVF nprobe, HNSW efSearch)."""
-    from plmetric import ann
-
+    from plmetric.manifold import ann
     if plan.kind == "ivf":
         nlist = plan.params["nlist"]
         values = sorted({min(nlist, 2**i) for i in range(nlist.bit_length() + 1)} | {plan.params["nprobe"]})
@@ -166,8 +164,8 @@ def _bank(kind: str, x, k: int, sample: int, baseline: int) -> dict:
     """The k nearest other rows of every row: MemoryBank.neighbours (torch) or faiss."""
     import torch
 
-    from plmetric import ann
-    from plmetric.sampling import MemoryBank
+    from plmetric.manifold import ann
+    from plmetric.training.sampling import MemoryBank
 
     n = len(x)
     start = time.perf_counter()

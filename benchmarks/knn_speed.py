@@ -41,7 +41,7 @@ def run_case(case: str, data: Path, k: int, threads: int) -> dict:
         import faiss
 
         faiss.omp_set_num_threads(threads)
-    from plmetric.evaluation import evaluate, nearest_neighbors
+    from plmetric.evaluation.metrics import evaluate, nearest_neighbors
 
     ks = sorted({1, min(10, k), k})
     wall, cpu = time.perf_counter(), time.process_time()

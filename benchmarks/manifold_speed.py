@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from plmetric.losses import neighbourhood_loss, point_loss, proxy_loss
-from plmetric.manifold import fit_pieces, point_similarity, proxy_point_similarity
+from plmetric.methods.losses import neighbourhood_loss, point_loss, proxy_loss
+from plmetric.manifold.pieces import fit_pieces, point_similarity, proxy_point_similarity
 from plmetric.methods.plm import PLMLoss
 
 

@@ -22,9 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATASETS, SETTINGS, results_table, run_one, summarize, write_results  # noqa: E402
+from common import DATASETS, REPO_ROOT, SETTINGS, results_table, run_one, summarize, write_results  # noqa: E402
 
-from plmetric.paths import REPO_ROOT  # noqa: E402
 
 RECIPE = [
     "train.keep=teacher",

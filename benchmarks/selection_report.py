@@ -2,7 +2,7 @@
 
 Reads the JSON of ``head_to_head.py`` / ``recipe_study.py`` runs (each run holds R@1 and the
 selection criteria of the start, epoch 0, and of every epoch) and, for each rule of
-``plmetric.selection.SELECTION_RULES`` (``final``: the last epoch; otherwise the epoch that
+``plmetric.evaluation.selection.SELECTION_RULES`` (``final``: the last epoch; otherwise the epoch that
 maximises the criterion, the start included):
 
 * regret: R@1 of the label-chosen best epoch (an oracle, the start included) minus R@1 of the
@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plmetric.selection import ANCHOR_EXPONENT, SELECTION_RULES  # noqa: E402
+from plmetric.evaluation.selection import ANCHOR_EXPONENT, SELECTION_RULES  # noqa: E402
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -69,7 +69,7 @@ def run_curve(run: dict) -> tuple[dict[int, float], dict[int, dict]]:
 
 
 # Candidate rules beyond the library's (explored here; a rule that wins is moved into
-# plmetric.selection): name -> score of an epoch's criteria (the epoch with the highest is picked).
+# plmetric.evaluation.selection): name -> score of an epoch's criteria (the epoch with the highest is picked).
 EXTRA_RULES = {
     f"mutual*agreement^{a}": (lambda c, a=a: c["mutual_knn"] * c["start_agreement"] ** a) for a in (0.25, 0.5, 2.0)
 }
@@ -238,7 +238,7 @@ def main() -> None:
     picked = picks(list(merged.values()), args.picks)
     print_picks(picked, args.picks)
     if args.json:
-        from plmetric.checkpoint import atomic_write_json
+        from plmetric.core.checkpoint import atomic_write_json
 
         atomic_write_json(
             args.json, {"studies": args.studies, "runs": len(runs), "rules": table, "picks": {args.picks: picked}}

@@ -1,7 +1,7 @@
 """Slide 14 on our data: how well PLM's similarity and its competitors agree with the labels.
 
 A thin wrapper of ``plmetric similarity-study`` with the settings of the README's results: both
-halves of the CUB subset (``plmetric.paths.cub_subset_root()``), ImageNet EfficientNet-Lite0 raw
+halves of the CUB subset (``cub_subset_root()`` of ``tests/shared_data.py``), ImageNet EfficientNet-Lite0 raw
 pooled features at 224 px (embedded once, cached in ``~/.cache/plmetric/features``), 50
 neighbourhood batches of B = 120 (k = 5), the whole set, and the PLM parameter sweep.
 
@@ -13,9 +13,12 @@ Options given here override the defaults (e.g. ``--split test``, ``--batches 20`
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from plmetric.cli import main
-from plmetric.paths import cub_subset_root
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cub_subset_root  # noqa: E402
+
+from plmetric.cli import main  # noqa: E402
 
 
 def build_argv(extra: list[str]) -> list[str]:

@@ -1,10 +1,10 @@
 """Training throughput against the backbone's own ceiling (issue 7), in one run on one device.
 
 1. bare: the backbone + embedding layer alone, forward + backward + AdamW on synthetic input;
-2. plm step: plmetric's full PLM training step (`plmetric.training.TrainStep`: teacher forward,
+2. plm step: plmetric's full PLM training step (`plmetric.training.loop.TrainStep`: teacher forward,
    student forward/backward, PLM loss with pieces and proxies, AdamW, EMA, memory bank) on
    synthetic input, plus the share of its parts measured on their own;
-3. epoch: one real training epoch of `plmetric.training.train` on ``cub200_subset100``
+3. epoch: one real training epoch of `plmetric.training.loop.train` on ``cub200_subset100``
    (sampler, input pipeline, step), the images/s the trainer logs, for each input pipeline asked for.
 
 All as images per second and as a ratio to (1). bf16 autocast + channels_last on CUDA, as in training.
@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
-from plmetric.checkpoint import atomic_write_json
-from plmetric.config import load_config
-from plmetric.paths import REPO_ROOT, cub_subset_root
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cub_subset_root  # noqa: E402
+
+from plmetric.core.checkpoint import atomic_write_json
+from plmetric.config.schema import load_config
 
 
 def _sync(device: torch.device) -> None:
@@ -55,7 +57,7 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, steps: in
 
 def build_config(args: argparse.Namespace, device: torch.device, extra: list[str]):
     return load_config(
-        REPO_ROOT / "configs" / "cub200.yaml",
+        "cub200",
         [
             f"data.root={args.data_root}",
             f"data.image_size={args.image_size}",
@@ -85,13 +87,13 @@ def main() -> None:  # noqa: PLR0915 - one readable measurement script
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from plmetric.devices import resolve_device
+    from plmetric.core.devices import resolve_device
     from plmetric.methods import get_method
-    from plmetric.models import create_model
-    from plmetric.networks import freeze_batchnorm
-    from plmetric.optimization import build_optimizer
-    from plmetric.sampling import MemoryBank, ema_update, make_teacher
-    from plmetric.training import TrainStep
+    from plmetric.data.backbones import create_model
+    from plmetric.training.networks import freeze_batchnorm
+    from plmetric.training.optimization import build_optimizer
+    from plmetric.training.sampling import MemoryBank, ema_update, make_teacher
+    from plmetric.training.loop import TrainStep
 
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -176,7 +178,7 @@ def main() -> None:  # noqa: PLR0915 - one readable measurement script
 
     # (3) one real epoch through the trainer
     if not args.skip_epoch:
-        from plmetric.training import train
+        from plmetric.training.loop import train
 
         for pipeline in args.pipelines:
             run_cfg = build_config(
@@ -242,8 +244,8 @@ def main() -> None:  # noqa: PLR0915 - one readable measurement script
 
 def _train_without_test(train_fn, cfg, out_dir: Path):
     """Train one epoch with the test split dropped (its evaluation is not part of an epoch's throughput)."""
-    from plmetric.data import DatasetSplits, load_dataset
-    from plmetric.models import build_transform
+    from plmetric.data.datasets import DatasetSplits, load_dataset
+    from plmetric.data.backbones import build_transform
 
     splits = load_dataset(
         cfg.data.dataset,

@@ -8,7 +8,7 @@ call on a lent H100/H200 with the data carried along.
     python benchmarks/train_cub_subset.py --json results/train_cub_cpu.json
     python benchmarks/train_cub_subset.py --gpu --json results/train_cub_gpu.json
 
-Extra ``--set key=value`` overrides go to the config (see ``plmetric.config``).
+Extra ``--set key=value`` overrides go to the config (see ``plmetric.config.schema``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-from plmetric.checkpoint import atomic_write_json  # noqa: E402
-from plmetric.config import load_config  # noqa: E402
-from plmetric.paths import REPO_ROOT, cub_subset_root  # noqa: E402
-from plmetric.training import train  # noqa: E402
+from plmetric.core.checkpoint import atomic_write_json  # noqa: E402
+from plmetric.config.schema import load_config  # noqa: E402
+from common import REPO_ROOT, cub_subset_root  # noqa: E402
+from plmetric.training.loop import train  # noqa: E402
 
 # The CPU setting of the studies with 4 epochs (benchmarks/common.py); the GPU setting as there.
 CPU_SETTING = [*common.CPU_SETTING, "train.epochs=4"]
@@ -42,8 +42,8 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the full GPU setting")
     parser.add_argument(
         "--config",
-        default=str(REPO_ROOT / "configs" / "cub200.yaml"),
-        help="base config (configs/cub200_paper.yaml: METHOD.md's literal defaults)",
+        default="cub200",
+        help="base config: a preset name (cub200_paper: METHOD.md's literal defaults) or a YAML file",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default=None, help="run folder (default runs/train_cub_{cpu,gpu})")

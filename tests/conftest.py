@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plmetric.paths import cub_subset_root
+from shared_data import cub_subset_root
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Runs a tiny training, alone or under torchrun (tests/test_training.py compares the two).
+"""Runs a tiny training, alone or under torchrun (tests/training/test_loop.py compares the two).
 
 ``ddp_worker.py OUT``: in-memory tiny images. ``ddp_worker.py OUT FOLDER``: an unlabelled image
 folder (which may hold unreadable files), read with the folder loader and 2 DataLoader workers.
@@ -8,12 +8,12 @@ import sys
 
 from tiny import tiny_config, tiny_model, tiny_splits
 
-from plmetric.training import train
+from plmetric.training.loop import train
 
 if __name__ == "__main__":
     if len(sys.argv) > 2:
-        from plmetric.data import load_dataset
-        from plmetric.models import build_transform
+        from plmetric.data.datasets import load_dataset
+        from plmetric.data.backbones import build_transform
 
         cfg = tiny_config(train__epochs=2, train__bank_refresh_every=1, data__num_workers=2)
         # the deterministic transform for training too: random crops would differ between 1 and 2 ranks

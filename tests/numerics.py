@@ -114,7 +114,7 @@ def pearson_error(x: Any, y: Any, dtype: Any = torch.float64) -> float:
 
 
 def stml_similarity_error(t_emb: Any, sigma: float, topk: int) -> np.ndarray:
-    """Bound (n, n) on ``|W - W_exact|`` for STML's similarity (``plmetric.estimators.stml_similarity``
+    """Bound (n, n) on ``|W - W_exact|`` for STML's similarity (``plmetric.evaluation.estimators.stml_similarity``
     or a loop port of the authors' code) of the embeddings ``t_emb``.
 
     ``W_P = exp(-‖t_i - t_j‖² / σ)`` on unit rows ``t``: the rows are off by γ_{d+3}

@@ -20,12 +20,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from plmetric.ann import faiss_available
-from plmetric.checkpoint import save_model
+from plmetric.manifold.ann import faiss_available
+from plmetric.core.checkpoint import save_model
 from plmetric.cli import main
-from plmetric.config import Config, save_config
-from plmetric.models import create_model
-from plmetric.retrieval import load_embeddings, read_index_metadata, save_embeddings
+from plmetric.config.schema import Config, save_config
+from plmetric.data.backbones import create_model
+from plmetric.retrieval.index import load_embeddings, read_index_metadata, save_embeddings
 
 
 def _png_claiming(width: int, height: int) -> bytes:

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from plmetric.config import Config
-from plmetric.data import DatasetSplits, ImageDataset
-from plmetric.models import EmbeddingModel
+from plmetric.config.schema import Config
+from plmetric.data.datasets import DatasetSplits, ImageDataset
+from plmetric.data.backbones import EmbeddingModel
 
 
 def tiny_model(embedding_dim: int = 16, seed: int = 0) -> EmbeddingModel:

@@ -4,7 +4,7 @@ import sys
 
 from tiny import tiny_config, tiny_model, tiny_splits
 
-from plmetric.training import train
+from plmetric.training.loop import train
 
 if __name__ == "__main__":
     cfg = tiny_config(train__epochs=3, train__bank_refresh_every=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from numerics import assert_within, qr_orthonormality
 
-from plmetric.losses import point_loss
+from plmetric.methods.losses import point_loss
 from plmetric.methods.base import StepInputs
 from plmetric.methods.plm import PLMLoss
 
@@ -184,7 +184,7 @@ def test_pair_scope_and_target_space_in_the_objective() -> None:
     with pytest.raises(ValueError, match="group_size"):
         PLMLoss(8, pair_scope="neighbourhood")
     features = clustered(30, 20, 14)
-    from plmetric.manifold import plm_similarity
+    from plmetric.manifold.pieces import plm_similarity
 
     on_features = PLMLoss(8, num_proxies=0, target_space="features")
     terms = on_features(StepInputs((student,), (teacher, features)))
@@ -199,7 +199,7 @@ def test_pair_scope_and_target_space_in_the_objective() -> None:
 def test_the_levers_train(tmp_path, overrides) -> None:
     from tiny import tiny_config, tiny_model, tiny_splits
 
-    from plmetric.training import train
+    from plmetric.training.loop import train
 
     cfg = tiny_config(train__epochs=1, **overrides)
     result = train(cfg, tmp_path, splits=tiny_splits(), model=tiny_model(), progress=False)

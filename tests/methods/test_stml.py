@@ -1,4 +1,4 @@
-"""Tests of plmetric.methods.stml (and its terms in plmetric.losses): STML's loss against loop ports of the
+"""Tests of plmetric.methods.stml (and its terms in plmetric.methods.losses): STML's loss against loop ports of the
 authors' code, gradient routing, the model."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from numerics import (
 )
 from tiny import tiny_model
 
-from plmetric.estimators import stml_similarity
-from plmetric.losses import stml_kl_loss, stml_rc_loss
+from plmetric.evaluation.estimators import stml_similarity
+from plmetric.methods.losses import stml_kl_loss, stml_rc_loss
 from plmetric.methods.stml import STMLLoss, STMLModel
-from plmetric.sampling import ema_update, make_teacher
+from plmetric.training.sampling import ema_update, make_teacher
 
 # ------------------------------------------------------------------------------------------
 # plain loop ports of the authors' RC_STML / KL_STML (github tjddus9597/STML-CVPR22, code/loss.py)

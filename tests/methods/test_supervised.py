@@ -12,7 +12,7 @@ from tiny import tiny_config, tiny_model, tiny_splits
 
 from plmetric.methods.base import StepInputs
 from plmetric.methods.supervised import MultiSimilarityObjective
-from plmetric.training import train
+from plmetric.training.loop import train
 
 
 def test_objective_is_pml_multi_similarity_with_its_miner():
@@ -33,8 +33,7 @@ def test_objective_is_pml_multi_similarity_with_its_miner():
 
 
 def test_supervised_run_trains_on_class_balanced_batches_and_reports_best_and_final(tmp_path, monkeypatch):
-    from plmetric import sampling
-
+    from plmetric.training import sampling
     seen = []
     original = sampling.ClassBalancedBatchSampler.__iter__
 

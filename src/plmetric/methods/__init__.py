@@ -1,9 +1,14 @@
 """Training methods behind one interface (:class:`plmetric.methods.base.Method`), and their registry.
 
-One module per method; adding a method is one new module and one line in :data:`REGISTRY`
-(plus an options dataclass in :mod:`plmetric.options` and its config section, if it has
-options). The config's validation and the command line's ``--method`` choices read the registry.
-Importing this package is cheap: a method's module is imported when it is first used.
+One module per method, each with the loss terms it uses (:mod:`plmetric.methods.losses`); the
+registry :data:`REGISTRY` (name -> ``"module:class"``) is defined beside the methods' options in
+:mod:`plmetric.core.options`, so that the config (a lower layer) can check ``train.method`` without
+importing any method. Adding a method is one new module here and one line in that registry (plus an
+options dataclass and its config section, if it has options). Importing this package is cheap: a
+method's module is imported when it is first used.
+
+May import: :mod:`plmetric.core`, :mod:`plmetric.manifold`, :mod:`plmetric.data`,
+:mod:`plmetric.evaluation`, :mod:`plmetric.config`.
 """
 
 from __future__ import annotations
@@ -11,23 +16,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from plmetric.core.options import METHOD_REGISTRY as REGISTRY
+from plmetric.core.options import method_names
+
 if TYPE_CHECKING:
     from plmetric.methods.base import Method
 
 __all__ = ["REGISTRY", "get_method", "method_names"]
-
-# name -> "module:class". The order is the order of tables and --help.
-REGISTRY: dict[str, str] = {
-    "none": "plmetric.methods.none:NoTraining",
-    "plm": "plmetric.methods.plm:PLMMethod",
-    "stml": "plmetric.methods.stml:STMLMethod",
-    "supervised": "plmetric.methods.supervised:SupervisedMethod",
-}
-
-
-def method_names() -> tuple[str, ...]:
-    """The registered method names."""
-    return tuple(REGISTRY)
 
 
 def get_method(name: str) -> type[Method]:

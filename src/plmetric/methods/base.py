@@ -4,7 +4,7 @@ A :class:`Method` says how it wraps the student network, which outputs ("heads")
 gives, how it builds its :class:`Objective` from the config, how batches are drawn and what the
 memory bank holds. An objective takes one step's :class:`StepInputs` and returns a dict of
 scalar terms with the total under ``"loss"``, as pytorch-metric-learning's losses share one call
-shape. The trainer (:mod:`plmetric.training`) knows nothing else about any method.
+shape. The trainer (:mod:`plmetric.training.loop`) knows nothing else about any method.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from plmetric.config import Config
+    from plmetric.config.schema import Config
 
 __all__ = ["Method", "Objective", "StepInputs"]
 

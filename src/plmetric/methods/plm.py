@@ -1,9 +1,9 @@
 """PLM: Piecewise-Linear Manifolds for Deep Metric Learning (Bhatnagar & Ahuja, CPAL 2024).
 
-The teacher's embeddings of a batch are covered by local linear pieces (:mod:`plmetric.manifold`);
+The teacher's embeddings of a batch are covered by local linear pieces (:mod:`plmetric.manifold.pieces`);
 their point-point and proxy-point similarities are the targets of the student's distances
 (METHOD.md §2-5): ``L = w_point L_point + w_proxy L_proxy + w_neighbourhood L_neighbourhood``
-(the terms in :mod:`plmetric.losses`). Options: :class:`plmetric.options.PLMOptions`, the config's
+(the terms in :mod:`plmetric.methods.losses`). Options: :class:`plmetric.core.options.PLMOptions`, the config's
 ``plm`` section.
 """
 
@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plmetric.distances import pairwise_distances
-from plmetric.losses import neighbourhood_loss, point_loss, proxy_loss, relaxed_contrastive_loss, target_scales
-from plmetric.manifold import Proxies, fit_pieces, point_similarity, proxy_point_similarity
+from plmetric.manifold.distances import pairwise_distances
+from plmetric.methods.losses import neighbourhood_loss, point_loss, proxy_loss, relaxed_contrastive_loss, target_scales
+from plmetric.manifold.pieces import Proxies, fit_pieces, point_similarity, proxy_point_similarity
 from plmetric.methods.base import Method, Objective, StepInputs
-from plmetric.options import PLMOptions, resolve
-from plmetric.validation import check_embeddings
+from plmetric.core.options import PLMOptions, resolve
+from plmetric.core.validation import check_embeddings
 
 __all__ = ["PLMLoss", "PLMMethod"]
 
@@ -39,7 +39,7 @@ class PLMLoss(Objective):
 
     Args:
         dim: embedding dimension d.
-        options: :class:`~plmetric.options.PLMOptions` (pieces, similarities, losses), e.g. the
+        options: :class:`~plmetric.core.options.PLMOptions` (pieces, similarities, losses), e.g. the
             config's ``plm`` section; ``**fields`` override single options (``num_proxies=0``).
         generator: optional ``torch.Generator`` for the proxies' random initialisation.
     """

@@ -6,7 +6,7 @@ A port of the training objective of the authors' public code (github.com/tjddus9
 The student has two linear heads on the same pooled backbone features: the target embedding ``f``
 (evaluated, e.g. 512-d) and an auxiliary, larger head ``g`` (1024-d). The teacher is a momentum (EMA)
 copy of the student; its ``g`` embeddings give soft pair targets ``W`` (the contextualised
-similarity, :func:`plmetric.estimators.stml_similarity`). With ``d̂`` the row-mean-normalised
+similarity, :func:`plmetric.evaluation.estimators.stml_similarity`). With ``d̂`` the row-mean-normalised
 student distances:
 
 * ``L_RC(s) = Σ_{i≠j} [W_ij d̂_ij² + (1 - W_ij) relu(δ - d̂_ij)²] / (B (B - 1))`` (relaxed contrastive);
@@ -33,8 +33,8 @@ Simplifications and differences from the authors' code:
 * Their teacher network has the ``g`` head only; here it is the EMA copy of the whole two-head
   :class:`STMLModel` (the trainer uses its ``f`` for the memory bank).
 
-The loss terms are free functions in :mod:`plmetric.losses` (:func:`~plmetric.losses.stml_rc_loss`,
-:func:`~plmetric.losses.stml_kl_loss`); options: :class:`plmetric.options.STMLOptions`, the config's
+The loss terms are free functions in :mod:`plmetric.methods.losses` (:func:`~plmetric.methods.losses.stml_rc_loss`,
+:func:`~plmetric.methods.losses.stml_kl_loss`); options: :class:`plmetric.core.options.STMLOptions`, the config's
 ``stml`` section.
 """
 
@@ -46,12 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plmetric.estimators import stml_similarity
-from plmetric.losses import stml_kl_loss, stml_rc_loss
+from plmetric.evaluation.estimators import stml_similarity
+from plmetric.methods.losses import stml_kl_loss, stml_rc_loss
 from plmetric.methods.base import Method, Objective, StepInputs
-from plmetric.models import EmbeddingModel
-from plmetric.options import STMLOptions, resolve
-from plmetric.validation import check_bool, check_embeddings, check_int
+from plmetric.data.backbones import EmbeddingModel
+from plmetric.core.options import STMLOptions, resolve
+from plmetric.core.validation import check_bool, check_embeddings, check_int
 
 __all__ = ["STMLLoss", "STMLMethod", "STMLModel"]
 
@@ -60,12 +60,12 @@ class STMLLoss(Objective):
     """STML's objective (``STML_loss`` of the authors' code) on the two student heads.
 
     ``L = ½ (L_RC(f) + L_RC(g)) + weight_kl · L_KL(f, g)``, both RC terms with the same targets
-    ``W = stml_similarity(teacher_g)``; see :func:`~plmetric.losses.stml_rc_loss` and
-    :func:`~plmetric.losses.stml_kl_loss`. Gradient routing: ``teacher_g`` and ``W`` carry none;
+    ``W = stml_similarity(teacher_g)``; see :func:`~plmetric.methods.losses.stml_rc_loss` and
+    :func:`~plmetric.methods.losses.stml_kl_loss`. Gradient routing: ``teacher_g`` and ``W`` carry none;
     ``L_RC`` reaches both student heads, ``L_KL`` the ``f`` head only.
 
     Args:
-        options: :class:`~plmetric.options.STMLOptions` (sigma, delta, topk, query_expansion,
+        options: :class:`~plmetric.core.options.STMLOptions` (sigma, delta, topk, query_expansion,
             weight_kl, normalize_student; ``g_dim`` is the model's), e.g. the config's ``stml``
             section; ``**fields`` override single options.
 
@@ -128,7 +128,7 @@ class STMLLoss(Objective):
 
 
 class STMLModel(nn.Module):
-    """An :class:`~plmetric.models.EmbeddingModel` with STML's auxiliary head ``g``.
+    """An :class:`~plmetric.data.backbones.EmbeddingModel` with STML's auxiliary head ``g``.
 
     ``f(x) = normalize(embedding(p(x)))`` (exactly the wrapped model) and
     ``g(x) = normalize(embedding_g(p(x)))`` with ``p`` the pooled backbone features (average + max

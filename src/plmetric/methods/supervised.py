@@ -3,11 +3,11 @@
 What labels could buy: pytorch-metric-learning's ``MultiSimilarityLoss`` with its
 ``MultiSimilarityMiner`` (Wang, Han, Huang, Dong & Scott, "Multi-Similarity Loss with General Pair
 Weighting for Deep Metric Learning", CVPR 2019) on class-balanced batches (m images of each of
-B/m classes, :class:`plmetric.sampling.ClassBalancedBatchSampler`) of the *train* split's labels.
+B/m classes, :class:`plmetric.training.sampling.ClassBalancedBatchSampler`) of the *train* split's labels.
 The test split's classes stay unseen, so its best epoch (chosen with test labels: an oracle) is
 the ceiling an unsupervised method is measured against, and its final epoch shows how a head fit
 to the training classes transfers. Also a feature for users who have some labels.
-Options: :class:`plmetric.options.SupervisedOptions`, the config's ``supervised`` section.
+Options: :class:`plmetric.core.options.SupervisedOptions`, the config's ``supervised`` section.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from plmetric.methods.base import Method, Objective, StepInputs
-from plmetric.options import SupervisedOptions, resolve
+from plmetric.core.options import SupervisedOptions, resolve
 
 __all__ = ["MultiSimilarityObjective", "SupervisedMethod"]
 
@@ -32,7 +32,7 @@ class MultiSimilarityObjective(Objective):
     margin ε (all pairs when ``miner_epsilon`` is 0).
 
     Args:
-        options: :class:`~plmetric.options.SupervisedOptions`; ``**fields`` override single ones.
+        options: :class:`~plmetric.core.options.SupervisedOptions`; ``**fields`` override single ones.
     """
 
     def __init__(self, options: SupervisedOptions | None = None, **fields: Any) -> None:

@@ -1,0 +1,227 @@
+"""``plmetric index``: a folder of images -> a saved, self-checking nearest-neighbour index (exact, or
+with a faiss index beside it); ``--add-to`` extends an index with the images it lacks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from plmetric.cli.common import (
+    CLIError,
+    add_command,
+    check_output,
+    embed_images,
+    int_at_least,
+    is_index,
+    model_options,
+    positive_int,
+)
+
+_BUILD_OPTIONS = (
+    ("faiss", "--faiss"),
+    ("nlist", "--nlist"),
+    ("hnsw_m", "--hnsw-m"),
+    ("ef_construction", "--ef-construction"),
+)
+
+
+def add_parser(subparsers: Any) -> None:
+    ix = add_command(subparsers, "index", "a folder of images -> a saved, self-checking nearest-neighbour index")
+    ix.add_argument("images", help="folder of images (searched recursively)")
+    model_options(ix)
+    ix.add_argument("--out", default=None, help="output index file (.safetensors); with --add-to: default the same")
+    ix.add_argument(
+        "--add-to",
+        default=None,
+        metavar="INDEX",
+        help="extend this index (atomically, in place unless --out) with the images of the folder that it lacks "
+        "(by absolute path), embedded with the index's own model: a --checkpoint, if given, must be that model",
+    )
+    _index_arguments(ix)
+    ix.set_defaults(func=run, dataset=None, data_root=None, split="train")
+
+
+def _index_arguments(p: argparse.ArgumentParser) -> None:
+    """The faiss options of ``plmetric index`` (defaults from ``plmetric.core.options.IndexOptions``; unset
+    ones are chosen from the number of vectors n by ``plmetric.manifold.ann.plan_index``)."""
+    from plmetric.core.options import INDEX_KINDS, IndexOptions
+    from plmetric.manifold import ann
+
+    group = p.add_argument_group('search index (faiss, optional: pip install "plmetric[faiss]")')
+    group.add_argument(
+        "--faiss",
+        default=None,
+        choices=INDEX_KINDS,
+        help=f"default: {IndexOptions.kind} = exact torch search (no extra file); auto = exact below "
+        f"{ann.AUTO_EXACT_BELOW:,} vectors, else {ann.AUTO_KIND}; flat = faiss exact; ivf, hnsw = faiss approximate "
+        "(a .faiss file beside the index; inner product of the L2-normalised embeddings = their cosine)",
+    )
+    group.add_argument(
+        "--nlist",
+        type=positive_int,
+        default=None,
+        help="IVF cells (default: round(4 sqrt(n)), at most n / 39)",
+    )
+    group.add_argument(
+        "--nprobe",
+        type=positive_int,
+        default=None,
+        help="IVF cells scanned per query (default: ceil(nlist / 16), at least 8); search --nprobe overrides it",
+    )
+    group.add_argument(
+        "--hnsw-m",
+        type=int_at_least(2),
+        default=None,
+        help=f"HNSW links per vector (default: {IndexOptions.hnsw_m})",
+    )
+    group.add_argument(
+        "--ef-construction",
+        type=positive_int,
+        default=None,
+        help="HNSW build beam (default: 80 below 100k vectors, 128 below 1M, else 200)",
+    )
+    group.add_argument(
+        "--ef-search",
+        type=positive_int,
+        default=None,
+        help="HNSW search beam, at least --top-k (default: 64 below 1M vectors, else 128); "
+        "search --ef-search overrides it",
+    )
+
+
+def _index_options(args: argparse.Namespace) -> Any:
+    """The ``IndexOptions`` of ``plmetric index``; an option of another kind than --faiss is an error."""
+    from plmetric.core.options import IndexOptions
+
+    kind = args.faiss or IndexOptions.kind
+    uses = {"nlist": ("ivf",), "nprobe": ("ivf",), "hnsw_m": ("hnsw", "auto"), "ef_construction": ("hnsw", "auto")}
+    uses["ef_search"] = uses["hnsw_m"]
+    for dest, kinds in uses.items():
+        if getattr(args, dest) is not None and kind not in kinds:
+            option = "--" + dest.replace("_", "-")
+            raise CLIError(f"{option} applies to --faiss {' or '.join(kinds)}, not --faiss {kind}")
+    options = IndexOptions(
+        kind=kind,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        hnsw_m=IndexOptions.hnsw_m if args.hnsw_m is None else args.hnsw_m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+    )
+    options.validate("--faiss: ")
+    return options
+
+
+def _faiss_note(plan: Any, faiss_path: Path | None) -> str:
+    """One line on the search structure written beside the index."""
+    if plan is None or faiss_path is None:
+        return "exact search (no faiss index)"
+    params = ", ".join(f"{k} {v}" for k, v in plan.params.items() if k != "trained_on")
+    return f"faiss {plan.kind} index{f' ({params})' if params else ''} in {faiss_path}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from plmetric.data.datasets import load_unlabelled_folder
+    from plmetric.manifold import ann
+    from plmetric.retrieval.index import load_embedding_model, write_index
+
+    if args.add_to:
+        return _index_add(args)
+    if args.out is None:
+        raise CLIError("give --out INDEX.safetensors (the index to write), or --add-to INDEX.safetensors to extend one")
+    # every check on the output and the options comes before the first image is read
+    out = check_output(args.out, "--out", (".safetensors",), (args.checkpoint, args.weights), is_index)
+    options = _index_options(args)
+    dataset = load_unlabelled_folder(args.images).train
+    if ann.plan_index(len(dataset), options) is not None:  # faiss installed, nlist possible
+        try:
+            ann.import_faiss()
+        except ann.FaissUnavailableError as err:
+            raise CLIError(f"--faiss {options.kind}: {err}") from None
+    model, description = load_embedding_model(
+        args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
+    )
+    emb, labels, paths, unreadable, writer = embed_images(args, model, description, dataset)
+    if emb.shape[0] == 0:
+        raise CLIError(f"no image could be read ({unreadable} unreadable): nothing to write to {out}")
+    if not writer:
+        return 0  # torchrun: rank 0 builds and writes the index of the gathered result
+    plan = ann.plan_index(len(paths), options)
+    _, faiss_path = write_index(out, emb, labels, paths, description, plan)
+    skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
+    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{skipped}")
+    print(_faiss_note(plan, faiss_path))
+    return 0
+
+
+def _index_add(args: argparse.Namespace) -> int:
+    """``plmetric index DIR --add-to INDEX``: embed the images of DIR that INDEX lacks, append them."""
+    import torch
+
+    from plmetric.data.datasets import ImageDataset, load_unlabelled_folder
+    from plmetric.retrieval.index import (
+        check_same_model,
+        extend_index,
+        load_embeddings,
+        load_faiss_index,
+        model_from_description,
+        new_images,
+        read_index_metadata,
+    )
+
+    source = Path(args.add_to).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"--add-to: index not found: {source}")
+    meta = read_index_metadata(source)
+    if meta is None:
+        raise ValueError(f"--add-to {source} is not a plmetric index (expected a file written by plmetric index)")
+    kind = (meta.get("ann") or {}).get("kind", "none")
+    for dest, option in _BUILD_OPTIONS:
+        if getattr(args, dest) is not None:
+            raise CLIError(
+                f"{option}: --add-to keeps the index's own kind and structure (--faiss {kind}); "
+                "to change them build a new index with --out"
+            )
+    if (args.nprobe is not None and kind != "ivf") or (args.ef_search is not None and kind != "hnsw"):
+        option = "--nprobe" if args.nprobe is not None else "--ef-search"
+        raise CLIError(f"{option} does not apply to {source}: its index kind is {kind}")
+    recorded = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    inputs = (args.checkpoint, args.weights, recorded.get("checkpoint"), recorded.get("weights"))
+    out = check_output(args.out or source, "--out", (".safetensors",), inputs, is_index)
+    _, _, indexed, description = load_embeddings(source)
+    check_same_model(description, source, args.checkpoint, args.weights)
+    model = model_from_description(description, source)  # the recorded checkpoint, unchanged
+    faiss_index = load_faiss_index(source, meta)  # faiss installed, the .faiss file the right one
+    candidates = load_unlabelled_folder(args.images).train
+    fresh, present = new_images([Path(p) for p in candidates.paths], indexed)
+    in_place = out.resolve() == source.resolve()
+    if not fresh and in_place and args.nprobe is None and args.ef_search is None:
+        print(f"added 0 images to {source} (still {len(indexed):,}); skipped {present:,} already in the index")
+        return 0
+    dataset = ImageDataset(fresh, None, None, candidates.name)
+    if fresh:
+        emb, labels, paths, skipped, writer = embed_images(args, model, description, dataset)
+        if not writer:
+            return 0  # torchrun: rank 0 extends the index with the gathered result
+    else:
+        emb, labels, paths, skipped = torch.empty(0, int(meta["dim"])), torch.empty(0, dtype=torch.long), [], 0
+    unreadable = f"; left out {skipped} unreadable image(s)" if skipped else ""
+    if not paths and in_place and args.nprobe is None and args.ef_search is None:
+        print(
+            f"added 0 images to {source} (still {len(indexed):,}); skipped {present:,} already in the index{unreadable}"
+        )
+        return 0
+    count, faiss_path, plan = extend_index(
+        source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
+    )
+    print(f"added {len(paths):,} images to {out} (now {count:,}); skipped {present:,} already in the index{unreadable}")
+    if plan is not None:
+        print(_faiss_note(plan, faiss_path))
+        trained_on = plan.params.get("trained_on")
+        if trained_on and count > 4 * trained_on:
+            print(
+                f"note: the IVF cells were trained on {trained_on:,} vectors; the index now holds {count:,}: "
+                "rebuilding it (plmetric index --faiss ivf --out ...) would restore the best recall"
+            )
+    return 0

@@ -1,0 +1,191 @@
+"""``plmetric search``: query images -> their top-k most similar images in an index (many queries in
+one process), printed, drawn as PNG grids, and written as JSON/CSV."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from plmetric.cli.common import CLIError, add_command, check_output, image_paths, non_negative_int, positive_int
+
+
+def add_parser(subparsers: Any) -> None:
+    se = add_command(
+        subparsers, "search", "images -> their top-k most similar images in an index (many queries in one process)"
+    )
+    se.add_argument("query", nargs="*", help="query image files or folders (searched recursively)")
+    se.add_argument("--queries-file", default=None, help="a text file of query paths, one per line")
+    se.add_argument("--index", required=True, help="index written by 'plmetric index'")
+    se.add_argument("--top-k", type=positive_int, default=8, help="number of results per query")
+    se.add_argument("--out", default=None, help="one query: PNG grid of the results (default: QUERY_results.png)")
+    se.add_argument("--out-dir", default=None, help="a PNG grid per query, QUERY_results.png, in this folder")
+    se.add_argument("--json", default=None, help="write every query's results (rank, path, score) as JSON")
+    se.add_argument("--csv", default=None, help="write every query's results as CSV: query,rank,path,score")
+    se.add_argument("--batch-size", type=positive_int, default=64, help="query images per forward pass")
+    se.add_argument("--num-workers", type=non_negative_int, default=0, help="decoding workers for many queries")
+    se.add_argument("--exact", action="store_true", help="exact torch search even when the index has a faiss index")
+    se.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells to scan (default: the index's own)")
+    se.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search beam (default: the index's own)")
+    se.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from plmetric.data.backbones import build_transform
+    from plmetric.retrieval.index import draw_results, load_embeddings, load_faiss_index, model_from_description, search
+
+    if not Path(args.index).is_file():  # the index first: without it no query matters
+        raise FileNotFoundError(f"index/embeddings file not found: {args.index}")
+    queries = _query_paths(args)
+    grids, json_out, csv_out = _search_outputs(args, queries)
+    database, _, paths, description = load_embeddings(args.index)
+    faiss_index = None if args.exact else load_faiss_index(args.index)  # faiss there, the .faiss file its own
+    indexed = {Path(p).resolve() for p in paths}
+    for out in (*grids, json_out, csv_out):
+        if out is not None and out.expanduser().resolve() in indexed:
+            raise CLIError(f"{out} is an image of the index; writing it would destroy it")
+    transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
+    model = model_from_description(description, args.index)
+    embeddings, found = _embed_queries(args, queries, model, transform)
+    if embeddings.shape[1] != database.shape[1]:
+        raise ValueError(
+            f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.shape[1]}"
+        )
+    scores, indices = search(
+        args.index, embeddings, args.top_k, database, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
+    )
+    report, rows, moved, shown = [], [], 0, 0
+    for row, q in enumerate(found):
+        hit = indices[row] >= 0  # an approximate index may find fewer than --top-k
+        results = [paths[i] for i in indices[row][hit].tolist()]
+        values = scores[row][hit].tolist()
+        shown += len(results)
+        missing = [not Path(p).is_file() for p in results]
+        moved += sum(missing)
+        if len(found) > 1:
+            print(f"query {queries[q]}")
+        for rank_, (p, value, gone) in enumerate(zip(results, values, missing, strict=True), start=1):
+            print(f"{rank_:3d}  {value:.4f}  {p}{'  (missing: moved or deleted since indexing)' if gone else ''}")
+            rows.append((str(queries[q]), rank_, p, value))
+        report.append(
+            {
+                "query": str(queries[q].resolve()),
+                "results": [
+                    {"rank": r, "path": p, "score": v, "missing": g}
+                    for r, (p, v, g) in enumerate(zip(results, values, missing, strict=True), start=1)
+                ],
+            }
+        )
+        if grids[q] is not None:
+            draw_results(str(queries[q]), results, values, grids[q])
+    if moved:
+        print(
+            f"plmetric: warning: {moved} of {shown} results no longer exist where {args.index} "
+            "recorded them: the images moved or were deleted since the index was built; rebuild it",
+            file=sys.stderr,
+        )
+    read = set(found)
+    unreadable = [str(query) for q, query in enumerate(queries) if q not in read]
+    _write_search_tables(args, json_out, csv_out, report, rows, unreadable)
+    written = [str(g) for g in grids if g is not None] + [str(o) for o in (json_out, csv_out) if o is not None]
+    if written:
+        print(f"wrote {', '.join(written) if len(written) <= 3 else f'{len(written)} files'}")
+    elif len(queries) > 1:
+        print("no grids drawn: give --out-dir DIR for one grid per query")
+    return 0
+
+
+def _query_paths(args: argparse.Namespace) -> list[Path]:
+    """The query images: files, folders (searched recursively) and the lines of ``--queries-file``."""
+    return image_paths(args.query, args.queries_file, "query", "--queries-file")
+
+
+def _grid_names(queries: list[Path], out_dir: Path) -> list[Path]:
+    """``<stem>_results.png`` in ``out_dir`` for every query; repeated stems get a counter."""
+    names, used = [], set()
+    for n, query in enumerate(queries):
+        name = f"{query.stem}_results.png"
+        if name in used:
+            name = f"{query.stem}_{n}_results.png"
+        used.add(name)
+        names.append(out_dir / name)
+    return names
+
+
+def _search_outputs(
+    args: argparse.Namespace, queries: list[Path]
+) -> tuple[list[Path | None], Path | None, Path | None]:
+    """``search``'s outputs, checked before any work: a grid per query (``--out`` for one query,
+    ``--out-dir`` for several, None where none is drawn), ``--json`` and ``--csv``."""
+    inputs = [args.index, args.queries_file, *queries]
+    if args.out and len(queries) > 1:
+        raise CLIError("--out names one grid: with several queries give --out-dir DIR (a grid per query)")
+    grids: list[Path | None] = [None] * len(queries)
+    if len(queries) == 1 and not args.out_dir:
+        out = Path(args.out) if args.out else Path(f"{queries[0].stem}_results.png")
+        grids = [check_output(out, "--out", (".png",), inputs)]
+    elif args.out_dir:
+        out_dir = Path(args.out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CLIError(f"--out-dir {out_dir} is a file; expected a folder for the grids")
+        grids = [check_output(g, "--out-dir", (".png",), inputs) for g in _grid_names(queries, out_dir)]
+    json_out = check_output(args.json, "--json", (".json",), inputs) if args.json else None
+    csv_out = check_output(args.csv, "--csv", (".csv",), inputs) if args.csv else None
+    return grids, json_out, csv_out
+
+
+def _write_search_tables(
+    args: argparse.Namespace,
+    json_out: Path | None,
+    csv_out: Path | None,
+    report: list[dict[str, Any]],
+    rows: list[tuple[str, int, str, float]],
+    unreadable: list[str],
+) -> None:
+    """Write ``--json`` (every query's ranked results) and ``--csv`` (query, rank, path, score)."""
+    from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_json
+
+    if json_out is not None:
+        atomic_write_json(
+            json_out,
+            {
+                "index": str(Path(args.index).resolve()),
+                "top_k": args.top_k,
+                "queries": report,
+                "unreadable_queries": unreadable,
+            },
+        )
+    if csv_out is not None:
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["query", "rank", "path", "score"])
+        writer.writerows(rows)
+        atomic_write_bytes(csv_out, buffer.getvalue().encode())
+
+
+def _embed_queries(
+    args: argparse.Namespace, queries: list[Path], model: Any, transform: Callable
+) -> tuple[Any, list[int]]:
+    """The query embeddings and the positions of the queries they belong to. One query: any
+    unreadable or oversized file is an error; several: unreadable ones are left out."""
+    import torch
+
+    from plmetric.data.datasets import ImageDataset
+    from plmetric.evaluation.metrics import embed_dataset
+    from plmetric.retrieval.index import read_query_image
+
+    if len(queries) == 1:
+        with torch.no_grad():
+            return model.eval()(read_query_image(queries[0], transform).unsqueeze(0)), [0]
+    dataset = ImageDataset(queries, None, transform, "queries")
+    embeddings, _, index = embed_dataset(
+        model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=False
+    )
+    if index.numel() == 0:
+        raise ValueError(f"none of the {len(queries)} query images could be read")
+    return embeddings, index.tolist()

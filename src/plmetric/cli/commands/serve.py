@@ -1,0 +1,42 @@
+"""``plmetric serve``: a local web page to browse an index (its model loaded once, at start-up)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from plmetric.cli.common import CLIError, add_command, positive_int
+
+
+def add_parser(subparsers: Any) -> None:
+    sv = add_command(
+        subparsers, "serve", "a local web page to browse an index: pick or upload a query image, click to search on"
+    )
+    sv.add_argument("index", help="index written by 'plmetric index' (its model is loaded once, at start-up)")
+    sv.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (other than localhost: other machines see the images)"
+    )
+    sv.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
+    sv.add_argument("--top-k", type=positive_int, default=12, help="number of results per query")
+    sv.set_defaults(func=run)
+
+
+def port(text: str) -> int:
+    """An argparse type: a TCP port number, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number from 1 to 65535, got '{text}'") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number from 1 to 65535, got {value}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from plmetric.retrieval.serve import ServeDependencyError, serve
+
+    try:
+        serve(args.index, host=args.host, port=args.port, top_k=args.top_k)
+    except ServeDependencyError as err:
+        raise CLIError(str(err)) from None
+    return 0

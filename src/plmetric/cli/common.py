@@ -1,0 +1,223 @@
+"""What several commands share: the user-facing error, the argument parser and help formatter, the
+integer option types, the output-file check, the model options of ``embed``/``index``, the
+config help, the before/after table of ``train``/``demo``, and turning images into embeddings.
+
+Only the standard library is imported at module level: the library modules (and torch) are imported
+inside the functions that need them, so that ``plmetric --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+DATASET_CHOICES = ["cub200", "cars196", "sop", "folder", "digits"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (exit status 2), naming the option."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (unless it is None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_command(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A sub-parser for the command ``name``: its one-line help is also its description."""
+    return subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (the error names what was expected)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def default_workers() -> int:
+    """The default number of decoding workers: up to 4, no more than the CPUs."""
+    return min(4, os.cpu_count() or 1)
+
+
+def config_help(default: str) -> str:
+    """The help of ``--config``: a preset name (listed) or a YAML file."""
+    from plmetric.config import preset_names  # importlib.resources: no file is read
+
+    return f"a preset ({', '.join(preset_names())}) or a YAML file (default: {default})"
+
+
+def check_output(
+    path: str | os.PathLike,
+    option: str,
+    suffixes: Sequence[str],
+    inputs: Sequence[str | os.PathLike | None] = (),
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Check an output file before any work: its suffix, that it is none of the command's inputs,
+    and (with ``replaceable``) that an existing file there is one this command may replace.
+
+    Raises:
+        CLIError: naming ``option``.
+    """
+    out = Path(path).expanduser()
+    if out.suffix.lower() not in suffixes:
+        raise CLIError(f"{option} {path}: expected a file name ending in {' or '.join(suffixes)}")
+    if out.is_dir():
+        raise CLIError(f"{option} {path} is a folder; expected a file name ending in {' or '.join(suffixes)}")
+    resolved = out.resolve()
+    for item in inputs:
+        if item is not None and Path(item).expanduser().resolve() == resolved:
+            raise CLIError(f"{option} {path} is also an input of this command; writing it would destroy it")
+    if out.exists() and replaceable is not None and not replaceable(out):
+        raise CLIError(f"{option} {path} exists and is not a file this command writes; choose another {option}")
+    return out
+
+
+def is_index(path: Path) -> bool:
+    """True for a file written by ``plmetric index`` (or ``embed --out X.safetensors``)."""
+    from plmetric.retrieval.index import read_index_metadata
+
+    return read_index_metadata(path) is not None
+
+
+def model_options(p: argparse.ArgumentParser) -> None:
+    """The embedding model and embedding-pass options of ``embed`` and ``index``."""
+    p.add_argument("--checkpoint", default=None, help="a .safetensors model written by 'plmetric train'")
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="pretrained backbone when no checkpoint is given: efficientnet_lite0, googlenet or resnet50",
+    )
+    p.add_argument("--weights", default=None, help="local backbone weights file (.safetensors/.pth) for --backbone")
+    p.add_argument(
+        "--embedding-dim",
+        type=non_negative_int,
+        default=0,
+        help="0 = the backbone's pooled features (the only choice without --checkpoint)",
+    )
+    p.add_argument("--image-size", type=positive_int, default=224, help="input side (a checkpoint's own wins)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
+    p.add_argument("--num-workers", type=non_negative_int, default=default_workers(), help="decoding workers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def print_before_after(start, final, best, best_epoch) -> None:  # noqa: ANN001
+    """The Recall@K table of a run: the untrained start, the last epoch and the best one."""
+    if start is None:
+        print("no labelled test split: evaluation skipped")
+        return
+    if final is None:
+        print("stopped before the last epoch: continue with --resume")
+        return
+    keys = [k for k in start if k.startswith("recall@")]
+    print("            " + "  ".join(f"{k:>9}" for k in keys))
+    for name, metrics in (("start", start), ("final", final), (f"best (ep {best_epoch})", best)):
+        print(f"{name:<12}" + "  ".join(f"{100 * metrics[k]:9.2f}" for k in keys))
+
+
+def image_paths(
+    items: Sequence[str], listing: str | None, what: str, listing_option: str = "--paths-file"
+) -> list[Path]:
+    """Image files from ``items`` (files, or folders searched recursively) and the lines of the text
+    file ``listing`` (one path per line; blank lines and ``#`` comments skipped), in that order."""
+    from plmetric.data.datasets import IMAGE_EXTENSIONS, find_images
+
+    entries = [Path(item) for item in items]
+    if listing:
+        listing_path = Path(listing)
+        if not listing_path.is_file():
+            raise FileNotFoundError(f"{listing_option} not found: {listing_path}")
+        try:
+            lines = listing_path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{listing_option} {listing_path}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
+        entries += [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    paths: list[Path] = []
+    for item in entries:
+        if item.is_dir():
+            found = find_images(item)
+            if not found:
+                raise ValueError(
+                    f"{what} folder {item} holds no images (extensions {' '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"{what} image not found: {item}")
+    if not paths:
+        raise CLIError(f"give at least one {what} image, folder or {listing_option}")
+    return paths
+
+
+def embed_images(args: argparse.Namespace, model: Any, description: dict[str, Any], dataset: Any):
+    """Embed every readable image of ``dataset`` the way ``description`` says: (embeddings, labels,
+    paths, unreadable count, whether this process writes the output).
+
+    Under torchrun (``WORLD_SIZE`` > 1) the images are sharded over the ranks (rank r takes items
+    r, r + W, ...), embedded, and gathered in data set order (gloo on the CPU, NCCL on GPUs): every
+    rank gets the whole result, and only rank 0 writes."""
+    from plmetric.core import distributed as dist_utils
+    from plmetric.core.devices import resolve_device
+    from plmetric.data.backbones import build_transform
+    from plmetric.evaluation.metrics import embed_dataset
+    from plmetric.training.passes import embed_distributed
+
+    dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
+    device = resolve_device(args.device)
+    started = dist_utils.init_from_env(str(device))
+    try:
+        model.to(device)
+        if dist_utils.world_size() > 1:
+            emb, labels, index = embed_distributed(
+                model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, device=device
+            )
+        else:
+            emb, labels, index = embed_dataset(
+                model,
+                dataset,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                device=device,
+                progress=not args.no_progress,
+            )
+        writer = dist_utils.is_main_process()
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    paths = [dataset.describe(i) if dataset.paths is not None else f"item:{i}" for i in index.tolist()]
+    return emb, labels, paths, len(dataset) - len(paths), writer

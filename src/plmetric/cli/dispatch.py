@@ -1,0 +1,108 @@
+"""The ``plmetric`` entry point: :func:`build_parser` asks each command module to add its sub-parser,
+and :func:`main` parses the command line and runs the command, turning known errors into one line
+on stderr and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from plmetric.cli.commands import demo, embed, export, index, search, serve, similarity_study, train
+from plmetric.cli.commands import eval as evaluate
+from plmetric.cli.common import CLIError, HelpFormatter, OneLineArgumentParser
+
+COMMANDS = (evaluate, train, embed, index, search, export, serve, demo, similarity_study)  # in --help order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with all subcommands."""
+    from plmetric import __version__
+
+    parser = OneLineArgumentParser(
+        prog="plmetric",
+        description="Unsupervised deep metric learning with piecewise-linear manifolds.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"plmetric {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """Warnings as one line naming what happened (not the library line that warned)."""
+    return f"plmetric: warning: {message}\n"
+
+
+def error_line(err: BaseException) -> str:
+    """The one-line form of a user-facing error (first line of the message, a layout hint)."""
+    text = str(err).strip()
+    if isinstance(err, KeyError | OSError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        text = err.args[0]  # KeyError's str() adds quotes; OSError(str) is fine either way
+    line = text.splitlines()[0] if text else type(err).__name__
+    hint = getattr(err, "layout_hint", None)
+    return f"{line} (expected layout: {hint})" if hint else line
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are bad input (exit status 2), not a bug."""
+    import yaml
+    from PIL import Image
+
+    from plmetric.data.backbones import WeightsUnavailableError
+    from plmetric.retrieval.export import ExportDependencyError
+    from plmetric.training.loop import NonFiniteLossError
+
+    return (
+        CLIError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        ValueError,
+        yaml.YAMLError,
+        Image.DecompressionBombError,
+        WeightsUnavailableError,
+        NonFiniteLossError,
+        ExportDependencyError,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``plmetric`` console script.
+
+    Exit status: 0 done; 2 bad input (one line on stderr naming the file or option and what was
+    expected, no traceback, nothing existing overwritten); 1 an internal error (one line; run with
+    ``--debug`` or ``PLMETRIC_DEBUG=1`` for the traceback); 130 interrupted.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # usage errors (2) and --help/--version (0), also when called in-process
+        return int(done.code or 0)
+    debug = args.debug or bool(os.environ.get("PLMETRIC_DEBUG"))
+    if not debug:
+        warnings.formatwarning = one_line_warning  # DataLoader workers forked later inherit it
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("plmetric: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, known_errors()):
+            print(f"plmetric: error: {error_line(err)}", file=sys.stderr)
+            return 2
+        print(
+            f"plmetric: internal error: {type(err).__name__}: {error_line(err)} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1

@@ -1,0 +1,302 @@
+"""Typed run configuration: dataclasses, YAML presets and files, and ``key=value`` overrides.
+
+Keys are dotted (``plm.n_alpha``, ``train.epochs``). An unknown key is an error that lists the
+valid ones; values are converted to the field's type. The presets (the recipes ``cub200``, ``cars196``,
+``sop``, ``plankton106``, METHOD.md's literal defaults ``cub200_paper``, the demo's and the folder's)
+ship inside the package (``plmetric/config/presets/*.yaml``) and are read with :mod:`importlib.resources`,
+so they work from a wheel as from a checkout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from plmetric.core.options import PLMOptions, STMLOptions, SupervisedOptions, method_names
+from plmetric.core.validation import check_choice, check_int, check_number
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    dataset: str = "cub200"  # cub200, cars196, sop, folder, images, digits
+    root: str | None = None
+    image_size: int = 224
+    crop_scale_min: float = 0.16  # RandomResizedCrop scale (min, 1)
+    num_workers: int = 4
+    # training input: pil (decode + augment per item in DataLoader workers), cached (decode once into a
+    # uint8 cache, augment on the device: plmetric.data.pipeline) or auto (cached on CUDA, pil on the CPU)
+    pipeline: str = "auto"
+    cache_size: int | None = None  # shorter side of cached images (default round(image_size * 256 / 224))
+    cache_max_bytes: str | None = None  # size guard, e.g. "16G" (default $PLMETRIC_CACHE_MAX_BYTES or 8 GiB)
+    cache_path: str | None = None  # a .npy file to memory-map (shared by ranks, reused across runs)
+
+
+@dataclass
+class ModelConfig:
+    """The student network (the teacher is its moving average)."""
+
+    backbone: str = "efficientnet_lite0"
+    embedding_dim: int = 512
+    pretrained: bool = True
+    weights: str | None = None  # local backbone weights instead of a download
+    embedding_init: str = "orthogonal"  # orthogonal or pca (PCA of the pretrained pooled features)
+    freeze_bn: bool = True  # keep BatchNorm statistics fixed (batches of neighbours are not i.i.d.)
+    frozen_stages: int = 0  # freeze the first N backbone stages (training.backbone_stages)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, sampling and bookkeeping (METHOD.md §1, §6)."""
+
+    method: str = "plm"  # a name of plmetric.methods.REGISTRY: none, plm, stml, supervised
+    epochs: int = 90
+    batch_size: int = 120
+    neighbours_per_seed: int = 5  # k: each seed image brings its k-1 nearest neighbours
+    momentum: float = 0.999
+    lr_backbone: float = 1e-4
+    lr_embedding: float = 1e-3
+    lr_proxies: float = 1e-2
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    head_warmup_epochs: float = 0.0  # the backbone's learning rate stays 0 for these first epochs
+    grad_clip: float | None = None
+    bank_refresh_every: int = 5  # full re-embedding of the training set every N epochs
+    eval_every: int = 1
+    eval_batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = True  # autocast on CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the student's and the teacher's forward
+    max_steps_per_epoch: int | None = None  # for quick runs and tests
+    teacher_view: str = "same"  # teacher input: same (the student crop), clean (eval transform), other (a 2nd crop)
+    keep: str = "student"  # the network evaluated and saved: student, or teacher (its moving average)
+    # label-free model selection (plmetric.evaluation.selection): the rule that picks the epoch kept as
+    # selected.safetensors, from a fixed subset of the unlabelled training images
+    select: str = "mutual_knn"  # final, or a criterion of plmetric.evaluation.selection.CRITERIA (maximised)
+    select_images: int = 1000  # training images the criteria are computed on
+    select_k: int = 10  # neighbours of the criteria's k-NN graphs
+
+
+@dataclass
+class Config:
+    """One training run: the data, the network, each method's options and the optimisation."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    plm: PLMOptions = field(default_factory=PLMOptions)
+    stml: STMLOptions = field(default_factory=STMLOptions)
+    supervised: SupervisedOptions = field(default_factory=SupervisedOptions)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (JSON/YAML-serialisable)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that cannot work, before any work starts."""
+        from plmetric.data.datasets import DATASET_NAMES
+        from plmetric.data.backbones import BACKBONE_NAMES
+
+        t, p, mdl, d = self.train, self.plm, self.model, self.data
+        check_choice("data.dataset", d.dataset, DATASET_NAMES)
+        check_choice("model.backbone", mdl.backbone, BACKBONE_NAMES)
+        check_int("data.image_size", d.image_size, 8)
+        check_number("data.crop_scale_min", d.crop_scale_min, strict=True)
+        if d.crop_scale_min > 1:
+            raise ValueError(f"data.crop_scale_min must lie in (0, 1], got {d.crop_scale_min}")
+        check_int("data.num_workers", d.num_workers, 0)
+        check_choice("data.pipeline", d.pipeline, ("auto", "pil", "cached"))
+        if t.batch_size % t.neighbours_per_seed:
+            raise ValueError(
+                f"train.batch_size ({t.batch_size}) must be divisible by train.neighbours_per_seed "
+                f"({t.neighbours_per_seed})"
+            )
+        if mdl.embedding_dim < 0:
+            raise ValueError(f"model.embedding_dim must be >= 0, got {mdl.embedding_dim}")
+        if 0 < mdl.embedding_dim <= p.m:
+            raise ValueError(f"model.embedding_dim ({mdl.embedding_dim}) must exceed plm.m ({p.m})")
+        check_choice("model.embedding_init", mdl.embedding_init, ("orthogonal", "pca"))
+        check_int("model.frozen_stages", mdl.frozen_stages, 0)
+        self.plm.validate(where="plm.")
+        self.stml.validate(where="stml.")
+        self.supervised.validate(where="supervised.")
+        check_choice("train.method", t.method, method_names())
+        if not 0.0 <= t.momentum <= 1.0:
+            raise ValueError(f"train.momentum must lie in [0, 1], got {t.momentum}")
+        if t.head_warmup_epochs < 0 or t.warmup_epochs < 0:
+            raise ValueError(
+                f"train.warmup_epochs ({t.warmup_epochs}) and train.head_warmup_epochs ({t.head_warmup_epochs}) "
+                "must be >= 0"
+            )
+        check_choice("train.teacher_view", t.teacher_view, ("same", "clean", "other"))
+        check_choice("train.keep", t.keep, ("student", "teacher"))
+        from plmetric.evaluation.selection import SELECTION_RULES
+
+        check_choice("train.select", t.select, SELECTION_RULES)
+        check_int("train.select_images", t.select_images, 3)
+        check_int("train.select_k", t.select_k, 1)
+        for name in ("epochs", "batch_size", "neighbours_per_seed", "eval_every", "bank_refresh_every"):
+            check_int(f"train.{name}", getattr(t, name), 1)
+        if t.method == "supervised" and t.batch_size % self.supervised.per_class:
+            raise ValueError(
+                f"train.batch_size ({t.batch_size}) must be divisible by supervised.per_class "
+                f"({self.supervised.per_class})"
+            )
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    """All dotted keys a config accepts."""
+    cfg = cfg or Config()
+    return [
+        f"{sec.name}.{f.name}" for sec in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, sec.name))
+    ]
+
+
+def _convert(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's annotated type."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""})
+        if is_none and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "yes", "1", "on", "false", "no", "0", "off"}:
+            return value.lower() in {"true", "yes", "1", "on"}
+        raise ValueError(f"{key}: expected true or false, got '{value}'")
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ValueError(f"{key}: expected {annotation.__name__}, got '{value}'")
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected {annotation.__name__}, got '{value}'") from None
+    return value
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key, converting the value; unknown keys list the valid ones."""
+    section, _, name = key.partition(".")
+    sec = getattr(cfg, section, None) if section in {f.name for f in dataclasses.fields(cfg)} else None
+    fields = {f.name: f for f in dataclasses.fields(sec)} if sec is not None else {}
+    if name not in fields:
+        import difflib
+
+        keys = valid_keys(cfg)
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"unknown config key '{key}'; {hint}valid keys: {', '.join(keys)}")
+    setattr(sec, name, _convert(value, typing.get_type_hints(type(sec))[name], key))
+
+
+def from_dict(data: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
+    """Build a config from a nested dict (as read from YAML) over ``base`` or the defaults."""
+    cfg = base or Config()
+    if not isinstance(data, dict):
+        sections = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ValueError(f"{source}: expected a mapping of sections ({sections})")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{source}: section '{section}' must be a mapping; valid keys: {', '.join(valid_keys(cfg))}"
+            )
+        for name, value in values.items():
+            set_value(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+PRESET_SUFFIX = ".yaml"
+
+
+def preset_names() -> tuple[str, ...]:
+    """The names of the presets shipped in ``plmetric/config/presets/`` (sorted)."""
+    folder = importlib.resources.files(__package__) / "presets"
+    return tuple(sorted(p.name[: -len(PRESET_SUFFIX)] for p in folder.iterdir() if p.name.endswith(PRESET_SUFFIX)))
+
+
+def is_preset_name(value: str | os.PathLike) -> bool:
+    """True for a bare name (no folder, no ``.yaml``/``.yml``): ``--config cub200`` names a preset."""
+    text = os.fspath(value)
+    return bool(text) and os.sep not in text and "/" not in text and not text.endswith((".yaml", ".yml"))
+
+
+def read_config_source(source: str | os.PathLike) -> tuple[str, str]:
+    """The YAML text of a preset name or a config file, and how to name it in messages.
+
+    A bare name (:func:`is_preset_name`) is a preset; if no preset has that name, an existing file of
+    that name is read; anything else is a file path.
+
+    Raises:
+        FileNotFoundError: neither a preset nor a file (the message lists the presets).
+        ValueError: the file is not UTF-8 text.
+    """
+    if is_preset_name(source):
+        name = os.fspath(source)
+        if name in preset_names():
+            resource = importlib.resources.files(__package__) / "presets" / f"{name}{PRESET_SUFFIX}"
+            return resource.read_text(encoding="utf-8"), f"preset {name}"
+        if not Path(name).is_file():
+            raise FileNotFoundError(
+                f"config '{name}' is neither a preset ({', '.join(preset_names())}) nor a file"
+            )
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def load_config(source: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a preset (by name, e.g. ``"cub200"``) or a YAML file, or start from the defaults; then
+    apply ``key=value`` overrides and check the result."""
+    cfg = Config()
+    if source is not None:
+        text, where = read_config_source(source)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {where}: not valid YAML ({_yaml_problem(err)})") from None
+        cfg = from_dict(data or {}, cfg, source=where)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set '{item}' must look like key=value (e.g. train.epochs=30)")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set '{item}': the value is not valid YAML ({_yaml_problem(err)})") from None
+        set_value(cfg, key.strip(), parsed)
+    cfg.validate()
+    return cfg
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a YAML error: the problem and its line/column."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from plmetric.core.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

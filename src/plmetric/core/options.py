@@ -1,0 +1,253 @@
+"""Typed option objects, each defined once with its defaults and its checks.
+
+The config holds them (its ``plm``, ``stml`` and ``supervised`` sections *are* these classes), and
+the functions that use them take them whole: ``fit_pieces(x, cfg.plm)`` reads the
+:class:`PieceOptions` fields of the ``plm`` section, ``point_similarity(pieces, cfg.plm)`` its
+:class:`SimilarityOptions` fields. Keyword arguments override single fields
+(``fit_pieces(x, tau=1.0)``) through :func:`resolve`, which checks them.
+
+``[choice]`` marks our choices where METHOD.md's paper is silent (METHOD.md lists them).
+It also holds the registry of training methods by name (:data:`METHOD_REGISTRY`).
+Importing this module is cheap (no torch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from plmetric.core.validation import check_bool, check_choice, check_int, check_number
+
+__all__ = [
+    "METHOD_REGISTRY",
+    "DELTA_MODES",
+    "INDEX_KINDS",
+    "LOSS_FORMS",
+    "PAIR_SCOPES",
+    "SYMMETRIZE_RULES",
+    "TARGET_SPACES",
+    "IndexOptions",
+    "ManifoldOptions",
+    "PLMLossOptions",
+    "method_names",
+    "PLMOptions",
+    "PieceOptions",
+    "STMLOptions",
+    "SimilarityOptions",
+    "SupervisedOptions",
+    "resolve",
+]
+
+SYMMETRIZE_RULES = ("mean", "min", "max")
+DELTA_MODES = ("fixed", "batch", "teacher")
+LOSS_FORMS = ("regression", "contrastive")
+TARGET_SPACES = ("embedding", "features")
+PAIR_SCOPES = ("batch", "neighbourhood")
+#: ``none``: exact torch search; ``auto``: exact below ``plmetric.manifold.ann.AUTO_EXACT_BELOW`` vectors,
+#: else ``plmetric.manifold.ann.AUTO_KIND``; ``flat``, ``ivf``, ``hnsw``: that faiss index.
+INDEX_KINDS = ("none", "auto", "flat", "ivf", "hnsw")
+
+Options = TypeVar("Options")
+
+
+def resolve(cls: type[Options], options: Any = None, **fields: Any) -> Options:
+    """An instance of ``cls`` from ``options`` (an instance of ``cls`` or of a class that holds all
+    its fields, e.g. the config's ``plm`` section) with ``fields`` overriding single values; checked.
+
+    Raises:
+        TypeError: a field ``cls`` does not have.
+        ValueError: a value out of range (the message names the field).
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no option {', '.join(unknown)}; its options: {', '.join(names)}")
+    if options is None and not fields:
+        return cls()
+    base = {} if options is None else {name: getattr(options, name) for name in names}
+    resolved = cls(**{**base, **fields})
+    resolved.validate()
+    return resolved
+
+
+@dataclass
+class PieceOptions:
+    """How the local linear pieces are fitted (METHOD.md §2, slides 5 and 8): :func:`plmetric.manifold.pieces.fit_pieces`."""
+
+    m: int = 2  # dimension of the pieces [choice: 2]
+    tau: float = 0.5  # error threshold, relative to the median nearest-neighbour distance [choice: 0.5]
+    n_max: int = 10  # most points in a piece, the anchor included [choice: 2k = 10]
+    min_points: int | None = None  # fewest points in a piece, the anchor included (default m + 1)
+    subset_selection: bool = True  # greedy growth with the threshold (the paper) or plain k-NN + PCA
+    k_plain: int = 5  # neighbours besides the anchor without subset selection (ablation, slide 15)
+
+    def validate(self, where: str = "") -> None:
+        """Raise ValueError for an option out of range."""
+        check_int("m", self.m, 1, where=where)
+        if self.min_points is not None:
+            check_int("min_points", self.min_points, self.m + 1, where=where)
+        check_number("tau", self.tau, where=where)
+        check_int("n_max", self.n_max, self.minimum_points, where=where)
+        check_int("k_plain", self.k_plain, self.m, where=where)
+        check_bool("subset_selection", self.subset_selection, where=where)
+
+    @property
+    def minimum_points(self) -> int:
+        """The fewest points in a piece: ``min_points``, or ``m + 1`` when it is None."""
+        return self.m + 1 if self.min_points is None else self.min_points
+
+
+@dataclass
+class SimilarityOptions:
+    """How point and proxy similarities are computed from pieces (METHOD.md §3-4, slide 9)."""
+
+    n_alpha: float = 5.0  # decay exponent orthogonal to the piece [choice: 5]
+    n_beta: float = 0.5  # decay exponent along the piece [choice: 0.5]
+    symmetrize: str = "mean"  # s = mean | min | max (s'(a, b), s'(b, a)) [choice: mean]
+    binary: bool = False  # piece membership instead of the graded similarity (ablation, slide 15)
+
+    def validate(self, where: str = "") -> None:
+        """Raise ValueError for an option out of range."""
+        check_number("n_alpha", self.n_alpha, where=where)
+        check_number("n_beta", self.n_beta, where=where)
+        check_choice("symmetrize", self.symmetrize, SYMMETRIZE_RULES, where=where)
+        check_bool("binary", self.binary, where=where)
+
+
+@dataclass
+class ManifoldOptions(SimilarityOptions, PieceOptions):
+    """Pieces and similarities together: the whole PLM similarity estimate
+    (:func:`plmetric.manifold.pieces.plm_similarity`)."""
+
+    def validate(self, where: str = "") -> None:
+        PieceOptions.validate(self, where)
+        SimilarityOptions.validate(self, where)
+
+
+@dataclass
+class PLMLossOptions:
+    """The PLM losses and their proxies (METHOD.md §4-5, slide 11)."""
+
+    num_proxies: int = 300  # N_ρ [choice: 300]; 0 disables the proxies (ablation)
+    delta: float = 1.0  # δ, the distance that similarity 0 maps to [choice: 1]
+    delta_mode: str = "fixed"  # fixed (the paper), batch (mean target = mean distance), teacher (per pair)
+    loss_form: str = "regression"  # regression (the paper: d -> δ(1 - s)) or contrastive (STML's form, W = s)
+    normalize_rows: bool = False  # regression on row-normalised student distances (as STML)
+    proxy_neighbours: int = 5  # n most similar batch points that L_neighbourhood pulls each proxy to
+    # where the point targets' manifold is built: the teacher's embedding (the paper) or its pooled
+    # backbone features (L2-normalised, before the embedding layer)
+    target_space: str = "embedding"
+    # which pairs L_point regresses: every pair of the batch (the paper), or the pairs inside each
+    # sampled neighbourhood, the others only pushed apart when closer than their target
+    pair_scope: str = "batch"
+    weight_point: float = 1.0
+    weight_proxy: float = 1.0
+    weight_neighbourhood: float = 1.0
+
+    def validate(self, where: str = "") -> None:
+        """Raise ValueError for an option out of range."""
+        check_int("num_proxies", self.num_proxies, 0, where=where)
+        check_number("delta", self.delta, where=where)
+        check_choice("delta_mode", self.delta_mode, DELTA_MODES, where=where)
+        check_choice("loss_form", self.loss_form, LOSS_FORMS, where=where)
+        check_bool("normalize_rows", self.normalize_rows, where=where)
+        check_int("proxy_neighbours", self.proxy_neighbours, 1, where=where)
+        check_choice("target_space", self.target_space, TARGET_SPACES, where=where)
+        check_choice("pair_scope", self.pair_scope, PAIR_SCOPES, where=where)
+        for name in ("weight_point", "weight_proxy", "weight_neighbourhood"):
+            check_number(name, getattr(self, name), where=where)
+
+
+@dataclass
+class PLMOptions(PLMLossOptions, ManifoldOptions):
+    """Everything PLM needs: the config's ``plm`` section (pieces, similarities, losses)."""
+
+    def validate(self, where: str = "") -> None:
+        ManifoldOptions.validate(self, where)
+        PLMLossOptions.validate(self, where)
+
+
+@dataclass
+class STMLOptions:
+    """STML, the peer method (Kim et al., CVPR 2022; METHOD.md's last section): the ``stml`` section."""
+
+    sigma: float = 3.0  # Gaussian kernel width of W_P (3 in the paper's runs)
+    delta: float = 1.0  # margin of the relaxed contrastive loss (0.9 on SOP)
+    topk: int = 5  # neighbours of the contextual similarity W_C, the point itself included
+    query_expansion: int | None = None  # rows averaged in W_C's query expansion; None: round(topk / 2)
+    g_dim: int = 1024  # the auxiliary head whose teacher gives the targets
+    weight_kl: float = 1.0  # self-distillation from the auxiliary head to the embedding
+    normalize_student: bool = True  # L2-normalise the student heads inside the loss (their disable_mu)
+
+    def validate(self, where: str = "") -> None:
+        """Raise ValueError for an option out of range."""
+        check_number("sigma", self.sigma, strict=True, where=where)
+        check_number("delta", self.delta, where=where)
+        check_int("topk", self.topk, 1, where=where)
+        if self.query_expansion is not None:
+            check_int("query_expansion", self.query_expansion, 1, where=where)
+        check_int("g_dim", self.g_dim, 1, where=where)
+        check_number("weight_kl", self.weight_kl, where=where)
+        check_bool("normalize_student", self.normalize_student, where=where)
+
+
+@dataclass
+class SupervisedOptions:
+    """The supervised ceiling: pytorch-metric-learning's multi-similarity loss and miner (Wang et
+    al., CVPR 2019) on class-balanced batches of the train split's labels: the ``supervised`` section."""
+
+    alpha: float = 2.0  # weight of positive pairs (pml's default)
+    beta: float = 50.0  # weight of negative pairs (pml's default)
+    base: float = 0.5  # similarity margin λ (pml's default)
+    miner_epsilon: float = 0.1  # multi-similarity miner margin; 0 disables the miner
+    per_class: int = 5  # images of each class in a batch (m of MPerClassSampler)
+
+    def validate(self, where: str = "") -> None:
+        """Raise ValueError for an option out of range."""
+        check_number("alpha", self.alpha, strict=True, where=where)
+        check_number("beta", self.beta, strict=True, where=where)
+        check_number("base", self.base, -1.0, where=where)
+        check_number("miner_epsilon", self.miner_epsilon, where=where)
+        check_int("per_class", self.per_class, 2, where=where)
+
+
+@dataclass
+class IndexOptions:
+    """The nearest-neighbour index of a ``plmetric index`` file (:mod:`plmetric.manifold.ann`).
+
+    ``None`` means "chosen from the number of vectors n" (:func:`plmetric.manifold.ann.plan_index` documents
+    the rules); the search-time options (``nprobe``, ``ef_search``) are recorded in the index and
+    may be overridden per search.
+    """
+
+    kind: str = "none"  # one of INDEX_KINDS
+    nlist: int | None = None  # IVF cells; None: from n (plmetric.manifold.ann.default_nlist)
+    nprobe: int | None = None  # IVF cells visited per query; None: from nlist (plmetric.manifold.ann.default_nprobe)
+    hnsw_m: int = 32  # HNSW links per node and layer (faiss's M)
+    ef_construction: int | None = None  # HNSW build beam; None: from n (plmetric.manifold.ann.default_ef_construction)
+    ef_search: int | None = None  # HNSW search beam (at least k); None: from n (plmetric.manifold.ann.default_ef_search)
+
+    def validate(self, where: str = "") -> None:
+        """Raise ValueError for an option out of range."""
+        check_choice("kind", self.kind, INDEX_KINDS, where=where)
+        for name in ("nlist", "nprobe", "ef_construction", "ef_search"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1, where=where)
+        check_int("hnsw_m", self.hnsw_m, 2, where=where)
+
+
+# The training methods (plmetric.methods, one module each) by name; the config's train.method check and
+# the command line's --method choices read it. A string, not an import: this layer imports no method.
+# name -> "module:class". The order is the order of tables and --help.
+METHOD_REGISTRY: dict[str, str] = {
+    "none": "plmetric.methods.none:NoTraining",
+    "plm": "plmetric.methods.plm:PLMMethod",
+    "stml": "plmetric.methods.stml:STMLMethod",
+    "supervised": "plmetric.methods.supervised:SupervisedMethod",
+}
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered method names."""
+    return tuple(METHOD_REGISTRY)

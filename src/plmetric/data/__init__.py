@@ -1,0 +1,10 @@
+"""Images in, tensors out: data set layouts, backbones and preprocessing, the decode-once pipeline.
+
+:mod:`~plmetric.data.datasets` reads CUB-200-2011, Cars-196, SOP, labelled and unlabelled folders
+(and cached feature sets); :mod:`~plmetric.data.backbones` builds the pretrained backbones with
+their transforms, the embedding model, and rebuilds a model from a checkpoint;
+:mod:`~plmetric.data.pipeline` decodes each image once into a uint8 cache and augments on the device.
+
+May import: :mod:`plmetric.core`, :mod:`plmetric.manifold`. Importing this package imports none
+of its modules.
+"""

@@ -1,0 +1,13 @@
+"""Using a trained embedding: indexes and search, embedding files, export, the local web page.
+
+:mod:`~plmetric.retrieval.index` writes self-checking indexes of a folder and searches them (exact,
+or through a faiss index of :mod:`plmetric.manifold.ann`); :mod:`~plmetric.retrieval.embedding_files`
+writes embeddings as ``.npy`` + paths or Parquet for other tools; :mod:`~plmetric.retrieval.export`
+exports a checkpoint's image-to-embedding function to ONNX/TorchScript;
+:mod:`~plmetric.retrieval.serve` is the web page over an index (``plmetric serve``; its template in
+``templates/``).
+
+May import: :mod:`plmetric.core`, :mod:`plmetric.manifold`, :mod:`plmetric.data`,
+:mod:`plmetric.evaluation`, :mod:`plmetric.config`, :mod:`plmetric.methods`,
+:mod:`plmetric.training`. Importing this package imports none of its modules.
+"""

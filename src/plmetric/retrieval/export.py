@@ -1,0 +1,256 @@
+"""Export a checkpoint's embedding model to ONNX or TorchScript, its preprocessing recorded inside.
+
+The exported model is what ``plmetric embed`` and ``plmetric index`` run
+(:func:`plmetric.retrieval.index.load_embedding_model`): backbone, GAP + GMP pooling, the embedding layer
+and L2 normalisation. Input ``images``: float32 ``(batch, 3, S, S)`` (NCHW, dynamic batch) after
+the preprocessing of :func:`plmetric.data.backbones.build_transform`; output ``embeddings``: float32
+``(batch, D)`` with unit rows, exactly as ``embed`` writes them.
+
+The metadata (:func:`export_metadata`) names the backbone, image size, resize/crop, mean/std, the
+dimensions, the checkpoint's SHA-256 and the plmetric version. It is stored in the model (ONNX:
+``metadata_props``, every top-level field as a string plus the whole JSON under
+:data:`METADATA_KEY`; TorchScript: the extra file :data:`EXTRA_FILE`) and in a sidecar
+``FILE.json`` that also holds the exported file's SHA-256. Before writing, the exported model is
+run on a probe batch and compared with PyTorch's output.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256
+from plmetric.retrieval.index import load_embedding_model
+
+FORMATS: dict[str, tuple[str, ...]] = {"onnx": (".onnx",), "torchscript": (".pt", ".torchscript")}
+EXPORT_FORMAT = "plmetric-export"
+EXPORT_VERSION = 1
+METADATA_KEY = "plmetric_export"  # ONNX metadata_props key of the whole JSON document
+EXTRA_FILE = "plmetric.json"  # TorchScript _extra_files name
+INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+ONNX_OPSET = 17
+INSTALL_HINT = 'pip install "plmetric[export]"'
+TRACE_BATCH, PROBE_BATCH = 2, 3  # the probe batch differs from the traced one: the batch axis is dynamic
+# Largest |exported - PyTorch| accepted on the probe batch (unit-norm rows: entries lie in [-1, 1]).
+# ONNX Runtime uses its own kernels (and folds BatchNorm into the convolutions), so float32 sums are
+# reordered: a sum of n terms differs by about sqrt(n)·2^-24 relative, ≤ 4e-6 for n ≤ 4608 (ResNet-50's
+# 3×3×512); over ~50 layers that is ~3e-5 when the layers' errors are independent, 1e-4 leaves room.
+# TorchScript runs PyTorch's own kernels on the same batch: 1e-5 (0 seen).
+TOLERANCE = {"onnx": 1e-4, "torchscript": 1e-5}
+
+
+class ExportDependencyError(ImportError):
+    """onnx or onnxruntime, needed for ``--format onnx``, is not installed."""
+
+
+def sidecar_path(out: str | os.PathLike) -> Path:
+    """The JSON beside an exported file: ``model.onnx`` -> ``model.onnx.json``."""
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
+def require_backend(fmt: str) -> None:
+    """Check that the packages ``fmt`` needs are importable.
+
+    Raises:
+        ValueError: unknown format.
+        ExportDependencyError: onnx/onnxruntime missing (the message says how to install them).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as err:
+            raise ExportDependencyError(
+                f"--format onnx needs the onnx and onnxruntime packages ({err.name or err} is missing): {INSTALL_HINT}"
+            ) from None
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The sidecar JSON written by :func:`export_model`, or None when ``path`` is some other file."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT else None
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a model file this command wrote (its sidecar records its SHA-256): one
+    ``plmetric export`` may replace."""
+    meta = read_sidecar(sidecar_path(path))
+    return meta is not None and meta.get("file_sha256") == file_sha256(path)
+
+
+def export_metadata(description: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The exported model's metadata, from a :func:`plmetric.retrieval.index.load_embedding_model` description."""
+    from plmetric import __version__
+
+    prep = dict(description["preprocessing"])
+    signed_unit = all(v == 0.5 for v in (*prep["mean"], *prep["std"]))
+    prep["scaling"] = "RGB pixels / 255, then (x - mean) / std per channel: " + (
+        "[-1, 1] scaling" if signed_unit else "the ImageNet statistics"
+    )
+    size, dim = int(description["image_size"]), int(description["output_dim"])
+    meta: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "model_format": fmt,
+        "plmetric_version": __version__,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "checkpoint": Path(description["checkpoint"]).name,
+        "checkpoint_sha256": description["checkpoint_sha256"],
+        "backbone": description["backbone"],
+        "embedding_dim": int(description["embedding_dim"]),
+        "output_dim": dim,
+        "image_size": size,
+        "preprocessing": prep,
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, size, size]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", dim], "l2_normalized": True},
+    }
+    if fmt == "onnx":
+        meta["onnx_opset"] = ONNX_OPSET
+    return meta
+
+
+def probe_batch(description: dict[str, Any], batch: int = PROBE_BATCH) -> torch.Tensor:
+    """A fixed, preprocessed-looking input: uniform [0, 1] pixels normalised with the model's mean/std."""
+    prep, size = description["preprocessing"], int(description["image_size"])
+    pixels = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    mean, std = (torch.tensor(prep[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return (pixels - mean) / std
+
+
+def onnx_bytes(model: torch.nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> bytes:
+    """Serialise ``model`` as ONNX (opset :data:`ONNX_OPSET`, dynamic batch) with ``metadata`` in metadata_props."""
+    import onnx
+
+    # The TorchScript-based exporter (dynamo=False): it needs no onnxscript (the dynamo exporter's extra
+    # dependency), marks the batch axis dynamic with dynamic_axes, and traces these convolutional models
+    # (no data-dependent control flow) exactly; torch 2.14 still ships it, with a DeprecationWarning.
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecation notice and tracer warnings about shape arithmetic
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=ONNX_OPSET,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    props = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    props[METADATA_KEY] = json.dumps(metadata)
+    onnx.helper.set_model_props(proto, props)
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def torchscript_bytes(model: torch.nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> bytes:
+    """Serialise ``model`` as a traced TorchScript archive with ``metadata`` as the extra file :data:`EXTRA_FILE`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice and tracer warnings
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={EXTRA_FILE: json.dumps(metadata)})
+    return buffer.getvalue()
+
+
+def run_exported(data: bytes, fmt: str, images: torch.Tensor) -> torch.Tensor:
+    """Run serialised model bytes of format ``fmt`` on ``images`` (CPU): the embeddings."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    with torch.no_grad():
+        return loaded(images)
+
+
+def export_model(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, image_size: int = 224
+) -> dict[str, Any]:
+    """Export a checkpoint's embedding model to ``out`` (and ``out.json``), atomically.
+
+    Args:
+        checkpoint: a ``.safetensors`` model written by ``plmetric train`` (it names its backbone,
+            dimensions and image size).
+        out: the exported file; the caller has checked its name (``plmetric.cli.common.check_output``).
+        fmt: ``onnx`` or ``torchscript``.
+        image_size: input side when the checkpoint records none.
+
+    Returns:
+        The sidecar's content: :func:`export_metadata` plus ``check`` (probe batch, max abs
+        difference) and ``file``/``file_sha256``.
+
+    Raises:
+        FileNotFoundError, ValueError: missing or unreadable checkpoint, unknown format.
+        ExportDependencyError: onnx/onnxruntime missing.
+        RuntimeError: the exported model disagrees with PyTorch on the probe batch.
+    """
+    require_backend(fmt)
+    if not checkpoint:
+        raise ValueError("export needs a checkpoint: a random embedding layer is never exported")
+    # with a checkpoint its own metadata names the backbone and dimensions: the two are ignored
+    model, description = load_embedding_model(checkpoint, backbone="", embedding_dim=0, image_size=image_size)
+    model = model.cpu().eval()
+    metadata = export_metadata(description, fmt)
+    probe = probe_batch(description)
+    with torch.no_grad():
+        expected = model(probe)
+        example = probe[:TRACE_BATCH]
+        data = (onnx_bytes if fmt == "onnx" else torchscript_bytes)(model, example, metadata)
+    diff = float((run_exported(data, fmt, probe) - expected).abs().max())
+    if not diff <= TOLERANCE[fmt]:
+        raise RuntimeError(
+            f"the exported {fmt} model differs from PyTorch by {diff:.2e} (> {TOLERANCE[fmt]:.0e}) on a probe "
+            f"batch of {PROBE_BATCH}: nothing written to {out}"
+        )
+    out = Path(out)
+    atomic_write_bytes(out, data)
+    sidecar = {**metadata, "check": {"batch": PROBE_BATCH, "max_abs_diff": diff}}
+    sidecar.update(file=out.name, file_sha256=file_sha256(out))
+    atomic_write_json(sidecar_path(out), sidecar)
+    return sidecar
+
+
+def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata stored inside an exported file (ONNX metadata_props or the TorchScript extra file).
+
+    Reads TorchScript archives as zip files: no code is loaded.
+
+    Raises:
+        ValueError: ``path`` holds no plmetric export metadata.
+    """
+    import zipfile
+
+    path = Path(path)
+    raw = None
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        raw = props.get(METADATA_KEY)
+    elif zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith(f"/extra/{EXTRA_FILE}")), None)
+            raw = archive.read(name).decode() if name else None
+    if raw is None:
+        raise ValueError(f"{path} holds no plmetric export metadata")
+    return json.loads(raw)

@@ -1,0 +1,574 @@
+"""Zero-shot image search: self-contained, self-checking indexes, top-k queries and result grids.
+
+An index (or embeddings file) is one safetensors file: ``embeddings`` (N × d, L2-normalised),
+``labels`` (N, -1 when unlabelled) and, in its metadata (``plmetric_index``, JSON):
+
+* ``paths``: the absolute path of every image (``search`` works from any folder);
+* ``model``: everything needed to embed a query the same way and to check that it is the same
+  model: the checkpoint's absolute path *and SHA-256* (a run rewrites ``model.safetensors`` every
+  epoch: a changed file is refused with both hashes named), or the pretrained backbone (and the
+  weights file with its hash); the embedding and output dimensions, the image size and the
+  preprocessing (resize, crop, mean, std);
+* ``format``, ``version``, ``created``, ``count``, ``dim``;
+* ``ann`` (only with a faiss index, :mod:`plmetric.manifold.ann`): its ``kind`` (flat, ivf, hnsw), resolved
+  ``params``, the ``file`` name and ``sha256`` of the faiss index stored beside the index
+  (``INDEX.<first 12 hex digits of its SHA-256>.faiss``), its ``count`` and the faiss version.
+
+Writing an index with a faiss file writes the faiss file first, then the ``.safetensors`` file
+(atomically, the commit point), then removes the faiss file the replaced index named: a crash at
+any moment leaves a complete old or new pair (and at most an unnamed ``.faiss`` file). The faiss
+file is named by its content, so a pair cannot go stale without a changed file, which search
+detects by the SHA-256 (and refuses, naming both hashes; ``--exact`` still searches).
+
+An index is never built with an untrained random embedding layer: without a checkpoint only the
+backbone's pooled features (``embedding_dim = 0``) are reproducible.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from plmetric.core.checkpoint import (
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_figure,
+    file_sha256,
+)
+from plmetric.data.backbones import load_model
+
+INDEX_KEY = "plmetric_index"
+INDEX_FORMAT = "plmetric-index"
+INDEX_VERSION = 2
+
+
+class IndexMismatchError(ValueError):
+    """The model an index records is not the model found now (changed or missing checkpoint)."""
+
+
+def preprocessing(backbone: str, image_size: int) -> dict[str, Any]:
+    """The deterministic input transform of :func:`plmetric.data.backbones.build_transform` as data."""
+    from plmetric.data.backbones import backbone_spec
+
+    spec = backbone_spec(backbone)
+    return {
+        "resize_shorter_side": round(image_size * 256 / 224),
+        "center_crop": int(image_size),
+        "interpolation": "bilinear",
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "color": "RGB",
+    }
+
+
+def load_embedding_model(
+    checkpoint: str | os.PathLike | None,
+    backbone: str,
+    embedding_dim: int,
+    weights: str | os.PathLike | None = None,
+    image_size: int = 224,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A model from a plmetric checkpoint, or a pretrained backbone's pooled features.
+
+    Returns:
+        ``(model, description)``; the description is what an index records to rebuild and check
+        the model (:func:`model_from_description`). A checkpoint's own image size wins over
+        ``image_size``.
+
+    Raises:
+        ValueError: ``embedding_dim > 0`` without a checkpoint (an untrained random layer: no
+            later search could rebuild it), or an unreadable checkpoint.
+    """
+    from plmetric.data.backbones import create_model
+
+    if checkpoint:
+        path = Path(checkpoint).expanduser().resolve()
+        model, meta = load_model(path)
+        size = int(meta.get("image_size", image_size))
+        return model, {
+            "checkpoint": str(path),
+            "checkpoint_sha256": file_sha256(path),
+            "backbone": meta["backbone"],
+            "embedding_dim": int(meta["embedding_dim"]),
+            "output_dim": int(model.embedding_dim),
+            "image_size": size,
+            "weights": None,
+            "weights_sha256": None,
+            "preprocessing": preprocessing(meta["backbone"], size),
+        }
+    if embedding_dim:
+        raise ValueError(
+            f"--embedding-dim {embedding_dim} without --checkpoint would embed with an untrained, random "
+            "embedding layer that no later search could rebuild; pass --checkpoint (a model from plmetric train) "
+            "or --embedding-dim 0 (the backbone's pooled features)"
+        )
+    weights_path = str(Path(weights).expanduser().resolve()) if weights else None
+    model = create_model(backbone, embedding_dim=0, pretrained=True, weights=weights_path)
+    return model.eval(), {
+        "checkpoint": None,
+        "checkpoint_sha256": None,
+        "backbone": backbone,
+        "embedding_dim": 0,
+        "output_dim": int(model.embedding_dim),
+        "image_size": int(image_size),
+        "weights": weights_path,
+        "weights_sha256": file_sha256(weights_path) if weights_path else None,
+        "preprocessing": preprocessing(backbone, int(image_size)),
+    }
+
+
+def model_from_description(description: dict[str, Any], index_path: str | os.PathLike) -> torch.nn.Module:
+    """Rebuild the model an index records, after checking it is the same one.
+
+    Raises:
+        IndexMismatchError: the checkpoint (or weights file) is missing or its SHA-256 differs from
+            the one recorded when the index was built; the message names both hashes.
+    """
+    from plmetric.data.backbones import create_model
+
+    checkpoint = description.get("checkpoint")
+    if checkpoint:
+        _check_same_file(checkpoint, description.get("checkpoint_sha256"), "checkpoint", index_path)
+        model, _ = load_model(checkpoint)
+        return model
+    weights = description.get("weights")
+    if weights:
+        _check_same_file(weights, description.get("weights_sha256"), "weights file", index_path)
+    model = create_model(description["backbone"], embedding_dim=0, pretrained=True, weights=weights)
+    return model.eval()
+
+
+def _check_same_file(path: str, recorded: str | None, what: str, index_path: str | os.PathLike) -> None:
+    if not Path(path).is_file():
+        raise IndexMismatchError(
+            f"index {index_path} was built with the {what} {path}, which no longer exists; "
+            "rebuild the index (plmetric index) with the model you want to search with"
+        )
+    if recorded is None:
+        raise IndexMismatchError(
+            f"index {index_path} records no SHA-256 of its {what} {path} (an index from an older plmetric): "
+            "it cannot be checked; rebuild it with plmetric index"
+        )
+    found = file_sha256(path)
+    if found != recorded:
+        raise IndexMismatchError(
+            f"the {what} {path} has changed since index {index_path} was built (SHA-256 {recorded[:16]}... then, "
+            f"{found[:16]}... now): the index's embeddings came from another model; rebuild the index, or keep "
+            "the model an index is built with (e.g. copy best.safetensors) instead of a run's latest model"
+        )
+
+
+def save_embeddings(
+    path: str | os.PathLike,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    paths: list[str],
+    model: dict[str, Any],
+    ann: dict[str, Any] | None = None,
+) -> Path:
+    """Write embeddings, labels, absolute image paths and the model description to one safetensors file.
+
+    ``ann`` is the description of a faiss file written beside it (see :func:`write_index`)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {path}")
+    if not (len(embeddings) == len(labels) == len(paths)):
+        raise ValueError(f"{len(embeddings)} embeddings, {len(labels)} labels and {len(paths)} paths disagree")
+    absolute = [p if p.startswith("item:") else str(Path(p).expanduser().resolve()) for p in paths]
+    meta = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "count": len(absolute),
+        "dim": int(embeddings.shape[1]) if embeddings.dim() == 2 else 0,
+        "paths": absolute,
+        "model": model,
+    }
+    if ann is not None:
+        meta["ann"] = ann
+    tensors = {"embeddings": embeddings.float().contiguous().cpu(), "labels": labels.long().contiguous().cpu()}
+    return atomic_save_safetensors(path, tensors, {INDEX_KEY: json.dumps(meta)})
+
+
+def read_index_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The index metadata of a plmetric index file, or None when ``path`` is some other file."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(INDEX_KEY)
+    except (SafetensorError, OSError, ValueError, UnicodeDecodeError):
+        return None
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]:
+    """Read a file written by :func:`save_embeddings`: ``(embeddings, labels, paths, model)``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a plmetric index (the message names the file and says why).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"index/embeddings file not found: {path}")
+    meta = read_index_metadata(path)
+    if meta is None:
+        raise ValueError(
+            f"{path} is not a plmetric index (expected a .safetensors file written by plmetric index or "
+            f"plmetric embed, with '{INDEX_KEY}' metadata)"
+        )
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable plmetric index: {err}") from None
+    embeddings, labels = tensors.get("embeddings"), tensors.get("labels")
+    paths, model = meta.get("paths"), meta.get("model")
+    if (
+        embeddings is None
+        or labels is None
+        or embeddings.dim() != 2
+        or not isinstance(paths, list)
+        or not isinstance(model, dict)
+        or len(paths) != embeddings.shape[0]
+        or labels.shape != (embeddings.shape[0],)
+        or not all(isinstance(p, str) for p in paths)
+        or not isinstance(model.get("backbone"), str)
+    ):
+        raise ValueError(
+            f"{path} is not a valid plmetric index (embeddings, labels, paths and model disagree or are missing)"
+        )
+    return embeddings, labels, paths, model
+
+
+def decode_image(source: str | os.PathLike | bytes, what: str = "query image", max_side: int | None = None) -> Any:
+    """Decode an image file (or its bytes) to an RGB ``PIL.Image``.
+
+    Args:
+        source: a path, or the bytes of an image file (an upload).
+        what: how the errors name the image, e.g. ``"query image photo.jpg"``; a path is appended.
+        max_side: let JPEG decoding shrink the image towards this side (``Image.draft``: thumbnails);
+            None decodes at full size (embedding).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a decodable image, or one whose pixel count makes it a decompression bomb
+            (over PIL's ``Image.MAX_IMAGE_PIXELS``); one line naming ``what``.
+    """
+    from PIL import Image
+
+    if isinstance(source, bytes):
+        name, handle = what, io.BytesIO(source)
+    else:
+        name, handle = f"{what} {source}", Path(source)
+        if not handle.is_file():
+            raise FileNotFoundError(f"{what} not found: {source}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as img:
+                if max_side is not None:
+                    img.draft("RGB", (max_side, max_side))
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"{name} is too large to decode safely ({err})") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ValueError(f"cannot read {name}: {err}") from None
+
+
+def read_query_image(
+    source: str | os.PathLike | bytes, transform: Callable[[Any], torch.Tensor], what: str = "query image"
+) -> torch.Tensor:
+    """Decode a query image (a path or an upload's bytes) and apply the index's transform.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`decode_image`, one clear line for any unreadable
+            or oversized file.
+    """
+    return transform(decode_image(source, what))
+
+
+def top_k(query: torch.Tensor, database: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine top-k of each query row among the database rows: ``(similarities, indices)``."""
+    if k < 1:
+        raise ValueError(f"top_k: k must be >= 1, got {k}")
+    k = min(k, database.shape[0])
+    sims = query.float() @ database.float().T
+    return sims.topk(k, dim=1)
+
+
+# ----------------------------------------------------------------------------- faiss files, growing an index
+
+
+def faiss_file_name(index_path: str | os.PathLike, digest: str) -> Path:
+    """Where the faiss file with SHA-256 ``digest`` of index ``INDEX.safetensors`` lives:
+    ``INDEX.<digest[:12]>.faiss`` beside it."""
+    index_path = Path(index_path)
+    return index_path.with_name(f"{index_path.stem}.{digest[:12]}.faiss")
+
+
+def _named_faiss_file(index_path: Path, meta: dict[str, Any] | None) -> Path | None:
+    """The faiss file an index's metadata names, if it is a plain name beside the index."""
+    ann_meta = (meta or {}).get("ann")
+    name = ann_meta.get("file") if isinstance(ann_meta, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".faiss"):
+        return None
+    return index_path.with_name(name)
+
+
+def write_index(
+    path: str | os.PathLike,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    paths: list[str],
+    model: dict[str, Any],
+    plan: Any = None,
+    faiss_index: Any = None,
+) -> tuple[Path, Path | None]:
+    """Write an index, with a faiss index of ``plan`` (an :class:`plmetric.manifold.ann.AnnPlan`) beside it.
+
+    ``faiss_index`` is a built faiss index of exactly these embeddings (e.g. grown by
+    :func:`extend_index`); without it the plan's index is built here. Write order (see the module
+    docstring): the faiss file, the ``.safetensors`` file (the commit), then the removal of the
+    faiss file that the replaced index at ``path`` named.
+
+    Returns:
+        ``(index path, faiss file path or None)``.
+    """
+    from plmetric.manifold import ann
+    path = Path(path)
+    replaced = _named_faiss_file(path, read_index_metadata(path)) if path.is_file() else None
+    ann_meta, faiss_path = None, None
+    if plan is not None:
+        if faiss_index is None:
+            faiss_index = ann.build_index(embeddings, plan)
+        if int(faiss_index.ntotal) != len(embeddings):
+            raise ValueError(f"the faiss index holds {faiss_index.ntotal} vectors, the index {len(embeddings)}")
+        data = ann.serialize_index(faiss_index)
+        import hashlib
+
+        digest = hashlib.sha256(data).hexdigest()
+        faiss_path = faiss_file_name(path, digest)
+        atomic_write_bytes(faiss_path, data)
+        ann_meta = {
+            **plan.to_dict(),
+            "metric": "inner_product",
+            "file": faiss_path.name,
+            "sha256": digest,
+            "count": len(embeddings),
+            "faiss_version": ann.import_faiss().__version__,
+        }
+    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta)
+    if replaced is not None and replaced != faiss_path:
+        replaced.unlink(missing_ok=True)
+    return path, faiss_path
+
+
+def load_faiss_index(index_path: str | os.PathLike, meta: dict[str, Any] | None = None) -> tuple[Any, Any] | None:
+    """The faiss index an index file names, checked: ``(faiss index, AnnPlan)``, or None if it names none.
+
+    Raises:
+        IndexMismatchError: the faiss file is missing, is not the one the index recorded (its
+            SHA-256 differs; both named), or holds another number or dimension of vectors.
+        FaissUnavailableError: faiss is not installed.
+        ValueError: the index's faiss description is malformed or the file unreadable.
+    """
+    from plmetric.manifold import ann
+    index_path = Path(index_path)
+    meta = read_index_metadata(index_path) if meta is None else meta
+    ann_meta = (meta or {}).get("ann")
+    if ann_meta is None:
+        return None
+    faiss_path = _named_faiss_file(index_path, meta)
+    if (
+        faiss_path is None
+        or ann_meta.get("kind") not in ann.FAISS_KINDS
+        or not isinstance(ann_meta.get("params"), dict)
+        or not isinstance(ann_meta.get("sha256"), str)
+    ):
+        raise ValueError(f"{index_path} has a malformed faiss description ('ann' metadata); rebuild the index")
+    try:
+        ann.import_faiss()
+    except ann.FaissUnavailableError as err:
+        raise ann.FaissUnavailableError(
+            f"index {index_path} has a faiss {ann_meta['kind']} index, but {err} (or search with --exact)"
+        ) from None
+    if not faiss_path.is_file():
+        raise IndexMismatchError(
+            f"index {index_path} needs its faiss file {faiss_path}, which is missing: keep it beside the index "
+            "(or rebuild the index, or search with --exact)"
+        )
+    recorded, found = ann_meta["sha256"], file_sha256(faiss_path)
+    if found != recorded:
+        raise IndexMismatchError(
+            f"the faiss file {faiss_path} is not the one index {index_path} was written with (SHA-256 "
+            f"{recorded[:16]}... recorded, {found[:16]}... found): rebuild the index, or search with --exact"
+        )
+    index = ann.read_index(faiss_path)
+    count, dim = meta.get("count"), meta.get("dim")
+    if int(index.ntotal) != count or int(index.d) != dim:
+        raise IndexMismatchError(
+            f"the faiss file {faiss_path} holds {index.ntotal} vectors of dimension {index.d}, index {index_path} "
+            f"{count} of dimension {dim}: rebuild the index, or search with --exact"
+        )
+    return index, ann.AnnPlan(ann_meta["kind"], dict(ann_meta["params"]))
+
+
+def search(
+    index_path: str | os.PathLike,
+    queries: torch.Tensor,
+    k: int,
+    database: torch.Tensor,
+    faiss_index: tuple[Any, Any] | None = None,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each query: through ``faiss_index`` (from :func:`load_faiss_index`) when given,
+    else exactly (:func:`top_k`). Slots an approximate index could not fill have id -1."""
+    from plmetric.manifold import ann
+    if faiss_index is None:
+        return top_k(queries, database, k)
+    index, plan = faiss_index
+    return ann.search_index(index, queries, k, plan, nprobe=nprobe, ef_search=ef_search)
+
+
+def new_images(candidates: list[Path], indexed: list[str]) -> tuple[list[Path], int]:
+    """The candidate images whose absolute path is not among the index's paths (in their order),
+    and how many candidates already were."""
+    known = set(indexed)
+    fresh = [p for p in candidates if str(Path(p).expanduser().resolve()) not in known]
+    return fresh, len(candidates) - len(fresh)
+
+
+def check_same_model(
+    description: dict[str, Any],
+    index_path: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+) -> None:
+    """Refuse a ``checkpoint`` (or backbone ``weights`` file) other than the one the index was built with.
+
+    The files are compared by SHA-256, so a copy of the same model is accepted.
+
+    Raises:
+        IndexMismatchError: naming the given file and its hash and the index's model and its hash.
+        FileNotFoundError: the given file does not exist.
+    """
+    for given, role in ((checkpoint, "checkpoint"), (weights, "weights")):
+        if not given:
+            continue
+        given = Path(given).expanduser()
+        if not given.is_file():
+            raise FileNotFoundError(f"--{role} not found: {given}")
+        found = file_sha256(given)
+        recorded_path, recorded = description.get(role), description.get(f"{role}_sha256")
+        if found == recorded:
+            continue
+        built_with = (
+            f"the {role} {recorded_path} (SHA-256 {recorded[:16]}...)"
+            if recorded_path and recorded
+            else f"no {role} (the pretrained {description.get('backbone')} backbone"
+            + (f", checkpoint {description['checkpoint']})" if description.get("checkpoint") else ")")
+        )
+        raise IndexMismatchError(
+            f"--{role} {given} (SHA-256 {found[:16]}...) is not the model index {index_path} was built with: "
+            f"{built_with}; embeddings of two models cannot share an index: build a new one with --out"
+        )
+
+
+def extend_index(
+    index_path: str | os.PathLike,
+    out: str | os.PathLike,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    paths: list[str],
+    faiss_index: tuple[Any, Any] | None = None,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> tuple[int, Path | None, Any]:
+    """Append embeddings (with their labels and paths) to the index at ``index_path``, and to its
+    faiss index (``faiss_index``, from :func:`load_faiss_index`) if it has one; write the result to
+    ``out`` (which may be ``index_path`` itself: the old index stays whole until the new one is
+    committed). ``nprobe``/``ef_search`` replace the recorded search parameters.
+
+    Returns:
+        ``(number of vectors now, faiss file path or None, its AnnPlan or None)``.
+
+    Raises:
+        ValueError: embeddings of another dimension, or a path already in the index.
+    """
+    from plmetric.manifold import ann
+    old_embeddings, old_labels, old_paths, model = load_embeddings(index_path)
+    if embeddings.dim() != 2 or embeddings.shape[1] != old_embeddings.shape[1]:
+        raise ValueError(
+            f"new embeddings have shape {tuple(embeddings.shape)}, index {index_path} dimension "
+            f"{old_embeddings.shape[1]}"
+        )
+    absolute = [p if p.startswith("item:") else str(Path(p).expanduser().resolve()) for p in paths]
+    repeated = sorted(set(absolute) & set(old_paths))
+    if repeated:
+        raise ValueError(f"{repeated[0]} is already in index {index_path}")
+    plan, grown = None, None
+    if faiss_index is not None:
+        grown, plan = faiss_index
+        if len(embeddings):
+            ann.add_vectors(grown, embeddings)
+        params = dict(plan.params)
+        if nprobe is not None and plan.kind == "ivf":
+            params["nprobe"] = min(nprobe, params["nlist"])
+        if ef_search is not None and plan.kind == "hnsw":
+            params["ef_search"] = ef_search
+        plan = ann.AnnPlan(plan.kind, params)
+    all_embeddings = torch.cat([old_embeddings, embeddings.float().cpu()])
+    all_labels = torch.cat([old_labels, labels.long().cpu()])
+    _, faiss_path = write_index(out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown)
+    return len(all_embeddings), faiss_path, plan
+
+
+def draw_results(query_path: str, result_paths: list[str], scores: list[float], out: str | os.PathLike) -> Path:
+    """Draw the query beside its results as a PNG grid (file names and scores as captions), atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n = len(result_paths) + 1
+    cols = min(n, 6)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.7 * rows), squeeze=False)
+    tiles = [(query_path, f"query\n{_short(query_path)}")] + [
+        (p, f"#{i + 1}  {s:.3f}\n{_short(p)}") for i, (p, s) in enumerate(zip(result_paths, scores, strict=True))
+    ]
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image_path, title) in zip(axes.flat, tiles, strict=False):
+        try:
+            with Image.open(image_path) as img:
+                ax.imshow(img.convert("RGB"))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            ax.text(0.5, 0.5, "missing" if not Path(image_path).exists() else "unreadable", ha="center", va="center")
+        ax.set_title(title, fontsize=7, color="tab:red" if title.startswith("query") else "black")
+    fig.tight_layout()
+    return atomic_write_figure(fig, out, dpi=90)
+
+
+def _short(path: str, limit: int = 28) -> str:
+    name = Path(path).name
+    return name if len(name) <= limit else name[: limit - 3] + "..."

@@ -1,0 +1,797 @@
+"""The trainer: one readable loop in named stages, for every method of :mod:`plmetric.methods`.
+
+In the spirit of DINO's training script (``train_dino``):
+
+* **data**: the training split (its teacher may see its own view, ``train.teacher_view``), the
+  deterministic copy the memory bank embeds, the labelled test split; PIL decoding in DataLoader
+  workers, or a uint8 cache decoded once and augmented on the device (``data.pipeline``);
+* **networks**: the student (wrapped by the method, e.g. STML's second head; the embedding layer
+  PCA-initialised on request), its EMA teacher, DDP and ``torch.compile`` wrappers;
+* **bank and batches**: the teacher's embeddings of every readable training image (a full
+  re-embedding every ``train.bank_refresh_every`` epochs) and batches of B/k seeds each with its
+  k-1 nearest neighbours; or class-balanced batches for a method that trains with labels;
+* **objective and optimiser**: the method's objective, AdamW, cosine schedule with warm-up;
+* **the epochs**: :func:`train_one_epoch` (:class:`TrainStep` per batch; nothing waits for the
+  device), then :func:`evaluate_and_save` (test metrics, the best epoch, model checkpoints, the
+  resumable :class:`~plmetric.training.runs.TrainingState`, the log line).
+
+Multi-GPU / multi-node: launch with ``torchrun``; each rank takes a slice of the same global
+batch, embeddings are gathered so every rank computes the one-process loss, the bank is kept
+identical on every rank, and rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from plmetric.core import distributed as dist_utils
+from plmetric.core import faults
+from plmetric.core.checkpoint import atomic_write_json, save_model
+from plmetric.config.schema import Config, save_config
+from plmetric.data.datasets import DatasetSplits, FeatureDataset, PairedViews, collate_skip_none, load_dataset, with_transform
+from plmetric.core.devices import resolve_device
+from plmetric.methods import get_method
+from plmetric.methods.base import Method, Objective, StepInputs
+from plmetric.training.networks import freeze_batchnorm, freeze_stages, frozen_stage_modules, init_embedding_pca
+from plmetric.training.optimization import build_optimizer, build_scheduler
+from plmetric.training.passes import (
+    CachedImages,
+    build_cached_images,
+    embed_source,
+    evaluate_model,
+    pooled_features,
+    refresh_bank,
+)
+from plmetric.training.runs import (
+    BEST_MODEL_FILE,
+    CONFIG_FILE,
+    LOG_FILE,
+    MODEL_FILE,
+    SELECTED_MODEL_FILE,
+    STATE_FILE,
+    SUMMARY_FILE,
+    TrainingState,
+    append_log,
+    check_run_folder,
+    clear_run_folder,
+    load_training_state,
+    model_metadata,
+    plot_history,
+    seed_everything,
+    skipped_summary,
+    state_mismatch,
+    stopped_before_first_epoch,
+)
+from plmetric.training.sampling import ClassBalancedBatchSampler, MemoryBank, NeighbourhoodBatchSampler, ema_update, make_teacher
+from plmetric.evaluation.selection import selection_criteria
+from plmetric.core.validation import value_checks
+
+__all__ = ["NonFiniteLossError", "TrainResult", "TrainStep", "label_correlation", "train"]
+
+NONFINITE_CHECK_EVERY = 50  # steps between the (synchronising) checks of the device-side NaN flag
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    out_dir: Path
+    history: list[dict[str, Any]]
+    start_metrics: dict[str, Any] | None
+    final_metrics: dict[str, Any] | None
+    best_metrics: dict[str, Any] | None
+    best_epoch: int | None
+    skipped_images: list[str] = field(default_factory=list)  # unreadable training images, left out
+    selected_epoch: int | None = None  # the label-free pick (train.select; 0 = the start)
+    selected_metrics: dict[str, Any] | None = None  # its test metrics (None without a test split)
+    selection_start: dict[str, float] | None = None  # the selection criteria of the start (epoch 0)
+
+
+# ============================================================================ one step
+
+
+class TrainStep:
+    """One optimisation step of the loop, shared with ``benchmarks/throughput.py``.
+
+    Teacher forward (no gradient) on the teacher's views when the method uses a teacher, student
+    forward on the student's views (bf16 autocast on CUDA), gathering across ranks, the objective
+    (:class:`~plmetric.methods.base.StepInputs` in, terms out), backward, AdamW, schedule,
+    ``objective.after_step``, EMA update of the teacher and the memory-bank update. Nothing in it
+    waits for the device: the returned terms stay on the device.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        method: Method,
+        student: nn.Module,
+        ddp_student: nn.Module,
+        teacher: nn.Module,
+        objective: Objective,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        bank: MemoryBank | None,
+        device: torch.device,
+        teacher_forward: nn.Module | None = None,
+    ) -> None:
+        self.cfg, self.method, self.device = cfg, method, device
+        self.student, self.ddp_student, self.teacher = student, ddp_student, teacher
+        self.objective, self.optimizer, self.scheduler, self.bank = objective, optimizer, scheduler, bank
+        self.use_bf16 = cfg.train.bf16 and device.type == "cuda"
+        cuda_channels_last = device.type == "cuda" and cfg.train.channels_last
+        self.memory_format = torch.channels_last if cuda_channels_last else torch.preserve_format
+        self.objective_params = list(objective.parameters())
+        self.teacher_forward = teacher if teacher_forward is None else teacher_forward  # e.g. torch.compile(teacher)
+
+    def __call__(
+        self,
+        student_images: torch.Tensor,
+        teacher_images: torch.Tensor,
+        index: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run one step. ``labels`` reach the objective only for a method that trains with them;
+        otherwise they only monitor the targets (``target_label_correlation``). Returns detached terms."""
+        device, method = self.device, self.method
+        same_views = teacher_images is student_images
+        student_images = student_images.to(device, non_blocking=True, memory_format=self.memory_format)
+        teacher_images = (
+            student_images
+            if same_views
+            else teacher_images.to(device, non_blocking=True, memory_format=self.memory_format)
+        )
+        index = index.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            with torch.no_grad():
+                teacher_out = method.teacher_heads(self.teacher_forward, teacher_images) if method.uses_teacher else ()
+            student_out = method.heads(self.ddp_student, student_images)
+        teacher_all = tuple(dist_utils.all_gather_variable(t.float()) for t in teacher_out)
+        student_all = tuple(dist_utils.all_gather_with_grad(t.float()) for t in student_out)
+        index_all = dist_utils.all_gather_variable(index)
+        labels_all = None if labels is None else dist_utils.all_gather_variable(labels.to(device, non_blocking=True))
+        inputs = StepInputs(student_all, teacher_all, labels_all if method.uses_labels else None)
+        terms = self.objective(inputs)
+        if labels_all is not None and self.objective.last_similarity is not None:  # labels watch the targets
+            terms["target_label_correlation"] = label_correlation(self.objective.last_similarity, labels_all)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        dist_utils.average_gradients(self.objective_params)
+        if self.cfg.train.grad_clip:
+            nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.objective.after_step()
+        ema_update(self.teacher, self.student, self.cfg.train.momentum)
+        if self.bank is not None and teacher_all:
+            self.bank.update(index_all, teacher_all[method.bank_head].detach())
+        return {name: value.detach() for name, value in terms.items()}
+
+
+@torch.no_grad()
+def label_correlation(similarity: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation over pairs i < j of ``s_ij`` with ``1[y_i = y_j]`` (slide 14), on the device.
+
+    Monitoring only (no host sync); 0 when either side is constant over the pairs.
+    """
+    b = similarity.shape[0]
+    upper = torch.triu(torch.ones(b, b, dtype=torch.bool, device=similarity.device), diagonal=1)
+    s = similarity[upper].double()
+    same = (labels[:, None] == labels[None, :])[upper].double()
+    s, same = s - s.mean(), same - same.mean()
+    denominator = (s.square().sum() * same.square().sum()).sqrt()
+    return torch.where(denominator > 0, (s * same).sum() / denominator.clamp_min(1e-300), 0.0).float()
+
+
+# ============================================================================ the stages
+
+
+@dataclass
+class TrainData:
+    """The data of a run: the training split (with paired views when the teacher has its own), the
+    deterministic copy (or the device cache) the bank embeds, the labelled test split (or None)."""
+
+    train_set: Any
+    bank_set: Any
+    test_set: Any
+    cached: CachedImages | None
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every training image has a label (and there are at least two classes)."""
+        return bool((self.train_set.labels >= 0).all()) and self.train_set.num_classes > 1
+
+
+def build_data(
+    cfg: Config, splits: DatasetSplits | None, device: torch.device, method: Method | None = None
+) -> TrainData:
+    """Load ``cfg.data`` (or take the injected ``splits``) and prepare the views each pass needs;
+    the sizes (batch, neighbours, the method's own, e.g. proxies) are checked against the number of
+    training images before any image is decoded."""
+    from plmetric.data.backbones import build_transform
+
+    if splits is None:
+        eval_transform = build_transform(cfg.model.backbone, cfg.data.image_size, train=False)
+        train_transform = build_transform(
+            cfg.model.backbone, cfg.data.image_size, train=True, crop_scale_min=cfg.data.crop_scale_min
+        )
+        splits = load_dataset(
+            cfg.data.dataset,
+            cfg.data.root,
+            train_transform=train_transform,
+            test_transform=eval_transform,
+            verbose=dist_utils.is_main_process(),
+        )
+    else:  # injected data sets: the test split's transform is the deterministic one
+        eval_transform = splits.test.transform if splits.test is not None else splits.train.transform
+    train_set = splits.train
+    bank_set = with_transform(train_set, eval_transform)
+    view = cfg.train.teacher_view
+    if view != "same":
+        if isinstance(train_set, FeatureDataset):
+            raise ValueError(f"train.teacher_view={view} needs images; a feature data set has one view")
+        teacher_transform = eval_transform if view == "clean" else train_set.transform
+        train_set = with_transform(train_set, PairedViews(train_set.transform, teacher_transform))
+    test_set = splits.test if splits.test is not None and splits.test.num_classes > 1 else None
+    k, n = cfg.train.neighbours_per_seed, len(train_set)
+    if k > n or cfg.train.batch_size > n:
+        raise ValueError(
+            f"train.neighbours_per_seed ({k}) and train.batch_size ({cfg.train.batch_size}) must not exceed "
+            f"the number of training images ({n})"
+        )
+    if method is not None and method.trains:
+        method.check_training_size(n)
+    cached = build_cached_images(cfg, train_set, device)
+    return TrainData(train_set, cached if cached is not None else bank_set, test_set, cached)
+
+
+@dataclass
+class Networks:
+    """The student (as the method wraps it), its EMA teacher, the network evaluated and saved
+    (``train.keep``) and the wrappers the step calls (DDP, ``torch.compile``)."""
+
+    student: nn.Module
+    teacher: nn.Module
+    kept: nn.Module
+    ddp_student: nn.Module
+    teacher_forward: nn.Module
+    dim: int
+
+
+def build_networks(
+    cfg: Config, method: Method, model: nn.Module | None, data: TrainData, device: torch.device, fresh: bool
+) -> Networks:
+    """Create (or take) the student, let the method wrap it, freeze stages, PCA-initialise the
+    embedding layer of a fresh run, and make the teacher (wrappers come with :func:`wrap_for_step`)."""
+    from plmetric.data.backbones import create_model
+
+    if model is None:
+        model = create_model(
+            cfg.model.backbone,
+            embedding_dim=cfg.model.embedding_dim,
+            pretrained=cfg.model.pretrained,
+            weights=cfg.model.weights,
+        )
+    student = method.wrap_student(model)
+    student.to(device)
+    if cfg.model.frozen_stages:
+        freeze_stages(student, cfg.model.frozen_stages)
+    if cfg.model.embedding_init == "pca" and fresh:
+        init_embedding_pca(student, pooled_features(student, data.bank_set, cfg, device))
+    if device.type == "cuda" and cfg.train.channels_last:
+        student.to(memory_format=torch.channels_last)
+    teacher = make_teacher(student)
+    kept = teacher if cfg.train.keep == "teacher" else student
+    return Networks(student, teacher, kept, student, teacher, int(student.embedding_dim))
+
+
+def wrap_for_step(cfg: Config, nets: Networks, device: torch.device) -> None:
+    """DDP around the student under torchrun; ``torch.compile`` of both networks with
+    ``train.compile`` (the wrappers share parameters with the modules they wrap)."""
+    if dist_utils.world_size() > 1:
+        nets.ddp_student = nn.parallel.DistributedDataParallel(
+            nets.student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.train.compile:
+        nets.ddp_student = torch.compile(nets.ddp_student)
+        nets.teacher_forward = torch.compile(nets.teacher)
+
+
+@dataclass
+class Batches:
+    """Where the batches come from: the memory bank (None for class-balanced sampling), the batch
+    sampler, the steps of an epoch and the readable training images."""
+
+    bank: MemoryBank | None
+    sampler: NeighbourhoodBatchSampler | ClassBalancedBatchSampler
+    steps_per_epoch: int
+    readable_rows: torch.Tensor | None  # None: every training image is readable
+    skipped_images: list[str]
+
+    def start_epoch(self, cfg: Config, epoch: int, nets: Networks, data: TrainData, device: torch.device) -> None:
+        """Refresh the bank every ``train.bank_refresh_every`` epochs, renew the neighbour table,
+        select the epoch's batches."""
+        if self.bank is not None and epoch > 0:
+            if epoch % cfg.train.bank_refresh_every == 0:
+                refresh_bank(self.bank, nets.teacher, data.bank_set, cfg, device)
+            self.sampler.set_neighbours(
+                self.bank.neighbours(cfg.train.neighbours_per_seed - 1, rows=self.readable_rows)
+            )
+        self.sampler.set_epoch(epoch)
+
+
+def build_batches(
+    cfg: Config,
+    method: Method,
+    nets: Networks,
+    data: TrainData,
+    device: torch.device,
+    raw_state: dict[str, Any] | None,
+    out_dir: Path,
+) -> Batches:
+    """Fill (or restore) the memory bank, find the unreadable images, build the batch sampler."""
+    world, rank, k = dist_utils.world_size(), dist_utils.rank(), cfg.train.neighbours_per_seed
+    bank = None
+    if method.sampling == "neighbourhood":
+        bank = MemoryBank(len(data.train_set), nets.dim, device=device)
+        if raw_state is None:
+            refresh_bank(bank, nets.teacher, data.bank_set, cfg, device)
+        else:
+            try:
+                bank.load_state_dict(raw_state["bank"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                raise state_mismatch(out_dir / STATE_FILE, err) from None
+        readable, skipped = _readable_items((~bank.filled).nonzero().flatten().cpu(), data.train_set, cfg)
+        sampler: Any = NeighbourhoodBatchSampler(
+            bank.neighbours(k - 1, rows=readable),
+            batch_size=cfg.train.batch_size,
+            k=k,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world,
+            items=None if readable is None else readable.cpu(),
+        )
+    else:  # class-balanced batches of the labelled training images
+        if not data.labelled:
+            raise ValueError(f"train.method={method.name} trains with labels; the training split has none")
+        readable, skipped = _readable_items(
+            torch.tensor(data.train_set.unreadable, dtype=torch.int64), data.train_set, cfg
+        )
+        rows = torch.arange(len(data.train_set)) if readable is None else readable.cpu()
+        sampler = ClassBalancedBatchSampler(
+            data.train_set.labels[rows.numpy()],
+            cfg.train.batch_size,
+            cfg.supervised.per_class,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=world,
+            items=rows,
+        )
+    num_readable = len(data.train_set) if readable is None else int(readable.numel())
+    # An epoch shows about as many images as the training set holds (STML's convention): N // B batches,
+    # each with a fresh random set of seeds, rather than every image as a seed (k times longer).
+    steps = min(len(sampler), num_readable // cfg.train.batch_size)
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    if steps == 0:
+        raise ValueError(
+            f"an epoch has no batch: {num_readable} training images, train.batch_size {cfg.train.batch_size}, "
+            f"neighbours_per_seed {k}"
+        )
+    return Batches(bank, sampler, steps, readable, skipped)
+
+
+def _readable_items(missing: torch.Tensor, train_set: Any, cfg: Config) -> tuple[torch.Tensor | None, list[str]]:
+    """The readable rows (None when every image was readable) and the paths of the ``missing``
+    ones, which are marked unreadable so that no loader decodes them again.
+
+    Raises:
+        ValueError: too few readable images remain for one batch.
+    """
+    if missing.numel() == 0:
+        return None, []
+    train_set.mark_unreadable(missing.tolist())
+    keep = torch.ones(len(train_set), dtype=torch.bool)
+    keep[missing] = False
+    readable = keep.nonzero().flatten()
+    needed = max(cfg.train.batch_size, cfg.train.neighbours_per_seed + 1)
+    if readable.numel() < needed:
+        raise ValueError(
+            f"only {readable.numel()} of {len(train_set)} training images are readable; train.batch_size "
+            f"({cfg.train.batch_size}) needs at least {needed}"
+        )
+    skipped = [train_set.describe(int(i)) for i in missing.tolist()]
+    if dist_utils.is_main_process():
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"skipping {len(skipped)} unreadable training image(s) for the whole run: {shown}")
+    return readable, skipped
+
+
+@dataclass
+class Run:
+    """Everything the epochs work with."""
+
+    cfg: Config
+    method: Method
+    data: TrainData
+    nets: Networks
+    batches: Batches
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: TrainStep
+    device: torch.device
+    out_dir: Path
+
+    def parts(self) -> dict[str, Any]:
+        """What a training state saves and restores, by name (the state file's layout)."""
+        return {
+            "student": self.nets.student,
+            "teacher": self.nets.teacher,
+            "objective": self.objective,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "bank": self.batches.bank,
+        }
+
+
+def train_one_epoch(run: Run, epoch: int, progress: bool) -> dict[str, Any]:
+    """Train one epoch and return its log record (mean of every term over the steps, learning
+    rates, images per second); a non-finite loss raises :class:`NonFiniteLossError`."""
+    from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
+
+    cfg, nets, batches, device = run.cfg, run.nets, run.batches, run.device
+    batches.start_epoch(cfg, epoch, nets, run.data, device)
+    loader = _epoch_loader(run)
+    nets.student.train()
+    if cfg.model.freeze_bn:
+        freeze_batchnorm(nets.student)
+    for stage in frozen_stage_modules(nets.student, cfg.model.frozen_stages):
+        stage.eval()
+    monitor_labels = run.data.labelled
+    sums: dict[str, torch.Tensor] = {}
+    seen, steps, t0 = 0, 0, time.perf_counter()
+    first_bad = torch.tensor(-1, device=device)
+    main = dist_utils.is_main_process()
+    bar = tqdm(
+        total=batches.steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        leave=False,
+        disable=not (progress and main),
+    )
+    for batch in loader:
+        if steps >= batches.steps_per_epoch:
+            break
+        # a batch whose every image was unreadable is skipped, by all ranks together under DDP
+        if not dist_utils.all_ranks_true(batch is not None, device):
+            continue
+        images, labels, index = batch
+        views = [images] if isinstance(images, torch.Tensor) else images  # [student views, teacher views]
+        try:
+            terms = run.step(views[0], views[-1], index, labels if monitor_labels else None)
+        except (RuntimeError, ValueError):  # e.g. a decomposition failing on weights a NaN step ruined
+            _raise_if_nonfinite(first_bad, epoch, sums, run.out_dir)
+            raise
+        # no host sync per step: a non-finite loss is noted on the device and raised below
+        first_bad = torch.where(~torch.isfinite(terms["loss"]) & (first_bad < 0), steps, first_bad)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value
+        seen += int(index.numel()) * dist_utils.world_size()
+        steps += 1
+        bar.update(1)
+        faults.reached("step")
+        if steps % NONFINITE_CHECK_EVERY == 0 or steps >= batches.steps_per_epoch:
+            _raise_if_nonfinite(first_bad, epoch, sums, run.out_dir)
+    bar.close()
+    _raise_if_nonfinite(first_bad, epoch, sums, run.out_dir)
+    elapsed = time.perf_counter() - t0
+    record: dict[str, Any] = {"epoch": epoch + 1}
+    record.update({name: float(total) / max(steps, 1) for name, total in sums.items()})
+    record["lr"] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
+    record["images_per_second"] = seen / max(elapsed, 1e-9)
+    record["seconds"] = elapsed
+    return record
+
+
+def _epoch_loader(run: Run) -> Any:
+    """The epoch's batches: from the device cache (decoded once, cropped and flipped on the device,
+    prefetched by a thread) or through PIL in DataLoader workers."""
+    from plmetric.data.pipeline import CachedBatchLoader
+
+    cached, sampler, device = run.data.cached, run.batches.sampler, run.device
+    if cached is not None:
+        return CachedBatchLoader(
+            cached.cache, sampler, cached.train_augment, device, teacher_augment=cached.teacher_augment
+        )
+    return DataLoader(
+        run.data.train_set,
+        batch_sampler=sampler,
+        num_workers=run.cfg.data.num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def evaluate_and_save(run: Run, state: TrainingState, epoch: int, record: dict[str, Any]) -> None:
+    """Evaluate on the test split when due, keep the best epoch, then (rank 0) write the log line,
+    the model, the training state, and print the epoch's line."""
+    cfg, kept, out_dir = run.cfg, run.nets.kept, run.out_dir
+    main = dist_utils.is_main_process()
+    metrics = None
+    due = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
+    if run.data.test_set is not None and due:
+        metrics = evaluate_model(kept, run.data.test_set, cfg, run.device)
+        record.update({key: value for key, value in metrics.items() if key.startswith("recall@")})
+        record["map@r"] = metrics.get("map@r")
+        if state.record_best(epoch + 1, metrics) and main:
+            save_model(
+                out_dir / BEST_MODEL_FILE, run.method.deployable(kept), model_metadata(cfg, kept, epoch + 1, metrics)
+            )
+    select_epoch(run, state, epoch + 1, record, metrics)
+    state.history.append(record)
+    state.next_epoch = epoch + 1
+    if main:
+        append_log(out_dir / LOG_FILE, record)
+        save_model(out_dir / MODEL_FILE, run.method.deployable(kept), model_metadata(cfg, kept, epoch + 1, metrics))
+        state.save(out_dir / STATE_FILE, cfg, run.parts())
+        losses = " ".join(f"{key} {value:.4f}" for key, value in record.items() if key.startswith("loss"))
+        r1 = f" R@1 {100 * metrics['recall@1']:.2f}" if metrics else ""
+        print(f"epoch {epoch + 1}/{cfg.train.epochs}: {losses}{r1} ({record['images_per_second']:.0f} img/s)")
+    dist_utils.barrier()
+
+
+def start_selection(
+    cfg: Config,
+    method: Method,
+    nets: Networks,
+    data: TrainData,
+    batches: Batches | None,
+    state: TrainingState,
+    device: torch.device,
+    out_dir: Path,
+) -> None:
+    """Fix the subset of training images the label-free criteria are computed on, embed it with the
+    start, and make the start the first candidate (epoch 0, saved as ``selected.safetensors``)."""
+    rows = batches.readable_rows if batches is not None else None
+    rows = torch.arange(len(data.train_set)) if rows is None else rows.cpu()
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    items = rows[torch.randperm(rows.numel(), generator=generator)[: cfg.train.select_images]].sort().values
+    start, _, index = embed_source(nets.kept, data.bank_set, cfg, device, indices=items.tolist())
+    state.selection_items, state.selection_start = index, start
+    rule = cfg.train.select
+    state.selection_start_criteria = selection_criteria(start, start, k=cfg.train.select_k)
+    score = 0.0 if rule == "final" else state.selection_start_criteria[rule]
+    state.record_selected(0, score, state.start_metrics, rule)
+    if dist_utils.is_main_process():
+        model = method.deployable(nets.kept)
+        save_model(out_dir / SELECTED_MODEL_FILE, model, model_metadata(cfg, nets.kept, 0, state.start_metrics))
+
+
+def select_epoch(
+    run: Run, state: TrainingState, epoch: int, record: dict[str, Any], metrics: dict[str, Any] | None
+) -> None:
+    """Compute the label-free criteria of the epoch on the training subset, log them, and keep the
+    epoch as ``selected.safetensors`` when the rule (``train.select``) prefers it."""
+    cfg, nets = run.cfg, run.nets
+    items = state.selection_items.tolist()
+    kept, _, _ = embed_source(nets.kept, run.data.bank_set, cfg, run.device, indices=items)
+    student = None
+    if nets.kept is not nets.student:
+        student, _, _ = embed_source(nets.student, run.data.bank_set, cfg, run.device, indices=items)
+    criteria = selection_criteria(kept, state.selection_start, student, k=cfg.train.select_k)
+    record["selection"] = criteria
+    rule = cfg.train.select
+    if state.record_selected(epoch, criteria.get(rule, 0.0), metrics, rule) and dist_utils.is_main_process():
+        model = run.method.deployable(nets.kept)
+        save_model(run.out_dir / SELECTED_MODEL_FILE, model, model_metadata(cfg, nets.kept, epoch, metrics))
+
+
+def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, sums: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """Raise `NonFiniteLossError` when the device-side flag recorded a non-finite loss (one host sync)."""
+    bad_step = int(first_bad)
+    if bad_step >= 0:
+        raise NonFiniteLossError(
+            f"the loss became non-finite at epoch {epoch + 1}, step {bad_step + 1} "
+            f"(running sums: { {name: float(v) for name, v in sums.items()} }); "
+            f"the last good checkpoint is in {out_dir}"
+        )
+
+
+# ============================================================================ the run
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    splits: DatasetSplits | None = None,
+    model: nn.Module | None = None,
+    progress: bool = True,
+    stop_after_epochs: int | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train an embedding with ``cfg.train.method`` (labels, when present, are used for evaluation
+    only, except by a method that trains with them: the supervised ceiling).
+
+    Args:
+        cfg: The run's configuration (validated here before any work starts).
+        out_dir: Run folder (:mod:`plmetric.training.runs`).
+        resume: Continue from ``out_dir/state.pt`` exactly where it stopped (the log is cut back
+            to the state's epoch); with a larger ``cfg.train.epochs``, extend a finished run.
+        splits: Data sets to use instead of loading ``cfg.data`` (tests, notebooks).
+        model: Student network to use instead of ``create_model(cfg.model...)``; it must have
+            ``backbone`` and ``embedding`` sub-modules and return L2-normalised embeddings.
+        progress: Show tqdm progress bars (rank 0).
+        stop_after_epochs: Stop (resumably) after this many epochs of this invocation, e.g. to fit
+            a job's time limit; ``resume=True`` later continues exactly.
+        overwrite: Replace a run already in ``out_dir`` (without it, such a folder is refused).
+
+    Returns:
+        The per-epoch history and the metrics of the start, the final and the best epoch.
+    """
+    cfg.validate()
+    out_dir = Path(out_dir)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+    if resume and stopped_before_first_epoch(out_dir):
+        # nothing was finished (no state, at most the first epoch's files): there is nothing to continue
+        if dist_utils.is_main_process():
+            print(f"{out_dir} has no training state yet (stopped in its first epoch): starting it from the beginning")
+        resume, overwrite = False, True
+    raw_state = load_training_state(out_dir / STATE_FILE, cfg) if resume else None
+    check_run_folder(out_dir, resume=resume, overwrite=overwrite)
+    device = resolve_device(cfg.train.device, option="train.device")
+    group_created_here = dist_utils.init_from_env(str(device))
+    try:
+        # value checks (finiteness, index ranges) would cost a host sync per call; the loop checks its loss
+        with value_checks(False):
+            return _train(cfg, out_dir, raw_state, splits, model, progress, stop_after_epochs, device)
+    finally:
+        if group_created_here:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    cfg: Config,
+    out_dir: Path,
+    raw_state: dict[str, Any] | None,
+    splits: DatasetSplits | None,
+    model: nn.Module | None,
+    progress: bool,
+    stop_after_epochs: int | None,
+    device: torch.device,
+) -> TrainResult:
+    main = dist_utils.is_main_process()
+    seed_everything(cfg.train.seed)
+    method = get_method(cfg.train.method)(cfg)
+    if not method.trains:
+        raw_state = None  # nothing to resume: the start is evaluated again
+
+    # ---------------------------------------------------------------- data, networks, bank, batches
+    data = build_data(cfg, splits, device, method)
+    nets = build_networks(cfg, method, model, data, device, fresh=raw_state is None)
+    batches = build_batches(cfg, method, nets, data, device, raw_state, out_dir) if method.trains else None
+
+    # ---------------------------------------------------------------- objective, optimiser, schedule
+    run = _build_run(cfg, method, data, nets, batches, device, out_dir) if method.trains else None
+
+    # ---------------------------------------------------------------- resume, or start the folder
+    if raw_state is not None:
+        state = TrainingState.restore(raw_state, run.parts() | {"bank": None}, out_dir / STATE_FILE)
+        if main:
+            clear_run_folder(out_dir, replace=False)
+            state.rewrite_log(out_dir)  # records after the state (cut short by a crash) are dropped
+            save_config(cfg, out_dir / CONFIG_FILE)  # an extended run records its new length
+            print(f"resuming {out_dir} after epoch {state.next_epoch}")
+    else:
+        state = TrainingState()
+        if main:  # the run's first file: only now is a replaced run (--overwrite) removed
+            clear_run_folder(out_dir, replace=True)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out_dir / CONFIG_FILE)
+    if data.test_set is not None and state.start_metrics is None:
+        state.start_metrics = evaluate_model(nets.teacher, data.test_set, cfg, device)
+        if main:
+            print(f"start: R@1 {100 * state.start_metrics['recall@1']:.2f}")
+    if not method.trains:
+        return _report_start(cfg, method, nets, data, state, out_dir)
+    if state.selection_items is None:
+        start_selection(cfg, method, nets, data, batches, state, device, out_dir)
+
+    # ---------------------------------------------------------------- the epochs
+    end = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, state.next_epoch + stop_after_epochs)
+    for epoch in range(state.next_epoch, end):
+        record = train_one_epoch(run, epoch, progress)
+        evaluate_and_save(run, state, epoch, record)
+    return _finish(cfg, state, data, batches.skipped_images, out_dir)
+
+
+def _build_run(
+    cfg: Config, method: Method, data: TrainData, nets: Networks, batches: Batches, device: torch.device, out_dir: Path
+) -> Run:
+    """The method's objective (proxies placed on the bank's embeddings), AdamW, the schedule, the
+    DDP/compile wrappers and the step."""
+    init = None
+    if batches.bank is not None:
+        rows = batches.readable_rows
+        init = batches.bank.embeddings if rows is None else batches.bank.embeddings[rows]
+    objective = method.build_objective(nets.dim, init, torch.Generator().manual_seed(cfg.train.seed)).to(device)
+    optimizer = build_optimizer(cfg.train, nets.student, objective)
+    scheduler = build_scheduler(cfg.train, optimizer, batches.steps_per_epoch)
+    wrap_for_step(cfg, nets, device)
+    step = TrainStep(
+        cfg,
+        method,
+        nets.student,
+        nets.ddp_student,
+        nets.teacher,
+        objective,
+        optimizer,
+        scheduler,
+        batches.bank,
+        device,
+        nets.teacher_forward,
+    )
+    return Run(cfg, method, data, nets, batches, objective, optimizer, scheduler, step, device, out_dir)
+
+
+def _report_start(
+    cfg: Config, method: Method, nets: Networks, data: TrainData, state: TrainingState, out_dir: Path
+) -> TrainResult:
+    """A method that does not train: the start is the final and the best, saved as the model."""
+    start = state.start_metrics
+    skipped = [data.train_set.describe(i) for i in data.train_set.unreadable]
+    if dist_utils.is_main_process():
+        save_model(out_dir / MODEL_FILE, method.deployable(nets.student), model_metadata(cfg, nets.student, 0, start))
+        summary = {"start": start, "final": start, "best": start, "best_epoch": 0, "epochs": 0}
+        summary.update(selected=start, selected_epoch=0, select_rule=cfg.train.select)
+        atomic_write_json(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
+    return TrainResult(out_dir, [], start, start, start, 0, skipped, 0, start)
+
+
+def _finish(cfg: Config, state: TrainingState, data: TrainData, skipped: list[str], out_dir: Path) -> TrainResult:
+    """The final epoch's metrics (None before the last epoch), the plots and ``summary.json``."""
+    history = state.history
+    final = None
+    if history and history[-1]["epoch"] == cfg.train.epochs and data.test_set is not None and "recall@1" in history[-1]:
+        final = {key: value for key, value in history[-1].items() if key.startswith("recall@") or key == "map@r"}
+    if dist_utils.is_main_process() and history:
+        plot_history(history, out_dir, state.start_metrics)
+        summary = {
+            "start": state.start_metrics,
+            "final": final,
+            "best": state.best_metrics,
+            "best_epoch": state.best_epoch,
+            "selected": state.selected_metrics,
+            "selected_epoch": state.selected_epoch,
+            "select_rule": cfg.train.select,
+            "selection_start": state.selection_start_criteria,
+            "selected_score": state.selected_score,  # the rule's value at the selected epoch
+            "final_selection": history[-1].get("selection"),  # every criterion at the last epoch
+            "epochs": cfg.train.epochs,
+        }
+        atomic_write_json(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
+    return TrainResult(
+        out_dir,
+        history,
+        state.start_metrics,
+        final,
+        state.best_metrics,
+        state.best_epoch,
+        skipped,
+        state.selected_epoch,
+        state.selected_metrics,
+        state.selection_start_criteria,
+    )

