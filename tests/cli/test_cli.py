@@ -318,6 +318,7 @@ def test_folder_preset_fits_the_folder_and_names_the_model_and_the_next_command(
     make_tree("images", root, classes=4, per_class=10, bad=0)
     run = tmp_path / "run"
     small = ["data.image_size=32", "data.num_workers=0", "train.epochs=2", "train.device=cpu", "train.warmup_epochs=0"]
+    small.append("train.select=mutual_knn")  # the preset keeps the last epoch; the label-free pick on request
     args = ["train", "--images", str(root), "--out", str(run), "--no-progress", *[f"--set={s}" for s in small]]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -325,7 +326,7 @@ def test_folder_preset_fits_the_folder_and_names_the_model_and_the_next_command(
     assert "train.batch_size=40" in out and "model.embedding_dim=40" in out
     cfg = load_config(run / "config.yaml")
     assert (cfg.model.backbone, cfg.train.batch_size, cfg.model.embedding_dim) == ("efficientnet_lite0", 40, 40)
-    assert (cfg.plm.num_proxies, cfg.plm.target_space) == (0, "features")  # the recipe: no proxies
+    assert (cfg.plm.num_proxies, cfg.plm.target_space) == (0, "embedding")  # the pile recipe: no proxies
     summary = json.loads((run / "summary.json").read_text())
     assert summary["select_rule"] == "mutual_knn" and summary["selected_epoch"] in (0, 1, 2)
     assert set(summary["final_selection"]) >= {"mutual_knn", "start_agreement"}

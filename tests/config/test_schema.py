@@ -33,10 +33,14 @@ def test_recipe_configs_share_the_method_settings_and_differ_in_training():
     assert recipe.data == paper.data
     assert (recipe.train.momentum, recipe.train.lr_backbone, recipe.train.lr_embedding) == (0.99, 1e-5, 3e-4)
     assert (recipe.train.keep, recipe.train.teacher_view, recipe.model.embedding_init) == ("teacher", "clean", "pca")
-    for name in ("cars196", "sop", "plankton106", "folder"):
+    for name in ("cars196", "sop", "plankton106"):
         other = load_config(name)
         assert (other.train.keep, other.train.teacher_view, other.train.lr_backbone) == ("teacher", "clean", 1e-5)
         assert (other.plm.target_space, other.plm.num_proxies) == ("features", 0), name
+    # the folder preset (train --images): the pile recipe of docs/results.md for the head mode a CPU gets
+    folder = load_config("folder")
+    assert (folder.train.mode, folder.train.views, folder.train.min_steps) == ("auto", 5, 300)
+    assert (folder.plm.target_space, folder.train.lr_embedding, folder.train.select) == ("embedding", 1e-3, "final")
 
 
 def test_overrides_are_typed():

@@ -131,8 +131,11 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def print_before_after(start, final, best, best_epoch) -> None:  # noqa: ANN001
-    """The Recall@K table of a run: the untrained start, the last epoch and the best one."""
+def print_before_after(result: Any, epochs: int) -> None:
+    """The Recall@K table of a finished run on its labelled test split: the untrained start, the
+    model kept (the label-free pick), the last epoch, and the best epoch, marked as an oracle (chosen
+    with the test labels: a yardstick, never a model to use)."""
+    start, final = result.start_metrics, result.final_metrics
     if start is None:
         print("no labelled test split: evaluation skipped")
         return
@@ -140,9 +143,19 @@ def print_before_after(start, final, best, best_epoch) -> None:  # noqa: ANN001
         print("stopped before the last epoch: continue with --resume")
         return
     keys = [k for k in start if k.startswith("recall@")]
-    print("            " + "  ".join(f"{k:>9}" for k in keys))
-    for name, metrics in (("start", start), ("final", final), (f"best (ep {best_epoch})", best)):
-        print(f"{name:<12}" + "  ".join(f"{100 * metrics[k]:9.2f}" for k in keys))
+    rows = [("start", start)]
+    if result.selected_metrics is not None:
+        picked = "kept: the start" if not result.selected_epoch else f"kept (ep {result.selected_epoch})"
+        rows.append((picked, result.selected_metrics))
+    rows.append((f"final (ep {epochs})", final))
+    if result.best_metrics is not None:
+        rows.append((f"best (ep {result.best_epoch}), oracle", result.best_metrics))
+    width = max(len(name) for name, _ in rows) + 2
+    print(" " * width + "  ".join(f"{k:>9}" for k in keys))
+    for name, metrics in rows:
+        print(f"{name:<{width}}" + "  ".join(f"{100 * metrics[k]:9.2f}" for k in keys))
+    if result.selected_metrics is not None:
+        print("kept = the epoch picked without labels (selected.safetensors); oracle = picked with the test labels")
 
 
 def image_paths(

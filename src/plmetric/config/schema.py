@@ -54,6 +54,9 @@ class ModelConfig:
     frozen_stages: int = 0  # freeze the first N backbone stages (training.backbone_stages)
 
 
+TRAIN_MODES = ("auto", "end_to_end", "head", "tail")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, sampling and bookkeeping (METHOD.md §1, §6)."""
@@ -79,6 +82,12 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the student's and the teacher's forward
     max_steps_per_epoch: int | None = None  # for quick runs and tests
+    min_steps: int = 0  # floor on the run's optimiser steps: a small pile gets more steps an epoch (0: none)
+    # what trains (plmetric.training.cached): end_to_end (images, every epoch), head (the embedding layer on
+    # pooled features of train.views cached views per image), tail (the stages after model.frozen_stages on
+    # cached feature maps), auto (end_to_end on a GPU, head elsewhere)
+    mode: str = "end_to_end"
+    views: int = 5  # cached views per training image (head, tail): the clean view and views - 1 random crops
     teacher_view: str = "same"  # teacher input: same (the student crop), clean (eval transform), other (a 2nd crop)
     keep: str = "student"  # the network evaluated and saved: student, or teacher (its moving average)
     # label-free model selection (plmetric.evaluation.selection): the rule that picks the epoch kept as
@@ -141,6 +150,14 @@ class Config:
             )
         check_choice("train.teacher_view", t.teacher_view, ("same", "clean", "other"))
         check_choice("train.keep", t.keep, ("student", "teacher"))
+        check_choice("train.mode", t.mode, TRAIN_MODES)
+        check_int("train.views", t.views, 1)
+        check_int("train.min_steps", t.min_steps, 0)
+        if t.mode == "tail" and mdl.frozen_stages < 1:
+            raise ValueError(
+                "train.mode=tail trains the stages after model.frozen_stages on their cached input: "
+                "set model.frozen_stages >= 1"
+            )
         from plmetric.evaluation.selection import SELECTION_RULES
 
         check_choice("train.select", t.select, SELECTION_RULES)

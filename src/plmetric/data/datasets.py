@@ -282,11 +282,18 @@ class ViewFeatureDataset(Dataset):
     Args:
         views: (V, N, ...) tensor, V >= 1.
         labels: (N,) class ids, or None (unlabelled).
+        paths: the N images' files (what :meth:`describe` names), or None.
     """
 
     PAIRED = "paired views"
 
-    def __init__(self, views: torch.Tensor, labels: Sequence[int] | np.ndarray | None, name: str = ""):
+    def __init__(
+        self,
+        views: torch.Tensor,
+        labels: Sequence[int] | np.ndarray | None,
+        name: str = "",
+        paths: Sequence[str] | None = None,
+    ):
         self.name = name
         self.views = torch.as_tensor(views)
         if self.views.dim() < 3 or not self.views.is_floating_point():
@@ -295,6 +302,9 @@ class ViewFeatureDataset(Dataset):
         self.labels = np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, np.int64).reshape(-1)
         if len(self.labels) != n:
             raise ValueError(f"ViewFeatureDataset {name!r}: {n} items but {len(self.labels)} labels")
+        if paths is not None and len(paths) != n:
+            raise ValueError(f"ViewFeatureDataset {name!r}: {n} items but {len(paths)} paths")
+        self.paths = list(paths) if paths is not None else None
         self.transform: Any = self.PAIRED if self.views.shape[0] > 1 else None
         self.skipped = 0
         self.unreadable: list[int] = []
@@ -308,7 +318,8 @@ class ViewFeatureDataset(Dataset):
         """Precomputed views are always readable; nothing to record."""
 
     def describe(self, i: int) -> str:
-        return f"view row {i}"
+        """The file of item ``i`` when known, else ``view row i``."""
+        return str(self.paths[i]) if self.paths is not None else f"view row {i}"
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -724,8 +724,10 @@ def embed_dataset(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    desc: str = "embedding",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Embed every readable item of a data set whose items are ``(image, label, index)``.
+    """Embed every readable item of a data set whose items are ``(image, label, index)``; with
+    ``progress``, a bar named ``desc`` with its rate.
 
     The model runs in eval mode (its previous train/eval mode is restored afterwards) on batches
     made by :func:`plmetric.data.datasets.collate_skip_none`, which drops unreadable (None) items.
@@ -755,7 +757,7 @@ def embed_dataset(
     model.eval()
     embeddings, labels, indices = [], [], []
     try:
-        for batch in tqdm(loader, desc="embedding", unit="batch", disable=not progress):
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
             if batch is None:
                 continue
             images, batch_labels, batch_indices = batch

@@ -23,6 +23,7 @@ identical on every rank, and rank 0 alone writes files.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,23 @@ from plmetric.core import distributed as dist_utils
 from plmetric.core import faults
 from plmetric.core.checkpoint import atomic_write_json, save_model
 from plmetric.config.schema import Config, save_config
-from plmetric.data.datasets import DatasetSplits, FeatureDataset, PairedViews, collate_skip_none, load_dataset, with_transform
+from plmetric.data.datasets import (
+    DatasetSplits,
+    FeatureDataset,
+    PairedViews,
+    ViewFeatureDataset,
+    collate_skip_none,
+    load_dataset,
+    with_transform,
+)
 from plmetric.core.devices import resolve_device
 from plmetric.methods import get_method
 from plmetric.methods.base import Method, Objective, StepInputs
 from plmetric.training.networks import freeze_batchnorm, freeze_stages, frozen_stage_modules, init_embedding_pca
-from plmetric.training.optimization import build_optimizer, build_scheduler
+from plmetric.training.cached import CACHED_MODES, CachedTraining, build_cached_training, resolve_mode
+from plmetric.training.optimization import build_optimizer, build_scheduler, epoch_steps
 from plmetric.training.passes import (
+    loader_workers,
     CachedImages,
     build_cached_images,
     embed_source,
@@ -96,6 +107,8 @@ class TrainResult:
     selected_epoch: int | None = None  # the label-free pick (train.select; 0 = the start)
     selected_metrics: dict[str, Any] | None = None  # its test metrics (None without a test split)
     selection_start: dict[str, float] | None = None  # the selection criteria of the start (epoch 0)
+    selected_score: float | None = None  # the rule's criterion at the pick
+    change: dict[str, Any] | None = None  # what training changed (training.report; rank 0, finished runs)
 
 
 # ============================================================================ one step
@@ -232,12 +245,14 @@ def build_data(
             test_transform=eval_transform,
             verbose=dist_utils.is_main_process(),
         )
+    elif isinstance(splits.train, ViewFeatureDataset):  # cached views: any other transform gives the clean view
+        eval_transform = None
     else:  # injected data sets: the test split's transform is the deterministic one
         eval_transform = splits.test.transform if splits.test is not None else splits.train.transform
     train_set = splits.train
     bank_set = with_transform(train_set, eval_transform)
     view = cfg.train.teacher_view
-    if view != "same":
+    if view != "same" and not isinstance(train_set, ViewFeatureDataset):  # cached views pair themselves
         if isinstance(train_set, FeatureDataset):
             raise ValueError(f"train.teacher_view={view} needs images; a feature data set has one view")
         teacher_transform = eval_transform if view == "clean" else train_set.transform
@@ -266,10 +281,24 @@ class Networks:
     ddp_student: nn.Module
     teacher_forward: nn.Module
     dim: int
+    # the whole image model a checkpoint holds, given the trained network (cached modes: the frozen
+    # pretrained part + the trained part; otherwise the network itself)
+    image_model: Callable[[nn.Module], nn.Module] = field(default=lambda model: model)
+
+    def deployable(self, method: Method, model: nn.Module) -> nn.Module:
+        """What a checkpoint of ``model`` holds: the method's deployable network as an image model."""
+        return self.image_model(method.deployable(model))
 
 
 def build_networks(
-    cfg: Config, method: Method, model: nn.Module | None, data: TrainData, device: torch.device, fresh: bool
+    cfg: Config,
+    method: Method,
+    model: nn.Module | None,
+    data: TrainData,
+    device: torch.device,
+    fresh: bool,
+    image_model: Callable[[nn.Module], nn.Module] | None = None,
+    progress: bool = False,
 ) -> Networks:
     """Create (or take) the student, let the method wrap it, freeze stages, PCA-initialise the
     embedding layer of a fresh run, and make the teacher (wrappers come with :func:`wrap_for_step`)."""
@@ -284,15 +313,24 @@ def build_networks(
         )
     student = method.wrap_student(model)
     student.to(device)
-    if cfg.model.frozen_stages:
+    if frozen_stages(cfg, data):
         freeze_stages(student, cfg.model.frozen_stages)
     if cfg.model.embedding_init == "pca" and fresh:
-        init_embedding_pca(student, pooled_features(student, data.bank_set, cfg, device))
+        init_embedding_pca(student, pooled_features(student, data.bank_set, cfg, device, progress=progress))
     if device.type == "cuda" and cfg.train.channels_last:
         student.to(memory_format=torch.channels_last)
     teacher = make_teacher(student)
     kept = teacher if cfg.train.keep == "teacher" else student
-    return Networks(student, teacher, kept, student, teacher, int(student.embedding_dim))
+    nets = Networks(student, teacher, kept, student, teacher, int(student.embedding_dim))
+    if image_model is not None:
+        nets.image_model = image_model
+    return nets
+
+
+def frozen_stages(cfg: Config, data: TrainData) -> int:
+    """The student's frozen stages: ``model.frozen_stages``, or none when it trains on cached inputs
+    (train.mode tail: the frozen stages were run once, before training; the student is the rest)."""
+    return 0 if isinstance(data.train_set, (FeatureDataset, ViewFeatureDataset)) else cfg.model.frozen_stages
 
 
 def wrap_for_step(cfg: Config, nets: Networks, device: torch.device) -> None:
@@ -318,12 +356,14 @@ class Batches:
     readable_rows: torch.Tensor | None  # None: every training image is readable
     skipped_images: list[str]
 
-    def start_epoch(self, cfg: Config, epoch: int, nets: Networks, data: TrainData, device: torch.device) -> None:
+    def start_epoch(
+        self, cfg: Config, epoch: int, nets: Networks, data: TrainData, device: torch.device, progress: bool = False
+    ) -> None:
         """Refresh the bank every ``train.bank_refresh_every`` epochs, renew the neighbour table,
         select the epoch's batches."""
         if self.bank is not None and epoch > 0:
             if epoch % cfg.train.bank_refresh_every == 0:
-                refresh_bank(self.bank, nets.teacher, data.bank_set, cfg, device)
+                refresh_bank(self.bank, nets.teacher, data.bank_set, cfg, device, progress=progress)
             self.sampler.set_neighbours(
                 self.bank.neighbours(cfg.train.neighbours_per_seed - 1, rows=self.readable_rows)
             )
@@ -338,6 +378,7 @@ def build_batches(
     device: torch.device,
     raw_state: dict[str, Any] | None,
     out_dir: Path,
+    progress: bool = False,
 ) -> Batches:
     """Fill (or restore) the memory bank, find the unreadable images, build the batch sampler."""
     world, rank, k = dist_utils.world_size(), dist_utils.rank(), cfg.train.neighbours_per_seed
@@ -345,7 +386,7 @@ def build_batches(
     if method.sampling == "neighbourhood":
         bank = MemoryBank(len(data.train_set), nets.dim, device=device)
         if raw_state is None:
-            refresh_bank(bank, nets.teacher, data.bank_set, cfg, device)
+            refresh_bank(bank, nets.teacher, data.bank_set, cfg, device, progress=progress)
         else:
             try:
                 bank.load_state_dict(raw_state["bank"])
@@ -379,10 +420,9 @@ def build_batches(
         )
     num_readable = len(data.train_set) if readable is None else int(readable.numel())
     # An epoch shows about as many images as the training set holds (STML's convention): N // B batches,
-    # each with a fresh random set of seeds, rather than every image as a seed (k times longer).
-    steps = min(len(sampler), num_readable // cfg.train.batch_size)
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    # each with a fresh random set of seeds, rather than every image as a seed (k times longer);
+    # train.min_steps raises it for a small pile.
+    steps = epoch_steps(cfg.train, num_readable, len(sampler))
     if steps == 0:
         raise ValueError(
             f"an epoch has no batch: {num_readable} training images, train.batch_size {cfg.train.batch_size}, "
@@ -432,6 +472,7 @@ class Run:
     step: TrainStep
     device: torch.device
     out_dir: Path
+    progress: bool = False  # progress bars with a rate on the passes (rank 0)
 
     def parts(self) -> dict[str, Any]:
         """What a training state saves and restores, by name (the state file's layout)."""
@@ -451,12 +492,12 @@ def train_one_epoch(run: Run, epoch: int, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
 
     cfg, nets, batches, device = run.cfg, run.nets, run.batches, run.device
-    batches.start_epoch(cfg, epoch, nets, run.data, device)
+    batches.start_epoch(cfg, epoch, nets, run.data, device, progress=progress)
     loader = _epoch_loader(run)
     nets.student.train()
     if cfg.model.freeze_bn:
         freeze_batchnorm(nets.student)
-    for stage in frozen_stage_modules(nets.student, cfg.model.frozen_stages):
+    for stage in frozen_stage_modules(nets.student, frozen_stages(cfg, run.data)):
         stage.eval()
     monitor_labels = run.data.labelled
     sums: dict[str, torch.Tensor] = {}
@@ -516,7 +557,7 @@ def _epoch_loader(run: Run) -> Any:
     return DataLoader(
         run.data.train_set,
         batch_sampler=sampler,
-        num_workers=run.cfg.data.num_workers,
+        num_workers=loader_workers(run.cfg, run.data.train_set),
         collate_fn=collate_skip_none,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -531,19 +572,23 @@ def evaluate_and_save(run: Run, state: TrainingState, epoch: int, record: dict[s
     metrics = None
     due = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
     if run.data.test_set is not None and due:
-        metrics = evaluate_model(kept, run.data.test_set, cfg, run.device)
+        metrics = evaluate_model(kept, run.data.test_set, cfg, run.device, progress=run.progress)
         record.update({key: value for key, value in metrics.items() if key.startswith("recall@")})
         record["map@r"] = metrics.get("map@r")
         if state.record_best(epoch + 1, metrics) and main:
             save_model(
-                out_dir / BEST_MODEL_FILE, run.method.deployable(kept), model_metadata(cfg, kept, epoch + 1, metrics)
+                out_dir / BEST_MODEL_FILE,
+                run.nets.deployable(run.method, kept),
+                model_metadata(cfg, kept, epoch + 1, metrics),
             )
     select_epoch(run, state, epoch + 1, record, metrics)
     state.history.append(record)
     state.next_epoch = epoch + 1
     if main:
         append_log(out_dir / LOG_FILE, record)
-        save_model(out_dir / MODEL_FILE, run.method.deployable(kept), model_metadata(cfg, kept, epoch + 1, metrics))
+        save_model(
+            out_dir / MODEL_FILE, run.nets.deployable(run.method, kept), model_metadata(cfg, kept, epoch + 1, metrics)
+        )
         state.save(out_dir / STATE_FILE, cfg, run.parts())
         losses = " ".join(f"{key} {value:.4f}" for key, value in record.items() if key.startswith("loss"))
         r1 = f" R@1 {100 * metrics['recall@1']:.2f}" if metrics else ""
@@ -560,6 +605,7 @@ def start_selection(
     state: TrainingState,
     device: torch.device,
     out_dir: Path,
+    progress: bool = False,
 ) -> None:
     """Fix the subset of training images the label-free criteria are computed on, embed it with the
     start, and make the start the first candidate (epoch 0, saved as ``selected.safetensors``)."""
@@ -567,14 +613,15 @@ def start_selection(
     rows = torch.arange(len(data.train_set)) if rows is None else rows.cpu()
     generator = torch.Generator().manual_seed(cfg.train.seed)
     items = rows[torch.randperm(rows.numel(), generator=generator)[: cfg.train.select_images]].sort().values
-    start, _, index = embed_source(nets.kept, data.bank_set, cfg, device, indices=items.tolist())
-    state.selection_items, state.selection_start = index, start
+    bar = "selection (start)" if progress else None
+    start, _, index = embed_source(nets.kept, data.bank_set, cfg, device, indices=items.tolist(), progress=bar)
+    state.selection_items, state.selection_start, state.selection_kept = index, start, start
     rule = cfg.train.select
     state.selection_start_criteria = selection_criteria(start, start, k=cfg.train.select_k)
     score = 0.0 if rule == "final" else state.selection_start_criteria[rule]
     state.record_selected(0, score, state.start_metrics, rule)
     if dist_utils.is_main_process():
-        model = method.deployable(nets.kept)
+        model = nets.deployable(method, nets.kept)
         save_model(out_dir / SELECTED_MODEL_FILE, model, model_metadata(cfg, nets.kept, 0, state.start_metrics))
 
 
@@ -585,15 +632,19 @@ def select_epoch(
     epoch as ``selected.safetensors`` when the rule (``train.select``) prefers it."""
     cfg, nets = run.cfg, run.nets
     items = state.selection_items.tolist()
-    kept, _, _ = embed_source(nets.kept, run.data.bank_set, cfg, run.device, indices=items)
+    bar = "selection" if run.progress else None
+    kept, _, _ = embed_source(nets.kept, run.data.bank_set, cfg, run.device, indices=items, progress=bar)
     student = None
     if nets.kept is not nets.student:
-        student, _, _ = embed_source(nets.student, run.data.bank_set, cfg, run.device, indices=items)
+        student, _, _ = embed_source(nets.student, run.data.bank_set, cfg, run.device, indices=items, progress=bar)
     criteria = selection_criteria(kept, state.selection_start, student, k=cfg.train.select_k)
     record["selection"] = criteria
     rule = cfg.train.select
-    if state.record_selected(epoch, criteria.get(rule, 0.0), metrics, rule) and dist_utils.is_main_process():
-        model = run.method.deployable(nets.kept)
+    selected = state.record_selected(epoch, criteria.get(rule, 0.0), metrics, rule)
+    if selected:
+        state.selection_kept = kept
+    if selected and dist_utils.is_main_process():
+        model = nets.deployable(run.method, nets.kept)
         save_model(run.out_dir / SELECTED_MODEL_FILE, model, model_metadata(cfg, nets.kept, epoch, metrics))
 
 
@@ -609,6 +660,8 @@ def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, sums: dict[str, tor
 
 
 # ============================================================================ the run
+
+DEFAULT_CRITERION = "mutual_knn"  # the label-free criterion reported when train.select keeps the final epoch
 
 
 def train(
@@ -657,7 +710,15 @@ def train(
     try:
         # value checks (finiteness, index ranges) would cost a host sync per call; the loop checks its loss
         with value_checks(False):
-            return _train(cfg, out_dir, raw_state, splits, model, progress, stop_after_epochs, device)
+            cached = None
+            mode = resolve_mode(cfg, device)
+            if dist_utils.is_main_process() and cfg.train.mode == "auto":
+                print(f"train.mode=auto: {mode} ({'a GPU' if device.type == 'cuda' else 'no GPU'}; "
+                      "change with --set train.mode=end_to_end|head|tail)")
+            if mode in CACHED_MODES and splits is None and model is None:
+                cached = build_cached_training(cfg, device, progress, mode)
+                splits, model = cached.splits, cached.student
+            return _train(cfg, out_dir, raw_state, splits, model, progress, stop_after_epochs, device, cached)
     finally:
         if group_created_here:
             torch.distributed.destroy_process_group()
@@ -672,6 +733,7 @@ def _train(
     progress: bool,
     stop_after_epochs: int | None,
     device: torch.device,
+    cached: CachedTraining | None = None,
 ) -> TrainResult:
     main = dist_utils.is_main_process()
     seed_everything(cfg.train.seed)
@@ -681,11 +743,14 @@ def _train(
 
     # ---------------------------------------------------------------- data, networks, bank, batches
     data = build_data(cfg, splits, device, method)
-    nets = build_networks(cfg, method, model, data, device, fresh=raw_state is None)
-    batches = build_batches(cfg, method, nets, data, device, raw_state, out_dir) if method.trains else None
+    image_model = cached.image_model if cached is not None else None
+    nets = build_networks(
+        cfg, method, model, data, device, fresh=raw_state is None, image_model=image_model, progress=progress
+    )
+    batches = build_batches(cfg, method, nets, data, device, raw_state, out_dir, progress) if method.trains else None
 
     # ---------------------------------------------------------------- objective, optimiser, schedule
-    run = _build_run(cfg, method, data, nets, batches, device, out_dir) if method.trains else None
+    run = _build_run(cfg, method, data, nets, batches, device, out_dir, progress) if method.trains else None
 
     # ---------------------------------------------------------------- resume, or start the folder
     if raw_state is not None:
@@ -702,24 +767,32 @@ def _train(
             out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out_dir / CONFIG_FILE)
     if data.test_set is not None and state.start_metrics is None:
-        state.start_metrics = evaluate_model(nets.teacher, data.test_set, cfg, device)
+        state.start_metrics = evaluate_model(nets.teacher, data.test_set, cfg, device, progress=progress)
         if main:
             print(f"start: R@1 {100 * state.start_metrics['recall@1']:.2f}")
     if not method.trains:
-        return _report_start(cfg, method, nets, data, state, out_dir)
+        return _report_start(cfg, method, nets, data, state, out_dir, cached.skipped_images if cached else [])
     if state.selection_items is None:
-        start_selection(cfg, method, nets, data, batches, state, device, out_dir)
+        start_selection(cfg, method, nets, data, batches, state, device, out_dir, progress)
 
     # ---------------------------------------------------------------- the epochs
     end = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, state.next_epoch + stop_after_epochs)
     for epoch in range(state.next_epoch, end):
         record = train_one_epoch(run, epoch, progress)
         evaluate_and_save(run, state, epoch, record)
-    return _finish(cfg, state, data, batches.skipped_images, out_dir)
+    skipped = (cached.skipped_images if cached is not None else []) + batches.skipped_images
+    return _finish(cfg, state, data, skipped, out_dir)
 
 
 def _build_run(
-    cfg: Config, method: Method, data: TrainData, nets: Networks, batches: Batches, device: torch.device, out_dir: Path
+    cfg: Config,
+    method: Method,
+    data: TrainData,
+    nets: Networks,
+    batches: Batches,
+    device: torch.device,
+    out_dir: Path,
+    progress: bool = False,
 ) -> Run:
     """The method's objective (proxies placed on the bank's embeddings), AdamW, the schedule, the
     DDP/compile wrappers and the step."""
@@ -744,27 +817,69 @@ def _build_run(
         device,
         nets.teacher_forward,
     )
-    return Run(cfg, method, data, nets, batches, objective, optimizer, scheduler, step, device, out_dir)
+    return Run(cfg, method, data, nets, batches, objective, optimizer, scheduler, step, device, out_dir, progress)
 
 
 def _report_start(
-    cfg: Config, method: Method, nets: Networks, data: TrainData, state: TrainingState, out_dir: Path
+    cfg: Config,
+    method: Method,
+    nets: Networks,
+    data: TrainData,
+    state: TrainingState,
+    out_dir: Path,
+    skipped_before: list[str],
 ) -> TrainResult:
     """A method that does not train: the start is the final and the best, saved as the model."""
     start = state.start_metrics
-    skipped = [data.train_set.describe(i) for i in data.train_set.unreadable]
+    skipped = skipped_before + [data.train_set.describe(i) for i in data.train_set.unreadable]
     if dist_utils.is_main_process():
-        save_model(out_dir / MODEL_FILE, method.deployable(nets.student), model_metadata(cfg, nets.student, 0, start))
+        model = nets.deployable(method, nets.student)
+        save_model(out_dir / MODEL_FILE, model, model_metadata(cfg, nets.student, 0, start))
         summary = {"start": start, "final": start, "best": start, "best_epoch": 0, "epochs": 0}
         summary.update(selected=start, selected_epoch=0, select_rule=cfg.train.select)
         atomic_write_json(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
     return TrainResult(out_dir, [], start, start, start, 0, skipped, 0, start)
 
 
+def change_report(cfg: Config, state: TrainingState, data: TrainData, out_dir: Path) -> dict[str, Any] | None:
+    """What training changed, on the label-free criteria's images: the criterion (``train.select``, or
+    ``mutual_knn`` when the rule keeps the final epoch) of the start and of the kept model, the share
+    of each image's 10 nearest neighbours that changed, and ``report.html``/``report.png`` (a few
+    random queries' top 8 before and after); None when the state holds no embeddings of the kept
+    model (a run resumed from an older state)."""
+    from plmetric.training.report import write_change_report
+
+    if state.selection_kept is None or state.selection_start is None or not state.history:
+        return None
+    rule, epoch = cfg.train.select, state.selected_epoch
+    criterion = DEFAULT_CRITERION if rule == "final" else rule
+    kept_score = state.history[-1]["selection"][criterion] if rule == "final" else float(state.selected_score)
+    items = state.selection_items.tolist()
+    paths = [data.train_set.describe(i) for i in items]
+    if rule == "final":
+        label = f"the last epoch ({epoch} of {cfg.train.epochs}; train.select=final)"
+    elif not epoch:
+        label = f"the untrained start, picked without labels by {rule}"
+    else:
+        label = f"epoch {epoch} of {cfg.train.epochs}, picked without labels by {rule}"
+    return write_change_report(
+        out_dir,
+        paths,
+        state.selection_start,
+        state.selection_kept,
+        criterion=criterion,
+        start_score=state.selection_start_criteria[criterion],
+        kept_score=kept_score,
+        kept_label=label,
+        k=cfg.train.select_k,
+        seed=cfg.train.seed,
+    )
+
+
 def _finish(cfg: Config, state: TrainingState, data: TrainData, skipped: list[str], out_dir: Path) -> TrainResult:
     """The final epoch's metrics (None before the last epoch), the plots and ``summary.json``."""
     history = state.history
-    final = None
+    final = change = None
     if history and history[-1]["epoch"] == cfg.train.epochs and data.test_set is not None and "recall@1" in history[-1]:
         final = {key: value for key, value in history[-1].items() if key.startswith("recall@") or key == "map@r"}
     if dist_utils.is_main_process() and history:
@@ -782,6 +897,8 @@ def _finish(cfg: Config, state: TrainingState, data: TrainData, skipped: list[st
             "final_selection": history[-1].get("selection"),  # every criterion at the last epoch
             "epochs": cfg.train.epochs,
         }
+        if history[-1]["epoch"] == cfg.train.epochs:
+            change = summary["change"] = change_report(cfg, state, data, out_dir)
         atomic_write_json(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
     return TrainResult(
         out_dir,
@@ -794,4 +911,6 @@ def _finish(cfg: Config, state: TrainingState, data: TrainData, skipped: list[st
         state.selected_epoch,
         state.selected_metrics,
         state.selection_start_criteria,
+        state.selected_score,
+        change,
     )

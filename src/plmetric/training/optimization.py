@@ -10,7 +10,7 @@ from torch import nn
 
 from plmetric.config.schema import TrainConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "cosine_with_warmup"]
+__all__ = ["build_optimizer", "build_scheduler", "cosine_with_warmup", "epoch_steps"]
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -23,6 +23,24 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def epoch_steps(train: TrainConfig, num_images: int, available: int) -> int:
+    """Optimiser steps of one epoch: about one pass over the ``num_images`` training images
+    (``num_images // B`` batches, STML's convention), at most the ``available`` batches the sampler
+    yields an epoch.
+
+    ``train.min_steps`` is a floor on the run's steps (``epochs`` times this): a small pile gets
+    ``ceil(min_steps / epochs)`` steps an epoch, as many as the sampler yields, so that the recipe
+    has the steps it needs to act; the learning-rate schedule follows the steps. ``train.max_steps_per_epoch``
+    caps the result (quick runs, tests).
+    """
+    steps = min(available, num_images // train.batch_size)
+    if train.min_steps:
+        steps = max(steps, min(available, math.ceil(train.min_steps / train.epochs)))
+    if train.max_steps_per_epoch:
+        steps = min(steps, train.max_steps_per_epoch)
+    return steps
 
 
 def build_optimizer(train: TrainConfig, student: nn.Module, objective: nn.Module) -> torch.optim.Optimizer:

@@ -16,7 +16,7 @@ from torch.utils.data import Subset
 
 from plmetric.core import distributed as dist_utils
 from plmetric.config.schema import Config
-from plmetric.data.datasets import ImageDataset
+from plmetric.data.datasets import FeatureDataset, ImageDataset, ViewFeatureDataset
 from plmetric.evaluation.metrics import embed_dataset, evaluate
 from plmetric.training.sampling import MemoryBank
 
@@ -27,9 +27,16 @@ __all__ = [
     "embed_distributed",
     "embed_source",
     "evaluate_model",
+    "loader_workers",
     "pooled_features",
     "refresh_bank",
 ]
+
+
+def loader_workers(cfg: Config, dataset: Any) -> int:
+    """DataLoader workers for ``dataset``: ``data.num_workers`` to decode images; none for tensors
+    already in memory (cached features and views), where a worker pool only costs its start."""
+    return 0 if isinstance(dataset, (FeatureDataset, ViewFeatureDataset)) else cfg.data.num_workers
 
 
 def embed_distributed(
@@ -40,9 +47,10 @@ def embed_distributed(
     num_workers: int,
     device: torch.device,
     indices: list[int] | None = None,
+    progress: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embed a data set (or its items ``indices``), sharded over ranks and gathered with its
-    indices (no duplicates).
+    indices (no duplicates); ``progress`` names the pass's progress bar (rank 0; None: no bar).
 
     Returns CPU float32 embeddings, labels and dataset indices sorted by index.
     """
@@ -52,7 +60,10 @@ def embed_distributed(
         shard = dataset if indices is None else Subset(dataset, items)
     else:
         shard = Subset(dataset, items[rank::world])
-    emb, labels, index = embed_dataset(model, shard, batch_size=batch_size, num_workers=num_workers, device=device)
+    bar = progress is not None and dist_utils.is_main_process()
+    emb, labels, index = embed_dataset(
+        model, shard, batch_size=batch_size, num_workers=num_workers, device=device, progress=bar, desc=progress or ""
+    )
     return _gather_in_index_order(emb, labels, index, device)
 
 
@@ -116,10 +127,15 @@ class CachedImages:
 
 
 def refresh_bank(
-    bank: MemoryBank, teacher: nn.Module, dataset: ImageDataset | CachedImages, cfg: Config, device: torch.device
+    bank: MemoryBank,
+    teacher: nn.Module,
+    dataset: ImageDataset | CachedImages,
+    cfg: Config,
+    device: torch.device,
+    progress: bool = False,
 ) -> None:
     """Re-embed the whole training set with the teacher into the memory bank."""
-    emb, _, index = embed_source(teacher, dataset, cfg, device)
+    emb, _, index = embed_source(teacher, dataset, cfg, device, progress="memory bank" if progress else None)
     bank.update(index.to(bank.embeddings.device), emb.to(bank.embeddings.device))
 
 
@@ -129,9 +145,11 @@ def embed_source(
     cfg: Config,
     device: torch.device,
     indices: list[int] | None = None,
+    progress: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embed a data set (PIL path) or cached images (eval-mode device augmentation), all items or
-    those in ``indices``, gathered over ranks in index order."""
+    those in ``indices``, gathered over ranks in index order; ``progress`` names a progress bar
+    (PIL path; the device cache is fast)."""
     if isinstance(source, CachedImages):
         return embed_cached(
             model,
@@ -145,9 +163,10 @@ def embed_source(
         model,
         source,
         batch_size=cfg.train.eval_batch_size,
-        num_workers=cfg.data.num_workers,
+        num_workers=loader_workers(cfg, source),
         device=device,
         indices=indices,
+        progress=progress,
     )
 
 
@@ -182,16 +201,23 @@ def build_cached_images(cfg: Config, dataset: Any, device: torch.device) -> Cach
     return CachedImages(cache, train_augment, eval_augment, teacher_augment)
 
 
-def evaluate_model(model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device) -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module, dataset: ImageDataset, cfg: Config, device: torch.device, progress: bool = False
+) -> dict[str, Any]:
     """Zero-shot retrieval metrics of ``model`` on a labelled test split."""
     emb, labels, _ = embed_distributed(
-        model, dataset, batch_size=cfg.train.eval_batch_size, num_workers=cfg.data.num_workers, device=device
+        model,
+        dataset,
+        batch_size=cfg.train.eval_batch_size,
+        num_workers=loader_workers(cfg, dataset),
+        device=device,
+        progress="evaluation" if progress else None,
     )
     return evaluate(emb, labels, compute_nmi=False)
 
 
 def pooled_features(
-    model: nn.Module, dataset: ImageDataset | CachedImages, cfg: Config, device: torch.device
+    model: nn.Module, dataset: ImageDataset | CachedImages, cfg: Config, device: torch.device, progress: bool = False
 ) -> torch.Tensor:
     """Pooled backbone features of a data set (for the PCA initialisation of the embedding layer)."""
 
@@ -203,5 +229,5 @@ def pooled_features(
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.inner.pooled_features(x)
 
-    feats, _, _ = embed_source(_Pooled(model), dataset, cfg, device)
+    feats, _, _ = embed_source(_Pooled(model), dataset, cfg, device, progress="start features" if progress else None)
     return feats.to(device)

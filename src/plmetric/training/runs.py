@@ -260,6 +260,7 @@ class TrainingState:
     selected_metrics: dict[str, Any] | None = None
     selection_items: torch.Tensor | None = None
     selection_start: torch.Tensor | None = None
+    selection_kept: torch.Tensor | None = None  # the selected epoch's embeddings of the same images
     selection_start_criteria: dict[str, float] | None = None
 
     def record_best(self, epoch: int, metrics: dict[str, Any]) -> bool:
@@ -295,7 +296,7 @@ class TrainingState:
                     "start_criteria": self.selection_start_criteria,
                 }
             ),
-            "selection": {"items": self.selection_items, "start": self.selection_start}
+            "selection": {"items": self.selection_items, "start": self.selection_start, "kept": self.selection_kept}
             if self.selection_items is not None
             else {},
         }
@@ -328,6 +329,7 @@ class TrainingState:
                 selected_metrics=selected.get("metrics"),
                 selection_items=selection.get("items"),
                 selection_start=selection.get("start"),
+                selection_kept=selection.get("kept"),
                 selection_start_criteria=selected.get("start_criteria"),
             )
             _set_rng_state(raw["rng"])

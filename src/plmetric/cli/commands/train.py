@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         stop_after_epochs=args.stop_after,
     )
-    print_before_after(result.start_metrics, result.final_metrics, result.best_metrics, result.best_epoch)
+    print_before_after(result, cfg.train.epochs)
     if result.skipped_images:
         print(f"left out {len(result.skipped_images)} unreadable training image(s): listed in summary.json")
     print(f"run folder: {result.out_dir}")
@@ -136,7 +136,18 @@ def _print_selected_and_next(cfg: Any, result: Any, images: str | None) -> None:
         )
     elif rule != "final":
         print(f"model: {model} (epoch {result.selected_epoch} of {cfg.train.epochs}, picked without labels by {rule})")
+    elif result.history:
+        print(f"model: {model} (the last epoch; train.select=final)")
     else:
         print(f"model: {model}")
+    change = result.change
+    if change is not None:
+        print(f"label-free criterion {change['criterion']}: start {change['start']:.4f}, kept {change['kept']:.4f}")
+        if change.get("neighbours_changed_mean") is not None:
+            print(
+                f"training changed {100 * change['neighbours_changed_mean']:.1f} % of each image's {change['k']} "
+                f"nearest neighbours (the nearest one of {100 * change['top1_changed']:.1f} % of the images); "
+                f"before/after: {result.out_dir / change['report_html']}"
+            )
     folder = images if images else "IMAGES_DIR"
     print(f"next:  plmetric index {folder} --checkpoint {model} --out {result.out_dir / 'index.safetensors'}")
