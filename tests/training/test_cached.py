@@ -147,3 +147,23 @@ def test_the_tail_image_model_is_the_prefix_then_the_trained_tail(pile):
     assert (got - expected).abs().max().item() <= SAME_BATCH_TOLERANCE
     # a fresh copy each time: composing never changes the trained network or the pretrained model
     assert cached.image_model(trained) is not full
+
+
+@pytest.mark.slow
+def test_caching_never_changes_the_pretrained_model(tmp_path):
+    """Caching a labelled set (train views, then the test split's clean view) leaves every weight and
+    BatchNorm statistic of the pretrained model as loaded: the frozen part runs in eval mode only."""
+    from plmetric.data.backbones import create_model
+
+    root = tmp_path / "labelled"
+    make_tree("folder", root, classes=4, per_class=6, bad=0)
+    cfg = load_config(
+        None, ["data.dataset=folder", f"data.root={root}", "data.image_size=32", "data.num_workers=0", "plm.num_proxies=0"]
+    )
+    cfg.train.views = 2
+    cached = build_cached_training(cfg, torch.device("cpu"), progress=False, mode="head")
+    assert cached.splits.test is not None and cached.splits.test.views.shape[0] == 1
+    fresh = create_model("efficientnet_lite0", embedding_dim=cfg.model.embedding_dim).state_dict()
+    for name, value in cached.model.state_dict().items():
+        if not name.startswith("embedding."):  # the layer is initialised at random, then replaced
+            assert torch.equal(value, fresh[name]), name
