@@ -167,3 +167,25 @@ def test_caching_never_changes_the_pretrained_model(tmp_path):
     for name, value in cached.model.state_dict().items():
         if not name.startswith("embedding."):  # the layer is initialised at random, then replaced
             assert torch.equal(value, fresh[name]), name
+
+
+@pytest.mark.slow
+def test_an_end_to_end_run_says_how_long_before_its_first_pass_and_keeps_its_random_stream(pile, tmp_path, capsys):
+    from plmetric.training.estimate import end_to_end_estimate
+
+    run = tmp_path / "e2e"
+    small = ["data.image_size=32", "data.num_workers=0", "model.embedding_dim=8", "train.epochs=1"]
+    small += ["train.mode=end_to_end", "train.max_steps_per_epoch=1", "train.select_k=3"]
+    assert main(["train", "--images", str(pile), "--out", str(run), "--no-progress", *[f"--set={s}" for s in small]]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("train.mode=end_to_end:"))
+    assert "24 images, 1 steps of 20 (1 epochs); expected at least" in line  # batch fitted: 24 - 24 % 5
+    assert out.index(line) < out.index("epoch 1/1")
+    # the probe builds and runs a network, but under fork_rng: the run's random stream is untouched
+    cfg = load_config(run / "config.yaml")
+    from plmetric.data.datasets import load_dataset
+
+    splits = load_dataset("images", str(pile), verbose=False)
+    before = torch.random.get_rng_state()
+    end_to_end_estimate(cfg, splits.train, None, torch.device("cpu"), steps=1)
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -6,7 +6,8 @@ folder and the exact training state; :mod:`~plmetric.training.optimization` Adam
 :mod:`~plmetric.training.networks` the student's frozen stages, tail and PCA-initialised layer;
 :mod:`~plmetric.training.sampling` the memory bank, the batch samplers and the EMA teacher;
 :mod:`~plmetric.training.cached` ``train.mode`` head and tail (views cached once, the estimate, the
-checkpoint as the whole image model); :mod:`~plmetric.training.report` what training changed.
+checkpoint as the whole image model); :mod:`~plmetric.training.report` what training changed; :mod:`~plmetric.training.estimate` an
+end-to-end run's expected minutes.
 
 May import: :mod:`plmetric.core`, :mod:`plmetric.manifold`, :mod:`plmetric.data`,
 :mod:`plmetric.evaluation`, :mod:`plmetric.config`, :mod:`plmetric.methods`. Importing this

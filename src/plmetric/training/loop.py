@@ -49,7 +49,14 @@ from plmetric.core.devices import resolve_device
 from plmetric.methods import get_method
 from plmetric.methods.base import Method, Objective, StepInputs
 from plmetric.training.networks import freeze_batchnorm, freeze_stages, frozen_stage_modules, init_embedding_pca
-from plmetric.training.cached import CACHED_MODES, CachedTraining, build_cached_training, resolve_mode
+from plmetric.training.cached import (
+    CACHED_MODES,
+    CachedTraining,
+    build_cached_training,
+    planned_steps_per_epoch,
+    resolve_mode,
+)
+from plmetric.training.estimate import end_to_end_estimate
 from plmetric.training.optimization import build_optimizer, build_scheduler, epoch_steps
 from plmetric.training.passes import (
     loader_workers,
@@ -226,11 +233,16 @@ class TrainData:
 
 
 def build_data(
-    cfg: Config, splits: DatasetSplits | None, device: torch.device, method: Method | None = None
+    cfg: Config,
+    splits: DatasetSplits | None,
+    device: torch.device,
+    method: Method | None = None,
+    announce: bool = False,
 ) -> TrainData:
     """Load ``cfg.data`` (or take the injected ``splits``) and prepare the views each pass needs;
     the sizes (batch, neighbours, the method's own, e.g. proxies) are checked against the number of
-    training images before any image is decoded."""
+    training images before any image is decoded. With ``announce`` a training method's expected
+    minutes are printed then, before the first pass (:mod:`plmetric.training.estimate`)."""
     from plmetric.data.backbones import build_transform
 
     if splits is None:
@@ -266,6 +278,9 @@ def build_data(
         )
     if method is not None and method.trains:
         method.check_training_size(n)
+        if announce:
+            steps = planned_steps_per_epoch(cfg, n) * cfg.train.epochs
+            print(end_to_end_estimate(cfg, train_set, test_set, device, steps), flush=True)
     cached = build_cached_images(cfg, train_set, device)
     return TrainData(train_set, cached if cached is not None else bank_set, test_set, cached)
 
@@ -742,7 +757,7 @@ def _train(
         raw_state = None  # nothing to resume: the start is evaluated again
 
     # ---------------------------------------------------------------- data, networks, bank, batches
-    data = build_data(cfg, splits, device, method)
+    data = build_data(cfg, splits, device, method, announce=main and splits is None)
     image_model = cached.image_model if cached is not None else None
     nets = build_networks(
         cfg, method, model, data, device, fresh=raw_state is None, image_model=image_model, progress=progress
