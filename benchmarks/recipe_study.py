@@ -100,6 +100,54 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         ["train.method=supervised", *RECIPE, "train.keep=student", "train.lr_embedding=1e-3"],
         "supervised ceiling, the student kept, embedding lr 1e-3",
     ),
+    # issue 19: targets that improve with the model, pieces on mutual neighbours (all without proxies)
+    "i19_features": (
+        [*RECIPE, "plm.num_proxies=0", "plm.target_space=features"],
+        "the committed recipe: point targets from the (fixed) pooled features",
+    ),
+    "i19_embedding": ([*RECIPE, "plm.num_proxies=0"], "targets from the EMA teacher's embedding (improve with it)"),
+    "i19_embedding_lr_1e-3": (
+        [*RECIPE, "plm.num_proxies=0", "train.lr_embedding=1e-3"],
+        "embedding targets, embedding lr 1e-3 (the pile recipe)",
+    ),
+    "i19_blend": (
+        [*RECIPE, "plm.num_proxies=0", "plm.target_space=blend"],
+        "s = (s_features + s_embedding) / 2 throughout",
+    ),
+    "i19_anneal": (
+        [*RECIPE, "plm.num_proxies=0", "plm.target_space=anneal"],
+        "targets anneal from the features (start) to the teacher's embedding (end)",
+    ),
+    "i19_features_mutual": (
+        [*RECIPE, "plm.num_proxies=0", "plm.target_space=features", "plm.neighbourhoods=mutual"],
+        "feature targets, pieces grown on mutual nearest neighbours only",
+    ),
+    "i19_embedding_mutual": (
+        [*RECIPE, "plm.num_proxies=0", "plm.neighbourhoods=mutual"],
+        "embedding targets, pieces grown on mutual nearest neighbours only",
+    ),
+    "i19_anneal_mutual": (
+        [*RECIPE, "plm.num_proxies=0", "plm.target_space=anneal", "plm.neighbourhoods=mutual"],
+        "annealed targets, pieces grown on mutual nearest neighbours only",
+    ),
+    "i19_anneal_contrastive": (
+        [*RECIPE, "plm.num_proxies=0", "plm.target_space=anneal", "plm.loss_form=contrastive"],
+        "annealed targets, STML's relaxed contrastive form with W = s",
+    ),
+    "i19_anneal_mutual_contrastive": (
+        [
+            *RECIPE,
+            "plm.num_proxies=0",
+            "plm.target_space=anneal",
+            "plm.neighbourhoods=mutual",
+            "plm.loss_form=contrastive",
+        ],
+        "annealed targets, mutual pieces, relaxed contrastive form",
+    ),
+    "i19_features_mutual_contrastive": (
+        [*RECIPE, "plm.num_proxies=0", "plm.target_space=features", "plm.neighbourhoods=mutual", "plm.loss_form=contrastive"],
+        "feature targets, mutual pieces, relaxed contrastive form",
+    ),
 }
 BACKBONE_LEVERS = {"lr_backbone_1e-5", "head_warmup", "bn_updated", "crop_0.5", "teacher_clean"}
 

@@ -110,8 +110,12 @@ def pca_error_bounds(y: np.ndarray, m: int, n_gram: int) -> dict[str, float]:
     }
 
 
-def np_fit_pieces(x: np.ndarray, m: int, tau: float, n_max: int, min_points: int):
+def np_fit_pieces(x: np.ndarray, m: int, tau: float, n_max: int, min_points: int, mutual: bool = False):
     """Per-point greedy growth (slides 5, 8): a literal loop, SVD for the PCA.
+
+    With ``mutual``: candidates are the mutual ones first (j among i's n_max - 1 nearest and i
+    among j's), then the others, each nearest first; the forced members are the first of that
+    order and only mutual candidates are tried after them.
 
     Also returns, for every acceptance decision, its margin ``|r_max² - T²|`` and the error
     bound that margin must exceed for the decision of ``fit_pieces`` to be the same (its
@@ -127,10 +131,16 @@ def np_fit_pieces(x: np.ndarray, m: int, tau: float, n_max: int, min_points: int
     threshold_error = threshold * (2 * distance_error(d) + 4 * u())  # both medians, see the test
     members = np.zeros((b, b), dtype=bool)
     bases, residual, decisions = [], [], []
+    nearest = [np.argsort(dist[i], kind="stable")[: min(n_max, b) - 1] for i in range(b)]
     for i in range(b):
-        order = np.argsort(dist[i], kind="stable")[: min(n_max, b) - 1]
+        order = nearest[i]
+        is_mutual = {int(j): i in nearest[j] for j in order}
+        if mutual:
+            order = [j for j in order if is_mutual[j]] + [j for j in order if not is_mutual[j]]
         chosen = [i, *order[: min_points - 1]]
         for c in order[min_points - 1 :]:
+            if mutual and not is_mutual[int(c)]:
+                continue
             trial = [*chosen, c]
             y = x[trial] - x[i]
             uu = np_pca_basis(y, m)
@@ -381,6 +391,35 @@ def test_fit_pieces_matches_numpy_greedy_reference(m: int, tau: float, n_max: in
     threshold = pieces.threshold.item()
     limit = [math.sqrt(threshold**2 + bd["res2_gram"]) + bd["residual_exact"] for bd in bounds]
     assert (pieces.residual.numpy() <= np.array(limit)).all()
+
+
+@pytest.mark.parametrize("m,tau,n_max", [(2, 0.5, 10), (2, 2.0, 12), (1, 1.0, 8)])
+def test_mutual_pieces_match_numpy_greedy_reference(m: int, tau: float, n_max: int) -> None:
+    rng = np.random.default_rng(m * 100 + n_max + 1)
+    x = noisy_planes(rng, 4, 12, 10, 0.04, spread=0.3)
+    members_ref, _, _, _, decisions = np_fit_pieces(x, m, tau, n_max, m + 1, mutual=True)
+    plain_ref, *_ = np_fit_pieces(x, m, tau, n_max, m + 1)
+    assert (members_ref != plain_ref).any(), "the data must have non-mutual candidates that would join"
+    margin, allowed = decisions.T
+    assert (margin > allowed).all(), "a candidate lies within the rounding error of the threshold"
+    pieces = fit_pieces(torch.tensor(x), m=m, tau=tau, n_max=n_max, neighbourhoods="mutual")
+    np.testing.assert_array_equal(pieces.members.numpy(), members_ref)
+
+
+def test_a_stray_point_grows_no_piece_on_others_that_do_not_choose_it() -> None:
+    """A line of points 0.1 apart and a stray 0.255 off its middle: the stray's 3 nearest are line
+    points, but every line point has 3 line points nearer than the stray, so none of the stray's
+    candidates is mutual. With a generous threshold the plain piece of the stray grows along them;
+    the mutual piece keeps only its forced nearest member, and no line piece holds the stray."""
+    t = np.arange(12, dtype=np.float64) * 0.1
+    line = np.stack([t, np.zeros_like(t)], 1)
+    x = torch.tensor(np.concatenate([line, [[0.55, 0.25]]]))
+    stray = 12
+    knn = fit_pieces(x, m=1, tau=5.0, n_max=4)
+    mutual = fit_pieces(x, m=1, tau=5.0, n_max=4, neighbourhoods="mutual")
+    assert knn.members[stray].sum() > 2, "the plain piece must grow by a non-mutual candidate (else vacuous)"
+    assert mutual.members[stray].sum() == 2  # the anchor and its forced nearest (min_points = m + 1)
+    assert not mutual.members[:stray, stray].any() and not knn.members[:stray, stray].any()
 
 
 def test_fit_pieces_without_subset_selection_is_knn_pca() -> None:

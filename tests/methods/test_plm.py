@@ -90,8 +90,8 @@ def test_without_proxies_only_the_point_term_remains() -> None:
     criterion = PLMLoss(8, num_proxies=0, weight_point=2.0)
     assert criterion.proxies is None and len(list(criterion.parameters())) == 0
     terms = criterion.terms(student, teacher)
-    assert terms["loss_proxy"].item() == 0.0 and terms["loss_neighbourhood"].item() == 0.0
-    assert terms["loss"].item() == 2.0 * terms["loss_point"].item()  # 2·L + 1·0 + 1·0: exact
+    assert "loss_proxy" not in terms and "loss_neighbourhood" not in terms  # switched off: not reported
+    assert terms["loss"].item() == 2.0 * terms["loss_point"].item()  # 2·L (+ 0·Σ student): exact
     terms["loss"].backward()
     assert student.grad.abs().sum() > 0
     criterion.after_step()  # no proxies: nothing to do, no error
@@ -195,7 +195,81 @@ def test_pair_scope_and_target_space_in_the_objective() -> None:
     assert not torch.equal(terms["loss_point"], on_embedding(StepInputs((student,), (teacher, features)))["loss_point"])
 
 
-@pytest.mark.parametrize("overrides", [{"plm__target_space": "features"}, {"plm__pair_scope": "neighbourhood"}])
+@pytest.mark.parametrize("space,weight", [("blend", 0.3), ("anneal", 0.25), ("features", 0.0), ("embedding", 1.0)])
+def test_blended_and_annealed_targets_mix_the_two_similarities(space: str, weight: float) -> None:
+    """``s = (1 - λ) s_features + λ s_embedding``: λ = target_blend (blend), the progress (anneal)."""
+    from plmetric.manifold.pieces import plm_similarity
+
+    student = clustered(30, 8, 15).double().requires_grad_()
+    teacher, features = clustered(30, 8, 16).double(), clustered(30, 20, 17).double()
+    criterion = PLMLoss(8, num_proxies=0, target_space=space, target_blend=0.3)
+    criterion(StepInputs((student,), (teacher, features), progress=0.25))
+    s_features, s_embedding = plm_similarity(features).numpy(), plm_similarity(teacher).numpy()
+    reference = (1 - weight) * s_features + weight * s_embedding  # NumPy float64
+    # torch.lerp (a + λ(b - a)) and the reference ((1 - λ)a + λb) each round three operations on
+    # values in [0, 1] (a difference, a product, a sum): 3u each, 6u apart at most
+    assert_within(criterion.last_similarity, reference, 6 * torch.finfo(torch.float64).eps / 2, "mixed targets")
+
+
+def test_anneal_weight_follows_the_progress() -> None:
+    criterion = PLMLoss(8, num_proxies=0, target_space="anneal")
+    assert [criterion.embedding_weight(p) for p in (None, -0.1, 0.0, 0.4, 1.0, 1.5)] == [0.0, 0.0, 0.0, 0.4, 1.0, 1.0]
+    assert PLMLoss(8, num_proxies=0, target_space="blend", target_blend=0.7).embedding_weight(0.1) == 0.7
+    with pytest.raises(ValueError, match="target_blend"):
+        PLMLoss(8, target_space="blend", target_blend=1.5)
+    with pytest.raises(ValueError, match="teacher_features"):
+        criterion.terms(clustered(30, 8, 1), clustered(30, 8, 2), None, 0.5)
+
+
+@pytest.mark.parametrize(
+    "space,proxies,fitted",
+    [("features", 0, ["features"]), ("embedding", 0, ["embedding"]), ("features", 4, ["embedding", "features"]),
+     ("blend", 0, ["embedding", "features"])],
+)
+def test_only_the_pieces_that_are_used_are_fitted(monkeypatch, space: str, proxies: int, fitted: list[str]) -> None:
+    import plmetric.methods.plm as plm_module
+
+    calls = []
+    original = plm_module.fit_pieces
+
+    def counting(x, *args, **kwargs):
+        calls.append("features" if x.shape[1] == 20 else "embedding")
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(plm_module, "fit_pieces", counting)
+    student, teacher, features = clustered(30, 8, 18).requires_grad_(), clustered(30, 8, 19), clustered(30, 20, 20)
+    PLMLoss(8, num_proxies=proxies, target_space=space)(StepInputs((student,), (teacher, features), progress=0.5))
+    assert calls == fitted
+
+
+def test_the_trainer_tells_the_objective_its_progress(tmp_path, monkeypatch) -> None:
+    from tiny import tiny_config, tiny_model, tiny_splits
+
+    from plmetric.training.loop import train
+
+    seen: list[float | None] = []
+    original = PLMLoss.embedding_weight
+
+    def recording(self, progress):
+        seen.append(progress)
+        return original(self, progress)
+
+    monkeypatch.setattr(PLMLoss, "embedding_weight", recording)
+    cfg = tiny_config(train__epochs=2, plm__target_space="anneal", plm__num_proxies=0)
+    train(cfg, tmp_path, splits=tiny_splits(), model=tiny_model(), progress=False)
+    assert seen[0] == 0.0 and all(0.0 <= p < 1.0 for p in seen)
+    assert all(a < b for a, b in zip(seen, seen[1:], strict=False)), "progress grows every step"
+    assert seen[-1] >= 0.5  # the second of two epochs
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"plm__target_space": "features"},
+        {"plm__pair_scope": "neighbourhood"},
+        {"plm__target_space": "anneal", "plm__neighbourhoods": "mutual"},
+    ],
+)
 def test_the_levers_train(tmp_path, overrides) -> None:
     from tiny import tiny_config, tiny_model, tiny_splits
 
@@ -204,3 +278,21 @@ def test_the_levers_train(tmp_path, overrides) -> None:
     cfg = tiny_config(train__epochs=1, **overrides)
     result = train(cfg, tmp_path, splits=tiny_splits(), model=tiny_model(), progress=False)
     assert result.final_metrics is not None
+
+
+def test_terms_of_weight_zero_are_left_out_and_do_not_reach_the_loss() -> None:
+    student, teacher = clustered(30, 8, 4).requires_grad_(), clustered(30, 8, 5)
+    torch.manual_seed(0)
+    full = PLMLoss(8, num_proxies=4).terms(student, teacher)
+    assert {"loss_point", "loss_proxy", "loss_neighbourhood"} <= set(full)
+    torch.manual_seed(0)
+    criterion = PLMLoss(8, num_proxies=4, weight_proxy=0.0)
+    terms = criterion.terms(student, teacher)
+    assert "loss_proxy" not in terms and {"loss_point", "loss_neighbourhood"} <= set(terms)
+    expected = full["loss_point"] + full["loss_neighbourhood"]
+    assert torch.equal(terms["loss"], expected)  # same seed, same proxies: the same two terms, summed in order
+    torch.manual_seed(0)
+    nothing = PLMLoss(8, num_proxies=0, weight_point=0.0).terms(student, teacher)
+    assert set(k for k in nothing if k.startswith("loss")) == {"loss"} and nothing["loss"].item() == 0.0
+    nothing["loss"].backward()  # every term off: still a graph (zero gradient)
+    assert torch.equal(student.grad, torch.zeros_like(student))

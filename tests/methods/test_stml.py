@@ -534,3 +534,11 @@ def test_targets_and_loss_follow_cluster_structure():
     assert stml_rc_loss(separated, w).item() < stml_rc_loss(mixed, w).item()
     crit = STMLLoss()
     assert crit.terms(separated, separated, teacher)["loss"] < crit.terms(mixed, mixed, teacher)["loss"]
+
+
+def test_a_switched_off_kl_term_is_left_out():
+    s_f, s_g, t_g = _random_inputs(4, 12, 8, 16)
+    on = STMLLoss(weight_kl=0.25).terms(s_f, s_g, t_g)
+    off = STMLLoss(weight_kl=0.0).terms(s_f, s_g, t_g)
+    assert set(on) == {"loss", "loss_rc", "loss_kl"} and set(off) == {"loss", "loss_rc"}
+    assert torch.equal(off["loss"], on["loss_rc"])

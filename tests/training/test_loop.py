@@ -477,9 +477,9 @@ def test_training_on_cached_views_gives_the_teacher_the_clean_view(tmp_path, mon
 
     original = TrainStep.__call__
 
-    def spy(self, student_images, teacher_images, index, labels=None):
+    def spy(self, student_images, teacher_images, index, labels=None, progress=None):
         seen.append((student_images.clone(), teacher_images.clone(), index.clone()))
-        return original(self, student_images, teacher_images, index, labels)
+        return original(self, student_images, teacher_images, index, labels, progress)
 
     monkeypatch.setattr(TrainStep, "__call__", spy)
     cfg = tiny_config(train__epochs=2, train__teacher_view="same")
@@ -494,3 +494,15 @@ def test_training_on_cached_views_gives_the_teacher_the_clean_view(tmp_path, mon
     for student, teacher, index in seen:
         assert torch.equal(teacher, views[0, index])  # the teacher always gets the clean view
         assert not torch.equal(student, teacher)  # the student an augmented one
+
+
+def test_the_epoch_line_and_the_log_show_only_the_terms_that_are_on(tmp_path, capsys):
+    cfg = tiny_config(plm__num_proxies=0, train__epochs=1)
+    result = run(tmp_path / "run", cfg)
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1:")]
+    assert len(line) == 1 and "loss_point" in line[0] and " loss " in line[0]
+    assert "loss_proxy" not in line[0] and "loss_neighbourhood" not in line[0]
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert {k for k in record if k.startswith("loss")} == {"loss", "loss_point"}
+    assert record["loss"] == pytest.approx(record["loss_point"], rel=1e-6)  # weight_point 1: the one term
+    assert (tmp_path / "run" / "losses.png").is_file() and result.history[0]["loss"] == record["loss"]

@@ -27,6 +27,7 @@ __all__ = [
     "PAIR_SCOPES",
     "SYMMETRIZE_RULES",
     "TARGET_SPACES",
+    "PIECE_NEIGHBOURHOODS",
     "IndexOptions",
     "ManifoldOptions",
     "PLMLossOptions",
@@ -42,7 +43,8 @@ __all__ = [
 SYMMETRIZE_RULES = ("mean", "min", "max")
 DELTA_MODES = ("fixed", "batch", "teacher")
 LOSS_FORMS = ("regression", "contrastive")
-TARGET_SPACES = ("embedding", "features")
+TARGET_SPACES = ("embedding", "features", "blend", "anneal")
+PIECE_NEIGHBOURHOODS = ("knn", "mutual")
 PAIR_SCOPES = ("batch", "neighbourhood")
 #: ``none``: exact torch search; ``auto``: exact below ``plmetric.manifold.ann.AUTO_EXACT_BELOW`` vectors,
 #: else ``plmetric.manifold.ann.AUTO_KIND``; ``flat``, ``ivf``, ``hnsw``: that faiss index.
@@ -81,6 +83,9 @@ class PieceOptions:
     min_points: int | None = None  # fewest points in a piece, the anchor included (default m + 1)
     subset_selection: bool = True  # greedy growth with the threshold (the paper) or plain k-NN + PCA
     k_plain: int = 5  # neighbours besides the anchor without subset selection (ablation, slide 15)
+    # which candidates a piece may grow by: the nearest (knn, the paper) or only mutual nearest
+    # neighbours (j among i's n_max - 1 nearest and i among j's), so a piece keeps to its own class
+    neighbourhoods: str = "knn"
 
     def validate(self, where: str = "") -> None:
         """Raise ValueError for an option out of range."""
@@ -91,6 +96,7 @@ class PieceOptions:
         check_int("n_max", self.n_max, self.minimum_points, where=where)
         check_int("k_plain", self.k_plain, self.m, where=where)
         check_bool("subset_selection", self.subset_selection, where=where)
+        check_choice("neighbourhoods", self.neighbourhoods, PIECE_NEIGHBOURHOODS, where=where)
 
     @property
     def minimum_points(self) -> int:
@@ -135,9 +141,12 @@ class PLMLossOptions:
     loss_form: str = "regression"  # regression (the paper: d -> δ(1 - s)) or contrastive (STML's form, W = s)
     normalize_rows: bool = False  # regression on row-normalised student distances (as STML)
     proxy_neighbours: int = 5  # n most similar batch points that L_neighbourhood pulls each proxy to
-    # where the point targets' manifold is built: the teacher's embedding (the paper) or its pooled
-    # backbone features (L2-normalised, before the embedding layer)
+    # where the point targets' manifold is built: the teacher's embedding (the paper), its pooled
+    # backbone features (L2-normalised, before the embedding layer), a fixed blend of both
+    # (s = (1 - λ) s_features + λ s_embedding, λ = target_blend) or an anneal from the features to
+    # the embedding over training (λ = the fraction of training done)
     target_space: str = "embedding"
+    target_blend: float = 0.5  # λ of target_space=blend: the weight of the embedding's similarity
     # which pairs L_point regresses: every pair of the batch (the paper), or the pairs inside each
     # sampled neighbourhood, the others only pushed apart when closer than their target
     pair_scope: str = "batch"
@@ -154,6 +163,9 @@ class PLMLossOptions:
         check_bool("normalize_rows", self.normalize_rows, where=where)
         check_int("proxy_neighbours", self.proxy_neighbours, 1, where=where)
         check_choice("target_space", self.target_space, TARGET_SPACES, where=where)
+        check_number("target_blend", self.target_blend, where=where)
+        if self.target_blend > 1:
+            raise ValueError(f"{where}target_blend must be a number in [0, 1], got {self.target_blend!r}")
         check_choice("pair_scope", self.pair_scope, PAIR_SCOPES, where=where)
         for name in ("weight_point", "weight_proxy", "weight_neighbourhood"):
             check_number(name, getattr(self, name), where=where)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -165,19 +166,33 @@ class Pieces:
         bases: (B, d, m) orthonormal basis ``U_i`` of piece i (``U_iᵀ U_i = I_m``).
         members: (B, B) bool, ``members[i, j]`` is True when ``x_j`` belongs to piece i
             (``members[i, i]`` is always True).
-        residual: (B,) largest distance of a member of piece i from the piece,
-            ``max_{j ∈ P_i} ‖(I - U_i U_iᵀ)(x_j - x_i)‖``, computed from the member vectors
-            (accurate to about ``c·u·‖x_j - x_i‖``, ``u`` the unit roundoff of the dtype, ``c`` ~ d·m).
         scale: () the median nearest-neighbour distance of the batch (duplicates ignored).
         threshold: () the acceptance threshold ``τ · scale`` (``inf`` without subset selection).
+
+    :attr:`residual` is computed on first access (the training objective never reads it).
     """
 
     anchors: Tensor
     bases: Tensor
     members: Tensor
-    residual: Tensor
     scale: Tensor
     threshold: Tensor
+
+    @cached_property
+    def residual(self) -> Tensor:
+        """(B,) largest distance of a member of piece i from the piece,
+        ``max_{j ∈ P_i} ‖(I - U_i U_iᵀ)(x_j - x_i)‖``, computed from the member vectors in the
+        accurate dtype with the stored bases (accurate to about ``c·u·‖x_j - x_i‖``, ``u`` the unit
+        roundoff of the pieces' dtype, to which the bases are rounded, ``c`` ~ d·m)."""
+        accurate = _accurate_dtype(self.anchors.device)
+        most = int(self.size.max())
+        # each row's members first (index order among them), then the rest: (B, most) gathers
+        _, index = torch.sort(self.members.to(torch.uint8), dim=1, descending=True, stable=True)
+        index = index[:, :most]
+        member = torch.gather(self.members, 1, index)
+        xa = self.anchors.to(accurate)
+        y = xa[index] - xa.unsqueeze(1)
+        return _member_residual(y, self.bases.to(accurate), member).to(self.anchors.dtype)
 
     @property
     def size(self) -> Tensor:
@@ -204,7 +219,11 @@ def fit_pieces(x: Tensor, options: PieceOptions | None = None, **fields: Any) ->
        ``Σ_{j ∈ P_i} (x_j - x_i)(x_j - x_i)ᵀ``), and the candidate is accepted when the largest
        residual of any member stays within the threshold,
        ``max_{j ∈ P_i ∪ {c}} ‖(I - U U ᵀ)(x_j - x_i)‖ <= τ · median_k min_{l≠k} ‖x_k - x_l‖``;
-       a rejected candidate is skipped, later ones may still join.
+       a rejected candidate is skipped, later ones may still join. With
+       ``neighbourhoods="mutual"`` the candidates are reordered mutual neighbours first
+       (``j ∈ N(i)`` and ``i ∈ N(j)``, N the ``n_max - 1`` nearest) and only those may join in
+       this step: the forced members of step 2 are the nearest mutual ones, completed by the
+       nearest others where a point has fewer than ``min_points - 1`` mutual neighbours.
 
     The loop runs over the growth step (at most ``n_max - min_points`` steps), never over points;
     each step is one batched ``eigh`` of (B, n_max, n_max) Gram matrices.
@@ -248,6 +267,7 @@ def fit_pieces(x: Tensor, options: PieceOptions | None = None, **fields: Any) ->
     """
     opts = resolve(PieceOptions, options, **fields)
     m, tau, n_max, subset_selection, k_plain = opts.m, opts.tau, opts.n_max, opts.subset_selection, opts.k_plain
+    mutual_only = opts.neighbourhoods == "mutual"
     min_points = opts.minimum_points
     check_embeddings(x, "fit_pieces: x", min_rows=1)
     if x.shape[0] < min_points:
@@ -261,15 +281,16 @@ def fit_pieces(x: Tensor, options: PieceOptions | None = None, **fields: Any) ->
     xw = _working_dtype(x.detach())
     accurate = _accurate_dtype(x.device)
     b = xw.shape[0]
-    dist = pairwise_distances(xw)
-    dist.fill_diagonal_(math.inf)
-    nn_dist = dist.min(dim=1).values
-    scale = torch.nan_to_num(torch.nanquantile(torch.where(nn_dist > 0, nn_dist, math.nan), 0.5), nan=0.0)
-
-    n_pool = min(n_max if subset_selection else k_plain + 1, b)
-    order = torch.topk(dist, n_pool - 1, dim=1, largest=False, sorted=True).indices
-    index = torch.cat([torch.arange(b, device=x.device).unsqueeze(1), order], dim=1)  # (B, n)
     xa = xw.to(accurate)
+    n_pool = min(n_max if subset_selection else k_plain + 1, b)
+    order, nn_dist = _nearest_others(xa, n_pool - 1)
+    scale = torch.nan_to_num(torch.nanquantile(torch.where(nn_dist > 0, nn_dist, math.nan), 0.5), nan=0.0)
+    scale = scale.to(xw.dtype)
+
+    eligible = torch.ones(b, n_pool, dtype=torch.bool, device=x.device)
+    if mutual_only and subset_selection:
+        order, eligible[:, 1:] = _mutual_first(order)
+    index = torch.cat([torch.arange(b, device=x.device).unsqueeze(1), order], dim=1)  # (B, n)
     y = xa[index] - xa.unsqueeze(1)  # (B, n, d) in float64, row 0 (the anchor) is zero
     gram = y @ y.transpose(1, 2)
 
@@ -279,27 +300,67 @@ def fit_pieces(x: Tensor, options: PieceOptions | None = None, **fields: Any) ->
         threshold = tau * scale
         limit2 = threshold.to(accurate).square()
         for t in range(min_points, n_pool):
-            trial = member.clone()
+            trial = member[:, : t + 1].clone()  # the candidates after t play no part yet
             trial[:, t] = True
-            _, _, res2 = _masked_pca(gram, trial, m)
-            member[:, t] = res2.amax(dim=1) <= limit2
+            _, _, res2 = _masked_pca(gram[:, : t + 1, : t + 1], trial, m)
+            member[:, t] = (res2.amax(dim=1) <= limit2) & eligible[:, t]
     else:
         member[:] = True
         threshold = torch.full_like(scale, math.inf)
 
     w, _, _ = _masked_pca(gram, member, m)
     bases = _basis_from_gram(y, w, member)
-    residual = _member_residual(y, bases, member)
     members = torch.zeros(b, b, dtype=torch.bool, device=x.device)
     members.scatter_(1, index, member)
-    return Pieces(
-        anchors=xw,
-        bases=bases.to(xw.dtype),
-        members=members,
-        residual=residual.to(xw.dtype),
-        scale=scale,
-        threshold=threshold,
-    )
+    return Pieces(anchors=xw, bases=bases.to(xw.dtype), members=members, scale=scale, threshold=threshold)
+
+
+def _mutual_first(order: Tensor) -> tuple[Tensor, Tensor]:
+    """Reorder each row of a k-nearest table so that mutual neighbours come first.
+
+    ``j`` is a mutual neighbour of ``i`` when ``j ∈ N_k(i)`` and ``i ∈ N_k(j)`` (k = the table's
+    width); within the mutual and within the other candidates the order stays nearest first.
+
+    Returns:
+        ``(order (B, k), mutual (B, k) bool)``, both in the new order.
+    """
+    b = order.shape[0]
+    in_table = torch.zeros(b, b, dtype=torch.bool, device=order.device)
+    in_table.scatter_(1, order, True)
+    mutual = torch.gather(in_table.T, 1, order)  # [i, t]: i ∈ N_k(order[i, t])
+    position = torch.sort((~mutual).to(torch.uint8), dim=1, stable=True).indices
+    return torch.gather(order, 1, position), torch.gather(mutual, 1, position)
+
+
+_POOL_MARGIN = 2  # extra candidates ranked by the Gram route, re-ranked by explicit differences
+
+
+def _nearest_others(xa: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k nearest other points of every point, nearest first, and each point's nearest distance.
+
+    Candidates come from the squared distances of one Gram matrix of the centred points
+    (``‖a‖² + ‖b‖² - 2 a·b``, off by about ``c·u·R²``, R the largest centred norm); the
+    ``k + 2`` nearest by that route are then re-ranked by explicit differences ``‖x_j - x_i‖``
+    (error ``γ_{d+3}·‖x_j - x_i‖``, as ``torch.cdist`` without its matrix-product shortcut), ties
+    in index order. So the order and the distances are those of explicit differences unless the
+    k-th and the (k + 3)-th neighbour lie within the Gram route's error of each other. No (B, B, d)
+    tensor and no cdist: one (B, d) × (d, B) product and (B, k + 2, d) differences.
+
+    Returns:
+        ``order`` (B, k) int64 and ``nearest`` (B,) the distance to the nearest other point
+        (in ``xa``'s dtype).
+    """
+    b = xa.shape[0]
+    centred = xa - xa.mean(dim=0)
+    sq = centred.pow(2).sum(dim=1)
+    d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (centred @ centred.T)
+    d2.fill_diagonal_(math.inf)
+    pool = min(k + _POOL_MARGIN, b - 1)
+    candidates = torch.topk(d2, pool, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+    exact = torch.linalg.vector_norm(xa[candidates] - xa.unsqueeze(1), dim=-1)  # (B, pool)
+    ranked, position = torch.sort(exact, dim=1, stable=True)
+    order = torch.gather(candidates, 1, position[:, :k])
+    return order, ranked[:, 0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,11 +32,14 @@ class StepInputs:
             for methods that need no teacher forward.
         labels: the batch's class labels, only for methods that train with labels
             (:attr:`Method.uses_labels`); None otherwise: labels never reach an unsupervised objective.
+        progress: the fraction of training done before this step, in [0, 1] (for schedules
+            inside an objective); None outside a training run.
     """
 
     student: tuple[Tensor, ...]
     teacher: tuple[Tensor, ...]
     labels: Tensor | None = None
+    progress: float | None = None
 
 
 class Objective(nn.Module, ABC):

@@ -66,24 +66,49 @@ class PLMLoss(Objective):
 
     def forward(self, inputs: StepInputs) -> dict[str, Tensor]:
         """The loss terms of a batch from the student's and the teacher's first heads (:meth:`terms`);
-        with ``target_space="features"`` the point targets come from the teacher's second output,
-        its pooled features."""
-        features = inputs.teacher[1] if self.options.target_space == "features" else None
-        return self.terms(inputs.student[0], inputs.teacher[0], features)
+        with ``target_space`` features, blend or anneal the teacher's second output, its pooled
+        features, gives (part of) the point targets, mixed by :meth:`embedding_weight`."""
+        uses_features = self.options.target_space != "embedding"
+        features = inputs.teacher[1] if uses_features else None
+        return self.terms(inputs.student[0], inputs.teacher[0], features, self.embedding_weight(inputs.progress))
 
-    def terms(self, student: Tensor, teacher: Tensor, teacher_features: Tensor | None = None) -> dict[str, Tensor]:
+    def embedding_weight(self, progress: float | None) -> float:
+        """λ, the weight of the embedding's similarity in the point targets
+        ``s = (1 - λ) s_features + λ s_embedding``: 1 for ``embedding``, 0 for ``features``,
+        ``target_blend`` for ``blend``, and for ``anneal`` the fraction of training done
+        (``progress`` in [0, 1]; 0 when the trainer gives none)."""
+        space = self.options.target_space
+        if space == "embedding":
+            return 1.0
+        if space == "features":
+            return 0.0
+        if space == "blend":
+            return float(self.options.target_blend)
+        return min(max(float(progress or 0.0), 0.0), 1.0)
+
+    def terms(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        teacher_features: Tensor | None = None,
+        embedding_weight: float | None = None,
+    ) -> dict[str, Tensor]:
         """Compute the loss terms for one batch.
 
         Args:
             student: (B, d) student embeddings (with gradient).
             teacher: (B, d) teacher embeddings of the same images (detached here).
             teacher_features: (B, D) the teacher's pooled features of the same images; when given,
-                the point targets come from pieces fitted on them (the proxies stay in the
-                embedding space, with the embedding's pieces).
+                the point targets come (partly) from pieces fitted on them (the proxies stay in
+                the embedding space, with the embedding's pieces).
+            embedding_weight: λ in ``s = (1 - λ) s_features + λ s_embedding`` (default: 0 with
+                features, 1 without). Pieces whose similarity gets weight 0 are not fitted,
+                except the embedding's when proxies need them.
 
         Returns:
             ``{"loss", "loss_point", "loss_proxy", "loss_neighbourhood"}`` (scalars; ``loss`` is
-            the weighted sum) and, detached, for monitoring: ``"piece_size"`` (mean points per
+            the weighted sum; a term that is off is left out: the proxy terms without proxies, any
+            term of weight 0) and, detached, for monitoring: ``"piece_size"`` (mean points per
             piece), ``"target_mean"`` and ``"distance_mean"`` (mean point target δ(1 - s) and mean
             student distance over pairs i ≠ j). ``self.last_similarity`` keeps the batch's s.
         """
@@ -94,14 +119,18 @@ class PLMLoss(Objective):
                 f"PLMLoss: teacher {tuple(teacher.shape)} and student {tuple(student.shape)} must have the same shape"
             )
         teacher = teacher.detach()
+        weight = (0.0 if teacher_features is not None else 1.0) if embedding_weight is None else embedding_weight
+        if teacher_features is None and weight != 1.0:
+            raise ValueError("PLMLoss: targets from the features (embedding_weight < 1) need teacher_features")
         with torch.no_grad():
-            pieces = fit_pieces(teacher, o)
-            if teacher_features is None:
-                target_pieces = pieces
-            else:
+            pieces = fit_pieces(teacher, o) if weight > 0 or self.proxies is not None else None
+            similarity = point_similarity(pieces, o).to(teacher.dtype) if weight > 0 else None
+            target_pieces = pieces
+            if weight < 1:
                 check_embeddings(teacher_features, "PLMLoss: teacher_features", min_rows=2)
                 target_pieces = fit_pieces(teacher_features.detach(), o)
-            similarity = point_similarity(target_pieces, o).to(teacher.dtype)
+                from_features = point_similarity(target_pieces, o).to(teacher.dtype)
+                similarity = from_features if similarity is None else torch.lerp(from_features, similarity, weight)
         point_delta = self._scale(similarity, student, teacher)
         groups = None
         if o.pair_scope == "neighbourhood":
@@ -127,15 +156,15 @@ class PLMLoss(Objective):
             terms["loss_neighbourhood"] = neighbourhood_loss(
                 teacher, locations, bases, proxy_similarity, o.proxy_neighbours
             )
-        else:
-            zero = student.new_zeros(())
-            terms["loss_proxy"] = zero
-            terms["loss_neighbourhood"] = zero
-        terms["loss"] = (
-            o.weight_point * terms["loss_point"]
-            + o.weight_proxy * terms["loss_proxy"]
-            + o.weight_neighbourhood * terms["loss_neighbourhood"]
-        )
+        # only the terms that are on: no proxy terms without proxies, none of weight 0 (the epoch line and
+        # the log show what trains); 0 · Σ student keeps a graph when every term is off
+        weights = {
+            "loss_point": o.weight_point,
+            "loss_proxy": o.weight_proxy,
+            "loss_neighbourhood": o.weight_neighbourhood,
+        }
+        terms = {name: value for name, value in terms.items() if weights[name] != 0}
+        terms["loss"] = sum((weights[name] * value for name, value in terms.items()), 0.0 * student.sum())
         terms["piece_size"] = target_pieces.size.to(student.dtype).mean()
         with torch.no_grad():  # monitoring: mean target distance vs mean student distance, off the diagonal
             off_diagonal = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
@@ -179,9 +208,9 @@ class PLMMethod(Method):
     summary = "PLM: piecewise-linear manifold similarity as targets (Bhatnagar & Ahuja, CPAL 2024)"
 
     def teacher_heads(self, teacher: nn.Module, images: Tensor) -> tuple[Tensor, ...]:
-        """The teacher's embedding, and with ``plm.target_space=features`` its L2-normalised pooled
-        features (one backbone pass for both)."""
-        if self.cfg.plm.target_space != "features":
+        """The teacher's embedding, and unless ``plm.target_space=embedding`` its L2-normalised
+        pooled features (one backbone pass for both)."""
+        if self.cfg.plm.target_space == "embedding":
             return (teacher(images),)
         features = teacher.pooled_features(images)
         return F.normalize(teacher.embedding(features), dim=1), F.normalize(features, dim=1)

@@ -94,7 +94,8 @@ class STMLLoss(Objective):
             teacher_g: (B, d_g) the teacher's auxiliary-head embeddings of the same images (detached).
 
         Returns:
-            ``{"loss", "loss_rc", "loss_kl"}`` (scalars); ``loss = loss_rc + weight_kl · loss_kl``.
+            ``{"loss", "loss_rc", "loss_kl"}`` (scalars); ``loss = loss_rc + weight_kl · loss_kl``;
+            without ``loss_kl`` when ``weight_kl`` is 0 (switched off).
 
         Raises:
             ValueError: a tensor that is not a finite floating (B, d) matrix, or shapes that disagree.
@@ -124,6 +125,8 @@ class STMLLoss(Objective):
         loss_rc = 0.5 * (loss_rc_f + loss_rc_g)
         loss_kl = stml_kl_loss(student_f, student_g, temperature=1.0, normalize=normalize)
         self.last_similarity = weights.detach()
+        if o.weight_kl == 0:  # switched off: left out of the terms (the epoch line shows what trains)
+            return {"loss": loss_rc, "loss_rc": loss_rc}
         return {"loss": loss_rc + o.weight_kl * loss_kl, "loss_rc": loss_rc, "loss_kl": loss_kl}
 
 

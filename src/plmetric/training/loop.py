@@ -160,9 +160,11 @@ class TrainStep:
         teacher_images: torch.Tensor,
         index: torch.Tensor,
         labels: torch.Tensor | None = None,
+        progress: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run one step. ``labels`` reach the objective only for a method that trains with them;
-        otherwise they only monitor the targets (``target_label_correlation``). Returns detached terms."""
+        otherwise they only monitor the targets (``target_label_correlation``); ``progress`` (the
+        fraction of training done) reaches every objective. Returns detached terms."""
         device, method = self.device, self.method
         same_views = teacher_images is student_images
         student_images = student_images.to(device, non_blocking=True, memory_format=self.memory_format)
@@ -180,7 +182,7 @@ class TrainStep:
         student_all = tuple(dist_utils.all_gather_with_grad(t.float()) for t in student_out)
         index_all = dist_utils.all_gather_variable(index)
         labels_all = None if labels is None else dist_utils.all_gather_variable(labels.to(device, non_blocking=True))
-        inputs = StepInputs(student_all, teacher_all, labels_all if method.uses_labels else None)
+        inputs = StepInputs(student_all, teacher_all, labels_all if method.uses_labels else None, progress)
         terms = self.objective(inputs)
         if labels_all is not None and self.objective.last_similarity is not None:  # labels watch the targets
             terms["target_label_correlation"] = label_correlation(self.objective.last_similarity, labels_all)
@@ -534,7 +536,8 @@ def train_one_epoch(run: Run, epoch: int, progress: bool) -> dict[str, Any]:
         images, labels, index = batch
         views = [images] if isinstance(images, torch.Tensor) else images  # [student views, teacher views]
         try:
-            terms = run.step(views[0], views[-1], index, labels if monitor_labels else None)
+            progress_done = (epoch + steps / batches.steps_per_epoch) / cfg.train.epochs
+            terms = run.step(views[0], views[-1], index, labels if monitor_labels else None, progress_done)
         except (RuntimeError, ValueError):  # e.g. a decomposition failing on weights a NaN step ruined
             _raise_if_nonfinite(first_bad, epoch, sums, run.out_dir)
             raise
