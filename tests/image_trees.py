@@ -7,6 +7,10 @@ JPEG and a text file named ``.jpg``.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +111,58 @@ def make_tree(layout: str, root: Path, *, classes: int = 8, per_class: int = 8, 
             image(root / f"class_{c:02d}" / f"img_{k}.jpg", c)
         return root, bad_paths
     raise ValueError(layout)
+
+
+# ----------------------------------------------------------------------------- hostile folders
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail with TimeoutError (instead of hanging the suite) when the body runs over ``seconds``.
+
+    SIGALRM interrupts a blocking ``open`` of a FIFO as well as a Python loop (POSIX, main thread)."""
+    if not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"still running after {seconds} s: it hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def make_hostile_tree(root: Path, rng: np.random.Generator) -> tuple[list[Path], dict[str, Path]]:
+    """A folder a careless walk hangs in or lists images of many times (POSIX: links and a FIFO).
+
+    ``root/a/1.jpg``, ``root/a/b/2.jpg`` are the only images; beside them: ``a/b/up -> ../..`` (a
+    cycle back to the root), ``self -> .`` (a self-link), ``again -> a`` (a second way into ``a``),
+    ``fifo.jpg`` (a FIFO: opening it would wait for a writer forever), ``twin.jpg -> a/1.jpg`` (a
+    second name of a listed file), ``broken.jpg -> nowhere.jpg`` and ``.hidden/3.jpg``.
+
+    Returns:
+        ``(images, hostile)``: the image paths a walk must list (once each, in this order) and the
+        hostile entries by name.
+    """
+    images = [write_noise_image(root / "a" / "1.jpg", 1, rng), write_noise_image(root / "a" / "b" / "2.jpg", 2, rng)]
+    write_noise_image(root / ".hidden" / "3.jpg", 3, rng)
+    hostile = {
+        "up": root / "a" / "b" / "up",
+        "self": root / "self",
+        "again": root / "again",
+        "fifo.jpg": root / "fifo.jpg",
+        "twin.jpg": root / "twin.jpg",
+        "broken.jpg": root / "broken.jpg",
+    }
+    hostile["up"].symlink_to(Path("..") / "..", target_is_directory=True)
+    hostile["self"].symlink_to(".", target_is_directory=True)
+    hostile["again"].symlink_to("a", target_is_directory=True)
+    os.mkfifo(hostile["fifo.jpg"])
+    hostile["twin.jpg"].symlink_to(Path("a") / "1.jpg")
+    hostile["broken.jpg"].symlink_to("nowhere.jpg")
+    return images, hostile

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -17,8 +18,10 @@ from plmetric.data.datasets import (
     DATASET_NAMES,
     DatasetSplits,
     ImageDataset,
+    SkippedFilesWarning,
     UnreadableImageWarning,
     collate_skip_none,
+    find_images,
     load_cars196,
     load_cub200,
     load_dataset,
@@ -26,7 +29,9 @@ from plmetric.data.datasets import (
     load_labelled_folder,
     load_sop,
     load_unlabelled_folder,
+    scan_images,
 )
+from image_trees import deadline, make_hostile_tree, write_noise_image
 
 TO_TENSOR = transforms.ToTensor()
 
@@ -346,7 +351,7 @@ def test_corrupt_images_are_skipped_by_loader(tmp_path):
     missing = tmp_path / "missing.jpg"
     paths = [good[0], truncated, good[1], garbage, missing, good[2]]
     dataset = ImageDataset(paths, [0, 1, 2, 3, 4, 5], TO_TENSOR, "corrupt")
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match=r"cannot read image .*truncated\.jpg"):
         dataset.load_image(1)
     loader = DataLoader(dataset, batch_size=2, num_workers=0, collate_fn=collate_skip_none)
     with pytest.warns(UnreadableImageWarning) as record:
@@ -453,3 +458,82 @@ def test_view_feature_dataset_pairs_a_random_augmented_view_with_the_clean_one()
     assert torch.equal(clean[1][0], views[0, 1].float()) and dataset.num_classes == 2
     with pytest.raises(ValueError, match="views must be a float"):
         ViewFeatureDataset(torch.zeros(3, 4, dtype=torch.int64), None)
+
+
+# ----------------------------------------------------------------------------- the folder walk
+
+needs_posix_links = pytest.mark.skipif(
+    not hasattr(os, "mkfifo") or not hasattr(os, "symlink"), reason="POSIX links and FIFOs"
+)
+
+
+def test_the_walk_lists_top_down_sorted_and_skips_hidden_entries(tmp_path):
+    rng = np.random.default_rng(0)
+    for rel in ("b.jpg", "A.PNG", "z/1.jpg", "z/y/2.webp", "c/3.jpeg", ".h/4.jpg", "z/.5.jpg", "notes.txt"):
+        write_noise_image(tmp_path / rel, 1, rng)
+    expected = ["A.PNG", "b.jpg", "c/3.jpeg", "z/1.jpg", "z/y/2.webp"]  # a folder's files, then its sub-folders'
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SkippedFilesWarning)  # nothing hostile: nothing to name
+        assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == expected
+
+
+@needs_posix_links
+def test_the_walk_survives_cycles_self_links_and_fifos_and_lists_each_image_once(tmp_path):
+    images, hostile = make_hostile_tree(tmp_path, np.random.default_rng(0))
+    with deadline(30), pytest.warns(SkippedFilesWarning) as record:
+        found = find_images(tmp_path)
+    assert found == images
+    messages = [str(w.message) for w in record if issubclass(w.category, SkippedFilesWarning)]
+    assert len(messages) == 1  # one line for the whole walk
+    assert "left out 6 entries" in messages[0]
+    for name in ("fifo.jpg", "broken.jpg", "twin.jpg", "self", "again", "a/b/up"):
+        assert name in messages[0], name
+    scan = scan_images(tmp_path)
+    assert {reason: sorted(p.name for p in entries) for reason, entries in scan.skipped.items()} == {
+        "not regular files": ["fifo.jpg"],
+        "broken links or entries that cannot be read": ["broken.jpg"],
+        "links to a file listed under another name": ["twin.jpg"],
+        "folders reached again through a link": ["again", "self", "up"],
+    }
+
+
+@needs_posix_links
+def test_loaders_walk_hostile_folders_once(tmp_path):
+    rng = np.random.default_rng(0)
+    images, _ = make_hostile_tree(tmp_path / "pile", rng)
+    with deadline(30), pytest.warns(SkippedFilesWarning):
+        splits = load_unlabelled_folder(tmp_path / "pile")
+    assert list(splits.train.paths) == [str(p) for p in images]
+
+    labelled = tmp_path / "labelled"
+    a = [write_noise_image(labelled / "cls_a" / f"{k}.jpg", 1, rng) for k in range(2)]
+    b = [write_noise_image(labelled / "cls_b" / f"{k}.jpg", 2, rng) for k in range(2)]
+    d = [write_noise_image(labelled / "cls_d" / "sub" / "0.jpg", 3, rng)]
+    (labelled / "cls_a" / "root").symlink_to("..", target_is_directory=True)  # back to the root
+    (labelled / "cls_b" / "to_d").symlink_to(Path("..") / "cls_d", target_is_directory=True)  # into another class
+    (labelled / "cls_c").symlink_to("cls_b", target_is_directory=True)  # a class folder twice
+    (labelled / "loop").symlink_to(".", target_is_directory=True)  # the root as a class
+    os.mkfifo(labelled / "cls_d" / "fifo.jpg")
+    with deadline(30), pytest.warns(SkippedFilesWarning) as record:
+        splits = load_labelled_folder(labelled)
+    paths = [*splits.train.paths, *splits.test.paths]
+    assert sorted(paths) == sorted(str(p) for p in a + b + d)  # each image once, in its own class only
+    assert len(set(paths)) == len(paths)
+    messages = [str(w.message) for w in record if issubclass(w.category, SkippedFilesWarning)]
+    assert len(messages) == 1
+    reached_again = "folders reached again through a link: 4 (cls_c, loop, cls_a/root, +1 more)"
+    assert f"left out 5 entries: {reached_again}" in messages[0]
+    assert "not regular files: 1 (cls_d/fifo.jpg)" in messages[0]  # cls_b/to_d is the "+1 more"
+
+
+def test_too_large_images_in_a_folder_are_skipped_and_named(tmp_path, monkeypatch):
+    from plmetric.data import images
+
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
+    write_image(tmp_path / "small.png", size=(10, 10))
+    write_image(tmp_path / "large.png", size=(11, 10))
+    dataset = load_unlabelled_folder(tmp_path, TO_TENSOR).train
+    with pytest.warns(UnreadableImageWarning, match=r"large\.png .*too large to decode: 11 x 10 = 110 pixels"):
+        items = [dataset[i] for i in range(len(dataset))]
+    assert [item is None for item in items] == [True, False]  # large.png, small.png
+    assert dataset.unreadable == [0]

@@ -414,3 +414,24 @@ def test_teacher_view_is_the_eval_transform_of_the_same_images(tmp_path):
         assert torch.equal(teacher, eval_images) and torch.equal(index, eval_index)
         assert torch.equal(labels, eval_labels)
         assert not torch.equal(student, teacher)
+
+
+def test_the_cache_holds_exif_rotated_images_upright_and_reloads_them(tmp_path):
+    """The header gives the stored size; Orientation 6 and 8 swap it. The cache keeps the decoded
+    (upright) shape, in memory and in the file it reloads from."""
+    paths = []
+    for k, orientation in enumerate((6, 1, 8)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        path = tmp_path / f"o{orientation}.png"
+        Image.fromarray(_pixels(45, 80, seed=k)).save(path, exif=exif)  # stored landscape
+        paths.append(path)
+    dataset = ImageDataset(paths, [0, 1, 2], name="turned")
+    file = tmp_path / "cache.npy"
+    for cache in (ImageCache.build(dataset, CACHE, path=file, num_workers=2), ImageCache.load(file)):
+        assert not cache.missing.any()
+        for i, upright in enumerate((True, False, True)):
+            expected = np.asarray(TF.resize(dataset.load_image(i), [CACHE]))
+            got = cache.get(i).permute(1, 2, 0).numpy()
+            assert (got.shape[0] > got.shape[1]) == upright  # portrait once turned
+            np.testing.assert_array_equal(got, expected)

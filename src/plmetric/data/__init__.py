@@ -1,7 +1,8 @@
 """Images in, tensors out: data set layouts, backbones and preprocessing, the decode-once pipeline.
 
-:mod:`~plmetric.data.datasets` reads CUB-200-2011, Cars-196, SOP, labelled and unlabelled folders
-(and cached feature sets); :mod:`~plmetric.data.backbones` builds the pretrained backbones with
+:mod:`~plmetric.data.images` is the one image decoder (upright 8-bit RGB, one pixel limit, regular
+files only); :mod:`~plmetric.data.datasets` reads CUB-200-2011, Cars-196, SOP, labelled and unlabelled folders
+(and cached feature sets) and walks folders safely; :mod:`~plmetric.data.backbones` builds the pretrained backbones with
 their transforms, the embedding model, and rebuilds a model from a checkpoint;
 :mod:`~plmetric.data.pipeline` decodes each image once into a uint8 cache and augments on the device.
 

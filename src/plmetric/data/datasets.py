@@ -15,6 +15,7 @@ Unreadable images (missing, truncated, garbage bytes) never crash an epoch: ``__
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from plmetric.data.images import open_image
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 DATASET_NAMES = ("cub200", "cars196", "sop", "folder", "images", "digits")
 
-# Errors PIL raises for files it cannot decode (UnidentifiedImageError and "image file is
-# truncated" are OSErrors; some broken headers give SyntaxError or ValueError).
+# Errors decoding a file raises: open_image's (FileNotFoundError and PermissionError are OSErrors;
+# undecodable, too large or not a regular file are ValueErrors), and PIL's for a direct use.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 _CUB_LAYOUT = """\
@@ -81,7 +84,7 @@ class ImageDataset(Dataset):
     """Images with integer labels; items are ``(transform(image), label, index)``.
 
     Args:
-        images: file paths (decoded with PIL, converted to RGB) or an in-memory ``uint8`` array of
+        images: file paths (decoded by :func:`plmetric.data.images.open_image`) or an in-memory ``uint8`` array of
             shape ``(N, H, W)`` (grayscale) or ``(N, H, W, 3)`` (RGB).
         labels: one integer class id per image, or ``None`` for unlabelled data (all labels -1).
         transform: applied to the RGB PIL image; assignable after construction.
@@ -156,11 +159,12 @@ class ImageDataset(Dataset):
         return str(self.paths[i]) if self.paths is not None else f"in-memory item {i}"
 
     def load_image(self, i: int) -> Image.Image:
-        """Return image ``i`` as an RGB PIL image, untransformed; raises if it cannot be decoded."""
+        """Return image ``i`` as an RGB PIL image, untransformed (:func:`plmetric.data.images.open_image`:
+        EXIF orientation applied, any mode as 8-bit RGB); raises one of :data:`DECODE_ERRORS` if it
+        cannot be decoded, is over the pixel limit or is not a regular file."""
         if self.arrays is not None:
             return Image.fromarray(self.arrays[i]).convert("RGB")
-        with Image.open(str(self.paths[i])) as img:
-            return img.convert("RGB")  # convert() decodes fully, so corrupt data raises here
+        return open_image(str(self.paths[i]))  # upright 8-bit RGB, within MAX_IMAGE_PIXELS
 
     def __getitem__(self, i: int) -> tuple[Any, int, int] | None:
         """Return ``(transform(image), label, i)``, or ``None`` if the image cannot be decoded.
@@ -431,17 +435,131 @@ def _zero_shot(
     )
 
 
-def find_images(folder: Path) -> list[Path]:
-    """All image files under ``folder``, recursively, sorted; hidden files and folders skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(
-            Path(dirpath, f)
-            for f in sorted(filenames)
-            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS
-        )
-    return found
+class SkippedFilesWarning(UserWarning):
+    """The folder walk left entries out: files named as images that are not regular files (a FIFO,
+    a device), broken links, folders reached again through a link, folders it could not list."""
+
+
+@dataclass
+class ImageScan:
+    """What :func:`scan_images` found under ``root``: the image files, and what it left out by reason."""
+
+    root: Path
+    paths: list[Path]
+    skipped: dict[str, list[Path]]
+
+    def summary(self, names: int = 3) -> str | None:
+        """One line naming what was left out, e.g. ``image folder F: left out 2 entries: not regular
+        files: 1 (fifo.jpg); ...`` (a count per reason and its first ``names`` entries, relative to
+        ``root``), or None when nothing was."""
+        if not self.skipped:
+            return None
+        total = sum(len(v) for v in self.skipped.values())
+        parts = []
+        for reason, entries in self.skipped.items():
+            shown = [_relative(p, self.root) for p in entries[:names]]
+            more = f", +{len(entries) - names} more" if len(entries) > names else ""
+            parts.append(f"{reason}: {len(entries)} ({', '.join(shown)}{more})")
+        return f"image folder {self.root}: left out {total} entr{'y' if total == 1 else 'ies'}: " + "; ".join(parts)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)``, or None where the file system reports no inode numbers (0)."""
+    return (st.st_dev, st.st_ino) if st.st_ino else None
+
+
+def scan_images(folder: str | os.PathLike, avoid: Iterable[tuple[int, int]] = ()) -> ImageScan:
+    """Walk ``folder`` for image files (by extension, :data:`IMAGE_EXTENSIONS`), safely.
+
+    * Each real folder is walked once, by ``(st_dev, st_ino)``: links to folders are followed, but
+      a folder reached again (a link cycle, a self-link ``loop -> .``, a second link to a folder) is
+      left out, so nothing loops and no image is listed twice through links.
+    * Only regular files are listed (``stat``, which never opens them): a FIFO or device named
+      ``x.jpg`` is left out, never read. A file is listed under one name: a link to a file listed
+      under its own name (or a hard link to it) is left out.
+    * Hidden files and folders (a leading ``.``) are skipped silently, as are files of other
+      extensions; broken links and folders that cannot be listed are left out and named.
+
+    Order: top-down, names sorted in each folder (a folder's files before its sub-folders'); a folder
+    reached twice is walked where the walk first reaches it.
+    ``avoid``: ``(st_dev, st_ino)`` of folders never to enter (e.g. the other class folders).
+    """
+    root = Path(folder)
+    scan = ImageScan(root, [], {})
+
+    def skip(reason: str, path: Path) -> None:
+        scan.skipped.setdefault(reason, []).append(path)
+
+    try:
+        root_identity = _identity(os.stat(root))
+    except OSError:
+        return scan
+    seen_dirs = set(avoid) | ({root_identity} if root_identity else set())
+    files: list[tuple[Path, tuple[int, int] | None, bool]] = []  # (path, identity, is a link)
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError:
+            skip("folders that could not be listed", directory)
+            continue
+        subdirs = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = directory / entry.name
+            is_image_name = Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS
+            try:
+                st = entry.stat()  # follows links; never opens the file
+            except OSError:
+                if is_image_name or entry.is_symlink():
+                    skip("broken links or entries that cannot be read", path)
+                continue
+            identity = _identity(st)
+            if stat.S_ISDIR(st.st_mode):
+                if identity is not None and identity in seen_dirs:
+                    skip("folders reached again through a link", path)
+                    continue
+                if identity is not None:
+                    seen_dirs.add(identity)
+                subdirs.append(path)
+            elif is_image_name:
+                if not stat.S_ISREG(st.st_mode):
+                    skip("not regular files", path)
+                else:
+                    files.append((path, identity, entry.is_symlink()))
+        stack.extend(reversed(subdirs))
+    # one name per file: the first that is not itself a link, else the first
+    keep: dict[tuple[int, int], int] = {}
+    for k, (_, identity, is_link) in enumerate(files):
+        if identity is not None and (identity not in keep or (files[keep[identity]][2] and not is_link)):
+            keep[identity] = k
+    for k, (path, identity, _) in enumerate(files):
+        if identity is None or keep[identity] == k:
+            scan.paths.append(path)
+        else:
+            skip("links to a file listed under another name", path)
+    return scan
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """All image files under ``folder``, by :func:`scan_images` (each real folder once, regular
+    files only, hidden entries skipped); what it left out is named in one
+    :class:`SkippedFilesWarning`."""
+    scan = scan_images(folder)
+    summary = scan.summary()
+    if summary:
+        warnings.warn(summary, SkippedFilesWarning, stacklevel=1)  # one place: a second walk warns once
+    return scan.paths
 
 
 def _require_dir(root: str | os.PathLike, what: str, layout: str) -> Path:
@@ -571,13 +689,30 @@ def load_labelled_folder(
     ignored.
     """
     root = _require_dir(root, "labelled image folder", _LABELLED_LAYOUT)
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    left_out: dict[str, list[Path]] = {}
+    # class folders: each real folder once (a link to the root or to another class is left out),
+    # and no class walks into the root or another class through a link
+    class_dirs, identities = [], {_identity(root.stat())} - {None}
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        identity = _identity(d.stat())
+        if identity is not None and identity in identities:
+            left_out.setdefault("folders reached again through a link", []).append(d)
+            continue
+        identities.add(identity)
+        class_dirs.append((d, identity))
     paths, labels = [], []
-    for class_dir in class_dirs:
-        found = find_images(class_dir)
-        if found:
-            labels += [labels[-1] + 1 if labels else 0] * len(found)
-            paths += found
+    for class_dir, identity in class_dirs:
+        scan = scan_images(class_dir, identities - {identity, None})  # one warning for all, below
+        for reason, entries in scan.skipped.items():
+            left_out.setdefault(reason, []).extend(entries)
+        if scan.paths:
+            labels += [labels[-1] + 1 if labels else 0] * len(scan.paths)
+            paths += scan.paths
+    summary = ImageScan(root, paths, left_out).summary()
+    if summary:
+        warnings.warn(summary, SkippedFilesWarning, stacklevel=2)
     if not paths:
         exts = " ".join(sorted(IMAGE_EXTENSIONS))
         raise ValueError(

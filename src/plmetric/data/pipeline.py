@@ -43,19 +43,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from plmetric.data.datasets import DECODE_ERRORS, ImageDataset, UnreadableImageWarning
+from plmetric.data.images import image_size
 
 DEFAULT_MAX_BYTES = 8 * 2**30
 """Default size limit of an image cache: 8 GiB."""
 MAX_BYTES_ENV = "PLMETRIC_CACHE_MAX_BYTES"
 """Environment variable overriding :data:`DEFAULT_MAX_BYTES` (bytes, or e.g. ``512M``, ``16G``)."""
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: decoded by plmetric.data.images.open_image (EXIF orientation, 16-bit modes)
 _META_SUFFIX = ".meta.npz"
 _ESTIMATE_SAMPLE = 512  # images whose headers give a quick size estimate before the full scan
 _CHUNK = 32  # images per thread-pool task
@@ -289,11 +289,15 @@ class ImageCache:
                     try:
                         image = TF.resize(dataset.load_image(i), [cache_size], InterpolationMode.BILINEAR)
                         pixels = np.asarray(image, dtype=np.uint8)
-                        if pixels.shape != (shapes[i, 0], shapes[i, 1], 3):
+                        # the header's size is the stored one; the EXIF orientation may swap it
+                        # (the same bytes: resized_shape is symmetric), so the decoded shape is kept
+                        stored = (int(shapes[i, 0]), int(shapes[i, 1]))
+                        if pixels.shape[2:] != (3,) or pixels.shape[:2] not in (stored, stored[::-1]):
                             raise ValueError(
                                 f"decoded size {pixels.shape[:2]} differs from the header's "
-                                f"(expected {tuple(shapes[i])} after resizing)"
+                                f"(expected {stored} after resizing)"
                             )
+                        shapes[i] = pixels.shape[:2]
                         data[offsets[i] : offsets[i] + nbytes[i]] = pixels.reshape(-1)
                     except DECODE_ERRORS as err:
                         failed.append((i, f"{type(err).__name__}: {err}"))
@@ -442,8 +446,7 @@ def _header_sizes(
         for i in chunk:
             i = int(i)
             try:
-                with Image.open(str(dataset.paths[i])) as image:
-                    w, h = image.size
+                w, h = image_size(str(dataset.paths[i]))  # stored size; the pixel limit and file checks
                 sizes[position[i]] = (h, w)
             except DECODE_ERRORS as err:
                 failed.append((i, f"{type(err).__name__}: {err}"))
