@@ -277,9 +277,9 @@ def test_adding_images_equals_indexing_them_all_at_once(tmp_path, capsys):
         assert code == 0 and lines[0] == f"added 2 images to {part} (now 6); skipped 4 already in the index"
         a, b = load_embeddings(whole), load_embeddings(part)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]
-        if kind == "flat":  # the same faiss file, content for content; the replaced one is gone
+        if kind == "flat":  # the same faiss file, content for content; the replaced one is kept (and said so)
             assert read_index_metadata(part)["ann"]["sha256"] == read_index_metadata(whole)["ann"]["sha256"]
-            assert not (tmp_path / old_faiss).exists()
+            assert (tmp_path / old_faiss).exists() and lines[-1].startswith(f"kept the previous faiss file {tmp_path}")
             assert _search_json(capsys, tmp_path, part, paths[4:]) == _search_json(capsys, tmp_path, whole, paths[4:])
         else:
             assert "ann" not in read_index_metadata(part)
@@ -410,3 +410,171 @@ def test_index_help_shows_the_faiss_defaults(capsys):
     assert "(default: 64 below 1M vectors, else 128)" in text
     assert [ann.default_ef_search(n) for n in (999_999, 10**6)] == [64, 128]
     assert [ann.default_nprobe(n) for n in (7, 128, 129, 1265)] == [7, 8, 9, 80]
+
+
+# ----------------------------------------------------------------------------- copies, renames, locks, file records
+
+
+def _faiss_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob("*.faiss")}
+
+
+def test_adding_to_a_copy_leaves_the_original_index_working(tmp_path, capsys):
+    """A copy of an index names the original's faiss file: --add-to on the copy writes its own,
+    content-named faiss file and deletes or overwrites no faiss file."""
+    pytest.importorskip("faiss")
+    paths = photos(tmp_path / "p")
+    (tmp_path / "later").mkdir()
+    for p in paths[4:]:
+        p.rename(tmp_path / "later" / p.name)
+    original, copy = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main(["index", str(tmp_path / "p"), "--out", str(original), "--faiss", "flat", *SMALL]) == 0
+    copy.write_bytes(original.read_bytes())
+    before = _faiss_files(tmp_path)
+    for p in paths[4:]:
+        (tmp_path / "later" / p.name).rename(p)
+    code, lines, err = top_result(capsys, "index", str(tmp_path / "p"), "--add-to", str(copy), *SMALL)
+    assert code == 0 and lines[0] == f"added 2 images to {copy} (now 6); skipped 4 already in the index", err
+    after = _faiss_files(tmp_path)
+    assert all(after[name] == data for name, data in before.items())  # nothing deleted or overwritten
+    assert read_index_metadata(copy)["ann"]["file"] == f"b.{read_index_metadata(copy)['ann']['sha256'][:12]}.faiss"
+    for index, count in ((original, 4), (copy, 6)):
+        assert len(load_embeddings(index)[2]) == count
+        results = _search_json(capsys, tmp_path, index, paths[:2])  # through the faiss file, checked by its hash
+        assert [q["results"][0]["path"] for q in results] == [str(p.resolve()) for p in paths[:2]]
+
+
+def test_an_index_and_its_faiss_file_renamed_together_still_pair_up(tmp_path, capsys):
+    pytest.importorskip("faiss")
+    from plmetric.retrieval.index import load_faiss_index
+
+    paths = photos(tmp_path / "p", n=4)
+    index = tmp_path / "i.safetensors"
+    assert main(["index", str(tmp_path / "p"), "--out", str(index), "--faiss", "hnsw", *SMALL]) == 0
+    ann_meta = read_index_metadata(index)["ann"]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    renamed = moved / "renamed.safetensors"
+    index.rename(renamed)
+    (tmp_path / ann_meta["file"]).rename(moved / f"renamed.{ann_meta['sha256'][:12]}.faiss")
+    faiss_index, plan = load_faiss_index(renamed)
+    assert faiss_index.ntotal == 4 and plan.kind == "hnsw"
+    results = _search_json(capsys, tmp_path, renamed, paths[:2])
+    assert [q["results"][0]["path"] for q in results] == [str(p.resolve()) for p in paths[:2]]
+    # renamed to a name its faiss file does not follow: still the missing file named, one line
+    (moved / f"renamed.{ann_meta['sha256'][:12]}.faiss").rename(moved / "other.faiss")
+    query = ["search", str(paths[0]), "--index", str(renamed), "--out", str(tmp_path / "g.png")]
+    code, _, err = top_result(capsys, *query)
+    assert code == 2 and "which is missing" in err and ann_meta["file"] in err
+
+
+def test_a_second_add_to_on_the_same_index_stops_at_once(tmp_path, capsys):
+    """While one --add-to holds an index (its flock), another stops with one line, exit 2, and
+    changes nothing; once the lock is released it runs."""
+    import fcntl
+
+    paths = photos(tmp_path / "p", n=3)
+    index = tmp_path / "i.safetensors"
+    (tmp_path / "later").mkdir()
+    paths[2].rename(tmp_path / "later" / paths[2].name)
+    assert main(["index", str(tmp_path / "p"), "--out", str(index), *SMALL]) == 0
+    (tmp_path / "later" / paths[2].name).rename(paths[2])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with open(index, "rb") as holder:  # as the first --add-to holds it
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, lines, err = top_result(capsys, "index", str(tmp_path / "p"), "--add-to", str(index), *SMALL)
+    assert code == 2 and lines == [] and len(err.strip().splitlines()) == 1
+    assert f"--add-to {index}: another plmetric command is extending this index now" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # no lock file either
+    code, lines, _ = top_result(capsys, "index", str(tmp_path / "p"), "--add-to", str(index), *SMALL)
+    assert code == 0 and lines[0] == f"added 1 images to {index} (now 3); skipped 2 already in the index"
+
+
+def test_an_index_records_each_files_size_and_mtime(tmp_path):
+    """``file_stat`` holds (size, mtime_ns) per image (-1 -1 for an item); an index written before
+    they were recorded loads, and growing it records the new images only."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from plmetric.retrieval.index import FILE_STAT_KEY, extend_index, file_stats, load_file_stats
+
+    paths = photos(tmp_path / "p", n=3)
+    index = tmp_path / "i.safetensors"
+    assert main(["index", str(tmp_path / "p"), "--out", str(index), *SMALL]) == 0
+    stats = load_file_stats(index)
+    assert stats.tolist() == [[p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    assert file_stats(["item:0", str(tmp_path / "none.png")]).tolist() == [[-1, -1], [-1, -1]]
+    emb, labels, recorded, _ = load_embeddings(index)
+    old = tmp_path / "old.safetensors"  # as an older plmetric wrote it: no file_stat tensor
+    meta = {**read_index_metadata(index), "paths": recorded[:2], "count": 2}
+    save_file({"embeddings": emb[:2], "labels": labels[:2]}, str(old), metadata={"plmetric_index": json.dumps(meta)})
+    assert load_file_stats(old) is None and load_embeddings(old)[2] == recorded[:2]
+    extend_index(old, old, emb[2:], labels[2:], recorded[2:])
+    assert load_file_stats(old).tolist() == [[-1, -1], [-1, -1], stats[2].tolist()]
+    with safe_open(str(old), framework="pt") as handle:
+        assert FILE_STAT_KEY in handle.keys()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("image_size", 3000, r"'image_size' must be an integer from 8 to 1024"),
+        ("image_size", True, r"'image_size' must be an integer from 8 to 1024"),
+        ("backbone", "vgg16", r"'backbone': unknown backbone 'vgg16'"),
+        ("output_dim", "16", r"'output_dim' must be an integer >= 1"),
+    ],
+)
+def test_an_index_model_description_is_checked_like_a_checkpoint(tmp_path, field, value, message):
+    emb = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+    model = {"backbone": "efficientnet_lite0", "checkpoint": None, "image_size": 32, field: value}
+    out = save_embeddings(tmp_path / "e.safetensors", emb, torch.arange(2), ["a.png", "b.png"], model)
+    with pytest.raises(ValueError, match=rf"index .*e\.safetensors: model {message}"):
+        load_embeddings(out)
+
+
+def test_search_csv_and_json_name_queries_by_the_same_absolute_path(tmp_path, capsys, monkeypatch):
+    import csv
+    import json
+
+    photos(tmp_path / "p", n=3)
+    index = tmp_path / "i.safetensors"
+    assert main(["index", str(tmp_path / "p"), "--out", str(index), *SMALL]) == 0
+    monkeypatch.chdir(tmp_path)  # the queries as typed: relative, one through ".."
+    queries = ["p/img0.png", "p/../p/img1.png", "p/missing_typo.png"]
+    (tmp_path / "p" / "missing_typo.png").write_text("not an image")
+    args = ["search", *queries, "--index", str(index), "--top-k", "2", "--json", "r.json", "--csv", "r.csv"]
+    code, _, _ = top_result(capsys, *args)
+    assert code == 0
+    expected = [str((tmp_path / "p" / name).resolve()) for name in ("img0.png", "img1.png")]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [q["query"] for q in report["queries"]] == expected
+    assert report["unreadable_queries"] == [str((tmp_path / "p" / "missing_typo.png").resolve())]
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert [row["query"] for row in rows] == [e for e in expected for _ in range(2)]
+    assert all(Path(row["query"]).is_absolute() and Path(row["path"]).is_absolute() for row in rows)
+
+
+def test_grid_captions_are_shortened_in_the_middle(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from plmetric.retrieval.index import GRID_CAPTION_CHARS, draw_results
+
+    titles: list[str] = []
+    original = matplotlib.axes.Axes.set_title
+    def recording(ax, title, **kwargs):
+        titles.append(title)
+        return original(ax, title, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", recording)
+    names = [f"holiday_2024_beach_sunset_panorama_{i:04d}.png" for i in range(3)]
+    paths = photos(tmp_path / "p", n=3)
+    for path, name in zip(paths, names, strict=True):
+        path.rename(path.with_name(name))
+    long_paths = [str(path.with_name(name)) for path, name in zip(paths, names, strict=True)]
+    draw_results(long_paths[0], long_paths[1:], [0.9, 0.8], tmp_path / "grid.png")
+    shown = [title.splitlines()[-1] for title in titles]
+    assert len(shown) == 3 and len(set(shown)) == 3  # the tails tell the files apart
+    for name, caption in zip(names, shown, strict=True):
+        assert len(caption) == GRID_CAPTION_CHARS and "…" in caption and name.endswith(caption.split("…")[1])

@@ -1,7 +1,9 @@
 """Zero-shot image search: self-contained, self-checking indexes, top-k queries and result grids.
 
 An index (or embeddings file) is one safetensors file: ``embeddings`` (N × d, L2-normalised),
-``labels`` (N, -1 when unlabelled) and, in its metadata (``plmetric_index``, JSON):
+``labels`` (N, -1 when unlabelled), ``file_stat`` (N × 2 int64: each image file's size in bytes and
+modification time in ns when the index was written, -1 -1 for an item without a file; absent from
+indexes of older versions, which stay readable) and, in its metadata (``plmetric_index``, JSON):
 
 * ``paths``: the absolute path of every image (``search`` works from any folder);
 * ``model``: everything needed to embed a query the same way and to check that it is the same
@@ -15,10 +17,21 @@ An index (or embeddings file) is one safetensors file: ``embeddings`` (N × d, L
   (``INDEX.<first 12 hex digits of its SHA-256>.faiss``), its ``count`` and the faiss version.
 
 Writing an index with a faiss file writes the faiss file first, then the ``.safetensors`` file
-(atomically, the commit point), then removes the faiss file the replaced index named: a crash at
-any moment leaves a complete old or new pair (and at most an unnamed ``.faiss`` file). The faiss
-file is named by its content, so a pair cannot go stale without a changed file, which search
-detects by the SHA-256 (and refuses, naming both hashes; ``--exact`` still searches).
+(atomically, the commit point); it never deletes or overwrites a faiss file that an index names (a
+copy of the index elsewhere in the folder may name the replaced one): a crash at any moment leaves a
+complete old or new pair (and at most an unnamed ``.faiss`` file). The faiss file is named by its
+content and found relative to the index: by its recorded name, else as ``<index stem>.<12 hex
+digits>.faiss`` beside it (the index and its faiss file renamed together still pair up). A pair
+cannot go stale without a changed file, which search detects by the SHA-256 (and refuses, naming
+both hashes; ``--exact`` still searches). Growing an index in place holds an exclusive lock on it
+(:func:`exclusive_index_lock`): a second ``--add-to`` on the same index stops at once.
+
+Why size and mtime, not a content hash, identify an indexed file (``file_stat``): recording them is
+one ``stat`` per image (about a second for 1M images), where a hash would read every byte again
+(hundreds of GB for 1M photos) and ``serve`` would have to hash a file on every request. They detect
+every ordinary change (an edit, a copy or a swap over the file: another size or time); only a forger
+who also sets the same size and time (``touch -r``) passes, and ``serve`` still shows only an image,
+decoded and re-encoded, from the recorded path, never through a link.
 
 An index is never built with an untrained random embedding layer: without a checkpoint only the
 backbone's pooled features (``embedding_dim = 0``) are reproducible.
@@ -26,12 +39,11 @@ backbone's pooled features (``embedding_dim = 0``) are reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import io
 import json
 import os
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +57,17 @@ from plmetric.core.checkpoint import (
     atomic_write_figure,
     file_sha256,
 )
-from plmetric.data.backbones import load_model
+from plmetric.data.backbones import check_model_metadata, load_model
 
 INDEX_KEY = "plmetric_index"
 INDEX_FORMAT = "plmetric-index"
 INDEX_VERSION = 2
+FILE_STAT_KEY = "file_stat"
+"""The tensor of an index holding each image file's ``(size in bytes, mtime in ns)`` at indexing."""
+
+
+class IndexBusyError(ValueError):
+    """Another process holds the index's lock (it is extending the same index now)."""
 
 
 class IndexMismatchError(ValueError):
@@ -64,7 +82,7 @@ def preprocessing(backbone: str, image_size: int) -> dict[str, Any]:
     return {
         "resize_shorter_side": round(image_size * 256 / 224),
         "center_crop": int(image_size),
-        "interpolation": "bilinear",
+        "interpolation": spec.interpolation,
         "mean": list(spec.mean),
         "std": list(spec.std),
         "color": "RGB",
@@ -168,6 +186,19 @@ def _check_same_file(path: str, recorded: str | None, what: str, index_path: str
         )
 
 
+def file_stats(paths: list[str]) -> torch.Tensor:
+    """``(size in bytes, mtime in ns)`` of each file (N × 2 int64), -1 -1 for an ``item:`` or a file
+    that cannot be stat'ed: what :func:`save_embeddings` records to recognise the indexed files later."""
+    stats = []
+    for p in paths:
+        try:
+            st = os.stat(p) if not p.startswith("item:") else None
+        except OSError:
+            st = None
+        stats.append((st.st_size, st.st_mtime_ns) if st is not None else (-1, -1))
+    return torch.tensor(stats, dtype=torch.int64).reshape(len(paths), 2)
+
+
 def save_embeddings(
     path: str | os.PathLike,
     embeddings: torch.Tensor,
@@ -175,10 +206,13 @@ def save_embeddings(
     paths: list[str],
     model: dict[str, Any],
     ann: dict[str, Any] | None = None,
+    stats: torch.Tensor | None = None,
 ) -> Path:
-    """Write embeddings, labels, absolute image paths and the model description to one safetensors file.
+    """Write embeddings, labels, absolute image paths, their files' size and mtime and the model
+    description to one safetensors file.
 
-    ``ann`` is the description of a faiss file written beside it (see :func:`write_index`)."""
+    ``ann`` is the description of a faiss file written beside it (see :func:`write_index`);
+    ``stats`` the rows of :func:`file_stats` (default: taken now, from the files themselves)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors, got {path}")
@@ -196,7 +230,12 @@ def save_embeddings(
     }
     if ann is not None:
         meta["ann"] = ann
-    tensors = {"embeddings": embeddings.float().contiguous().cpu(), "labels": labels.long().contiguous().cpu()}
+    stats = file_stats(absolute) if stats is None else stats.long().reshape(len(absolute), 2)
+    tensors = {
+        "embeddings": embeddings.float().contiguous().cpu(),
+        "labels": labels.long().contiguous().cpu(),
+        FILE_STAT_KEY: stats.contiguous().cpu(),
+    }
     return atomic_save_safetensors(path, tensors, {INDEX_KEY: json.dumps(meta)})
 
 
@@ -252,11 +291,29 @@ def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(
             f"{path} is not a valid plmetric index (embeddings, labels, paths and model disagree or are missing)"
         )
+    check_model_metadata(model, f"index {path}: model")  # image_size, backbone, ...: as a checkpoint's
     return embeddings, labels, paths, model
 
 
+def load_file_stats(path: str | os.PathLike) -> torch.Tensor | None:
+    """The ``file_stat`` rows of an index (N × 2: size, mtime in ns; -1 unknown), or None for an index
+    written before they were recorded (or a malformed record)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if FILE_STAT_KEY not in handle.keys():
+                return None
+            stats = handle.get_tensor(FILE_STAT_KEY)
+            count = handle.get_slice("embeddings").get_shape()[0]
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if stats.dtype != torch.int64 or tuple(stats.shape) != (count, 2):
+        return None
+    return stats
+
+
 def decode_image(source: str | os.PathLike | bytes, what: str = "query image", max_side: int | None = None) -> Any:
-    """Decode an image file (or its bytes) to an RGB ``PIL.Image``.
+    """Decode an image file (or its bytes) to an upright 8-bit RGB ``PIL.Image``: the data layer's one
+    decoder, :func:`plmetric.data.images.open_image` (EXIF orientation, every mode, one pixel limit).
 
     Args:
         source: a path, or the bytes of an image file (an upload).
@@ -266,28 +323,12 @@ def decode_image(source: str | os.PathLike | bytes, what: str = "query image", m
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a decodable image, or one whose pixel count makes it a decompression bomb
-            (over PIL's ``Image.MAX_IMAGE_PIXELS``); one line naming ``what``.
+        ValueError: not a regular file, not a decodable image, or over
+            :data:`plmetric.data.images.MAX_IMAGE_PIXELS` ("too large to decode"); one line naming ``what``.
     """
-    from PIL import Image
+    from plmetric.data.images import open_image
 
-    if isinstance(source, bytes):
-        name, handle = what, io.BytesIO(source)
-    else:
-        name, handle = f"{what} {source}", Path(source)
-        if not handle.is_file():
-            raise FileNotFoundError(f"{what} not found: {source}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(handle) as img:
-                if max_side is not None:
-                    img.draft("RGB", (max_side, max_side))
-                return img.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ValueError(f"{name} is too large to decode safely ({err})") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ValueError(f"cannot read {name}: {err}") from None
+    return open_image(source, what, max_side=max_side)
 
 
 def read_query_image(
@@ -321,13 +362,61 @@ def faiss_file_name(index_path: str | os.PathLike, digest: str) -> Path:
     return index_path.with_name(f"{index_path.stem}.{digest[:12]}.faiss")
 
 
-def _named_faiss_file(index_path: Path, meta: dict[str, Any] | None) -> Path | None:
-    """The faiss file an index's metadata names, if it is a plain name beside the index."""
+def faiss_file_for(index_path: Path, meta: dict[str, Any] | None) -> Path | None:
+    """The faiss file an index's metadata names, if it is a plain name beside the index: the recorded
+    name if that file exists, else ``<index stem>.<sha256[:12]>.faiss`` if that one exists (the pair
+    renamed together), else the recorded name (missing)."""
     ann_meta = (meta or {}).get("ann")
     name = ann_meta.get("file") if isinstance(ann_meta, dict) else None
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".faiss"):
         return None
-    return index_path.with_name(name)
+    recorded = index_path.with_name(name)
+    digest = ann_meta.get("sha256")
+    if not recorded.exists() and isinstance(digest, str) and len(digest) >= 12 and digest.isalnum():
+        renamed = faiss_file_name(index_path, digest)
+        if renamed.is_file():
+            return renamed
+    return recorded
+
+
+@contextlib.contextmanager
+def exclusive_index_lock(index_path: str | os.PathLike, what: str = "--add-to") -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on the index file itself while it is read, extended
+    and replaced (no lock file is left behind; the lock ends with the process).
+
+    The index is replaced by an atomic rename: a lock taken on a file that was replaced meanwhile is
+    dropped and taken again on the current one.
+
+    Raises:
+        IndexBusyError: another process holds the lock (one line: wait for it, then run again).
+        FileNotFoundError: no such index.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    index_path = Path(index_path)
+    for _ in range(10):
+        fd = os.open(index_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise IndexBusyError(
+                f"{what} {index_path}: another plmetric command is extending this index now (it holds its lock); "
+                "wait until it has finished, then run this again"
+            ) from None
+        held, current = os.fstat(fd), os.stat(index_path)
+        if (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino):
+            break
+        os.close(fd)  # replaced between open and lock: lock the new file
+    else:
+        raise IndexBusyError(f"{what} {index_path}: the index keeps being replaced by another command; run this again")
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_index(
@@ -338,20 +427,21 @@ def write_index(
     model: dict[str, Any],
     plan: Any = None,
     faiss_index: Any = None,
+    stats: torch.Tensor | None = None,
 ) -> tuple[Path, Path | None]:
     """Write an index, with a faiss index of ``plan`` (an :class:`plmetric.manifold.ann.AnnPlan`) beside it.
 
     ``faiss_index`` is a built faiss index of exactly these embeddings (e.g. grown by
-    :func:`extend_index`); without it the plan's index is built here. Write order (see the module
+    :func:`extend_index`); without it the plan's index is built here. ``stats``: as in
+    :func:`save_embeddings`. Write order (see the module
     docstring): the faiss file, the ``.safetensors`` file (the commit), then the removal of the
-    faiss file that the replaced index at ``path`` named.
+    faiss file; the faiss file the replaced index named is left in place (another index may name it).
 
     Returns:
         ``(index path, faiss file path or None)``.
     """
     from plmetric.manifold import ann
     path = Path(path)
-    replaced = _named_faiss_file(path, read_index_metadata(path)) if path.is_file() else None
     ann_meta, faiss_path = None, None
     if plan is not None:
         if faiss_index is None:
@@ -363,7 +453,8 @@ def write_index(
 
         digest = hashlib.sha256(data).hexdigest()
         faiss_path = faiss_file_name(path, digest)
-        atomic_write_bytes(faiss_path, data)
+        if not (faiss_path.is_file() and file_sha256(faiss_path) == digest):  # the same content: keep it
+            atomic_write_bytes(faiss_path, data)
         ann_meta = {
             **plan.to_dict(),
             "metric": "inner_product",
@@ -372,9 +463,7 @@ def write_index(
             "count": len(embeddings),
             "faiss_version": ann.import_faiss().__version__,
         }
-    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta)
-    if replaced is not None and replaced != faiss_path:
-        replaced.unlink(missing_ok=True)
+    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats)
     return path, faiss_path
 
 
@@ -393,7 +482,7 @@ def load_faiss_index(index_path: str | os.PathLike, meta: dict[str, Any] | None 
     ann_meta = (meta or {}).get("ann")
     if ann_meta is None:
         return None
-    faiss_path = _named_faiss_file(index_path, meta)
+    faiss_path = faiss_file_for(index_path, meta)
     if (
         faiss_path is None
         or ann_meta.get("kind") not in ann.FAISS_KINDS
@@ -537,8 +626,17 @@ def extend_index(
         plan = ann.AnnPlan(plan.kind, params)
     all_embeddings = torch.cat([old_embeddings, embeddings.float().cpu()])
     all_labels = torch.cat([old_labels, labels.long().cpu()])
-    _, faiss_path = write_index(out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown)
+    old_stats = load_file_stats(index_path)  # an older index without them: unknown (-1) for its images
+    old_stats = torch.full((len(old_paths), 2), -1, dtype=torch.int64) if old_stats is None else old_stats
+    stats = torch.cat([old_stats, file_stats(absolute)])
+    _, faiss_path = write_index(
+        out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown, stats=stats
+    )
     return len(all_embeddings), faiss_path, plan
+
+
+GRID_DECODE_SIDE = 512
+"""Grid tiles are about 200 px wide: JPEGs are decoded at the smallest DCT scale that keeps this side."""
 
 
 def draw_results(query_path: str, result_paths: list[str], scores: list[float], out: str | os.PathLike) -> Path:
@@ -547,7 +645,8 @@ def draw_results(query_path: str, result_paths: list[str], scores: list[float], 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
+
+    from plmetric.data.images import open_image
 
     n = len(result_paths) + 1
     cols = min(n, 6)
@@ -560,15 +659,19 @@ def draw_results(query_path: str, result_paths: list[str], scores: list[float], 
         ax.axis("off")
     for ax, (image_path, title) in zip(axes.flat, tiles, strict=False):
         try:
-            with Image.open(image_path) as img:
-                ax.imshow(img.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError):
+            ax.imshow(open_image(image_path, max_side=GRID_DECODE_SIDE))
+        except (OSError, ValueError):
             ax.text(0.5, 0.5, "missing" if not Path(image_path).exists() else "unreadable", ha="center", va="center")
         ax.set_title(title, fontsize=7, color="tab:red" if title.startswith("query") else "black")
     fig.tight_layout()
     return atomic_write_figure(fig, out, dpi=90)
 
 
-def _short(path: str, limit: int = 28) -> str:
-    name = Path(path).name
-    return name if len(name) <= limit else name[: limit - 3] + "..."
+GRID_CAPTION_CHARS = 28
+"""A grid tile's caption fits about this many characters of a file name (2.2 inches at 7 pt)."""
+
+
+def _short(path: str, limit: int = GRID_CAPTION_CHARS) -> str:
+    from plmetric.training.report import shorten_name
+
+    return shorten_name(Path(path).name, limit)

@@ -9,31 +9,57 @@ serves, on 127.0.0.1 unless told otherwise:
 * ``POST /search``: the top-k results of an uploaded image (multipart field ``image``);
 * ``GET /api/search?id=N``, ``POST /api/search``: the same as JSON, ``{"index", "top_k", "query",
   "query_id", "results": [{"rank", "id", "path", "score", "missing"}]}``; an error is
-  ``{"error": "..."}`` with status 400 (404: unknown id; 413: upload over :data:`MAX_UPLOAD_BYTES`);
-* ``GET /thumb/N``, ``GET /image/N``: a downscaled JPEG, the file itself, of indexed image N.
+  ``{"error": "..."}`` with status 400 (a malformed id: anything but ASCII digits), 404 (an id
+  outside the index), 413 (an upload over :data:`MAX_UPLOAD_BYTES` or :data:`MAX_UPLOAD_PIXELS`) or
+  429 (every decode slot busy for :data:`DECODE_WAIT_S`);
+* ``GET /thumb/N``, ``GET /image/N``: a downscaled JPEG, the full image re-encoded (JPEG for a JPEG
+  file, else PNG), of indexed image N.
 
-Images are addressed by their number in the index only: no route takes a path, so no request can
-reach a file the index does not list. Images moved or deleted since indexing show as missing (their
-``/thumb`` and ``/image`` answer 404). The web packages are the optional extra ``serve``.
+What is served (:meth:`Browser.open_indexed`, the class of attacks it closes):
+
+* Images are addressed by their number in the index only: no route takes a path.
+* A file is opened only at the path the index recorded (an absolute path with every link resolved
+  at indexing), only if that path still resolves to itself (no link anywhere on it now: a file or
+  folder swapped for a link is refused, ``O_NOFOLLOW`` on the open, and the opened descriptor's path
+  checked on Linux), only if it is a regular file, and only if its size and modification time are
+  those recorded at indexing (``file_stat`` of :mod:`plmetric.retrieval.index`; 410 when changed).
+  An index written before they were recorded is served on the decode check alone (said once at start).
+* Bytes of a file never reach a response: the image is decoded (:func:`plmetric.data.images.open_image`)
+  and re-encoded; a file that does not decode as an image answers 404 with a short message.
+
+Memory: an upload's pixel count is read from its header and refused (413) over
+:data:`MAX_UPLOAD_PIXELS` before anything is decoded; at most :data:`DECODE_SLOTS` images (uploads,
+thumbnails, full images) are decoded at once, so decoding holds at most ``DECODE_SLOTS`` decoded
+images; uploads waiting for a slot stay in Starlette's spooled files (on disk past 1 MiB).
+
+Images moved or deleted since indexing show as missing (their ``/thumb`` and ``/image`` answer
+404). The web packages are the optional extra ``serve``.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import importlib.util
 import io
 import ipaddress
 import os
+import re
+import signal
 import socket
+import stat
 import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from plmetric.retrieval.index import decode_image, load_embeddings, model_from_description, top_k
+from plmetric.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError, image_size, open_image
+from plmetric.retrieval.index import load_embeddings, load_file_stats, model_from_description, top_k
+from plmetric.training.report import shorten_name
 
 INSTALL_HINT = 'pip install "plmetric[serve]"'
 REQUIRED_MODULES = {
@@ -45,8 +71,25 @@ REQUIRED_MODULES = {
 """Import name -> distribution name of every package ``plmetric serve`` needs."""
 MAX_UPLOAD_BYTES = 20 * 2**20
 """Largest accepted upload (the image file; the form around it may add a few KiB)."""
+MAX_UPLOAD_PIXELS = min(50_000_000, MAX_IMAGE_PIXELS)
+"""Largest accepted upload in pixels (width × height, read from the header before decoding): 50 MP
+admits a 48 MP phone photo or a 45 MP full-frame one, well below Pillow's bomb warning (89.5 MP) and
+the data layer's :data:`plmetric.data.images.MAX_IMAGE_PIXELS`. Decoded, Pillow holds RGB in 4
+bytes a pixel: at most 200 MB an upload."""
+DECODE_SLOTS = 2
+"""Images decoded at once (uploads, thumbnails, full images); the others wait for a slot."""
+DECODE_WAIT_S = 20.0
+"""How long a request waits for a decode slot before it is answered 429 (busy)."""
+FULL_IMAGE_JPEG_QUALITY = 92
+MMAP_THRESHOLD_BYTES = 8 * 2**20
+"""glibc: allocations from this size up (Pillow's 16 MiB image blocks) are mapped and unmapped on their
+own, so a freed decoded image goes back to the system (:func:`return_freed_images_to_the_system`)."""
 FORM_OVERHEAD_BYTES = 64 * 2**10
 THUMB_SIDE = 256
+ID_MAX_DIGITS = 18
+"""An id of more digits is out of range of any index (and not converted: Python refuses int() of
+over 4300 digits)."""
+SHOWN_NAME_CHARS = 120
 GALLERY_PAGE_SIZE = 48
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
@@ -56,7 +99,7 @@ class ServeDependencyError(ImportError):
 
 
 class QueryError(ValueError):
-    """A request that cannot be answered; ``status`` is its HTTP status (400, 404 or 413)."""
+    """A request that cannot be answered; ``status`` is its HTTP status (400, 404, 410, 413 or 429)."""
 
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -75,8 +118,13 @@ class Hit:
 
     @property
     def name(self) -> str:
-        """The file name shown on its tile."""
+        """The file name."""
         return Path(self.path).name
+
+    @property
+    def caption(self) -> str:
+        """The file name shown on its tile, shortened in the middle (:data:`CAPTION_CHARS`)."""
+        return shorten_name(self.name, CAPTION_CHARS)
 
     def as_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score, "missing": self.missing}
@@ -91,6 +139,16 @@ class Query:
     path: str | None = None
     thumbnail: str | None = None
 
+    @property
+    def caption(self) -> str:
+        """The name shown under the query, shortened in the middle (:data:`CAPTION_CHARS`)."""
+        return shorten_name(self.name, CAPTION_CHARS)
+
+
+CAPTION_CHARS = 24
+"""A tile's caption fits about this many characters of a file name (170 px at 12 px); the full
+path is the caption's tooltip."""
+
 
 def require_packages() -> None:
     """Check that the ``serve`` extra is installed.
@@ -104,12 +162,34 @@ def require_packages() -> None:
 
 
 def thumbnail_jpeg(image: Any, side: int) -> bytes:
-    """A JPEG of ``image`` (a PIL image) shrunk to fit in ``side`` × ``side``, aspect kept."""
-    image = image.copy()
+    """A JPEG of ``image`` (a PIL image) shrunk to fit in ``side`` × ``side``, aspect kept. The image
+    is shrunk in place (no full-size copy: its pixels are not needed afterwards)."""
     image.thumbnail((side, side))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
+
+
+def shown_name(name: str) -> str:
+    """An upload's file name as messages show it: quoted and escaped (``repr``), cut in the middle
+    past :data:`SHOWN_NAME_CHARS` characters."""
+    if len(name) > SHOWN_NAME_CHARS:
+        half = SHOWN_NAME_CHARS // 2
+        name = name[:half] + "..." + name[-half:]
+    return repr(name)
+
+
+def parse_number(text: str | None, what: str) -> int | None:
+    """``text`` as a non-negative decimal number: ASCII digits only (no sign, space, or other
+    script's digits); None when it has more than :data:`ID_MAX_DIGITS` digits (out of any range).
+
+    Raises:
+        QueryError: 400 for anything else, naming ``what``.
+    """
+    if text is None or re.fullmatch(r"[0-9]+", text) is None:
+        shown = text if text is None or len(text) <= 24 else text[:24] + "..."
+        raise QueryError(f"{what} must be a number written with the digits 0-9, got {shown!r}")
+    return int(text) if len(text) <= ID_MAX_DIGITS else None
 
 
 class Browser:
@@ -139,6 +219,15 @@ class Browser:
                 f"its embeddings have dimension {self.embeddings.shape[1]}"
             )
         self._model_lock = threading.Lock()  # one forward pass at a time (requests run in a thread pool)
+        self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+        self.file_stats = load_file_stats(index)
+        self.note = (
+            None
+            if self.file_stats is not None
+            else f"note: index {index} records no file sizes and times (written by an older plmetric): its images "
+            "are served if they decode as images, but a file replaced by another image is not detected; "
+            "rebuild the index (plmetric index) to record them"
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -153,54 +242,171 @@ class Browser:
             raise QueryError(f"no image number {image_id}: the index holds images 0 to {len(self.paths) - 1}", 404)
         return Path(self.paths[image_id])
 
+    def image_id(self, text: str | None) -> int:
+        """The number of an indexed image from a request's text.
+
+        Raises:
+            QueryError: 400 not ASCII digits; 404 outside the index.
+        """
+        number = parse_number(text, "id")
+        if number is None:
+            raise QueryError(
+                f"no image number {text[:12]}... ({len(text)} digits): the index holds images 0 to {len(self) - 1}",
+                404,
+            )
+        self.path_of(number)
+        return number
+
+    @contextlib.contextmanager
+    def decode_slot(self) -> Iterator[None]:
+        """Hold one of :data:`DECODE_SLOTS` decode slots, waiting at most :data:`DECODE_WAIT_S`.
+
+        Raises:
+            QueryError: 429 when none became free in time.
+        """
+        if not self._decode_slots.acquire(timeout=DECODE_WAIT_S):
+            raise QueryError(
+                f"the server is busy decoding {DECODE_SLOTS} other images (waited {DECODE_WAIT_S:g} s): "
+                "try again in a moment",
+                429,
+            )
+        try:
+            yield
+        finally:
+            self._decode_slots.release()
+
+    def open_indexed(self, image_id: int) -> IO[bytes]:
+        """The file of indexed image ``image_id``, opened only if it is still the file that was indexed.
+
+        Checks, in order: the recorded path resolves to itself (no link on it now); it opens with
+        ``O_NOFOLLOW``; it is a regular file; on Linux the opened descriptor's path is the recorded
+        one; its size and mtime (ns) are the recorded ``file_stat`` (when the index has them).
+
+        Raises:
+            QueryError: 404 unknown number, missing file, a link, not a regular file, unreadable;
+                410 changed since indexing.
+        """
+        path = str(self.path_of(image_id))
+        what = f"image {image_id} ({path})"
+        if path.startswith("item:"):
+            raise QueryError(f"image {image_id} has no file (an item of a data set)", 404)
+        link = QueryError(f"{what} is now reached through a link: refused (it was indexed as a plain file)", 404)
+        if os.path.realpath(path) != path:
+            if not os.path.lexists(path):
+                raise QueryError(f"{what} is missing: moved or deleted since indexing", 404)
+            raise link
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise QueryError(f"{what} is missing: moved or deleted since indexing", 404) from None
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise link from None
+            raise QueryError(f"{what} cannot be opened ({err.strerror})", 404) from None
+        try:
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
+                raise QueryError(f"{what} is not a regular file: refused", 404)
+            with contextlib.suppress(OSError):  # Linux: the path of what was actually opened
+                if os.readlink(f"/proc/self/fd/{fd}") != path:
+                    raise link
+            if self.file_stats is not None:
+                size, mtime_ns = self.file_stats[image_id].tolist()
+                if size >= 0 and (found.st_size, found.st_mtime_ns) != (size, mtime_ns):
+                    raise QueryError(
+                        f"{what} has changed since indexing (another size or modification time): refused; "
+                        "rebuild the index to show it",
+                        410,
+                    )
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _encode_indexed(self, image_id: int, max_side: int | None, encode: Callable[[Any, bool], Any]) -> Any:
+        """``encode(image, is_jpeg)`` of indexed image ``image_id`` decoded, all in one decode slot
+        (the decoded image never outlives the slot)."""
+        with self.open_indexed(image_id) as handle, self.decode_slot():
+            is_jpeg = handle.peek(3)[:3] == b"\xff\xd8\xff"
+            try:
+                image = open_image(handle, f"image {image_id}", max_side=max_side)
+            except ValueError as err:
+                raise QueryError(f"{err}: not shown", 404) from None
+            return encode(image, is_jpeg)
+
     def search_id(self, image_id: int) -> list[Hit]:
         """The top-k results of indexed image ``image_id`` (itself first, score 1)."""
         self.path_of(image_id)
         return self._hits(self.embeddings[image_id : image_id + 1])
 
-    def search_upload(self, data: bytes, name: str) -> tuple[list[Hit], bytes]:
-        """The top-k results of an uploaded image file and its thumbnail (JPEG bytes).
+    def search_upload(self, upload: bytes | IO[bytes], name: str) -> tuple[list[Hit], bytes]:
+        """The top-k results of an uploaded image file (its bytes, or a binary file read here, in a
+        decode slot) and its thumbnail (JPEG bytes).
 
         Raises:
-            QueryError: 413 over :data:`MAX_UPLOAD_BYTES`; 400 empty, not an image, or a
-                decompression bomb (one line naming the upload).
+            QueryError: 413 over :data:`MAX_UPLOAD_BYTES` or :data:`MAX_UPLOAD_PIXELS` (from the
+                header, before decoding); 400 empty or not an image; 429 no decode slot in time (one
+                line naming the upload by its file name).
         """
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise QueryError(f"upload {name!r} is larger than the limit of {MAX_UPLOAD_BYTES // 2**20} MiB", 413)
-        if not data:
-            raise QueryError(f"upload {name!r} is empty: choose an image file")
-        try:
-            image = decode_image(data, f"upload {name!r}")
-        except ValueError as err:
-            raise QueryError(str(err)) from None
-        with self._model_lock, torch.no_grad():
-            embedding = self.model(self.transform(image).unsqueeze(0))
-        return self._hits(embedding), thumbnail_jpeg(image, THUMB_SIDE)
+        shown = f"upload {shown_name(name)}"
+        with self.decode_slot():
+            if not isinstance(upload, bytes):
+                upload.seek(0)
+                upload = upload.read(MAX_UPLOAD_BYTES + 1)
+            if len(upload) > MAX_UPLOAD_BYTES:
+                raise QueryError(f"{shown} is larger than the limit of {MAX_UPLOAD_BYTES // 2**20} MiB", 413)
+            if not upload:
+                raise QueryError(f"{shown} is empty: choose an image file")
+            too_large = f"{shown} is too large to decode"
+            try:
+                width, height = image_size(upload, shown)
+                if width * height > MAX_UPLOAD_PIXELS:
+                    raise QueryError(
+                        f"{too_large}: {width} x {height} = {width * height:,} pixels, over the limit of "
+                        f"{MAX_UPLOAD_PIXELS:,} ({MAX_UPLOAD_PIXELS / 1e6:g} megapixels) for an upload; "
+                        "downscale it first",
+                        413,
+                    )
+                image = open_image(upload, shown)
+            except QueryError:
+                raise
+            except ImageTooLargeError:
+                limit = f"{MAX_UPLOAD_PIXELS / 1e6:g} megapixels"
+                raise QueryError(f"{too_large}: over the limit of {limit}", 413) from None
+            except ValueError as err:
+                raise QueryError(str(err)) from None
+            del upload
+            with self._model_lock, torch.no_grad():
+                embedding = self.model(self.transform(image).unsqueeze(0))
+            return self._hits(embedding), thumbnail_jpeg(image, THUMB_SIDE)
 
     def thumbnail(self, image_id: int) -> bytes:
-        """A JPEG thumbnail of indexed image ``image_id``.
+        """A JPEG thumbnail of indexed image ``image_id`` (checked by :meth:`open_indexed`, decoded).
 
         Raises:
-            QueryError: 404 for an unknown number, or an image moved, deleted or unreadable since indexing.
+            QueryError: as :meth:`open_indexed`; 404 not an image; 429 no decode slot in time.
         """
-        path = self.path_of(image_id)
-        try:
-            return thumbnail_jpeg(decode_image(path, f"image {image_id}", max_side=THUMB_SIDE), THUMB_SIDE)
-        except FileNotFoundError:
-            raise QueryError(f"image {image_id} ({path}) is missing: moved or deleted since indexing", 404) from None
-        except ValueError as err:
-            raise QueryError(str(err), 404) from None
+        return self._encode_indexed(image_id, THUMB_SIDE, lambda image, _: thumbnail_jpeg(image, THUMB_SIDE))
 
-    def image_file(self, image_id: int) -> Path:
-        """The file of indexed image ``image_id``.
+    def full_image(self, image_id: int) -> tuple[bytes, str]:
+        """Indexed image ``image_id`` decoded and re-encoded (never the file's bytes): ``(data, media
+        type)``, JPEG (quality :data:`FULL_IMAGE_JPEG_QUALITY`) for a JPEG file, else PNG.
 
         Raises:
-            QueryError: 404 for an unknown number or a missing file.
+            QueryError: as :meth:`thumbnail`.
         """
-        path = self.path_of(image_id)
-        if not path.is_file():
-            raise QueryError(f"image {image_id} ({path}) is missing: moved or deleted since indexing", 404)
-        return path
+
+        def encode(image: Any, is_jpeg: bool) -> tuple[bytes, str]:
+            buffer = io.BytesIO()
+            if is_jpeg:
+                image.save(buffer, "JPEG", quality=FULL_IMAGE_JPEG_QUALITY)
+            else:
+                image.save(buffer, "PNG", compress_level=3)
+            return buffer.getvalue(), "image/jpeg" if is_jpeg else "image/png"
+
+        return self._encode_indexed(image_id, None, encode)
 
     def _hits(self, query: torch.Tensor) -> list[Hit]:
         scores, indices = top_k(query, self.embeddings, self.top_k)
@@ -211,14 +417,10 @@ class Browser:
         ]
 
 
-def _image_id(text: str | None) -> int:
-    if text is None or not text.strip().isdigit():
-        raise QueryError(f"id must be the number of an indexed image (0, 1, ...), got {text!r}")
-    return int(text)
-
-
-async def read_upload(request: Any) -> tuple[str, bytes]:
-    """The file name and bytes of the ``image`` field of a multipart upload, read with a size limit.
+@contextlib.asynccontextmanager
+async def received_upload(request: Any) -> AsyncIterator[tuple[str, IO[bytes]]]:
+    """The file name and the spooled file (in memory up to 1 MiB, then on disk) of the ``image``
+    field of a multipart upload, received with a size limit; the form is closed on exit.
 
     Raises:
         QueryError: 413 over the limit (checked while reading, before the whole body has arrived);
@@ -250,7 +452,7 @@ async def read_upload(request: Any) -> tuple[str, bytes]:
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise QueryError("no image file in the upload (expected the field 'image')")
-        return upload.filename or "upload", await upload.read()
+        yield upload.filename or "upload", upload.file
     finally:
         await form.close()
 
@@ -267,7 +469,7 @@ def create_app(browser: Browser, allowed_hosts: list[str] | None = None) -> Any:
     from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
-    from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
     templates = Environment(loader=PackageLoader("plmetric.retrieval", "templates"), autoescape=select_autoescape(["html"]))
@@ -280,25 +482,29 @@ def create_app(browser: Browser, allowed_hosts: list[str] | None = None) -> Any:
             count=len(browser),
             top_k=browser.top_k,
             max_upload_mib=MAX_UPLOAD_BYTES // 2**20,
+            max_upload_megapixels=f"{MAX_UPLOAD_PIXELS / 1e6:g}",
             **context,
         )
         return HTMLResponse(html, status_code=status)
 
     async def run_query(request: Any) -> tuple[Query, list[Hit]]:
         if request.method == "POST":
-            name, data = await read_upload(request)
-            hits, thumb = await run_in_threadpool(browser.search_upload, data, name)
+            async with received_upload(request) as (name, file):
+                hits, thumb = await run_in_threadpool(browser.search_upload, file, name)
             return Query(name=name, thumbnail="data:image/jpeg;base64," + base64.b64encode(thumb).decode()), hits
-        image_id = _image_id(request.query_params.get("id"))
+        image_id = browser.image_id(request.query_params.get("id"))
         hits = browser.search_id(image_id)
         path = browser.paths[image_id]
         return Query(name=Path(path).name, id=image_id, path=path), hits
 
     async def home(request: Any) -> HTMLResponse:
         text = request.query_params.get("page", "1")
-        if not text.isdigit() or not 1 <= int(text) <= pages:
-            return render(404, error=f"no page {text!r}: pages 1 to {pages}")
-        page = int(text)
+        try:
+            page = parse_number(text, "page")
+        except QueryError as err:
+            return render(err.status, error=str(err))
+        if page is None or not 1 <= page <= pages:
+            return render(404, error=f"no page {text[:24]!r}: pages 1 to {pages}")
         first = (page - 1) * GALLERY_PAGE_SIZE
         gallery = [  # tiles without a rank or score
             Hit(0, i, browser.paths[i], 0.0, not Path(browser.paths[i]).is_file())
@@ -328,26 +534,28 @@ def create_app(browser: Browser, allowed_hosts: list[str] | None = None) -> Any:
             }
         )
 
+    safe = {"X-Content-Type-Options": "nosniff"}
+
     def thumb(request: Any) -> Response:  # plain functions run in Starlette's thread pool
         try:
-            data = browser.thumbnail(request.path_params["image_id"])
+            data = browser.thumbnail(browser.image_id(request.path_params["image_id"]))
         except QueryError as err:
-            return PlainTextResponse(str(err), status_code=err.status)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=60"})
+            return PlainTextResponse(str(err), status_code=err.status, headers=safe)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=60", **safe})
 
     def image(request: Any) -> Response:
         try:
-            path = browser.image_file(request.path_params["image_id"])
+            data, media_type = browser.full_image(browser.image_id(request.path_params["image_id"]))
         except QueryError as err:
-            return PlainTextResponse(str(err), status_code=err.status)
-        return FileResponse(path, headers={"X-Content-Type-Options": "nosniff"}, content_disposition_type="inline")
+            return PlainTextResponse(str(err), status_code=err.status, headers=safe)
+        return Response(data, media_type=media_type, headers=safe)
 
     routes = [
         Route("/", home),
         Route("/search", search_page, methods=["GET", "POST"]),
         Route("/api/search", search_api, methods=["GET", "POST"]),
-        Route("/thumb/{image_id:int}", thumb),
-        Route("/image/{image_id:int}", image),
+        Route("/thumb/{image_id}", thumb),
+        Route("/image/{image_id}", image),
     ]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
     return Starlette(routes=routes, middleware=middleware)
@@ -385,6 +593,28 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def return_freed_images_to_the_system() -> bool:
+    """Fix glibc's ``M_MMAP_THRESHOLD`` at :data:`MMAP_THRESHOLD_BYTES` in this process (``mallopt``).
+
+    By default glibc raises the threshold after the first large block is freed, so later decoded
+    images are allocated in per-thread arenas and kept there when freed: the page's memory then grows
+    with every thread of the pool that ever decoded a large image (measured: 36 MP uploads decoded one
+    at a time took RSS up by 5 images' worth, not 1) and stays there. Returns whether it was set
+    (False off glibc: nothing changes).
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # <malloc.h>
+    return bool(mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(MMAP_THRESHOLD_BYTES)))
+
+
 def serve(index: str | os.PathLike, *, host: str, port: int, top_k: int) -> None:
     """Load ``index`` and its model, print the page's URL and serve it until Ctrl+C (or SIGTERM).
 
@@ -405,7 +635,30 @@ def serve(index: str | os.PathLike, *, host: str, port: int, top_k: int) -> None
     print(f"plmetric serve: {len(browser):,} images of {index} at http://{shown}:{port}/ (Ctrl+C stops)", flush=True)
     if not loopback:
         print(f"plmetric: warning: --host {host} lets other machines browse these images (no login)", flush=True)
+    if browser.note:
+        print(browser.note, flush=True)
+    return_freed_images_to_the_system()
     config = uvicorn.Config(create_app(browser, allowed), log_level="warning", access_log=False)
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C closes the page: uvicorn shut down, then re-raised it
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found, then raises the
+    # signal again: Ctrl+C then arrives as KeyboardInterrupt, SIGTERM as _Stopped from the handler below.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop_on_signal) if main_thread else None
+    how = ""
+    try:
         uvicorn.Server(config).run(sockets=[sock])
-    print("plmetric serve: stopped", flush=True)
+    except KeyboardInterrupt:
+        how = " (Ctrl+C)"
+    except _Stopped as stop:
+        how = f" ({stop})"
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print(f"plmetric serve: stopped{how}", flush=True)
+
+
+class _Stopped(Exception):  # noqa: N818 - a signal, not an error
+    """SIGTERM arrived: the page stops as after Ctrl+C (exit status 0)."""
+
+
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    raise _Stopped(signal.Signals(signum).name)

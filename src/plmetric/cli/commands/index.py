@@ -121,6 +121,13 @@ def _faiss_note(plan: Any, faiss_path: Path | None) -> str:
     return f"faiss {plan.kind} index{f' ({params})' if params else ''} in {faiss_path}"
 
 
+def _faiss_file_of(index: Path) -> Path | None:
+    """The faiss file the index at ``index`` names now (None: no such index or no faiss file)."""
+    from plmetric.retrieval.index import faiss_file_for, read_index_metadata
+
+    return faiss_file_for(index, read_index_metadata(index)) if index.is_file() else None
+
+
 def run(args: argparse.Namespace) -> int:
     from plmetric.data.datasets import load_unlabelled_folder
     from plmetric.manifold import ann
@@ -156,7 +163,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _index_add(args: argparse.Namespace) -> int:
-    """``plmetric index DIR --add-to INDEX``: embed the images of DIR that INDEX lacks, append them."""
+    """``plmetric index DIR --add-to INDEX``: embed the images of DIR that INDEX lacks, append them,
+    holding INDEX's lock from the first read to the commit (a second --add-to stops at once)."""
+    import os
+
+    from plmetric.retrieval.index import exclusive_index_lock, read_index_metadata
+
+    source = Path(args.add_to).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"--add-to: index not found: {source}")
+    if read_index_metadata(source) is None:
+        raise ValueError(f"--add-to {source} is not a plmetric index (expected a file written by plmetric index)")
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reads, extends and writes the index
+        return _extend(args, source)
+    with exclusive_index_lock(source, "--add-to"):
+        return _extend(args, source)
+
+
+def _extend(args: argparse.Namespace, source: Path) -> int:
     import torch
 
     from plmetric.data.datasets import ImageDataset, load_unlabelled_folder
@@ -170,9 +194,6 @@ def _index_add(args: argparse.Namespace) -> int:
         read_index_metadata,
     )
 
-    source = Path(args.add_to).expanduser()
-    if not source.is_file():
-        raise FileNotFoundError(f"--add-to: index not found: {source}")
     meta = read_index_metadata(source)
     if meta is None:
         raise ValueError(f"--add-to {source} is not a plmetric index (expected a file written by plmetric index)")
@@ -212,12 +233,18 @@ def _index_add(args: argparse.Namespace) -> int:
             f"added 0 images to {source} (still {len(indexed):,}); skipped {present:,} already in the index{unreadable}"
         )
         return 0
+    previous = _faiss_file_of(out)
     count, faiss_path, plan = extend_index(
         source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
     )
     print(f"added {len(paths):,} images to {out} (now {count:,}); skipped {present:,} already in the index{unreadable}")
     if plan is not None:
         print(_faiss_note(plan, faiss_path))
+        if previous is not None and previous.is_file() and previous.resolve() != Path(faiss_path).resolve():
+            print(
+                f"kept the previous faiss file {previous} (a copy of the index may name it): "
+                "delete it if no other index in its folder uses it"
+            )
         trained_on = plan.params.get("trained_on")
         if trained_on and count > 4 * trained_on:
             print(
