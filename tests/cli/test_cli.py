@@ -373,3 +373,35 @@ def test_unreadable_images_are_named_once_in_plain_words(tmp_path):
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert sorted(summary["skipped_images"]) == sorted(map(str, bad))
     assert "left out 3 unreadable training image(s)" in done.stdout
+
+
+def test_the_folder_fit_counts_only_readable_images_and_names_a_pile_too_small(tmp_path, capsys):
+    from image_trees import make_tree
+
+    from plmetric.cli.commands.train import FOLDER_PRESET, fit_preset_to_folder, minimum_images
+    from plmetric.config.schema import load_config
+
+    root, _ = make_tree("images", tmp_path / "data", classes=2, per_class=4, bad=0)
+    for i in range(4):  # 8 readable images and 4 files that are not images
+        (root / f"broken{i}.jpg").write_bytes(b"" if i % 2 else b"not an image\n")
+    cfg = load_config(FOLDER_PRESET, ["plm.num_proxies=300"])
+    fit_preset_to_folder(cfg, root, [])
+    assert (cfg.plm.num_proxies, cfg.train.batch_size, cfg.model.embedding_dim, cfg.train.select_k) == (2, 5, 8, 7)
+    assert "preset folder for 8 images (4 unreadable file(s) left out)" in capsys.readouterr().out
+
+    small = tmp_path / "small"
+    small.mkdir()
+    images = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith("broken")]
+    for i, path in enumerate(images[:3]):
+        path.rename(small / f"p{i}{path.suffix}")
+    (small / "broken.jpg").write_text("not an image\n")
+    cfg = load_config(FOLDER_PRESET)
+    assert minimum_images(cfg) == 5
+    too_small = r"small: 3 readable image\(s\) \(1 of 4 files unreadable\); training needs at least 5"
+    with pytest.raises(ValueError, match=too_small):
+        fit_preset_to_folder(cfg, small, [])
+    # neighbours_per_seed given smaller: the pieces' dimension bounds the pile (embedding > plm.m)
+    cfg = load_config(FOLDER_PRESET, ["train.neighbours_per_seed=2", "train.batch_size=2"])
+    assert minimum_images(cfg) == cfg.plm.m + 1 == 3
+    fit_preset_to_folder(cfg, small, ["train.neighbours_per_seed=2", "train.batch_size=2"])
+    assert (cfg.model.embedding_dim, cfg.train.batch_size) == (3, 2)

@@ -108,3 +108,140 @@ def test_unknown_key_suggests_the_closest_valid_one():
         load_config(None, ["plm.n_alfa=3"])
     with pytest.raises(ValueError, match=r"unknown config key 'zzz.qqq'; valid keys"):
         load_config(None, ["zzz.qqq=1"])
+
+
+# --- YAML hardening, non-finite numbers (issue 21, adversarial 3 and 9) -----------------------------
+
+BILLION_LAUGHS = "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 9) if prev else ', '.join(['lol'] * 9)}]\n"
+    for prev, name in zip([None, *"abcdefgh"], "abcdefghi")
+)  # 9 levels: 9**9 ≈ 387 million strings if the aliases were expanded
+
+
+def test_the_billion_laughs_document_is_what_it_claims():
+    data = yaml.safe_load(BILLION_LAUGHS)  # PyYAML shares aliased nodes: the expansion happens on traversal
+    assert data["b"][0] is data["a"] and len(BILLION_LAUGHS) < 400
+
+
+@pytest.mark.parametrize("as_set", [False, True])
+def test_alias_bombs_are_refused_quickly_naming_the_file_or_option_and_the_line(tmp_path, as_set):
+    import resource
+    import time
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if as_set:
+        with pytest.raises(ValueError, match=r"--set data\.root: anchors \(&a\) are not allowed .* line 1, column 4"):
+            load_config(None, [f"data.root={BILLION_LAUGHS}"])
+    else:
+        path = tmp_path / "laughs.yaml"
+        path.write_text(BILLION_LAUGHS)
+        with pytest.raises(ValueError, match=r"laughs\.yaml: anchors \(&a\) are not allowed .* line 1, column 4"):
+            load_config(path)
+    assert time.perf_counter() - start < 5  # refused while composing, before any expansion
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+    assert grown_kib < 100 * 1024  # the peak resident size did not grow by 100 MiB (expansion: gigabytes)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  epochs: *x\n", r"aliases \(\*x\) are not allowed .* line 2, column 11"),
+        ("base: &b {epochs: 1}\ntrain: *b\n", r"anchors \(&b\) .* line 1, column 7"),
+        ("train:\n  <<: {epochs: 1}\n", r"keys must be strings, got '<<' at line 2, column 3"),
+        ("train:\n  1: x\n", r"keys must be strings, got '1' at line 2, column 3"),
+        ("null: x\n", r"keys must be strings, got 'null' at line 1, column 1"),
+        ("train:\n  [a]: b\n", r"keys must be strings, got a sequence at line 2, column 3"),
+        ("train:\n  {a: 1}: b\n", r"keys must be strings, got a mapping at line 2, column 3"),
+        ("train:\n  true: 1\n", r"keys must be strings, got 'true'"),
+        ("train:\n  epochs: 1\n  epochs: 2\n", r"key 'epochs' is given twice at line 3, column 3"),
+    ],
+)
+def test_configs_refuse_anchors_aliases_and_keys_that_are_not_strings(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"config file .*c\.yaml: {message}"):
+        load_config(path)
+
+
+def test_set_values_refuse_aliases_and_keys_that_are_not_strings_on_one_line():
+    with pytest.raises(ValueError, match=r"^--set train\.epochs: keys must be strings, got '1' at line 1"):
+        load_config(None, ["train.epochs={1: 2}"])
+    with pytest.raises(ValueError, match=r"^--set data\.root: anchors \(&x\)"):
+        load_config(None, ["data.root=[&x 1, *x]"])
+    with pytest.raises(ValueError) as err:  # a multi-line item is named on one line
+        load_config(None, ["train.epochs\nmore=1"])
+    assert "\n" not in str(err.value)
+
+
+def test_oversized_configs_are_refused_before_parsing(tmp_path):
+    from plmetric.config.schema import MAX_CONFIG_BYTES
+
+    path = tmp_path / "big.yaml"
+    path.write_text("# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ValueError, match=r"big\.yaml: .* bytes; a config holds at most"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"--set data\.root: .* characters; a config holds at most"):
+        load_config(None, ["data.root=" + "x" * (MAX_CONFIG_BYTES + 1)])
+
+
+def test_plain_configs_still_load_and_saved_configs_have_no_aliases(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("# a comment\ntrain:\n  epochs: 2\n  'seed': 3\n  ? !!str lr_backbone\n  : 1.0e-5\n")
+    cfg = load_config(path)
+    assert (cfg.train.epochs, cfg.train.seed, cfg.train.lr_backbone) == (2, 3, 1e-5)
+    save_config(cfg, tmp_path / "saved.yaml")
+    text = (tmp_path / "saved.yaml").read_text()
+    assert "&" not in text and "*" not in text
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def _float_keys() -> list[str]:
+    import dataclasses
+    import typing
+
+    cfg, keys = Config(), []
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            hint = typing.get_type_hints(type(section))[f.name]
+            if hint is float or set(typing.get_args(hint)) == {float, type(None)}:
+                keys.append(f"{sec.name}.{f.name}")
+    return keys
+
+
+def test_every_float_option_is_found():
+    keys = _float_keys()
+    assert {"train.lr_backbone", "train.grad_clip", "plm.tau", "stml.sigma", "supervised.base"} <= set(keys)
+    assert len(keys) >= 20
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN", "1e400", "nan", "-inf"])
+def test_non_finite_numbers_are_refused_for_every_float_option(value):
+    for key in _float_keys():
+        with pytest.raises(ValueError, match=rf"^{key}: expected a finite number"):
+            load_config(None, [f"{key}={value}"])
+
+
+def test_validate_refuses_non_finite_numbers_set_in_python():
+    for key in _float_keys():
+        cfg = Config()
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, float("nan"))
+        with pytest.raises(ValueError, match=rf"{section}\.{name}"):
+            cfg.validate()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr_backbone=-1e-4", r"train\.lr_backbone must be a finite number >= 0"),
+        ("train.weight_decay=-1", r"train\.weight_decay must be a finite number >= 0"),
+        ("train.grad_clip=0", r"train\.grad_clip must be a finite number > 0"),
+        ("data.image_size=3000", r"data\.image_size must be an integer from 8 to 1024"),
+        ("data.image_size=4", r"data\.image_size must be an integer from 8 to 1024"),
+    ],
+)
+def test_train_numbers_and_image_size_have_bounds(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])

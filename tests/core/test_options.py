@@ -63,3 +63,24 @@ def test_config_validation_names_the_section_and_key(section, fields, message):
         setattr(getattr(cfg, section), name, value)
     with pytest.raises(ValueError, match=message):
         cfg.validate()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_every_float_option_of_every_options_class_refuses_non_finite_numbers(bad):
+    import typing
+
+    from plmetric.core import options as options_module
+
+    classes = [getattr(options_module, name) for name in options_module.__all__]
+    classes = [c for c in classes if isinstance(c, type) and dataclasses.is_dataclass(c)]
+    checked = 0
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if hints[field.name] is not float and set(typing.get_args(hints[field.name])) != {float, type(None)}:
+                continue
+            options = cls(**{field.name: bad})
+            with pytest.raises(ValueError, match=rf"^sec\.{field.name} must be a finite number"):
+                options.validate(where="sec.")
+            checked += 1
+    assert checked >= 15  # the float options of PLMOptions, STMLOptions, SupervisedOptions and their parts

@@ -54,3 +54,19 @@ def test_embeddings_and_value_checks():
     assert value_checks_enabled()
     with pytest.raises(ValueError, match="delta: expected finite values >= 0"):
         check_scale("delta", torch.tensor([-1.0]))
+
+
+def test_image_sizes_and_channel_triples():
+    from plmetric.core.validation import IMAGE_SIZE_MAX, IMAGE_SIZE_MIN, check_image_size, check_triple
+
+    assert check_image_size("s", np.int64(224)) == 224
+    assert check_image_size("s", IMAGE_SIZE_MIN) == IMAGE_SIZE_MIN and check_image_size("s", IMAGE_SIZE_MAX)
+    for bad in (True, 1, IMAGE_SIZE_MIN - 1, IMAGE_SIZE_MAX + 1, 3000, 224.0, "224", [224, 224], None):
+        with pytest.raises(ValueError, match=rf"f: s must be an integer from {IMAGE_SIZE_MIN} to {IMAGE_SIZE_MAX}"):
+            check_image_size("s", bad, where="f: ")
+    assert check_triple("mean", [0.5, 0, 1]) == (0.5, 0.0, 1.0)
+    for bad in ([0.5, 0.5], [0.5, "x", 1], [0.5, float("nan"), 1], [True, 1, 1], "abc", {"r": 1}, None):
+        with pytest.raises(ValueError, match=r"mean must be a list of 3 finite numbers"):
+            check_triple("mean", bad)
+    with pytest.raises(ValueError, match=r"std must be a list of 3 positive finite numbers"):
+        check_triple("std", [0.2, 0.0, 0.2], positive=True)

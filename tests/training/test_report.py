@@ -215,10 +215,19 @@ def test_top_results_match_the_numpy_reference() -> None:
 
 
 def test_shorten_name_keeps_the_start_and_the_end() -> None:
-    assert shorten_name("IMG_20240517_120000_0042.jpg") == "IMG_2024..._0042.jpg"
+    assert shorten_name("IMG_20240517_120000_0042.jpg") == "IMG_20240…0_0042.jpg"
     assert shorten_name("cat.jpg") == "cat.jpg"
     assert shorten_name("x" * 20) == "x" * 20
     assert len(shorten_name("y" * 21)) == 20
+    name = "IMG_20240517_holiday_beach_sunset_0042.jpg"
+    for width in range(1, len(name) + 2):
+        got = shorten_name(name, width)
+        assert len(got) == min(width, len(name))
+        if width < len(name):
+            head, tail = got.split("…")
+            assert name.startswith(head) and name.endswith(tail) and len(tail) - len(head) in (0, 1)
+    with pytest.raises(ValueError, match="width"):
+        shorten_name(name, 0)
 
 
 def test_a_thumbnail_follows_the_exif_orientation(tmp_path: Path) -> None:
@@ -337,7 +346,7 @@ def test_the_report_shows_every_query_before_and_after(tmp_path: Path, images: l
     for text in ("mutual_knn", "0.4213", "0.6875", label, f"{100 * summary['neighbours_changed_mean']:.1f}%"):
         assert text in page, text
     assert "a&lt;b&gt;&amp;.png" in page and "a<b>" not in page and "<b>&" not in page
-    assert "IMG_2024..._0003.jpg" in page  # shortened in the middle
+    assert "IMG_20240…3_0003.jpg" in page  # shortened in the middle
 
     # self-contained: every thumbnail is an embedded JPEG that decodes
     sources = re.findall(r'<img src="([^"]*)"', page)

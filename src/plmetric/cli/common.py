@@ -115,7 +115,8 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backbone",
         default="efficientnet_lite0",
-        help="pretrained backbone when no checkpoint is given: efficientnet_lite0, googlenet or resnet50",
+        help="pretrained backbone when no checkpoint is given: efficientnet_lite0/1/2, googlenet, resnet50 or "
+        "timm:NAME (any timm model, e.g. timm:vit_small_patch14_dinov2.lvd142m; its weights download once)",
     )
     p.add_argument("--weights", default=None, help="local backbone weights file (.safetensors/.pth) for --backbone")
     p.add_argument(
@@ -188,8 +189,11 @@ def image_paths(
             paths += found
         elif item.is_file():
             paths.append(item)
-        else:
-            raise FileNotFoundError(f"{what} image not found: {item}")
+        else:  # missing, or a FIFO/device that must never be opened: one line naming it
+            from plmetric.data.images import require_regular_file
+
+            require_regular_file(item, f"{what} image")
+            paths.append(item)
     if not paths:
         raise CLIError(f"give at least one {what} image, folder or {listing_option}")
     return paths

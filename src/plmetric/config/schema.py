@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import os
 import types
 import typing
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 
 from plmetric.core.options import PLMOptions, STMLOptions, SupervisedOptions, method_names
-from plmetric.core.validation import check_choice, check_int, check_number
+from plmetric.core.validation import check_choice, check_image_size, check_int, check_number
 
 
 @dataclass
@@ -115,12 +116,12 @@ class Config:
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, before any work starts."""
         from plmetric.data.datasets import DATASET_NAMES
-        from plmetric.data.backbones import BACKBONE_NAMES
+        from plmetric.data.backbones import check_backbone
 
         t, p, mdl, d = self.train, self.plm, self.model, self.data
         check_choice("data.dataset", d.dataset, DATASET_NAMES)
-        check_choice("model.backbone", mdl.backbone, BACKBONE_NAMES)
-        check_int("data.image_size", d.image_size, 8)
+        check_backbone(mdl.backbone, "model.backbone")  # a name of BACKBONE_NAMES or timm:NAME
+        check_image_size("data.image_size", d.image_size)
         check_number("data.crop_scale_min", d.crop_scale_min, strict=True)
         if d.crop_scale_min > 1:
             raise ValueError(f"data.crop_scale_min must lie in (0, 1], got {d.crop_scale_min}")
@@ -141,8 +142,13 @@ class Config:
         self.stml.validate(where="stml.")
         self.supervised.validate(where="supervised.")
         check_choice("train.method", t.method, method_names())
+        check_finite_fields(self)
         if not 0.0 <= t.momentum <= 1.0:
             raise ValueError(f"train.momentum must lie in [0, 1], got {t.momentum}")
+        for name in ("lr_backbone", "lr_embedding", "lr_proxies", "weight_decay"):
+            check_number(f"train.{name}", getattr(t, name))
+        if t.grad_clip is not None:
+            check_number("train.grad_clip", t.grad_clip, strict=True)
         if t.head_warmup_epochs < 0 or t.warmup_epochs < 0:
             raise ValueError(
                 f"train.warmup_epochs ({t.warmup_epochs}) and train.head_warmup_epochs ({t.head_warmup_epochs}) "
@@ -158,6 +164,11 @@ class Config:
                 "train.mode=tail trains the stages after model.frozen_stages on their cached input: "
                 "set model.frozen_stages >= 1"
             )
+        if t.mode == "tail" and mdl.backbone.startswith("timm:"):
+            raise ValueError(
+                f"train.mode=tail cuts a named backbone into its children; model.backbone={mdl.backbone} trains "
+                "with train.mode end_to_end or head (model.frozen_stages works in either)"
+            )
         from plmetric.evaluation.selection import SELECTION_RULES
 
         check_choice("train.select", t.select, SELECTION_RULES)
@@ -170,6 +181,16 @@ class Config:
                 f"train.batch_size ({t.batch_size}) must be divisible by supervised.per_class "
                 f"({self.supervised.per_class})"
             )
+
+
+def check_finite_fields(cfg: Config) -> None:
+    """Raise ValueError naming the first float option of any section that holds NaN or ±inf."""
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{sec.name}.{f.name} must be a finite number, got {value!r}")
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -201,9 +222,12 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
         try:
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return annotation(value)
+            converted = annotation(value)
         except (TypeError, ValueError):
             raise ValueError(f"{key}: expected {annotation.__name__}, got '{value}'") from None
+        if annotation is float and not math.isfinite(converted):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+        return converted
     return value
 
 
@@ -218,7 +242,7 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
         keys = valid_keys(cfg)
         close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(f"unknown config key '{key}'; {hint}valid keys: {', '.join(keys)}")
+        raise ValueError(f"unknown config key '{_one_line_text(key)}'; {hint}valid keys: {', '.join(keys)}")
     setattr(sec, name, _convert(value, typing.get_type_hints(type(sec))[name], key))
 
 
@@ -239,6 +263,8 @@ def from_dict(data: dict[str, Any], base: Config | None = None, source: str = "c
 
 
 PRESET_SUFFIX = ".yaml"
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; a larger file (or --set value) is not one
+STRING_TAG = "tag:yaml.org,2002:str"
 
 
 def preset_names() -> tuple[str, ...]:
@@ -275,6 +301,9 @@ def read_config_source(source: str | os.PathLike) -> tuple[str, str]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file {path}: {size:,} bytes; a config holds at most {MAX_CONFIG_BYTES:,}")
     try:
         return path.read_text(encoding="utf-8"), str(path)
     except UnicodeDecodeError as err:
@@ -287,22 +316,76 @@ def load_config(source: str | os.PathLike | None = None, overrides: list[str] | 
     cfg = Config()
     if source is not None:
         text, where = read_config_source(source)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {where}: not valid YAML ({_yaml_problem(err)})") from None
+        data = parse_yaml(text, f"config file {where}")
         cfg = from_dict(data or {}, cfg, source=where)
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set '{item}' must look like key=value (e.g. train.epochs=30)")
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as err:
-            raise ValueError(f"--set '{item}': the value is not valid YAML ({_yaml_problem(err)})") from None
+            raise ValueError(f"--set '{_one_line_text(item)}' must look like key=value (e.g. train.epochs=30)")
+        parsed = parse_yaml(value, f"--set {_one_line_text(key.strip())}") if value.strip() else None
         set_value(cfg, key.strip(), parsed)
     cfg.validate()
     return cfg
+
+
+class RefusedYAMLError(yaml.MarkedYAMLError):
+    """YAML that is valid but not accepted in a config: an anchor or alias, or a key that is not a string."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's ``SafeLoader`` for configs: plain trees of scalars, lists and string-keyed mappings.
+
+    Refused (:class:`RefusedYAMLError`, with the line and column): anchors and aliases (``&a``,
+    ``*a``, so no "billion laughs" expansion and no shared sub-trees), merge keys (``<<``), mapping
+    keys that are not strings (``1: x``, ``null: x``, ``[a]: b``) and a key given twice.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:  # noqa: D102
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise RefusedYAMLError(
+                None, None, f"aliases (*{event.anchor}) are not allowed in a config", event.start_mark
+            )
+        if getattr(event, "anchor", None) is not None:
+            raise RefusedYAMLError(
+                None, None, f"anchors (&{event.anchor}) are not allowed in a config", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # noqa: D102
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != STRING_TAG:
+                scalar = isinstance(key_node, yaml.ScalarNode)
+                got = repr(_one_line_text(key_node.value)) if scalar else f"a {key_node.id}"
+                raise RefusedYAMLError(None, None, f"keys must be strings, got {got}", key_node.start_mark)
+            if key_node.value in seen:
+                raise RefusedYAMLError(None, None, f"key {key_node.value!r} is given twice", key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The data of a config's YAML text, read with :class:`ConfigLoader` (the one YAML reader of configs).
+
+    Raises:
+        ValueError: not valid YAML, or YAML a config refuses; one line naming ``where`` and the
+            line and column.
+    """
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{where}: {len(text):,} characters; a config holds at most {MAX_CONFIG_BYTES:,} bytes")
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RefusedYAMLError as err:
+        raise ValueError(f"{where}: {_yaml_problem(err)}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: not valid YAML ({_yaml_problem(err)})") from None
+
+
+def _one_line_text(text: str, width: int = 60) -> str:
+    """``text`` on one line (newlines as ``\\n``), at most ``width`` characters."""
+    flat = text.replace("\r", "\\r").replace("\n", "\\n")
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -312,8 +395,15 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """``SafeDumper`` that never writes anchors or aliases (:class:`ConfigLoader` refuses them)."""
+
+    def ignore_aliases(self, data: Any) -> bool:  # noqa: D102
+        return True
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically."""
+    """Write the resolved config as YAML (no anchors or aliases), atomically."""
     from plmetric.core.checkpoint import atomic_write_bytes
 
-    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+    atomic_write_bytes(path, yaml.dump(cfg.to_dict(), Dumper=_PlainDumper, sort_keys=False).encode())

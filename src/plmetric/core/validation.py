@@ -21,13 +21,19 @@ __all__ = [
     "check_scale",
     "check_choice",
     "check_embeddings",
+    "check_image_size",
     "check_int",
     "check_number",
+    "check_triple",
     "value_checks",
     "value_checks_enabled",
 ]
 
 _VALUE_CHECKS = True
+
+#: The input side (pixels) a model takes: from 8 (the smallest a backbone's strides leave a feature
+#: map for) to 1024 (DINOv2's 518 and beyond; a 3000-pixel side costs gigabytes a batch).
+IMAGE_SIZE_MIN, IMAGE_SIZE_MAX = 8, 1024
 
 
 @contextlib.contextmanager
@@ -65,6 +71,28 @@ def check_number(name: str, value: Any, minimum: float = 0.0, *, strict: bool = 
     if not ok:
         raise ValueError(f"{where}{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")
     return float(value)
+
+
+def check_image_size(name: str, value: Any, *, where: str = "") -> int:
+    """``value`` as an int in [:data:`IMAGE_SIZE_MIN`, :data:`IMAGE_SIZE_MAX`], else ``ValueError``
+    (booleans, floats, strings and lists are not sizes)."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or not IMAGE_SIZE_MIN <= value <= IMAGE_SIZE_MAX:
+        raise ValueError(
+            f"{where}{name} must be an integer from {IMAGE_SIZE_MIN} to {IMAGE_SIZE_MAX} (pixels), got {value!r}"
+        )
+    return int(value)
+
+
+def check_triple(name: str, value: Any, *, positive: bool = False, where: str = "") -> tuple[float, float, float]:
+    """``value`` as a tuple of 3 finite numbers (one per RGB channel; each > 0 when ``positive``),
+    else ``ValueError``."""
+    ok = isinstance(value, list | tuple) and len(value) == 3
+    ok = ok and all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(float(v)) for v in value)
+    ok = ok and (not positive or all(float(v) > 0 for v in value))
+    if not ok:
+        kind = "positive finite numbers" if positive else "finite numbers"
+        raise ValueError(f"{where}{name} must be a list of 3 {kind} (R, G, B), got {value!r}")
+    return tuple(float(v) for v in value)  # type: ignore[return-value]
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any], *, where: str = "") -> Any:

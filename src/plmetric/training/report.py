@@ -156,14 +156,17 @@ def top_results(embeddings: Tensor, queries: Tensor, top: int) -> tuple[Tensor, 
 
 
 def shorten_name(name: str, width: int = CAPTION_CHARS) -> str:
-    """``name`` if it has at most ``width`` characters, else its start and its end joined by
-    ``...`` (``IMG_20240517_120000_0042.jpg`` -> ``IMG_2024..._0042.jpg`` for width 20)."""
-    width = check_int("width", width, 5, where="shorten_name: ")
+    """``name`` if it has at most ``width`` characters, else its start and its end around one
+    ``…``, ``width`` characters in all, the end one longer when they differ (the end of a file
+    name, with its number and extension, tells files apart): ``IMG_20240517_120000_0042.jpg`` ->
+    ``IMG_20240…0_0042.jpg`` for width 20. The one shortening of every caption (the change
+    report, result grids, the web page)."""
+    width = check_int("width", width, 1, where="shorten_name: ")
     if len(name) <= width:
         return name
-    keep = width - 3
-    head = keep // 2
-    return f"{name[:head]}...{name[len(name) - (keep - head):]}"
+    head = (width - 1) // 2
+    tail = width - 1 - head
+    return f"{name[:head]}…{name[len(name) - tail:] if tail else ''}"
 
 
 def _printable(text: str) -> str:
@@ -185,40 +188,19 @@ def _placeholder(side: int) -> Any:
     return image
 
 
-def _to_rgb(image: Any) -> Any:
-    """Any PIL mode as 8-bit RGB; 16-bit and 32-bit integer or float images are rescaled to
-    0..255 (``convert`` would clip them), 16-bit by ``/ 257``, the others by their range."""
-    from PIL import Image
-
-    if image.mode.startswith("I;16"):
-        values = np.asarray(image, dtype=np.float64) / 257.0
-    elif image.mode in ("I", "F"):
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        low, high = float(values.min()), float(values.max())
-        values = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-    else:
-        if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
-
-
 def load_thumbnail(path: str | os.PathLike, side: int = THUMBNAIL_SIDE) -> tuple[Any, bool]:
     """The image at ``path`` as an RGB PIL image that fits in ``side`` × ``side`` (aspect kept,
-    EXIF orientation applied), and True; a grey ``side`` × ``side`` placeholder and False when the
-    file is missing or does not decode. Never raises for a bad file."""
-    from PIL import Image, ImageOps
+    EXIF orientation applied, any mode as 8-bit RGB: :func:`plmetric.data.images.open_image`), and
+    True; a grey ``side`` × ``side`` placeholder and False when the file is missing, not a regular
+    file, over the pixel limit or does not decode. Never raises for a bad file."""
+    from plmetric.data.images import open_image
 
     side = check_int("side", side, 1, where="load_thumbnail: ")
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (2 * side, 2 * side))  # JPEG: decode at a reduced scale, much faster
-            image = _to_rgb(ImageOps.exif_transpose(image))
+        image = open_image(path, "thumbnail", max_side=2 * side)  # JPEG: decoded at a reduced scale
         image.thumbnail((side, side))
         return image, True
-    except Exception:  # noqa: BLE001: OSError, SyntaxError, DecompressionBombError, bad EXIF, ...
+    except Exception:  # noqa: BLE001: a thumbnail never stops the report
         return _placeholder(side), False
 
 

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     )
     report, rows, moved, shown = [], [], 0, 0
     for row, q in enumerate(found):
+        query = str(queries[q].resolve())  # --json and --csv both name the query by its absolute path
         hit = indices[row] >= 0  # an approximate index may find fewer than --top-k
         results = [paths[i] for i in indices[row][hit].tolist()]
         values = scores[row][hit].tolist()
@@ -68,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"query {queries[q]}")
         for rank_, (p, value, gone) in enumerate(zip(results, values, missing, strict=True), start=1):
             print(f"{rank_:3d}  {value:.4f}  {p}{'  (missing: moved or deleted since indexing)' if gone else ''}")
-            rows.append((str(queries[q]), rank_, p, value))
+            rows.append((query, rank_, p, value))
         report.append(
             {
-                "query": str(queries[q].resolve()),
+                "query": query,
                 "results": [
                     {"rank": r, "path": p, "score": v, "missing": g}
                     for r, (p, v, g) in enumerate(zip(results, values, missing, strict=True), start=1)
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     read = set(found)
-    unreadable = [str(query) for q, query in enumerate(queries) if q not in read]
+    unreadable = [str(query.resolve()) for q, query in enumerate(queries) if q not in read]
     _write_search_tables(args, json_out, csv_out, report, rows, unreadable)
     written = [str(g) for g in grids if g is not None] + [str(o) for o in (json_out, csv_out) if o is not None]
     if written:

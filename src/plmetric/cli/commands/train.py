@@ -91,17 +91,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fit_preset_to_folder(cfg: Any, folder: Path, overrides: Sequence[str]) -> None:
-    """Fit the folder preset's sizes to the number of images in ``folder`` (a listing, nothing
-    decoded): batch ≤ n (a multiple of the neighbours per seed), proxies ≤ n/4, embedding ≤ n
-    dimensions, selection neighbours < n. Keys the user set with ``--set`` are left alone."""
+    """Fit the folder preset's sizes to the number n of *readable* images in ``folder`` (each file's
+    header is read, no pixels decoded): batch ≤ n (a multiple of the neighbours per seed), proxies ≤
+    n/4, embedding ≤ n dimensions, selection neighbours < n. Keys the user set with ``--set`` are
+    left alone.
+
+    Raises:
+        ValueError: fewer readable images than :func:`minimum_images` (the message gives both numbers).
+    """
     from plmetric.config.schema import set_value
     from plmetric.data.datasets import find_images
 
     if not folder.is_dir():
         return  # the data loader names the problem
-    n = len(find_images(folder))
-    if n == 0:
-        return
+    listed = find_images(folder)
+    if not listed:
+        return  # the data loader names the problem
+    unreadable = [path for path in listed if not _has_image_header(path)]
+    n, needed = len(listed) - len(unreadable), minimum_images(cfg)
+    if n < needed:
+        left_out = f" ({len(unreadable)} of {len(listed)} files unreadable)" if unreadable else ""
+        raise ValueError(
+            f"image folder {folder}: {n} readable image(s){left_out}; training needs at least {needed} "
+            f"(train.neighbours_per_seed {cfg.train.neighbours_per_seed}, plm.m + 1 = {cfg.plm.m + 1})"
+        )
     given = {item.split("=", 1)[0].strip() for item in overrides}
     k = cfg.train.neighbours_per_seed
     fitted = {
@@ -118,7 +131,28 @@ def fit_preset_to_folder(cfg: Any, folder: Path, overrides: Sequence[str]) -> No
             changed.append(f"{key}={value}")
     cfg.validate()
     fit = f", fitted: {' '.join(changed)}" if changed else ""
-    print(f"preset {FOLDER_PRESET} for {n:,} images{fit} (change any with --set KEY=VALUE)")
+    skipped = f" ({len(unreadable)} unreadable file(s) left out)" if unreadable else ""
+    print(f"preset {FOLDER_PRESET} for {n:,} images{skipped}{fit} (change any with --set KEY=VALUE)")
+
+
+def minimum_images(cfg: Any) -> int:
+    """The fewest readable images the folder preset trains on: a batch holds at least one seed and
+    its neighbours (``train.neighbours_per_seed``), and the embedding (≤ n dimensions) must exceed
+    the pieces' dimension ``plm.m``."""
+    return max(cfg.train.neighbours_per_seed, cfg.plm.m + 1)
+
+
+def _has_image_header(path: Path) -> bool:
+    """Whether ``path`` passes the decode policy's checks short of decoding the pixels (a regular
+    file, an image header Pillow reads, within the pixel limit: :func:`plmetric.data.images.image_size`)."""
+    from plmetric.data.datasets import DECODE_ERRORS
+    from plmetric.data.images import image_size
+
+    try:
+        width, height = image_size(path)
+    except DECODE_ERRORS:
+        return False
+    return width > 0 and height > 0
 
 
 def _print_selected_and_next(cfg: Any, result: Any, images: str | None) -> None:
