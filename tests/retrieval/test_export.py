@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -230,3 +231,120 @@ def test_help_shows_every_option_with_its_default_and_the_formats_match():
     assert all(a.help for a in actions)
     assert tuple(next(a for a in actions if a.dest == "format").choices) == tuple(FORMATS)
     assert "(default: 224)" in " ".join(export.format_help().split())
+
+
+# ----------------------------------------------------------------------------------------------
+# The preprocessing rule in the metadata, followed literally with Pillow and NumPy only.
+# ----------------------------------------------------------------------------------------------
+
+# (width, height): both orientations of an odd aspect ratio, a near-square, an extreme strip.
+ODD_SIZES = [(69, 61), (61, 69), (225, 224), (1000, 3)]
+
+
+def _preprocess_from_metadata(path: Path, meta: dict, longer=int) -> np.ndarray:
+    """One image as the metadata's rule says, with Pillow and NumPy alone (no torchvision, no plmetric);
+    ``longer`` rounds the longer side (the rule: ``int``, truncation)."""
+    prep = meta["preprocessing"]
+    resize, crop = prep["resize"], prep["crop"]
+    assert resize["side"] == "shorter" and resize["antialias"] is True and prep["channel_order"] == "RGB"
+    assert "truncated" in resize["longer_side"] and "halves to even" in crop["rounding"]
+    filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        r = resize["shorter_side"]
+        new_w, new_h = (r, longer(r * h / w)) if w <= h else (longer(r * w / h), r)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), filters[resize["interpolation"]])
+        s = crop["size"]
+        top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
+        pixels = np.asarray(img, dtype=np.uint8)[top : top + s, left : left + s]
+    x = pixels.astype(np.float32) / np.float32(255)
+    mean, std = np.asarray(prep["mean"], np.float32), np.asarray(prep["std"], np.float32)
+    return ((x - mean) / std).transpose(2, 0, 1)  # CHW
+
+
+@pytest.fixture(scope="module")
+def bicubic_ckpt(tmp_path_factory) -> Path:
+    """A timm model with a bicubic, ImageNet-statistics preprocessing (random weights), 64 px input."""
+    root = tmp_path_factory.mktemp("export_timm")
+    torch.manual_seed(0)
+    model = create_model("timm:test_efficientnet", embedding_dim=DIM, pretrained=False)
+    meta = {"backbone": "timm:test_efficientnet", "embedding_dim": DIM, "image_size": SIZE}
+    return save_model(root / "timm.safetensors", model, meta)
+
+
+@needs_onnx
+@pytest.mark.parametrize("which", ["lite0_bilinear", "timm_bicubic"])
+def test_metadata_rule_with_pillow_and_numpy_matches_embed_on_odd_sizes(which, ws, bicubic_ckpt, tmp_path):
+    """Odd-sized images preprocessed from the ONNX metadata alone, run by ONNX Runtime, give embed's
+    embeddings.
+
+    Bound: the rule reproduces torchvision's arithmetic step by step (the same Pillow resize call on
+    the same 8-bit image, the same crop, then ``/255``, ``-mean``, ``/std`` each correctly rounded in
+    float32), so the input equals the eval transform's up to the rounding of those two float32 steps
+    done in another order: ``|Δx| <= 2 eps32 max|x|`` (0 in practice). On that input ONNX Runtime and
+    PyTorch differ by at most ONNX_TOLERANCE (derived at the top of this file), which the input's
+    few-ulp difference does not change.
+    """
+    import onnxruntime
+
+    ckpt = ws["ckpt"] if which == "lite0_bilinear" else bicubic_ckpt
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", "--format", "onnx", str(ckpt), "--out", str(onnx_path)]) == 0
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["plmetric_export"])
+    assert meta["preprocessing"]["interpolation"] == ("bilinear" if which == "lite0_bilinear" else "bicubic")
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for w, h in ODD_SIZES:
+        smooth = rng.integers(0, 256, size=(max(h // 4, 1), max(w // 4, 1), 3), dtype=np.uint8)
+        noisy = np.asarray(Image.fromarray(smooth).resize((w, h), Image.Resampling.BILINEAR), dtype=np.int16)
+        pixels = np.clip(noisy + rng.integers(-20, 21, size=(h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(photos / f"{w}x{h}.png")  # lossless: every reader sees the same pixels
+    out = tmp_path / "embedded.safetensors"
+    argv = ["embed", "--images", str(photos), "--checkpoint", str(ckpt), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--num-workers", "0"]) == 0
+    expected, _, paths, _ = load_embeddings(out)
+    assert len(paths) == len(ODD_SIZES)
+
+    inputs = np.stack([_preprocess_from_metadata(Path(p), meta) for p in paths])
+    assert inputs.shape == (len(ODD_SIZES), *meta["input"]["shape"][1:]) and inputs.dtype == np.float32
+    transform = build_transform(meta["backbone"], image_size=meta["image_size"], train=False)
+    reference = []
+    for p in paths:
+        with Image.open(p) as img:
+            reference.append(transform(img).numpy())
+    bound = 2 * np.finfo(np.float32).eps * np.abs(inputs).max()
+    assert np.abs(inputs - np.stack(reference)).max() <= bound
+
+    got = session.run(["embeddings"], {"images": inputs})[0]
+    diff = np.abs(got - expected.numpy()).max()
+    print(f"{which}: max |ONNX(rule) - embed| = {diff:.2e}")
+    assert diff <= ONNX_TOLERANCE
+
+    # The rule is sharp: rounding the longer side instead of truncating it (the old ambiguity) resizes
+    # the 69 x 61 image to 83 px instead of 82.6 -> 82 (at 73 px), and changes its input by far more.
+    i = [Path(p).name for p in paths].index("69x61.png")
+    alt = _preprocess_from_metadata(Path(paths[i]), meta, longer=round)
+    assert np.abs(alt - reference[i]).max() > 1000 * bound
+
+
+def test_the_metadata_says_inputs_are_expected_upright(tmp_path):
+    """Image decoding (issue 21, item 1): every plmetric command applies the EXIF orientation, so an
+    exported model's user must too; the metadata says so."""
+    from plmetric.retrieval.export import export_metadata
+    from plmetric.retrieval.index import load_embedding_model
+
+    torch.manual_seed(0)
+    ckpt = save_model(
+        tmp_path / "m.safetensors",
+        create_model("efficientnet_lite0", embedding_dim=DIM, pretrained=False),
+        {"backbone": "efficientnet_lite0", "embedding_dim": DIM, "image_size": SIZE},
+    )
+    _, description = load_embedding_model(ckpt, "efficientnet_lite0", DIM)
+    for fmt in FORMATS:
+        orientation = export_metadata(description, fmt)["input_orientation"]
+        assert orientation.startswith("upright") and "exif_transpose" in orientation

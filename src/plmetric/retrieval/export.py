@@ -6,8 +6,10 @@ and L2 normalisation. Input ``images``: float32 ``(batch, 3, S, S)`` (NCHW, dyna
 the preprocessing of :func:`plmetric.data.backbones.build_transform`; output ``embeddings``: float32
 ``(batch, D)`` with unit rows, exactly as ``embed`` writes them.
 
-The metadata (:func:`export_metadata`) names the backbone, image size, resize/crop, mean/std, the
-dimensions, the checkpoint's SHA-256 and the plmetric version. It is stored in the model (ONNX:
+The metadata (:func:`export_metadata`) names the backbone, image size, the exact preprocessing rule
+(resize with its rounding, filter and antialiasing, crop offsets, scaling, mean/std, channel order
+and layout: enough to reproduce the input bit for bit with Pillow and NumPy), the dimensions, the
+checkpoint's SHA-256 and the plmetric version. It is stored in the model (ONNX:
 ``metadata_props``, every top-level field as a string plus the whole JSON under
 :data:`METADATA_KEY`; TorchScript: the extra file :data:`EXTRA_FILE`) and in a sidecar
 ``FILE.json`` that also holds the exported file's SHA-256. Before writing, the exported model is
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_json, file_sha256
+from plmetric.data.backbones import fixed_size_model
 from plmetric.retrieval.index import load_embedding_model
 
 FORMATS: dict[str, tuple[str, ...]] = {"onnx": (".onnx",), "torchscript": (".pt", ".torchscript")}
@@ -91,16 +94,70 @@ def is_export(path: str | os.PathLike) -> bool:
     return meta is not None and meta.get("file_sha256") == file_sha256(path)
 
 
+_PIL_FILTERS = {"bilinear": "Image.Resampling.BILINEAR", "bicubic": "Image.Resampling.BICUBIC"}
+
+
+def preprocessing_rule(prep: dict[str, Any], size: int) -> dict[str, Any]:
+    """The exact eval preprocessing of :func:`plmetric.data.backbones.build_transform` as data and words.
+
+    The rule (torchvision's ``Resize`` + ``CenterCrop`` on PIL images, then ``ToTensor`` +
+    ``Normalize``): decode to 8-bit RGB; resize the shorter side to ``R`` and the longer one to
+    ``int(R * long / short)`` (truncated, evaluated in double precision; a square image counts its
+    width as the shorter side) with Pillow's antialiased filter (``Image.resize``; skipped when the
+    size is already right); crop ``S x S`` at ``top = int(round((h - S) / 2.0))``, ``left =
+    int(round((w - S) / 2.0))`` (Python's ``round``: halves to even); ``x = pixel / 255`` then
+    ``(x - mean) / std`` per channel in float32; RGB, CHW, batched as NCHW.
+
+    Args:
+        prep: :func:`plmetric.retrieval.index.preprocessing`'s fields (resize_shorter_side,
+            center_crop, interpolation, mean, std).
+        size: the input side ``S``.
+    """
+    shorter, interpolation = int(prep["resize_shorter_side"]), str(prep["interpolation"])
+    mean, std = [float(v) for v in prep["mean"]], [float(v) for v in prep["std"]]
+    signed_unit = all(v == 0.5 for v in (*mean, *std))
+    scaling = "[-1, 1] scaling" if signed_unit else "per-channel standardisation"
+    return {
+        **prep,
+        "decode": "the upright image (input_orientation) as 8-bit RGB (Pillow's Image.convert('RGB') for 8-bit "
+        "modes), then the steps below in order",
+        "resize": {
+            "side": "shorter",
+            "shorter_side": shorter,
+            "longer_side": "int(shorter_side * long / short), truncated toward zero (torchvision Resize); "
+            "for a square image (w == h) both sides become shorter_side",
+            "interpolation": interpolation,
+            "antialias": True,
+            "pillow": f"image.resize((new_w, new_h), {_PIL_FILTERS.get(interpolation, interpolation)}); "
+            "not applied when (new_w, new_h) equals the image's size",
+        },
+        "crop": {
+            "size": int(size),
+            "top": "int(round((new_h - size) / 2.0))",
+            "left": "int(round((new_w - size) / 2.0))",
+            "rounding": "Python round(): halves to even, e.g. round(4.5) == 4",
+        },
+        "scaling": f"x = pixel / 255 in float32 (values in [0, 1]), then (x - mean) / std per channel: {scaling}",
+        "channel_order": "RGB",
+        "layout": "CHW per image, stacked to NCHW float32",
+        "rule": (
+            f"decode to upright 8-bit RGB; resize so the shorter side is {shorter} and the longer "
+            f"int({shorter} * long / short) (truncated) with Pillow's antialiased {interpolation} filter; crop {size}x{size} at "
+            f"top=int(round((h - {size}) / 2.0)), left=int(round((w - {size}) / 2.0)); x = pixel / 255; "
+            f"(x - mean) / std per channel with mean={mean}, std={std}; RGB channels, NCHW float32"
+        ),
+    }
+
+
 def export_metadata(description: dict[str, Any], fmt: str) -> dict[str, Any]:
-    """The exported model's metadata, from a :func:`plmetric.retrieval.index.load_embedding_model` description."""
+    """The exported model's metadata, from a :func:`plmetric.retrieval.index.load_embedding_model` description.
+
+    ``preprocessing`` holds the exact rule (:func:`preprocessing_rule`).
+    """
     from plmetric import __version__
 
-    prep = dict(description["preprocessing"])
-    signed_unit = all(v == 0.5 for v in (*prep["mean"], *prep["std"]))
-    prep["scaling"] = "RGB pixels / 255, then (x - mean) / std per channel: " + (
-        "[-1, 1] scaling" if signed_unit else "the ImageNet statistics"
-    )
     size, dim = int(description["image_size"]), int(description["output_dim"])
+    prep = preprocessing_rule(dict(description["preprocessing"]), size)
     meta: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
@@ -115,6 +172,8 @@ def export_metadata(description: dict[str, Any], fmt: str) -> dict[str, Any]:
         "output_dim": dim,
         "image_size": size,
         "preprocessing": prep,
+        "input_orientation": "upright: apply the EXIF Orientation tag before preprocessing (Pillow's "
+        "ImageOps.exif_transpose), as every plmetric command does (plmetric.data.images.open_image)",
         "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "shape": ["batch", 3, size, size]},
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", dim], "l2_normalized": True},
     }
@@ -212,10 +271,13 @@ def export_model(
     model = model.cpu().eval()
     metadata = export_metadata(description, fmt)
     probe = probe_batch(description)
+    # a timm ViT that resamples its position embedding per input size is traced as a fixed-size copy
+    # (ONNX has no antialiased bicubic resize); the probe check compares it with the model itself
+    traced = fixed_size_model(model, int(description["image_size"]))
     with torch.no_grad():
         expected = model(probe)
         example = probe[:TRACE_BATCH]
-        data = (onnx_bytes if fmt == "onnx" else torchscript_bytes)(model, example, metadata)
+        data = (onnx_bytes if fmt == "onnx" else torchscript_bytes)(traced, example, metadata)
     diff = float((run_exported(data, fmt, probe) - expected).abs().max())
     if not diff <= TOLERANCE[fmt]:
         raise RuntimeError(

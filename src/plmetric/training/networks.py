@@ -21,7 +21,14 @@ __all__ = [
 
 def backbone_stages(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's top-level modules in order, with ``nn.Sequential`` children expanded one level
-    (EfficientNet-Lite0: stem, bn, 7 block groups, head conv, bn; ResNet: conv1 ... layer4)."""
+    (EfficientNet-Lite: stem, bn, 7 block groups, head conv, bn; ResNet: conv1 ... layer4); for a
+    ``timm:NAME`` trunk its stages cut at timm's ``feature_info``
+    (:meth:`plmetric.data.backbones.TimmTrunk.stages`: a ViT's patch embedding + first block, then one
+    block each)."""
+    from plmetric.data.backbones import TimmTrunk
+
+    if isinstance(backbone, TimmTrunk):
+        return [stage for stage in backbone.stages() if any(True for _ in stage.parameters())]
     stages: list[nn.Module] = []
     for child in backbone.children():
         stages.extend(child.children() if isinstance(child, nn.Sequential) else [child])
@@ -97,6 +104,11 @@ def split_backbone(model: nn.Module, frozen: int) -> tuple[nn.Sequential, nn.Seq
     backbone = model.backbone
     if getattr(model, "backbone_name", None) == "googlenet":
         raise ValueError("split_backbone: GoogLeNet's forward is not its children in order (transform_input)")
+    if str(getattr(model, "backbone_name", "")).startswith("timm:"):
+        raise ValueError(
+            f"split_backbone: a {model.backbone_name} trunk's forward is not its children in order; "
+            "train.mode=tail is for the named backbones (train it end to end or with model.frozen_stages)"
+        )
     stages = backbone_stages(backbone)
     if not 0 <= frozen <= len(stages):
         raise ValueError(f"split_backbone: frozen must lie in [0, {len(stages)}], got {frozen}")

@@ -178,9 +178,19 @@ def build_cached_images(cfg: Config, dataset: Any, device: torch.device) -> Cach
     """
     from plmetric.data.pipeline import DeviceAugment, cached_or_streaming
 
+    from plmetric.data.backbones import backbone_spec
+
     d = cfg.data
     wanted = d.pipeline == "cached" or (d.pipeline == "auto" and device.type == "cuda")
     if not wanted or not isinstance(dataset, ImageDataset):
+        return None
+    interpolation = backbone_spec(cfg.model.backbone).interpolation
+    if interpolation != "bilinear":  # the device resizes are bilinear: they would not match `embed`
+        if d.pipeline == "cached":
+            raise ValueError(
+                f"data.pipeline=cached resizes bilinear, but model.backbone {cfg.model.backbone} expects "
+                f"{interpolation} resizes: use data.pipeline=pil (or auto)"
+            )
         return None
     cache = cached_or_streaming(
         dataset,

@@ -27,7 +27,7 @@ def add_parser(subparsers: Any) -> None:
     ev = add_command(subparsers, "eval", "zero-shot retrieval metrics on a data set's test split")
     ev.add_argument("--dataset", required=True, choices=DATASET_CHOICES, help="data set in its official layout")
     ev.add_argument("--data-root", default=None, help="data set root in its official layout (not needed for digits)")
-    ev.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0, googlenet or resnet50")
+    ev.add_argument("--backbone", default="efficientnet_lite0", help="efficientnet_lite0/1/2, googlenet, resnet50 or timm:NAME")
     ev.add_argument("--checkpoint", default=None, help="a .safetensors model checkpoint written by plmetric")
     ev.add_argument(
         "--weights", default=None, help="local backbone weights file (.safetensors/.pth) instead of a download"

@@ -1,0 +1,25 @@
+"""The full passes' choices that need no training run (plmetric.training.passes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_config
+
+from plmetric.data.backbones import backbone_spec
+from plmetric.data.datasets import ImageDataset
+from plmetric.training.passes import build_cached_images
+
+
+def test_the_device_pipeline_is_never_used_for_a_backbone_that_resizes_bicubic(tmp_path) -> None:
+    """The device augmentation resizes bilinear: a bicubic backbone would train on inputs that
+    `embed` never produces, so `auto` streams with PIL and an explicit `cached` is refused."""
+    backbone = "timm:test_efficientnet"
+    assert backbone_spec(backbone).interpolation == "bicubic"  # else the check is vacuous
+    dataset = ImageDataset([str(tmp_path / "a.png")], [0])
+    cuda = torch.device("cuda")  # only its type is read before any image is touched
+    auto = tiny_config(data__pipeline="auto", model__backbone=backbone)
+    assert build_cached_images(auto, dataset, cuda) is None
+    cached = tiny_config(data__pipeline="cached", model__backbone=backbone)
+    with pytest.raises(ValueError, match="data.pipeline=pil"):
+        build_cached_images(cached, dataset, cuda)
