@@ -101,6 +101,10 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     # images that are not images
     (root / "text.jpg").write_text("not an image\n")
     (root / "bomb.png").write_bytes(_png_claiming(40000, 40000))
+    # image decoding and the folder walk: over plmetric's pixel limit (121 MP), a FIFO named .jpg
+    (root / "huge.png").write_bytes(_png_claiming(11000, 11000))
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "fifo.jpg")
     # data and config files that are not what they claim
     cub = root / "cub_latin1" / "CUB_200_2011"
     (cub / "images").mkdir(parents=True)
@@ -112,6 +116,27 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     (root / "a_file").write_text("I am a file, not a folder\n")
     np.save(root / "features.npy", rng.normal(size=(10, 4)).astype(np.float32))
     np.save(root / "labels.npy", np.arange(10) % 2)
+
+    # configs, checkpoint metadata and small piles (issue 21: config and metadata)
+    laughs = "".join(
+        f"{n}: &{n} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
+        for p, n in zip([None, *"abcdefgh"], "abcdefghi")
+    )
+    (root / "laughs.yaml").write_text(laughs)  # "billion laughs": 9**9 strings if the aliases were expanded
+    (root / "intkey.yaml").write_text("train:\n  1: x\n")
+    (root / "nullkey.yaml").write_text("null: x\n")
+    lite = create_model("efficientnet_lite0", embedding_dim=16, pretrained=False)
+    good_state = {k: v.contiguous() for k, v in lite.state_dict().items()}
+    for name, size in (("true", True), ("one", 1), ("huge", 3000), ("list", [32, 32]), ("text", "32")):
+        meta = {"backbone": "efficientnet_lite0", "embedding_dim": 16, "image_size": size}
+        save_file(good_state, str(root / f"size_{name}.safetensors"), metadata={"plmetric": json.dumps(meta)})
+    for name, count, unreadable in (("pile1", 1, 0), ("pile3", 3, 0), ("pile5bad3", 5, 3)):
+        (root / name).mkdir()
+        for i in range(count):
+            if i < unreadable:
+                (root / name / f"broken{i}.jpg").write_text("not an image\n")
+            else:
+                Image.open(photos / f"p{i}.png").save(root / name / f"p{i}.png")
 
     # run folders: a finished run, and runs whose state.pt is broken in every way
     cfg = Config()
@@ -480,6 +505,122 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["similarity-study", "--features", "{root}/none.npy", "--labels", "{root}/labels.npy"],
         ["none.npy", "not found"],
     ),
+    # configs and --set: no YAML anchors/aliases (alias bombs), string keys, finite numbers (issue 21)
+    (
+        "train-config-alias-bomb",
+        ["train", "--out", "{root}/r", "--config", "{root}/laughs.yaml"],
+        ["laughs.yaml", "anchors", "line 1"],
+    ),
+    (
+        "train-set-alias-bomb",
+        ["train", "--out", "{root}/r", "--set", "data.root=[&a [x, x], [*a, *a], [*a, *a]]"],
+        ["--set data.root", "anchors (&a)"],
+    ),
+    ("train-set-alias", ["train", "--out", "{root}/r", "--set", "data.root=*a"], ["--set data.root", "aliases (*a)"]),
+    (
+        "train-config-int-key",
+        ["train", "--out", "{root}/r", "--config", "{root}/intkey.yaml"],
+        ["intkey.yaml", "keys must be strings", "line 2"],
+    ),
+    (
+        "train-config-null-key",
+        ["train", "--out", "{root}/r", "--config", "{root}/nullkey.yaml"],
+        ["nullkey.yaml", "keys must be strings"],
+    ),
+    (
+        "train-set-int-key",
+        ["train", "--out", "{root}/r", "--set", "train.epochs={{1: 2}}"],
+        ["--set train.epochs", "keys must be strings"],
+    ),
+    (
+        "train-set-nan-lr",
+        ["train", "--out", "{root}/r", "--set", "train.lr_backbone=.nan"],
+        ["train.lr_backbone", "finite"],
+    ),
+    (
+        "train-set-inf-lr",
+        ["train", "--out", "{root}/r", "--set", "train.lr_embedding=.inf"],
+        ["train.lr_embedding", "finite"],
+    ),
+    ("train-set-minus-inf-tau", ["train", "--out", "{root}/r", "--set", "plm.tau=-.inf"], ["plm.tau", "finite"]),
+    (
+        "train-set-nan-clip",
+        ["train", "--out", "{root}/r", "--set", "train.grad_clip=.nan"],
+        ["train.grad_clip", "finite"],
+    ),
+    (
+        "train-image-size-huge",
+        ["train", "--out", "{root}/r", "--set", "data.image_size=3000"],
+        ["data.image_size", "1024"],
+    ),
+    # the folder preset on piles too small to train (issue 21): how many readable images, the minimum
+    (
+        "train-pile-of-one",
+        ["train", "--out", "{root}/r", "--images", "{root}/pile1"],
+        ["pile1", "1 readable image", "at least 5"],
+    ),
+    (
+        "train-pile-of-three",
+        ["train", "--out", "{root}/r", "--images", "{root}/pile3"],
+        ["pile3", "3 readable image", "at least 5"],
+    ),
+    (
+        "train-pile-mostly-unreadable",
+        ["train", "--out", "{root}/r", "--images", "{root}/pile5bad3"],
+        ["pile5bad3", "2 readable image", "3 of 5 files unreadable", "at least 5"],
+    ),
+    # checkpoint metadata is checked like the config, naming the file and the field (issue 21)
+    *[
+        (
+            f"{command}-checkpoint-image-size-{name}",
+            [*argv, "{root}/" + f"size_{name}.safetensors", *rest],
+            [f"size_{name}.safetensors", "'image_size'", "8 to 1024"],
+        )
+        for name in ("true", "one", "huge", "list", "text")
+        for command, argv, rest in (
+            ("index", ["index", "{photos}", "--checkpoint"], ["--out", "{root}/i.safetensors"]),
+            ("eval", ["eval", "--dataset", "digits", "--checkpoint"], []),
+            ("export", ["export", "--format", "torchscript"], ["--out", "{root}/m.pt"]),
+        )
+    ],
+    # backbones: timm:NAME must name a model timm knows (issue 21, backbones)
+    (
+        "train-unknown-timm-backbone",
+        ["train", "--out", "{root}/r", "--set", "model.backbone=timm:no_such_net"],
+        ["model.backbone", "timm:no_such_net", "timm knows no model"],
+    ),
+    (
+        "train-timm-bad-pretrained-tag",
+        ["train", "--out", "{root}/r", "--set", "model.backbone=timm:resnet10t.no_such_tag"],
+        ["model.backbone", "resnet10t.no_such_tag", "timm.list_pretrained()"],
+    ),
+    (
+        "embed-unknown-timm-backbone",
+        ["embed", "--images", "{photos}", "--backbone", "timm:no_such_net", "--out", "{root}/e.safetensors"],
+        ["timm:no_such_net", "timm knows no model"],
+    ),
+    # image decoding and the folder walk (one pixel limit for every command; regular files only)
+    (
+        "search-query-over-pixel-limit",
+        ["search", "{root}/huge.png", "--index", "{index}", "--out", "{root}/g.png"],
+        ["huge.png", "too large to decode", "121,000,000 pixels", "120,000,000"],
+    ),
+    *(
+        [
+            (
+                "search-fifo-query",
+                ["search", "{root}/fifo.jpg", "--index", "{index}", "--out", "{root}/g.png"],
+                ["fifo.jpg", "is a FIFO, not a regular file"],
+            ),
+            (
+                "embed-fifo-image",
+                ["embed", "--images", "{root}/fifo.jpg", "--out", "{root}/e.safetensors"],
+                ["fifo.jpg", "is a FIFO, not a regular file"],
+            ),
+        ]
+        if hasattr(os, "mkfifo")
+        else []
+    ),
 ]
 
 
@@ -538,4 +679,58 @@ def test_unavailable_googlenet_weights_name_the_train_option(tmp_path, monkeypat
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--set model.weights=PATH" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX links and FIFOs")
+def test_index_of_a_hostile_folder_ends_and_stores_each_image_once(ws, tmp_path):
+    """Image decoding and the folder walk: a link cycle, a self-link, a second link to a folder, a
+    FIFO named .jpg, a broken link and an image over the pixel limit. ``index`` (in a subprocess
+    with a timeout: a hang fails the test, it does not stop the suite) finishes, stores each image
+    once, and names what it left out."""
+    import subprocess
+    import sys
+
+    from image_trees import make_hostile_tree
+
+    images, _ = make_hostile_tree(tmp_path / "pile", np.random.default_rng(0))
+    (tmp_path / "pile" / "a" / "huge.png").write_bytes(_png_claiming(11000, 11000))
+    out = tmp_path / "pile.safetensors"
+    argv = ["index", str(tmp_path / "pile"), "--checkpoint", str(ws["ckpt"]), "--out", str(out)]
+    argv += ["--image-size", "32", "--no-progress", "--num-workers", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "plmetric.cli", *argv], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    _, _, paths, _ = load_embeddings(out)
+    assert sorted(paths) == sorted(str(p.resolve()) for p in images)
+    warned = [line for line in done.stderr.splitlines() if line.strip()]
+    walk = [line for line in warned if "left out 6 entries" in line]
+    assert len(walk) == 1 and all(name in walk[0] for name in ("fifo.jpg", "self", "again", "a/b/up", "twin.jpg"))
+    assert any("huge.png" in line and "too large to decode" in line for line in warned)
+    assert "left out 1 unreadable image(s)" in done.stdout
+
+
+def test_unavailable_timm_weights_name_the_model_and_the_train_option(tmp_path, monkeypatch, capsys):
+    """No network: timm's download (Hugging Face Hub, URLs) raises; one line naming the model, that its
+    weights must be downloaded once, and --set model.weights=FILE; exit 2; nothing written (issue 21)."""
+    import timm.models._builder as builder
+    import timm.models._hub as hub
+    import torch.hub
+
+    def refuse(*args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    downloads = ((hub, "hf_hub_download"), (builder, "load_state_dict_from_url"), (builder, "download_cached_file"))
+    for module, name in downloads:
+        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    args = ["train", "--out", str(tmp_path / "run"), "--set", "data.dataset=digits"]
+    assert main([*args, "--set", "model.backbone=timm:resnet10t"]) == 2
+    err = capsys.readouterr().err
+    assert "'timm:resnet10t'" in err and "downloaded once" in err and "--set model.weights=FILE" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
