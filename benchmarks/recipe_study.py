@@ -144,6 +144,10 @@ VARIANTS: dict[str, tuple[list[str], str]] = {
         ],
         "annealed targets, mutual pieces, relaxed contrastive form",
     ),
+    "i19_features_contrastive": (
+        [*RECIPE, "plm.num_proxies=0", "plm.target_space=features", "plm.loss_form=contrastive"],
+        "feature targets, relaxed contrastive form",
+    ),
     "i19_features_mutual_contrastive": (
         [*RECIPE, "plm.num_proxies=0", "plm.target_space=features", "plm.neighbourhoods=mutual", "plm.loss_form=contrastive"],
         "feature targets, mutual pieces, relaxed contrastive form",

@@ -283,15 +283,17 @@ def fit_pieces(x: Tensor, options: PieceOptions | None = None, **fields: Any) ->
     b = xw.shape[0]
     xa = xw.to(accurate)
     n_pool = min(n_max if subset_selection else k_plain + 1, b)
-    order, nn_dist = _nearest_others(xa, n_pool - 1)
+    order, nn_dist, differences = _nearest_others(xw, xa, n_pool - 1)
     scale = torch.nan_to_num(torch.nanquantile(torch.where(nn_dist > 0, nn_dist, math.nan), 0.5), nan=0.0)
     scale = scale.to(xw.dtype)
 
     eligible = torch.ones(b, n_pool, dtype=torch.bool, device=x.device)
     if mutual_only and subset_selection:
-        order, eligible[:, 1:] = _mutual_first(order)
+        order, eligible[:, 1:], position = _mutual_first(order)
+        differences = torch.gather(differences, 1, position.unsqueeze(-1).expand_as(differences))
     index = torch.cat([torch.arange(b, device=x.device).unsqueeze(1), order], dim=1)  # (B, n)
-    y = xa[index] - xa.unsqueeze(1)  # (B, n, d) in float64, row 0 (the anchor) is zero
+    # (B, n, d) member vectors x_j - x_i in float64, row 0 (the anchor) zero
+    y = torch.cat([differences.new_zeros(b, 1, differences.shape[-1]), differences], dim=1)
     gram = y @ y.transpose(1, 2)
 
     member = torch.zeros(b, n_pool, dtype=torch.bool, device=x.device)
@@ -322,45 +324,50 @@ def _mutual_first(order: Tensor) -> tuple[Tensor, Tensor]:
     width); within the mutual and within the other candidates the order stays nearest first.
 
     Returns:
-        ``(order (B, k), mutual (B, k) bool)``, both in the new order.
+        ``(order (B, k), mutual (B, k) bool, position (B, k))``, the first two in the new order;
+        ``position[i, t]`` is the old column of the new column t.
     """
     b = order.shape[0]
     in_table = torch.zeros(b, b, dtype=torch.bool, device=order.device)
     in_table.scatter_(1, order, True)
     mutual = torch.gather(in_table.T, 1, order)  # [i, t]: i ∈ N_k(order[i, t])
     position = torch.sort((~mutual).to(torch.uint8), dim=1, stable=True).indices
-    return torch.gather(order, 1, position), torch.gather(mutual, 1, position)
+    return torch.gather(order, 1, position), torch.gather(mutual, 1, position), position
 
 
 _POOL_MARGIN = 2  # extra candidates ranked by the Gram route, re-ranked by explicit differences
 
 
-def _nearest_others(xa: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The k nearest other points of every point, nearest first, and each point's nearest distance.
+def _nearest_others(xw: Tensor, xa: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The k nearest other points of every point, nearest first, each point's nearest distance and
+    the difference vectors to the k.
 
-    Candidates come from the squared distances of one Gram matrix of the centred points
-    (``‖a‖² + ‖b‖² - 2 a·b``, off by about ``c·u·R²``, R the largest centred norm); the
-    ``k + 2`` nearest by that route are then re-ranked by explicit differences ``‖x_j - x_i‖``
-    (error ``γ_{d+3}·‖x_j - x_i‖``, as ``torch.cdist`` without its matrix-product shortcut), ties
-    in index order. So the order and the distances are those of explicit differences unless the
-    k-th and the (k + 3)-th neighbour lie within the Gram route's error of each other. No (B, B, d)
-    tensor and no cdist: one (B, d) × (d, B) product and (B, k + 2, d) differences.
+    Candidates come from the squared distances of one Gram matrix of the centred points in the
+    working dtype (``‖a‖² + ‖b‖² - 2 a·b``, off by about ``c·u·R²``, R the largest centred norm);
+    the ``k + 2`` nearest by that route are then re-ranked by explicit differences
+    ``‖x_j - x_i‖`` in the accurate dtype (``xa``; error ``γ_{d+3}·‖x_j - x_i‖``, as ``torch.cdist``
+    without its matrix-product shortcut), ties in index order. So the order and the distances are
+    those of explicit differences unless the k-th and the (k + 3)-th neighbour lie within the Gram
+    route's error of each other. No (B, B, d) tensor: one (B, d) × (d, B) product and (B, k + 2, d)
+    differences.
 
     Returns:
-        ``order`` (B, k) int64 and ``nearest`` (B,) the distance to the nearest other point
-        (in ``xa``'s dtype).
+        ``order`` (B, k) int64, ``nearest`` (B,) the distance to the nearest other point and
+        ``differences`` (B, k, d) ``x_order[i, t] - x_i``, both in ``xa``'s dtype.
     """
     b = xa.shape[0]
-    centred = xa - xa.mean(dim=0)
+    centred = xw - xw.mean(dim=0)
     sq = centred.pow(2).sum(dim=1)
     d2 = sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (centred @ centred.T)
     d2.fill_diagonal_(math.inf)
     pool = min(k + _POOL_MARGIN, b - 1)
     candidates = torch.topk(d2, pool, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
-    exact = torch.linalg.vector_norm(xa[candidates] - xa.unsqueeze(1), dim=-1)  # (B, pool)
-    ranked, position = torch.sort(exact, dim=1, stable=True)
-    order = torch.gather(candidates, 1, position[:, :k])
-    return order, ranked[:, 0]
+    differences = xa[candidates] - xa.unsqueeze(1)  # (B, pool, d)
+    ranked, position = torch.sort(torch.linalg.vector_norm(differences, dim=-1), dim=1, stable=True)
+    take = position[:, :k]
+    order = torch.gather(candidates, 1, take)
+    differences = torch.gather(differences, 1, take.unsqueeze(-1).expand(-1, -1, differences.shape[-1]))
+    return order, ranked[:, 0], differences
 
 
 # --------------------------------------------------------------------------------------------
