@@ -146,7 +146,8 @@ def test_index_and_search_find_the_query_itself(tmp_path, capsys):
     )
     grid = tmp_path / "grid.png"
     capsys.readouterr()
-    assert main(["search", str(paths[3]), "--index", str(index), "--top-k", "3", "--out", str(grid)]) == 0
+    argv = ["search", str(paths[3]), "--index", str(index), "--top-k", "3", "--out", str(grid), "--include-self"]
+    assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[-1] == str(paths[3])
     assert float(lines[0].split()[1]) == pytest.approx(1.0, abs=1e-4)
@@ -405,3 +406,66 @@ def test_the_folder_fit_counts_only_readable_images_and_names_a_pile_too_small(t
     assert minimum_images(cfg) == cfg.plm.m + 1 == 3
     fit_preset_to_folder(cfg, small, ["train.neighbours_per_seed=2", "train.batch_size=2"])
     assert (cfg.model.embedding_dim, cfg.train.batch_size) == (3, 2)
+
+
+def _search_report(tmp_path, capsys, query, index, *extra):
+    """``search`` of one query with --json, --csv and a grid: (printed paths, JSON results, CSV rows)."""
+    import csv
+
+    for name in ("r.json", "r.csv", "g.png"):
+        (tmp_path / name).unlink(missing_ok=True)
+    capsys.readouterr()
+    argv = ["search", str(query), "--index", str(index), "--json", str(tmp_path / "r.json")]
+    argv += ["--csv", str(tmp_path / "r.csv"), "--out", str(tmp_path / "g.png"), *extra]
+    assert main(argv) == 0
+    printed = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if line[:3].strip().isdigit()]
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert (tmp_path / "g.png").is_file()
+    (results,) = [q["results"] for q in report["queries"]]
+    assert [r["path"] for r in results] == printed == [row["path"] for row in rows]
+    assert [r["rank"] for r in results] == list(range(1, len(results) + 1))
+    return printed, results, report
+
+
+def test_search_leaves_out_the_query_itself_but_never_an_identical_copy(tmp_path, capsys):
+    """A query that is an indexed image is left out of its own results (by its path, not its score: an
+    identical copy of it stays, first, score 1) and --top-k others still come back; --include-self keeps
+    it; a query outside the index loses nothing."""
+    import torch
+
+    from plmetric.core.checkpoint import save_model
+    from plmetric.data.backbones import create_model
+
+    paths = _write_folder(tmp_path / "photos")
+    twin = tmp_path / "photos" / "twin_of_img3.png"
+    twin.write_bytes(paths[3].read_bytes())
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", embedding_dim=16, pretrained=False)
+    meta = {"backbone": "efficientnet_lite0", "embedding_dim": 16, "output_dim": 16, "image_size": 32}
+    ckpt = save_model(tmp_path / "model.safetensors", model, meta)
+    index = tmp_path / "index.safetensors"
+    small = ["--image-size", "32", "--no-progress", "--num-workers", "0"]
+    assert main(["index", str(tmp_path / "photos"), "--checkpoint", str(ckpt), "--out", str(index), *small]) == 0
+    query, copy = str(paths[3].resolve()), str(twin.resolve())
+    # the same 16-d float32 unit embedding twice: its cosine with itself is 1 within 16 roundings of 2^-24
+    tolerance = 1e-5
+
+    printed, results, report = _search_report(tmp_path, capsys, paths[3], index, "--top-k", "3")
+    assert len(printed) == 3 and query not in printed and report["include_self"] is False
+    assert printed[0] == copy and abs(results[0]["score"] - 1) < tolerance
+    printed, results, _ = _search_report(tmp_path, capsys, twin, index, "--top-k", "3")
+    assert len(printed) == 3 and copy not in printed and printed[0] == query
+    # --include-self: the old behaviour, the query among its own results (tied at score 1 with its copy)
+    printed, results, report = _search_report(tmp_path, capsys, paths[3], index, "--top-k", "3", "--include-self")
+    assert len(printed) == 3 and set(printed[:2]) == {query, copy} and report["include_self"] is True
+    # more than the others: all the others (6), no padding; with itself all 7
+    printed, _, _ = _search_report(tmp_path, capsys, paths[3], index, "--top-k", "50")
+    assert sorted(printed) == sorted(str(p.resolve()) for p in [*paths, twin] if p != paths[3])
+    printed, _, _ = _search_report(tmp_path, capsys, paths[3], index, "--top-k", "50", "--include-self")
+    assert len(printed) == 7
+    # a query outside the index (the same bytes elsewhere) is nobody's self: both indexed copies come back
+    outside = tmp_path / "query.png"
+    outside.write_bytes(paths[3].read_bytes())
+    printed, _, _ = _search_report(tmp_path, capsys, outside, index, "--top-k", "2")
+    assert set(printed) == {query, copy}

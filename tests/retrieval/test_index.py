@@ -72,13 +72,12 @@ def test_index_records_absolute_paths_and_the_model_hash(tmp_path, capsys, monke
     assert model["preprocessing"]["center_crop"] == 32 and model["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
     meta = read_index_metadata(tmp_path / "i.safetensors")
     assert meta["format"] == "plmetric-index" and meta["count"] == 6 and meta["dim"] == 16
-    # search from another folder: the indexed image itself comes first, its tile is readable
+    # search from another folder: the indexed image itself comes first (--include-self), its tile is readable
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    code, lines, _ = top_result(
-        capsys, "search", str(paths[2]), "--index", "../i.safetensors", "--top-k", "3", "--out", "g.png"
-    )
+    argv = ["search", str(paths[2]), "--index", "../i.safetensors", "--top-k", "3", "--out", "g.png", "--include-self"]
+    code, lines, _ = top_result(capsys, *argv)
     assert code == 0 and lines[0].split()[-1] == str(paths[2].resolve())
     assert "missing" not in "\n".join(lines) and (elsewhere / "g.png").is_file()
 
@@ -186,8 +185,8 @@ def test_batch_search_writes_json_csv_and_a_grid_per_query(tmp_path, capsys):
     assert [q["query"] for q in report["queries"]] == [
         str(p.resolve()) for p in (paths[0], paths[1], paths[4], paths[5])
     ]
-    for query in report["queries"]:  # every indexed query finds itself first
-        assert query["results"][0]["path"] == query["query"] and len(query["results"]) == 2
+    for query in report["queries"]:  # every indexed query: the --top-k others, itself left out
+        assert query["query"] not in [r["path"] for r in query["results"]] and len(query["results"]) == 2
         assert query["results"][0]["score"] >= query["results"][1]["score"]
     rows = list(csv.reader((tmp_path / "r.csv").open()))
     assert rows[0] == ["query", "rank", "path", "score"] and len(rows) == 1 + 4 * 2
@@ -248,7 +247,7 @@ def test_a_faiss_index_searches_like_the_exact_search(tmp_path, capsys, kind):
     fast = _search_json(capsys, tmp_path, index, paths[:3])
     exact = _search_json(capsys, tmp_path, index, paths[:3], "--exact")
     _same_results(fast, exact, 2 * gamma(16, torch.float32) * (1 + 1e-6))
-    assert all(q["results"][0]["path"] == q["query"] for q in fast)
+    assert all(q["query"] not in [r["path"] for r in q["results"]] and len(q["results"]) == 4 for q in fast)
 
 
 def test_adding_images_equals_indexing_them_all_at_once(tmp_path, capsys):
@@ -329,7 +328,7 @@ def test_search_detects_a_missing_or_mismatched_faiss_file(tmp_path, capsys):
     code, _, err = top_result(capsys, *query)
     assert code == 2 and "is not the one index" in err and file_sha256(faiss_two)[:16] in err
     assert read_index_metadata(one)["ann"]["sha256"][:16] in err and not (tmp_path / "g.png").exists()
-    code, lines, _ = top_result(capsys, *query, "--exact")  # the embeddings alone still search
+    code, lines, _ = top_result(capsys, *query, "--exact", "--include-self")  # the embeddings alone still search
     assert code == 0 and lines[0].split()[-1] == str(paths[0].resolve())
     faiss_one.write_bytes(good)
     assert top_result(capsys, *query)[0] == 0

@@ -152,16 +152,26 @@ def test_the_page_shows_every_indexed_image_as_a_link_to_search_from_it(client, 
     assert client.get("/?page=2").status_code == 404 and client.get("/?page=x").status_code == 400
 
 
-def test_searching_from_an_indexed_image_returns_it_first_with_score_one(client, pile):
+def test_searching_from_an_indexed_image_returns_the_top_k_others(client, browser, pile, monkeypatch):
+    """Searching from indexed image N leaves N out and still returns TOP_K results: those of the plain
+    top-(k+1) (with ``include_self``: N first, score 1) without N, ranked again from 1."""
     names = {caption(p.name) for p in pile["images"]}
     for image_id in (0, 5):
+        monkeypatch.setattr(browser, "include_self", True)
+        with_self = client.get(f"/api/search?id={image_id}").json()["results"]
+        assert [r["rank"] for r in with_self] == list(range(1, TOP_K + 1))
+        assert with_self[0]["id"] == image_id and abs(with_self[0]["score"] - 1) < SELF_SCORE_TOLERANCE
+        monkeypatch.setattr(browser, "top_k", TOP_K + 1)
+        longer = client.get(f"/api/search?id={image_id}").json()["results"]
+        monkeypatch.setattr(browser, "top_k", TOP_K)
+        monkeypatch.setattr(browser, "include_self", False)
         page = client.get(f"/search?id={image_id}")
         assert page.status_code == 200
         results = Tiles(page.text).results()
         assert len(results) == TOP_K
         assert [int(t["data-rank"]) for t in results] == list(range(1, TOP_K + 1))
-        assert int(results[0]["data-id"]) == image_id and results[0]["name"] == caption(pile["images"][image_id].name)
-        assert abs(float(results[0]["data-score"]) - 1) < SELF_SCORE_TOLERANCE
+        assert image_id not in [int(t["data-id"]) for t in results]
+        assert 'id="query" data-id="%d"' % image_id in page.text  # shown as the query, not as a result
         assert {t["name"] for t in results} <= names and all(
             f"/thumb/{t['data-id']}" in str(t["imgs"]) for t in results
         )
@@ -170,7 +180,7 @@ def test_searching_from_an_indexed_image_returns_it_first_with_score_one(client,
         assert api["query"] == str(pile["images"][image_id]) and api["query_id"] == image_id and api["top_k"] == TOP_K
         ranks = api["results"]
         assert [r["rank"] for r in ranks] == list(range(1, TOP_K + 1))
-        assert ranks[0]["id"] == image_id and abs(ranks[0]["score"] - 1) < SELF_SCORE_TOLERANCE
+        assert [(r["id"], r["score"]) for r in ranks] == [(r["id"], r["score"]) for r in longer[1:]]
         assert all(a["score"] >= b["score"] for a, b in zip(ranks, ranks[1:], strict=False))
         assert [r["path"] for r in ranks] == [str(pile["images"][r["id"]]) for r in ranks]
         assert [r["id"] for r in ranks] == [int(t["data-id"]) for t in results]
@@ -264,7 +274,8 @@ def test_thumbnails_and_images_are_served_by_number_only(client, pile, monkeypat
         assert response.status_code in (400, 404) or response.headers["content-type"].startswith("image/"), attempt
 
 
-def test_images_moved_since_indexing_show_as_missing(client, pile):
+def test_images_moved_since_indexing_show_as_missing(client, browser, pile, monkeypatch):
+    monkeypatch.setattr(browser, "include_self", True)  # image 6 among its own results
     moved = pile["images"][6]
     away = moved.with_name("moved.bin")
     moved.rename(away)
@@ -290,12 +301,35 @@ def test_a_page_bound_to_localhost_answers_only_local_host_names(browser):
     assert TestClient(app, base_url="http://127.0.0.1:8000").get("/").status_code == 200
 
 
-def test_the_command_line_refuses_bad_input_in_one_line(pile, capsys, monkeypatch):
+def test_the_command_line_refuses_bad_input_in_one_line(pile, capsys, monkeypatch, tmp_path):
     capsys.readouterr()
     assert main(["serve", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     for shown in ("(default: 127.0.0.1)", "(default: 8000)", "(default: 12)", "index written by 'plmetric index'"):
         assert shown in help_text
+    for shown in ("--include-self", "--groups FILE", "--duplicates FILE", "'plmetric groups'", "'plmetric duplicates'"):
+        assert shown in help_text
+    # groups/duplicates tables: each refused with one line naming the option and the table, before listening
+    images = pile["images"]
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text(f"group,path\n1,{images[0]}\n")
+    outside = _group_table(tmp_path / "outside.csv", "groups", {1: [images[0], pile["root"] / "secret.txt"]})
+    duplicates = _group_table(tmp_path / "dups.csv", "duplicates", {1: images[:2]})
+    groups = _group_table(tmp_path / "groups.csv", "groups", {1: images[:2]})
+    zero = _group_table(tmp_path / "zero.csv", "groups", {0: images[:2]})
+    for argv, expected in (
+        (["--groups", str(tmp_path / "none.csv")], ["--groups", "none.csv", "not found"]),
+        (["--groups", str(foreign)], ["--groups", "foreign.csv", "not a table written by plmetric groups"]),
+        (["--duplicates", str(foreign)], ["--duplicates", "foreign.csv", "not a table written by plmetric duplicates"]),
+        (["--groups", str(outside)], ["--groups", "outside.csv", "row 2", "secret.txt", "not an image of the index"]),
+        (["--groups", str(duplicates)], ["--groups", "dups.csv", "give it as --duplicates"]),
+        (["--duplicates", str(groups)], ["--duplicates", "groups.csv", "give it as --groups"]),
+        (["--groups", str(zero)], ["--groups", "zero.csv", "group 0", "numbered from 1"]),
+    ):
+        code = main(["serve", str(pile["index"]), "--port", str(_free_port()), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and all(e in err for e in expected), (argv, err)
+        assert "Traceback" not in err
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -365,6 +399,7 @@ def test_end_to_end_in_a_headless_browser(pile, tmp_path):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
+    groups = _group_table(tmp_path / "groups.csv", "groups", {1: [pile["images"][i] for i in (4, 1, 7)]})
     source = [
         str(Path(plmetric.__file__).parents[1]),
         *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)),
@@ -380,6 +415,8 @@ def test_end_to_end_in_a_headless_browser(pile, tmp_path):
         str(port),
         "--top-k",
         str(TOP_K),
+        "--groups",
+        str(groups),
     ]
     profile = tmp_path / "profile"
     # Headless Chromium as root needs --no-sandbox; its own profile folder, no proxy, no GPU.
@@ -408,16 +445,24 @@ def test_end_to_end_in_a_headless_browser(pile, tmp_path):
         gallery = Tiles(dom(base + "/")).tiles
         assert [t["name"] for t in gallery] == [caption(p.name) for p in pile["images"]]
         query = 2
-        results = Tiles(dom(f"{base}/search?id={query}")).results()
-        assert len(results) == TOP_K
-        assert int(results[0]["data-id"]) == query and results[0]["name"] == caption(pile["images"][query].name)
+        page = dom(f"{base}/search?id={query}")
+        results = Tiles(page).results()
+        assert len(results) == TOP_K and query not in [int(t["data-id"]) for t in results]  # itself left out
+        assert f'id="query" data-id="{query}"' in page
         assert all(t["name"] in {caption(p.name) for p in pile["images"]} for t in results)
         # every thumbnail was fetched and decoded by the browser (each <img> sets data-loaded on load)
         assert all(t["imgs"] and t["imgs"][0].get("data-loaded") == "1" for t in results), results
         # a click on a result is its link: a plain <a href>, followed here as the browser would
         second = results[1]
-        again = Tiles(dom(base + second["links"][0])).results()
-        assert len(again) == TOP_K and again[0]["data-id"] == second["data-id"]
+        page = dom(base + second["links"][0])
+        again = Tiles(page).results()
+        assert len(again) == TOP_K and f'id="query" data-id="{second["data-id"]}"' in page
+        assert second["data-id"] not in [t["data-id"] for t in again]
+        # --groups: the group's members, their thumbnails decoded by the browser, each a link to search from it
+        members = Tiles(dom(f"{base}/groups/1")).tiles
+        assert [int(t["data-id"]) for t in members] == [4, 1, 7]
+        assert all(t["imgs"] and t["imgs"][0].get("data-loaded") == "1" for t in members), members
+        assert [t["links"][0] for t in members] == ["/search?id=4", "/search?id=1", "/search?id=7"]
         shot = tmp_path / "results.png"
         done = subprocess.run(
             [
@@ -773,3 +818,212 @@ def test_page_captions_are_shortened_in_the_middle_and_keep_the_full_path_as_too
         assert f">{hit.caption}</a></div>" in html and f'title="{hit.path}"' in html
     gallery = env.get_template("serve.html").render(**page, gallery=hits, page=1, pages=1)
     assert f">{hits[1].caption}</div>" in gallery
+
+
+# ---- groups and duplicates tables (plmetric groups / plmetric duplicates) browsed by number ----
+
+
+def _group_table(out: Path, kind: str, groups: dict) -> Path:
+    """A table of ``plmetric <kind>`` (groups or duplicates) holding ``groups``: number -> member paths."""
+    from plmetric.retrieval.tables import TableWriter
+
+    rows = [(n, len(members), str(member), j) for n, members in groups.items() for j, member in enumerate(members)]
+    numbers, sizes, paths = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    if kind == "groups":
+        representative = [int(r[3] == 0 and r[0] != -1) for r in rows]
+        columns = [numbers, sizes, paths, representative, [None if r[0] == -1 else 0.9 for r in rows]]
+    else:
+        columns = [numbers, sizes, paths, [0.95] * len(rows)]
+    with TableWriter(out, kind) as writer:
+        writer.write(columns)
+        writer.commit()
+    return out
+
+
+class Groups(HTMLParser):
+    """The groups of a ``/groups`` page: each ``li.group`` with its attributes and its tiles' ids and links."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.groups: list[dict] = []
+        self.header_links: list[str] = []
+        self._in_header = self._in_list = False
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attrs = dict(attrs)
+        classes = (attrs.get("class") or "").split()
+        self._in_header = self._in_header or tag == "header"
+        self._in_list = self._in_list or (tag == "ol" and attrs.get("id") == "groups")
+        if tag == "a" and self._in_header:
+            self.header_links.append(attrs.get("href"))
+        if not self._in_list:
+            return
+        if tag == "li" and "group" in classes:
+            self.groups.append({**attrs, "ids": [], "links": []})
+        elif self.groups and tag == "li" and "tile" in classes:
+            self.groups[-1]["ids"].append(int(attrs["data-id"]))
+        elif self.groups and tag == "a":
+            self.groups[-1]["links"].append(attrs.get("href"))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "header":
+            self._in_header = False
+        if tag == "ol":
+            self._in_list = False
+
+
+@pytest.fixture(scope="module")
+def tables(pile, tmp_path_factory) -> dict:
+    """A groups table (group 1: images 4, 0, 2 (one named through '..'); group 2: 1, 3; ungrouped: 5, 6, 7)
+    and a duplicates table (group 1: 0, 1; group 2: 6, 7) of the pile's index."""
+    root = tmp_path_factory.mktemp("tables")
+    images = pile["images"]
+    roundabout = images[0].parent / ".." / images[0].parent.name / images[0].name  # resolved at start-up
+    groups = {1: [images[4], roundabout, images[2]], 2: [images[1], images[3]], -1: images[5:]}
+    return {
+        "groups": _group_table(root / "groups.csv", "groups", groups),
+        "duplicates": _group_table(root / "dups.csv", "duplicates", {1: images[:2], 2: images[6:]}),
+        "expected": {"1": [4, 0, 2], "2": [1, 3], "ungrouped": [5, 6, 7]},
+    }
+
+
+@pytest.fixture(scope="module")
+def group_client(browser, tables) -> TestClient:
+    loaded = tuple(serve_module.load_group_table(tables[kind], kind, browser) for kind in ("groups", "duplicates"))
+    with TestClient(create_app(browser, tables=loaded)) as test_client:
+        yield test_client
+
+
+def test_groups_and_duplicates_are_listed_with_their_sizes_and_first_members(group_client, tables):
+    page = group_client.get("/groups")
+    assert page.status_code == 200
+    listed = Groups(page.text)
+    assert {"/groups", "/duplicates"} <= set(listed.header_links)
+    assert [g["data-group"] for g in listed.groups] == ["1", "2", "ungrouped"]  # the ungrouped bucket last
+    assert [int(g["data-size"]) for g in listed.groups] == [3, 2, 3]
+    assert [g["ids"] for g in listed.groups] == list(tables["expected"].values())
+    for group in listed.groups:  # every thumbnail through the checked route, every link to the group's page
+        assert set(group["links"]) == {f"/groups/{group['data-group']}"}
+        assert all(f'src="/thumb/{i}"' in page.text for i in group["ids"])
+    assert ">ungrouped</a>" in page.text and "2 groups · 3 images ungrouped" in page.text
+    dups = group_client.get("/duplicates")
+    assert dups.status_code == 200 and "near-duplicate groups" in dups.text
+    assert [(g["data-group"], g["ids"]) for g in Groups(dups.text).groups] == [("1", [0, 1]), ("2", [6, 7])]
+    assert {"/groups", "/duplicates"} <= set(Groups(group_client.get("/").text).header_links)  # on every page
+
+
+def test_a_group_page_shows_all_its_members_each_a_link_to_search_from_it(group_client, tables):
+    for slug, ids in tables["expected"].items():
+        page = group_client.get(f"/groups/{slug}")
+        assert page.status_code == 200, (slug, page.text[:300])
+        assert f"{'ungrouped' if slug == 'ungrouped' else 'group ' + slug} · {len(ids)} images" in page.text
+        tiles = Tiles(page.text).tiles
+        assert [int(t["data-id"]) for t in tiles] == ids
+        assert [t["links"][0] for t in tiles] == [f"/search?id={i}" for i in ids]
+        assert all(t["imgs"][0]["src"] == f"/thumb/{i}" for t, i in zip(tiles, ids, strict=True))
+    assert [int(t["data-id"]) for t in Tiles(group_client.get("/groups/01").text).tiles] == [4, 0, 2]
+    assert [int(t["data-id"]) for t in Tiles(group_client.get("/duplicates/2").text).tiles] == [6, 7]
+
+
+def test_bad_group_and_page_numbers_answer_400_and_unknown_ones_404(group_client, client):
+    for path, status in (
+        ("/groups/x", 400),
+        ("/groups/-1", 400),
+        ("/groups/1.0", 400),
+        ("/groups/%D9%A1", 400),  # an Arabic-Indic digit one
+        ("/groups/3", 404),
+        ("/groups/0", 404),
+        ("/groups/" + "9" * 30, 404),
+        ("/duplicates/ungrouped", 404),  # a duplicates table has no ungrouped bucket
+        ("/groups?page=x", 400),
+        ("/groups?page=-1", 400),
+        ("/groups?page=0", 404),
+        ("/groups?page=2", 404),
+        ("/groups/1?page=abc", 400),
+        ("/groups/1?page=2", 404),
+        ("/duplicates?page=2", 404),
+    ):
+        response = group_client.get(path)
+        assert response.status_code == status, (path, response.text[:300])
+        errors = Tiles(response.text).error
+        assert len(errors) == 1 and not Tiles(response.text).tiles and "Traceback" not in response.text, path
+    assert "digits 0-9, got 'x' (or 'ungrouped')" in Tiles(group_client.get("/groups/x").text).error[0]
+    assert client.get("/groups").status_code == 404 and client.get("/duplicates/1").status_code == 404  # not given
+    assert 'href="/groups"' not in client.get("/").text
+
+
+def test_groups_and_their_members_are_paginated(browser, tables, monkeypatch):
+    monkeypatch.setattr(serve_module, "GROUPS_PAGE_SIZE", 2)
+    monkeypatch.setattr(serve_module, "GALLERY_PAGE_SIZE", 2)
+    monkeypatch.setattr(serve_module, "GROUP_PREVIEW", 1)
+    loaded = (serve_module.load_group_table(tables["groups"], "groups", browser),)
+    with TestClient(create_app(browser, tables=loaded)) as client:
+        first, second = client.get("/groups"), client.get("/groups?page=2")
+        assert [(g["data-group"], g["ids"]) for g in Groups(first.text).groups] == [("1", [4]), ("2", [1])]
+        assert [(g["data-group"], g["ids"]) for g in Groups(second.text).groups] == [("ungrouped", [5])]
+        assert 'href="/groups?page=2"' in first.text and 'href="/groups?page=1"' in second.text
+        assert client.get("/groups?page=3").status_code == 404
+        members = [Tiles(client.get(f"/groups/1?page={n}").text).tiles for n in (1, 2)]
+        assert [[int(t["data-id"]) for t in tiles] for tiles in members] == [[4, 0], [2]]
+        assert 'href="/groups/1?page=2"' in client.get("/groups/1").text
+        assert client.get("/groups/1?page=3").status_code == 404
+
+
+def test_a_table_is_refused_at_start_up_unless_every_path_is_an_indexed_image(browser, pile, tables, tmp_path):
+    from plmetric.retrieval.tables import is_our_table
+
+    images = pile["images"]
+    elsewhere = tmp_path / "copy.jpg"
+    elsewhere.write_bytes(images[0].read_bytes())  # the same image, but not a file of the index
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text(f"group,path\n1,{images[0]}\n")
+    cases = [
+        (_group_table(tmp_path / "a.csv", "groups", {1: [images[0], elsewhere]}), ValueError, "copy.jpg"),
+        (_group_table(tmp_path / "b.csv", "groups", {1: [images[0], "/etc/passwd"]}), ValueError, "/etc/passwd"),
+        (_group_table(tmp_path / "c.csv", "groups", {1: ["relative/img.jpg"]}), ValueError, "relative/img.jpg"),
+        (foreign, ValueError, "not a table written by plmetric groups"),
+        (tables["duplicates"], ValueError, "give it as --duplicates"),
+        (tmp_path / "none.csv", FileNotFoundError, "not found"),
+    ]
+    for table, error, message in cases:
+        with pytest.raises(error, match="--groups") as caught:
+            serve_module.load_group_table(table, "groups", browser)
+        assert message in str(caught.value) and len(str(caught.value).splitlines()) == 1, str(caught.value)
+        assert str(table) in str(caught.value)
+    assert is_our_table(tmp_path / "a.csv", "groups")  # refused for its paths, not its format
+
+
+def test_a_parquet_table_is_browsed_like_its_csv(browser, pile, tmp_path):
+    pytest.importorskip("pyarrow")
+    images = pile["images"]
+    groups = {1: [images[3], images[1]], -1: [images[0]]}
+    csv_table = serve_module.load_group_table(_group_table(tmp_path / "g.csv", "groups", groups), "groups", browser)
+    parquet = _group_table(tmp_path / "g.parquet", "groups", groups)
+    table = serve_module.load_group_table(parquet, "groups", browser)
+    assert [(g.number, g.members) for g in table.groups] == [(g.number, g.members) for g in csv_table.groups]
+    assert [(g.number, g.members) for g in table.groups] == [(1, (3, 1)), (-1, (0,))]
+
+
+def test_an_identical_copy_stays_in_the_results_only_the_image_itself_is_left_out(tmp_path, small_ckpt):
+    """Two indexed files with the same bytes (the same embedding, score 1 both): searching from one
+    leaves out exactly that one, by its number; the copy comes first."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    images = [_random_image(folder / f"p{i}.png", seed) for i, seed in enumerate((1, 2, 3, 4))]
+    twin = folder / "p9_twin.png"
+    twin.write_bytes(images[1].read_bytes())
+    index = tmp_path / "i.safetensors"
+    assert main(["index", str(folder), "--checkpoint", str(small_ckpt), "--out", str(index), *SMALL]) == 0
+    browser = Browser(index, 3)
+    ids = {Path(p).name: i for i, p in enumerate(browser.paths)}
+    for query, other in (("p1.png", "p9_twin.png"), ("p9_twin.png", "p1.png")):
+        hits = browser.search_id(ids[query])
+        assert [h.rank for h in hits] == [1, 2, 3] and ids[query] not in [h.id for h in hits]
+        assert hits[0].id == ids[other] and abs(hits[0].score - 1) < SELF_SCORE_TOLERANCE
+    browser.top_k = len(browser)  # more than the others: all of them, nothing padded
+    assert sorted(h.id for h in browser.search_id(ids["p1.png"])) == sorted(set(ids.values()) - {ids["p1.png"]})
+    browser.include_self = True
+    assert len(browser.search_id(ids["p1.png"])) == len(browser)
+    upload, _ = Browser(index, 3).search_upload(images[1].read_bytes(), "p1.png")  # an upload is never itself
+    assert {ids["p1.png"], ids["p9_twin.png"]} <= {h.id for h in upload}

@@ -5,15 +5,26 @@
 serves, on 127.0.0.1 unless told otherwise:
 
 * ``GET /`` (``?page=P``): the indexed images, each a link that searches from it, and an upload form;
-* ``GET /search?id=N``: the top-k results of indexed image N (its stored embedding: nothing decoded);
-* ``POST /search``: the top-k results of an uploaded image (multipart field ``image``);
+* ``GET /search?id=N``: the top-k results of indexed image N (its stored embedding: nothing decoded),
+  image N itself left out (by its number, never by score: an identical copy stays) unless the page
+  runs with ``include_self``;
+* ``POST /search``: the top-k results of an uploaded image (multipart field ``image``; an upload is
+  never "itself": nothing is left out);
 * ``GET /api/search?id=N``, ``POST /api/search``: the same as JSON, ``{"index", "top_k", "query",
   "query_id", "results": [{"rank", "id", "path", "score", "missing"}]}``; an error is
   ``{"error": "..."}`` with status 400 (a malformed id: anything but ASCII digits), 404 (an id
   outside the index), 413 (an upload over :data:`MAX_UPLOAD_BYTES` or :data:`MAX_UPLOAD_PIXELS`) or
   429 (every decode slot busy for :data:`DECODE_WAIT_S`);
 * ``GET /thumb/N``, ``GET /image/N``: a downscaled JPEG, the full image re-encoded (JPEG for a JPEG
-  file, else PNG), of indexed image N.
+  file, else PNG), of indexed image N;
+* with a groups or duplicates table (``plmetric serve --groups FILE`` / ``--duplicates FILE``, the
+  tables of ``plmetric groups`` / ``plmetric duplicates``, :func:`load_group_table`):
+  ``GET /groups`` (``?page=P``) the groups, each its size and up to :data:`GROUP_PREVIEW` members;
+  ``GET /groups/G`` (``?page=P``) all members of group G (``/groups/ungrouped``: the ungrouped
+  bucket, listed last); the same under ``/duplicates``. 400 for a group or page that is not ASCII
+  digits, 404 for one not in the table. Every path of a table is mapped to its index number at
+  start-up (a path outside the index refuses the table), so these pages, too, show images only by
+  number, through ``/thumb`` and ``/search``.
 
 What is served (:meth:`Browser.open_indexed`, the class of attacks it closes):
 
@@ -59,6 +70,7 @@ import torch
 
 from plmetric.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError, image_size, open_image
 from plmetric.retrieval.index import load_embeddings, load_file_stats, model_from_description, top_k
+from plmetric.retrieval.tables import UNGROUPED, header_line, is_our_table, read_group_table
 from plmetric.training.report import shorten_name
 
 INSTALL_HINT = 'pip install "plmetric[serve]"'
@@ -91,6 +103,12 @@ ID_MAX_DIGITS = 18
 over 4300 digits)."""
 SHOWN_NAME_CHARS = 120
 GALLERY_PAGE_SIZE = 48
+GROUPS_PAGE_SIZE = 50
+"""Groups listed on one page of ``/groups`` or ``/duplicates``."""
+GROUP_PREVIEW = 6
+"""Members shown for each group in the list (the first ones in the table's order)."""
+GROUP_KINDS = ("groups", "duplicates")
+"""The tables the page can browse, by the command that writes them (also their route and option)."""
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
@@ -195,18 +213,22 @@ def parse_number(text: str | None, what: str) -> int | None:
 class Browser:
     """An index and its model, loaded once: searches from an indexed image or an uploaded one.
 
+    ``include_self``: keep an indexed query image in its own results (by default it is left out and
+    the ``top_k`` other images come back).
+
     Raises (on construction):
         FileNotFoundError, ValueError: not a readable plmetric index.
         IndexMismatchError: the index's checkpoint changed or is gone.
     """
 
-    def __init__(self, index: str | os.PathLike, top_k: int) -> None:
+    def __init__(self, index: str | os.PathLike, top_k: int, include_self: bool = False) -> None:
         from plmetric.data.backbones import build_transform
 
         if top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {top_k}")
         self.index_path = Path(index)
         self.top_k = top_k
+        self.include_self = include_self
         self.embeddings, _, self.paths, description = load_embeddings(index)
         if len(self.paths) == 0:
             raise ValueError(f"index {index} holds no images")
@@ -337,9 +359,11 @@ class Browser:
             return encode(image, is_jpeg)
 
     def search_id(self, image_id: int) -> list[Hit]:
-        """The top-k results of indexed image ``image_id`` (itself first, score 1)."""
+        """The top-k results of indexed image ``image_id`` (its stored embedding): the ``top_k`` most
+        similar other images, ``image_id`` itself left out by its number (an identical copy stays);
+        with ``include_self`` the plain top-k, which holds the image itself (score 1)."""
         self.path_of(image_id)
-        return self._hits(self.embeddings[image_id : image_id + 1])
+        return self._hits(self.embeddings[image_id : image_id + 1], None if self.include_self else image_id)
 
     def search_upload(self, upload: bytes | IO[bytes], name: str) -> tuple[list[Hit], bytes]:
         """The top-k results of an uploaded image file (its bytes, or a binary file read here, in a
@@ -408,13 +432,146 @@ class Browser:
 
         return self._encode_indexed(image_id, None, encode)
 
-    def _hits(self, query: torch.Tensor) -> list[Hit]:
-        scores, indices = top_k(query, self.embeddings, self.top_k)
-        found = zip(scores[0].tolist(), indices[0].tolist(), strict=True)
+    def _hits(self, query: torch.Tensor, exclude: int | None = None) -> list[Hit]:
+        """The ``top_k`` nearest images, ``exclude`` (an index number) left out: one more is asked
+        for, then ``exclude`` dropped if found, else the last."""
+        asked = self.top_k if exclude is None else self.top_k + 1
+        scores, indices = top_k(query, self.embeddings, asked)
+        found = [(score, i) for score, i in zip(scores[0].tolist(), indices[0].tolist(), strict=True) if i != exclude]
         return [
             Hit(rank, i, self.paths[i], score, not Path(self.paths[i]).is_file())
-            for rank, (score, i) in enumerate(found, start=1)
+            for rank, (score, i) in enumerate(found[: self.top_k], start=1)
         ]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One group of a groups/duplicates table: its number in the table (:data:`UNGROUPED` for the
+    ungrouped bucket) and its members' index numbers, in the table's order."""
+
+    number: int
+    members: tuple[int, ...]
+
+    @property
+    def slug(self) -> str:
+        """The group's part of its URL: its number, or ``ungrouped``."""
+        return "ungrouped" if self.number == UNGROUPED else str(self.number)
+
+    @property
+    def label(self) -> str:
+        """The group's name on the page: ``group N`` or ``ungrouped``."""
+        return "ungrouped" if self.number == UNGROUPED else f"group {self.number}"
+
+    @property
+    def size(self) -> int:
+        """The number of members."""
+        return len(self.members)
+
+
+class GroupTable:
+    """A table of ``plmetric groups`` or ``plmetric duplicates`` mapped onto an index (:func:`load_group_table`):
+    its groups by ascending number, the ungrouped bucket last."""
+
+    def __init__(self, kind: str, source: Path, groups: list[Group]) -> None:
+        self.kind = kind
+        self.source = source
+        self.groups = groups
+        self._by_slug = {group.slug: group for group in groups}
+
+    @property
+    def images(self) -> int:
+        """The number of rows (member images) of the table."""
+        return sum(group.size for group in self.groups)
+
+    @property
+    def ungrouped(self) -> int:
+        """The size of the ungrouped bucket (0 when the table has none)."""
+        bucket = self._by_slug.get("ungrouped")
+        return 0 if bucket is None else bucket.size
+
+    def group(self, text: str) -> Group:
+        """The group a request names: its number (ASCII digits) or ``ungrouped``.
+
+        Raises:
+            QueryError: 400 anything else; 404 no such group in the table.
+        """
+        if text != "ungrouped":
+            try:
+                number = parse_number(text, "group")
+            except QueryError as err:
+                raise QueryError(f"{err} (or 'ungrouped')" if self.ungrouped else str(err)) from None
+            text = text if number is None else str(number)  # "007" is group 7
+        group = self._by_slug.get(text)
+        if group is None:
+            shown = text if len(text) <= 24 else text[:24] + "..."
+            raise QueryError(f"no group {shown!r} in the {self.kind} table {self.source.name}", 404)
+        return group
+
+
+def check_group_table(path: str | os.PathLike, kind: str) -> Path:
+    """``path`` if it is a table written by ``plmetric <kind>`` (``kind``: groups or duplicates), read
+    only as far as its header (CSV) or schema (Parquet).
+
+    Raises:
+        FileNotFoundError: no such file (named with its option ``--<kind>``).
+        ValueError: the other command's table, any other file, or Parquet without pyarrow.
+    """
+    path = Path(path)
+    option = f"--{kind}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{option} {path}: file not found; expected a table written by plmetric {kind}")
+    if path.suffix.lower() == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise ValueError(f'{option} {path}: reading .parquet needs pyarrow: pip install "plmetric[parquet]"')
+    if is_our_table(path, kind):
+        return path
+    other = next(k for k in GROUP_KINDS if k != kind)
+    if is_our_table(path, other):
+        raise ValueError(f"{option} {path} is a table of plmetric {other}: give it as --{other}")
+    raise ValueError(
+        f"{option} {path} is not a table written by plmetric {kind} "
+        f"(expected a .csv starting '{header_line(kind)}', or its .parquet)"
+    )
+
+
+def load_group_table(path: str | os.PathLike, kind: str, browser: Browser) -> GroupTable:
+    """Read the table of ``plmetric <kind>`` at ``path`` and map every row's path to its number in
+    ``browser``'s index (the recorded string, else the path resolved): afterwards only numbers are used.
+
+    Groups must be numbered from 1 (or be :data:`UNGROUPED`); they are listed by number, the
+    ungrouped bucket last, each group's members in the table's order.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`check_group_table`; a path that is not an image of the
+            index, or a group number below 1 (one line naming the option, the table and the row).
+    """
+    path = check_group_table(path, kind)
+    option = f"--{kind}"
+    try:
+        rows = read_group_table(path)
+    except ValueError as err:
+        raise ValueError(f"{option} {err}") from None
+    ids = {p: i for i, p in enumerate(browser.paths)}
+    members: dict[int, list[int]] = {}
+    for row, (number, member) in enumerate(rows, start=1):
+        image_id = ids.get(member)
+        if image_id is None:
+            try:
+                image_id = ids.get(str(Path(member).expanduser().resolve()))
+            except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte: not an indexed path
+                image_id = None
+        if image_id is None:
+            raise ValueError(
+                f"{option} {path} row {row}: {shown_name(member)} is not an image of the index {browser.index_path}; "
+                f"expected a table written by plmetric {kind} from this index"
+            )
+        if number < 1 and number != UNGROUPED:
+            raise ValueError(
+                f"{option} {path} row {row}: group {number}; "
+                f"expected groups numbered from 1 (or {UNGROUPED}, ungrouped)"
+            )
+        members.setdefault(number, []).append(image_id)
+    order = sorted(members, key=lambda number: (number == UNGROUPED, number))
+    return GroupTable(kind, path, [Group(number, tuple(members[number])) for number in order])
 
 
 @contextlib.asynccontextmanager
@@ -457,12 +614,16 @@ async def received_upload(request: Any) -> AsyncIterator[tuple[str, IO[bytes]]]:
         await form.close()
 
 
-def create_app(browser: Browser, allowed_hosts: list[str] | None = None) -> Any:
+def create_app(
+    browser: Browser, allowed_hosts: list[str] | None = None, tables: tuple[GroupTable, ...] = ()
+) -> Any:
     """The Starlette application serving ``browser`` (see the module docstring for its routes).
 
     Args:
         allowed_hosts: accept only requests whose ``Host`` header is one of these (a page bound to
             127.0.0.1 then cannot be read by another site through DNS rebinding); None accepts any.
+        tables: groups/duplicates tables mapped onto ``browser``'s index (:func:`load_group_table`),
+            browsed under ``/<kind>``.
     """
     from jinja2 import Environment, PackageLoader, select_autoescape
     from starlette.applications import Starlette
@@ -474,7 +635,8 @@ def create_app(browser: Browser, allowed_hosts: list[str] | None = None) -> Any:
 
     templates = Environment(loader=PackageLoader("plmetric.retrieval", "templates"), autoescape=select_autoescape(["html"]))
     template = templates.get_template("serve.html")
-    pages = (len(browser) + GALLERY_PAGE_SIZE - 1) // GALLERY_PAGE_SIZE
+    pages = page_count(len(browser), GALLERY_PAGE_SIZE)
+    table_links = [table.kind for table in tables]
 
     def render(status: int = 200, **context: Any) -> HTMLResponse:
         html = template.render(
@@ -483,9 +645,14 @@ def create_app(browser: Browser, allowed_hosts: list[str] | None = None) -> Any:
             top_k=browser.top_k,
             max_upload_mib=MAX_UPLOAD_BYTES // 2**20,
             max_upload_megapixels=f"{MAX_UPLOAD_PIXELS / 1e6:g}",
+            table_links=table_links,
             **context,
         )
         return HTMLResponse(html, status_code=status)
+
+    def tile(image_id: int) -> Hit:  # a tile without a rank or score
+        path = browser.paths[image_id]
+        return Hit(0, image_id, path, 0.0, not Path(path).is_file())
 
     async def run_query(request: Any) -> tuple[Query, list[Hit]]:
         if request.method == "POST":
@@ -498,19 +665,60 @@ def create_app(browser: Browser, allowed_hosts: list[str] | None = None) -> Any:
         return Query(name=Path(path).name, id=image_id, path=path), hits
 
     async def home(request: Any) -> HTMLResponse:
-        text = request.query_params.get("page", "1")
         try:
-            page = parse_number(text, "page")
+            page = page_number(request.query_params.get("page", "1"), pages)
         except QueryError as err:
             return render(err.status, error=str(err))
-        if page is None or not 1 <= page <= pages:
-            return render(404, error=f"no page {text[:24]!r}: pages 1 to {pages}")
         first = (page - 1) * GALLERY_PAGE_SIZE
-        gallery = [  # tiles without a rank or score
-            Hit(0, i, browser.paths[i], 0.0, not Path(browser.paths[i]).is_file())
-            for i in range(first, min(first + GALLERY_PAGE_SIZE, len(browser)))
-        ]
-        return render(gallery=gallery, page=page, pages=pages)
+        gallery = [tile(i) for i in range(first, min(first + GALLERY_PAGE_SIZE, len(browser)))]
+        return render(gallery=gallery, page=page, pages=pages, page_base="/?page=")
+
+    def group_pages(table: GroupTable) -> tuple[Callable, Callable]:
+        """The handlers of ``/<kind>`` (the groups, a page at a time) and ``/<kind>/<group>``
+        (one group's members, a page at a time); plain functions: Starlette runs them in its thread
+        pool (they look at the files to mark missing ones)."""
+        listed_pages = page_count(len(table.groups), GROUPS_PAGE_SIZE)
+
+        def listing(request: Any) -> HTMLResponse:
+            try:
+                page = page_number(request.query_params.get("page", "1"), listed_pages)
+            except QueryError as err:
+                return render(err.status, error=str(err))
+            first = (page - 1) * GROUPS_PAGE_SIZE
+            shown = [
+                (group, [tile(i) for i in group.members[:GROUP_PREVIEW]])
+                for group in table.groups[first : first + GROUPS_PAGE_SIZE]
+            ]
+            return render(
+                view="groups",
+                table=table.kind,
+                groups=shown,
+                group_count=len(table.groups) - (table.ungrouped > 0),
+                ungrouped=table.ungrouped,
+                page=page,
+                pages=listed_pages,
+                page_base=f"/{table.kind}?page=",
+            )
+
+        def members(request: Any) -> HTMLResponse:
+            try:
+                group = table.group(request.path_params["group"])
+                member_pages = page_count(group.size, GALLERY_PAGE_SIZE)
+                page = page_number(request.query_params.get("page", "1"), member_pages)
+            except QueryError as err:
+                return render(err.status, error=str(err))
+            first = (page - 1) * GALLERY_PAGE_SIZE
+            return render(
+                view="members",
+                table=table.kind,
+                group=group,
+                gallery=[tile(i) for i in group.members[first : first + GALLERY_PAGE_SIZE]],
+                page=page,
+                pages=member_pages,
+                page_base=f"/{table.kind}/{group.slug}?page=",
+            )
+
+        return listing, members
 
     async def search_page(request: Any) -> HTMLResponse:
         try:
@@ -557,8 +765,28 @@ def create_app(browser: Browser, allowed_hosts: list[str] | None = None) -> Any:
         Route("/thumb/{image_id}", thumb),
         Route("/image/{image_id}", image),
     ]
+    for table in tables:
+        listing, members = group_pages(table)
+        routes += [Route(f"/{table.kind}", listing), Route(f"/{table.kind}/{{group}}", members)]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
     return Starlette(routes=routes, middleware=middleware)
+
+
+def page_count(items: int, per_page: int) -> int:
+    """Pages of ``per_page`` items that hold ``items`` (at least one page, empty when there are none)."""
+    return max(1, (items + per_page - 1) // per_page)
+
+
+def page_number(text: str | None, pages: int) -> int:
+    """A page number from a request's text (parsed as :func:`parse_number`).
+
+    Raises:
+        QueryError: 400 not ASCII digits; 404 outside 1 to ``pages``.
+    """
+    page = parse_number(text, "page")
+    if page is None or not 1 <= page <= pages:
+        raise QueryError(f"no page {text[:24]!r}: pages 1 to {pages}", 404)
+    return page
 
 
 def is_loopback(host: str) -> bool:
@@ -615,30 +843,53 @@ def return_freed_images_to_the_system() -> bool:
     return bool(mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(MMAP_THRESHOLD_BYTES)))
 
 
-def serve(index: str | os.PathLike, *, host: str, port: int, top_k: int) -> None:
-    """Load ``index`` and its model, print the page's URL and serve it until Ctrl+C (or SIGTERM).
+def serve(
+    index: str | os.PathLike,
+    *,
+    host: str,
+    port: int,
+    top_k: int,
+    include_self: bool = False,
+    groups: str | os.PathLike | None = None,
+    duplicates: str | os.PathLike | None = None,
+) -> None:
+    """Load ``index`` and its model (and the ``groups``/``duplicates`` tables, mapped onto the index),
+    print the page's URL and serve it until Ctrl+C (or SIGTERM). Every bad input is refused before
+    anything listens.
 
     Raises:
         ServeDependencyError: the ``serve`` extra is missing.
-        FileNotFoundError, ValueError: a bad index, or an address that cannot be bound.
+        FileNotFoundError, ValueError: a bad index or table, or an address that cannot be bound.
     """
     if not Path(index).is_file():  # before the dependencies: the file is the first thing to get right
         raise FileNotFoundError(f"index file not found: {index}")
+    given = [(kind, path) for kind, path in zip(GROUP_KINDS, (groups, duplicates), strict=True) if path is not None]
+    for kind, path in given:  # the tables' headers before the model is loaded
+        check_group_table(path, kind)
     require_packages()
     import uvicorn
 
-    browser = Browser(index, top_k)
+    browser = Browser(index, top_k, include_self)
+    tables = tuple(load_group_table(path, kind, browser) for kind, path in given)
     loopback = is_loopback(host)
     allowed = sorted({*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host}) if loopback else None
     sock = listen_socket(host, port)
     shown = f"[{host}]" if ":" in host else host
     print(f"plmetric serve: {len(browser):,} images of {index} at http://{shown}:{port}/ (Ctrl+C stops)", flush=True)
+    for table in tables:
+        ungrouped = f" ({table.ungrouped:,} ungrouped)" if table.ungrouped else ""
+        print(
+            f"plmetric serve: {table.kind}: {len(table.groups) - (table.ungrouped > 0):,} groups of "
+            f"{table.images - table.ungrouped:,} images{ungrouped} from {table.source} "
+            f"at http://{shown}:{port}/{table.kind}",
+            flush=True,
+        )
     if not loopback:
         print(f"plmetric: warning: --host {host} lets other machines browse these images (no login)", flush=True)
     if browser.note:
         print(browser.note, flush=True)
     return_freed_images_to_the_system()
-    config = uvicorn.Config(create_app(browser, allowed), log_level="warning", access_log=False)
+    config = uvicorn.Config(create_app(browser, allowed, tables), log_level="warning", access_log=False)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found, then raises the
     # signal again: Ctrl+C then arrives as KeyboardInterrupt, SIGTERM as _Stopped from the handler below.
     main_thread = threading.current_thread() is threading.main_thread()

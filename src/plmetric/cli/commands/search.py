@@ -1,5 +1,6 @@
 """``plmetric search``: query images -> their top-k most similar images in an index (many queries in
-one process), printed, drawn as PNG grids, and written as JSON/CSV."""
+one process), printed, drawn as PNG grids, and written as JSON/CSV. A query that is itself an indexed
+image (the same absolute path) is left out of its own results unless ``--include-self``."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def add_parser(subparsers: Any) -> None:
     se.add_argument("--exact", action="store_true", help="exact torch search even when the index has a faiss index")
     se.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells to scan (default: the index's own)")
     se.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search beam (default: the index's own)")
+    se.add_argument(
+        "--include-self",
+        action="store_true",
+        help="keep a query's own file in its results (left out by default: a query that is an indexed image "
+        "gets the --top-k other images most similar to it)",
+    )
     se.set_defaults(func=run)
 
 
@@ -53,15 +60,19 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.shape[1]}"
         )
+    asked = args.top_k if args.include_self else args.top_k + 1  # one more: room to drop the query's own file
     scores, indices = search(
-        args.index, embeddings, args.top_k, database, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
+        args.index, embeddings, asked, database, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
     )
+    ids = {p: i for i, p in enumerate(paths)}
     report, rows, moved, shown = [], [], 0, 0
     for row, q in enumerate(found):
         query = str(queries[q].resolve())  # --json and --csv both name the query by its absolute path
-        hit = indices[row] >= 0  # an approximate index may find fewer than --top-k
-        results = [paths[i] for i in indices[row][hit].tolist()]
-        values = scores[row][hit].tolist()
+        own = None if args.include_self else ids.get(query)
+        kept = without_self(indices[row].tolist(), own, args.top_k)
+        results = [paths[i] for _, i in kept]
+        row_scores = scores[row].tolist()
+        values = [row_scores[r] for r, _ in kept]
         shown += len(results)
         missing = [not Path(p).is_file() for p in results]
         moved += sum(missing)
@@ -96,6 +107,13 @@ def run(args: argparse.Namespace) -> int:
     elif len(queries) > 1:
         print("no grids drawn: give --out-dir DIR for one grid per query")
     return 0
+
+
+def without_self(ids: list[int], own: int | None, k: int) -> list[tuple[int, int]]:
+    """``(position, id)`` of the first ``k`` found ids (-1: a slot an approximate index left empty),
+    leaving out ``own``, the query's own index id (None: nothing left out). Only that id is dropped,
+    never an equal score: another file with the same content stays."""
+    return [(r, i) for r, i in enumerate(ids) if i >= 0 and i != own][:k]
 
 
 def _query_paths(args: argparse.Namespace) -> list[Path]:
@@ -154,6 +172,7 @@ def _write_search_tables(
             {
                 "index": str(Path(args.index).resolve()),
                 "top_k": args.top_k,
+                "include_self": args.include_self,
                 "queries": report,
                 "unreadable_queries": unreadable,
             },

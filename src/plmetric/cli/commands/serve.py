@@ -18,6 +18,23 @@ def add_parser(subparsers: Any) -> None:
     )
     sv.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
     sv.add_argument("--top-k", type=positive_int, default=12, help="number of results per query")
+    sv.add_argument(
+        "--include-self",
+        action="store_true",
+        help="keep an indexed query image in its own results (left out by default: the --top-k other images)",
+    )
+    sv.add_argument(
+        "--groups",
+        default=None,
+        metavar="FILE",
+        help="browse the groups of this table of 'plmetric groups' (.csv/.parquet)",
+    )
+    sv.add_argument(
+        "--duplicates",
+        default=None,
+        metavar="FILE",
+        help="browse the near-duplicate groups of this table of 'plmetric duplicates' (.csv/.parquet)",
+    )
     sv.set_defaults(func=run)
 
 
@@ -36,7 +53,15 @@ def run(args: argparse.Namespace) -> int:
     from plmetric.retrieval.serve import ServeDependencyError, serve
 
     try:
-        serve(args.index, host=args.host, port=args.port, top_k=args.top_k)
+        serve(
+            args.index,
+            host=args.host,
+            port=args.port,
+            top_k=args.top_k,
+            include_self=args.include_self,
+            groups=args.groups,
+            duplicates=args.duplicates,
+        )
     except ServeDependencyError as err:
         raise CLIError(str(err)) from None
     return 0

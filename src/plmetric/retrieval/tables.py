@@ -1,0 +1,237 @@
+"""The tables of the pile tools (``neighbours``, ``duplicates``, ``groups``): CSV or Parquet, written
+atomically in chunks, recognised as ours before anything is replaced, and read back (``serve``).
+
+One row per image (or per image and neighbour), with these columns:
+
+* ``neighbours``: ``path, rank, neighbour, score`` (rank 1 = most similar; the image itself left out);
+* ``duplicates``: ``group, size, path, best_score`` (groups numbered from 1, largest first; groups of
+  one are not written; ``best_score`` is the highest cosine similarity of the image to another member);
+* ``groups``: ``group, size, path, representative, score`` (groups numbered from 1, largest first;
+  group -1 is the "ungrouped" bucket, written last; ``representative`` is 1 for the one member per
+  group most similar to the group's mean direction; ``score`` the member's cosine similarity to that
+  direction, empty for the ungrouped).
+
+A CSV file is ours when its first line is exactly its kind's header; a Parquet file when its schema
+metadata says ``plmetric_table: <kind>``. Parquet needs pyarrow (``pip install "plmetric[parquet]"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from plmetric.core import faults
+from plmetric.core.checkpoint import temporary_path
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "neighbours": ("path", "rank", "neighbour", "score"),
+    "duplicates": ("group", "size", "path", "best_score"),
+    "groups": ("group", "size", "path", "representative", "score"),
+}
+SUFFIXES = (".csv", ".parquet")
+PARQUET_KEY = b"plmetric_table"
+UNGROUPED = -1
+"""The ``group`` of the images a ``groups`` table leaves ungrouped."""
+MAX_GROUP_TABLE_BYTES = 512 * 2**20
+"""``serve`` reads a groups/duplicates table of at most this size (about 4M rows of long paths)."""
+
+
+def header_line(kind: str) -> str:
+    """The first line of a CSV table of ``kind``."""
+    return ",".join(COLUMNS[kind])
+
+
+def is_our_table(path: str | os.PathLike, kind: str) -> bool:
+    """Whether ``path`` is a table of ``kind`` written by plmetric (a file this command may replace)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            metadata = pq.read_schema(path).metadata or {}
+        except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
+            return False
+        return metadata.get(PARQUET_KEY) == kind.encode()
+    try:
+        with open(path, "rb") as handle:
+            first = handle.readline(4096)
+    except OSError:
+        return False
+    return first.rstrip(b"\r\n") == header_line(kind).encode()
+
+
+def require_pyarrow() -> Any:
+    """``(pyarrow, pyarrow.parquet)``, or a ValueError saying how to install them."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError('.parquet output needs pyarrow: pip install "plmetric[parquet]" (or write .csv)') from None
+    return pa, pq
+
+
+class TableWriter:
+    """Write a table in chunks to a temporary file beside ``out``; :meth:`commit` renames it into place.
+
+    Use as a context manager: leaving it by an exception removes the temporary file and leaves any
+    previous ``out`` untouched. Each :meth:`write` takes one chunk as columns (equal-length sequences,
+    in the kind's column order); ``None`` or NaN floats are written as empty CSV fields (Parquet nulls).
+    """
+
+    def __init__(self, out: str | os.PathLike, kind: str) -> None:
+        self.out = Path(out)
+        self.kind = kind
+        self.columns = COLUMNS[kind]
+        self.rows = 0
+        self._parquet = self.out.suffix.lower() == ".parquet"
+        self._tmp = temporary_path(self.out)
+        self._handle: Any = None
+        self._writer: Any = None
+        if self._parquet:
+            require_pyarrow()
+
+    def __enter__(self) -> TableWriter:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if self._parquet:
+            self._handle = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/__exit__
+        else:
+            self._handle = open(self._tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115
+            self._handle.write(header_line(self.kind) + "\n")
+        return self
+
+    def write(self, chunk: Sequence[Sequence[Any]]) -> None:
+        """Append rows given as columns (one sequence per column, in order)."""
+        if len(chunk) != len(self.columns):
+            raise ValueError(f"a {self.kind} table has {len(self.columns)} columns, got {len(chunk)}")
+        lengths = {len(column) for column in chunk}
+        if len(lengths) > 1:
+            raise ValueError(f"{self.kind} table columns of unequal lengths {sorted(lengths)}")
+        count = lengths.pop() if lengths else 0
+        if count == 0:
+            return
+        if self._parquet:
+            self._write_parquet(chunk)
+        else:
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerows(
+                zip(*(_csv_column(column) for column in chunk), strict=True)
+            )
+            self._handle.write(buffer.getvalue())
+        self.rows += count
+
+    def _write_parquet(self, chunk: Sequence[Sequence[Any]]) -> None:
+        pa, pq = require_pyarrow()
+        arrays = []
+        for name, column in zip(self.columns, chunk, strict=True):
+            values = [None if isinstance(v, float) and math.isnan(v) else v for v in _plain(column)]
+            arrays.append(pa.array(values, type=_PARQUET_TYPES[name](pa)))
+        table = pa.Table.from_arrays(arrays, names=list(self.columns))
+        if self._writer is None:
+            schema = table.schema.with_metadata({PARQUET_KEY: self.kind.encode()})
+            self._writer = pq.ParquetWriter(self._handle, schema)
+        self._writer.write_table(table.replace_schema_metadata(self._writer.schema.metadata))
+
+    def commit(self) -> Path:
+        """Finish the file and move it to ``out`` (the previous file there is replaced only now)."""
+        if self._parquet:
+            if self._writer is None:  # no rows: an empty table with the kind's schema
+                self._write_empty_parquet()
+            self._writer.close()
+            self._writer = None
+        self._handle.flush()
+        faults.reached(f"write:{self.out.name}")
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self._tmp, self.out)
+        return self.out
+
+    def _write_empty_parquet(self) -> None:
+        pa, pq = require_pyarrow()
+        schema = pa.schema([(name, _PARQUET_TYPES[name](pa)) for name in self.columns]).with_metadata(
+            {PARQUET_KEY: self.kind.encode()}
+        )
+        self._writer = pq.ParquetWriter(self._handle, schema)
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        if self._handle is not None and not self._handle.closed:
+            if self._writer is not None:
+                try:
+                    self._writer.close()
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+            self._handle.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+_PARQUET_TYPES = {
+    "path": lambda pa: pa.string(),
+    "neighbour": lambda pa: pa.string(),
+    "rank": lambda pa: pa.int32(),
+    "group": lambda pa: pa.int64(),
+    "size": lambda pa: pa.int64(),
+    "representative": lambda pa: pa.int8(),
+    "score": lambda pa: pa.float32(),
+    "best_score": lambda pa: pa.float32(),
+}
+
+
+def _plain(column: Sequence[Any]) -> list[Any]:
+    return column.tolist() if hasattr(column, "tolist") else list(column)
+
+
+def _csv_column(column: Sequence[Any]) -> Iterator[Any]:
+    for value in _plain(column):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            yield ""
+        elif isinstance(value, float):
+            yield f"{value:.6f}"
+        else:
+            yield value
+
+
+def read_group_table(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """The ``(group, path)`` rows of a ``duplicates`` or ``groups`` table (CSV or Parquet), in file order.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a plmetric duplicates/groups table, larger than :data:`MAX_GROUP_TABLE_BYTES`,
+            or a row whose group is not an integer (one line naming the file and the row).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"groups table not found: {path}")
+    if path.stat().st_size > MAX_GROUP_TABLE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_GROUP_TABLE_BYTES // 2**20} MiB; expected a plmetric groups table")
+    kind = next((k for k in ("groups", "duplicates") if is_our_table(path, k)), None)
+    if kind is None:
+        raise ValueError(
+            f"{path} is not a table written by plmetric groups or plmetric duplicates "
+            f"(expected a .csv starting '{header_line('groups')}' or '{header_line('duplicates')}', or their .parquet)"
+        )
+    if path.suffix.lower() == ".parquet":
+        _, pq = require_pyarrow()
+        table = pq.read_table(path, columns=["group", "path"])
+        groups, paths = table.column("group").to_pylist(), table.column("path").to_pylist()
+        rows = list(zip(groups, paths, strict=True))
+    else:
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            names = next(reader)
+            g, p = names.index("group"), names.index("path")
+            rows = []
+            for line, fields in enumerate(reader, start=2):
+                try:
+                    rows.append((int(fields[g]), fields[p]))
+                except (ValueError, IndexError):
+                    raise ValueError(f"{path} line {line}: expected an integer group and a path") from None
+    for group, member in rows:
+        if not isinstance(group, int) or not isinstance(member, str):
+            raise ValueError(f"{path}: expected an integer group and a path in every row")
+    return rows
