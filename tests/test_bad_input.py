@@ -100,6 +100,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
 
     # images that are not images
     (root / "text.jpg").write_text("not an image\n")
+    (root / "foreign.csv").write_text("name,value\na,1\n")  # a user's table: never replaced by a pile tool
     (root / "bomb.png").write_bytes(_png_claiming(40000, 40000))
     # image decoding and the folder walk: over plmetric's pixel limit (121 MP), a FIFO named .jpg
     (root / "huge.png").write_bytes(_png_claiming(11000, 11000))
@@ -479,6 +480,48 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("serve-port-too-large", ["serve", "{index}", "--port", "70000"], ["--port", "1 to 65535"]),
     ("serve-top-k-zero", ["serve", "{index}", "--top-k", "0"], ["--top-k", ">= 1"]),
     ("serve-top-k-text", ["serve", "{index}", "--top-k", "many"], ["--top-k", "'many'"]),
+    # neighbours, duplicates, groups (issue 22, pile tools): a missing or foreign index, k < 1, a threshold
+    # outside (-1, 1], an output that is not theirs
+    ("neighbours-missing-index", ["neighbours", "{root}/none.safetensors", "--out", "{root}/n.csv"], ["none.safetensors", "not found"]),
+    ("neighbours-model-as-index", ["neighbours", "{ckpt}", "--out", "{root}/n.csv"], ["model.safetensors", "not a plmetric index"]),
+    ("neighbours-text-as-index", ["neighbours", "{root}/notyaml.yaml", "--out", "{root}/n.csv"], ["notyaml.yaml", "not a plmetric index"]),
+    ("neighbours-k-zero", ["neighbours", "{index}", "--k", "0", "--out", "{root}/n.csv"], ["--k", ">= 1"]),
+    ("neighbours-out-suffix", ["neighbours", "{index}", "--out", "{root}/n.txt"], ["--out", ".csv or .parquet"]),
+    ("neighbours-out-is-index", ["neighbours", "{index}", "--out", "{index}"], ["--out", ".csv or .parquet"]),
+    ("neighbours-out-foreign", ["neighbours", "{index}", "--out", "{root}/foreign.csv"], ["--out", "not a file this command writes"]),
+    ("duplicates-missing-index", ["duplicates", "{root}/none.safetensors", "--out", "{root}/d.csv"], ["none.safetensors", "not found"]),
+    ("duplicates-threshold-high", ["duplicates", "{index}", "--threshold", "1.5", "--out", "{root}/d.csv"], ["--threshold", "(-1, 1]"]),
+    ("duplicates-threshold-minus-one", ["duplicates", "{index}", "--threshold", "-1", "--out", "{root}/d.csv"], ["--threshold", "(-1, 1]"]),
+    ("duplicates-threshold-nan", ["duplicates", "{index}", "--threshold", "nan", "--out", "{root}/d.csv"], ["--threshold", "(-1, 1]"]),
+    ("duplicates-threshold-text", ["duplicates", "{index}", "--threshold", "high", "--out", "{root}/d.csv"], ["--threshold", "(-1, 1]"]),
+    ("duplicates-out-foreign", ["duplicates", "{index}", "--out", "{root}/foreign.csv"], ["--out", "not a file this command writes"]),
+    ("duplicates-grid-is-an-image", ["duplicates", "{index}", "--out", "{root}/d.csv", "--grid", "{photo}"], ["--grid", "not a file this command writes"]),
+    ("groups-missing-index", ["groups", "{root}/none.safetensors", "--out", "{root}/g.csv"], ["none.safetensors", "not found"]),
+    ("groups-model-as-index", ["groups", "{ckpt}", "--out", "{root}/g.csv"], ["not a plmetric index"]),
+    ("groups-min-size-one", ["groups", "{index}", "--min-size", "1", "--out", "{root}/g.csv"], ["--min-size", ">= 2"]),
+    ("groups-more-groups-than-images", ["groups", "{index}", "--groups", "99", "--out", "{root}/g.csv"], ["--groups 99", "5 images"]),
+    ("groups-out-foreign", ["groups", "{index}", "--out", "{root}/foreign.csv"], ["--out", "not a file this command writes"]),
+    # serve --groups/--duplicates (issue 22, search & serve): a missing or foreign table, before anything listens
+    (
+        "serve-groups-missing",
+        ["serve", "{index}", "--groups", "{root}/none.csv"],
+        ["--groups", "none.csv", "not found"],
+    ),
+    (
+        "serve-groups-foreign",
+        ["serve", "{index}", "--groups", "{root}/a_file"],
+        ["--groups", "a_file", "not a table written by plmetric groups"],
+    ),
+    (
+        "serve-duplicates-missing",
+        ["serve", "{index}", "--duplicates", "{root}/none.parquet"],
+        ["--duplicates", "none.parquet", "not found"],
+    ),
+    (
+        "serve-duplicates-foreign",
+        ["serve", "{index}", "--duplicates", "{root}/notyaml.yaml"],
+        ["--duplicates", "notyaml.yaml", "not a table written by plmetric duplicates"],
+    ),
     # demo, similarity study
     (
         "demo-unknown-key",
@@ -653,7 +696,7 @@ def test_every_bad_input_is_one_clear_line_with_exit_status_2(ws, capsys):
         if problems:
             failures.append(f"{case}: {'; '.join(problems)}: {err.strip()[:300]!r}")
     assert not (root / "PWNED").exists(), "a crafted state.pt ran code"
-    commands = "eval, train, embed, index, search, export, serve, demo, similarity-study"
+    commands = "eval, train, embed, index, search, neighbours, duplicates, groups, export, serve, demo, similarity-study"
     print(f"\ntried {len(CASES)} bad inputs across {commands}")
     assert not failures, "\n".join(failures)
     assert len(CASES) >= 30

@@ -238,3 +238,71 @@ def embed_images(args: argparse.Namespace, model: Any, description: dict[str, An
             dist.destroy_process_group()
     paths = [dataset.describe(i) if dataset.paths is not None else f"item:{i}" for i in index.tolist()]
     return emb, labels, paths, len(dataset) - len(paths), writer
+
+
+def pile_arguments(p: argparse.ArgumentParser) -> None:
+    """The index and search options shared by ``neighbours``, ``duplicates`` and ``groups``."""
+    p.add_argument("index", help="index written by 'plmetric index' (its embeddings are used; no image is read)")
+    p.add_argument("--exact", action="store_true", help="exact torch search even when the index has a faiss index")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells to scan (default: the index's own)")
+    p.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search beam (default: the index's own)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_pile_index(args: argparse.Namespace, faiss: bool = True) -> tuple[Any, list[str], Any]:
+    """The index's ``(embeddings, paths, faiss index or None)``; the faiss index only with ``faiss``
+    and without ``--exact``.
+
+    Raises:
+        FileNotFoundError: no such index.
+        ValueError: not a plmetric index, or one of fewer than two images.
+    """
+    from plmetric.retrieval.index import load_embeddings, load_faiss_index
+
+    embeddings, _, paths, _ = load_embeddings(args.index)
+    if len(paths) < 2:
+        raise ValueError(f"index {args.index} holds {len(paths)} image(s); expected at least 2 to compare")
+    faiss_index = load_faiss_index(args.index) if faiss and not getattr(args, "exact", False) else None
+    return embeddings, paths, faiss_index
+
+
+def check_table_output(
+    args: argparse.Namespace, kind: str, option: str = "--out", value: str | None = None
+) -> Path:
+    """A table output (``.csv`` or ``.parquet``) of ``kind``, checked before any work: not the index,
+    not an indexed image, and an existing file there must be a table of ``kind`` (ours to replace)."""
+    from plmetric.retrieval.tables import SUFFIXES, is_our_table, require_pyarrow
+
+    out = check_output(value or args.out, option, SUFFIXES, [args.index], lambda p: is_our_table(p, kind))
+    if out.suffix.lower() == ".parquet":
+        require_pyarrow()
+    return out
+
+
+def check_grid_output(args: argparse.Namespace, software: str) -> Path | None:
+    """``--grid`` (a PNG), checked like :func:`check_table_output`: an existing PNG must be a grid this
+    command wrote (its PNG ``Software`` text)."""
+    if not args.grid:
+        return None
+    from plmetric.retrieval.duplicates import is_our_grid
+
+    return check_output(args.grid, "--grid", (".png",), [args.index], lambda p: is_our_grid(p, software))
+
+
+def refuse_indexed_outputs(outputs: Sequence[Path | None], paths: Sequence[str]) -> None:
+    """Refuse an output that is one of the index's images (writing it would destroy it)."""
+    indexed = set(paths)
+    for out in outputs:
+        if out is not None and str(out.expanduser().resolve()) in indexed:
+            raise CLIError(f"{out} is an image of the index; writing it would destroy it")
+
+
+def cosine_threshold(text: str) -> float:
+    """An argparse type: a cosine similarity in (-1, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity in (-1, 1], got '{text}'") from None
+    if not -1.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity in (-1, 1], got {text}")
+    return value

@@ -10,11 +10,36 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from plmetric.cli.commands import demo, embed, export, index, search, serve, similarity_study, train
+from plmetric.cli.commands import (
+    demo,
+    duplicates,
+    embed,
+    export,
+    groups,
+    index,
+    neighbours,
+    search,
+    serve,
+    similarity_study,
+    train,
+)
 from plmetric.cli.commands import eval as evaluate
 from plmetric.cli.common import CLIError, HelpFormatter, OneLineArgumentParser
 
-COMMANDS = (evaluate, train, embed, index, search, export, serve, demo, similarity_study)  # in --help order
+COMMANDS = (
+    evaluate,
+    train,
+    embed,
+    index,
+    search,
+    neighbours,
+    duplicates,
+    groups,
+    export,
+    serve,
+    demo,
+    similarity_study,
+)  # in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,14 +76,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Render a matplotlib figure as PNG, write it atomically and close the figure."""
+def atomic_write_figure(fig: Any, path: str | os.PathLike, dpi: int = 100, software: str | None = None) -> Path:
+    """Render a matplotlib figure as PNG, write it atomically and close the figure. ``software`` is
+    written as the PNG's ``Software`` text (how a command recognises a grid it may replace)."""
     import io
 
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": software} if software else None)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)

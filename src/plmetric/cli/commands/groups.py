@@ -1,0 +1,98 @@
+"""``plmetric groups``: the indexed pile partitioned into groups of similar images (HDBSCAN, or k-means
+on large piles), with an ungrouped bucket, as a table (``group, size, path, representative, score``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from plmetric.cli.common import (
+    add_command,
+    check_grid_output,
+    check_table_output,
+    int_at_least,
+    non_negative_int,
+    positive_int,
+)
+
+SOFTWARE = "plmetric groups"
+
+
+def add_parser(subparsers: Any) -> None:
+    from plmetric.retrieval.groups import HDBSCAN_MAX, METHODS, REDUCED_DIM
+
+    gr = add_command(
+        subparsers,
+        "groups",
+        "the indexed pile partitioned into groups of similar images, with an ungrouped bucket, as a table",
+    )
+    gr.add_argument("index", help="index written by 'plmetric index' (its embeddings are used; no image is read)")
+    gr.add_argument(
+        "--out", required=True, help="table to write: .csv or .parquet; rows: group, size, path, representative, score"
+    )
+    gr.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help=f"hdbscan: groups of any number and density, images that fit none left ungrouped (on the embeddings' "
+        f"first {REDUCED_DIM} principal components); kmeans: faiss spherical k-means, --groups groups, groups smaller "
+        f"than --min-size ungrouped; auto: hdbscan up to {HDBSCAN_MAX:,} images, kmeans above",
+    )
+    gr.add_argument("--min-size", type=int_at_least(2), default=5, help="the smallest group worth reporting")
+    gr.add_argument(
+        "--groups", type=positive_int, default=None, help="number of k-means groups (default: round(sqrt(N / 2)))"
+    )
+    gr.add_argument("--seed", type=non_negative_int, default=0, help="seed of PCA / k-means")
+    gr.add_argument("--grid", default=None, help="also draw the largest groups as a PNG grid (one row per group)")
+    gr.add_argument("--show", type=positive_int, default=8, help="groups drawn on --grid and printed")
+    gr.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from plmetric.cli.common import load_pile_index, refuse_indexed_outputs
+    from plmetric.retrieval.duplicates import draw_groups
+    from plmetric.retrieval.groups import UNGROUPED, find_groups
+    from plmetric.retrieval.tables import TableWriter
+
+    out = check_table_output(args, "groups")
+    grid = check_grid_output(args, SOFTWARE)
+    embeddings, paths, _ = load_pile_index(args, faiss=False)
+    refuse_indexed_outputs([out, grid], paths)
+    if args.groups is not None and args.groups > len(paths):
+        raise ValueError(f"--groups {args.groups} exceeds the {len(paths)} images of index {args.index}")
+    print(f"grouping {len(paths):,} images (--method {args.method}, --min-size {args.min_size})", file=sys.stderr)
+    found = find_groups(embeddings, method=args.method, min_size=args.min_size, n_groups=args.groups, seed=args.seed)
+    order = found.order()
+    with TableWriter(out, "groups") as table:
+        table.write(
+            [
+                found.group[order].tolist(),
+                found.size[order].tolist(),
+                [paths[i] for i in order.tolist()],
+                found.representative[order].astype(int).tolist(),
+                found.score[order].tolist(),
+            ]
+        )
+        table.commit()
+    ungrouped = int((found.group == UNGROUPED).sum())
+    print(
+        f"{found.count:,} groups ({found.method}) of {len(paths) - ungrouped:,} images; "
+        f"{ungrouped:,} ungrouped"
+    )
+    members = [order[found.group[order] == g] for g in range(1, min(found.count, args.show) + 1)]
+    for number, group in enumerate(members, start=1):
+        print(f"  group {number} ({len(group)}): representative {Path(paths[group[0]]).name}")
+    written = [str(out)]
+    if grid is not None:
+        draw_groups(
+            [[paths[i] for i in g.tolist()] for g in members],
+            [found.score[g].tolist() for g in members],
+            grid,
+            max_groups=args.show,
+            software=SOFTWARE,
+        )
+        written.append(str(grid))
+    print(f"wrote {', '.join(written)}")
+    return 0

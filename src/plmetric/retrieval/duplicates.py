@@ -1,0 +1,208 @@
+"""Near-duplicate groups of an index (``plmetric duplicates``): the connected components of the graph whose
+edges are the pairs of images with cosine similarity >= a threshold.
+
+Finding the pairs never forms an N x N matrix: each image's nearest others are searched
+(:func:`plmetric.retrieval.neighbours.nearest_others`, exact or through the index's faiss index) with
+k = :data:`START_K`; an image whose k-th neighbour still reaches the threshold may have more, so those
+images alone are searched again with 4k, until every image's last neighbour falls below the threshold
+(or k reaches N - 1). Exactly, this finds every pair above the threshold; through HNSW/IVF, those the
+approximate search returns. Components are found by :func:`scipy.sparse.csgraph.connected_components`.
+
+A component is a chain: two members are joined through others, so two members of one group can be
+less similar than the threshold (a resized copy of a copy). ``best_score`` is each member's highest
+similarity to another member, the evidence that it belongs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_THRESHOLD = 0.95
+"""``plmetric duplicates``' default cosine threshold (benchmarks/duplicates.py, docs/results.md)."""
+START_K = 16
+"""Neighbours searched per image first; images with more duplicates than this are searched again."""
+
+
+@dataclass(frozen=True)
+class DuplicateGroups:
+    """Groups of near-duplicates among N images.
+
+    ``groups``: member ids of every group of two or more, largest first (ties: by first member id),
+    each sorted by ``best_score`` descending; ``best_score``: (N,) each image's highest similarity to
+    another image at or above the threshold (NaN when it has none); ``pairs``: the number of distinct
+    pairs at or above the threshold.
+    """
+
+    groups: list[np.ndarray]
+    best_score: np.ndarray
+    pairs: int
+
+    @property
+    def members(self) -> int:
+        """Images that belong to a group."""
+        return sum(len(g) for g in self.groups)
+
+
+def check_threshold(threshold: float) -> float:
+    """A cosine threshold in (-1, 1].
+
+    Raises:
+        ValueError: outside (-1, 1] or not a finite number.
+    """
+    value = float(threshold)
+    if not -1.0 < value <= 1.0:  # NaN fails this too
+        raise ValueError(f"--threshold must be a cosine similarity in (-1, 1], got {threshold}")
+    return value
+
+
+def similar_pairs(
+    embeddings: torch.Tensor,
+    threshold: float,
+    faiss_index: tuple[Any, Any] | None = None,
+    *,
+    start_k: int = START_K,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair ``i < j`` with cosine ``s_ij >= threshold``: ``(i, j, s)`` arrays, each pair once.
+
+    Searches each image's ``start_k`` nearest others, then the images whose last neighbour still
+    reaches the threshold with 4x as many, and so on (see the module docstring).
+    """
+    from plmetric.retrieval.neighbours import nearest_others
+
+    threshold = check_threshold(threshold)
+    n = embeddings.shape[0]
+    if n < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+    rows = torch.arange(n)
+    k = min(start_k, n - 1)
+    found_i, found_j, found_s = [], [], []
+    while rows.numel():
+        scores, ids = nearest_others(
+            embeddings,
+            k,
+            faiss_index,
+            rows=rows,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            progress=progress,
+            what=f"pairs (k={k})",
+        )
+        hit = scores >= threshold
+        found_i.append(rows[:, None].expand_as(ids)[hit])
+        found_j.append(ids[hit])
+        found_s.append(scores[hit])
+        if k >= n - 1:
+            break
+        rows = rows[hit[:, -1]]  # the last neighbour reaches the threshold: there may be more
+        k = min(4 * k, n - 1)
+    i = torch.cat(found_i).numpy()
+    j = torch.cat(found_j).numpy()
+    s = torch.cat(found_s).numpy()
+    low, high = np.minimum(i, j), np.maximum(i, j)
+    keys = low.astype(np.int64) * n + high
+    keys, first = np.unique(keys, return_index=True)  # a pair found from both ends counts once
+    return low[first], high[first], s[first]
+
+
+def duplicate_groups(n: int, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> DuplicateGroups:
+    """The connected components (two or more members) of the graph on ``n`` images with edges ``(i, j)``
+    of similarity ``s``, largest first, members by ``best_score`` descending."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    best = np.full(n, np.nan, dtype=np.float32)
+    if len(i):
+        filled = np.full(n, -np.inf, dtype=np.float32)
+        np.maximum.at(filled, i, s.astype(np.float32))
+        np.maximum.at(filled, j, s.astype(np.float32))
+        best = np.where(np.isfinite(filled), filled, np.nan).astype(np.float32)
+    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    sizes = np.bincount(component)
+    groups: list[np.ndarray] = []
+    if (sizes >= 2).any():  # vectorised: members of each component, sorted by component then by best score
+        order = np.lexsort((-np.nan_to_num(best, nan=-2.0), component))
+        ordered = component[order]
+        starts = np.searchsorted(ordered, np.flatnonzero(sizes >= 2))
+        groups = [order[a : a + sizes[ordered[a]]] for a in starts]
+        groups.sort(key=lambda g: (-len(g), int(g.min())))
+    return DuplicateGroups(groups=groups, best_score=best, pairs=len(i))
+
+
+def find_duplicates(
+    embeddings: torch.Tensor,
+    threshold: float,
+    faiss_index: tuple[Any, Any] | None = None,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    progress: bool = False,
+) -> DuplicateGroups:
+    """Near-duplicate groups of ``embeddings`` at a cosine ``threshold``: :func:`similar_pairs`, then
+    :func:`duplicate_groups`."""
+    i, j, s = similar_pairs(embeddings, threshold, faiss_index, nprobe=nprobe, ef_search=ef_search, progress=progress)
+    return duplicate_groups(embeddings.shape[0], i, j, s)
+
+
+def draw_groups(
+    groups: list[list[str]],
+    scores: list[list[float]],
+    out: str | os.PathLike,
+    *,
+    max_groups: int = 8,
+    max_members: int = 6,
+    title: str = "group",
+    software: str = "plmetric duplicates",
+) -> Path:
+    """A PNG grid, one row per group (the first ``max_groups``), up to ``max_members`` thumbnails
+    each captioned with the file name and its score; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from plmetric.core.checkpoint import atomic_write_figure
+    from plmetric.data.images import open_image
+    from plmetric.retrieval.index import GRID_CAPTION_CHARS, GRID_DECODE_SIDE
+    from plmetric.training.report import shorten_name
+
+    shown = groups[:max_groups]
+    rows = max(1, len(shown))
+    cols = max([1] + [min(len(g), max_members) for g in shown])
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (members, values) in enumerate(zip(shown, scores, strict=False)):
+        for c, (image_path, value) in enumerate(list(zip(members, values, strict=True))[:max_members]):
+            ax = axes[r, c]
+            try:
+                ax.imshow(open_image(image_path, max_side=GRID_DECODE_SIDE))
+            except (OSError, ValueError):
+                ax.text(0.5, 0.5, "missing" if not Path(image_path).exists() else "unreadable", ha="center")
+            head = f"{title} {r + 1} ({len(members)})\n" if c == 0 else "\n"
+            score = "" if value != value else f"{value:.3f}  "  # NaN: no score
+            ax.set_title(f"{head}{score}{shorten_name(Path(image_path).name, GRID_CAPTION_CHARS)}", fontsize=7)
+    if not shown:
+        axes[0, 0].text(0.5, 0.5, "no groups", ha="center", va="center")
+    fig.tight_layout()
+    return atomic_write_figure(fig, out, dpi=90, software=software)
+
+
+def is_our_grid(path: str | os.PathLike, software: str) -> bool:
+    """Whether ``path`` is a PNG grid whose ``Software`` text is ``software`` (one this command wrote)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == software
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
