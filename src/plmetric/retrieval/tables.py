@@ -91,7 +91,7 @@ class TableWriter:
         self.columns = COLUMNS[kind]
         self.rows = 0
         self._parquet = self.out.suffix.lower() == ".parquet"
-        self._tmp = temporary_path(self.out)
+        self._tmp: Path | None = None  # created on entering, once the folder exists
         self._handle: Any = None
         self._writer: Any = None
         if self._parquet:
@@ -99,6 +99,7 @@ class TableWriter:
 
     def __enter__(self) -> TableWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = temporary_path(self.out)
         if self._parquet:
             self._handle = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/__exit__
         else:
@@ -167,7 +168,8 @@ class TableWriter:
                 except Exception:  # noqa: BLE001 - the original error matters more
                     pass
             self._handle.close()
-        self._tmp.unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
 
 _PARQUET_TYPES = {
@@ -183,7 +185,8 @@ _PARQUET_TYPES = {
 
 
 def _plain(column: Sequence[Any]) -> list[Any]:
-    return column.tolist() if hasattr(column, "tolist") else list(column)
+    values = column.tolist() if hasattr(column, "tolist") else list(column)
+    return [v.item() if hasattr(v, "item") else v for v in values]  # NumPy/torch scalars: Python numbers
 
 
 def _csv_column(column: Sequence[Any]) -> Iterator[Any]:
@@ -226,10 +229,11 @@ def read_group_table(path: str | os.PathLike) -> list[tuple[int, str]]:
             names = next(reader)
             g, p = names.index("group"), names.index("path")
             rows = []
-            for line, fields in enumerate(reader, start=2):
+            for fields in reader:
                 try:
                     rows.append((int(fields[g]), fields[p]))
-                except (ValueError, IndexError):
+                except (ValueError, IndexError):  # line_num, not the row count: a quoted path may span lines
+                    line = reader.line_num
                     raise ValueError(f"{path} line {line}: expected an integer group and a path") from None
     for group, member in rows:
         if not isinstance(group, int) or not isinstance(member, str):

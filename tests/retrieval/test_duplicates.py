@@ -1,0 +1,336 @@
+"""Near-duplicate pairs and groups (plmetric.retrieval.duplicates): every pair above the threshold against a
+NumPy float64 brute force (the widening search included), connected components against a union-find
+reference, the threshold check, and the PNG grid.
+
+Error bound: a score is a float32 dot product of length d of unit vectors, within
+``b = γ_d(f32) ‖x‖ ‖y‖`` of the exact cosine (Higham §3.1), plus ``γ_d(f64)`` for the reference. The
+data are built (or the threshold placed) so that no pair's exact cosine lies within b of the
+threshold: then rounding cannot move a pair across it and the found set must equal the reference's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from numerics import gamma
+from plmetric.retrieval.duplicates import (
+    START_K,
+    DuplicateGroups,
+    check_threshold,
+    duplicate_groups,
+    draw_groups,
+    find_duplicates,
+    highest_cut,
+    is_our_grid,
+    similar_pairs,
+)
+from point_sets import planted_duplicates
+
+
+def score_bound(x: torch.Tensor) -> float:
+    d = x.shape[1]
+    return (gamma(d, torch.float32) + gamma(d, torch.float64)) * float(x.double().norm(dim=1).max()) ** 2
+
+
+def reference_pairs(x: torch.Tensor, threshold: float) -> tuple[set[tuple[int, int]], np.ndarray]:
+    """Pairs i < j with float64 cosine >= threshold, and the N x N float64 cosines."""
+    x64 = x.double().numpy()
+    sims = x64 @ x64.T
+    i, j = np.nonzero(np.triu(sims >= threshold, k=1))
+    return set(zip(i.tolist(), j.tolist(), strict=True)), sims
+
+
+def assert_clear_of_threshold(sims: np.ndarray, threshold: float, b: float) -> None:
+    """Precondition: no pair's exact cosine within b of the threshold (else the set is not determined)."""
+    upper = sims[np.triu_indices(len(sims), k=1)]
+    assert np.abs(upper - threshold).min() > b, "a pair lies within the rounding error of the threshold"
+
+
+def threshold_in_a_gap(sims: np.ndarray, low: float, high: float) -> float:
+    """The middle of the widest gap between pair cosines in [low, high]."""
+    values = np.sort(sims[np.triu_indices(len(sims), k=1)])
+    values = values[(values >= low) & (values <= high)]
+    widest = int(np.argmax(np.diff(values)))
+    return float((values[widest] + values[widest + 1]) / 2)
+
+
+def union_find_groups(n: int, pairs: list[tuple[int, int]]) -> list[set[int]]:
+    parent = list(range(n))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, c in pairs:
+        parent[root(a)] = root(c)
+    members: dict[int, set[int]] = {}
+    for a in range(n):
+        members.setdefault(root(a), set()).add(a)
+    return [g for g in members.values() if len(g) >= 2]
+
+
+# ----------------------------------------------------------------------------- threshold
+
+
+@pytest.mark.parametrize("value", [1, 1.0, 0.95, -0.999, 0.0, "0.5"])
+def test_thresholds_in_minus_1_to_1_are_accepted(value):
+    assert check_threshold(value) == float(value)
+
+
+@pytest.mark.parametrize("value", [-1, -1.0, 1.0001, 2, math.nan, math.inf, -math.inf, "high", None])
+def test_thresholds_outside_minus_1_to_1_are_refused(value):
+    with pytest.raises(ValueError, match=r"--threshold must be a cosine similarity in \(-1, 1\]"):
+        check_threshold(value)
+
+
+def test_similar_pairs_checks_the_threshold():
+    with pytest.raises(ValueError, match="--threshold"):
+        similar_pairs(torch.eye(3), 1.5)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def test_similar_pairs_equal_the_brute_force_pairs():
+    x = planted_duplicates(240, 32, group=6, noise=0.3, seed=1)
+    b = score_bound(x)
+    _, sims = reference_pairs(x, 1.0)
+    threshold = threshold_in_a_gap(sims, 0.88, 0.95)  # inside the within-group range: chains and misses
+    expected, sims = reference_pairs(x, threshold)
+    assert_clear_of_threshold(sims, threshold, b)
+    assert 50 < len(expected) < 240 * 5 / 2  # some groups split, some pairs found
+    for start_k in (START_K, 2):  # 2: most images widen, several rounds
+        i, j, s = similar_pairs(x, threshold, start_k=start_k)
+        assert i.dtype == j.dtype == np.int64 and s.dtype == np.float32
+        found = list(zip(i.tolist(), j.tolist(), strict=True))
+        assert len(found) == len(set(found)), "a pair is listed twice"
+        assert (i < j).all()
+        assert set(found) == expected
+        assert np.abs(s.astype(np.float64) - sims[i, j]).max() <= b
+
+
+def test_a_cluster_larger_than_start_k_yields_all_its_pairs():
+    """40 and 70 near-identical vectors (more than START_K = 16 and than 4 x 16 = 64): the widening
+    search must reach every member's every twin: 40·39/2 + 70·69/2 pairs, each once."""
+    g = torch.Generator().manual_seed(2)
+    d = 32
+    centres = torch.nn.functional.normalize(torch.randn(2, d, generator=g), dim=1)
+    cluster40 = centres[0] + 1e-3 * torch.randn(40, d, generator=g)
+    cluster70 = centres[1] + 1e-3 * torch.randn(70, d, generator=g)
+    others = torch.randn(50, d, generator=g)
+    x = torch.nn.functional.normalize(torch.cat([others[:20], cluster40, others[20:], cluster70]), dim=1)
+    threshold = 0.99
+    expected, sims = reference_pairs(x, threshold)
+    assert_clear_of_threshold(sims, threshold, score_bound(x))
+    members40, members70 = set(range(20, 60)), set(range(90, 160))
+    cluster_pairs = {(a, c) for m in (members40, members70) for a in m for c in m if a < c}
+    assert expected == cluster_pairs and len(expected) == 40 * 39 // 2 + 70 * 69 // 2
+    assert START_K < 40 - 1 and 4 * START_K < 70 - 1
+    i, j, _ = similar_pairs(x, threshold)
+    found = list(zip(i.tolist(), j.tolist(), strict=True))
+    assert len(found) == len(set(found)) == len(expected) and set(found) == expected
+    groups = find_duplicates(x, threshold)
+    assert [set(g.tolist()) for g in groups.groups] == [members70, members40]
+    assert groups.pairs == len(expected) and groups.members == 110
+
+
+def test_similar_pairs_through_faiss_flat_equal_the_brute_force():
+    pytest.importorskip("faiss")
+    from plmetric.manifold.ann import AnnPlan, build_index
+
+    x = planted_duplicates(200, 32, group=25, noise=0.2, seed=3)  # groups of 25 > START_K: widening
+    threshold = 0.9
+    expected, sims = reference_pairs(x, threshold)
+    assert_clear_of_threshold(sims, threshold, score_bound(x))
+    assert len(expected) > 8 * 25 * 24 / 2 * 0.5
+    plan = AnnPlan("flat", {})
+    i, j, _ = similar_pairs(x, threshold, (build_index(x, plan), plan))
+    assert set(zip(i.tolist(), j.tolist(), strict=True)) == expected and len(i) == len(expected)
+
+
+def test_fewer_than_two_images_have_no_pairs():
+    i, j, s = similar_pairs(torch.ones(1, 4) / 2, 0.5)
+    assert len(i) == len(j) == len(s) == 0
+    assert find_duplicates(torch.ones(1, 4) / 2, 0.5).groups == []
+
+
+def test_identical_images_pair_at_threshold_one():
+    """A float32 unit vector's computed self-product is often a few ulps below 1 (a third of these):
+    ``--threshold 1`` must still pair every two identical vectors, and nothing else."""
+    g = torch.Generator().manual_seed(4)
+    d = 512
+    x = torch.nn.functional.normalize(torch.randn(300, d, generator=g), dim=1)
+    x[150:] = x[:150]  # 150 identical pairs (i, i + 150)
+    assert bool(((x[:150] * x[150:]).sum(1) < 1).any()), "no self-product below 1: the test proves nothing"
+    i, j, s = similar_pairs(x, 1.0)
+    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(a, a + 150) for a in range(150)]
+    # the cut at 1 - 4 γ_{d+3}: far above any cosine of different random vectors, within rounding of 1
+    cut = 1 - 4 * gamma(d + 3, torch.float32)
+    assert highest_cut(d) == pytest.approx(cut, rel=0, abs=1e-15) and 1 - cut < 2e-4
+    assert s.min() >= cut
+    groups = find_duplicates(x, 1.0)
+    assert len(groups.groups) == 150 and groups.pairs == 150
+
+
+def test_thresholds_below_the_rounding_of_1_are_used_as_given():
+    x = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 1e-2], [1.0, 2e-2]]), dim=1)
+    sims = (x.double() @ x.double().T).numpy()
+    threshold = float((sims[0, 1] + sims[0, 2]) / 2)  # 0~1 and 1~2 above, 0~2 below
+    i, j, _ = similar_pairs(x, threshold)
+    assert sorted(zip(i.tolist(), j.tolist(), strict=True)) == [(0, 1), (1, 2)]
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def test_a_chain_is_one_group_though_its_ends_are_not_similar():
+    # a~b, b~c, a not~ c (no pair 0-2): one group of three; 3 and 4 alone are left out
+    groups = duplicate_groups(5, np.array([0, 1]), np.array([1, 2]), np.array([0.96, 0.98], np.float32))
+    assert len(groups.groups) == 1 and sorted(groups.groups[0].tolist()) == [0, 1, 2]
+    assert groups.groups[0].tolist() == [1, 2, 0]  # best 0.98, 0.98 (ties: lower id first), 0.96
+    np.testing.assert_array_equal(groups.best_score[:3], np.array([0.96, 0.98, 0.98], np.float32))
+    assert np.isnan(groups.best_score[3:]).all()
+    assert groups.pairs == 2 and groups.members == 3
+
+
+def test_no_pairs_no_groups():
+    groups = duplicate_groups(4, np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+    assert groups.groups == [] and groups.pairs == 0 and groups.members == 0
+    assert groups.best_score.shape == (4,) and np.isnan(groups.best_score).all()
+
+
+def test_groups_order_largest_first_then_by_smallest_member():
+    pairs = [(9, 10, 0.97), (1, 11, 0.99), (4, 5, 0.95), (5, 6, 0.96), (2, 3, 0.93), (12, 0, 0.91)]
+    i, j, s = (np.array(c) for c in zip(*pairs, strict=True))
+    groups = duplicate_groups(13, i, j, s.astype(np.float32))
+    assert [sorted(g.tolist()) for g in groups.groups] == [[4, 5, 6], [0, 12], [1, 11], [2, 3], [9, 10]]
+
+
+def test_duplicate_groups_equal_a_union_find_reference():
+    rng = np.random.default_rng(5)
+    n = 60
+    pairs = {tuple(sorted(rng.choice(n, 2, replace=False).tolist())) for _ in range(45)}
+    pairs_list = sorted(pairs)
+    i = np.array([a for a, _ in pairs_list])
+    j = np.array([c for _, c in pairs_list])
+    s = rng.uniform(0.9, 1.0, len(pairs_list)).astype(np.float32)
+    found = duplicate_groups(n, i, j, s)
+    expected = union_find_groups(n, pairs_list)
+    assert sorted(map(sorted, expected)) == sorted(sorted(g.tolist()) for g in found.groups)
+    assert sum(len(g) for g in expected) == found.members
+    # best_score: the highest similarity to another member (every neighbour in a pair is a member)
+    best = np.full(n, np.nan)
+    for (a, c), value in zip(pairs_list, s.tolist(), strict=True):
+        best[a] = value if np.isnan(best[a]) else max(best[a], value)
+        best[c] = value if np.isnan(best[c]) else max(best[c], value)
+    np.testing.assert_array_equal(found.best_score, best.astype(np.float32))  # exact: a max of copies
+    assert found.best_score.dtype == np.float32
+    # largest first, ties by smallest member; members by best score descending, ties by id
+    keys = [(-len(g), int(min(g))) for g in found.groups]
+    assert keys == sorted(keys)
+    for g in found.groups:
+        member_keys = [(-float(found.best_score[m]), int(m)) for m in g]
+        assert member_keys == sorted(member_keys)
+    assert all(len(g) >= 2 for g in found.groups) and len(found.groups) == len(expected)
+
+
+def test_find_duplicates_groups_the_reference_pairs():
+    x = planted_duplicates(180, 32, group=6, noise=0.3, seed=6)
+    _, sims = reference_pairs(x, 1.0)
+    threshold = threshold_in_a_gap(sims, 0.88, 0.95)
+    expected, sims = reference_pairs(x, threshold)
+    assert_clear_of_threshold(sims, threshold, score_bound(x))
+    found = find_duplicates(x, threshold)
+    assert isinstance(found, DuplicateGroups) and found.pairs == len(expected)
+    assert sorted(sorted(g.tolist()) for g in found.groups) == sorted(map(sorted, union_find_groups(180, expected)))
+    in_pairs = {a for pair in expected for a in pair}
+    assert np.isnan(found.best_score[[m for m in range(180) if m not in in_pairs]]).all()
+    for m in in_pairs:  # the best score is within b of the best reference cosine to another member
+        others = [c for c in range(180) if c != m and (min(m, c), max(m, c)) in expected]
+        assert abs(float(found.best_score[m]) - sims[m, others].max()) <= score_bound(x)
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def tiny_images(folder: Path, count: int) -> list[str]:
+    folder.mkdir()
+    paths = []
+    for n in range(count):
+        path = folder / f"img{n}.png"
+        Image.new("RGB", (12, 9), (20 * n, 100, 200 - 20 * n)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def drawn_texts(monkeypatch):
+    """The texts of every figure draw_groups renders (then written as usual)."""
+    from plmetric.core import checkpoint
+
+    texts: list[str] = []
+    original = checkpoint.atomic_write_figure
+
+    def recording(fig, path, **kwargs):
+        for ax in fig.axes:
+            texts.extend(t.get_text() for t in ax.texts)
+            texts.append(ax.get_title())
+        return original(fig, path, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_figure", recording)
+    return texts
+
+
+def test_draw_groups_writes_a_tagged_png_atomically(tmp_path, drawn_texts):
+    images = tiny_images(tmp_path / "images", 4)
+    unreadable = tmp_path / "images" / "broken.png"
+    unreadable.write_bytes(b"not a png at all")
+    missing = str(tmp_path / "images" / "gone.png")
+    out = tmp_path / "grids" / "dups.png"
+    out.parent.mkdir()
+    out.write_bytes(b"an older grid")
+    groups = [[images[0], missing, images[1]], [images[2], str(unreadable)], [images[3], images[0]]]
+    scores = [[0.99, 0.985, math.nan], [0.97, 0.96], [0.951, 0.95]]
+    written = draw_groups(groups, scores, out, max_groups=2, max_members=2, software="plmetric duplicates")
+    assert written == out and is_our_grid(out, "plmetric duplicates") and not is_our_grid(out, "plmetric groups")
+    with Image.open(out) as png:
+        assert png.format == "PNG" and png.size[0] > 50
+    assert sorted(os.listdir(out.parent)) == ["dups.png"], "a temporary file was left"
+    assert "missing" in drawn_texts and "unreadable" in drawn_texts
+    titles = "\n".join(drawn_texts)
+    assert "group 1 (3)" in titles and "group 2 (2)" in titles and "group 3" not in titles  # max_groups
+    assert "0.990  img0.png" in titles and "0.985  gone.png" in titles
+    assert "img1.png" not in titles  # max_members: the third member is not drawn
+    assert "broken.png" in titles and "0.970  img2.png" in titles
+
+
+def test_draw_groups_without_groups_says_so(tmp_path, drawn_texts):
+    out = draw_groups([], [], tmp_path / "none.png", software="plmetric groups")
+    assert is_our_grid(out, "plmetric groups") and "no groups" in drawn_texts
+    assert os.listdir(tmp_path) == ["none.png"]
+
+
+def test_a_nan_score_draws_no_score(tmp_path, drawn_texts):
+    images = tiny_images(tmp_path / "images", 2)
+    draw_groups([images], [[math.nan, 0.5]], tmp_path / "g.png", title="ungrouped")
+    titles = [t for t in drawn_texts if "img" in t]
+    assert titles[0].splitlines() == ["ungrouped 1 (2)", "img0.png"]
+    assert titles[1].splitlines() == ["", "0.500  img1.png"]
+
+
+def test_is_our_grid_is_false_for_other_files(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"\x89PNG but not really")
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    assert not is_our_grid(tmp_path / "a.png", "plmetric duplicates")
+    assert not is_our_grid(tmp_path / "plain.png", "plmetric duplicates")
+    assert not is_our_grid(tmp_path / "missing.png", "plmetric duplicates")
+    assert not is_our_grid(tmp_path, "plmetric duplicates")
