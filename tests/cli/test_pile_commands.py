@@ -233,7 +233,8 @@ def test_groups_partition_the_pile_with_an_ungrouped_bucket(tmp_path, capsys):
     index = tmp_path / "index.safetensors"
     save_embeddings(index, torch.tensor(vectors, dtype=torch.float32), torch.full((len(paths),), -1), paths, model)
     out = tmp_path / "groups.csv"
-    assert main(["groups", str(index), "--out", str(out), "--min-size", "4", "--grid", str(tmp_path / "g.png")]) == 0
+    grid = tmp_path / "g.png"
+    assert main(["groups", str(index), "--out", str(out), "--min-size", "4", "--method", "hdbscan", "--grid", str(grid)]) == 0
     rows = _rows(out)
     assert list(rows[0]) == ["group", "size", "path", "representative", "score"]
     groups: dict[int, list[str]] = {}
@@ -254,6 +255,16 @@ def test_groups_partition_the_pile_with_an_ungrouped_bucket(tmp_path, capsys):
         assert len(reps) == 1 and reps[0]["path"] == members[int(np.argmax(reference))] == mine[0]["path"]
         assert np.allclose([float(r["score"]) for r in mine], reference, atol=BOUND + 5e-7)
     assert "3 groups" in capsys.readouterr().out
+    # the default, k-means, with --groups 3: the three clusters, every image somewhere (the four scattered
+    # ones join a cluster: k-means leaves only groups below --min-size ungrouped)
+    assert main(["groups", str(index), "--out", str(out), "--min-size", "4", "--groups", "3", "--grid", str(grid)]) == 0
+    rows = _rows(out)
+    members = {}
+    for row in rows:
+        members.setdefault(int(row["group"]), set()).add(row["path"])
+    assert sorted(members) == [1, 2, 3] and sum(len(m) for m in members.values()) == len(paths)
+    for cluster in (paths[:12], paths[12:20], paths[20:26]):
+        assert any(set(cluster) <= m for m in members.values())
 
 
 def test_an_index_of_one_image_is_refused_in_one_line(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""``plmetric groups``: the indexed pile partitioned into groups of similar images (HDBSCAN, or k-means
-on large piles), with an ungrouped bucket, as a table (``group, size, path, representative, score``)."""
+"""``plmetric groups``: the indexed pile partitioned into groups of similar images (faiss spherical
+k-means, or HDBSCAN), with an ungrouped bucket, as a table (``group, size, path, representative, score``)."""
 
 from __future__ import annotations
 
@@ -35,14 +35,15 @@ def add_parser(subparsers: Any) -> None:
     gr.add_argument(
         "--method",
         choices=METHODS,
-        default="auto",
-        help=f"hdbscan: groups of any number and density, images that fit none left ungrouped (on the embeddings' "
-        f"first {REDUCED_DIM} principal components); kmeans: faiss spherical k-means, --groups groups, groups smaller "
-        f"than --min-size ungrouped; auto: hdbscan up to {HDBSCAN_MAX:,} images, kmeans above",
+        default="kmeans",
+        help="kmeans: faiss spherical k-means into --groups groups, those smaller than --min-size ungrouped "
+        "(every image lands somewhere; scales to millions); hdbscan: groups of any number and density, images that "
+        f"fit none left ungrouped (purer groups, often 40-50%% of a pile ungrouped; on the first {REDUCED_DIM} "
+        f"principal components; slow above {HDBSCAN_MAX:,} images). Measured in docs/results.md",
     )
     gr.add_argument("--min-size", type=int_at_least(2), default=5, help="the smallest group worth reporting")
     gr.add_argument(
-        "--groups", type=positive_int, default=None, help="number of k-means groups (default: round(sqrt(N / 2)))"
+        "--groups", type=positive_int, default=None, help="number of k-means groups (default: round(sqrt(N / 2)), N images)"
     )
     gr.add_argument("--seed", type=non_negative_int, default=0, help="seed of PCA / k-means")
     gr.add_argument("--grid", default=None, help="also draw the largest groups as a PNG grid (one row per group)")
@@ -62,7 +63,16 @@ def run(args: argparse.Namespace) -> int:
     refuse_indexed_outputs([out, grid], paths)
     if args.groups is not None and args.groups > len(paths):
         raise ValueError(f"--groups {args.groups} exceeds the {len(paths)} images of index {args.index}")
-    print(f"grouping {len(paths):,} images (--method {args.method}, --min-size {args.min_size})", file=sys.stderr)
+    if args.groups is not None and args.method == "hdbscan":
+        raise ValueError("--groups sets the number of k-means groups; --method hdbscan chooses it itself")
+    from plmetric.retrieval.groups import HDBSCAN_MAX, hdbscan_seconds
+
+    expected = ""
+    if args.method == "hdbscan" and len(paths) > 5_000:
+        expected = f"; HDBSCAN takes about {hdbscan_seconds(len(paths)) / 60:.1f} min on two cores (no progress bar)"
+    print(f"grouping {len(paths):,} images (--method {args.method}, --min-size {args.min_size}){expected}", file=sys.stderr)
+    if args.method == "hdbscan" and len(paths) > HDBSCAN_MAX:
+        print("plmetric: warning: --method hdbscan grows as about N^2.3; --method kmeans scales linearly", file=sys.stderr)
     found = find_groups(embeddings, method=args.method, min_size=args.min_size, n_groups=args.groups, seed=args.seed)
     order = found.order()
     with TableWriter(out, "groups") as table:
