@@ -19,7 +19,17 @@ exact search; the share of queries whose top-1 is their source. Also the trainer
 an option for large banks, through faiss (flat, HNSW), with the recall of HNSW's table on a
 sample of rows.
 
+``--only neighbours`` measures ``plmetric neighbours`` instead (issue 22):
+``plmetric.retrieval.neighbours.nearest_others`` over every row (k = ``--k``, itself excluded)
+through an HNSW index of the default plan (build and neighbour pass timed separately, peak resident
+memory above the loaded data as above), its recall@k on ``--neighbours-sample`` rows against the
+exact ``nearest_others(..., rows=sample)``, and, in a second child, the exact path (no faiss) on the
+first ``--neighbours-exact-rows`` rows: its time, extrapolated linearly to all N rows (each row costs
+one N-long block product), and its peak memory (its blocks hold ``BLOCK_ELEMENTS`` floats whatever N).
+
     nice -n 19 python benchmarks/index_scale.py --sizes 10000 100000 --json index_scale.json
+    python benchmarks/index_scale.py --only neighbours --sizes 100000 \\
+        --json benchmarks/results/neighbours_scale_cpu.json
     python benchmarks/index_scale.py            # 10k, 100k and 1M (about 2 GiB per copy of the data)
 """
 
@@ -29,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -40,6 +51,8 @@ import numpy as np
 
 KINDS = ("exact", "flat", "ivf", "hnsw")
 BANK_KINDS = ("bank-torch", "bank-flat", "bank-hnsw")
+NEIGHBOUR_KINDS = ("neighbours-hnsw", "neighbours-exact")
+PARTS = ("indexes", "bank", "neighbours")
 
 
 def planted_groups(n: int, dim: int, group: int, noise: float, topic_noise: float, seed: int) -> np.ndarray:
@@ -87,7 +100,7 @@ def _exact_top(database, queries, k: int):
     return top_k(torch.as_tensor(queries), database, k)
 
 
-def run_kind(kind: str, data: Path, k: int, single: int, bank_k: int, sample: int) -> dict:
+def run_kind(kind: str, data: Path, k: int, single: int, bank_k: int, sample: int, exact_rows: int = 0) -> dict:
     """Build and query one index kind (or time one neighbour table) on the saved data."""
     import torch
 
@@ -101,6 +114,8 @@ def run_kind(kind: str, data: Path, k: int, single: int, bank_k: int, sample: in
     out: dict = {"kind": kind, "n": n, "peak_reset": reset}
     if kind.startswith("bank"):
         return {**out, **_bank(kind, x, bank_k, sample, baseline)}
+    if kind.startswith("neighbours"):
+        return {**out, **_neighbours(kind, x, k, sample, exact_rows, baseline)}
     start = time.perf_counter()
     plan, index = None, None
     if kind != "exact":
@@ -186,6 +201,58 @@ def _bank(kind: str, x, k: int, sample: int, baseline: int) -> dict:
     return out
 
 
+def _neighbours(kind: str, x, k: int, sample: int, exact_rows: int, baseline: int) -> dict:
+    """``nearest_others`` of every row through HNSW (``neighbours-hnsw``), or exactly on the first
+    ``exact_rows`` rows (``neighbours-exact``), timed, with the peak memory above the loaded data."""
+    import torch
+
+    from plmetric.manifold import ann
+    from plmetric.retrieval.neighbours import BLOCK_ELEMENTS, block_rows, nearest_others
+
+    n = len(x)
+    if kind == "neighbours-exact":
+        rows = torch.arange(min(exact_rows, n))
+        start = time.perf_counter()
+        nearest_others(x, k, rows=rows)
+        seconds = time.perf_counter() - start
+        return {
+            "exact_rows": len(rows),
+            "exact_rows_s": seconds,
+            "exact_all_s_extrapolated": seconds * n / len(rows),
+            "block_rows": block_rows(n),
+            "block_elements": BLOCK_ELEMENTS,
+            "peak_rss_delta_mib": (_status_kib("VmHWM") - baseline) / 1024,
+        }
+    plan = ann.plan_index(n, kind="hnsw")
+    start = time.perf_counter()
+    index = ann.build_index(x, plan)
+    build_s = time.perf_counter() - start
+    build_peak = (_status_kib("VmHWM") - baseline) / 1024
+    start = time.perf_counter()
+    scores, ids = nearest_others(x, k, faiss_index=(index, plan))
+    table_s = time.perf_counter() - start
+    out = {
+        "params": plan.params,
+        "faiss_threads": ann.import_faiss().omp_get_max_threads(),
+        "build_s": build_s,
+        "build_peak_rss_delta_mib": build_peak,
+        "table_s": table_s,
+        "rows_per_s": n / table_s,
+        "peak_rss_delta_mib": (_status_kib("VmHWM") - baseline) / 1024,
+        "table_mib": (scores.numel() * scores.element_size() + ids.numel() * ids.element_size()) / 2**20,
+        "self_in_table": int((ids == torch.arange(n)[:, None]).sum()),
+    }
+    rows = torch.from_numpy(np.sort(np.random.default_rng(0).choice(n, size=min(sample, n), replace=False)))
+    start = time.perf_counter()
+    exact_scores, exact_ids = nearest_others(x, k, rows=rows)
+    out["sample_rows"] = len(rows)
+    out["sample_exact_s"] = time.perf_counter() - start
+    out["recall@k"] = float((ids[rows][:, :, None] == exact_ids[:, None, :]).any(2).float().mean())
+    # the k-th score found against the exact k-th: how far below the true k-th neighbour a miss lies
+    out["kth_score_gap_mean"] = float((exact_scores[:, -1] - scores[rows][:, -1]).mean())
+    return out
+
+
 # ----------------------------------------------------------------------------- parent
 
 
@@ -193,6 +260,9 @@ def _child(kind: str, data: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--k", str(args.k)]
     command += ["--single-queries", str(args.single_queries), "--bank-k", str(args.bank_k)]
     command += ["--bank-sample", str(args.bank_sample)]
+    if kind.startswith("neighbours"):
+        command += ["--neighbours-sample", str(args.neighbours_sample)]
+        command += ["--neighbours-exact-rows", str(args.neighbours_exact_rows)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         return {"kind": kind, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -209,7 +279,13 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
         np.save(data / "queries.npy", queries)
         np.save(data / "sources.npy", sources)
         del x
-        for kind in args.kinds:
+        parts = args.only or ["indexes", "bank"]
+        for kind in NEIGHBOUR_KINDS if "neighbours" in parts else []:
+            print(f"n={n:,} {kind} ...", flush=True)
+            r = _child(kind, data, args)
+            r["load_after"] = os.getloadavg()[0]
+            results.append(r)
+        for kind in args.kinds if "indexes" in parts else []:
             print(f"n={n:,} {kind} ...", flush=True)
             r = _child(kind, data, args)
             if "error" not in r:
@@ -221,7 +297,7 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
             results.append(r)
         bank_kinds = [b for b in BANK_KINDS if b != "bank-torch" or n <= args.bank_exact_max]
         bank_kinds = [b for b in bank_kinds if b != "bank-flat" or n <= args.bank_exact_max]
-        for kind in bank_kinds if not args.skip_bank else []:
+        for kind in bank_kinds if "bank" in parts and not args.skip_bank else []:
             print(f"n={n:,} {kind} ...", flush=True)
             r = _child(kind, data, args)
             r["load_after"] = os.getloadavg()[0]
@@ -230,6 +306,45 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
 
 
 def print_tables(results: list[dict]) -> None:
+    if any(not r["kind"].startswith(("bank", "neighbours")) for r in results):
+        print_index_table(results)
+    banks = [r for r in results if r["kind"].startswith("bank")]
+    if banks:
+        print()
+        print("| n | neighbour table | seconds | peak MiB | recall (sample) |")
+        print("|---:|---|---:|---:|---:|")
+        for r in banks:
+            if "error" in r:
+                print(f"| {r.get('n', '?')} | {r['kind']} | error: {r['error']} |")
+                continue
+            print(
+                f"| {r['n']:,} | {r['kind']} | {r['table_s']:.2f} | {r['peak_rss_delta_mib']:.0f} "
+                f"| {r['table_recall']:.4f} |"
+            )
+    neighbours = [r for r in results if r["kind"].startswith("neighbours")]
+    if neighbours:
+        print()
+        print("| n | nearest_others | build s | neighbour pass s | rows/s | peak MiB | recall@k (sample) |")
+        print("|---:|---|---:|---:|---:|---:|---:|")
+        for r in neighbours:
+            if "error" in r:
+                print(f"| {r.get('n', '?')} | {r['kind']} | error: {r['error']} |")
+            elif r["kind"] == "neighbours-exact":
+                print(
+                    f"| {r['n']:,} | exact ({r['exact_rows']:,} rows: {r['exact_rows_s']:.1f} s) | - "
+                    f"| {r['exact_all_s_extrapolated']:.0f} (extrapolated) "
+                    f"| {r['exact_rows'] / r['exact_rows_s']:.0f} | {r['peak_rss_delta_mib']:.0f} | 1 |"
+                )
+            else:
+                params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+                print(
+                    f"| {r['n']:,} | hnsw ({params}) | {r['build_s']:.1f} | {r['table_s']:.1f} | {r['rows_per_s']:.0f} "
+                    f"| {r['peak_rss_delta_mib']:.0f} | {r['recall@k']:.4f} ({r['sample_rows']} rows) |"
+                )
+
+
+def print_index_table(results: list[dict]) -> None:
+    """The table of the search indexes (build, memory, disk, latency, recall)."""
     print(
         "| n | index | build s | peak MiB | disk MiB | 1 query ms | batch ms/query | recall@10 | top-1 = source "
         "| speed-up (batch) |"
@@ -237,7 +352,7 @@ def print_tables(results: list[dict]) -> None:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     exact = {r["n"]: r for r in results if r.get("kind") == "exact" and "error" not in r}
     for r in results:
-        if r["kind"].startswith("bank"):
+        if r["kind"].startswith(("bank", "neighbours")):
             continue
         if "error" in r:
             print(f"| {r.get('n', '?')} | {r['kind']} | error: {r['error']} |")
@@ -263,19 +378,6 @@ def print_tables(results: list[dict]) -> None:
                     f"| {r['n']:,} | {r['kind']} | {name} {row[name]} | {row['recall@10']:.4f} "
                     f"| {row['batch_query_ms']:.3f} |"
                 )
-    banks = [r for r in results if r["kind"].startswith("bank")]
-    if banks:
-        print()
-        print("| n | neighbour table | seconds | peak MiB | recall (sample) |")
-        print("|---:|---|---:|---:|---:|")
-        for r in banks:
-            if "error" in r:
-                print(f"| {r.get('n', '?')} | {r['kind']} | error: {r['error']} |")
-                continue
-            print(
-                f"| {r['n']:,} | {r['kind']} | {r['table_s']:.2f} | {r['peak_rss_delta_mib']:.0f} "
-                f"| {r['table_recall']:.4f} |"
-            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,17 +396,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bank-exact-max", type=int, default=50_000, help="largest bank timed exactly (n² work)")
     parser.add_argument("--bank-sample", type=int, default=1000, help="rows whose table recall is checked")
     parser.add_argument("--skip-bank", action="store_true", help="skip the neighbour tables")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=PARTS,
+        default=None,
+        help="parts to run (default: indexes bank; neighbours, issue 22's `plmetric neighbours`, only when named)",
+    )
+    parser.add_argument("--neighbours-sample", type=int, default=1000, help="rows whose HNSW neighbours are checked")
+    parser.add_argument(
+        "--neighbours-exact-rows", type=int, default=5000, help="rows of the timed exact path (extrapolated to N)"
+    )
+    parser.add_argument("--note", default="", help="a remark stored with the machine (e.g. 'shared machine')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        r = run_kind(args.worker, args.data, args.k, args.single_queries, args.bank_k, args.bank_sample)
+        sample = args.neighbours_sample if args.worker.startswith("neighbours") else args.bank_sample
+        exact_rows = args.neighbours_exact_rows
+        r = run_kind(args.worker, args.data, args.k, args.single_queries, args.bank_k, sample, exact_rows)
         print(json.dumps(r))
         return 0
     import faiss
 
+    load_start = os.getloadavg()[0]
     print(
         f"{os.cpu_count()} CPUs, faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), "
         f"load average {os.getloadavg()[0]:.2f}",
@@ -318,7 +435,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report = {
             "config": {k: v for k, v in vars(args).items() if k not in ("json", "worker", "data")},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "faiss": faiss.__version__},
+            "command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "faiss": faiss.__version__,
+                "faiss_threads": faiss.omp_get_max_threads(),
+                "load_average_start": load_start,
+                "note": args.note,
+            },
             "results": results,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
