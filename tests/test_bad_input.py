@@ -494,6 +494,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("duplicates-threshold-minus-one", ["duplicates", "{index}", "--threshold", "-1", "--out", "{root}/d.csv"], ["--threshold", "(-1, 1]"]),
     ("duplicates-threshold-nan", ["duplicates", "{index}", "--threshold", "nan", "--out", "{root}/d.csv"], ["--threshold", "(-1, 1]"]),
     ("duplicates-threshold-text", ["duplicates", "{index}", "--threshold", "high", "--out", "{root}/d.csv"], ["--threshold", "(-1, 1]"]),
+    ("duplicates-candidates-above-threshold", ["duplicates", "{index}", "--check-crops", "--candidates", "0.9", "--threshold", "0.8", "--out", "{root}/d.csv"], ["--candidates 0.9", "--threshold 0.8"]),
+    ("duplicates-candidates-outside", ["duplicates", "{index}", "--check-crops", "--candidates", "-1", "--out", "{root}/d.csv"], ["--candidates", "(-1, 1]"]),
     ("duplicates-out-foreign", ["duplicates", "{index}", "--out", "{root}/foreign.csv"], ["--out", "not a file this command writes"]),
     ("duplicates-grid-is-an-image", ["duplicates", "{index}", "--out", "{root}/d.csv", "--grid", "{photo}"], ["--grid", "not a file this command writes"]),
     ("groups-missing-index", ["groups", "{root}/none.safetensors", "--out", "{root}/g.csv"], ["none.safetensors", "not found"]),

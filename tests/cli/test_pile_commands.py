@@ -277,3 +277,30 @@ def test_an_index_of_one_image_is_refused_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "at least 2" in err[0]
         assert not (tmp_path / f"{command}.csv").exists()
+
+
+def test_check_crops_keeps_every_plain_group_and_skips_files_changed_since_indexing(pile, capsys):
+    """--check-crops only ever raises a pair's score (the best of plain and zoomed views), so each plain
+    group lies inside a group found with it; a candidate file rewritten after indexing is not re-read
+    (its zoomed view would be of another image): one warning, its pairs keep their plain scores."""
+    tmp = pile["tmp"]
+    plain, crops = tmp / "plain.csv", tmp / "crops.csv"
+    base = ["duplicates", str(pile["index"]), "--threshold", "0.99", "--no-progress", "--num-workers", "0"]
+    assert main([*base, "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert main([*base, "--out", str(crops), "--check-crops", "--candidates", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "--check-crops:" in err and "zoomed views to embed" in err and "warning" not in err
+
+    def groups(path: Path) -> list[set[str]]:
+        found: dict[str, set[str]] = {}
+        for row in _rows(path):
+            found.setdefault(row["group"], set()).add(row["path"])
+        return list(found.values())
+
+    assert all(any(g <= h for h in groups(crops)) for g in groups(plain))
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(pile["paths"][0])  # another image where img00 was
+    assert main([*base, "--out", str(crops), "--check-crops", "--candidates", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "1 candidate images were changed, moved or unreadable" in err
+    assert all(any(g <= h for h in groups(crops)) for g in groups(plain))

@@ -334,3 +334,93 @@ def test_is_our_grid_is_false_for_other_files(tmp_path):
     assert not is_our_grid(tmp_path / "plain.png", "plmetric duplicates")
     assert not is_our_grid(tmp_path / "missing.png", "plmetric duplicates")
     assert not is_our_grid(tmp_path, "plmetric duplicates")
+
+
+# ----------------------------------------------------------------------------- --check-crops: zoomed views
+
+
+def test_rescore_with_zooms_equals_a_plain_reference():
+    """``s' = max(s, max_z <v_i^z, e_j>, max_z <v_j^z, e_i>)`` against a float64 loop; a NaN view row
+    (an unreadable image) adds nothing, and a score never goes down."""
+    from plmetric.retrieval.duplicates import rescore_with_zooms
+
+    g = torch.Generator().manual_seed(3)
+    e = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
+    views = torch.nn.functional.normalize(torch.randn(12, 2, 8, generator=g), dim=2).numpy()
+    rows = np.arange(12)
+    views[5] = np.nan  # image 5 could not be re-read
+    i, j = np.triu_indices(12, 1)
+    s = (e[i] * e[j]).sum(1).numpy()
+    got = rescore_with_zooms(i, j, s, e, views, rows)
+    e64, v64 = e.double().numpy(), views.astype(np.float64)
+    for p, (a, b) in enumerate(zip(i, j, strict=True)):
+        candidates = [s[p]] + [v64[a, z] @ e64[b] for z in range(2) if a != 5] + [v64[b, z] @ e64[a] for z in range(2) if b != 5]
+        # float32 products of unit vectors in 8-d: within gamma_8(f32) (+ the reference's gamma_8(f64))
+        assert abs(got[p] - max(candidates)) <= gamma(8, torch.float32) + gamma(8, torch.float64)
+    assert (got >= s).all()
+    with pytest.raises(ValueError, match="no zoomed embeddings"):
+        rescore_with_zooms(i, j, s, e, views[:3], rows[:3])
+
+
+def test_zoom_crop_keeps_the_centre_fraction_of_each_side():
+    from plmetric.retrieval.duplicates import zoom_crop
+
+    pixels = np.zeros((7, 10, 3), np.uint8)
+    pixels[..., 0] = np.arange(10)[None, :]  # red = column
+    pixels[..., 1] = np.arange(7)[:, None]  # green = row
+    image = Image.fromarray(pixels)
+    crop = np.asarray(zoom_crop(image, 0.8))
+    # width round(10 * 0.8) = 8 from (10 - 8) // 2 = 1; height round(7 * 0.8) = 6 from (7 - 6) // 2 = 0
+    assert crop.shape == (6, 8, 3)
+    assert crop[0, 0, 0] == 1 and crop[0, -1, 0] == 8 and crop[0, 0, 1] == 0 and crop[-1, 0, 1] == 5
+    assert np.array_equal(np.asarray(zoom_crop(image, 1.0)), pixels)
+    assert zoom_crop(Image.new("RGB", (1, 1)), 0.5).size == (1, 1)
+
+
+def test_embed_zoomed_is_the_models_unit_embedding_of_each_zoomed_crop(tmp_path):
+    from torchvision import transforms
+
+    from plmetric.retrieval.duplicates import ZOOMS, embed_zoomed, zoom_crop
+    from tiny import tiny_model
+
+    files = tiny_images(tmp_path / "images", 3)
+    (tmp_path / "broken.png").write_text("not an image")
+    paths = [files[0], str(tmp_path / "broken.png"), files[1], files[2]]
+    model = tiny_model(embedding_dim=6).eval()
+    transform = transforms.Compose([transforms.Resize((12, 12)), transforms.ToTensor()])
+    views = embed_zoomed(paths, model, transform)
+    assert views.shape == (4, len(ZOOMS), 6)
+    assert np.isnan(views[1]).all() and not np.isnan(views[[0, 2, 3]]).any()
+    for row, path in ((0, files[0]), (3, files[2])):
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            for z, fraction in enumerate(ZOOMS):
+                with torch.no_grad():
+                    expected = torch.nn.functional.normalize(model(transform(zoom_crop(image, fraction))[None]), dim=1)
+                assert np.allclose(views[row, z], expected[0].numpy(), atol=1e-6)
+
+
+def test_find_duplicates_with_zoomed_views_finds_a_crop_below_the_threshold():
+    """Image 1 is 'a crop of' image 0: plainly 0.75 (below 0.82) but 0.95 to image 0's zoomed view;
+    image 2 is unrelated (0.0 plainly, its views far too); pairs below --candidates are never rescored."""
+    e = torch.zeros(4, 4)
+    e[0, 0] = 1
+    e[1, 0], e[1, 1] = 0.75, math.sqrt(1 - 0.75**2)
+    e[2, 2] = 1
+    e[3, 0], e[3, 3] = 0.5, math.sqrt(1 - 0.25)  # 0.5 to image 0: under the candidates' 0.70
+    asked = []
+
+    def zoomed(rows: np.ndarray) -> np.ndarray:
+        asked.append(rows.tolist())
+        out = np.zeros((len(rows), 2, 4), np.float32)
+        out[:, :, 2] = 1.0  # every view points at image 2's direction: matters only for rescored pairs
+        for k, r in enumerate(rows):
+            if r == 0:  # image 0's first view: cosine 0.95 with image 1 (e[1] has no 4th component)
+                out[k, 0] = e[1].numpy() * 0.95 + np.array([0, 0, 0, math.sqrt(1 - 0.95**2)])
+        return out
+
+    plain = find_duplicates(e, 0.82)
+    assert plain.groups == []
+    found = find_duplicates(e, 0.82, zoomed=zoomed, candidates=0.70)
+    assert [g.tolist() for g in found.groups] == [[0, 1]] and asked == [[0, 1]]
+    assert found.best_score[0] == pytest.approx(0.95, abs=1e-6)

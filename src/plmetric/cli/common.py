@@ -249,9 +249,9 @@ def pile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_pile_index(args: argparse.Namespace, faiss: bool = True) -> tuple[Any, list[str], Any]:
-    """The index's ``(embeddings, paths, faiss index or None)``; the faiss index only with ``faiss``
-    and without ``--exact``.
+def load_pile_index(args: argparse.Namespace, faiss: bool = True) -> tuple[Any, list[str], Any, dict[str, Any]]:
+    """The index's ``(embeddings, paths, faiss index or None, model description)``; the faiss index only
+    with ``faiss`` and without ``--exact``.
 
     Raises:
         FileNotFoundError: no such index.
@@ -259,11 +259,11 @@ def load_pile_index(args: argparse.Namespace, faiss: bool = True) -> tuple[Any, 
     """
     from plmetric.retrieval.index import load_embeddings, load_faiss_index
 
-    embeddings, _, paths, _ = load_embeddings(args.index)
+    embeddings, _, paths, description = load_embeddings(args.index)
     if len(paths) < 2:
         raise ValueError(f"index {args.index} holds {len(paths)} image(s); expected at least 2 to compare")
     faiss_index = load_faiss_index(args.index) if faiss and not getattr(args, "exact", False) else None
-    return embeddings, paths, faiss_index
+    return embeddings, paths, faiss_index, description
 
 
 def check_table_output(

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_table_output(args, "groups")
     grid = check_grid_output(args, SOFTWARE)
-    embeddings, paths, _ = load_pile_index(args, faiss=False)
+    embeddings, paths, _, _ = load_pile_index(args, faiss=False)
     refuse_indexed_outputs([out, grid], paths)
     if args.groups is not None and args.groups > len(paths):
         raise ValueError(f"--groups {args.groups} exceeds the {len(paths)} images of index {args.index}")

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from plmetric.retrieval.tables import TableWriter
 
     out = check_table_output(args, "neighbours")
-    embeddings, paths, faiss_index = load_pile_index(args)
+    embeddings, paths, faiss_index, _ = load_pile_index(args)
     refuse_indexed_outputs([out], paths)
     n, k = len(paths), min(args.k, len(paths) - 1)
     how = f"through its faiss {faiss_index[1].kind} index" if faiss_index is not None else "exactly"
