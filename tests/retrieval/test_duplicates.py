@@ -358,8 +358,19 @@ def test_rescore_with_zooms_equals_a_plain_reference():
         # float32 products of unit vectors in 8-d: within gamma_8(f32) (+ the reference's gamma_8(f64))
         assert abs(got[p] - max(candidates)) <= gamma(8, torch.float32) + gamma(8, torch.float64)
     assert (got >= s).all()
-    with pytest.raises(ValueError, match="no zoomed embeddings"):
-        rescore_with_zooms(i, j, s, e, views[:3], rows[:3])
+    # image by image in chunks (what find_duplicates does) and pair chunks of 7: the same result
+    import plmetric.retrieval.duplicates as duplicates_module
+
+    chunked = s.astype(np.float32)
+    original = duplicates_module.PAIR_CHUNK
+    try:
+        duplicates_module.PAIR_CHUNK = 7
+        for start in range(0, 12, 5):
+            chunk = rows[start : start + 5]
+            chunked = rescore_with_zooms(i, j, chunked, e, views[chunk], chunk)
+    finally:
+        duplicates_module.PAIR_CHUNK = original
+    assert np.array_equal(chunked, got)
 
 
 def test_zoom_crop_keeps_the_centre_fraction_of_each_side():

@@ -50,6 +50,10 @@ CANDIDATES = 0.70
 """``check_crops`` rescores the pairs at or above this cosine (on CUB photos, planted 80-90 % crops of
 the pretrained features scored 0.739 at the lowest; distinct photos rarely rise above the threshold
 when zoomed)."""
+ZOOM_CHUNK = 4096
+"""Candidate images whose zoomed views are held at once (4096 x 2 views x 1280 floats = 40 MiB)."""
+PAIR_CHUNK = 8192
+"""Pairs rescored at once (their gathered views: 8192 x 2 x 1280 floats = 80 MiB)."""
 START_K = 16
 """Neighbours searched per image first; images with more duplicates than this are searched again."""
 
@@ -181,26 +185,31 @@ def duplicate_groups(n: int, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> Dup
 def rescore_with_zooms(
     i: np.ndarray, j: np.ndarray, s: np.ndarray, embeddings: torch.Tensor, zoomed: np.ndarray, rows: np.ndarray
 ) -> np.ndarray:
-    """``s'_ij = max(s_ij, max_z <v_i^z, e_j>, max_z <v_j^z, e_i>)`` for every pair.
+    """``s'_ij = max(s_ij, max_z <v_i^z, e_j>, max_z <v_j^z, e_i>)`` for every pair, the zoomed views
+    ``v`` taken from the images ``rows`` only (a pair's side whose image is not among them, or whose
+    views are NaN, contributes nothing: calling this chunk by chunk of images gives the whole result).
+    Pairs are processed :data:`PAIR_CHUNK` at a time, so memory stays at ``PAIR_CHUNK x Z x d`` floats.
 
     Args:
-        i, j, s: the pairs and their plain cosines.
+        i, j, s: the pairs and their current scores.
         embeddings: (N, d) unit embeddings ``e``.
-        zoomed: (M, Z, d) unit embeddings ``v`` of the zoomed views of images ``rows`` (M,); a row of
-            NaN (an image that could not be re-read) contributes nothing.
-        rows: the image ids of ``zoomed``'s rows; every id of ``i`` and ``j`` must be among them.
+        zoomed: (M, Z, d) unit embeddings of the zoomed views of images ``rows`` (M,).
     """
-    if len(i) == 0:
-        return s.astype(np.float32)
+    best = np.asarray(s, dtype=np.float32).copy()
+    if len(i) == 0 or len(rows) == 0:
+        return best
     e = embeddings.detach().to("cpu", torch.float32).numpy()
     where = np.full(e.shape[0], -1, dtype=np.int64)
     where[rows] = np.arange(len(rows))
-    if (where[i] < 0).any() or (where[j] < 0).any():
-        raise ValueError("rescore_with_zooms: a pair's image has no zoomed embeddings")
-    zi, zj = zoomed[where[i]], zoomed[where[j]]  # (P, Z, d)
-    views = np.concatenate([np.einsum("pzd,pd->pz", zi, e[j]), np.einsum("pzd,pd->pz", zj, e[i])], axis=1)
-    best = np.where(np.isnan(views), -np.inf, views).max(axis=1)  # an unreadable image's views count for nothing
-    return np.maximum(s, best).astype(np.float32)
+    for side, other in ((i, j), (j, i)):
+        position = where[side]
+        have = np.flatnonzero(position >= 0)
+        for start in range(0, len(have), PAIR_CHUNK):
+            chosen = have[start : start + PAIR_CHUNK]
+            views = np.einsum("pzd,pd->pz", zoomed[position[chosen]], e[other[chosen]])
+            views = np.where(np.isnan(views), -np.inf, views).max(axis=1)  # unreadable: counts for nothing
+            best[chosen] = np.maximum(best[chosen], views)
+    return best
 
 
 def find_duplicates(
@@ -213,13 +222,16 @@ def find_duplicates(
     progress: bool = False,
     zoomed: Callable[[np.ndarray], np.ndarray] | None = None,
     candidates: float = CANDIDATES,
+    announce: Callable[[int], None] | None = None,
 ) -> DuplicateGroups:
     """Near-duplicate groups of ``embeddings`` at a cosine ``threshold``: :func:`similar_pairs`, then
     :func:`duplicate_groups`.
 
     With ``zoomed`` (image ids (M,) -> (M, Z, d) unit embeddings of their zoomed views, NaN rows for
     images it could not read), the pairs at or above ``min(candidates, threshold)`` are rescored by
-    :func:`rescore_with_zooms` first, and those whose best score reaches ``threshold`` are kept.
+    :func:`rescore_with_zooms` first (``zoomed`` is called on :data:`ZOOM_CHUNK` images at a time;
+    ``announce`` first gets the number of candidate images), and those whose best score reaches
+    ``threshold`` are kept.
     """
     threshold = check_threshold(threshold)
     if zoomed is None:
@@ -230,8 +242,12 @@ def find_duplicates(
     low = min(check_threshold(candidates), threshold)
     i, j, s = similar_pairs(embeddings, low, faiss_index, nprobe=nprobe, ef_search=ef_search, progress=progress)
     rows = np.unique(np.concatenate([i, j]))
-    views = zoomed(rows) if len(rows) else np.empty((0, len(ZOOMS), embeddings.shape[1]), np.float32)
-    best = rescore_with_zooms(i, j, s, embeddings, views, rows)
+    if announce is not None:
+        announce(len(rows))
+    best = s.astype(np.float32)
+    for start in range(0, len(rows), ZOOM_CHUNK):  # views of ZOOM_CHUNK images at a time: bounded memory
+        chunk = rows[start : start + ZOOM_CHUNK]
+        best = rescore_with_zooms(i, j, best, embeddings, zoomed(chunk), chunk)
     keep = best >= min(threshold, highest_cut(embeddings.shape[1]))
     return duplicate_groups(embeddings.shape[0], i[keep], j[keep], best[keep])
 

@@ -96,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         zoomed=zoomed,
         candidates=args.candidates,
+        announce=_announce if args.check_crops else None,
     )
     with TableWriter(out, "duplicates") as table:
         for number, members in enumerate(found.groups, start=1):
@@ -133,6 +134,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce(count: int) -> None:
+    from plmetric.retrieval.duplicates import ZOOMS
+
+    print(
+        f"--check-crops: {count:,} candidate images x {len(ZOOMS)} zoomed views to embed (about "
+        f"{len(ZOOMS)}x the time 'plmetric index' took for them)",
+        file=sys.stderr,
+    )
+
+
 def _zoomed_views(args: argparse.Namespace, paths: list[str], description: dict[str, Any]) -> Any:
     """The ``zoomed`` function of :func:`plmetric.retrieval.duplicates.find_duplicates`: the index's
     model (checked by its SHA-256) re-embeds the candidate images' zoomed views; a file changed or
@@ -165,11 +176,6 @@ def _zoomed_views(args: argparse.Namespace, paths: list[str], description: dict[
     def zoomed(rows: np.ndarray) -> np.ndarray:
         readable = np.array([unchanged(int(r)) for r in rows], dtype=bool)
         out = np.full((len(rows), len(ZOOMS), int(model.embedding_dim)), np.nan, dtype=np.float32)
-        print(
-            f"--check-crops: {len(rows):,} candidate images x {len(ZOOMS)} zoomed views to embed "
-            f"({int((~readable).sum()):,} changed or gone since indexing, skipped)",
-            file=sys.stderr,
-        )
         if readable.any():
             out[readable] = embed_zoomed(
                 [paths[int(r)] for r in rows[readable]],
