@@ -148,6 +148,7 @@ def test_a_sideways_photo_and_its_upright_copy_embed_alike_in_index_embed_and_se
 
     found = tmp_path / "found.json"
     query = ["search", str(photos / "sideways.jpg"), "--index", str(index), "--json", str(found), "--top-k", "2"]
+    query.append("--include-self")  # the query is indexed itself: both copies, each at cosine 1
     assert main([*query, "--out", str(tmp_path / "grid.png")]) == 0
     results = json.loads(found.read_text())["queries"][0]["results"]
     # search reports float32 scores of unit vectors: normalising to norm 1 in float32 leaves

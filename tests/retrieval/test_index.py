@@ -439,7 +439,8 @@ def test_adding_to_a_copy_leaves_the_original_index_working(tmp_path, capsys):
     assert read_index_metadata(copy)["ann"]["file"] == f"b.{read_index_metadata(copy)['ann']['sha256'][:12]}.faiss"
     for index, count in ((original, 4), (copy, 6)):
         assert len(load_embeddings(index)[2]) == count
-        results = _search_json(capsys, tmp_path, index, paths[:2])  # through the faiss file, checked by its hash
+        # through the faiss file, checked by its hash; --include-self: each query finds itself first
+        results = _search_json(capsys, tmp_path, index, paths[:2], "--include-self")
         assert [q["results"][0]["path"] for q in results] == [str(p.resolve()) for p in paths[:2]]
 
 
@@ -458,7 +459,7 @@ def test_an_index_and_its_faiss_file_renamed_together_still_pair_up(tmp_path, ca
     (tmp_path / ann_meta["file"]).rename(moved / f"renamed.{ann_meta['sha256'][:12]}.faiss")
     faiss_index, plan = load_faiss_index(renamed)
     assert faiss_index.ntotal == 4 and plan.kind == "hnsw"
-    results = _search_json(capsys, tmp_path, renamed, paths[:2])
+    results = _search_json(capsys, tmp_path, renamed, paths[:2], "--include-self")
     assert [q["results"][0]["path"] for q in results] == [str(p.resolve()) for p in paths[:2]]
     # renamed to a name its faiss file does not follow: still the missing file named, one line
     (moved / f"renamed.{ann_meta['sha256'][:12]}.faiss").rename(moved / "other.faiss")

@@ -5,7 +5,10 @@ or through a faiss index of :mod:`plmetric.manifold.ann`); :mod:`~plmetric.retri
 writes embeddings as ``.npy`` + paths or Parquet for other tools; :mod:`~plmetric.retrieval.export`
 exports a checkpoint's image-to-embedding function to ONNX/TorchScript;
 :mod:`~plmetric.retrieval.serve` is the web page over an index (``plmetric serve``; its template in
-``templates/``).
+``templates/``). The pile tools read an index's embeddings: :mod:`~plmetric.retrieval.neighbours` (every
+image's nearest others), :mod:`~plmetric.retrieval.duplicates` (near-duplicate groups),
+:mod:`~plmetric.retrieval.groups` (groups of similar images); :mod:`~plmetric.retrieval.tables` writes
+and reads their CSV/Parquet tables.
 
 May import: :mod:`plmetric.core`, :mod:`plmetric.manifold`, :mod:`plmetric.data`,
 :mod:`plmetric.evaluation`, :mod:`plmetric.config`, :mod:`plmetric.methods`,
