@@ -304,3 +304,25 @@ def test_check_crops_keeps_every_plain_group_and_skips_files_changed_since_index
     err = capsys.readouterr().err
     assert "1 candidate images were changed, moved or unreadable" in err
     assert all(any(g <= h for h in groups(crops)) for g in groups(plain))
+
+
+def test_tables_written_in_chunks_equal_one_chunk(pile, monkeypatch):
+    """duplicates and groups write their rows in chunks (Parquet row groups): small chunks change nothing."""
+    from plmetric.cli.commands import duplicates as duplicates_command
+    from plmetric.cli.commands import groups as groups_command
+
+    tmp = pile["tmp"]
+    runs = {
+        "duplicates": ["duplicates", str(pile["index"]), "--threshold", "0.99", "--no-progress"],
+        "groups": ["groups", str(pile["index"]), "--min-size", "2", "--groups", "4"],
+    }
+    whole = {}
+    for name, argv in runs.items():
+        assert main([*argv, "--out", str(tmp / f"{name}_whole.csv")]) == 0
+        whole[name] = (tmp / f"{name}_whole.csv").read_text()
+    monkeypatch.setattr(duplicates_command, "ROWS_PER_CHUNK", 1)
+    monkeypatch.setattr(groups_command, "ROWS_PER_CHUNK", 3)
+    for name, argv in runs.items():
+        assert main([*argv, "--out", str(tmp / f"{name}_chunked.csv")]) == 0
+        assert (tmp / f"{name}_chunked.csv").read_text() == whole[name]
+    assert whole["duplicates"].count("\n") == 1 + 6 and whole["groups"].count("\n") == 1 + 20

@@ -22,6 +22,8 @@ from plmetric.cli.common import (
 )
 
 SOFTWARE = "plmetric duplicates"
+ROWS_PER_CHUNK = 100_000
+"""Table rows written at a time."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -98,14 +100,20 @@ def run(args: argparse.Namespace) -> int:
         candidates=args.candidates,
         announce=_announce if args.check_crops else None,
     )
+    import numpy as np
+
+    sizes = np.array([len(g) for g in found.groups], dtype=np.int64)
+    members = np.concatenate(found.groups) if found.groups else np.empty(0, np.int64)
+    numbers = np.repeat(np.arange(1, len(sizes) + 1), sizes)
     with TableWriter(out, "duplicates") as table:
-        for number, members in enumerate(found.groups, start=1):
+        for start in range(0, len(members), ROWS_PER_CHUNK):  # a few large chunks (Parquet row groups)
+            rows = slice(start, start + ROWS_PER_CHUNK)
             table.write(
                 [
-                    [number] * len(members),
-                    [len(members)] * len(members),
-                    [paths[i] for i in members.tolist()],
-                    found.best_score[members].tolist(),
+                    numbers[rows].tolist(),
+                    np.repeat(sizes, sizes)[rows].tolist(),
+                    [paths[i] for i in members[rows].tolist()],
+                    found.best_score[members[rows]].tolist(),
                 ]
             )
         table.commit()

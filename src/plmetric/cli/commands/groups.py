@@ -18,6 +18,8 @@ from plmetric.cli.common import (
 )
 
 SOFTWARE = "plmetric groups"
+ROWS_PER_CHUNK = 100_000
+"""Table rows written at a time."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -76,15 +78,17 @@ def run(args: argparse.Namespace) -> int:
     found = find_groups(embeddings, method=args.method, min_size=args.min_size, n_groups=args.groups, seed=args.seed)
     order = found.order()
     with TableWriter(out, "groups") as table:
-        table.write(
-            [
-                found.group[order].tolist(),
-                found.size[order].tolist(),
-                [paths[i] for i in order.tolist()],
-                found.representative[order].astype(int).tolist(),
-                found.score[order].tolist(),
-            ]
-        )
+        for start in range(0, len(order), ROWS_PER_CHUNK):  # a few large chunks (Parquet row groups)
+            rows = order[start : start + ROWS_PER_CHUNK]
+            table.write(
+                [
+                    found.group[rows].tolist(),
+                    found.size[rows].tolist(),
+                    [paths[i] for i in rows.tolist()],
+                    found.representative[rows].astype(int).tolist(),
+                    found.score[rows].tolist(),
+                ]
+            )
         table.commit()
     ungrouped = int((found.group == UNGROUPED).sum())
     print(
