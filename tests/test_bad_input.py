@@ -220,7 +220,12 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ),
     ("eval-json-suffix", ["eval", "--dataset", "digits", "--json", "{root}/metrics.txt"], ["--json", ".json"]),
     ("eval-unknown-dataset", ["eval", "--dataset", "mnist"], ["--dataset", "invalid choice"]),
-    ("eval-image-size-0", ["eval", "--dataset", "digits", "--image-size", "0"], ["--image-size", ">= 1"]),
+    ("eval-image-size-0", ["eval", "--dataset", "digits", "--image-size", "0"], ["--image-size", "from 8 to 1024"]),
+    # a command-line image side is bounded as a config's or a checkpoint's (a huge side only exhausts memory)
+    ("index-image-size-huge", ["index", "{photos}", "--image-size", "100000", "--out", "{root}/i.safetensors"], ["--image-size", "from 8 to 1024", "100000"]),
+    ("embed-image-size-huge", ["embed", "--images", "{photos}", "--image-size", "4096", "--out", "{root}/e.npy"], ["--image-size", "from 8 to 1024"]),
+    ("export-image-size-huge", ["export", "{ckpt}", "--image-size", "2000", "--out", "{root}/m.onnx"], ["--image-size", "from 8 to 1024"]),
+    ("eval-image-size-text", ["eval", "--dataset", "digits", "--image-size", "big"], ["--image-size", "from 8 to 1024", "big"]),
     # train: configs and overrides
     (
         "train-missing-config",

@@ -63,6 +63,23 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def image_side(text: str) -> int:
+    """An argparse type: an image side in pixels, within the bounds a config or checkpoint may hold
+    (:data:`plmetric.core.validation.IMAGE_SIZE_MIN` to ``IMAGE_SIZE_MAX``; a larger side would only
+    exhaust memory)."""
+    from plmetric.core.validation import IMAGE_SIZE_MAX, IMAGE_SIZE_MIN
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from {IMAGE_SIZE_MIN} to {IMAGE_SIZE_MAX} (pixels), got '{text}'"
+        ) from None
+    if not IMAGE_SIZE_MIN <= value <= IMAGE_SIZE_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer from {IMAGE_SIZE_MIN} to {IMAGE_SIZE_MAX} (pixels), got {value}")
+    return value
+
+
 def default_workers() -> int:
     """The default number of decoding workers: up to 4, no more than the CPUs."""
     return min(4, os.cpu_count() or 1)
@@ -125,7 +142,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
         default=0,
         help="0 = the backbone's pooled features (the only choice without --checkpoint)",
     )
-    p.add_argument("--image-size", type=positive_int, default=224, help="input side (a checkpoint's own wins)")
+    p.add_argument("--image-size", type=image_side, default=224, help="input side (a checkpoint's own wins)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
     p.add_argument("--num-workers", type=non_negative_int, default=default_workers(), help="decoding workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

@@ -12,6 +12,7 @@ from plmetric.cli.common import (
     DATASET_CHOICES,
     CLIError,
     add_command,
+    image_side,
     check_output,
     default_workers,
     non_negative_int,
@@ -33,7 +34,7 @@ def add_parser(subparsers: Any) -> None:
         "--weights", default=None, help="local backbone weights file (.safetensors/.pth) instead of a download"
     )
     ev.add_argument("--embedding-dim", type=non_negative_int, default=0, help="0 = raw pooled backbone features")
-    ev.add_argument("--image-size", type=positive_int, default=224, help="input side (a checkpoint's own wins)")
+    ev.add_argument("--image-size", type=image_side, default=224, help="input side (a checkpoint's own wins)")
     ev.add_argument("--ks", default=None, help="Recall@K cut-offs, e.g. 1,2,4,8 (default; SOP: 1,10,100,1000)")
     ev.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
     ev.add_argument("--num-workers", type=non_negative_int, default=default_workers(), help="decoding workers")

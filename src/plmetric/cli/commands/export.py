@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from plmetric.cli.common import add_command, check_output, positive_int
+from plmetric.cli.common import add_command, check_output, image_side
 
 
 def add_parser(subparsers: Any) -> None:
@@ -21,7 +21,7 @@ def add_parser(subparsers: Any) -> None:
     ex.add_argument(
         "--out", required=True, help="output file: .onnx, or .pt/.torchscript; the metadata also goes to OUT.json"
     )
-    ex.add_argument("--image-size", type=positive_int, default=224, help="input side when the checkpoint records none")
+    ex.add_argument("--image-size", type=image_side, default=224, help="input side when the checkpoint records none")
     ex.set_defaults(func=run)
 
 

@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any
 
-from plmetric.cli.common import DATASET_CHOICES, add_command
+from plmetric.cli.common import DATASET_CHOICES, add_command, image_side
 
 
 def add_parser(subparsers: Any) -> None:
@@ -35,7 +35,7 @@ def similarity_study_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--split", default="both", choices=["train", "test", "both"], help="default: both halves")
     src.add_argument("--backbone", default="efficientnet_lite0", help="pretrained backbone (raw pooled features)")
     src.add_argument("--weights", default=None, help="local backbone weights file instead of the packaged ones")
-    src.add_argument("--image-size", type=int, default=224)
+    src.add_argument("--image-size", type=image_side, default=224)
     src.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/plmetric/features)")
     src.add_argument("--embed-batch-size", type=int, default=64)
     src.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1))
