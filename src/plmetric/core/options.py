@@ -7,8 +7,9 @@ the functions that use them take them whole: ``fit_pieces(x, cfg.plm)`` reads th
 (``fit_pieces(x, tau=1.0)``) through :func:`resolve`, which checks them.
 
 ``[choice]`` marks our choices where METHOD.md's paper is silent (METHOD.md lists them).
-It also holds the registry of training methods by name (:data:`METHOD_REGISTRY`).
-Importing this module is cheap (no torch).
+It also holds the registry of training methods by name (:data:`METHOD_REGISTRY`), and the defaults
+and choices that the command line's parsers show (``--faiss auto``'s rule, the pile tools').
+Importing this module is cheap (no torch, no numpy): ``plmetric --help`` reads it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from plmetric.core.validation import check_bool, check_choice, check_int, check_
 
 __all__ = [
     "METHOD_REGISTRY",
+    "AUTO_EXACT_BELOW",
+    "AUTO_KIND",
+    "DUPLICATES_CANDIDATES",
+    "DUPLICATES_THRESHOLD",
+    "DUPLICATES_ZOOMS",
+    "GROUPS_HDBSCAN_MAX",
+    "GROUPS_METHODS",
+    "GROUPS_REDUCED_DIM",
     "DELTA_MODES",
     "INDEX_KINDS",
     "LOSS_FORMS",
@@ -46,9 +55,54 @@ LOSS_FORMS = ("regression", "contrastive")
 TARGET_SPACES = ("embedding", "features", "blend", "anneal")
 PIECE_NEIGHBOURHOODS = ("knn", "mutual")
 PAIR_SCOPES = ("batch", "neighbourhood")
-#: ``none``: exact torch search; ``auto``: exact below ``plmetric.manifold.ann.AUTO_EXACT_BELOW`` vectors,
-#: else ``plmetric.manifold.ann.AUTO_KIND``; ``flat``, ``ivf``, ``hnsw``: that faiss index.
+#: ``none``: exact torch search; ``auto``: exact below :data:`AUTO_EXACT_BELOW` vectors, else
+#: :data:`AUTO_KIND`; ``flat``, ``ivf``, ``hnsw``: that faiss index (:mod:`plmetric.manifold.ann`).
 INDEX_KINDS = ("none", "auto", "flat", "ivf", "hnsw")
+# What computes a forward pass without gradient (plmetric.data.runtime): auto = onnxruntime on a CPU when it
+# is installed and the network exports, else PyTorch.
+INFERENCE_RUNTIMES = ("auto", "torch", "onnxruntime")
+#: ``--faiss auto`` searches exactly (torch) below this many vectors. Measured on this project's
+#: 2-core CPU box, shared with other jobs (benchmarks/index_scale.py, 512-d,
+#: benchmarks/results/index_scale_cpu.json): one exact query took 1.8 ms at 10k vectors and
+#: 67 ms at 100k (21 ms in an earlier, quieter run; a matrix-vector product over all n rows,
+#: linear in n), HNSW 0.2-0.5 ms at either size; but HNSW took 2.7 s to build at 10k and
+#: 117 s at 100k (88 s earlier), IVF 0.8 s and 35 s. Below ~50k vectors an exact query stays
+#: near 10-30 ms, less than embedding the query image itself on a CPU, while an index build
+#: would cost about a minute: exact (no build, no extra file, no approximation) is the better
+#: default there.
+AUTO_EXACT_BELOW = 50_000
+#: The kind ``--faiss auto`` picks from AUTO_EXACT_BELOW on: at 100k vectors HNSW answered a
+#: batch of queries 6.8x faster than the exact search at recall@10 0.998 (IVF at its default
+#: nprobe: 2.8x, recall 1.0) and one query in 0.5 ms (IVF 1.5 ms); unlike IVF it needs no
+#: training and stays as good when vectors are added later. It costs a slower build and
+#: about 10% more memory and disk than the vectors themselves (M links per vector).
+AUTO_KIND = "hnsw"
+
+# The pile tools' defaults and choices, here as plain values so that the command line's parsers read
+# them without importing torch; plmetric.retrieval.duplicates and .groups re-export them under their
+# short names (DEFAULT_THRESHOLD, ZOOMS, CANDIDATES; METHODS, REDUCED_DIM, HDBSCAN_MAX).
+DUPLICATES_THRESHOLD = 0.82
+"""``plmetric duplicates``' default cosine threshold, for the pretrained backbone's pooled features.
+Measured with planted copies (benchmarks/duplicates.py, docs/results.md: 300 originals each of the CUB
+subset and plankton106, 360 copies resized, JPEG-recompressed, cropped 80-90 %, mirrored, brightened):
+no threshold reached recall >= 0.95 at precision >= 0.95 on either set, so the default is the one that
+maximises the smaller F1 of the two (0.82: F1 0.975 on CUB, 0.847 on plankton; 0.81-0.825 within
+0.001). At 0.95 precision was 1.0 but recall 0.54 / 0.18 (crops: 0.00 / 0.05)."""
+DUPLICATES_ZOOMS = (0.9, 0.8)
+"""``check_crops`` re-embeds each candidate image's centre crop keeping these fractions of each side."""
+DUPLICATES_CANDIDATES = 0.70
+"""``check_crops`` rescores the pairs at or above this cosine (on CUB photos, planted 80-90 % crops of
+the pretrained features scored 0.739 at the lowest; distinct photos rarely rise above the threshold
+when zoomed)."""
+GROUPS_METHODS = ("kmeans", "hdbscan")
+GROUPS_REDUCED_DIM = 64
+"""HDBSCAN runs on the embeddings projected to this many principal components (16, 32, 64 compared on
+the CUB subset and plankton106 test splits, pretrained features: 64 had the highest AMI on both)."""
+GROUPS_HDBSCAN_MAX = 20_000
+"""Above this many images ``plmetric groups --method hdbscan`` warns of its time: scikit-learn's HDBSCAN
+on 64-d points on this project's 2-core CPU took 1.9 s at 5k, 7.5 s at 10k, 38 s at 20k (growing as
+about n^2.3): at 50k it would take minutes, at 1M days."""
+
 
 Options = TypeVar("Options")
 

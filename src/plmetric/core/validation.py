@@ -3,6 +3,9 @@
 Shape/dtype/option checks always run. Checks that read tensor *values* (finiteness, index ranges)
 cost a host-device synchronisation each; a training loop that checks its loss on the device turns
 them off for a block with :func:`value_checks`.
+
+Importing this module is cheap: torch is imported by the tensor checks that need it, so that the
+option classes and the command line's argument types (``plmetric --help``) never load it.
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from numbers import Integral, Real
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "check_bool",
@@ -115,7 +118,9 @@ def check_bool(name: str, value: Any, *, where: str = "") -> bool:
 def check_embeddings(x: Any, name: str, *, min_rows: int = 1) -> Tensor:
     """``x`` if it is a floating (N, d) tensor with N >= ``min_rows`` and d >= 1, finite (when value
     checks are on); ``ValueError`` naming ``name`` otherwise."""
-    if not isinstance(x, Tensor):
+    import torch
+
+    if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D tensor (N, d), got shape {tuple(x.shape)}")
@@ -133,7 +138,9 @@ def check_embeddings(x: Any, name: str, *, min_rows: int = 1) -> Tensor:
 def check_scale(name: str, value: float | Tensor) -> float | Tensor:
     """A finite scale >= 0: a number, or a tensor of them (a tensor's values are read only when
     value checks are on: reading them costs a host-device synchronisation)."""
-    if isinstance(value, Tensor):
+    import torch
+
+    if isinstance(value, torch.Tensor):
         if _VALUE_CHECKS and (not bool(torch.isfinite(value).all()) or bool((value < 0).any())):
             raise ValueError(f"{name}: expected finite values >= 0")
         return value

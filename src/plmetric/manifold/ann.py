@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from plmetric.core.options import IndexOptions, resolve
+from plmetric.core.options import AUTO_EXACT_BELOW, AUTO_KIND, IndexOptions, resolve
 
 __all__ = [
     "AUTO_EXACT_BELOW",
@@ -53,22 +53,6 @@ __all__ = [
 ]
 
 FAISS_KINDS = ("flat", "ivf", "hnsw")
-#: ``--faiss auto`` searches exactly (torch) below this many vectors. Measured on this project's
-#: 2-core CPU box, shared with other jobs (benchmarks/index_scale.py, 512-d,
-#: benchmarks/results/index_scale_cpu.json): one exact query took 1.8 ms at 10k vectors and
-#: 67 ms at 100k (21 ms in an earlier, quieter run; a matrix-vector product over all n rows,
-#: linear in n), HNSW 0.2-0.5 ms at either size; but HNSW took 2.7 s to build at 10k and
-#: 117 s at 100k (88 s earlier), IVF 0.8 s and 35 s. Below ~50k vectors an exact query stays
-#: near 10-30 ms, less than embedding the query image itself on a CPU, while an index build
-#: would cost about a minute: exact (no build, no extra file, no approximation) is the better
-#: default there.
-AUTO_EXACT_BELOW = 50_000
-#: The kind ``--faiss auto`` picks from AUTO_EXACT_BELOW on: at 100k vectors HNSW answered a
-#: batch of queries 6.8x faster than the exact search at recall@10 0.998 (IVF at its default
-#: nprobe: 2.8x, recall 1.0) and one query in 0.5 ms (IVF 1.5 ms); unlike IVF it needs no
-#: training and stays as good when vectors are added later. It costs a slower build and
-#: about 10% more memory and disk than the vectors themselves (M links per vector).
-AUTO_KIND = "hnsw"
 FAISS_INSTALL_HINT = 'faiss is not installed: pip install "plmetric[faiss]"'
 #: faiss's k-means warns below this many training points per centroid; nlist stays under n / 39.
 MIN_POINTS_PER_CELL = 39

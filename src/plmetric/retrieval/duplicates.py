@@ -37,19 +37,10 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT_THRESHOLD = 0.82
-"""``plmetric duplicates``' default cosine threshold, for the pretrained backbone's pooled features.
-Measured with planted copies (benchmarks/duplicates.py, docs/results.md: 300 originals each of the CUB
-subset and plankton106, 360 copies resized, JPEG-recompressed, cropped 80-90 %, mirrored, brightened):
-no threshold reached recall >= 0.95 at precision >= 0.95 on either set, so the default is the one that
-maximises the smaller F1 of the two (0.82: F1 0.975 on CUB, 0.847 on plankton; 0.81-0.825 within
-0.001). At 0.95 precision was 1.0 but recall 0.54 / 0.18 (crops: 0.00 / 0.05)."""
-ZOOMS = (0.9, 0.8)
-"""``check_crops`` re-embeds each candidate image's centre crop keeping these fractions of each side."""
-CANDIDATES = 0.70
-"""``check_crops`` rescores the pairs at or above this cosine (on CUB photos, planted 80-90 % crops of
-the pretrained features scored 0.739 at the lowest; distinct photos rarely rise above the threshold
-when zoomed)."""
+from plmetric.core.options import DUPLICATES_CANDIDATES as CANDIDATES  # re-exported: defined there without torch
+from plmetric.core.options import DUPLICATES_THRESHOLD as DEFAULT_THRESHOLD
+from plmetric.core.options import DUPLICATES_ZOOMS as ZOOMS
+
 ZOOM_CHUNK = 4096
 """Candidate images whose zoomed views are held at once (4096 x 2 views x 1280 floats = 40 MiB)."""
 PAIR_CHUNK = 8192

@@ -31,18 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-METHODS = ("kmeans", "hdbscan")
-REDUCED_DIM = 64
-"""HDBSCAN runs on the embeddings projected to this many principal components (16, 32, 64 compared on
-the CUB subset and plankton106 test splits, pretrained features: 64 had the highest AMI on both)."""
+from plmetric.core.options import GROUPS_HDBSCAN_MAX as HDBSCAN_MAX  # re-exported: defined there without torch
+from plmetric.core.options import GROUPS_METHODS as METHODS
+from plmetric.core.options import GROUPS_REDUCED_DIM as REDUCED_DIM
+
 MIN_SAMPLES = 2
 """HDBSCAN's density neighbourhood (``min_samples``): 2 left 40-52 % of the CUB / plankton images
 ungrouped, ``min_samples = --min-size = 5`` 54-70 %, at a lower AMI on both (docs/results.md,
 "Groups of similar images")."""
-HDBSCAN_MAX = 20_000
-"""Above this many images ``plmetric groups --method hdbscan`` warns of its time: scikit-learn's HDBSCAN
-on 64-d points on this project's 2-core CPU took 1.9 s at 5k, 7.5 s at 10k, 38 s at 20k (growing as
-about n^2.3): at 50k it would take minutes, at 1M days."""
 
 
 def hdbscan_seconds(n: int) -> float:

@@ -27,7 +27,9 @@ ROWS_PER_CHUNK = 100_000
 
 
 def add_parser(subparsers: Any) -> None:
-    from plmetric.retrieval.duplicates import CANDIDATES, DEFAULT_THRESHOLD, ZOOMS
+    from plmetric.core.options import DUPLICATES_CANDIDATES as CANDIDATES  # no torch: --help stays fast
+    from plmetric.core.options import DUPLICATES_THRESHOLD as DEFAULT_THRESHOLD
+    from plmetric.core.options import DUPLICATES_ZOOMS as ZOOMS
 
     du = add_command(
         subparsers,

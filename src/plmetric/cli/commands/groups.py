@@ -23,7 +23,9 @@ ROWS_PER_CHUNK = 100_000
 
 
 def add_parser(subparsers: Any) -> None:
-    from plmetric.retrieval.groups import HDBSCAN_MAX, METHODS, REDUCED_DIM
+    from plmetric.core.options import GROUPS_HDBSCAN_MAX as HDBSCAN_MAX  # no torch: --help stays fast
+    from plmetric.core.options import GROUPS_METHODS as METHODS
+    from plmetric.core.options import GROUPS_REDUCED_DIM as REDUCED_DIM
 
     gr = add_command(
         subparsers,

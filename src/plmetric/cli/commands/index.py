@@ -45,8 +45,7 @@ def add_parser(subparsers: Any) -> None:
 def _index_arguments(p: argparse.ArgumentParser) -> None:
     """The faiss options of ``plmetric index`` (defaults from ``plmetric.core.options.IndexOptions``; unset
     ones are chosen from the number of vectors n by ``plmetric.manifold.ann.plan_index``)."""
-    from plmetric.core.options import INDEX_KINDS, IndexOptions
-    from plmetric.manifold import ann
+    from plmetric.core.options import AUTO_EXACT_BELOW, AUTO_KIND, INDEX_KINDS, IndexOptions  # no torch
 
     group = p.add_argument_group('search index (faiss, optional: pip install "plmetric[faiss]")')
     group.add_argument(
@@ -54,7 +53,7 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=INDEX_KINDS,
         help=f"default: {IndexOptions.kind} = exact torch search (no extra file); auto = exact below "
-        f"{ann.AUTO_EXACT_BELOW:,} vectors, else {ann.AUTO_KIND}; flat = faiss exact; ivf, hnsw = faiss approximate "
+        f"{AUTO_EXACT_BELOW:,} vectors, else {AUTO_KIND}; flat = faiss exact; ivf, hnsw = faiss approximate "
         "(a .faiss file beside the index; inner product of the L2-normalised embeddings = their cosine)",
     )
     group.add_argument(
