@@ -67,7 +67,8 @@ def embedded(ws, cub_root, tmp_path_factory) -> Path:
         shutil.copy(image, photos / f"{folder.name}_{image.name}")
     out = photos.parent / "embedded.safetensors"
     argv = ["embed", "--images", str(photos), "--checkpoint", str(ws["ckpt"]), "--out", str(out)]
-    assert main([*argv, "--no-progress", "--num-workers", "0"]) == 0
+    # PyTorch's own numbers: the TorchScript test compares ATen kernels with ATen kernels (1e-5)
+    assert main([*argv, "--no-progress", "--num-workers", "0", "--runtime", "torch"]) == 0
     return out
 
 

@@ -146,7 +146,40 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
     p.add_argument("--num-workers", type=non_negative_int, default=default_workers(), help="decoding workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    runtime_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def runtime_option(p: argparse.ArgumentParser) -> None:
+    """``--runtime``: what runs the network's forward passes (:mod:`plmetric.data.runtime`)."""
+    from plmetric.core.options import INFERENCE_RUNTIMES
+
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=INFERENCE_RUNTIMES,
+        help="what runs the network: auto = onnxruntime on a CPU (several times faster; the exported model is "
+        "cached under $PLMETRIC_CACHE or ~/.cache/plmetric), else PyTorch; torch; onnxruntime",
+    )
+
+
+def inference_runner(args: argparse.Namespace, model: Any, description: dict[str, Any], device: Any) -> Any:
+    """``model`` through ``args.runtime`` for images of the description's size; the runtime used is
+    recorded in ``description["runtime"]`` (``option``, ``used``, the onnxruntime version and the
+    cached export's ``onnx_key``)."""
+    from plmetric.data.runtime import inference_model, onnxruntime_version, runtime_of
+
+    size = int(description["image_size"])
+    runner = inference_model(model, (3, size, size), getattr(args, "runtime", "auto"), device)
+    used = runtime_of(runner)
+    description["runtime"] = {
+        "option": getattr(args, "runtime", "auto"),
+        "used": used,
+        **({"onnxruntime": onnxruntime_version()} if used == "onnxruntime" else {}),
+        # the cached export's key (plmetric.data.runtime.model_key): a later search finds it without torch
+        **({"onnx_key": runner.key} if getattr(runner, "cache_file", None) is not None else {}),
+    }
+    return runner
 
 
 def print_before_after(result: Any, epochs: int) -> None:
@@ -234,18 +267,20 @@ def embed_images(args: argparse.Namespace, model: Any, description: dict[str, An
     started = dist_utils.init_from_env(str(device))
     try:
         model.to(device)
+        runner = inference_runner(args, model, description, device)
         if dist_utils.world_size() > 1:
             emb, labels, index = embed_distributed(
-                model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, device=device
+                runner, dataset, batch_size=args.batch_size, num_workers=args.num_workers, device=device
             )
         else:
             emb, labels, index = embed_dataset(
-                model,
+                runner,
                 dataset,
                 batch_size=args.batch_size,
                 num_workers=args.num_workers,
                 device=device,
                 progress=not args.no_progress,
+                runtime="torch",  # runner is already the runtime's model
             )
         writer = dist_utils.is_main_process()
     finally:

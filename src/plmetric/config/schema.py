@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from plmetric.core.options import PLMOptions, STMLOptions, SupervisedOptions, method_names
+from plmetric.core.options import INFERENCE_RUNTIMES, PLMOptions, STMLOptions, SupervisedOptions, method_names
 from plmetric.core.validation import check_choice, check_image_size, check_int, check_number
 
 
@@ -88,6 +88,9 @@ class TrainConfig:
     # pooled features of train.views cached views per image), tail (the stages after model.frozen_stages on
     # cached feature maps), auto (end_to_end on a GPU, head elsewhere)
     mode: str = "end_to_end"
+    # what runs the passes without gradient (caching the frozen part, memory bank, evaluation, selection):
+    # auto = onnxruntime on a CPU when installed (plmetric.data.runtime), else PyTorch; torch; onnxruntime
+    runtime: str = "auto"
     views: int = 5  # cached views per training image (head, tail): the clean view and views - 1 random crops
     teacher_view: str = "same"  # teacher input: same (the student crop), clean (eval transform), other (a 2nd crop)
     keep: str = "student"  # the network evaluated and saved: student, or teacher (its moving average)
@@ -157,6 +160,7 @@ class Config:
         check_choice("train.teacher_view", t.teacher_view, ("same", "clean", "other"))
         check_choice("train.keep", t.keep, ("student", "teacher"))
         check_choice("train.mode", t.mode, TRAIN_MODES)
+        check_choice("train.runtime", t.runtime, INFERENCE_RUNTIMES)
         check_int("train.views", t.views, 1)
         check_int("train.min_steps", t.min_steps, 0)
         if t.mode == "tail" and mdl.frozen_stages < 1:

@@ -725,12 +725,18 @@ def embed_dataset(
     device: str | torch.device = "cpu",
     progress: bool = False,
     desc: str = "embedding",
+    runtime: str = "auto",
+    cache_model: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Embed every readable item of a data set whose items are ``(image, label, index)``; with
-    ``progress``, a bar named ``desc`` with its rate.
+    ``progress``, a bar named ``desc`` with its rate (images/s).
 
     The model runs in eval mode (its previous train/eval mode is restored afterwards) on batches
     made by :func:`plmetric.data.datasets.collate_skip_none`, which drops unreadable (None) items.
+    ``runtime`` (``auto`` | ``torch`` | ``onnxruntime``) picks what computes the forward passes
+    (:func:`plmetric.data.runtime.inference_model`, built on the first batch's shape; ``cache_model``
+    keeps its export on disk, False for a model that changes every epoch); the ``num_workers``
+    DataLoader processes decode and resize the next batches while it runs.
 
     Returns:
         ``(embeddings, labels, indices)``: float32 (M, D), int64 (M,) and int64 (M,) CPU tensors
@@ -739,6 +745,7 @@ def embed_dataset(
     from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
 
     from plmetric.data.datasets import collate_skip_none
+    from plmetric.data.runtime import inference_model
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -756,12 +763,17 @@ def embed_dataset(
     was_training = model.training
     model.eval()
     embeddings, labels, indices = [], [], []
+    runner: torch.nn.Module | None = None
+    bar = tqdm(total=_sized(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        for batch in loader:
             if batch is None:
                 continue
             images, batch_labels, batch_indices = batch
-            output = model(images.to(device, non_blocking=True))
+            if runner is None:
+                runner = inference_model(model, tuple(images.shape[1:]), runtime, device, cache=cache_model)
+            net = runner if getattr(runner, "input_shape", images.shape[1:]) == tuple(images.shape[1:]) else model
+            output = net(images.to(device, non_blocking=True))
             if not isinstance(output, Tensor) or output.dim() != 2:
                 raise ValueError(
                     f"embed_dataset: the model must return a (batch, dim) tensor, got "
@@ -770,7 +782,9 @@ def embed_dataset(
             embeddings.append(output.float().cpu())
             labels.append(torch.as_tensor(batch_labels).long().cpu())
             indices.append(torch.as_tensor(batch_indices).long().cpu())
+            bar.update(len(batch_indices))
     finally:
+        bar.close()
         model.train(was_training)
     dim = int(getattr(model, "embedding_dim", 0) or 0)
     if not embeddings:
@@ -780,6 +794,14 @@ def embed_dataset(
         out = torch.cat(embeddings), torch.cat(labels), torch.cat(indices)
     _report_unreadable(dataset, out[2])
     return out
+
+
+def _sized(dataset: torch.utils.data.Dataset) -> int | None:
+    """The number of items (the progress bar's total), or None for a data set without a length."""
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _report_unreadable(dataset: torch.utils.data.Dataset, embedded: Tensor) -> None:

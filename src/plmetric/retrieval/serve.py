@@ -221,8 +221,9 @@ class Browser:
         IndexMismatchError: the index's checkpoint changed or is gone.
     """
 
-    def __init__(self, index: str | os.PathLike, top_k: int, include_self: bool = False) -> None:
+    def __init__(self, index: str | os.PathLike, top_k: int, include_self: bool = False, runtime: str = "auto") -> None:
         from plmetric.data.backbones import build_transform
+        from plmetric.data.runtime import inference_model
 
         if top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {top_k}")
@@ -232,8 +233,11 @@ class Browser:
         self.embeddings, _, self.paths, description = load_embeddings(index)
         if len(self.paths) == 0:
             raise ValueError(f"index {index} holds no images")
-        self.transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
-        self.model = model_from_description(description, index).eval()
+        size = int(description.get("image_size", 224))
+        self.transform = build_transform(description["backbone"], image_size=size)
+        # uploads go through the fastest runtime that computes the same embedding (plmetric.data.runtime)
+        self.model = inference_model(model_from_description(description, index), (3, size, size), runtime, "cpu",
+                                     what="the index's model")
         output_dim = int(description.get("output_dim", self.embeddings.shape[1]))
         if output_dim != self.embeddings.shape[1]:
             raise ValueError(
@@ -852,8 +856,9 @@ def serve(
     include_self: bool = False,
     groups: str | os.PathLike | None = None,
     duplicates: str | os.PathLike | None = None,
+    runtime: str = "auto",
 ) -> None:
-    """Load ``index`` and its model (and the ``groups``/``duplicates`` tables, mapped onto the index),
+    """Load ``index`` and its model (through ``runtime``: :func:`plmetric.data.runtime.inference_model`) (and the ``groups``/``duplicates`` tables, mapped onto the index),
     print the page's URL and serve it until Ctrl+C (or SIGTERM). Every bad input is refused before
     anything listens.
 
@@ -869,7 +874,7 @@ def serve(
     require_packages()
     import uvicorn
 
-    browser = Browser(index, top_k, include_self)
+    browser = Browser(index, top_k, include_self, runtime)
     tables = tuple(load_group_table(path, kind, browser) for kind, path in given)
     loopback = is_loopback(host)
     allowed = sorted({*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host}) if loopback else None

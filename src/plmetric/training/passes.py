@@ -28,6 +28,7 @@ __all__ = [
     "embed_source",
     "evaluate_model",
     "loader_workers",
+    "pass_runtime",
     "pooled_features",
     "refresh_bank",
 ]
@@ -39,6 +40,12 @@ def loader_workers(cfg: Config, dataset: Any) -> int:
     return 0 if isinstance(dataset, (FeatureDataset, ViewFeatureDataset)) else cfg.data.num_workers
 
 
+def pass_runtime(cfg: Config, dataset: Any) -> str:
+    """``train.runtime`` for a pass over images; ``torch`` over cached features (the network is the
+    embedding layer, or the trained tail: nothing to gain from exporting it every epoch)."""
+    return "torch" if isinstance(dataset, (FeatureDataset, ViewFeatureDataset)) else cfg.train.runtime
+
+
 def embed_distributed(
     model: nn.Module,
     dataset: ImageDataset,
@@ -48,9 +55,12 @@ def embed_distributed(
     device: torch.device,
     indices: list[int] | None = None,
     progress: str | None = None,
+    runtime: str = "auto",
+    cache_model: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embed a data set (or its items ``indices``), sharded over ranks and gathered with its
-    indices (no duplicates); ``progress`` names the pass's progress bar (rank 0; None: no bar).
+    indices (no duplicates); ``progress`` names the pass's progress bar (rank 0; None: no bar);
+    ``runtime`` and ``cache_model`` as in :func:`plmetric.evaluation.metrics.embed_dataset`.
 
     Returns CPU float32 embeddings, labels and dataset indices sorted by index.
     """
@@ -62,7 +72,8 @@ def embed_distributed(
         shard = Subset(dataset, items[rank::world])
     bar = progress is not None and dist_utils.is_main_process()
     emb, labels, index = embed_dataset(
-        model, shard, batch_size=batch_size, num_workers=num_workers, device=device, progress=bar, desc=progress or ""
+        model, shard, batch_size=batch_size, num_workers=num_workers, device=device, progress=bar, desc=progress or "",
+        runtime=runtime, cache_model=cache_model,
     )
     return _gather_in_index_order(emb, labels, index, device)
 
@@ -167,6 +178,8 @@ def embed_source(
         device=device,
         indices=indices,
         progress=progress,
+        runtime=pass_runtime(cfg, source),
+        cache_model=False,  # the model changes every epoch: exported in memory only
     )
 
 
@@ -222,6 +235,8 @@ def evaluate_model(
         num_workers=loader_workers(cfg, dataset),
         device=device,
         progress="evaluation" if progress else None,
+        runtime=pass_runtime(cfg, dataset),
+        cache_model=False,  # the model changes every epoch: exported in memory only
     )
     return evaluate(emb, labels, compute_nmi=False)
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from plmetric.cli.common import (
+    runtime_option,
     DATASET_CHOICES,
     CLIError,
     add_command,
@@ -39,6 +40,7 @@ def add_parser(subparsers: Any) -> None:
     ev.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
     ev.add_argument("--num-workers", type=non_negative_int, default=default_workers(), help="decoding workers")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    runtime_option(ev)
     ev.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"], help="nearest-neighbour search")
     ev.add_argument(
         "--nmi", default="auto", choices=["auto", "on", "off"], help="NMI by k-means (auto: only up to 1,000 classes)"
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         nmi=args.nmi,
         progress=not args.no_progress,
+        runtime=args.runtime,
     )
     print(format_metrics_table(metrics, title=f"Zero-shot retrieval on the {args.dataset} test split"))
     if args.json:
@@ -122,6 +125,7 @@ def evaluate_on_test_split(
     backend: str = "auto",
     nmi: str = "auto",
     progress: bool = True,
+    runtime: str = "auto",
 ) -> dict[str, Any]:
     """Embed a data set's zero-shot test split and compute retrieval metrics.
 
@@ -147,7 +151,8 @@ def evaluate_on_test_split(
         raise CLIError(f"--dataset {dataset} has no labelled test split to evaluate")
     model.to(device)
     embeddings, labels, _ = embed_dataset(
-        model, splits.test, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
+        model, splits.test, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
+        runtime=runtime,
     )
     if nmi == "auto":  # k-means with one cluster per class: slow for SOP's 11,316 classes
         nmi = "on" if splits.test.num_classes <= NMI_AUTO_MAX_CLASSES else "off"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from plmetric.cli.common import CLIError, add_command, positive_int
+from plmetric.cli.common import CLIError, add_command, positive_int, runtime_option
 
 
 def add_parser(subparsers: Any) -> None:
@@ -35,6 +35,7 @@ def add_parser(subparsers: Any) -> None:
         metavar="FILE",
         help="browse the near-duplicate groups of this table of 'plmetric duplicates' (.csv/.parquet)",
     )
+    runtime_option(sv)
     sv.set_defaults(func=run)
 
 
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             include_self=args.include_self,
             groups=args.groups,
             duplicates=args.duplicates,
+            runtime=args.runtime,
         )
     except ServeDependencyError as err:
         raise CLIError(str(err)) from None
