@@ -114,6 +114,7 @@ def test_the_installed_wheel_trains_on_a_folder_with_its_folder_preset(installed
     run = tmp_path / "run"
     command = [str(venv / "bin" / "plmetric"), "train", "--images", str(pile), "--out", str(run), "--no-progress"]
     small = ["train.epochs=1", "data.image_size=64", "data.num_workers=0", "train.device=cpu"]
+    small.append("train.min_steps=6")  # one round of seeds, not the preset's 300 steps: a quick run
     done = _run([*command, *[f"--set={s}" for s in small]], cwd=tmp_path, env=env, timeout=600)
     assert "preset folder for 12 images" in done.stdout, done.stdout
     assert (run / "selected.safetensors").is_file() and (run / "summary.json").is_file()

@@ -250,6 +250,7 @@ def _folder_run(tmp_path, *extra: str) -> list[str]:
         make_tree("images", root, classes=4, per_class=10, bad=0)
     small = ["data.image_size=32", "model.embedding_dim=16", "plm.num_proxies=6", "train.batch_size=10"]
     small += ["data.num_workers=0", "train.epochs=2", "train.device=cpu"]
+    small.append("train.min_steps=40")  # 20 steps an epoch, not the preset's 300 steps: a quick run
     return ["train", "--images", str(root), "--no-progress", *[f"--set={s}" for s in small], *extra]
 
 
@@ -320,6 +321,7 @@ def test_folder_preset_fits_the_folder_and_names_the_model_and_the_next_command(
     run = tmp_path / "run"
     small = ["data.image_size=32", "data.num_workers=0", "train.epochs=2", "train.device=cpu", "train.warmup_epochs=0"]
     small.append("train.select=mutual_knn")  # the preset keeps the last epoch; the label-free pick on request
+    small.append("train.min_steps=10")  # 5 steps an epoch, not the preset's 300 steps: a quick run
     args = ["train", "--images", str(root), "--out", str(run), "--no-progress", *[f"--set={s}" for s in small]]
     assert main(args) == 0
     out = capsys.readouterr().out

@@ -56,19 +56,22 @@ def pile(tmp_path_factory) -> Path:
 def test_the_step_floor_known_answers():
     cfg = load_config(None, ["train.batch_size=10", "train.neighbours_per_seed=5", "train.epochs=4"])
     t = cfg.train
-    assert epoch_steps(t, 100, 50) == 10  # n // B: one pass an epoch
+    assert epoch_steps(t, 100) == 10  # n // B: one pass an epoch
     t.min_steps = 100
-    assert epoch_steps(t, 100, 50) == 25  # ceil(100 / 4 epochs)
+    assert epoch_steps(t, 100) == 25  # ceil(100 / 4 epochs)
     t.min_steps = 1000
-    assert epoch_steps(t, 100, 50) == 50  # no more than the sampler yields
-    assert epoch_steps(t, 9, 4) == 4  # a pile smaller than a batch still trains
+    # the floor holds whatever the pile: more than one round of seeds (100 // 2 = 50 batches) is
+    # drawn again by the sampler
+    assert epoch_steps(t, 100) == 250 and epoch_steps(t, 10) == 250
+    t.min_steps = 301
+    assert epoch_steps(t, 10) * t.epochs == 304  # ceil(301 / 4) * 4 >= 301
     t.max_steps_per_epoch = 7
-    assert epoch_steps(t, 100, 50) == 7
+    assert epoch_steps(t, 100) == 7  # the cap wins over the floor (quick runs, tests)
     t.min_steps, t.max_steps_per_epoch = 0, None
-    assert epoch_steps(t, 9, 4) == 0  # without the floor: no batch (the trainer says so)
-    # the plan before any image is decoded uses the neighbourhood sampler's n // (B / k) batches
+    assert epoch_steps(t, 9) == 0  # without the floor: no batch (the trainer says so)
+    # the plan before any image is decoded is the rule itself
     t.min_steps = 100
-    assert planned_steps_per_epoch(cfg, 100) == 25 and planned_steps_per_epoch(cfg, 30) == 15
+    assert planned_steps_per_epoch(cfg, 100) == 25 and planned_steps_per_epoch(cfg, 30) == 25
 
 
 def test_auto_is_end_to_end_on_a_gpu_and_the_head_elsewhere():
@@ -86,18 +89,24 @@ def test_auto_is_end_to_end_on_a_gpu_and_the_head_elsewhere():
 def test_a_pile_trains_on_cached_views_and_its_checkpoint_is_the_image_model(pile, tmp_path, capsys):
     run = tmp_path / "run"
     small = ["data.image_size=32", "data.num_workers=0", "model.embedding_dim=8", "train.epochs=2", "train.views=2"]
-    small += ["train.min_steps=8", "train.select_k=3"]
+    small += ["train.min_steps=16", "train.select_k=3"]
     assert main(["train", "--images", str(pile), "--out", str(run), "--no-progress", *[f"--set={s}" for s in small]]) == 0
     out = capsys.readouterr().out
-    # the choice and the estimate come before the first pass; the floor gives 4 steps an epoch
+    # the choice and the estimate come before the first pass; the floor gives 8 steps an epoch, more
+    # than one round of seeds (batch fitted to 20, 4 seeds a batch: 24 // 4 = 6 batches a round)
     assert "train.mode=auto: head (no GPU" in out
     estimate = next(line for line in out.splitlines() if line.startswith("train.mode=head:"))
-    assert "24 images x 2 views cached once, then 8 steps (2 epochs); expected about" in estimate
+    assert "24 images x 2 views cached once, then 16 steps (2 epochs); expected about" in estimate
     assert out.index(estimate) < out.index("epoch 1/2")
     state = torch.load(run / "state.pt", weights_only=False)
-    assert state["scheduler"]["last_epoch"] == 8  # the schedule follows the steps
+    assert state["scheduler"]["last_epoch"] == 16  # the schedule follows the steps
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [record["steps"] for record in log] == [8, 8]
     # what changed: both criterion values, the neighbour change, the report's two files
     summary = json.loads((run / "summary.json").read_text())
+    # a pile: no test metrics written, and the kept epoch's criterion as logged
+    assert not {"start", "final", "best", "best_epoch", "selected", "skipped_test_images"} & set(summary)
+    assert summary["selected_epoch"] == 2 and summary["selected_score"] == log[-1]["selection"]["mutual_knn"]
     change = summary["change"]
     assert change["criterion"] == "mutual_knn" and {"start", "kept", "neighbours_changed_mean"} <= set(change)
     assert f"label-free criterion mutual_knn: start {change['start']:.4f}, kept {change['kept']:.4f}" in out

@@ -221,6 +221,82 @@ def test_unlabelled_training_skips_evaluation(tmp_path, capsys):
     assert "recall@1" not in record and np.isfinite(record["loss"])
 
 
+def _nulls(value, where="summary"):
+    """The paths of every None inside a JSON value."""
+    if value is None:
+        return [where]
+    if isinstance(value, dict):
+        return [p for key, v in value.items() for p in _nulls(v, f"{where}.{key}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _nulls(v, f"{where}[{i}]")]
+    return []
+
+
+def _small_pile(tmp_path: Path, rule: str):
+    """An unlabelled folder of 24 images, B = 10, k = 5 (one round of seeds: 12 batches) and the
+    floor train.min_steps = 30 over 2 epochs (15 an epoch); the config and a function training it
+    (the folder as ``train`` loads it, with a tiny transform: no backbone's, no timed probe)."""
+    from image_trees import make_tree
+    from torchvision import transforms
+
+    from plmetric.data.datasets import load_dataset
+
+    root, _ = make_tree("images", tmp_path / "pile", classes=3, per_class=8, bad=0)
+    cfg = _tree_config("images", root, train__min_steps=30, train__select=rule, train__select_k=3)
+    small = transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])
+
+    def train_pile(out: Path, **kwargs):
+        splits = load_dataset("images", str(root), train_transform=small, test_transform=small, verbose=False)
+        return train(cfg, out, splits=splits, model=tiny_model(), progress=False, **kwargs)
+
+    return cfg, train_pile
+
+
+def _timeless(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in records]
+
+
+@pytest.mark.parametrize("rule", ["mutual_knn", "final"])
+def test_a_small_pile_gets_its_step_floor_and_a_summary_without_nulls(tmp_path, rule):
+    """One round of seeds gives 12 batches, the floor asks 15 an epoch: the run performs exactly
+    those (ceil(30 / 2) * 2), as the estimate planned. Its summary.json holds no field it cannot fill
+    (no test metrics, no nulls) and selected_score is the criterion log.jsonl holds for the selected
+    epoch."""
+    from plmetric.training.cached import planned_steps_per_epoch
+
+    cfg, train_pile = _small_pile(tmp_path, rule)
+    out = tmp_path / "run"
+    result = train_pile(out)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [record["steps"] for record in log] == [15, 15]  # > 24 // 2 = 12: a second round of seeds
+    assert torch.load(out / "state.pt", weights_only=True)["scheduler"]["last_epoch"] == 30
+    assert planned_steps_per_epoch(cfg, 24) * cfg.train.epochs == 30  # every image readable: the same count
+    summary = json.loads((out / "summary.json").read_text())
+    assert _nulls(summary) == []
+    assert not {"start", "final", "best", "best_epoch", "selected", "skipped_test_images"} & set(summary)
+    assert summary["selected_criterion"] == "mutual_knn" and summary["select_rule"] == rule
+    epoch = summary["selected_epoch"]
+    logged = summary["selection_start"] if epoch == 0 else log[epoch - 1]["selection"]
+    assert summary["selected_score"] == logged["mutual_knn"] == result.selected_score
+    if rule == "final":
+        assert epoch == 2 and summary["selected_score"] == summary["change"]["kept"]
+
+
+@pytest.mark.slow
+def test_a_small_pile_resumes_its_drawn_again_seeds_exactly(tmp_path):
+    """The seeds drawn again for the floor are a function of (seed, epoch): stopped after epoch 1
+    and resumed, the run is the uninterrupted one."""
+    _, train_pile = _small_pile(tmp_path, "mutual_knn")
+    train_pile(tmp_path / "full")
+    part = tmp_path / "part"
+    train_pile(part, stop_after_epochs=1)
+    train_pile(part, resume=True)
+    full, resumed = ([json.loads(x) for x in (r / "log.jsonl").read_text().splitlines()] for r in (tmp_path / "full", part))
+    assert [r["steps"] for r in resumed] == [15, 15] and _timeless(resumed) == _timeless(full)
+    wa, wb = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_label_correlation_matches_numpy_pearson():
     from plmetric.training.loop import label_correlation
 
@@ -412,7 +488,7 @@ def test_unreadable_images_are_left_out_and_named_in_the_summary(tmp_path, layou
     assert sorted(result.skipped_images) == bad_names
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert sorted(summary["skipped_images"]) == bad_names
-    assert summary["skipped_test_images"] == []
+    assert summary.get("skipped_test_images") == (None if layout == "images" else [])  # a pile has no test split
     state = torch.load(tmp_path / "run/state.pt", weights_only=True)
     from plmetric.data.datasets import load_dataset
 

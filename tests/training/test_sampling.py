@@ -393,6 +393,65 @@ def test_sampler_without_drop_last_completes_the_last_batch():
     assert len(NeighbourhoodBatchSampler(_table(n, 4), batch_size=b, k=k)) == 7
 
 
+def test_sampler_draws_further_rounds_of_seeds_when_an_epoch_needs_more_batches():
+    """min_batches above one round (a small pile under train.min_steps): further permutations from
+    the same (seed, epoch) generator, the first round the plain epoch's, each round's seeds every
+    item at most once; the epoch stays reproducible and resumes exactly in any round."""
+    n, b, k = 30, 10, 5  # 2 seeds per batch: 15 batches a round
+    table = _table(n, 4, seed=4)
+    plain = NeighbourhoodBatchSampler(table, batch_size=b, k=k, seed=3)
+    plain.set_epoch(2)
+    one_round = list(plain)
+    sampler = NeighbourhoodBatchSampler(table, batch_size=b, k=k, seed=3, min_batches=40)
+    sampler.set_epoch(2)
+    batches = list(sampler)
+    assert sampler.batches_per_round == 15 and len(sampler) == len(batches) == 40
+    assert batches[:15] == one_round  # the first round is the plain epoch's
+    seeds = [batch[::k] for batch in batches]
+    rounds = [sum(seeds[i : i + 15], []) for i in (0, 15, 30)]
+    assert sorted(rounds[0]) == sorted(rounds[1]) == list(range(n))  # every item once a round
+    assert len(set(rounds[2])) == len(rounds[2]) == 20  # the last round cut short
+    assert rounds[0] != rounds[1]
+    for batch in batches:
+        for group in _groups(batch, k):
+            assert group[1:] == table[group[0], : k - 1].tolist()
+    again = NeighbourhoodBatchSampler(table, batch_size=b, k=k, seed=3, min_batches=40)
+    again.set_epoch(2)
+    assert list(again) == batches
+    again.set_epoch(3)
+    assert list(again) != batches
+    # at most one round's batches: exactly the plain epoch
+    fewer = NeighbourhoodBatchSampler(table, batch_size=b, k=k, seed=3, min_batches=15)
+    fewer.set_epoch(2)
+    assert list(fewer) == one_round
+    # DDP slices and an exact resume in the second round
+    halves = []
+    for r in (0, 1):
+        part = NeighbourhoodBatchSampler(table, batch_size=b, k=k, seed=3, min_batches=40, rank=r, world_size=2)
+        part.set_epoch(2)
+        halves.append(list(part))
+    assert [x + y for x, y in zip(*halves, strict=True)] == batches
+    run = NeighbourhoodBatchSampler(table, batch_size=b, k=k, seed=3, min_batches=40)
+    run.set_epoch(2)
+    iterator = iter(run)
+    consumed = [next(iterator) for _ in range(22)]
+    state = run.state_dict()
+    assert state["position"] == 22 and state["min_batches"] == 40
+    resumed = NeighbourhoodBatchSampler(table, batch_size=b, k=k, seed=3, min_batches=40)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)
+    assert consumed + list(resumed) == batches
+    with pytest.raises(ValueError, match="min_batches=40 differs"):
+        NeighbourhoodBatchSampler(table, batch_size=b, k=k, seed=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="min_batches must be an integer >= 0"):
+        NeighbourhoodBatchSampler(table, batch_size=b, k=k, min_batches=-1)
+    # drop_last=False: each round completes its last group from its own permutation
+    ragged = NeighbourhoodBatchSampler(_table(23, 4), batch_size=15, k=5, seed=0, drop_last=False, min_batches=16)
+    assert ragged.batches_per_round == 8 and len(list(ragged)) == 16
+    second = [i for batch in list(ragged)[8:] for i in batch[::5]]
+    assert set(second) == set(range(23)) and len(second) == 24
+
+
 def test_sampler_works_as_dataloader_batch_sampler():
     table = _table(30, 4)
     sampler = NeighbourhoodBatchSampler(table, batch_size=10, k=5)
@@ -511,6 +570,10 @@ def test_class_balanced_batches_hold_m_distinct_images_of_b_over_m_distinct_clas
     assert list(again) != batches
     halves = [list(ClassBalancedBatchSampler(labels, 20, 5, seed=1, rank=r, world_size=2)) for r in (0, 1)]
     assert [a + b for a, b in zip(*halves, strict=True)] == batches
+    # an epoch that needs more batches (train.min_steps) gets them, each a fresh draw
+    more = ClassBalancedBatchSampler(labels, batch_size=20, m=5, seed=1, min_batches=3 * len(batches))
+    assert len(more) == len(list(more)) == 3 * len(batches)
+    assert len(ClassBalancedBatchSampler(labels, batch_size=20, m=5, seed=1, min_batches=1)) == len(batches)
 
 
 def test_class_balanced_sampler_maps_items_and_checks_its_options():

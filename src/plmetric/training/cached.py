@@ -57,12 +57,11 @@ def resolve_mode(cfg: Config, device: torch.device) -> str:
 
 def planned_steps_per_epoch(cfg: Config, num_images: int) -> int:
     """The steps of one epoch for ``num_images`` training images, before any is decoded: the
-    neighbourhood sampler yields ``n // S`` batches of ``S = B / k`` seeds
-    (:func:`plmetric.training.optimization.epoch_steps` gives the rule)."""
+    steps the trainer runs when all of them are readable (the samplers yield as many batches as
+    the epoch needs; :func:`plmetric.training.optimization.epoch_steps` gives the rule)."""
     from plmetric.training.optimization import epoch_steps
 
-    seeds_per_batch = max(1, cfg.train.batch_size // cfg.train.neighbours_per_seed)
-    return epoch_steps(cfg.train, num_images, num_images // seeds_per_batch)
+    return epoch_steps(cfg.train, num_images)
 
 
 class ViewStack:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from plmetric.core import distributed as dist_utils
 from plmetric.core import faults
-from plmetric.core.checkpoint import atomic_write_json, save_model
+from plmetric.core.checkpoint import save_model
 from plmetric.config.schema import Config, save_config
 from plmetric.data.datasets import (
     DatasetSplits,
@@ -86,6 +86,7 @@ from plmetric.training.runs import (
     skipped_summary,
     state_mismatch,
     stopped_before_first_epoch,
+    write_summary,
 )
 from plmetric.training.sampling import ClassBalancedBatchSampler, MemoryBank, NeighbourhoodBatchSampler, ema_update, make_teacher
 from plmetric.evaluation.selection import selection_criteria
@@ -114,7 +115,7 @@ class TrainResult:
     selected_epoch: int | None = None  # the label-free pick (train.select; 0 = the start)
     selected_metrics: dict[str, Any] | None = None  # its test metrics (None without a test split)
     selection_start: dict[str, float] | None = None  # the selection criteria of the start (epoch 0)
-    selected_score: float | None = None  # the rule's criterion at the pick
+    selected_score: float | None = None  # selection_criterion(train.select) at the pick
     change: dict[str, Any] | None = None  # what training changed (training.report; rank 0, finished runs)
 
 
@@ -399,6 +400,7 @@ def build_batches(
 ) -> Batches:
     """Fill (or restore) the memory bank, find the unreadable images, build the batch sampler."""
     world, rank, k = dist_utils.world_size(), dist_utils.rank(), cfg.train.neighbours_per_seed
+    num_images = len(data.train_set)
     bank = None
     if method.sampling == "neighbourhood":
         bank = MemoryBank(len(data.train_set), nets.dim, device=device)
@@ -410,6 +412,7 @@ def build_batches(
             except (ValueError, KeyError, TypeError, RuntimeError) as err:
                 raise state_mismatch(out_dir / STATE_FILE, err) from None
         readable, skipped = _readable_items((~bank.filled).nonzero().flatten().cpu(), data.train_set, cfg)
+        steps = _steps(cfg, num_images if readable is None else int(readable.numel()))
         sampler: Any = NeighbourhoodBatchSampler(
             bank.neighbours(k - 1, rows=readable),
             batch_size=cfg.train.batch_size,
@@ -418,6 +421,7 @@ def build_batches(
             rank=rank,
             world_size=world,
             items=None if readable is None else readable.cpu(),
+            min_batches=steps,
         )
     else:  # class-balanced batches of the labelled training images
         if not data.labelled:
@@ -425,7 +429,8 @@ def build_batches(
         readable, skipped = _readable_items(
             torch.tensor(data.train_set.unreadable, dtype=torch.int64), data.train_set, cfg
         )
-        rows = torch.arange(len(data.train_set)) if readable is None else readable.cpu()
+        rows = torch.arange(num_images) if readable is None else readable.cpu()
+        steps = _steps(cfg, int(rows.numel()))
         sampler = ClassBalancedBatchSampler(
             data.train_set.labels[rows.numpy()],
             cfg.train.batch_size,
@@ -434,18 +439,26 @@ def build_batches(
             rank=rank,
             world_size=world,
             items=rows,
+            min_batches=steps,
         )
-    num_readable = len(data.train_set) if readable is None else int(readable.numel())
-    # An epoch shows about as many images as the training set holds (STML's convention): N // B batches,
-    # each with a fresh random set of seeds, rather than every image as a seed (k times longer);
-    # train.min_steps raises it for a small pile.
-    steps = epoch_steps(cfg.train, num_readable, len(sampler))
+    return Batches(bank, sampler, steps, readable, skipped)
+
+
+def _steps(cfg: Config, num_readable: int) -> int:
+    """The steps of an epoch over ``num_readable`` images (:func:`epoch_steps`); the sampler is built
+    to yield at least that many batches.
+
+    An epoch shows about as many images as the training set holds (STML's convention): N // B batches,
+    each with a fresh random set of seeds, rather than every image as a seed (k times longer);
+    train.min_steps raises it for a small pile.
+    """
+    steps = epoch_steps(cfg.train, num_readable)
     if steps == 0:
         raise ValueError(
             f"an epoch has no batch: {num_readable} training images, train.batch_size {cfg.train.batch_size}, "
-            f"neighbours_per_seed {k}"
+            f"neighbours_per_seed {cfg.train.neighbours_per_seed}"
         )
-    return Batches(bank, sampler, steps, readable, skipped)
+    return steps
 
 
 def _readable_items(missing: torch.Tensor, train_set: Any, cfg: Config) -> tuple[torch.Tensor | None, list[str]]:
@@ -505,7 +518,7 @@ class Run:
 
 def train_one_epoch(run: Run, epoch: int, progress: bool) -> dict[str, Any]:
     """Train one epoch and return its log record (mean of every term over the steps, learning
-    rates, images per second); a non-finite loss raises :class:`NonFiniteLossError`."""
+    rates, the steps, images per second); a non-finite loss raises :class:`NonFiniteLossError`."""
     from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
 
     cfg, nets, batches, device = run.cfg, run.nets, run.batches, run.device
@@ -557,6 +570,7 @@ def train_one_epoch(run: Run, epoch: int, progress: bool) -> dict[str, Any]:
     record: dict[str, Any] = {"epoch": epoch + 1}
     record.update({name: float(total) / max(steps, 1) for name, total in sums.items()})
     record["lr"] = {g.get("name", str(i)): g["lr"] for i, g in enumerate(run.optimizer.param_groups)}
+    record["steps"] = steps  # optimiser steps of the epoch (train.min_steps' floor included)
     record["images_per_second"] = seen / max(elapsed, 1e-9)
     record["seconds"] = elapsed
     return record
@@ -636,7 +650,7 @@ def start_selection(
     state.selection_items, state.selection_start, state.selection_kept = index, start, start
     rule = cfg.train.select
     state.selection_start_criteria = selection_criteria(start, start, k=cfg.train.select_k)
-    score = 0.0 if rule == "final" else state.selection_start_criteria[rule]
+    score = state.selection_start_criteria[selection_criterion(rule)]
     state.record_selected(0, score, state.start_metrics, rule)
     if dist_utils.is_main_process():
         model = nets.deployable(method, nets.kept)
@@ -658,7 +672,7 @@ def select_epoch(
     criteria = selection_criteria(kept, state.selection_start, student, k=cfg.train.select_k)
     record["selection"] = criteria
     rule = cfg.train.select
-    selected = state.record_selected(epoch, criteria.get(rule, 0.0), metrics, rule)
+    selected = state.record_selected(epoch, criteria[selection_criterion(rule)], metrics, rule)
     if selected:
         state.selection_kept = kept
     if selected and dist_utils.is_main_process():
@@ -680,6 +694,12 @@ def _raise_if_nonfinite(first_bad: torch.Tensor, epoch: int, sums: dict[str, tor
 # ============================================================================ the run
 
 DEFAULT_CRITERION = "mutual_knn"  # the label-free criterion reported when train.select keeps the final epoch
+
+
+def selection_criterion(rule: str) -> str:
+    """The label-free criterion a run records for its selected epoch (``selected_score``): the one
+    ``train.select`` maximises, or :data:`DEFAULT_CRITERION` when the rule keeps the final epoch."""
+    return DEFAULT_CRITERION if rule == "final" else rule
 
 
 def train(
@@ -853,9 +873,9 @@ def _report_start(
     if dist_utils.is_main_process():
         model = nets.deployable(method, nets.student)
         save_model(out_dir / MODEL_FILE, model, model_metadata(cfg, nets.student, 0, start))
-        summary = {"start": start, "final": start, "best": start, "best_epoch": 0, "epochs": 0}
-        summary.update(selected=start, selected_epoch=0, select_rule=cfg.train.select)
-        atomic_write_json(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
+        summary = {"start": start, "final": start, "best": start, "best_epoch": None if start is None else 0}
+        summary.update(epochs=0, selected=start, selected_epoch=0, select_rule=cfg.train.select)
+        write_summary(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
     return TrainResult(out_dir, [], start, start, start, 0, skipped, 0, start)
 
 
@@ -870,7 +890,7 @@ def change_report(cfg: Config, state: TrainingState, data: TrainData, out_dir: P
     if state.selection_kept is None or state.selection_start is None or not state.history:
         return None
     rule, epoch = cfg.train.select, state.selected_epoch
-    criterion = DEFAULT_CRITERION if rule == "final" else rule
+    criterion = selection_criterion(rule)
     kept_score = state.history[-1]["selection"][criterion] if rule == "final" else float(state.selected_score)
     items = state.selection_items.tolist()
     paths = [data.train_set.describe(i) for i in items]
@@ -902,7 +922,7 @@ def _finish(cfg: Config, state: TrainingState, data: TrainData, skipped: list[st
         final = {key: value for key, value in history[-1].items() if key.startswith("recall@") or key == "map@r"}
     if dist_utils.is_main_process() and history:
         plot_history(history, out_dir, state.start_metrics)
-        summary = {
+        summary = {  # the fields: plmetric.training.runs.write_summary (None: left out)
             "start": state.start_metrics,
             "final": final,
             "best": state.best_metrics,
@@ -911,13 +931,14 @@ def _finish(cfg: Config, state: TrainingState, data: TrainData, skipped: list[st
             "selected_epoch": state.selected_epoch,
             "select_rule": cfg.train.select,
             "selection_start": state.selection_start_criteria,
-            "selected_score": state.selected_score,  # the rule's value at the selected epoch
+            "selected_criterion": selection_criterion(cfg.train.select),
+            "selected_score": state.selected_score,  # the criterion's value at the selected epoch
             "final_selection": history[-1].get("selection"),  # every criterion at the last epoch
             "epochs": cfg.train.epochs,
         }
         if history[-1]["epoch"] == cfg.train.epochs:
             change = summary["change"] = change_report(cfg, state, data, out_dir)
-        atomic_write_json(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
+        write_summary(out_dir / SUMMARY_FILE, {**summary, **skipped_summary(skipped, data.test_set)})
     return TrainResult(
         out_dir,
         history,

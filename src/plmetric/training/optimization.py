@@ -25,19 +25,20 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
     return factor
 
 
-def epoch_steps(train: TrainConfig, num_images: int, available: int) -> int:
+def epoch_steps(train: TrainConfig, num_images: int) -> int:
     """Optimiser steps of one epoch: about one pass over the ``num_images`` training images
-    (``num_images // B`` batches, STML's convention), at most the ``available`` batches the sampler
-    yields an epoch.
+    (``num_images // B`` batches, STML's convention).
 
-    ``train.min_steps`` is a floor on the run's steps (``epochs`` times this): a small pile gets
-    ``ceil(min_steps / epochs)`` steps an epoch, as many as the sampler yields, so that the recipe
-    has the steps it needs to act; the learning-rate schedule follows the steps. ``train.max_steps_per_epoch``
-    caps the result (quick runs, tests).
+    ``train.min_steps`` is a floor on the run's steps: a small pile gets ``ceil(min_steps / epochs)``
+    steps an epoch, so that the run performs at least ``min_steps`` (exactly
+    ``ceil(min_steps / epochs) * epochs`` when the floor decides); the batch samplers yield as many
+    batches as the epoch needs (further rounds of seeds, :mod:`plmetric.training.sampling`) and the
+    learning-rate schedule follows the steps. ``train.max_steps_per_epoch`` caps the result (quick
+    runs, tests), the floor included.
     """
-    steps = min(available, num_images // train.batch_size)
+    steps = num_images // train.batch_size
     if train.min_steps:
-        steps = max(steps, min(available, math.ceil(train.min_steps / train.epochs)))
+        steps = max(steps, math.ceil(train.min_steps / train.epochs))
     if train.max_steps_per_epoch:
         steps = min(steps, train.max_steps_per_epoch)
     return steps

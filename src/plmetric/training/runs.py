@@ -23,7 +23,7 @@ from torch import nn
 
 from plmetric.core import distributed as dist_utils
 from plmetric.core import faults
-from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_figure
+from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_figure, atomic_write_json
 from plmetric.config.schema import Config
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "plot_history",
     "seed_everything",
     "stopped_before_first_epoch",
+    "write_summary",
 ]
 
 STATE_FILE = "state.pt"
@@ -227,9 +228,41 @@ def model_metadata(cfg: Config, model: nn.Module, epoch: int, metrics: dict[str,
 
 def skipped_summary(skipped_images: list[str], test_set: Any) -> dict[str, list[str]]:
     """The summary's record of unreadable images: training images (left out of the bank and the
-    sampler) and test images (left out of the evaluation)."""
-    test_skipped = [test_set.describe(i) for i in test_set.unreadable] if test_set is not None else []
-    return {"skipped_images": skipped_images, "skipped_test_images": test_skipped}
+    sampler) and, with a test split, test images (left out of the evaluation)."""
+    if test_set is None:
+        return {"skipped_images": skipped_images}
+    return {"skipped_images": skipped_images, "skipped_test_images": [test_set.describe(i) for i in test_set.unreadable]}
+
+
+def write_summary(path: Path, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``summary.json`` (atomically) from ``fields``, leaving out every field the run cannot
+    fill (``None``): a run without a labelled test split (a pile, ``train --images``) has no test
+    metrics, and writes none rather than nulls. Returns what was written.
+
+    The fields (each only when the run has it):
+
+    * ``epochs``: ``train.epochs`` (0: a method that does not train).
+    * ``start``, ``final``, ``best``: the labelled test split's retrieval metrics (``recall@K``,
+      ``map@r``, ...) of the untrained start, of the last epoch (once it has run) and of the epoch
+      with the best R@1 (an oracle: it reads the test labels); ``best_epoch``: that epoch (0: the start).
+    * ``select_rule``: ``train.select``; ``selected_epoch``: the epoch it kept as
+      ``selected.safetensors`` (0: the untrained start; ``final``: the last epoch run);
+      ``selected``: that epoch's test metrics (with a test split, when that epoch was evaluated).
+    * ``selected_criterion``: the label-free criterion (:mod:`plmetric.evaluation.selection`) the
+      rule maximises, or ``mutual_knn`` when it keeps the final epoch; ``selected_score``: its value
+      at the selected epoch, the value ``log.jsonl`` holds in that epoch's ``selection`` (the
+      start's: ``selection_start``).
+    * ``selection_start``: every label-free criterion of the start; ``final_selection``: every one
+      at the last epoch run.
+    * ``change``: what training changed (:func:`plmetric.training.report.write_change_report`:
+      the criterion for the start and the kept model, the share of neighbours that changed); once
+      the last epoch has run.
+    * ``skipped_images``: unreadable training images, left out; ``skipped_test_images``: unreadable
+      test images, left out of the evaluation (with a test split).
+    """
+    summary = {key: value for key, value in fields.items() if value is not None}
+    atomic_write_json(path, summary)
+    return summary
 
 
 def state_mismatch(path: Path, err: BaseException) -> ValueError:

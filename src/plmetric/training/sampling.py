@@ -335,6 +335,12 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
     (``drop_last=False``: the last group is completed with the first seeds of the same permutation,
     so every batch still has B items and a few items are seeds twice).
 
+    An epoch that needs more batches than one permutation gives (``min_batches``, e.g. the
+    ``train.min_steps`` floor on a small pile) draws further permutations from the same (seed, e)
+    generator, one *round* after another, each cut into groups as above: the epoch's first round is
+    the one an epoch without ``min_batches`` has, every item is a seed at most once per round, and the
+    batches stay a pure function of (seed, e), so replays and resumes are exact.
+
     Duplicates: when neighbourhoods overlap, an item may appear more than once in a batch (as a seed
     and as a neighbour, or as the neighbour of two seeds). With ``avoid_duplicates=False`` (default,
     as STML's public code) they are kept: the batch is exactly the seeds and the first k-1 table
@@ -370,6 +376,8 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
         items: (N,) distinct data set indices of the table's rows (e.g. the readable images, with a
             table from ``bank.neighbours(k, rows=items)``); batches are built on table positions and
             yielded as ``items[position]``. None: the table's rows are the data set indices.
+        min_batches: the fewest batches an epoch yields (further rounds of seeds, see above); None
+            or at most one round's batches: one round.
 
     Raises:
         ValueError: an option out of range or inconsistent with the others, or an invalid table; the
@@ -388,8 +396,10 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
         drop_last: bool = True,
         avoid_duplicates: bool = False,
         items: Tensor | None = None,
+        min_batches: int | None = None,
     ) -> None:
         self.batch_size = check_int("batch_size", batch_size, 1, where=_NBS)
+        self.min_batches = None if min_batches is None else check_int("min_batches", min_batches, 0, where=_NBS)
         self.k = check_int("k", k, 1, where=_NBS)
         if batch_size % k:
             raise ValueError(f"NeighbourhoodBatchSampler: batch_size ({batch_size}) must be divisible by k ({k})")
@@ -485,20 +495,31 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
             self.position = 0
             self._epoch_neighbours = None
 
-    def __len__(self) -> int:
-        """Batches per epoch: N // (B/k) with ``drop_last``, else ceil(N / (B/k))."""
+    @property
+    def batches_per_round(self) -> int:
+        """Batches of one permutation of the seeds: N // (B/k) with ``drop_last``, else ceil(N / (B/k))."""
         n, s = self.num_items, self.seeds_per_batch
         return n // s if self.drop_last else -(-n // s)
+
+    def __len__(self) -> int:
+        """Batches per epoch: one round's (:attr:`batches_per_round`), or ``min_batches`` when more."""
+        return max(self.batches_per_round, self.min_batches or 0)
 
     # -- batch construction -------------------------------------------------------------------------
 
     def epoch_seeds(self, epoch: int) -> Tensor:
-        """The (num_batches, B/k) seeds of every global batch of ``epoch``."""
-        perm = torch.randperm(self.num_items, generator=_epoch_generator(self.seed, epoch))
-        needed = len(self) * self.seeds_per_batch
-        if needed > perm.numel():  # drop_last=False: complete the last group from the start
-            perm = torch.cat([perm, perm[: needed - perm.numel()]])
-        return perm[:needed].view(len(self), self.seeds_per_batch)
+        """The (num_batches, B/k) seeds of every global batch of ``epoch``: rounds of permutations
+        from the (seed, epoch) generator, each cut into :attr:`batches_per_round` groups."""
+        generator = _epoch_generator(self.seed, epoch)
+        per_round, s = self.batches_per_round, self.seeds_per_batch
+        needed = per_round * s
+        rounds = []
+        for _ in range(-(-len(self) // per_round)):
+            perm = torch.randperm(self.num_items, generator=generator)
+            if needed > perm.numel():  # drop_last=False: complete the last group from the start
+                perm = torch.cat([perm, perm[: needed - perm.numel()]])
+            rounds.append(perm[:needed].view(per_round, s))
+        return torch.cat(rounds)[: len(self)]
 
     def global_batches(self, epoch: int, neighbours: Tensor | None = None) -> Tensor:
         """All global batches of ``epoch`` as a (num_batches, B) int64 tensor (before the rank slice)."""
@@ -563,6 +584,7 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
             "k": self.k,
             "drop_last": self.drop_last,
             "avoid_duplicates": self.avoid_duplicates,
+            "min_batches": self.min_batches,
             "neighbours": self._neighbours.clone(),
             "epoch_neighbours": self._epoch_neighbours.clone() if in_progress else None,
         }
@@ -572,14 +594,15 @@ class NeighbourhoodBatchSampler(torch.utils.data.Sampler[list[int]]):
 
         Raises:
             ValueError: missing keys, a sampling configuration (seed, batch_size, k, drop_last,
-                avoid_duplicates) different from this sampler's, an invalid epoch or position, or a
-                table with another number of items N.
+                avoid_duplicates, min_batches) different from this sampler's, an invalid epoch or
+                position, or a table with another number of items N.
         """
         keys = ("epoch", "position", "seed", "batch_size", "k", "drop_last", "avoid_duplicates", "neighbours")
         missing = [key for key in keys if key not in state]
         if missing:
             raise ValueError(f"NeighbourhoodBatchSampler.load_state_dict: state lacks {missing}")
-        for key in ("seed", "batch_size", "k", "drop_last", "avoid_duplicates"):
+        state = {"min_batches": None, **state}  # a state saved before min_batches existed: one round
+        for key in ("seed", "batch_size", "k", "drop_last", "avoid_duplicates", "min_batches"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"NeighbourhoodBatchSampler.load_state_dict: saved {key}={state[key]!r} differs "
@@ -619,7 +642,8 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
     from a CPU generator seeded by (seed, epoch), not NumPy's global state, so batches are the same
     on every rank (each yields its contiguous slice, as :class:`NeighbourhoodBatchSampler`) and an
     epoch can be replayed exactly on resume. An epoch has ``N // B`` batches (about as many images
-    as the data set holds), like the neighbourhood sampler's epochs.
+    as the data set holds), like the neighbourhood sampler's epochs, or ``min_batches`` when more
+    (every batch is a fresh draw, so an epoch may hold any number).
 
     Args:
         labels: (N,) class labels (only items with a label >= 0 are drawn).
@@ -628,6 +652,7 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         seed: non-negative base seed.
         rank, world_size: this process's rank and the number of processes (DDP).
         items: (N,) data set indices of the labels' rows (e.g. the readable images); None: 0..N-1.
+        min_batches: the fewest batches an epoch yields (None: ``N // B``, at least 1).
 
     Raises:
         ValueError: an option out of range, or fewer than B/m classes.
@@ -643,9 +668,11 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         items: Tensor | None = None,
+        min_batches: int | None = None,
     ) -> None:
         name = "ClassBalancedBatchSampler"
         self.batch_size = check_int("batch_size", batch_size, 1, where=_CBS)
+        self.min_batches = None if min_batches is None else check_int("min_batches", min_batches, 0, where=_CBS)
         self.m = check_int("m", m, 1, where=_CBS)
         self.seed = check_int("seed", seed, 0, where=_CBS)
         self.world_size = check_int("world_size", world_size, 1, where=_CBS)
@@ -676,7 +703,7 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch = 0
 
     def __len__(self) -> int:
-        return max(1, self.num_items // self.batch_size)
+        return max(1, self.num_items // self.batch_size, self.min_batches or 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = check_int("epoch", epoch, 0, where=_CBS)
