@@ -257,7 +257,7 @@ def inference_model(
             )
         return module
     if onnxruntime_version() is None:
-        reason = 'onnxruntime is not installed (pip install "plmetric[export]")'
+        reason = "onnxruntime is not installed (pip install onnxruntime)"
         if explicit:
             raise RuntimeUnavailableError(f"--runtime onnxruntime: {reason}")
         _say(f"{reason}: running {what} with PyTorch, several times slower on a CPU")

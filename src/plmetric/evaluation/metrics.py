@@ -725,7 +725,7 @@ def embed_dataset(
     device: str | torch.device = "cpu",
     progress: bool = False,
     desc: str = "embedding",
-    runtime: str = "auto",
+    runtime: str = "torch",
     cache_model: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Embed every readable item of a data set whose items are ``(image, label, index)``; with

@@ -302,6 +302,7 @@ def embed_zoomed(
             device=device,
             progress=progress,
             desc=f"zoomed views ({len(zooms)} per image)",
+            runtime="auto",  # onnxruntime on a CPU (plmetric.data.runtime): the index's model, cached once
         )
     dim = flat.shape[1] // len(zooms) if flat.numel() else int(getattr(model, "embedding_dim", 0))
     out = np.full((len(paths), len(zooms), dim), np.nan, dtype=np.float32)

@@ -265,7 +265,8 @@ def cached_features(
         raise ValueError(f"dataset {dataset!r}: the {split} split has no labelled images; the study needs labels")
     model = create_model(backbone, embedding_dim=0, pretrained=weights is None, weights=weights).to(device)
     features, labels, _ = embed_dataset(
-        model, part, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
+        model, part, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
+        runtime="auto",  # onnxruntime on a CPU (plmetric.data.runtime): the pretrained model, cached once
     )
     features, labels = features.float().contiguous(), labels.long().contiguous()
     blob = save({"features": features, "labels": labels}, metadata={"plmetric_feature_cache": json.dumps(key)})
@@ -336,7 +337,9 @@ def cached_views(
     for view in range(views):
         part.transform = build_transform(backbone, image_size, train=view > 0, crop_scale_min=crop_scale_min)
         torch.manual_seed(seed * 1000 + view)  # the crops (and the workers' seeds) of this view
-        out, y, i = embed_dataset(_Flat(net), part, batch_size=batch_size, num_workers=num_workers, progress=progress)
+        out, y, i = embed_dataset(
+            _Flat(net), part, batch_size=batch_size, num_workers=num_workers, progress=progress, runtime="auto"
+        )
         if index is not None and not torch.equal(i, index):
             raise ValueError(f"cached_views: view {view} read other images than view 0 (unreadable files changed?)")
         outputs.append(out.half())

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from plmetric.config.schema import Config
 from plmetric.core import distributed as dist_utils
-from plmetric.data.datasets import DECODE_ERRORS, DatasetSplits, ViewFeatureDataset
+from plmetric.data.datasets import DatasetSplits, ViewFeatureDataset
 
 __all__ = [
     "CACHED_MODES",
@@ -40,11 +40,13 @@ __all__ = [
 ]
 
 CACHED_MODES = ("head", "tail")
-PROBE_BATCHES = 2  # caching batches timed for the estimate (after one that is not counted)
+PROBE_BATCHES = 6  # caching batches timed for the estimate (after one that is not counted)
 FINISH_SECONDS = 2.0  # the plots, the change report and summary.json (measured: about 1 s for 1,000 images)
-# Views per forward pass of the caching pass. On two CPU cores EfficientNet-Lite0 at 224 px ran 38 images/s
-# in batches of 8-16 and 24 images/s in batches of 64-128 (larger activations fall out of the caches).
-VIEWS_PER_FORWARD = 16
+# Views per DataLoader batch of the caching pass (onnxruntime runs them in pieces of ORT_ROWS_PER_RUN, PyTorch
+# whole). On two CPU cores PyTorch ran EfficientNet-Lite0 at 224 px at 38 images/s in batches of 8-16 and 24
+# in batches of 64-128 (larger activations fall out of the caches); 32 views keep the workers' batches of
+# a few images each (the first results come early, the estimate's probe is short).
+VIEWS_PER_FORWARD = 32
 
 
 def resolve_mode(cfg: Config, device: torch.device) -> str:
@@ -161,7 +163,8 @@ def cache_views(
     progress: bool,
     store_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Every readable image of ``dataset`` decoded once, its views passed through ``net``.
+    """Every readable image of ``dataset`` decoded once, its views passed through ``net`` (the frozen
+    part, already through the inference runtime: :func:`plmetric.data.runtime.inference_model`).
 
     Returns:
         ``(views (V, M, ...), labels (M,), rows (M,))`` over the M readable images.
@@ -176,40 +179,52 @@ def cache_views(
     flat, labels, rows = embed_dataset(
         FrozenViews(net).to(device).eval(),
         dataset,
-        batch_size=max(1, VIEWS_PER_FORWARD // len(transforms)),
+        batch_size=images_per_batch(len(transforms)),
         num_workers=cfg.data.num_workers,
         device=device,
         progress=progress,
+        desc="caching views",
+        runtime="torch",  # net is the runtime's model already
     )
     views = flat.reshape(flat.shape[0], len(transforms), *out_shape).transpose(0, 1).to(store_dtype).contiguous()
     return views, labels, rows
 
 
-def probe_cache_seconds(net: nn.Module, dataset: Any, transforms: Sequence[Callable], device: torch.device) -> float:
-    """Seconds per image of the caching pass, timed as the pass runs it: batches of
-    ``VIEWS_PER_FORWARD`` views, each image decoded and transformed once per view, then the forward.
-    On a CPU the DataLoader workers that decode compete with the forward for the same cores, so the
-    two times add up. The first batch (the first call's allocations) is not counted."""
-    stack = ViewStack(transforms)
-    per_batch = max(1, VIEWS_PER_FORWARD // len(transforms))
-    rows = iter(range(len(dataset)))
-    times: list[float] = []
-    with torch.no_grad():
-        for _ in range(PROBE_BATCHES + 1):
-            start, images = time.perf_counter(), []
-            for i in rows:
-                try:
-                    images.append(stack(dataset.load_image(i)))
-                except DECODE_ERRORS:
-                    continue  # the caching pass names it
-                if len(images) == per_batch:
-                    break
-            if not images:
-                break
-            net(torch.cat(images).to(device))
-            times.append((time.perf_counter() - start) / len(images))
-    times = times[1:] or times
-    return sum(times) / len(times) if times else 0.0
+def probe_cache_seconds(
+    net: nn.Module, dataset: Any, transforms: Sequence[Callable], device: torch.device, num_workers: int
+) -> float:
+    """Seconds per image of the caching pass, timed as the pass runs it: the same DataLoader (``num_workers``
+    processes decoding and cropping the next batches while ``net``, already the runtime's model, runs), the
+    same batches, over the first :data:`PROBE_BATCHES` + 1 batches of images. The first batch (the workers'
+    start, the first call's allocations) is not counted: the rate is that of the batches after it."""
+    from plmetric.data.datasets import collate_skip_none
+
+    per_batch = images_per_batch(len(transforms))
+    previous = dataset.transform
+    dataset.transform = ViewStack(transforms)
+    probe = torch.utils.data.Subset(dataset, range(min(len(dataset), per_batch * (PROBE_BATCHES + 1))))
+    loader = torch.utils.data.DataLoader(
+        probe, batch_size=per_batch, num_workers=num_workers, collate_fn=collate_skip_none
+    )
+    frozen = FrozenViews(net).eval()
+    marks: list[tuple[float, int]] = []
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                if batch is not None:
+                    frozen(batch[0].to(device))
+                    marks.append((time.perf_counter(), len(batch[2])))
+    finally:
+        dataset.transform = previous
+    if len(marks) < 2:
+        return 0.0
+    images = sum(count for _, count in marks[1:])
+    return (marks[-1][0] - marks[0][0]) / images
+
+
+def images_per_batch(views: int) -> int:
+    """Images per DataLoader batch of the caching pass: :data:`VIEWS_PER_FORWARD` views."""
+    return max(1, VIEWS_PER_FORWARD // views)
 
 
 def probe_save_seconds(model: nn.Module) -> float:
@@ -264,6 +279,7 @@ def build_cached_training(cfg: Config, device: torch.device, progress: bool, mod
     the views of the training split (and the clean view of a labelled test split), build the student."""
     from plmetric.data.backbones import build_transform, create_model, feature_model
     from plmetric.data.datasets import load_dataset
+    from plmetric.data.runtime import inference_model
     from plmetric.training.networks import split_backbone, tail_model
 
     main = dist_utils.is_main_process()
@@ -284,6 +300,7 @@ def build_cached_training(cfg: Config, device: torch.device, progress: bool, mod
     size, backbone = cfg.data.image_size, cfg.model.backbone
     with torch.no_grad():
         input_shape = tuple(net(torch.zeros(1, 3, size, size, device=device)).shape[1:])
+    net = inference_model(net, (3, size, size), cfg.train.runtime, device, what="the frozen backbone")
     student = feature_model(input_shape[0], cfg.model.embedding_dim) if mode == "head" else tail_model(model, frozen)
     splits = load_dataset(cfg.data.dataset, cfg.data.root, verbose=main)
     clean = build_transform(backbone, size, train=False)
@@ -291,7 +308,7 @@ def build_cached_training(cfg: Config, device: torch.device, progress: bool, mod
     train_transforms = [clean] + [crop] * (cfg.train.views - 1)
     estimate = None
     if main:
-        per_image = probe_cache_seconds(net, splits.train, train_transforms, device)
+        per_image = probe_cache_seconds(net, splits.train, train_transforms, device, cfg.data.num_workers)
         test_images = len(splits.test) if splits.test is not None else 0
         steps = planned_steps_per_epoch(cfg, len(splits.train)) * cfg.train.epochs
         estimate = Estimate(

@@ -55,7 +55,7 @@ def embed_distributed(
     device: torch.device,
     indices: list[int] | None = None,
     progress: str | None = None,
-    runtime: str = "auto",
+    runtime: str = "torch",
     cache_model: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embed a data set (or its items ``indices``), sharded over ranks and gathered with its
