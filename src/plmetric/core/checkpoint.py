@@ -12,11 +12,12 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:  # torch is imported by the functions that store tensors: the file helpers stay torch-free
+    import torch
 
 METADATA_KEY = "plmetric"
 FORMAT_VERSION = 1
@@ -154,6 +155,8 @@ def atomic_save_safetensors(
 ) -> Path:
     """``safetensors.torch.save_file`` to a temporary file beside ``path``, then rename; the file gets
     the umask's permissions (safetensors itself creates 0600 files)."""
+    from safetensors.torch import save_file
+
     from plmetric.core import faults
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

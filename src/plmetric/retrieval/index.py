@@ -35,6 +35,10 @@ decoded and re-encoded, from the recorded path, never through a link.
 
 An index is never built with an untrained random embedding layer: without a checkpoint only the
 backbone's pooled features (``embedding_dim = 0``) are reproducible.
+
+One query is searched without torch by :mod:`plmetric.retrieval.quick_search` when the index names a
+cached ONNX export (where :class:`IndexMismatchError` and the model check live, shared with this
+module); the result grid is :mod:`plmetric.retrieval.result_grid`'s (Pillow).
 """
 
 from __future__ import annotations
@@ -54,12 +58,12 @@ from safetensors.torch import load_file
 from plmetric.core.checkpoint import (
     atomic_save_safetensors,
     atomic_write_bytes,
-    atomic_write_figure,
     file_sha256,
 )
 from plmetric.data.backbones import check_model_metadata, load_model
+from plmetric.retrieval.quick_search import INDEX_KEY, IndexMismatchError, check_same_file
+from plmetric.retrieval.result_grid import GRID_CAPTION_CHARS, GRID_DECODE_SIDE, draw_results  # noqa: F401 - their old home
 
-INDEX_KEY = "plmetric_index"
 INDEX_FORMAT = "plmetric-index"
 INDEX_VERSION = 2
 FILE_STAT_KEY = "file_stat"
@@ -68,10 +72,6 @@ FILE_STAT_KEY = "file_stat"
 
 class IndexBusyError(ValueError):
     """Another process holds the index's lock (it is extending the same index now)."""
-
-
-class IndexMismatchError(ValueError):
-    """The model an index records is not the model found now (changed or missing checkpoint)."""
 
 
 def preprocessing(backbone: str, image_size: int) -> dict[str, Any]:
@@ -156,34 +156,14 @@ def model_from_description(description: dict[str, Any], index_path: str | os.Pat
 
     checkpoint = description.get("checkpoint")
     if checkpoint:
-        _check_same_file(checkpoint, description.get("checkpoint_sha256"), "checkpoint", index_path)
+        check_same_file(checkpoint, description.get("checkpoint_sha256"), "checkpoint", index_path)
         model, _ = load_model(checkpoint)
         return model
     weights = description.get("weights")
     if weights:
-        _check_same_file(weights, description.get("weights_sha256"), "weights file", index_path)
+        check_same_file(weights, description.get("weights_sha256"), "weights file", index_path)
     model = create_model(description["backbone"], embedding_dim=0, pretrained=True, weights=weights)
     return model.eval()
-
-
-def _check_same_file(path: str, recorded: str | None, what: str, index_path: str | os.PathLike) -> None:
-    if not Path(path).is_file():
-        raise IndexMismatchError(
-            f"index {index_path} was built with the {what} {path}, which no longer exists; "
-            "rebuild the index (plmetric index) with the model you want to search with"
-        )
-    if recorded is None:
-        raise IndexMismatchError(
-            f"index {index_path} records no SHA-256 of its {what} {path} (an index from an older plmetric): "
-            "it cannot be checked; rebuild it with plmetric index"
-        )
-    found = file_sha256(path)
-    if found != recorded:
-        raise IndexMismatchError(
-            f"the {what} {path} has changed since index {index_path} was built (SHA-256 {recorded[:16]}... then, "
-            f"{found[:16]}... now): the index's embeddings came from another model; rebuild the index, or keep "
-            "the model an index is built with (e.g. copy best.safetensors) instead of a run's latest model"
-        )
 
 
 def file_stats(paths: list[str]) -> torch.Tensor:
@@ -633,45 +613,3 @@ def extend_index(
         out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown, stats=stats
     )
     return len(all_embeddings), faiss_path, plan
-
-
-GRID_DECODE_SIDE = 512
-"""Grid tiles are about 200 px wide: JPEGs are decoded at the smallest DCT scale that keeps this side."""
-
-
-def draw_results(query_path: str, result_paths: list[str], scores: list[float], out: str | os.PathLike) -> Path:
-    """Draw the query beside its results as a PNG grid (file names and scores as captions), atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from plmetric.data.images import open_image
-
-    n = len(result_paths) + 1
-    cols = min(n, 6)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.7 * rows), squeeze=False)
-    tiles = [(query_path, f"query\n{_short(query_path)}")] + [
-        (p, f"#{i + 1}  {s:.3f}\n{_short(p)}") for i, (p, s) in enumerate(zip(result_paths, scores, strict=True))
-    ]
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (image_path, title) in zip(axes.flat, tiles, strict=False):
-        try:
-            ax.imshow(open_image(image_path, max_side=GRID_DECODE_SIDE))
-        except (OSError, ValueError):
-            ax.text(0.5, 0.5, "missing" if not Path(image_path).exists() else "unreadable", ha="center", va="center")
-        ax.set_title(title, fontsize=7, color="tab:red" if title.startswith("query") else "black")
-    fig.tight_layout()
-    return atomic_write_figure(fig, out, dpi=90)
-
-
-GRID_CAPTION_CHARS = 28
-"""A grid tile's caption fits about this many characters of a file name (2.2 inches at 7 pt)."""
-
-
-def _short(path: str, limit: int = GRID_CAPTION_CHARS) -> str:
-    from plmetric.training.report import shorten_name
-
-    return shorten_name(Path(path).name, limit)

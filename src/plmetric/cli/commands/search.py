@@ -1,6 +1,8 @@
 """``plmetric search``: query images -> their top-k most similar images in an index (many queries in
 one process), printed, drawn as PNG grids, and written as JSON/CSV. A query that is itself an indexed
-image (the same absolute path) is left out of its own results unless ``--include-self``."""
+image (the same absolute path) is left out of its own results unless ``--include-self``. One query on an
+index that names its cached ONNX export is answered without importing torch
+(:mod:`plmetric.retrieval.quick_search`: about a second instead of ten); anything else takes the PyTorch path."""
 
 from __future__ import annotations
 
@@ -10,7 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from plmetric.cli.common import CLIError, add_command, check_output, image_paths, non_negative_int, positive_int
+from plmetric.cli.common import (
+    CLIError,
+    add_command,
+    check_output,
+    image_paths,
+    inference_runner,
+    non_negative_int,
+    positive_int,
+    runtime_option,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -27,6 +38,7 @@ def add_parser(subparsers: Any) -> None:
     se.add_argument("--csv", default=None, help="write every query's results as CSV: query,rank,path,score")
     se.add_argument("--batch-size", type=positive_int, default=64, help="query images per forward pass")
     se.add_argument("--num-workers", type=non_negative_int, default=0, help="decoding workers for many queries")
+    runtime_option(se)
     se.add_argument("--exact", action="store_true", help="exact torch search even when the index has a faiss index")
     se.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells to scan (default: the index's own)")
     se.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search beam (default: the index's own)")
@@ -40,30 +52,16 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from plmetric.data.backbones import build_transform
-    from plmetric.retrieval.index import draw_results, load_embeddings, load_faiss_index, model_from_description, search
+    from plmetric.retrieval.result_grid import draw_results
 
     if not Path(args.index).is_file():  # the index first: without it no query matters
         raise FileNotFoundError(f"index/embeddings file not found: {args.index}")
     queries = _query_paths(args)
     grids, json_out, csv_out = _search_outputs(args, queries)
-    database, _, paths, description = load_embeddings(args.index)
-    faiss_index = None if args.exact else load_faiss_index(args.index)  # faiss there, the .faiss file its own
-    indexed = {Path(p).resolve() for p in paths}
-    for out in (*grids, json_out, csv_out):
-        if out is not None and out.expanduser().resolve() in indexed:
-            raise CLIError(f"{out} is an image of the index; writing it would destroy it")
-    transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
-    model = model_from_description(description, args.index)
-    embeddings, found = _embed_queries(args, queries, model, transform)
-    if embeddings.shape[1] != database.shape[1]:
-        raise ValueError(
-            f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.shape[1]}"
-        )
+    outputs = (*grids, json_out, csv_out)
     asked = args.top_k if args.include_self else args.top_k + 1  # one more: room to drop the query's own file
-    scores, indices = search(
-        args.index, embeddings, asked, database, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
-    )
+    searched = _quick_search(args, queries, outputs, asked)  # one query through the cached export: no torch
+    paths, scores, indices, found = searched or _torch_search(args, queries, outputs, asked)
     ids = {p: i for i, p in enumerate(paths)}
     report, rows, moved, shown = [], [], 0, 0
     for row, q in enumerate(found):
@@ -109,6 +107,56 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quick_search(
+    args: argparse.Namespace, queries: list[Path], outputs: tuple[Path | None, ...], asked: int
+) -> tuple[list[str], Any, Any, list[int]] | None:
+    """``(index paths, scores, ids, found queries)`` of one query without importing torch
+    (:mod:`plmetric.retrieval.quick_search`: the cached ONNX export the index names, NumPy search), or
+    None when that path cannot give the PyTorch path's answer."""
+    from plmetric.retrieval.quick_search import open_quick_index
+
+    quick = open_quick_index(args.index, runtime=args.runtime, exact=args.exact, queries=len(queries))
+    if quick is None:
+        return None
+    _refuse_indexed_outputs(quick.paths, outputs)
+    if not quick.load_model():  # IndexMismatchError for a changed model, as the PyTorch path
+        return None
+    scores, indices = quick.search(quick.embed(queries[0]), asked)
+    return quick.paths, scores, indices, [0]
+
+
+def _torch_search(
+    args: argparse.Namespace, queries: list[Path], outputs: tuple[Path | None, ...], asked: int
+) -> tuple[list[str], Any, Any, list[int]]:
+    """``(index paths, scores, ids, found queries)``: the index's model rebuilt with PyTorch, the queries
+    embedded through ``--runtime``, searched exactly or through the index's faiss file."""
+    from plmetric.data.backbones import build_transform
+    from plmetric.retrieval.index import load_embeddings, load_faiss_index, model_from_description, search
+
+    database, _, paths, description = load_embeddings(args.index)
+    faiss_index = None if args.exact else load_faiss_index(args.index)  # faiss there, the .faiss file its own
+    _refuse_indexed_outputs(paths, outputs)
+    transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
+    model = inference_runner(args, model_from_description(description, args.index), dict(description), "cpu")
+    embeddings, found = _embed_queries(args, queries, model, transform)
+    if embeddings.shape[1] != database.shape[1]:
+        raise ValueError(
+            f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.shape[1]}"
+        )
+    scores, indices = search(
+        args.index, embeddings, asked, database, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
+    )
+    return paths, scores, indices, found
+
+
+def _refuse_indexed_outputs(paths: list[str], outputs: tuple[Path | None, ...]) -> None:
+    """Refuse an output file that is one of the index's images (writing it would destroy it)."""
+    indexed = {Path(p).resolve() for p in paths}
+    for out in outputs:
+        if out is not None and out.expanduser().resolve() in indexed:
+            raise CLIError(f"{out} is an image of the index; writing it would destroy it")
+
+
 def without_self(ids: list[int], own: int | None, k: int) -> list[tuple[int, int]]:
     """``(position, id)`` of the first ``k`` found ids (-1: a slot an approximate index left empty),
     leaving out ``own``, the query's own index id (None: nothing left out). Only that id is dropped,
@@ -118,6 +166,9 @@ def without_self(ids: list[int], own: int | None, k: int) -> list[tuple[int, int
 
 def _query_paths(args: argparse.Namespace) -> list[Path]:
     """The query images: files, folders (searched recursively) and the lines of ``--queries-file``."""
+    files = [Path(query) for query in args.query]
+    if files and not args.queries_file and all(f.is_file() for f in files):
+        return files  # image_paths' answer for files, without importing its folder walk (and torch)
     return image_paths(args.query, args.queries_file, "query", "--queries-file")
 
 
@@ -204,7 +255,7 @@ def _embed_queries(
             return model.eval()(read_query_image(queries[0], transform).unsqueeze(0)), [0]
     dataset = ImageDataset(queries, None, transform, "queries")
     embeddings, _, index = embed_dataset(
-        model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=False
+        model, dataset, batch_size=args.batch_size, num_workers=args.num_workers, progress=False, runtime="torch"
     )
     if index.numel() == 0:
         raise ValueError(f"none of the {len(queries)} query images could be read")
