@@ -31,6 +31,7 @@ from safetensors.numpy import save_file as save_numpy
 
 from plmetric.cli import main
 from plmetric.core.checkpoint import save_model
+from plmetric.core.runtime_cache import ONNX_KEY
 from plmetric.data import runtime as rt
 from plmetric.data.backbones import create_model
 from plmetric.retrieval import quick_search as qs
@@ -64,7 +65,7 @@ def built(cub_root, tmp_path_factory) -> dict[str, Path]:
     argv = ["index", str(photos), "--checkpoint", str(ckpt), "--out", str(index), "--runtime", "auto", *COMMON]
     assert main(argv) == 0
     runtime = read_index_metadata(index)["model"]["runtime"]
-    assert runtime["used"] == "onnxruntime" and qs.ONNX_KEY.fullmatch(runtime["onnx_key"])
+    assert runtime["used"] == "onnxruntime" and ONNX_KEY.fullmatch(runtime["onnx_key"])
     return {"root": root, "photos": photos, "outside": outside, "ckpt": ckpt, "index": index}
 
 
@@ -323,12 +324,3 @@ def test_exact_top_k_orders_like_torch():
         qs.exact_top_k(queries, database, 0)
 
 
-def test_its_copies_of_the_runtime_constants_agree(monkeypatch, tmp_path):
-    assert (qs.INPUT_NAME, qs.OUTPUT_NAME, qs.CACHE_ENV) == (rt.INPUT_NAME, rt.OUTPUT_NAME, rt.CACHE_ENV)
-    for cache, xdg in ((str(tmp_path / "c"), None), (None, str(tmp_path / "x")), (None, None), ("~/c", None)):
-        for name, value in (("PLMETRIC_CACHE", cache), ("XDG_CACHE_HOME", xdg)):
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, value)
-        assert qs.cache_dir() == rt.cache_dir()

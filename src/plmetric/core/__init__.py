@@ -4,7 +4,8 @@ Argument checks (:mod:`~plmetric.core.validation`), the typed option objects wit
 and the registry of training methods by name (:mod:`~plmetric.core.options`), the one device
 resolver (:mod:`~plmetric.core.devices`), DDP helpers (:mod:`~plmetric.core.distributed`),
 crash-test fault points (:mod:`~plmetric.core.faults`) and safe, atomic persistence: files,
-safetensors checkpoints and their JSON metadata (:mod:`~plmetric.core.checkpoint`).
+safetensors checkpoints and their JSON metadata (:mod:`~plmetric.core.checkpoint`); where the
+inference runtime caches its exports (:mod:`~plmetric.core.runtime_cache`, no torch).
 
 May import: nothing else of plmetric (the bottom layer). Importing this package imports none of
 its modules.

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_json
 from plmetric.core.options import INFERENCE_RUNTIMES
+from plmetric.core.runtime_cache import CACHE_ENV, INPUT_NAME, OUTPUT_NAME, cache_dir, entry_files, read_check
 
 __all__ = [
     "ONNX_OPSET",
@@ -59,8 +60,6 @@ __all__ = [
 
 RUNTIMES = INFERENCE_RUNTIMES
 ONNX_OPSET = 17
-CACHE_ENV = "PLMETRIC_CACHE"
-INPUT_NAME, OUTPUT_NAME = "input", "output"
 # Rows per session.run: on two cores EfficientNet-Lite0 at 224 px ran about 40 images/s in runs of 8 and
 # 23-27 in runs of 32-64 (larger activations fall out of the caches); benchmarks/inference_speed.py measures it.
 ORT_ROWS_PER_RUN = 8
@@ -95,14 +94,6 @@ def onnxruntime_version() -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
-
-
-def cache_dir() -> Path:
-    """Where exported models are kept: ``$PLMETRIC_CACHE``, ``$XDG_CACHE_HOME/plmetric`` or ``~/.cache/plmetric``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "plmetric"
 
 
 def model_key(module: nn.Module, input_shape: tuple[int, ...]) -> str:
@@ -279,13 +270,10 @@ def runtime_of(module: nn.Module) -> str:
 
 def _cached_session(path: Path) -> tuple[Any, dict[str, Any]] | None:
     """The session of a cached export and its recorded check, or None (missing, damaged or unchecked)."""
-    record = path.with_suffix(".json")
-    if not (path.is_file() and record.is_file()):
+    check = read_check(path.with_suffix(".json")) if path.is_file() else None
+    if check is None:
         return None
     try:
-        check = json.loads(record.read_text())
-        if not (isinstance(check, dict) and float(check["error"]) <= float(check["bound"])):
-            return None
         return _session(str(path)), check
     except Exception:  # noqa: BLE001 - a damaged cache entry is exported again
         return None
@@ -296,7 +284,7 @@ def _ort_module(module: nn.Module, input_shape: tuple[int, ...], cache: bool) ->
     batch against ``module`` and then cached (the ``.onnx`` and a ``.json`` with the check's result)."""
     module = module.cpu()
     key = model_key(module, input_shape)
-    path = cache_dir() / "onnx" / f"{key}.onnx" if cache else None
+    path = entry_files(key)[0] if cache else None
     hit = _cached_session(path) if path is not None else None
     if hit is not None:
         out = OrtModule(hit[0], input_shape, module, key, path)

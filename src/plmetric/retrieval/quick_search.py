@@ -34,15 +34,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from plmetric.core.checkpoint import file_sha256
+from plmetric.core.runtime_cache import INPUT_NAME, OUTPUT_NAME, cache_dir, entry_files, read_check
 
 __all__ = [
     "INDEX_KEY",
@@ -56,9 +55,6 @@ __all__ = [
 
 INDEX_KEY = "plmetric_index"
 """The safetensors metadata key of an index's JSON description."""
-CACHE_ENV = "PLMETRIC_CACHE"
-INPUT_NAME, OUTPUT_NAME = "input", "output"  # the names plmetric.data.runtime exports with
-ONNX_KEY = re.compile(r"[0-9a-f]{64}")
 QUICK_RUNTIMES = ("auto", "onnxruntime")
 
 
@@ -90,15 +86,6 @@ def check_same_file(path: str, recorded: str | None, what: str, index_path: str 
             f"{found[:16]}... now): the index's embeddings came from another model; rebuild the index, or keep "
             "the model an index is built with (e.g. copy best.safetensors) instead of a run's latest model"
         )
-
-
-def cache_dir() -> Path:
-    """Where :mod:`plmetric.data.runtime` keeps its exports: ``$PLMETRIC_CACHE``,
-    ``$XDG_CACHE_HOME/plmetric`` or ``~/.cache/plmetric`` (the same rule, without importing torch)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "plmetric"
 
 
 def exact_top_k(queries: np.ndarray, database: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,19 +262,12 @@ def _cached_export(record: Any, size: int) -> Path | None:
     """The cached ONNX export that ``model.runtime`` names, if its key is well formed, its files exist
     and its recorded check passed for inputs ``(3, size, size)``; else None."""
     key = record.get("onnx_key") if isinstance(record, dict) else None
-    if not isinstance(key, str) or ONNX_KEY.fullmatch(key) is None:
-        return None
-    folder = cache_dir() / "onnx"
-    onnx_file, check_file = folder / f"{key}.onnx", folder / f"{key}.json"
-    if not (onnx_file.is_file() and check_file.is_file()):
-        return None
     try:
-        check = json.loads(check_file.read_text())
-        error, bound = float(check["error"]), float(check["bound"])
-        shape = check["input_shape"]
-    except (OSError, ValueError, TypeError, KeyError):
+        onnx_file, check_file = entry_files(key)
+    except ValueError:
         return None
-    if not (math.isfinite(error) and math.isfinite(bound) and error <= bound) or shape != [3, size, size]:
+    check = read_check(check_file) if onnx_file.is_file() else None
+    if check is None or check.get("input_shape") != [3, size, size]:
         return None
     return onnx_file
 
