@@ -245,3 +245,10 @@ def test_validate_refuses_non_finite_numbers_set_in_python():
 def test_train_numbers_and_image_size_have_bounds(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, [override])
+
+
+def test_train_runtime_is_one_of_the_inference_runtimes():
+    assert load_config(None, []).train.runtime == "auto"
+    assert load_config(None, ["train.runtime=onnxruntime"]).train.runtime == "onnxruntime"
+    with pytest.raises(ValueError, match="train.runtime.*tensorrt"):
+        load_config(None, ["train.runtime=tensorrt"])

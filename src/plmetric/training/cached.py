@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from plmetric.config.schema import Config
 from plmetric.core import distributed as dist_utils
-from plmetric.data.datasets import DatasetSplits, ViewFeatureDataset
+from plmetric.data.datasets import DECODE_ERRORS, DatasetSplits, ViewFeatureDataset
 
 __all__ = [
     "CACHED_MODES",
@@ -200,26 +200,39 @@ def probe_cache_seconds(
     from plmetric.data.datasets import collate_skip_none
 
     per_batch = images_per_batch(len(transforms))
-    previous = dataset.transform
-    dataset.transform = ViewStack(transforms)
-    probe = torch.utils.data.Subset(dataset, range(min(len(dataset), per_batch * (PROBE_BATCHES + 1))))
+    probe = _QuietViews(dataset, ViewStack(transforms), min(len(dataset), per_batch * (PROBE_BATCHES + 1)))
     loader = torch.utils.data.DataLoader(
         probe, batch_size=per_batch, num_workers=num_workers, collate_fn=collate_skip_none
     )
     frozen = FrozenViews(net).eval()
     marks: list[tuple[float, int]] = []
-    try:
-        with torch.no_grad():
-            for batch in loader:
-                if batch is not None:
-                    frozen(batch[0].to(device))
-                    marks.append((time.perf_counter(), len(batch[2])))
-    finally:
-        dataset.transform = previous
+    with torch.no_grad():
+        for batch in loader:
+            if batch is not None:
+                frozen(batch[0].to(device))
+                marks.append((time.perf_counter(), len(batch[2])))
     if len(marks) < 2:
         return 0.0
     images = sum(count for _, count in marks[1:])
     return (marks[-1][0] - marks[0][0]) / images
+
+
+class _QuietViews(torch.utils.data.Dataset):
+    """The first ``count`` items of an image data set as stacked views, an unreadable one None without a
+    warning (the caching pass names it, once)."""
+
+    def __init__(self, dataset: Any, stack: ViewStack, count: int) -> None:
+        self.dataset, self.stack, self.count = dataset, stack, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int] | None:
+        try:
+            image = self.dataset.load_image(i)
+        except DECODE_ERRORS:
+            return None
+        return self.stack(image), 0, i
 
 
 def images_per_batch(views: int) -> int:

@@ -40,10 +40,21 @@ def loader_workers(cfg: Config, dataset: Any) -> int:
     return 0 if isinstance(dataset, (FeatureDataset, ViewFeatureDataset)) else cfg.data.num_workers
 
 
-def pass_runtime(cfg: Config, dataset: Any) -> str:
-    """``train.runtime`` for a pass over images; ``torch`` over cached features (the network is the
+# Images below which a pass over images keeps PyTorch under train.runtime=auto: the model changes every epoch,
+# so each pass exports it again (EfficientNet-Lite0: about 2-3 s with the check on two cores, what PyTorch
+# takes for ~20-30 images at 224 px); well above that the export pays for itself, below it gains nothing.
+PASS_RUNTIME_MIN_IMAGES = 256
+
+
+def pass_runtime(cfg: Config, dataset: Any, count: int | None = None) -> str:
+    """``train.runtime`` for a pass over images (``auto`` keeps PyTorch for a pass of fewer than
+    :data:`PASS_RUNTIME_MIN_IMAGES` images: ``count``, else the whole data set); ``torch`` over cached features (the network is the
     embedding layer, or the trained tail: nothing to gain from exporting it every epoch)."""
-    return "torch" if isinstance(dataset, (FeatureDataset, ViewFeatureDataset)) else cfg.train.runtime
+    if isinstance(dataset, (FeatureDataset, ViewFeatureDataset)):
+        return "torch"
+    if cfg.train.runtime == "auto" and (len(dataset) if count is None else count) < PASS_RUNTIME_MIN_IMAGES:
+        return "torch"
+    return cfg.train.runtime
 
 
 def embed_distributed(
@@ -178,7 +189,7 @@ def embed_source(
         device=device,
         indices=indices,
         progress=progress,
-        runtime=pass_runtime(cfg, source),
+        runtime=pass_runtime(cfg, source, None if indices is None else len(indices)),
         cache_model=False,  # the model changes every epoch: exported in memory only
     )
 
