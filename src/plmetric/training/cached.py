@@ -41,7 +41,7 @@ __all__ = [
 
 CACHED_MODES = ("head", "tail")
 PROBE_BATCHES = 6  # caching batches timed for the estimate (after one that is not counted)
-FINISH_SECONDS = 2.0  # the plots, the change report and summary.json (measured: about 1 s for 1,000 images)
+FINISH_SECONDS = 3.0  # the plots, the change report and summary.json (measured: 2.5 s for 1,000 images)
 # Views per DataLoader batch of the caching pass (onnxruntime runs them in pieces of ORT_ROWS_PER_RUN, PyTorch
 # whole). On two CPU cores PyTorch ran EfficientNet-Lite0 at 224 px at 38 images/s in batches of 8-16 and 24
 # in batches of 64-128 (larger activations fall out of the caches); 32 views keep the workers' batches of
@@ -190,49 +190,37 @@ def cache_views(
     return views, labels, rows
 
 
-def probe_cache_seconds(
-    net: nn.Module, dataset: Any, transforms: Sequence[Callable], device: torch.device, num_workers: int
-) -> float:
-    """Seconds per image of the caching pass, timed as the pass runs it: the same DataLoader (``num_workers``
-    processes decoding and cropping the next batches while ``net``, already the runtime's model, runs), the
-    same batches, over the first :data:`PROBE_BATCHES` + 1 batches of images. The first batch (the workers'
-    start, the first call's allocations) is not counted: the rate is that of the batches after it."""
-    from plmetric.data.datasets import collate_skip_none
+def probe_cache_seconds(net: nn.Module, dataset: Any, transforms: Sequence[Callable], device: torch.device) -> float:
+    """Seconds per image of the caching pass: the median of :data:`PROBE_BATCHES` batches of the pass's
+    size (after one that is not counted: the first call's allocations) of images spread evenly over the
+    data set, each image decoded and cropped into its views,
+    then the views through ``net`` (already the runtime's model), one after the other in this process.
 
+    Why sequential: on two cores the pass's DataLoader workers decode while onnxruntime's threads run the
+    network, and both want the same cores; measured on 1,000 CUB images the pass ran 58 images/s with no
+    worker and 61 with two (``benchmarks/inference_speed.py``), so the two times add up. A probe through
+    the workers would time the batches they decoded ahead while the first one ran (34 % too fast)."""
+    stack = ViewStack(transforms)
     per_batch = images_per_batch(len(transforms))
-    probe = _QuietViews(dataset, ViewStack(transforms), min(len(dataset), per_batch * (PROBE_BATCHES + 1)))
-    loader = torch.utils.data.DataLoader(
-        probe, batch_size=per_batch, num_workers=num_workers, collate_fn=collate_skip_none
-    )
-    frozen = FrozenViews(net).eval()
-    marks: list[tuple[float, int]] = []
+    # images spread over the whole data set (a folder's first ones may all be one camera's or one class's)
+    rows = iter(range(0, len(dataset), max(1, len(dataset) // (per_batch * (PROBE_BATCHES + 1)))))
+    times: list[float] = []
     with torch.no_grad():
-        for batch in loader:
-            if batch is not None:
-                frozen(batch[0].to(device))
-                marks.append((time.perf_counter(), len(batch[2])))
-    if len(marks) < 2:
-        return 0.0
-    images = sum(count for _, count in marks[1:])
-    return (marks[-1][0] - marks[0][0]) / images
-
-
-class _QuietViews(torch.utils.data.Dataset):
-    """The first ``count`` items of an image data set as stacked views, an unreadable one None without a
-    warning (the caching pass names it, once)."""
-
-    def __init__(self, dataset: Any, stack: ViewStack, count: int) -> None:
-        self.dataset, self.stack, self.count = dataset, stack, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int] | None:
-        try:
-            image = self.dataset.load_image(i)
-        except DECODE_ERRORS:
-            return None
-        return self.stack(image), 0, i
+        for _ in range(PROBE_BATCHES + 1):
+            start, images = time.perf_counter(), []
+            for i in rows:
+                try:
+                    images.append(stack(dataset.load_image(i)))
+                except DECODE_ERRORS:
+                    continue  # the caching pass names it
+                if len(images) == per_batch:
+                    break
+            if not images:
+                break
+            net(torch.cat(images).to(device))
+            times.append((time.perf_counter() - start) / len(images))
+    times = sorted(times[1:] or times)
+    return times[len(times) // 2] if times else 0.0  # the median: one batch slowed by the machine counts once
 
 
 def images_per_batch(views: int) -> int:
@@ -240,14 +228,30 @@ def images_per_batch(views: int) -> int:
     return max(1, VIEWS_PER_FORWARD // views)
 
 
-def probe_save_seconds(model: nn.Module) -> float:
-    """Seconds to serialise the image model's weights once (each epoch writes a checkpoint)."""
-    from safetensors.torch import save
+def probe_epoch_seconds(model: nn.Module, cfg: Config, num_images: int, embedding_dim: int) -> float:
+    """Seconds of one epoch's work besides its steps: the label-free selection criteria of the epoch
+    (:func:`plmetric.evaluation.selection.selection_criteria` on ``min(N, train.select_images)`` embeddings)
+    and three files of the size of the whole image model written to disk (``model.safetensors`` every
+    epoch, ``selected.safetensors`` when the pick changes, assumed as often, and ``state.pt``, taken as one
+    more): the median of three, each timed as the loop does it (a copy of the model, written atomically)."""
+    import tempfile
 
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    start = time.perf_counter()
-    save(state)
-    return time.perf_counter() - start
+    from plmetric.core.checkpoint import save_model
+    from plmetric.evaluation.selection import selection_criteria
+
+    n = max(3, min(num_images, cfg.train.select_images))
+    x = torch.nn.functional.normalize(torch.randn(n, embedding_dim, generator=torch.Generator().manual_seed(0)), dim=1)
+    times = []
+    with tempfile.TemporaryDirectory() as folder:
+        for _ in range(3):
+            start = time.perf_counter()
+            selection_criteria(x, x, x, k=min(cfg.train.select_k, n - 1))
+            for name in ("model", "selected", "state"):
+                meta = {"backbone": cfg.model.backbone, "embedding_dim": cfg.model.embedding_dim,
+                        "image_size": cfg.data.image_size}
+                save_model(f"{folder}/{name}.safetensors", copy.deepcopy(model), meta)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[1]
 
 
 def probe_step_seconds(
@@ -321,7 +325,7 @@ def build_cached_training(cfg: Config, device: torch.device, progress: bool, mod
     train_transforms = [clean] + [crop] * (cfg.train.views - 1)
     estimate = None
     if main:
-        per_image = probe_cache_seconds(net, splits.train, train_transforms, device, cfg.data.num_workers)
+        per_image = probe_cache_seconds(net, splits.train, train_transforms, device)
         test_images = len(splits.test) if splits.test is not None else 0
         steps = planned_steps_per_epoch(cfg, len(splits.train)) * cfg.train.epochs
         estimate = Estimate(
@@ -332,7 +336,8 @@ def build_cached_training(cfg: Config, device: torch.device, progress: bool, mod
             cache_seconds=per_image * (len(splits.train) + test_images / cfg.train.views),
             train_seconds=steps * probe_step_seconds(cfg, student, input_shape, device, len(splits.train)),
             # model.safetensors every epoch, selected.safetensors when the pick changes (assumed as often)
-            bookkeeping_seconds=2 * cfg.train.epochs * probe_save_seconds(model) + FINISH_SECONDS,
+            bookkeeping_seconds=cfg.train.epochs * probe_epoch_seconds(model, cfg, len(splits.train), model.embedding_dim)
+            + FINISH_SECONDS,
         )
         print(estimate.line(mode), flush=True)
     train_views, train_labels, rows = cache_views(net, splits.train, train_transforms, cfg, device, progress, store)
