@@ -125,7 +125,7 @@ def test_numpy_and_torch_scalars_are_written_as_numbers_nan_as_empty(tmp_path, s
     scores = list(np.array([0.25, np.nan], np.float32))  # a list of NumPy scalars, not an array
     write(out, "duplicates", parts=[[[np.int64(1), np.int64(1)], [torch.tensor(2)] * 2, ["a", "b"], scores]])
     if suffix == ".csv":
-        assert out.read_text().splitlines()[1:] == ["1,2,a,0.250000", "1,2,b,"]
+        assert out.read_text().splitlines()[1:] == ['1,2,"a",0.250000', '1,2,"b",']  # text quoted, numbers bare
     else:
         pq = pytest.importorskip("pyarrow.parquet")
         assert pq.read_table(out).column("best_score").to_pylist() == [0.25, None]

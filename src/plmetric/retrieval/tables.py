@@ -13,14 +13,34 @@ One row per image (or per image and neighbour), with these columns:
 
 A CSV file is ours when its first line is exactly its kind's header; a Parquet file when its schema
 metadata says ``plmetric_table: <kind>``. Parquet needs pyarrow (``pip install "plmetric[parquet]"``).
+
+How names are written, so that every cell reads back to the same file (:func:`encode_name`,
+:func:`csv_text` and their inverses :func:`decode_name`, :func:`read_csv_text`, used by
+:func:`read_group_table`; ``search --csv/--json`` and ``serve``'s JSON follow the same rule):
+
+* Names (``path``, ``neighbour``; ``query`` in ``search``'s outputs) are UTF-8 text, as they are. A
+  name whose bytes are not UTF-8 (on Linux a file name may hold any bytes but ``/`` and NUL; Python
+  holds the undecodable ones as surrogate escapes, :func:`os.fsdecode`), and a name that itself starts
+  with ``file:``, is written as ``file:`` followed by its bytes (:func:`os.fsencode`) percent-encoded
+  as in a URI (RFC 3986; ``/`` and the unreserved ASCII characters as they are):
+  ``/pile/caf\xe9.png`` becomes ``file:/pile/caf%E9.png``, an RFC 8089 file URI. Any reader sees
+  text; ``os.fsdecode(urllib.parse.unquote_to_bytes(cell[5:]))`` gives the name back. Paths in these
+  tables are absolute (``/...``) or ``item:N``, so a plain name never starts with ``file:``.
+* CSV only, against formula injection (OWASP, "CSV Injection"): every text cell is quoted (``"..."``:
+  a separator inside a name cannot split it in a spreadsheet that splits on ``;``), and a text cell
+  that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return, or with ``'`` itself, gets
+  one ``'`` in front: a spreadsheet shows it as text, and a reader removes exactly one leading ``'``
+  from a text cell that has one. Numeric cells (``group``, ``size``, ``rank``, ``representative``,
+  scores) are written as bare numbers, never prefixed: ``-1`` (the ungrouped group) and a negative
+  score stay numbers, which no spreadsheet evaluates as a formula.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +57,14 @@ SUFFIXES = (".csv", ".parquet")
 PARQUET_KEY = b"plmetric_table"
 UNGROUPED = -1
 """The ``group`` of the images a ``groups`` table leaves ungrouped."""
+NAME_COLUMNS = frozenset({"path", "neighbour", "query"})
+"""Columns holding file names (written by :func:`encode_name`)."""
+URI_PREFIX = "file:"
+"""The start of a name written as its percent-encoded bytes."""
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What a spreadsheet evaluates at the start of a cell (OWASP, "CSV Injection")."""
+TEXT_MARK = "'"
+"""Put in front of a CSV text cell starting with one of :data:`FORMULA_STARTS` or with itself."""
 MAX_GROUP_TABLE_BYTES = 512 * 2**20
 """``serve`` reads a groups/duplicates table of at most this size (about 4M rows of long paths)."""
 
@@ -44,6 +72,56 @@ MAX_GROUP_TABLE_BYTES = 512 * 2**20
 def header_line(kind: str) -> str:
     """The first line of a CSV table of ``kind``."""
     return ",".join(COLUMNS[kind])
+
+
+def encode_name(name: str) -> str:
+    """``name`` as tables and JSON hold it: unchanged when it is UTF-8 text that does not start with
+    ``file:``, else ``file:`` and its bytes percent-encoded (the module docstring's rule).
+
+    A name with a surrogate that :func:`os.fsencode` cannot encode (none that a file system gave)
+    has that surrogate's UTF-8 form written instead: it reads back as other text."""
+    if name.isascii() and not name.startswith(URI_PREFIX):  # isascii: no scan, the common case
+        return name
+    if not name.startswith(URI_PREFIX):
+        try:
+            name.encode("utf-8")
+            return name
+        except UnicodeEncodeError:
+            pass
+    try:
+        raw = os.fsencode(name)
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogatepass")
+    return URI_PREFIX + urllib.parse.quote(raw, safe="/")
+
+
+def decode_name(cell: str) -> str:
+    """The name a cell written by :func:`encode_name` holds (undoes ``file:`` and percent-encoding)."""
+    if not cell.startswith(URI_PREFIX):
+        return cell
+    return os.fsdecode(urllib.parse.unquote_to_bytes(cell[len(URI_PREFIX) :]))
+
+
+def csv_text(text: str) -> str:
+    """One CSV text field, quoted, with :data:`TEXT_MARK` in front of a formula start (or of the mark
+    itself), as the module docstring says; :func:`read_csv_text` undoes it."""
+    if text.startswith(FORMULA_STARTS) or text.startswith(TEXT_MARK):
+        text = TEXT_MARK + text
+    return '"' + text.replace('"', '""') + '"'
+
+
+def read_csv_text(field: str) -> str:
+    """The text of a CSV text field written by :func:`csv_text`, as a CSV reader returns it (unquoted):
+    one leading :data:`TEXT_MARK` removed."""
+    return field[len(TEXT_MARK) :] if field.startswith(TEXT_MARK) else field
+
+
+def csv_lines(columns: Sequence[Sequence[Any]], names: Sequence[str]) -> str:
+    """CSV lines (each ending in ``\\n``) of rows given as columns named ``names``: name columns by
+    :func:`encode_name` and :func:`csv_text`, other text by :func:`csv_text`, floats with six decimals,
+    ``None`` and NaN as empty fields, other numbers as they print."""
+    fields = [_csv_column(column, name in NAME_COLUMNS) for name, column in zip(names, columns, strict=True)]
+    return "".join(",".join(row) + "\n" for row in zip(*fields, strict=True))
 
 
 def is_our_table(path: str | os.PathLike, kind: str) -> bool:
@@ -120,11 +198,7 @@ class TableWriter:
         if self._parquet:
             self._write_parquet(chunk)
         else:
-            buffer = io.StringIO()
-            csv.writer(buffer, lineterminator="\n").writerows(
-                zip(*(_csv_column(column) for column in chunk), strict=True)
-            )
-            self._handle.write(buffer.getvalue())
+            self._handle.write(csv_lines(chunk, self.columns))
         self.rows += count
 
     def _write_parquet(self, chunk: Sequence[Sequence[Any]]) -> None:
@@ -132,6 +206,8 @@ class TableWriter:
         arrays = []
         for name, column in zip(self.columns, chunk, strict=True):
             values = [None if isinstance(v, float) and math.isnan(v) else v for v in _plain(column)]
+            if name in NAME_COLUMNS:
+                values = [v if v is None else encode_name(v) for v in values]
             arrays.append(pa.array(values, type=_PARQUET_TYPES[name](pa)))
         table = pa.Table.from_arrays(arrays, names=list(self.columns))
         if self._writer is None:
@@ -189,14 +265,16 @@ def _plain(column: Sequence[Any]) -> list[Any]:
     return [v.item() if hasattr(v, "item") else v for v in values]  # NumPy/torch scalars: Python numbers
 
 
-def _csv_column(column: Sequence[Any]) -> Iterator[Any]:
+def _csv_column(column: Sequence[Any], names: bool) -> Iterator[str]:
     for value in _plain(column):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             yield ""
         elif isinstance(value, float):
             yield f"{value:.6f}"
+        elif isinstance(value, str):
+            yield csv_text(encode_name(value) if names else value)
         else:
-            yield value
+            yield str(value)
 
 
 def read_group_table(path: str | os.PathLike) -> list[tuple[int, str]]:
@@ -231,11 +309,11 @@ def read_group_table(path: str | os.PathLike) -> list[tuple[int, str]]:
             rows = []
             for fields in reader:
                 try:
-                    rows.append((int(fields[g]), fields[p]))
+                    rows.append((int(fields[g]), read_csv_text(fields[p])))
                 except (ValueError, IndexError):  # line_num, not the row count: a quoted path may span lines
                     line = reader.line_num
                     raise ValueError(f"{path} line {line}: expected an integer group and a path") from None
     for group, member in rows:
         if not isinstance(group, int) or not isinstance(member, str):
             raise ValueError(f"{path}: expected an integer group and a path in every row")
-    return rows
+    return [(group, decode_name(member)) for group, member in rows]
