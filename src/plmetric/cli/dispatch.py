@@ -25,6 +25,7 @@ from plmetric.cli.commands import (
 )
 from plmetric.cli.commands import eval as evaluate
 from plmetric.cli.common import CLIError, HelpFormatter, OneLineArgumentParser
+from plmetric.core.names import shown
 
 COMMANDS = (
     evaluate,
@@ -60,16 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
-    """Warnings as one line naming what happened (not the library line that warned)."""
-    return f"plmetric: warning: {message}\n"
+    """Warnings as one line naming what happened (not the library line that warned); control
+    characters of the names in it escaped (:func:`plmetric.core.names.shown`)."""
+    return f"plmetric: warning: {shown(str(message))}\n"
 
 
 def error_line(err: BaseException) -> str:
-    """The one-line form of a user-facing error (first line of the message, a layout hint)."""
+    """The one-line form of a user-facing error (first line of the message, a layout hint), control
+    characters of the names in it escaped (:func:`plmetric.core.names.shown`)."""
     text = str(err).strip()
     if isinstance(err, KeyError | OSError) and len(err.args) == 1 and isinstance(err.args[0], str):
         text = err.args[0]  # KeyError's str() adds quotes; OSError(str) is fine either way
-    line = text.splitlines()[0] if text else type(err).__name__
+    line = shown(text.split("\n")[0]) if text else type(err).__name__  # only a line feed ends the line
     hint = getattr(err, "layout_hint", None)
     return f"{line} (expected layout: {hint})" if hint else line
 

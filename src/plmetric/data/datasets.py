@@ -28,6 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from plmetric.core.names import shown
 from plmetric.data.images import open_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
@@ -180,7 +181,7 @@ class ImageDataset(Dataset):
         except DECODE_ERRORS as err:
             self._bad.add(i)
             warnings.warn(
-                f"skipping unreadable image {self.describe(i)} ({type(err).__name__}: {err})",
+                shown(f"skipping unreadable image {self.describe(i)} ({type(err).__name__}: {err})"),
                 UnreadableImageWarning,
                 stacklevel=2,
             )
@@ -457,10 +458,11 @@ class ImageScan:
         total = sum(len(v) for v in self.skipped.values())
         parts = []
         for reason, entries in self.skipped.items():
-            shown = [_relative(p, self.root) for p in entries[:names]]
+            listed = [_relative(p, self.root) for p in entries[:names]]
             more = f", +{len(entries) - names} more" if len(entries) > names else ""
-            parts.append(f"{reason}: {len(entries)} ({', '.join(shown)}{more})")
-        return f"image folder {self.root}: left out {total} entr{'y' if total == 1 else 'ies'}: " + "; ".join(parts)
+            parts.append(f"{reason}: {len(entries)} ({', '.join(listed)}{more})")
+        entries = f"{total} entr{'y' if total == 1 else 'ies'}"
+        return shown(f"image folder {self.root}: left out {entries}: " + "; ".join(parts))
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_json
+from plmetric.core.names import shown
 from plmetric.core.options import INFERENCE_RUNTIMES
 from plmetric.core.runtime_cache import CACHE_ENV, INPUT_NAME, OUTPUT_NAME, cache_dir, entry_files, read_check
 
@@ -203,7 +204,7 @@ def _probe(input_shape: tuple[int, ...]) -> Tensor:
 
 
 def _say(line: str) -> None:
-    print(f"plmetric: {line}", file=sys.stderr, flush=True)
+    print(f"plmetric: {shown(line)}", file=sys.stderr, flush=True)
 
 
 def inference_model(

@@ -68,9 +68,10 @@ from typing import IO, Any
 
 import torch
 
+from plmetric.core import names
 from plmetric.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError, image_size, open_image
 from plmetric.retrieval.index import load_embeddings, load_file_stats, model_from_description, top_k
-from plmetric.retrieval.tables import UNGROUPED, header_line, is_our_table, read_group_table
+from plmetric.retrieval.tables import UNGROUPED, encode_name, header_line, is_our_table, read_group_table
 from plmetric.training.report import shorten_name
 
 INSTALL_HINT = 'pip install "plmetric[serve]"'
@@ -145,7 +146,9 @@ class Hit:
         return shorten_name(self.name, CAPTION_CHARS)
 
     def as_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "id": self.id, "path": self.path, "score": self.score, "missing": self.missing}
+        """The result in the JSON API: its path as tables write it (:func:`plmetric.retrieval.tables.encode_name`)."""
+        path = encode_name(self.path)
+        return {"rank": self.rank, "id": self.id, "path": path, "score": self.score, "missing": self.missing}
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,15 @@ def shown_name(name: str) -> str:
         half = SHOWN_NAME_CHARS // 2
         name = name[:half] + "..." + name[-half:]
     return repr(name)
+
+
+def shown_on_page(value: Any) -> Any:
+    """A value as the page shows it: text (not markup the templates made) through
+    :func:`plmetric.core.names.shown`, so that a file name's undecodable bytes, control and
+    bidirectional characters show as escapes (and the page encodes as UTF-8); anything else as it is."""
+    from markupsafe import Markup
+
+    return names.shown(value) if isinstance(value, str) and not isinstance(value, Markup) else value
 
 
 def parse_number(text: str | None, what: str) -> int | None:
@@ -637,7 +649,11 @@ def create_app(
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    templates = Environment(loader=PackageLoader("plmetric.retrieval", "templates"), autoescape=select_autoescape(["html"]))
+    templates = Environment(
+        loader=PackageLoader("plmetric.retrieval", "templates"),
+        autoescape=select_autoescape(["html"]),
+        finalize=shown_on_page,  # every {{ value }}: a name's control characters and undecodable bytes visible
+    )
     template = templates.get_template("serve.html")
     pages = page_count(len(browser), GALLERY_PAGE_SIZE)
     table_links = [table.kind for table in tables]
@@ -740,7 +756,7 @@ def create_app(
             {
                 "index": str(browser.index_path.resolve()),
                 "top_k": browser.top_k,
-                "query": query.path or query.name,
+                "query": encode_name(query.path) if query.path else query.name,
                 "query_id": query.id,
                 "results": [hit.as_json() for hit in hits],
             }
@@ -879,20 +895,26 @@ def serve(
     loopback = is_loopback(host)
     allowed = sorted({*LOOPBACK_NAMES, f"[{host}]" if ":" in host else host}) if loopback else None
     sock = listen_socket(host, port)
-    shown = f"[{host}]" if ":" in host else host
-    print(f"plmetric serve: {len(browser):,} images of {index} at http://{shown}:{port}/ (Ctrl+C stops)", flush=True)
+    address = f"[{host}]" if ":" in host else host
+    print(
+        f"plmetric serve: {len(browser):,} images of {names.shown(index)} at http://{address}:{port}/ (Ctrl+C stops)",
+        flush=True,
+    )
     for table in tables:
         ungrouped = f" ({table.ungrouped:,} ungrouped)" if table.ungrouped else ""
         print(
             f"plmetric serve: {table.kind}: {len(table.groups) - (table.ungrouped > 0):,} groups of "
-            f"{table.images - table.ungrouped:,} images{ungrouped} from {table.source} "
-            f"at http://{shown}:{port}/{table.kind}",
+            f"{table.images - table.ungrouped:,} images{ungrouped} from {names.shown(table.source)} "
+            f"at http://{address}:{port}/{table.kind}",
             flush=True,
         )
     if not loopback:
-        print(f"plmetric: warning: --host {host} lets other machines browse these images (no login)", flush=True)
+        print(
+            f"plmetric: warning: --host {names.shown(host)} lets other machines browse these images (no login)",
+            flush=True,
+        )
     if browser.note:
-        print(browser.note, flush=True)
+        print(names.shown(browser.note), flush=True)
     return_freed_images_to_the_system()
     config = uvicorn.Config(create_app(browser, allowed, tables), log_level="warning", access_log=False)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, restores the handlers it found, then raises the

@@ -116,11 +116,14 @@ def read_csv_text(field: str) -> str:
     return field[len(TEXT_MARK) :] if field.startswith(TEXT_MARK) else field
 
 
-def csv_lines(columns: Sequence[Sequence[Any]], names: Sequence[str]) -> str:
+def csv_lines(columns: Sequence[Sequence[Any]], names: Sequence[str], float_digits: int | None = 6) -> str:
     """CSV lines (each ending in ``\\n``) of rows given as columns named ``names``: name columns by
-    :func:`encode_name` and :func:`csv_text`, other text by :func:`csv_text`, floats with six decimals,
-    ``None`` and NaN as empty fields, other numbers as they print."""
-    fields = [_csv_column(column, name in NAME_COLUMNS) for name, column in zip(names, columns, strict=True)]
+    :func:`encode_name` and :func:`csv_text`, other text by :func:`csv_text`, floats with
+    ``float_digits`` decimals (None: Python's shortest repr), ``None`` and NaN as empty fields, other
+    numbers as they print."""
+    fields = [
+        _csv_column(column, name in NAME_COLUMNS, float_digits) for name, column in zip(names, columns, strict=True)
+    ]
     return "".join(",".join(row) + "\n" for row in zip(*fields, strict=True))
 
 
@@ -265,12 +268,12 @@ def _plain(column: Sequence[Any]) -> list[Any]:
     return [v.item() if hasattr(v, "item") else v for v in values]  # NumPy/torch scalars: Python numbers
 
 
-def _csv_column(column: Sequence[Any], names: bool) -> Iterator[str]:
+def _csv_column(column: Sequence[Any], names: bool, float_digits: int | None = 6) -> Iterator[str]:
     for value in _plain(column):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             yield ""
         elif isinstance(value, float):
-            yield f"{value:.6f}"
+            yield repr(value) if float_digits is None else f"{value:.{float_digits}f}"
         elif isinstance(value, str):
             yield csv_text(encode_name(value) if names else value)
         else:

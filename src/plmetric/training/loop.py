@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from plmetric.core import distributed as dist_utils
 from plmetric.core import faults
 from plmetric.core.checkpoint import save_model
+from plmetric.core.names import shown
 from plmetric.config.schema import Config, save_config
 from plmetric.data.datasets import (
     DatasetSplits,
@@ -482,8 +483,8 @@ def _readable_items(missing: torch.Tensor, train_set: Any, cfg: Config) -> tuple
         )
     skipped = [train_set.describe(int(i)) for i in missing.tolist()]
     if dist_utils.is_main_process():
-        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        print(f"skipping {len(skipped)} unreadable training image(s) for the whole run: {shown}")
+        listed = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"skipping {len(skipped)} unreadable training image(s) for the whole run: {shown(listed)}")
     return readable, skipped
 
 

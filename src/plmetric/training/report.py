@@ -18,7 +18,6 @@ import contextlib
 import html
 import io
 import os
-import unicodedata
 from collections.abc import Sequence
 from numbers import Real
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_figure
+from plmetric.core.names import shown as visible
 from plmetric.core.validation import check_embeddings, check_int
 
 __all__ = [
@@ -170,13 +170,10 @@ def shorten_name(name: str, width: int = CAPTION_CHARS) -> str:
 
 
 def _printable(text: str) -> str:
-    """``text`` safe to encode as UTF-8 and to draw: undecodable bytes of a file name (surrogate
-    escapes) become U+FFFD, control characters ``?``."""
-    try:
-        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return "".join("?" if unicodedata.category(c) == "Cc" else c for c in text)
+    """``text`` safe to encode as UTF-8 and to draw: undecodable bytes of a file name, control and
+    bidirectional characters as visible escapes (:func:`plmetric.core.names.shown`, as the terminal
+    and ``serve``'s page show names)."""
+    return visible(text)
 
 
 def _placeholder(side: int) -> Any:

@@ -20,6 +20,7 @@ from plmetric.cli.common import (
     pile_arguments,
     positive_int,
 )
+from plmetric.core.names import shown
 
 SOFTWARE = "plmetric duplicates"
 ROWS_PER_CHUNK = 100_000
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         f"({found.pairs:,} pairs at cosine >= {args.threshold:g})"
     )
     for number, members in enumerate(found.groups[: args.show], start=1):
-        names = ", ".join(Path(paths[i]).name for i in members[:4].tolist())
+        names = ", ".join(shown(Path(paths[i]).name) for i in members[:4].tolist())
         more = f", ... (+{len(members) - 4})" if len(members) > 4 else ""
         print(f"  group {number} ({len(members)}): {names}{more}")
     written = [str(out)]
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
             software=SOFTWARE,
         )
         written.append(str(grid))
-    print(f"wrote {', '.join(written)}")
+    print(f"wrote {shown(', '.join(written))}")
     if not args.check_crops:
         print("(cropped copies score lower: --check-crops also finds them, re-reading the candidate images)")
     return 0
@@ -200,7 +201,7 @@ def _zoomed_views(args: argparse.Namespace, paths: list[str], description: dict[
         if skipped:
             print(
                 f"plmetric: warning: {skipped} candidate images were changed, moved or unreadable since "
-                f"{args.index} was built: their pairs keep their plain scores",
+                f"{shown(args.index)} was built: their pairs keep their plain scores",
                 file=sys.stderr,
             )
         return out

@@ -17,6 +17,7 @@ from plmetric.cli.common import (
     is_index,
     model_options,
 )
+from plmetric.core.names import shown
 
 
 def add_parser(subparsers: Any) -> None:
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         write_embeddings(out, emb, labels, paths, description)
     skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
     beside = "".join(f" + {p.name}" for p in sidecars(out))
-    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{beside}{skipped}")
+    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {shown(f'{out}{beside}')}{skipped}")
     return 0
 
 

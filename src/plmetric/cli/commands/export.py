@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from plmetric.cli.common import add_command, check_output, image_side
+from plmetric.core.names import shown
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     require_backend(args.format)
     meta = export_model(args.checkpoint, out, args.format, image_size=args.image_size)
     print(
-        f"wrote {out} ({args.format}: {meta['backbone']}, {meta['image_size']} px input, "
+        f"wrote {shown(out)} ({args.format}: {meta['backbone']}, {meta['image_size']} px input, "
         f"{meta['output_dim']}-d L2-normalised output; max |diff| to PyTorch {meta['check']['max_abs_diff']:.1e}) "
-        f"and {sidecar_path(out)}"
+        f"and {shown(sidecar_path(out))}"
     )
     return 0

@@ -16,6 +16,7 @@ from plmetric.cli.common import (
     non_negative_int,
     positive_int,
 )
+from plmetric.core.names import shown
 
 SOFTWARE = "plmetric groups"
 ROWS_PER_CHUNK = 100_000
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     )
     members = [order[found.group[order] == g] for g in range(1, min(found.count, args.show) + 1)]
     for number, group in enumerate(members, start=1):
-        print(f"  group {number} ({len(group)}): representative {Path(paths[group[0]]).name}")
+        print(f"  group {number} ({len(group)}): representative {shown(Path(paths[group[0]]).name)}")
     written = [str(out)]
     if grid is not None:
         draw_groups(
@@ -110,5 +111,5 @@ def run(args: argparse.Namespace) -> int:
             software=SOFTWARE,
         )
         written.append(str(grid))
-    print(f"wrote {', '.join(written)}")
+    print(f"wrote {shown(', '.join(written))}")
     return 0

@@ -17,6 +17,7 @@ from plmetric.cli.common import (
     model_options,
     positive_int,
 )
+from plmetric.core.names import shown
 
 _BUILD_OPTIONS = (
     ("faiss", "--faiss"),
@@ -156,8 +157,8 @@ def run(args: argparse.Namespace) -> int:
     plan = ann.plan_index(len(paths), options)
     _, faiss_path = write_index(out, emb, labels, paths, description, plan)
     skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
-    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {out}{skipped}")
-    print(_faiss_note(plan, faiss_path))
+    print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {shown(out)}{skipped}")
+    print(shown(_faiss_note(plan, faiss_path)))
     return 0
 
 
@@ -217,7 +218,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     fresh, present = new_images([Path(p) for p in candidates.paths], indexed)
     in_place = out.resolve() == source.resolve()
     if not fresh and in_place and args.nprobe is None and args.ef_search is None:
-        print(f"added 0 images to {source} (still {len(indexed):,}); skipped {present:,} already in the index")
+        print(f"added 0 images to {shown(source)} (still {len(indexed):,}); skipped {present:,} already in the index")
         return 0
     dataset = ImageDataset(fresh, None, None, candidates.name)
     if fresh:
@@ -229,19 +230,23 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     unreadable = f"; left out {skipped} unreadable image(s)" if skipped else ""
     if not paths and in_place and args.nprobe is None and args.ef_search is None:
         print(
-            f"added 0 images to {source} (still {len(indexed):,}); skipped {present:,} already in the index{unreadable}"
+            f"added 0 images to {shown(source)} (still {len(indexed):,}); skipped {present:,} already in the index"
+            f"{unreadable}"
         )
         return 0
     previous = _faiss_file_of(out)
     count, faiss_path, plan = extend_index(
         source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
     )
-    print(f"added {len(paths):,} images to {out} (now {count:,}); skipped {present:,} already in the index{unreadable}")
+    print(
+        f"added {len(paths):,} images to {shown(out)} (now {count:,}); skipped {present:,} already in the index"
+        f"{unreadable}"
+    )
     if plan is not None:
-        print(_faiss_note(plan, faiss_path))
+        print(shown(_faiss_note(plan, faiss_path)))
         if previous is not None and previous.is_file() and previous.resolve() != Path(faiss_path).resolve():
             print(
-                f"kept the previous faiss file {previous} (a copy of the index may name it): "
+                f"kept the previous faiss file {shown(previous)} (a copy of the index may name it): "
                 "delete it if no other index in its folder uses it"
             )
         trained_on = plan.params.get("trained_on")

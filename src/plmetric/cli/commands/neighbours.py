@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from plmetric.cli.common import add_command, check_table_output, load_pile_index, pile_arguments, positive_int
+from plmetric.core.names import shown
 
 ROWS_PER_CHUNK = 50_000
 """Images whose neighbours are turned into table rows at a time (bounds the strings held at once)."""
@@ -56,5 +57,5 @@ def run(args: argparse.Namespace) -> int:
                 ]
             )
         table.commit()
-    print(f"wrote {out}: {table.rows:,} rows ({time.perf_counter() - started:.1f} s)")
+    print(f"wrote {shown(out)}: {table.rows:,} rows ({time.perf_counter() - started:.1f} s)")
     return 0

@@ -22,6 +22,7 @@ from plmetric.cli.common import (
     positive_int,
     runtime_option,
 )
+from plmetric.core.names import shown
 
 
 def add_parser(subparsers: Any) -> None:
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     searched = _quick_search(args, queries, outputs, asked)  # one query through the cached export: no torch
     paths, scores, indices, found = searched or _torch_search(args, queries, outputs, asked)
     ids = {p: i for i, p in enumerate(paths)}
-    report, rows, moved, shown = [], [], 0, 0
+    report, rows, moved, count = [], [], 0, 0
     for row, q in enumerate(found):
         query = str(queries[q].resolve())  # --json and --csv both name the query by its absolute path
         own = None if args.include_self else ids.get(query)
@@ -71,13 +72,14 @@ def run(args: argparse.Namespace) -> int:
         results = [paths[i] for _, i in kept]
         row_scores = scores[row].tolist()
         values = [row_scores[r] for r, _ in kept]
-        shown += len(results)
+        count += len(results)
         missing = [not Path(p).is_file() for p in results]
         moved += sum(missing)
         if len(found) > 1:
-            print(f"query {queries[q]}")
+            print(f"query {shown(queries[q])}")
         for rank_, (p, value, gone) in enumerate(zip(results, values, missing, strict=True), start=1):
-            print(f"{rank_:3d}  {value:.4f}  {p}{'  (missing: moved or deleted since indexing)' if gone else ''}")
+            note = "  (missing: moved or deleted since indexing)" if gone else ""
+            print(f"{rank_:3d}  {value:.4f}  {shown(p)}{note}")
             rows.append((query, rank_, p, value))
         report.append(
             {
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             draw_results(str(queries[q]), results, values, grids[q])
     if moved:
         print(
-            f"plmetric: warning: {moved} of {shown} results no longer exist where {args.index} "
+            f"plmetric: warning: {moved} of {count} results no longer exist where {shown(args.index)} "
             "recorded them: the images moved or were deleted since the index was built; rebuild it",
             file=sys.stderr,
         )
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     _write_search_tables(args, json_out, csv_out, report, rows, unreadable)
     written = [str(g) for g in grids if g is not None] + [str(o) for o in (json_out, csv_out) if o is not None]
     if written:
-        print(f"wrote {', '.join(written) if len(written) <= 3 else f'{len(written)} files'}")
+        print(f"wrote {shown(', '.join(written)) if len(written) <= 3 else f'{len(written)} files'}")
     elif len(queries) > 1:
         print("no grids drawn: give --out-dir DIR for one grid per query")
     return 0
@@ -214,29 +216,34 @@ def _write_search_tables(
     rows: list[tuple[str, int, str, float]],
     unreadable: list[str],
 ) -> None:
-    """Write ``--json`` (every query's ranked results) and ``--csv`` (query, rank, path, score)."""
+    """Write ``--json`` (every query's ranked results) and ``--csv`` (query, rank, path, score); names
+    as :mod:`plmetric.retrieval.tables` writes them (a name that is not UTF-8 as a ``file:`` URI of
+    its bytes; in the CSV, text quoted and a formula start neutralised), read back by its
+    ``decode_name`` (and ``read_csv_text`` for a CSV field)."""
     from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_json
+    from plmetric.retrieval.tables import csv_lines, encode_name
 
     if json_out is not None:
         atomic_write_json(
             json_out,
             {
-                "index": str(Path(args.index).resolve()),
+                "index": encode_name(str(Path(args.index).resolve())),
                 "top_k": args.top_k,
                 "include_self": args.include_self,
-                "queries": report,
-                "unreadable_queries": unreadable,
+                "queries": [
+                    {
+                        "query": encode_name(entry["query"]),
+                        "results": [{**hit, "path": encode_name(hit["path"])} for hit in entry["results"]],
+                    }
+                    for entry in report
+                ],
+                "unreadable_queries": [encode_name(name) for name in unreadable],
             },
         )
     if csv_out is not None:
-        import csv
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["query", "rank", "path", "score"])
-        writer.writerows(rows)
-        atomic_write_bytes(csv_out, buffer.getvalue().encode())
+        names = ("query", "rank", "path", "score")
+        lines = csv_lines(list(zip(*rows, strict=True)) or [[] for _ in names], names, float_digits=None)
+        atomic_write_bytes(csv_out, (",".join(names) + "\n" + lines).encode())
 
 
 def _embed_queries(

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from plmetric.cli.common import CLIError, add_command, config_help, positive_int, print_before_after
+from plmetric.core.names import shown
 
 FOLDER_PRESET = "folder"  # train --images DIR without --config
 PROXIES_PER_IMAGE = 0.25  # the preset's proxies: at most a quarter of the folder's images
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     print_before_after(result, cfg.train.epochs)
     if result.skipped_images:
         print(f"left out {len(result.skipped_images)} unreadable training image(s): listed in summary.json")
-    print(f"run folder: {result.out_dir}")
+    print(f"run folder: {shown(result.out_dir)}")
     _print_selected_and_next(cfg, result, args.images)
     return 0
 
@@ -166,14 +167,15 @@ def _print_selected_and_next(cfg: Any, result: Any, images: str | None) -> None:
     if rule != "final" and result.selected_epoch == 0:
         print(
             f"training did not improve the label-free criterion {rule} over the untrained start: "
-            f"{model} is the start (the last epoch is {result.out_dir / MODEL_FILE})"
+            f"{shown(model)} is the start (the last epoch is {shown(result.out_dir / MODEL_FILE)})"
         )
     elif rule != "final":
-        print(f"model: {model} (epoch {result.selected_epoch} of {cfg.train.epochs}, picked without labels by {rule})")
+        picked = f"epoch {result.selected_epoch} of {cfg.train.epochs}, picked without labels by {rule}"
+        print(f"model: {shown(model)} ({picked})")
     elif result.history:
-        print(f"model: {model} (the last epoch; train.select=final)")
+        print(f"model: {shown(model)} (the last epoch; train.select=final)")
     else:
-        print(f"model: {model}")
+        print(f"model: {shown(model)}")
     change = result.change
     if change is not None:
         print(f"label-free criterion {change['criterion']}: start {change['start']:.4f}, kept {change['kept']:.4f}")
@@ -181,7 +183,7 @@ def _print_selected_and_next(cfg: Any, result: Any, images: str | None) -> None:
             print(
                 f"training changed {100 * change['neighbours_changed_mean']:.1f} % of each image's {change['k']} "
                 f"nearest neighbours (the nearest one of {100 * change['top1_changed']:.1f} % of the images); "
-                f"before/after: {result.out_dir / change['report_html']}"
+                f"before/after: {shown(result.out_dir / change['report_html'])}"
             )
     folder = images if images else "IMAGES_DIR"
-    print(f"next:  plmetric index {folder} --checkpoint {model} --out {result.out_dir / 'index.safetensors'}")
+    print(shown(f"next:  plmetric index {folder} --checkpoint {model} --out {result.out_dir / 'index.safetensors'}"))
