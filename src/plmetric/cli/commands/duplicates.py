@@ -130,10 +130,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  group {number} ({len(members)}): {names}{more}")
     written = [str(out)]
     if grid is not None:
-        shown = found.groups[: args.show]
+        drawn = found.groups[: args.show]
         draw_groups(
-            [[paths[i] for i in g.tolist()] for g in shown],
-            [found.best_score[g].tolist() for g in shown],
+            [[paths[i] for i in g.tolist()] for g in drawn],
+            [found.best_score[g].tolist() for g in drawn],
             grid,
             max_groups=args.show,
             software=SOFTWARE,
