@@ -351,7 +351,8 @@ def _read_parquet_group_rows(path: Path, limit: int, max_rows: int | None) -> li
         group_type, path_type = schema.field("group").type, schema.field("path").type
         if pa.types.is_dictionary(path_type):
             path_type = path_type.value_type
-        if not pa.types.is_integer(group_type) or not (pa.types.is_string(path_type) or pa.types.is_large_string(path_type)):
+        text = pa.types.is_string(path_type) or pa.types.is_large_string(path_type)
+        if not pa.types.is_integer(group_type) or not text:
             raise ValueError(wrong)
         stored = sum(
             footer.row_group(r).column(leaves[name]).total_uncompressed_size
@@ -419,7 +420,8 @@ def _bounded_lines(handle: Any, path: Path) -> Iterator[str]:
         number += 1
         if len(line) > MAX_LINE_CHARS:
             raise ValueError(
-                f"{path} line {number:,}: longer than {MAX_LINE_CHARS:,} characters; expected a table written by plmetric"
+                f"{path} line {number:,}: longer than {MAX_LINE_CHARS:,} characters; "
+                "expected a table written by plmetric"
             )
         yield line
 
