@@ -109,9 +109,9 @@ ID_MAX_DIGITS = 18
 over 4300 digits)."""
 SHOWN_NAME_CHARS = 120
 MAX_API_TOP_K = 1000
-"""The most results ``/api/search?top_k=K`` returns: each costs a few file-system calls (its ``missing``
-check) and about 200 bytes of JSON, so 1000 are a few milliseconds and 200 KB; an unbounded K would
-let one request stat every file of the pile and answer with all of it."""
+"""The most results ``/api/search?top_k=K`` returns: each costs its ``missing`` check (the path resolved
+and stat'ed: about 70 µs on this 2-core machine) and about 200 bytes of JSON, so 1000 are under 0.1 s
+and 200 KB; an unbounded K would let one request stat every file of the pile and answer with all of it."""
 GALLERY_PAGE_SIZE = 48
 GROUPS_PAGE_SIZE = 50
 """Groups listed on one page of ``/groups`` or ``/duplicates``."""

@@ -334,59 +334,64 @@ def _read_parquet_group_rows(path: Path, limit: int, max_rows: int | None) -> li
     uncompressed sizes) before a page is decompressed, and from its paths' decoded length (measured on
     the dictionary-encoded column) before a string is made."""
     pa, pq = require_pyarrow()
+    try:
+        with pq.ParquetFile(path, read_dictionary=["path"]) as parquet:
+            return _checked_parquet_rows(parquet, path, limit, max_rows)
+    except KeyError:  # read_dictionary names a column the file lacks
+        raise ValueError(f"{path}: expected an integer group and a path in every row") from None
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path} is not a readable Parquet table ({_first_line(err)})") from None
+
+
+def _checked_parquet_rows(parquet: Any, path: Path, limit: int, max_rows: int | None) -> list[tuple[int, str]]:
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    unreadable = f"{path} is not a readable Parquet table"
     wrong = f"{path}: expected an integer group and a path in every row"
-    try:
-        parquet = pq.ParquetFile(path, read_dictionary=["path"])
-        footer, schema = parquet.metadata, parquet.schema_arrow
-        leaves = {footer.schema.column(i).path: i for i in range(footer.num_columns)}
-        if "group" not in leaves or "path" not in leaves:
-            raise ValueError(wrong)
-        counts = [footer.row_group(r).num_rows for r in range(footer.num_row_groups)]
-        rows = max(footer.num_rows, sum(counts))  # the reader trusts each row group's own count
-        if rows > limit:
-            raise _too_many_rows(path, f"{rows:,}", limit, max_rows)
-        group_type, path_type = schema.field("group").type, schema.field("path").type
-        if pa.types.is_dictionary(path_type):
-            path_type = path_type.value_type
-        text = pa.types.is_string(path_type) or pa.types.is_large_string(path_type)
-        if not pa.types.is_integer(group_type) or not text:
-            raise ValueError(wrong)
-        stored = sum(
-            footer.row_group(r).column(leaves[name]).total_uncompressed_size
-            for r in range(footer.num_row_groups)
-            for name in ("group", "path")
+    footer, schema = parquet.metadata, parquet.schema_arrow
+    leaves = {footer.schema.column(i).path: i for i in range(footer.num_columns)}
+    if "group" not in leaves or "path" not in leaves:
+        raise ValueError(wrong)
+    counts = [footer.row_group(r).num_rows for r in range(footer.num_row_groups)]
+    rows = max(footer.num_rows, sum(counts))  # the reader trusts each row group's own count
+    if rows > limit:
+        raise _too_many_rows(path, f"{rows:,}", limit, max_rows)
+    group_type, path_type = schema.field("group").type, schema.field("path").type
+    if pa.types.is_dictionary(path_type):
+        path_type = path_type.value_type
+    text = pa.types.is_string(path_type) or pa.types.is_large_string(path_type)
+    if not pa.types.is_integer(group_type) or not text:
+        raise ValueError(wrong)
+    stored = sum(
+        footer.row_group(r).column(leaves[name]).total_uncompressed_size
+        for r in range(footer.num_row_groups)
+        for name in ("group", "path")
+    )
+    if stored > MAX_GROUP_TABLE_BYTES:
+        raise ValueError(
+            f"{path}: its group and path columns take {stored / 2**20:,.0f} MiB uncompressed, more than "
+            f"the {MAX_GROUP_TABLE_BYTES // 2**20} MiB read; expected a plmetric groups table"
         )
-        if stored > MAX_GROUP_TABLE_BYTES:
-            raise ValueError(
-                f"{path}: its group and path columns take {stored / 2**20:,.0f} MiB uncompressed, more than "
-                f"the {MAX_GROUP_TABLE_BYTES // 2**20} MiB read; expected a plmetric groups table"
-            )
-        table = parquet.read(columns=["group", "path"])
-        if table.num_rows > limit:  # the footer's counts are all the reader goes by; checked all the same
-            raise _too_many_rows(path, f"{table.num_rows:,}", limit, max_rows)
-        groups, paths = table.column("group"), table.column("path")
-        if groups.null_count or paths.null_count:
-            raise ValueError(wrong)
-        longest, decoded = 0, 0
-        for chunk in paths.chunks:  # dictionary-encoded: lengths of the distinct paths, then per row
-            lengths = pc.utf8_length(chunk.dictionary)
-            longest = max(longest, pc.max(lengths).as_py() or 0)
-            decoded += pc.sum(pc.take(pc.binary_length(chunk.dictionary), chunk.indices)).as_py() or 0
-        if longest > MAX_FIELD_CHARS:
-            raise ValueError(f"{path}: a path of {longest:,} characters; expected at most {MAX_FIELD_CHARS:,}")
-        if decoded > MAX_GROUP_TABLE_BYTES:
-            raise ValueError(
-                f"{path}: its paths take {decoded / 2**20:,.0f} MiB decoded, more than the "
-                f"{MAX_GROUP_TABLE_BYTES // 2**20} MiB read; expected a plmetric groups table"
-            )
-        return list(zip(groups.to_pylist(), paths.to_pylist(), strict=True))
-    except KeyError:  # read_dictionary names a column the file lacks
-        raise ValueError(wrong) from None
-    except (pa.ArrowException, OSError) as err:
-        raise ValueError(f"{unreadable} ({_first_line(err)})") from None
+    table = parquet.read(columns=["group", "path"])
+    if table.num_rows > limit:  # the footer's counts are all the reader goes by; checked all the same
+        raise _too_many_rows(path, f"{table.num_rows:,}", limit, max_rows)
+    groups, paths = table.column("group"), table.column("path")
+    if groups.null_count or paths.null_count:
+        raise ValueError(wrong)
+    longest, decoded = 0, 0
+    for chunk in paths.chunks:  # dictionary-encoded: the distinct paths' lengths, then taken per row
+        values = chunk.dictionary if pa.types.is_dictionary(chunk.type) else chunk
+        longest = max(longest, pc.max(pc.utf8_length(values)).as_py() or 0)
+        lengths = pc.binary_length(values)
+        decoded += pc.sum(pc.take(lengths, chunk.indices) if values is not chunk else lengths).as_py() or 0
+    if longest > MAX_FIELD_CHARS:
+        raise ValueError(f"{path}: a path of {longest:,} characters; expected at most {MAX_FIELD_CHARS:,}")
+    if decoded > MAX_GROUP_TABLE_BYTES:
+        raise ValueError(
+            f"{path}: its paths take {decoded / 2**20:,.0f} MiB decoded, more than the "
+            f"{MAX_GROUP_TABLE_BYTES // 2**20} MiB read; expected a plmetric groups table"
+        )
+    return list(zip(groups.to_pylist(), paths.to_pylist(), strict=True))
 
 
 def _too_many_rows(path: Path, found: str, limit: int, max_rows: int | None) -> ValueError:
