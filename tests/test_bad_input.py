@@ -8,6 +8,7 @@ bad ones; each case runs ``plmetric.cli.main`` in-process and compares the works
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import struct
@@ -25,7 +26,10 @@ from plmetric.core.checkpoint import save_model
 from plmetric.cli import main
 from plmetric.config.schema import Config, save_config
 from plmetric.data.backbones import create_model
-from plmetric.retrieval.index import load_embeddings, read_index_metadata, save_embeddings
+from plmetric.retrieval.index import index_identity, load_embeddings, read_index_metadata, save_embeddings
+from plmetric.retrieval.tables import PARQUET_KEY, TableWriter, header_line
+
+HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -101,6 +105,23 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     # images that are not images
     (root / "text.jpg").write_text("not an image\n")
     (root / "foreign.csv").write_text("name,value\na,1\n")  # a user's table: never replaced by a pile tool
+    # serve's tables (issue 30): a 200,000-character field; a table of the same photos recorded from another
+    # index (the stale one: another model); millions of dictionary-encoded rows in a few hundred KB
+    (root / "longfield.csv").write_text(f'{header_line("groups")}\n1,2,"{"x" * 200_000}",1,0.9\n')
+    stale_embeddings, _, stale_paths, _ = load_embeddings(root / "stale.safetensors")
+    count = len(stale_paths)
+    with TableWriter(root / "otherindex.csv", "groups", index_id=index_identity(stale_embeddings, stale_paths)) as table:
+        table.write([[1] * count, [count] * count, stale_paths, [1] * count, [0.9] * count])
+        table.commit()
+    if HAS_PYARROW:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = 2_000_000
+        ones = pa.array(np.ones(rows, np.int64))
+        paths = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([str(photos / "p0.png")]))
+        columns = {"group": ones, "size": ones, "path": paths, "best_score": pa.array(np.ones(rows, np.float32))}
+        pq.write_table(pa.table(columns).replace_schema_metadata({PARQUET_KEY: b"duplicates"}), root / "rows.parquet")
     (root / "bomb.png").write_bytes(_png_claiming(40000, 40000))
     # image decoding and the folder walk: over plmetric's pixel limit (121 MP), a FIFO named .jpg
     (root / "huge.png").write_bytes(_png_claiming(11000, 11000))
@@ -528,6 +549,28 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "serve-duplicates-foreign",
         ["serve", "{index}", "--duplicates", "{root}/notyaml.yaml"],
         ["--duplicates", "notyaml.yaml", "not a table written by plmetric duplicates"],
+    ),
+    # serve's tables as an attack (issue 30): bounded before they are decoded; another index's table
+    (
+        "serve-groups-long-field",
+        ["serve", "{index}", "--groups", "{root}/longfield.csv"],
+        ["--groups", "longfield.csv", "line 2", "longer than"],
+    ),
+    (
+        "serve-groups-of-another-index",
+        ["serve", "{index}", "--groups", "{root}/otherindex.csv"],
+        ["--groups", "otherindex.csv", "another index", "plmetric groups", "index.safetensors --out FILE"],
+    ),
+    *(
+        [
+            (
+                "serve-duplicates-millions-of-rows",
+                ["serve", "{index}", "--duplicates", "{root}/rows.parquet"],
+                ["--duplicates", "rows.parquet", "2,000,000 rows", "expected at most 5"],
+            )
+        ]
+        if HAS_PYARROW
+        else []
     ),
     # demo, similarity study
     (

@@ -17,7 +17,7 @@ from plmetric.cli import main
 from plmetric.core.checkpoint import save_model
 from plmetric.data.backbones import create_model
 from plmetric.manifold.ann import faiss_available
-from plmetric.retrieval.index import load_embeddings, read_index_metadata, save_embeddings
+from plmetric.retrieval.index import index_identity, load_embeddings, read_index_metadata, save_embeddings
 
 DIM = 16
 # float32 inner products of unit vectors in DIM dimensions (the commands score in float32)
@@ -91,7 +91,9 @@ def test_neighbours_table_is_every_images_top_k_others(pile, capsys):
     assert main(["neighbours", str(pile["index"]), "--k", "3", "--out", str(out), "--no-progress"]) == 0
     rows = _rows(out)
     paths, vectors = pile["paths"], pile["vectors"]
-    assert list(rows[0]) == ["path", "rank", "neighbour", "score"]
+    assert list(rows[0]) == ["path", "rank", "neighbour", "score", "index_id"]  # the index, recorded last
+    embeddings, _, indexed, _ = load_embeddings(pile["index"])
+    assert rows[0]["index_id"] == index_identity(embeddings, indexed) and not any(r["index_id"] for r in rows[1:])
     assert len(rows) == 3 * len(paths)
     ref_scores, ref_ids = _reference_neighbours(vectors, 3)
     position = {p: i for i, p in enumerate(paths)}
@@ -154,7 +156,7 @@ def test_duplicates_are_the_planted_groups(pile, capsys):
     argv = ["duplicates", str(pile["index"]), "--threshold", "0.99", "--out", str(out), "--grid", str(grid)]
     assert main([*argv, "--no-progress"]) == 0
     rows = _rows(out)
-    assert list(rows[0]) == ["group", "size", "path", "best_score"]
+    assert list(rows[0]) == ["group", "size", "path", "best_score", "index_id"]
     found = {}
     for row in rows:
         found.setdefault(int(row["group"]), []).append(row["path"])
@@ -236,7 +238,7 @@ def test_groups_partition_the_pile_with_an_ungrouped_bucket(tmp_path, capsys):
     grid = tmp_path / "g.png"
     assert main(["groups", str(index), "--out", str(out), "--min-size", "4", "--method", "hdbscan", "--grid", str(grid)]) == 0
     rows = _rows(out)
-    assert list(rows[0]) == ["group", "size", "path", "representative", "score"]
+    assert list(rows[0]) == ["group", "size", "path", "representative", "score", "index_id"]
     groups: dict[int, list[str]] = {}
     for row in rows:
         groups.setdefault(int(row["group"]), []).append(row["path"])

@@ -1027,3 +1027,92 @@ def test_an_identical_copy_stays_in_the_results_only_the_image_itself_is_left_ou
     assert len(browser.search_id(ids["p1.png"])) == len(browser)
     upload, _ = Browser(index, 3).search_upload(images[1].read_bytes(), "p1.png")  # an upload is never itself
     assert {ids["p1.png"], ids["p9_twin.png"]} <= {h.id for h in upload}
+
+
+def test_a_table_recorded_from_another_index_is_refused_at_start_up(browser, pile, tmp_path, capsys):
+    """The pile tools record the index a table came from (its paths and embeddings): a table of another
+    index over the same files (another model) names only indexed paths, so the paths alone let it
+    through; its record refuses it in one line saying what to do. A table of this index is browsed."""
+    from plmetric.retrieval.index import index_identity, load_embeddings, save_embeddings
+
+    embeddings, labels, paths, model = load_embeddings(pile["index"])
+    other = tmp_path / "other.safetensors"  # the same files, other embeddings (as another model gives)
+    save_embeddings(other, -embeddings, labels, paths, model)
+    assert index_identity(*load_embeddings(other)[::2]) != browser.index_id == index_identity(embeddings, paths)
+    argv = ["--groups", "2", "--min-size", "2", "--seed", "0"]
+    assert main(["groups", str(pile["index"]), *argv, "--out", str(tmp_path / "ours.csv")]) == 0
+    assert main(["groups", str(other), *argv, "--out", str(tmp_path / "theirs.csv")]) == 0
+    assert main(["groups", str(other), *argv, "--out", str(tmp_path / "theirs.parquet")]) == 0
+    capsys.readouterr()
+    ours = serve_module.load_group_table(tmp_path / "ours.csv", "groups", browser)
+    assert sorted(i for group in ours.groups for i in group.members) == list(range(len(browser)))
+    for theirs in (tmp_path / "theirs.csv", tmp_path / "theirs.parquet"):
+        with pytest.raises(ValueError) as caught:
+            serve_module.load_group_table(theirs, "groups", browser)
+        message = str(caught.value)
+        assert message.startswith(f"--groups {theirs} was written by plmetric groups from another index")
+        assert f"'plmetric groups {browser.index_path} --out FILE'" in message and len(message.splitlines()) == 1
+    # the same table without its record (as an older plmetric wrote it) is checked by its paths: accepted
+    lines = (tmp_path / "theirs.csv").read_text(encoding="utf-8").splitlines()
+    older = tmp_path / "older.csv"
+    older.write_text("".join(line.rsplit(",", 1)[0] + "\n" for line in lines), encoding="utf-8")
+    assert serve_module.load_group_table(older, "groups", browser).images == len(browser)
+
+
+def test_a_table_of_more_rows_than_the_index_has_images_is_refused(browser, pile, tmp_path):
+    images = pile["images"]
+    table = _group_table(tmp_path / "d.csv", "duplicates", {1: [images[0]] * (len(browser) + 1)})
+    with pytest.raises(ValueError) as caught:
+        serve_module.load_group_table(table, "duplicates", browser)
+    expected = f"--duplicates {table} holds more than {len(browser)} rows; expected at most {len(browser)}"
+    assert str(caught.value).startswith(expected) and "one per image of the index" in str(caught.value)
+
+
+def test_the_api_honours_top_k_within_its_bounds(client, browser, pile):
+    """``?top_k=K`` of /api/search (it was ignored: always --top-k): K results, the first K of a longer
+    list; more than the index holds: all the others; 0, text, another script's digits or more than
+    MAX_API_TOP_K: 400 naming top_k. The HTML page keeps --top-k."""
+    everything = client.get(f"/api/search?id=2&top_k={serve_module.MAX_API_TOP_K}").json()
+    assert everything["top_k"] == serve_module.MAX_API_TOP_K and len(everything["results"]) == len(browser) - 1
+    for k in (1, 3, TOP_K + 1):
+        body = client.get(f"/api/search?id=2&top_k={k}").json()
+        assert body["top_k"] == k and [r["id"] for r in body["results"]] == [r["id"] for r in everything["results"][:k]]
+    default = client.get("/api/search?id=2").json()
+    assert default["top_k"] == TOP_K and len(default["results"]) == TOP_K
+    data = pile["images"][3].read_bytes()
+    upload = client.post("/api/search?top_k=2", files={"image": ("q.jpg", data, "image/jpeg")}).json()
+    assert upload["top_k"] == 2 and len(upload["results"]) == 2 and upload["results"][0]["id"] == 3
+    for bad in ("0", "-1", "abc", "", "1.5", "\u0663", str(serve_module.MAX_API_TOP_K + 1), "9" * 40):
+        response = client.get("/api/search", params={"id": "2", "top_k": bad})
+        assert response.status_code == 400 and "top_k" in response.json()["error"], (bad, response.text)
+    assert len(Tiles(client.get("/search?id=2&top_k=2").text).results()) == TOP_K
+
+
+def test_missing_agrees_with_what_the_image_route_answers(client, browser, pile, monkeypatch):
+    """An indexed image now reached through a link, or changed since indexing, is refused by /image/N
+    (404, 410): the API and the tiles call it missing too (a link used to count as present)."""
+    monkeypatch.setattr(browser, "include_self", True)  # image 6 among its own results
+    image = pile["images"][6]
+    recorded = image.stat()
+    original = image.read_bytes()
+    away = image.with_name("real.bin")
+    image.rename(away)
+    image.symlink_to(away)
+    try:
+        assert client.get("/image/6").status_code == 404 and "link" in client.get("/image/6").text
+        first = client.get("/api/search?id=6").json()["results"][0]
+        assert first["id"] == 6 and first["missing"] is True
+        assert "missing" in Tiles(client.get("/").text).tiles[6]["classes"]
+    finally:
+        image.unlink()
+        away.rename(image)
+    assert client.get("/api/search?id=6").json()["results"][0]["missing"] is False
+    try:
+        image.write_bytes(original + b"\0")  # another size: changed since indexing
+        assert client.get("/image/6").status_code == 410
+        assert client.get("/api/search?id=6").json()["results"][0]["missing"] is True
+    finally:
+        image.write_bytes(original)
+        os.utime(image, ns=(recorded.st_atime_ns, recorded.st_mtime_ns))
+    assert client.get("/image/6").status_code == 200
+    assert client.get("/api/search?id=6").json()["results"][0]["missing"] is False

@@ -20,6 +20,7 @@ from plmetric.retrieval.tables import (
     header_line,
     is_our_table,
     read_group_table,
+    recorded_index_id,
 )
 
 SUFFIXES = [".csv", ".parquet"]
@@ -251,7 +252,7 @@ def test_read_group_table_refuses_a_neighbours_table(tmp_path, suffix):
         read_group_table(out)
 
 
-@pytest.mark.parametrize("bad", ["x", "1.5", ""])
+@pytest.mark.parametrize("bad", ["x", "1.5", "", "1_0", " 1", "\u0661", "+1"])  # 1_0, " 1", Arabic-Indic 1: int() takes them
 def test_read_group_table_names_the_file_and_line_of_a_non_integer_group(tmp_path, bad):
     table = tmp_path / "g.csv"
     table.write_text(f"{header_line('groups')}\n1,2,a.jpg,1,0.9\n{bad},2,b.jpg,0,0.8\n")
@@ -293,3 +294,212 @@ def test_read_group_table_refuses_a_missing_or_too_large_file(tmp_path, monkeypa
     monkeypatch.setattr(tables, "MAX_GROUP_TABLE_BYTES", out.stat().st_size - 1)
     with pytest.raises(ValueError, match=rf"{out} is larger than"):
         read_group_table(out)
+
+
+# ----------------------------------------------------------------------------- reading bounds (issue 30)
+
+ATTACK_ROWS = 4_000_000
+
+
+def _dictionary_table(out, rows: int, path: str = "/pile/a.jpg", kind: str = "duplicates"):
+    """A table of ``kind`` holding ``rows`` rows of one dictionary-encoded path (a few hundred KB on disk)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    paths = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array([path]))
+    ones = pa.array(np.ones(rows, np.int64))
+    columns = {"group": ones, "size": ones, "path": paths, "best_score": pa.array(np.ones(rows, np.float32))}
+    pq.write_table(pa.table(columns).replace_schema_metadata({PARQUET_KEY: kind.encode()}), out)
+    return out
+
+
+def test_millions_of_dictionary_encoded_rows_are_refused_from_the_footer_in_bounded_memory(tmp_path):
+    """The attack of issue 30: a small Parquet file of millions of rows of one dictionary value. Refused
+    from the footer's row count, nothing decoded: measured in a subprocess (its own peak RSS after
+    importing, then after the refusal), the peak grows by less than 32 MiB. Decoding would not fit:
+    the group column alone is 8 bytes a row (32 MB), and the rows as Python tuples of an int and a
+    string take over 100 bytes a row (over 400 MB; the original code grew by about that much)."""
+    import subprocess
+
+    out = _dictionary_table(tmp_path / "attack.parquet", ATTACK_ROWS)
+    assert out.stat().st_size < 2**20  # a few hundred KB claiming millions of rows
+    script = f"""
+import resource, sys
+import pyarrow.compute, pyarrow.parquet
+from plmetric.retrieval.tables import read_group_table
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    read_group_table({str(out)!r}, max_rows=1000)
+except ValueError as err:
+    message = str(err)
+else:
+    message = "accepted"
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after, message, sep="\\n")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    before, after, message = done.stdout.splitlines()
+    assert message == f"{out} holds {ATTACK_ROWS:,} rows; expected at most 1,000 (one per image of the index)"
+    assert (int(after) - int(before)) * 1024 < 32 * 2**20, (before, after)  # ru_maxrss: KiB on Linux
+
+
+def test_the_absolute_row_cap_holds_without_an_index(tmp_path, monkeypatch):
+    out = _dictionary_table(tmp_path / "d.parquet", 11)
+    monkeypatch.setattr(tables, "MAX_GROUP_TABLE_ROWS", 10)
+    with pytest.raises(ValueError, match=rf"^{out} holds 11 rows; expected at most 10 \(the most read\)$"):
+        read_group_table(out)
+    with pytest.raises(ValueError, match=r"expected at most 10 \(the most read\)"):
+        read_group_table(out, max_rows=50)  # an index larger than the cap: the cap still holds
+    csv_table = tmp_path / "d.csv"
+    write(csv_table, "duplicates", parts=[[[1] * 11, [11] * 11, [f"/p/{i}.jpg" for i in range(11)], [0.9] * 11]])
+    with pytest.raises(ValueError, match=rf"^{csv_table} holds more than 10 rows; expected at most 10"):
+        read_group_table(csv_table)
+    monkeypatch.setattr(tables, "MAX_GROUP_TABLE_ROWS", 11)
+    assert len(read_group_table(csv_table)) == len(read_group_table(out)) == 11
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_rows_are_bounded_by_the_index_they_are_read_for(tmp_path, suffix):
+    needs(suffix)
+    out = tmp_path / f"t{suffix}"
+    write(out, "groups")  # 5 rows
+    assert len(read_group_table(out, max_rows=5)) == 5
+    found = "5" if suffix == ".parquet" else "more than 4"
+    expected = rf"^{out} holds {found} rows; expected at most 4 \(one per image of the index\)$"
+    with pytest.raises(ValueError, match=expected):
+        read_group_table(out, max_rows=4)
+
+
+def test_a_csv_field_or_line_too_long_is_one_line_naming_the_file_and_line(tmp_path):
+    """A 200,000-character field ended in "internal error" (the csv module's own limit); a line of a
+    million commas would be a million fields. Both are refused as they are read, and the process's
+    csv.field_size_limit is left as it was."""
+    limit = csv.field_size_limit()
+    header = header_line("groups")
+    cases = {
+        "long.csv": (f'{header}\n1,2,"{"a" * 200_000}",1,0.9\n', "line 2: longer than 65,792 characters"),
+        "commas.csv": (f"{header}\n1,2,a{',' * 1_000_000}\n", "line 2: longer than 65,792 characters"),
+        "lines.csv": (  # a quoted field of short lines: only the field bound sees it
+            f'{header}\n1,2,a.jpg,1,0.9\n1,2,"{("b" * 1000 + chr(10)) * 40}",1,0.9\n',
+            f"line {3 + 32}: a field longer than 32,768 characters; expected a path",
+        ),
+        "latin1.csv": (None, "not UTF-8 text"),
+    }
+    (tmp_path / "latin1.csv").write_bytes(f"{header}\n1,2,caf\xe9.jpg,1,0.9\n".encode("latin-1"))
+    for name, (text, message) in cases.items():
+        table = tmp_path / name
+        if text is not None:
+            table.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError) as caught:
+            read_group_table(table)
+        assert str(caught.value).startswith(str(table)) and message in str(caught.value), str(caught.value)
+        assert len(str(caught.value).splitlines()) == 1
+        assert csv.field_size_limit() == limit
+    longest = "/" + "p" * (tables.MAX_FIELD_CHARS - 1)  # the longest field read is still read
+    table = tmp_path / "longest.csv"
+    write(table, "groups", parts=[[[1], [1], [longest], [1], [0.5]]])
+    assert read_group_table(table) == [(1, longest)] and csv.field_size_limit() == limit
+
+
+def test_parquet_paths_are_bounded_before_they_are_decoded(tmp_path, monkeypatch):
+    """One long path repeated on every row is one dictionary entry on disk: its length, and the paths'
+    length decoded (the entry's length times its rows), are measured on the dictionary and refused
+    before any string is made."""
+    longest = _dictionary_table(tmp_path / "longest.parquet", 3, "/" + "p" * (tables.MAX_FIELD_CHARS - 1))
+    assert read_group_table(longest) == [(1, "/" + "p" * (tables.MAX_FIELD_CHARS - 1))] * 3
+    long = _dictionary_table(tmp_path / "long.parquet", 3, "/" + "p" * tables.MAX_FIELD_CHARS)
+    with pytest.raises(ValueError, match=rf"^{long}: a path of 32,769 characters; expected at most 32,768$"):
+        read_group_table(long)
+    repeated = _dictionary_table(tmp_path / "repeated.parquet", 2000, "/" + "p" * 999)  # 2 MB decoded
+    assert repeated.stat().st_size < 2**20
+    monkeypatch.setattr(tables, "MAX_GROUP_TABLE_BYTES", 2**20)
+    with pytest.raises(ValueError, match=rf"^{repeated}: its paths take 2 MiB decoded, more than the 1 MiB read"):
+        read_group_table(repeated)
+
+
+def test_a_parquet_table_of_the_wrong_types_or_unreadable_is_one_line(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    meta = {PARQUET_KEY: b"groups"}
+    good = {"group": [1], "size": [1], "path": ["a"], "representative": [1], "score": [0.5]}
+    cases = {
+        "text_group": {**good, "group": ["1"]},
+        "number_path": {**good, "path": [5]},
+        "no_path": {k: v for k, v in good.items() if k != "path"},
+        "null_path": {name: column * 2 for name, column in good.items()} | {"path": ["a", None]},
+    }
+    for name, columns in cases.items():
+        table = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table(columns).replace_schema_metadata(meta), table)
+        with pytest.raises(ValueError, match=rf"^{table}: expected an integer group and a path in every row$"):
+            read_group_table(table)
+    whole = tmp_path / "whole.parquet"
+    pq.write_table(pa.table(good).replace_schema_metadata(meta), whole)
+    data = bytearray(whole.read_bytes())
+    chunk = pq.ParquetFile(whole).metadata.row_group(0).column(2)  # the path column's pages
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data[start : start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    broken = tmp_path / "broken.parquet"  # our footer, the path column's pages overwritten
+    broken.write_bytes(bytes(data))
+    assert is_our_table(broken, "groups")
+    with pytest.raises(ValueError, match=rf"^{broken} is not a readable Parquet table \(") as caught:
+        read_group_table(broken)
+    assert len(str(caught.value).splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- the index a table came from
+
+INDEX_ID = "ab" * 32
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("kind", ["groups", "duplicates", "neighbours"])
+def test_a_table_records_the_index_it_was_written_from(tmp_path, suffix, kind):
+    needs(suffix)
+    out = tmp_path / f"t{suffix}"
+    with TableWriter(out, kind, index_id=INDEX_ID) as table:
+        for part in chunks(kind):
+            table.write(part)
+        table.commit()
+    assert is_our_table(out, kind) and recorded_index_id(out) == INDEX_ID
+    if kind != "neighbours":
+        assert read_group_table(out) == [(int(row[0]), row[2]) for row in rows_of(kind)]  # the same rows
+    if suffix == ".csv":  # the header first, the record last, in the first row only: the columns keep their places
+        with open(out, encoding="utf-8", newline="") as handle:
+            lines = list(csv.reader(handle))
+        assert out.read_text(encoding="utf-8").splitlines()[0] == header_line(kind, recorded=True)
+        assert lines[0] == [*COLUMNS[kind], "index_id"]
+        assert [line[-1] for line in lines[1:]] == [INDEX_ID] + [""] * (len(lines) - 2)
+        assert [line[:-1] for line in lines[1:]] == [line for line in _written_without_record(tmp_path, kind)[1:]]
+    else:
+        pq = pytest.importorskip("pyarrow.parquet")
+        written = pq.read_table(out)
+        assert written.column_names == list(COLUMNS[kind])
+        assert written.schema.metadata[PARQUET_KEY] == kind.encode()
+        assert written.schema.metadata[tables.PARQUET_INDEX_KEY] == INDEX_ID.encode()
+    write(out, kind)  # written without the record (as an older plmetric did): none read back
+    assert recorded_index_id(out) is None
+
+
+def _written_without_record(tmp_path, kind: str) -> list[list[str]]:
+    plain = tmp_path / "plain.csv"
+    write(plain, kind)
+    with open(plain, encoding="utf-8", newline="") as handle:
+        return list(csv.reader(handle))
+
+
+def test_a_csv_whose_first_row_lost_the_record_records_none(tmp_path):
+    out = tmp_path / "g.csv"
+    with TableWriter(out, "groups", index_id=INDEX_ID) as table:
+        table.write(chunks("groups")[0])
+        table.write(chunks("groups")[1])  # a second chunk: no record again
+        table.commit()
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert sum(INDEX_ID in line for line in lines) == 1
+    resorted = tmp_path / "resorted.csv"
+    resorted.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n", encoding="utf-8")
+    assert is_our_table(resorted, "groups") and recorded_index_id(resorted) is None
+    empty = tmp_path / "empty.csv"
+    with TableWriter(empty, "groups", index_id=INDEX_ID) as table:
+        table.commit()
+    assert is_our_table(empty, "groups") and recorded_index_id(empty) is None and read_group_table(empty) == []

@@ -291,6 +291,21 @@ def load_file_stats(path: str | os.PathLike) -> torch.Tensor | None:
     return stats
 
 
+def index_identity(embeddings: torch.Tensor, paths: list[str]) -> str:
+    """The SHA-256 (hex) of an index's image paths and embeddings, as :func:`load_embeddings` returns
+    them: what the pile tools record in their tables (:mod:`plmetric.retrieval.tables`) so that ``serve``
+    can refuse a table of another index. The same images embedded by the same model give the same
+    identity; any other index (another model, image, order, or this one grown by ``--add-to``)
+    another. Hashes the embeddings' bytes in place (about 1 s a GB)."""
+    import hashlib
+
+    array = embeddings.detach().to("cpu", torch.float32).contiguous().numpy()
+    digest = hashlib.sha256(b"plmetric-index-identity\0")
+    digest.update(json.dumps([list(array.shape), paths]).encode("ascii"))  # ASCII: every name escaped
+    digest.update(array.astype("<f4", copy=False).data)
+    return digest.hexdigest()
+
+
 def decode_image(source: str | os.PathLike | bytes, what: str = "query image", max_side: int | None = None) -> Any:
     """Decode an image file (or its bytes) to an upright 8-bit RGB ``PIL.Image``: the data layer's one
     decoder, :func:`plmetric.data.images.open_image` (EXIF orientation, every mode, one pixel limit).

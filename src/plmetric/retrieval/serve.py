@@ -11,10 +11,13 @@ serves, on 127.0.0.1 unless told otherwise:
 * ``POST /search``: the top-k results of an uploaded image (multipart field ``image``; an upload is
   never "itself": nothing is left out);
 * ``GET /api/search?id=N``, ``POST /api/search``: the same as JSON, ``{"index", "top_k", "query",
-  "query_id", "results": [{"rank", "id", "path", "score", "missing"}]}``; an error is
-  ``{"error": "..."}`` with status 400 (a malformed id: anything but ASCII digits), 404 (an id
-  outside the index), 413 (an upload over :data:`MAX_UPLOAD_BYTES` or :data:`MAX_UPLOAD_PIXELS`) or
-  429 (every decode slot busy for :data:`DECODE_WAIT_S`);
+  "query_id", "results": [{"rank", "id", "path", "score", "missing"}]}``; ``?top_k=K`` (1 to
+  :data:`MAX_API_TOP_K`) asks for K results instead of the page's ``--top-k``; ``missing`` is true
+  when ``/image/N`` would refuse the image without decoding it (:meth:`Browser.unavailable`); an
+  error is ``{"error": "..."}`` with status 400 (a malformed id or top_k: anything but ASCII digits;
+  a top_k outside its range), 404 (an id outside the index), 413 (an upload over
+  :data:`MAX_UPLOAD_BYTES` or :data:`MAX_UPLOAD_PIXELS`) or 429 (every decode slot busy for
+  :data:`DECODE_WAIT_S`);
 * ``GET /thumb/N``, ``GET /image/N``: a downscaled JPEG, the full image re-encoded (JPEG for a JPEG
   file, else PNG), of indexed image N;
 * with a groups or duplicates table (``plmetric serve --groups FILE`` / ``--duplicates FILE``, the
@@ -24,7 +27,9 @@ serves, on 127.0.0.1 unless told otherwise:
   bucket, listed last); the same under ``/duplicates``. 400 for a group or page that is not ASCII
   digits, 404 for one not in the table. Every path of a table is mapped to its index number at
   start-up (a path outside the index refuses the table), so these pages, too, show images only by
-  number, through ``/thumb`` and ``/search``.
+  number, through ``/thumb`` and ``/search``. A table that records the index it was written from
+  (:mod:`plmetric.retrieval.tables`) is refused when that is not this index; one is read only up to
+  one row per indexed image (:func:`plmetric.retrieval.tables.read_group_table`'s bounds).
 
 What is served (:meth:`Browser.open_indexed`, the class of attacks it closes):
 
@@ -52,6 +57,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import functools
 import importlib.util
 import io
 import ipaddress
@@ -70,8 +76,15 @@ import torch
 
 from plmetric.core import names
 from plmetric.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError, image_size, open_image
-from plmetric.retrieval.index import load_embeddings, load_file_stats, model_from_description, top_k
-from plmetric.retrieval.tables import UNGROUPED, encode_name, header_line, is_our_table, read_group_table
+from plmetric.retrieval.index import index_identity, load_embeddings, load_file_stats, model_from_description, top_k
+from plmetric.retrieval.tables import (
+    UNGROUPED,
+    encode_name,
+    header_line,
+    is_our_table,
+    read_group_table,
+    recorded_index_id,
+)
 from plmetric.training.report import shorten_name
 
 INSTALL_HINT = 'pip install "plmetric[serve]"'
@@ -103,6 +116,10 @@ ID_MAX_DIGITS = 18
 """An id of more digits is out of range of any index (and not converted: Python refuses int() of
 over 4300 digits)."""
 SHOWN_NAME_CHARS = 120
+MAX_API_TOP_K = 1000
+"""The most results ``/api/search?top_k=K`` returns: each costs its ``missing`` check (the path resolved
+and stat'ed: about 70 µs on this 2-core machine) and about 200 bytes of JSON, so 1000 are under 0.1 s
+and 200 KB; an unbounded K would let one request stat every file of the pile and answer with all of it."""
 GALLERY_PAGE_SIZE = 48
 GROUPS_PAGE_SIZE = 50
 """Groups listed on one page of ``/groups`` or ``/duplicates``."""
@@ -270,6 +287,33 @@ class Browser:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @functools.cached_property
+    def index_id(self) -> str:
+        """The index's identity (:func:`plmetric.retrieval.index.index_identity`), computed once when
+        first asked (a table's record is compared with it)."""
+        return index_identity(self.embeddings, self.paths)
+
+    def unavailable(self, image_id: int) -> bool:
+        """Whether :meth:`open_indexed` would refuse indexed image ``image_id``: an item without a file,
+        moved or deleted, reached through a link now, not a regular file, or changed since indexing
+        (its size or mtime). What shows an image as missing; only a file that no longer decodes is
+        found out later, by ``/thumb`` and ``/image``."""
+        path = self.paths[image_id]
+        if path.startswith("item:"):
+            return True
+        try:
+            if os.path.realpath(path) != path:
+                return True
+            found = os.lstat(path)
+        except (OSError, ValueError):  # ValueError: a NUL byte in an edited index's path
+            return True
+        if not stat.S_ISREG(found.st_mode):
+            return True
+        if self.file_stats is not None:
+            size, mtime_ns = self.file_stats[image_id].tolist()
+            return size >= 0 and (found.st_size, found.st_mtime_ns) != (size, mtime_ns)
+        return False
+
     def path_of(self, image_id: int) -> Path:
         """The recorded path of indexed image ``image_id``.
 
@@ -374,16 +418,18 @@ class Browser:
                 raise QueryError(f"{err}: not shown", 404) from None
             return encode(image, is_jpeg)
 
-    def search_id(self, image_id: int) -> list[Hit]:
-        """The top-k results of indexed image ``image_id`` (its stored embedding): the ``top_k`` most
-        similar other images, ``image_id`` itself left out by its number (an identical copy stays);
-        with ``include_self`` the plain top-k, which holds the image itself (score 1)."""
+    def search_id(self, image_id: int, top_k: int | None = None) -> list[Hit]:
+        """The top-k results of indexed image ``image_id`` (its stored embedding): the ``top_k`` (default:
+        the page's) most similar other images, ``image_id`` itself left out by its number (an identical
+        copy stays); with ``include_self`` the plain top-k, which holds the image itself (score 1)."""
         self.path_of(image_id)
-        return self._hits(self.embeddings[image_id : image_id + 1], None if self.include_self else image_id)
+        return self._hits(self.embeddings[image_id : image_id + 1], None if self.include_self else image_id, top_k)
 
-    def search_upload(self, upload: bytes | IO[bytes], name: str) -> tuple[list[Hit], bytes]:
-        """The top-k results of an uploaded image file (its bytes, or a binary file read here, in a
-        decode slot) and its thumbnail (JPEG bytes).
+    def search_upload(
+        self, upload: bytes | IO[bytes], name: str, top_k: int | None = None
+    ) -> tuple[list[Hit], bytes]:
+        """The ``top_k`` (default: the page's) results of an uploaded image file (its bytes, or a binary
+        file read here, in a decode slot) and its thumbnail (JPEG bytes).
 
         Raises:
             QueryError: 413 over :data:`MAX_UPLOAD_BYTES` or :data:`MAX_UPLOAD_PIXELS` (from the
@@ -420,7 +466,7 @@ class Browser:
             del upload
             with self._model_lock, torch.no_grad():
                 embedding = self.model(self.transform(image).unsqueeze(0))
-            return self._hits(embedding), thumbnail_jpeg(image, THUMB_SIDE)
+            return self._hits(embedding, None, top_k), thumbnail_jpeg(image, THUMB_SIDE)
 
     def thumbnail(self, image_id: int) -> bytes:
         """A JPEG thumbnail of indexed image ``image_id`` (checked by :meth:`open_indexed`, decoded).
@@ -448,15 +494,16 @@ class Browser:
 
         return self._encode_indexed(image_id, None, encode)
 
-    def _hits(self, query: torch.Tensor, exclude: int | None = None) -> list[Hit]:
-        """The ``top_k`` nearest images, ``exclude`` (an index number) left out: one more is asked
-        for, then ``exclude`` dropped if found, else the last."""
-        asked = self.top_k if exclude is None else self.top_k + 1
+    def _hits(self, query: torch.Tensor, exclude: int | None = None, count: int | None = None) -> list[Hit]:
+        """The ``count`` (default ``top_k``) nearest images, ``exclude`` (an index number) left out: one
+        more is asked for, then ``exclude`` dropped if found, else the last."""
+        count = self.top_k if count is None else count
+        asked = count if exclude is None else count + 1
         scores, indices = top_k(query, self.embeddings, asked)
         found = [(score, i) for score, i in zip(scores[0].tolist(), indices[0].tolist(), strict=True) if i != exclude]
         return [
-            Hit(rank, i, self.paths[i], score, not Path(self.paths[i]).is_file())
-            for rank, (score, i) in enumerate(found[: self.top_k], start=1)
+            Hit(rank, i, self.paths[i], score, self.unavailable(i))
+            for rank, (score, i) in enumerate(found[:count], start=1)
         ]
 
 
@@ -556,14 +603,27 @@ def load_group_table(path: str | os.PathLike, kind: str, browser: Browser) -> Gr
     Groups must be numbered from 1 (or be :data:`UNGROUPED`); they are listed by number, the
     ungrouped bucket last, each group's members in the table's order.
 
+    A table that records the index it was written from must record this one (else it is refused before
+    its rows are read); a table without the record (an older one) is checked by its paths alone. At
+    most one row per indexed image is read (:func:`plmetric.retrieval.tables.read_group_table`).
+
     Raises:
-        FileNotFoundError, ValueError: as :func:`check_group_table`; a path that is not an image of the
-            index, or a group number below 1 (one line naming the option, the table and the row).
+        FileNotFoundError, ValueError: as :func:`check_group_table`; a table recorded from another index;
+            more rows than the index has images, or a row or file over the reading bounds; a path that
+            is not an image of the index, or a group number below 1 (one line naming the option, the
+            table and the row).
     """
     path = check_group_table(path, kind)
     option = f"--{kind}"
     try:
-        rows = read_group_table(path)
+        recorded = recorded_index_id(path)
+        if recorded is not None and recorded != browser.index_id:
+            raise ValueError(
+                f"{path} was written by plmetric {kind} from another index (or from {browser.index_path} "
+                f"before it changed), not from {browser.index_path}: write its table again with "
+                f"'plmetric {kind} {browser.index_path} --out FILE', or serve the index it was written from"
+            )
+        rows = read_group_table(path, max_rows=len(browser))
     except ValueError as err:
         raise ValueError(f"{option} {err}") from None
     ids = {p: i for i, p in enumerate(browser.paths)}
@@ -671,16 +731,15 @@ def create_app(
         return HTMLResponse(html, status_code=status)
 
     def tile(image_id: int) -> Hit:  # a tile without a rank or score
-        path = browser.paths[image_id]
-        return Hit(0, image_id, path, 0.0, not Path(path).is_file())
+        return Hit(0, image_id, browser.paths[image_id], 0.0, browser.unavailable(image_id))
 
-    async def run_query(request: Any) -> tuple[Query, list[Hit]]:
+    async def run_query(request: Any, count: int | None = None) -> tuple[Query, list[Hit]]:
         if request.method == "POST":
             async with received_upload(request) as (name, file):
-                hits, thumb = await run_in_threadpool(browser.search_upload, file, name)
+                hits, thumb = await run_in_threadpool(browser.search_upload, file, name, count)
             return Query(name=name, thumbnail="data:image/jpeg;base64," + base64.b64encode(thumb).decode()), hits
         image_id = browser.image_id(request.query_params.get("id"))
-        hits = browser.search_id(image_id)
+        hits = browser.search_id(image_id, count)
         path = browser.paths[image_id]
         return Query(name=Path(path).name, id=image_id, path=path), hits
 
@@ -749,13 +808,14 @@ def create_app(
 
     async def search_api(request: Any) -> JSONResponse:
         try:
-            query, hits = await run_query(request)
+            count = api_top_k(request.query_params.get("top_k"), browser.top_k)
+            query, hits = await run_query(request, count)
         except QueryError as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
         return JSONResponse(
             {
                 "index": str(browser.index_path.resolve()),
-                "top_k": browser.top_k,
+                "top_k": count,
                 "query": encode_name(query.path) if query.path else query.name,
                 "query_id": query.id,
                 "results": [hit.as_json() for hit in hits],
@@ -790,6 +850,21 @@ def create_app(
         routes += [Route(f"/{table.kind}", listing), Route(f"/{table.kind}/{{group}}", members)]
     middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
     return Starlette(routes=routes, middleware=middleware)
+
+
+def api_top_k(text: str | None, default: int) -> int:
+    """The ``top_k`` of an ``/api/search`` request: ``default`` when not given, else a number from 1 to
+    :data:`MAX_API_TOP_K` (parsed as :func:`parse_number`).
+
+    Raises:
+        QueryError: 400 not ASCII digits, or outside 1 to :data:`MAX_API_TOP_K`.
+    """
+    if text is None:
+        return default
+    count = parse_number(text, "top_k")
+    if count is None or not 1 <= count <= MAX_API_TOP_K:
+        raise QueryError(f"top_k must be from 1 to {MAX_API_TOP_K}, got {text[:24]!r}")
+    return count
 
 
 def page_count(items: int, per_page: int) -> int:

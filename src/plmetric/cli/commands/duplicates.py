@@ -78,6 +78,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from plmetric.cli.common import refuse_indexed_outputs
     from plmetric.retrieval.duplicates import draw_groups, find_duplicates
+    from plmetric.retrieval.index import index_identity
     from plmetric.retrieval.tables import TableWriter
 
     out = check_table_output(args, "duplicates")
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             "--check-crops must include those already above the threshold; give a lower --candidates"
         )
     embeddings, paths, faiss_index, description = load_pile_index(args)
+    recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out, grid], paths)
     zoomed = _zoomed_views(args, paths, description) if args.check_crops else None
     how = f"through its faiss {faiss_index[1].kind} index" if faiss_index is not None else "exactly"
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = np.array([len(g) for g in found.groups], dtype=np.int64)
     members = np.concatenate(found.groups) if found.groups else np.empty(0, np.int64)
     numbers = np.repeat(np.arange(1, len(sizes) + 1), sizes)
-    with TableWriter(out, "duplicates") as table:
+    with TableWriter(out, "duplicates", index_id=recorded_id) as table:
         for start in range(0, len(members), ROWS_PER_CHUNK):  # a few large chunks (Parquet row groups)
             rows = slice(start, start + ROWS_PER_CHUNK)
             table.write(

@@ -60,11 +60,13 @@ def run(args: argparse.Namespace) -> int:
     from plmetric.cli.common import load_pile_index, refuse_indexed_outputs
     from plmetric.retrieval.duplicates import draw_groups
     from plmetric.retrieval.groups import UNGROUPED, find_groups
+    from plmetric.retrieval.index import index_identity
     from plmetric.retrieval.tables import TableWriter
 
     out = check_table_output(args, "groups")
     grid = check_grid_output(args, SOFTWARE)
     embeddings, paths, _, _ = load_pile_index(args, faiss=False)
+    recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out, grid], paths)
     if args.groups is not None and args.groups > len(paths):
         raise ValueError(f"--groups {args.groups} exceeds the {len(paths)} images of index {args.index}")
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         print("plmetric: warning: --method hdbscan grows as about N^2.3; --method kmeans scales linearly", file=sys.stderr)
     found = find_groups(embeddings, method=args.method, min_size=args.min_size, n_groups=args.groups, seed=args.seed)
     order = found.order()
-    with TableWriter(out, "groups") as table:
+    with TableWriter(out, "groups", index_id=recorded_id) as table:
         for start in range(0, len(order), ROWS_PER_CHUNK):  # a few large chunks (Parquet row groups)
             rows = order[start : start + ROWS_PER_CHUNK]
             table.write(

@@ -31,11 +31,13 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from plmetric.cli.common import refuse_indexed_outputs
+    from plmetric.retrieval.index import index_identity
     from plmetric.retrieval.neighbours import nearest_others
     from plmetric.retrieval.tables import TableWriter
 
     out = check_table_output(args, "neighbours")
     embeddings, paths, faiss_index, _ = load_pile_index(args)
+    recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out], paths)
     n, k = len(paths), min(args.k, len(paths) - 1)
     how = f"through its faiss {faiss_index[1].kind} index" if faiss_index is not None else "exactly"
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     scores, ids = nearest_others(
         embeddings, k, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search, progress=not args.no_progress
     )
-    with TableWriter(out, "neighbours") as table:
+    with TableWriter(out, "neighbours", index_id=recorded_id) as table:
         for start in range(0, n, ROWS_PER_CHUNK):
             stop = min(start + ROWS_PER_CHUNK, n)
             block_ids = ids[start:stop]
