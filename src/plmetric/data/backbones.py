@@ -40,13 +40,16 @@ it: no random initialisation is spent and no second copy of the weights is made.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import logging
 import os
 import pickle
 import sys
 import re
-from collections.abc import Callable, Mapping
+import stat
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from numbers import Integral
 from pathlib import Path
@@ -66,6 +69,7 @@ from torchvision import transforms
 from torchvision.models.resnet import Bottleneck
 
 from plmetric.core.checkpoint import existing_checkpoint, read_metadata
+from plmetric.core.validation import shown
 
 __all__ = [
     "load_model",
@@ -187,8 +191,8 @@ def _timm_name(name: str, where: str = "backbone") -> str:
     known = timm.is_model(model_name) and ("." not in model_name or model_name in timm.list_pretrained(model_name))
     if not model_name or not known:
         raise ValueError(
-            f"{where} {name!r}: timm knows no model {model_name!r} (timm.list_models() and timm.list_pretrained() "
-            f"list them); expected {_BACKBONE_CHOICES}"
+            f"{where} {shown(name)}: timm knows no model {shown(model_name)} (timm.list_models() and "
+            f"timm.list_pretrained() list them); expected {_BACKBONE_CHOICES}"
         )
     return model_name
 
@@ -204,13 +208,13 @@ def check_backbone(name: object, where: str = "model.backbone") -> str:
     if isinstance(name, str) and name.startswith(TIMM_PREFIX):
         _timm_name(name, where)
         return name
-    raise ValueError(f"{where}: unknown backbone {name!r}; expected {_BACKBONE_CHOICES}")
+    raise ValueError(f"{where}: unknown backbone {shown(name)}; expected {_BACKBONE_CHOICES}")
 
 
-def _create_timm(model_name: str, pretrained: bool) -> nn.Module:
+def _create_timm(model_name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``timm.create_model(model_name, num_classes=0)``, with ``dynamic_img_size=True`` where accepted."""
     extra = {"dynamic_img_size": True} if _timm_accepts_dynamic_size(model_name) else {}
-    return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **extra)
+    return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **extra, **kwargs)
 
 
 def _shape_only_timm(model_name: str, **kwargs: object) -> nn.Module:
@@ -260,7 +264,7 @@ def backbone_spec(name: str) -> BackboneSpec:
     try:
         return _SPECS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown backbone {name!r}; expected {_BACKBONE_CHOICES}") from None
+        raise ValueError(f"unknown backbone {shown(name)}; expected {_BACKBONE_CHOICES}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +398,7 @@ def _build_trunk(name: str) -> nn.Module:
         return GoogLeNetTrunk()
     if name == "resnet50":
         return ResNet50Trunk()
-    raise ValueError(f"unknown backbone {name!r}; expected {_BACKBONE_CHOICES}")
+    raise ValueError(f"unknown backbone {shown(name)}; expected {_BACKBONE_CHOICES}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,12 +428,27 @@ def _as_state_dict(obj: object, origin: str) -> StateDict:
     return dict(obj)
 
 
+def _check_regular_file(path: Path, what: str) -> None:
+    """Raise unless ``path`` is a regular file (following links), saying what it is instead; reads only
+    its status, so a FIFO is never opened (opening one blocks until a writer comes)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as exc:  # a too-long name, a loop of links, no permission on a folder above
+        raise ValueError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise ValueError(f"{what} {path} is {kind}, not a regular file")
+
+
 def _read_weights_file(weights: str | os.PathLike) -> tuple[StateDict, str]:
     """Read a ``.safetensors`` or ``.pth``/``.pt`` state dict without executing code from it."""
     path = Path(weights).expanduser()
     origin = f"weights file {path}"
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+    _check_regular_file(path, "weights file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -633,21 +652,104 @@ def _imagenet_state_dict(backbone: str) -> tuple[StateDict, str]:
     return _torchvision_state_dict(backbone)
 
 
+_UNAVAILABLE_ADVICE = (
+    "they must be downloaded once, on a machine with network (timm stores them in the Hugging Face cache, "
+    "HF_HOME), or given as a local file (train: --set model.weights=FILE; eval/embed/index: --weights FILE)"
+)
+#: Seconds the one look at the Hugging Face Hub may wait for an answer (HF_HUB_ETAG_TIMEOUT overrides).
+_HUB_PROBE_TIMEOUT = 5.0
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set now, or was when huggingface_hub was imported."""
+    import huggingface_hub
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return huggingface_hub.constants.HF_HUB_OFFLINE or any((v or "").upper() in {"1", "ON", "YES", "TRUE"} for v in flags)
+
+
+def _hub_weight_files(cfg: Any) -> tuple[str, ...]:
+    """The files of a timm model's Hugging Face repository its weights are read from, in timm's order
+    (``timm.models._hub.load_state_dict_from_hf``: a ``.safetensors`` twin of a ``.bin`` first)."""
+    name = cfg.hf_hub_filename or "pytorch_model.bin"
+    if cfg.custom_load or not name.endswith(".bin"):
+        return (name,)
+    twins = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+    return (twins.get(name, name.removesuffix(".bin") + ".safetensors"), name)
+
+
+def _timm_weights_source(model_name: str) -> dict[str, Any]:
+    """Where timm should read ``model_name``'s pretrained weights: ``{"file": PATH}`` when the Hugging
+    Face cache holds them (no network at all), else ``{}`` (timm downloads them) once one quick look
+    at the Hub (no retries) has answered.
+
+    Raises:
+        WeightsUnavailableError: not cached and HF_HUB_OFFLINE is set, or the Hub cannot be reached.
+    """
+    import huggingface_hub
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None or not cfg.hf_hub_id or cfg.file or cfg.state_dict:
+        return {}  # weights from a URL (the torch hub cache; one attempt) or a file timm is given
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    files = _hub_weight_files(cfg)
+    for name in () if cfg.custom_load else files:  # a custom loader reads what timm downloads itself
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, name, revision=revision or None)
+        if isinstance(cached, str):
+            return {"file": cached}
+    if _hub_offline():
+        raise WeightsUnavailableError(
+            f"pretrained weights of backbone {TIMM_PREFIX + model_name!r} are not in the Hugging Face cache "
+            f"({huggingface_hub.constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: {_UNAVAILABLE_ADVICE}"
+        )
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or _HUB_PROBE_TIMEOUT)
+    for name in files:
+        url = huggingface_hub.hf_hub_url(repo_id, name, revision=revision or None)
+        try:
+            huggingface_hub.get_hf_file_metadata(url, timeout=timeout)  # one request, no retries
+        except huggingface_hub.errors.RemoteEntryNotFoundError:
+            continue  # the Hub answered: not this file name
+        except Exception as exc:  # no network, refused, timed out, a proxy's error page
+            raise WeightsUnavailableError(
+                f"pretrained weights of backbone {TIMM_PREFIX + model_name!r} are unavailable: the Hugging Face Hub "
+                f"did not answer ({type(exc).__name__}: {_first_line(exc)}): {_UNAVAILABLE_ADVICE}"
+            ) from exc
+        break
+    return {}
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub's log lines (retry notices) off for a block: errors reach the user as one line."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    previous = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(previous)
+
+
 def _pretrained_timm_trunk(backbone: str) -> TimmTrunk:
-    """``timm:NAME`` with its pretrained weights, downloaded by timm on first use (Hugging Face cache).
+    """``timm:NAME`` with its pretrained weights: from the Hugging Face cache when it holds them, else
+    downloaded by timm on first use (after one quick look at the Hub, see `_timm_weights_source`).
 
     Raises:
         WeightsUnavailableError: the weights could not be obtained (no network, no such file upstream).
     """
     model_name = _timm_name(backbone)
     try:
-        return TimmTrunk(_create_timm(model_name, pretrained=True), model_name)
+        with _quiet_hub():
+            source = _timm_weights_source(model_name)
+            model = _create_timm(model_name, pretrained=True, pretrained_cfg_overlay=source)
+    except WeightsUnavailableError:
+        raise
     except Exception as exc:  # huggingface_hub/httpx/urllib errors share no base class
         raise WeightsUnavailableError(
             f"pretrained weights of backbone {backbone!r} are unavailable ({type(exc).__name__}: {_first_line(exc)}): "
-            "they must be downloaded once, on a machine with network (timm stores them in the Hugging Face cache, "
-            "HF_HOME), or given as a local file (train: --set model.weights=FILE; eval/embed/index: --weights FILE)"
+            f"{_UNAVAILABLE_ADVICE}"
         ) from exc
+    return TimmTrunk(model, model_name)
 
 
 def efficientnet_lite_imagenet_classifier(backbone: str = "efficientnet_lite0") -> nn.Module:
