@@ -692,6 +692,50 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["embed", "--images", "{photos}", "--backbone", "timm:no_such_net", "--out", "{root}/e.safetensors"],
         ["timm:no_such_net", "timm knows no model"],
     ),
+    # a huge name is echoed cut to its first characters and its length, not as a 200 KB line (issue 30)
+    (
+        "embed-backbone-name-huge",
+        ["embed", "--images", "{photos}", "--backbone", "x" * 100_000, "--out", "{root}/e.safetensors"],
+        ["unknown backbone", "'" + "x" * 60 + "'... (100,000 characters)"],
+    ),
+    (
+        "train-timm-name-huge",
+        ["train", "--out", "{root}/r", "--set", "model.backbone=timm:" + "y" * 100_000],
+        ["model.backbone", "timm knows no model", "(100,000 characters)"],
+    ),
+    ("eval-dataset-huge", ["eval", "--dataset", "z" * 100_000], ["--dataset", "(100,000 characters)"]),
+    (
+        "train-set-epochs-huge",
+        ["train", "--out", "{root}/r", "--set", "train.epochs=" + "9x" * 50_000],
+        ["train.epochs", "expected int", "(100,000 characters)"],
+    ),
+    (
+        "train-set-method-huge",
+        ["train", "--out", "{root}/r", "--set", "train.method=" + "m" * 100_000],
+        ["train.method", "(100,000 characters)"],
+    ),
+    # a weights path that is no regular file says what it is (and a FIFO is never opened: it would hang)
+    (
+        "embed-weights-folder",
+        ["embed", "--images", "{photos}", "--weights", "{root}/empty", "--out", "{root}/e.safetensors"],
+        ["weights file", "empty", "is a folder"],
+    ),
+    (
+        "eval-weights-device",
+        ["eval", "--dataset", "digits", "--weights", os.devnull],
+        ["weights file", os.devnull, "is a device, not a regular file"],
+    ),
+    *(
+        [
+            (
+                "index-weights-fifo",
+                ["index", "{photos}", "--weights", "{root}/fifo.jpg", "--out", "{root}/i.safetensors"],
+                ["weights file", "fifo.jpg", "is a FIFO, not a regular file"],
+            )
+        ]
+        if hasattr(os, "mkfifo")
+        else []
+    ),
     # image decoding and the folder walk (one pixel limit for every command; regular files only)
     (
         "search-query-over-pixel-limit",
@@ -733,6 +777,8 @@ def test_every_bad_input_is_one_clear_line_with_exit_status_2(ws, capsys):
             problems.append(f"exit status {code}")
         if len(lines) != 1:
             problems.append(f"{len(lines)} lines on stderr")
+        if len(err) > 4200:  # the longest line plmetric prints (4,000 characters and the prefix)
+            problems.append(f"{len(err):,} characters on stderr")
         if "Traceback" in err + out:
             problems.append("a traceback")
         missing = [s for s in expected if s not in err]
@@ -827,3 +873,45 @@ def test_unavailable_timm_weights_name_the_model_and_the_train_option(tmp_path, 
     assert "'timm:resnet10t'" in err and "downloaded once" in err and "--set model.weights=FILE" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+_TIMED_MAIN = """
+import sys, time
+import plmetric.data.backbones  # torch and timm imported before the clock starts
+from plmetric.cli import main
+start = time.monotonic()
+code = main(sys.argv[1:])
+print(code, time.monotonic() - start)
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "env", "expected"),
+    [
+        # connections refused at once: the one look at the Hub fails, no retry
+        ("unreachable", {"HF_ENDPOINT": "http://127.0.0.1:9"}, "the Hugging Face Hub did not answer"),
+        ("offline", {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+    ],
+)
+def test_timm_weights_without_network_are_one_line_at_once(ws, tmp_path, case, env, expected):
+    """Issue 32: without network, ``--backbone timm:NAME`` asks the local cache, then makes at most one
+    quick attempt (none with HF_HUB_OFFLINE=1): exactly one line on stderr, none of huggingface_hub's
+    "Retrying in 1s [Retry 1/5]" lines. Run in a subprocess (the Hub client reads its settings at
+    import) with an empty Hugging Face cache."""
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    environ.update(env, HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
+    argv = ["embed", "--images", str(ws["photos"]), "--backbone", "timm:resnet10t", "--out", str(tmp_path / "e.npy")]
+    done = subprocess.run(
+        [sys.executable, "-c", _TIMED_MAIN, *argv], capture_output=True, text=True, env=environ, timeout=300, check=False
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert "'timm:resnet10t'" in lines[0] and expected in lines[0] and "--set model.weights=FILE" in lines[0]
+    code, seconds = done.stdout.split()
+    assert code == "2" and not (tmp_path / "e.npy").exists()
+    # A hang guard, not a speed assertion: the Hub client's retries sleep 1+2+4+8+8 s per file name, 46 s
+    # for the two it tries; the refusal itself takes no network wait, only building the model's facts.
+    assert float(seconds) < 30, f"{case}: the refusal took {float(seconds):.0f} s"

@@ -669,10 +669,12 @@ def test_timm_weights_file_and_checkpoint_round_trip(tmp_path: Path):
 def offline_timm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """No network for timm: an empty Hugging Face cache, HF_HUB_OFFLINE, and every download
     function timm may call (Hugging Face Hub, torch hub URLs) replaced by one that raises."""
+    import huggingface_hub
     import timm.models._builder as builder
     import timm.models._hub as hub
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     attempts: list[str] = []
@@ -682,6 +684,8 @@ def offline_timm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
         raise OSError("network disabled by test")
 
     monkeypatch.setattr(hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", refuse)
     monkeypatch.setattr(builder, "load_state_dict_from_url", refuse)
     monkeypatch.setattr(builder, "download_cached_file", refuse)
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
@@ -690,12 +694,44 @@ def offline_timm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_timm_weights_unavailable_offline_name_the_model_and_the_options(offline_timm: list[str]):
+    """HF_HUB_OFFLINE and nothing cached: refused at once, without a single network attempt (issue 32)."""
     with pytest.raises(WeightsUnavailableError) as excinfo:
         create_model("timm:resnet10t", embedding_dim=0, pretrained=True)
     message = str(excinfo.value)
-    assert len(offline_timm) == 1  # the download was attempted once, through the patched function
+    assert offline_timm == []
     assert "'timm:resnet10t'" in message and "downloaded once" in message and "--set model.weights=FILE" in message
-    assert "network disabled by test" in message and "\n" not in message
+    assert "HF_HUB_OFFLINE" in message and "\n" not in message
+
+
+def test_timm_weights_unreachable_hub_is_one_look_without_retries(offline_timm: list[str], monkeypatch):
+    """Network allowed but the Hub unreachable: one request (the metadata of the first weights file),
+    no download and no retry; the one error names what the Hub said (issue 32)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(WeightsUnavailableError) as excinfo:
+        create_model("timm:resnet10t", embedding_dim=0, pretrained=True)
+    message = str(excinfo.value)
+    assert len(offline_timm) == 1 and "model.safetensors" in offline_timm[0]  # the look, not a download
+    assert "network disabled by test" in message and "'timm:resnet10t'" in message and "\n" not in message
+
+
+def test_timm_weights_come_from_the_hugging_face_cache_without_network(offline_timm: list[str], tmp_path: Path):
+    """Weights in the Hugging Face cache (as huggingface_hub lays it out: refs/main names a snapshot)
+    are loaded from there, offline, with no network attempt; the trunk holds exactly those tensors."""
+    import huggingface_hub
+
+    torch.manual_seed(0)
+    classifier = timm.create_model("resnet10t", pretrained=False)
+    repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--timm--resnet10t.c3_in1k"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
+    safetensors.torch.save_file(state, snapshot / "model.safetensors")
+    model = create_model("timm:resnet10t", embedding_dim=0, pretrained=True)
+    trunk = {k.removeprefix("model."): v for k, v in model.backbone.state_dict().items()}
+    assert offline_timm == []
+    assert _state_dicts_equal(trunk, {k: v for k, v in state.items() if not k.startswith("fc.")})
 
 
 def test_timm_backbone_trains_indexes_searches_and_exports(tmp_path: Path, capsys):

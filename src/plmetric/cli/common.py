@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +27,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (exit status 2), naming the option."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {bounded_quotes(message)} (see {self.prog} --help)\n")
+
+
+def bounded_quotes(message: str) -> str:
+    """``message`` with each quoted value over :data:`~plmetric.core.validation.SHOWN_CHARS` characters
+    cut to that many and its length (argparse echoes a 100,000-character ``--dataset`` in full)."""
+    from plmetric.core.validation import SHOWN_CHARS, shown
+
+    return re.sub(rf"'([^'\n]{{{SHOWN_CHARS + 1},}})'", lambda m: shown(m[1]), message)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -66,13 +66,21 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:  # 
     return f"plmetric: warning: {shown(str(message))}\n"
 
 
+#: The longest error line printed; plmetric's own messages cut what they echo (:func:`plmetric.core.validation.shown`).
+MAX_ERROR_CHARS = 4000
+
+
 def error_line(err: BaseException) -> str:
     """The one-line form of a user-facing error (first line of the message, a layout hint), control
     characters of the names in it escaped (:func:`plmetric.core.names.shown`)."""
     text = str(err).strip()
     if isinstance(err, KeyError | OSError) and len(err.args) == 1 and isinstance(err.args[0], str):
         text = err.args[0]  # KeyError's str() adds quotes; OSError(str) is fine either way
-    line = shown(text.split("\n")[0]) if text else type(err).__name__  # only a line feed ends the line
+    line = text.split("
+")[0] if text else type(err).__name__  # only a line feed ends the line
+    if len(line) > MAX_ERROR_CHARS:  # a user's huge value echoed by a library's message
+        line = f"{line[:MAX_ERROR_CHARS]}... ({len(line):,} characters)"
+    line = shown(line)
     hint = getattr(err, "layout_hint", None)
     return f"{line} (expected layout: {hint})" if hint else line
 

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from plmetric.core.options import INFERENCE_RUNTIMES, PLMOptions, STMLOptions, SupervisedOptions, method_names
-from plmetric.core.validation import check_choice, check_image_size, check_int, check_number
+from plmetric.core.validation import check_choice, check_image_size, check_int, check_number, shown
 
 
 @dataclass
@@ -194,7 +194,7 @@ def check_finite_fields(cfg: Config) -> None:
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{sec.name}.{f.name} must be a finite number, got {value!r}")
+                raise ValueError(f"{sec.name}.{f.name} must be a finite number, got {shown(value)}")
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -219,18 +219,18 @@ def _convert(value: Any, annotation: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in {"true", "yes", "1", "on", "false", "no", "0", "off"}:
             return value.lower() in {"true", "yes", "1", "on"}
-        raise ValueError(f"{key}: expected true or false, got '{value}'")
+        raise ValueError(f"{key}: expected true or false, got {shown(str(value))}")
     if annotation in (int, float) and isinstance(value, bool):
-        raise ValueError(f"{key}: expected {annotation.__name__}, got '{value}'")
+        raise ValueError(f"{key}: expected {annotation.__name__}, got {shown(str(value))}")
     if annotation in (int, float, str):
         try:
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
             converted = annotation(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected {annotation.__name__}, got '{value}'") from None
+            raise ValueError(f"{key}: expected {annotation.__name__}, got {shown(str(value))}") from None
         if annotation is float and not math.isfinite(converted):
-            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+            raise ValueError(f"{key}: expected a finite number, got {shown(value)}")
         return converted
     return value
 

@@ -28,6 +28,7 @@ __all__ = [
     "check_int",
     "check_number",
     "check_triple",
+    "shown",
     "value_checks",
     "value_checks_enabled",
 ]
@@ -37,6 +38,19 @@ _VALUE_CHECKS = True
 #: The input side (pixels) a model takes: from 8 (the smallest a backbone's strides leave a feature
 #: map for) to 1024 (DINOv2's 518 and beyond; a 3000-pixel side costs gigabytes a batch).
 IMAGE_SIZE_MIN, IMAGE_SIZE_MAX = 8, 1024
+
+#: How many characters of a user's value an error message echoes (a 100,000-character name would
+#: otherwise become a 200 KB message).
+SHOWN_CHARS = 60
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters of it plus its length:
+    ``'abc'`` stays ``'abc'``; a longer string becomes ``'<first limit characters>'... (100,000 characters)``."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 @contextlib.contextmanager
@@ -62,7 +76,7 @@ def check_int(name: str, value: Any, minimum: int | None = None, *, where: str =
     """
     if isinstance(value, bool) or not isinstance(value, Integral) or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{where}{name} must be an integer{bound}, got {value!r}")
+        raise ValueError(f"{where}{name} must be an integer{bound}, got {shown(value)}")
     return int(value)
 
 
@@ -72,7 +86,8 @@ def check_number(name: str, value: Any, minimum: float = 0.0, *, strict: bool = 
     if ok:
         ok = float(value) > minimum if strict else float(value) >= minimum
     if not ok:
-        raise ValueError(f"{where}{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{where}{name} must be a finite number {bound}, got {shown(value)}")
     return float(value)
 
 
@@ -81,7 +96,7 @@ def check_image_size(name: str, value: Any, *, where: str = "") -> int:
     (booleans, floats, strings and lists are not sizes)."""
     if isinstance(value, bool) or not isinstance(value, Integral) or not IMAGE_SIZE_MIN <= value <= IMAGE_SIZE_MAX:
         raise ValueError(
-            f"{where}{name} must be an integer from {IMAGE_SIZE_MIN} to {IMAGE_SIZE_MAX} (pixels), got {value!r}"
+            f"{where}{name} must be an integer from {IMAGE_SIZE_MIN} to {IMAGE_SIZE_MAX} (pixels), got {shown(value)}"
         )
     return int(value)
 
@@ -94,7 +109,7 @@ def check_triple(name: str, value: Any, *, positive: bool = False, where: str = 
     ok = ok and (not positive or all(float(v) > 0 for v in value))
     if not ok:
         kind = "positive finite numbers" if positive else "finite numbers"
-        raise ValueError(f"{where}{name} must be a list of 3 {kind} (R, G, B), got {value!r}")
+        raise ValueError(f"{where}{name} must be a list of 3 {kind} (R, G, B), got {shown(value)}")
     return tuple(float(v) for v in value)  # type: ignore[return-value]
 
 
@@ -104,14 +119,14 @@ def check_choice(name: str, value: Any, choices: Iterable[Any], *, where: str = 
     if value not in choices:
         names = [str(c) for c in choices]
         listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-        raise ValueError(f"{where}{name} must be {listed}, got {value!r}")
+        raise ValueError(f"{where}{name} must be {listed}, got {shown(value)}")
     return value
 
 
 def check_bool(name: str, value: Any, *, where: str = "") -> bool:
     """``value`` if it is a bool, else ``ValueError``."""
     if not isinstance(value, bool):
-        raise ValueError(f"{where}{name} must be true or false, got {value!r}")
+        raise ValueError(f"{where}{name} must be true or false, got {shown(value)}")
     return value
 
 

@@ -442,6 +442,45 @@ def _class_aligned_blocks(class_starts: Tensor, n: int, block: int) -> list[tupl
     return list(zip(starts, starts[1:] + [n], strict=True))
 
 
+@dataclass
+class _ByLabel:
+    """The points sorted by (label, index): ``perm`` (sorted position -> index), the sorted
+    embeddings ``x``, squared norms ``sq`` (or None), labels ``labels`` and each point's number of
+    other points of its class ``relevant``."""
+
+    perm: Tensor
+    x: Tensor
+    sq: Tensor | None
+    labels: Tensor
+    relevant: Tensor
+
+    def sq_rows(self, start: int, stop: int) -> Tensor | None:
+        return None if self.sq is None else self.sq[start:stop]
+
+
+@dataclass
+class _Partial:
+    """Rank statistics being gathered, in sorted order: each query's best positive score ``best``
+    (+inf: no positive) and its index, the count of items ahead of it, and the top list (index n:
+    an empty slot)."""
+
+    best: Tensor
+    best_index: Tensor
+    ahead: Tensor
+    top_values: Tensor
+    top_index: Tensor
+
+    @classmethod
+    def empty(cls, n: int, k_top: int, dtype: torch.dtype, device: torch.device) -> _Partial:
+        return cls(
+            best=torch.full((n,), torch.inf, dtype=dtype, device=device),  # +inf: no positive, nothing ahead
+            best_index=torch.full((n,), -1, dtype=torch.int64, device=device),
+            ahead=torch.zeros(n, dtype=torch.int64, device=device),
+            top_values=torch.full((n, k_top), -torch.inf, dtype=dtype, device=device),
+            top_index=torch.full((n, k_top), n, dtype=torch.int64, device=device),  # n: empty slot
+        )
+
+
 def _rank_stats_torch(
     x: Tensor, x_sq: Tensor | None, labels: Tensor, *, count_first: bool, k_top: int, block: int
 ) -> _RankStats:
@@ -453,29 +492,30 @@ def _rank_stats_torch(
     the queries of both, counting items ahead of the best positive and offering scores above the
     current top-list threshold as candidates.
     """
-    n, device = x.shape[0], x.device
+    n = x.shape[0]
     perm = torch.argsort(labels, stable=True)
-    xp, lp = x[perm], labels[perm]
-    sqp = None if x_sq is None else x_sq[perm]
+    lp = labels[perm]
     _, counts = torch.unique_consecutive(lp, return_counts=True)
-    relevant_p = (counts - 1).repeat_interleave(counts)
+    points = _ByLabel(perm, x[perm], None if x_sq is None else x_sq[perm], lp, (counts - 1).repeat_interleave(counts))
     blocks = _class_aligned_blocks(torch.cumsum(counts, 0) - counts, n, block)
+    partial = _Partial.empty(n, k_top, x.dtype, x.device)
+    _rank_within_blocks(points, partial, blocks, block, count_first=count_first, k_top=k_top)
+    _rank_between_blocks(points, partial, blocks, block, count_first=count_first, k_top=k_top)
+    return _unsorted_stats(points, partial, labels, k_top)
 
-    best = torch.full((n,), torch.inf, dtype=x.dtype, device=device)  # +inf: no positive, nothing ahead
-    best_index = torch.full((n,), -1, dtype=torch.int64, device=device)
-    ahead = torch.zeros(n, dtype=torch.int64, device=device)
-    top_values = torch.full((n, k_top), -torch.inf, dtype=x.dtype, device=device)
-    top_index = torch.full((n, k_top), n, dtype=torch.int64, device=device)  # n: empty slot
 
-    def sub(a: Tensor | None, start: int, stop: int) -> Tensor | None:
-        return None if a is None else a[start:stop]
-
-    # Phase 1: each class-aligned block against itself (row strips of at most `block` queries).
+def _rank_within_blocks(
+    points: _ByLabel, partial: _Partial, blocks: list[tuple[int, int]], block: int, *, count_first: bool, k_top: int
+) -> None:
+    """Phase 1: each class-aligned block against itself (row strips of at most ``block`` queries):
+    every query's best positive, the items of its own block ahead of it, its first top list."""
+    n, device = points.x.shape[0], points.x.device
+    perm, xp, lp, relevant_p = points.perm, points.x, points.labels, points.relevant
     for start, stop in blocks:
         col_index, col_labels = perm[start:stop], lp[start:stop]
         for r0 in range(start, stop, block):
             r1 = min(r0 + block, stop)
-            scores = _score_block(xp[r0:r1], xp[start:stop], sub(sqp, r0, r1), sub(sqp, start, stop))
+            scores = _score_block(xp[r0:r1], xp[start:stop], points.sq_rows(r0, r1), points.sq_rows(start, stop))
             local = torch.arange(r1 - r0, device=device)
             scores[local, r0 - start + local] = -torch.inf
             if count_first:
@@ -487,22 +527,30 @@ def _rank_stats_torch(
                 positive &= scores == p[:, None]
                 p_index = col_index[positive.to(torch.uint8).argmax(1)]
                 has_positive = (relevant_p[r0:r1] > 0).to(scores.dtype)
-                ahead[r0:r1] = _count_ahead(
+                partial.ahead[r0:r1] = _count_ahead(
                     scores, p, p_index, col_index, 1, torch.empty_like(scores), known_equal=has_positive
                 )
-                best[r0:r1], best_index[r0:r1] = p, p_index
+                partial.best[r0:r1], partial.best_index[r0:r1] = p, p_index
             if k_top:
                 v, i = _topk_exact(scores, k_top, col_index)
                 width = v.shape[1]
-                top_values[r0:r1, :width] = v
-                top_index[r0:r1, :width] = torch.where(v == -torch.inf, n, i)  # never keep the query itself
+                partial.top_values[r0:r1, :width] = v
+                partial.top_index[r0:r1, :width] = torch.where(v == -torch.inf, n, i)  # never the query itself
 
-    # Phase 2: every pair of different blocks, each score used for both of its points. Candidates
-    # for the top lists are merged once per block row, or earlier when a quarter of a block has
-    # piled up (few large sorts rather than many small ones, in bounded memory).
+
+def _rank_between_blocks(
+    points: _ByLabel, partial: _Partial, blocks: list[tuple[int, int]], block: int, *, count_first: bool, k_top: int
+) -> None:
+    """Phase 2: every pair of different blocks, each score used for both of its points. Candidates
+    for the top lists are merged once per block row, or earlier when a quarter of a block has
+    piled up (few large sorts rather than many small ones, in bounded memory)."""
+    n, device, dtype = points.x.shape[0], points.x.device, points.x.dtype
+    perm, xp, sq_rows = points.perm, points.x, points.sq_rows
+    best, best_index, ahead = partial.best, partial.best_index, partial.ahead
+    top_values, top_index = partial.top_values, partial.top_index
     edge = min(block, n)
-    score_buffer = torch.empty(edge * edge, dtype=x.dtype, device=device)
-    count_buffer = torch.empty(edge * edge, dtype=x.dtype, device=device) if count_first else None
+    score_buffer = torch.empty(edge * edge, dtype=dtype, device=device)
+    count_buffer = torch.empty(edge * edge, dtype=dtype, device=device) if count_first else None
     masks = [torch.empty(edge * edge, dtype=torch.bool, device=device) for _ in range(2)] if k_top else []
     merge_limit = max(1, edge * edge // 4)  # bounds the pending candidates whatever the data
     for bi, (s1, e1) in enumerate(blocks):
@@ -514,7 +562,7 @@ def _rank_stats_torch(
                 for b0 in range(s2, e2, block):
                     b1 = min(b0 + block, e2)
                     out = score_buffer[: (a1 - a0) * (b1 - b0)].view(a1 - a0, b1 - b0)
-                    scores = _score_block(xp[a0:a1], xp[b0:b1], sub(sqp, a0, a1), sub(sqp, b0, b1), out=out)
+                    scores = _score_block(xp[a0:a1], xp[b0:b1], sq_rows(a0, a1), sq_rows(b0, b1), out=out)
                     if count_first:
                         ahead[a0:a1] += _count_ahead(
                             scores, best[a0:a1], best_index[a0:a1], perm[b0:b1], 1, count_buffer
@@ -532,13 +580,17 @@ def _rank_stats_torch(
         if pending:
             _merge_top(top_values, top_index, *(torch.cat(part) for part in zip(*pending, strict=True)))
 
+
+def _unsorted_stats(points: _ByLabel, partial: _Partial, labels: Tensor, k_top: int) -> _RankStats:
+    """The gathered statistics back in the points' own order."""
+    n, device, perm = points.x.shape[0], points.x.device, points.perm
     first = torch.empty(n, dtype=torch.int64, device=device)
-    first[perm] = torch.where(relevant_p > 0, ahead, _NO_POSITIVE)
+    first[perm] = torch.where(points.relevant > 0, partial.ahead, _NO_POSITIVE)
     relevant = torch.empty(n, dtype=torch.int64, device=device)
-    relevant[perm] = relevant_p
+    relevant[perm] = points.relevant
     top_relevant = torch.empty((n, k_top), dtype=torch.bool, device=device)
     if k_top:
-        top_relevant[perm] = labels[top_index] == lp[:, None]
+        top_relevant[perm] = labels[partial.top_index] == points.labels[:, None]
     return _RankStats(first, top_relevant, relevant)
 
 

@@ -266,9 +266,21 @@ def fit_pieces(x: Tensor, options: PieceOptions | None = None, **fields: Any) ->
             non-finite input.
     """
     opts = resolve(PieceOptions, options, **fields)
-    m, tau, n_max, subset_selection, k_plain = opts.m, opts.tau, opts.n_max, opts.subset_selection, opts.k_plain
-    mutual_only = opts.neighbourhoods == "mutual"
-    min_points = opts.minimum_points
+    _check_batch(x, opts)
+    xw = _working_dtype(x.detach())
+    index, y, eligible, scale = _candidate_pool(xw, opts)
+    gram = y @ y.transpose(1, 2)
+    member, threshold = _select_members(gram, eligible, scale, opts)
+    w, _, _ = _masked_pca(gram, member, opts.m)
+    bases = _basis_from_gram(y, w, member)
+    members = torch.zeros(xw.shape[0], xw.shape[0], dtype=torch.bool, device=x.device)
+    members.scatter_(1, index, member)
+    return Pieces(anchors=xw, bases=bases.to(xw.dtype), members=members, scale=scale, threshold=threshold)
+
+
+def _check_batch(x: Tensor, opts: PieceOptions) -> None:
+    """Raise unless ``x`` holds finite embeddings, at least ``min_points`` of them, of dimension >= m."""
+    m, min_points = opts.m, opts.minimum_points
     check_embeddings(x, "fit_pieces: x", min_rows=1)
     if x.shape[0] < min_points:
         raise ValueError(
@@ -278,43 +290,48 @@ def fit_pieces(x: Tensor, options: PieceOptions | None = None, **fields: Any) ->
     if m > x.shape[1]:
         raise ValueError(f"m: the pieces' dimension {m} exceeds the embedding dimension {x.shape[1]}")
 
-    xw = _working_dtype(x.detach())
-    accurate = _accurate_dtype(x.device)
-    b = xw.shape[0]
-    xa = xw.to(accurate)
-    n_pool = min(n_max if subset_selection else k_plain + 1, b)
-    order, nn_dist, differences = _nearest_others(xw, xa, n_pool - 1)
+
+def _candidate_pool(xw: Tensor, opts: PieceOptions) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each anchor's candidates, nearest first (mutual neighbours first with ``neighbourhoods="mutual"``):
+    ``(index, y, eligible, scale)`` with ``index`` (B, n) the anchor then its candidates, ``y`` (B, n, d)
+    the member vectors ``x_j - x_i`` in the accurate dtype (row 0, the anchor, zero), ``eligible``
+    (B, n) which candidates may join, and ``scale`` the median nearest-neighbour distance (zeros
+    ignored; 0 when every point is a duplicate)."""
+    b, device = xw.shape[0], xw.device
+    n_pool = min(opts.n_max if opts.subset_selection else opts.k_plain + 1, b)
+    order, nn_dist, differences = _nearest_others(xw, xw.to(_accurate_dtype(device)), n_pool - 1)
     scale = torch.nan_to_num(torch.nanquantile(torch.where(nn_dist > 0, nn_dist, math.nan), 0.5), nan=0.0)
     scale = scale.to(xw.dtype)
-
-    eligible = torch.ones(b, n_pool, dtype=torch.bool, device=x.device)
-    if mutual_only and subset_selection:
+    eligible = torch.ones(b, n_pool, dtype=torch.bool, device=device)
+    if opts.neighbourhoods == "mutual" and opts.subset_selection:
         order, eligible[:, 1:], position = _mutual_first(order)
         differences = torch.gather(differences, 1, position.unsqueeze(-1).expand_as(differences))
-    index = torch.cat([torch.arange(b, device=x.device).unsqueeze(1), order], dim=1)  # (B, n)
-    # (B, n, d) member vectors x_j - x_i in float64, row 0 (the anchor) zero
+    index = torch.cat([torch.arange(b, device=device).unsqueeze(1), order], dim=1)  # (B, n)
     y = torch.cat([differences.new_zeros(b, 1, differences.shape[-1]), differences], dim=1)
-    gram = y @ y.transpose(1, 2)
+    return index, y, eligible, scale
 
-    member = torch.zeros(b, n_pool, dtype=torch.bool, device=x.device)
-    if subset_selection:
-        member[:, :min_points] = True
-        threshold = tau * scale
-        limit2 = threshold.to(accurate).square()
-        for t in range(min_points, n_pool):
-            trial = member[:, : t + 1].clone()  # the candidates after t play no part yet
-            trial[:, t] = True
-            _, _, res2 = _masked_pca(gram[:, : t + 1, : t + 1], trial, m)
-            member[:, t] = (res2.amax(dim=1) <= limit2) & eligible[:, t]
-    else:
+
+def _select_members(
+    gram: Tensor, eligible: Tensor, scale: Tensor, opts: PieceOptions
+) -> tuple[Tensor, Tensor]:
+    """``(member, threshold)``: which candidates join each piece, grown one candidate a step (the
+    ``min_points`` nearest always; a further one when the refitted piece keeps every member's
+    residual within ``τ · scale``), or all of them without subset selection (threshold +inf)."""
+    b, n_pool = eligible.shape
+    member = torch.zeros(b, n_pool, dtype=torch.bool, device=eligible.device)
+    if not opts.subset_selection:
         member[:] = True
-        threshold = torch.full_like(scale, math.inf)
-
-    w, _, _ = _masked_pca(gram, member, m)
-    bases = _basis_from_gram(y, w, member)
-    members = torch.zeros(b, b, dtype=torch.bool, device=x.device)
-    members.scatter_(1, index, member)
-    return Pieces(anchors=xw, bases=bases.to(xw.dtype), members=members, scale=scale, threshold=threshold)
+        return member, torch.full_like(scale, math.inf)
+    min_points = opts.minimum_points
+    member[:, :min_points] = True
+    threshold = opts.tau * scale
+    limit2 = threshold.to(gram.dtype).square()
+    for t in range(min_points, n_pool):
+        trial = member[:, : t + 1].clone()  # the candidates after t play no part yet
+        trial[:, t] = True
+        _, _, res2 = _masked_pca(gram[:, : t + 1, : t + 1], trial, opts.m)
+        member[:, t] = (res2.amax(dim=1) <= limit2) & eligible[:, t]
+    return member, threshold
 
 
 def _mutual_first(order: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from plmetric.manifold.distances import pairwise_distances
 from plmetric.methods.losses import neighbourhood_loss, point_loss, proxy_loss, relaxed_contrastive_loss, target_scales
-from plmetric.manifold.pieces import Proxies, fit_pieces, point_similarity, proxy_point_similarity
+from plmetric.manifold.pieces import Pieces, Proxies, fit_pieces, point_similarity, proxy_point_similarity
 from plmetric.methods.base import Method, Objective, StepInputs
 from plmetric.core.options import PLMOptions, resolve
 from plmetric.core.validation import check_embeddings
@@ -112,52 +112,82 @@ class PLMLoss(Objective):
             piece), ``"target_mean"`` and ``"distance_mean"`` (mean point target δ(1 - s) and mean
             student distance over pairs i ≠ j). ``self.last_similarity`` keeps the batch's s.
         """
-        o = self.options
+        teacher, weight = self._checked_inputs(student, teacher, teacher_features, embedding_weight)
+        pieces, target_pieces, similarity = self._targets(teacher, teacher_features, weight)
+        point_delta = self._scale(similarity, student, teacher)
+        terms = self._point_term(student, similarity, point_delta)
+        self.last_similarity = similarity
+        if self.proxies is not None:
+            terms.update(self._proxy_terms(student, teacher, pieces))
+        terms = self._weighted_sum(terms, student)
+        terms.update(self._monitoring(student, similarity, point_delta, target_pieces))
+        return terms
+
+    def _checked_inputs(
+        self, student: Tensor, teacher: Tensor, teacher_features: Tensor | None, embedding_weight: float | None
+    ) -> tuple[Tensor, float]:
+        """The detached teacher and λ (the embedding's weight), after checking the shapes."""
         check_embeddings(student, "PLMLoss: student", min_rows=2)
         if teacher.shape != student.shape:
             raise ValueError(
                 f"PLMLoss: teacher {tuple(teacher.shape)} and student {tuple(student.shape)} must have the same shape"
             )
-        teacher = teacher.detach()
         weight = (0.0 if teacher_features is not None else 1.0) if embedding_weight is None else embedding_weight
         if teacher_features is None and weight != 1.0:
             raise ValueError("PLMLoss: targets from the features (embedding_weight < 1) need teacher_features")
-        with torch.no_grad():
-            pieces = fit_pieces(teacher, o) if weight > 0 or self.proxies is not None else None
-            similarity = point_similarity(pieces, o).to(teacher.dtype) if weight > 0 else None
-            target_pieces = pieces
-            if weight < 1:
-                check_embeddings(teacher_features, "PLMLoss: teacher_features", min_rows=2)
-                target_pieces = fit_pieces(teacher_features.detach(), o)
-                from_features = point_similarity(target_pieces, o).to(teacher.dtype)
-                similarity = from_features if similarity is None else torch.lerp(from_features, similarity, weight)
-        point_delta = self._scale(similarity, student, teacher)
+        return teacher.detach(), weight
+
+    @torch.no_grad()
+    def _targets(
+        self, teacher: Tensor, teacher_features: Tensor | None, weight: float
+    ) -> tuple[Pieces | None, Pieces, Tensor]:
+        """The embedding's pieces (when its similarity or the proxies need them), the pieces the point
+        targets come from, and the point similarity ``s = (1 - λ) s_features + λ s_embedding``."""
+        o = self.options
+        pieces = fit_pieces(teacher, o) if weight > 0 or self.proxies is not None else None
+        similarity = point_similarity(pieces, o).to(teacher.dtype) if weight > 0 else None
+        target_pieces = pieces
+        if weight < 1:
+            check_embeddings(teacher_features, "PLMLoss: teacher_features", min_rows=2)
+            target_pieces = fit_pieces(teacher_features.detach(), o)
+            from_features = point_similarity(target_pieces, o).to(teacher.dtype)
+            similarity = from_features if similarity is None else torch.lerp(from_features, similarity, weight)
+        return pieces, target_pieces, similarity
+
+    def _point_term(self, student: Tensor, similarity: Tensor, point_delta: float | Tensor) -> dict[str, Tensor]:
+        """``{"loss_point": ...}``: the relaxed contrastive or the point loss, within neighbourhoods when
+        ``pair_scope`` says so."""
+        o = self.options
         groups = None
         if o.pair_scope == "neighbourhood":
             groups = torch.arange(student.shape[0], device=student.device) // self.group_size
         if o.loss_form == "contrastive":
-            terms = {"loss_point": relaxed_contrastive_loss(student, similarity, margin=o.delta)}
-        else:
-            terms = {"loss_point": point_loss(student, similarity, point_delta, o.normalize_rows, groups)}
-        self.last_similarity = similarity
-        if self.proxies is not None:
-            locations, bases = self.proxies()
-            with torch.no_grad():
-                proxy_similarity = proxy_point_similarity(
-                    pieces, locations.detach().to(teacher.dtype), bases.detach().to(teacher.dtype), o
-                )
-            if o.loss_form == "contrastive":
-                terms["loss_proxy"] = relaxed_contrastive_loss(
-                    student, proxy_similarity, locations.detach(), margin=o.delta
-                )
-            else:
-                proxy_delta = self._scale(proxy_similarity, student, teacher, locations.detach().to(teacher.dtype))
-                terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, proxy_delta, o.normalize_rows)
-            terms["loss_neighbourhood"] = neighbourhood_loss(
-                teacher, locations, bases, proxy_similarity, o.proxy_neighbours
+            return {"loss_point": relaxed_contrastive_loss(student, similarity, margin=o.delta)}
+        return {"loss_point": point_loss(student, similarity, point_delta, o.normalize_rows, groups)}
+
+    def _proxy_terms(self, student: Tensor, teacher: Tensor, pieces: Pieces) -> dict[str, Tensor]:
+        """``{"loss_proxy", "loss_neighbourhood"}`` against the learnable proxies."""
+        o = self.options
+        locations, bases = self.proxies()
+        with torch.no_grad():
+            proxy_similarity = proxy_point_similarity(
+                pieces, locations.detach().to(teacher.dtype), bases.detach().to(teacher.dtype), o
             )
-        # only the terms that are on: no proxy terms without proxies, none of weight 0 (the epoch line and
-        # the log show what trains); 0 · Σ student keeps a graph when every term is off
+        terms = {}
+        if o.loss_form == "contrastive":
+            detached = locations.detach()
+            terms["loss_proxy"] = relaxed_contrastive_loss(student, proxy_similarity, detached, margin=o.delta)
+        else:
+            proxy_delta = self._scale(proxy_similarity, student, teacher, locations.detach().to(teacher.dtype))
+            terms["loss_proxy"] = proxy_loss(student, proxy_similarity, locations, proxy_delta, o.normalize_rows)
+        neighbours = o.proxy_neighbours
+        terms["loss_neighbourhood"] = neighbourhood_loss(teacher, locations, bases, proxy_similarity, neighbours)
+        return terms
+
+    def _weighted_sum(self, terms: dict[str, Tensor], student: Tensor) -> dict[str, Tensor]:
+        """Only the terms that are on (none of weight 0: the epoch line and the log show what trains) and
+        ``"loss"``, their weighted sum; 0 · Σ student keeps a graph when every term is off."""
+        o = self.options
         weights = {
             "loss_point": o.weight_point,
             "loss_proxy": o.weight_proxy,
@@ -165,14 +195,21 @@ class PLMLoss(Objective):
         }
         terms = {name: value for name, value in terms.items() if weights[name] != 0}
         terms["loss"] = sum((weights[name] * value for name, value in terms.items()), 0.0 * student.sum())
-        terms["piece_size"] = target_pieces.size.to(student.dtype).mean()
-        with torch.no_grad():  # monitoring: mean target distance vs mean student distance, off the diagonal
-            off_diagonal = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
-            target = point_delta * (1.0 - similarity.to(student.dtype))
-            terms["target_mean"] = target[off_diagonal].mean()
-            distances = pairwise_distances(student.detach(), student.detach(), method="torch")
-            terms["distance_mean"] = distances[off_diagonal].mean()
         return terms
+
+    @torch.no_grad()
+    def _monitoring(
+        self, student: Tensor, similarity: Tensor, point_delta: float | Tensor, target_pieces: Pieces
+    ) -> dict[str, Tensor]:
+        """Detached: mean points per piece, mean target distance and mean student distance off the diagonal."""
+        off_diagonal = ~torch.eye(student.shape[0], dtype=torch.bool, device=student.device)
+        target = point_delta * (1.0 - similarity.to(student.dtype))
+        distances = pairwise_distances(student.detach(), student.detach(), method="torch")
+        return {
+            "piece_size": target_pieces.size.to(student.dtype).mean(),
+            "target_mean": target[off_diagonal].mean(),
+            "distance_mean": distances[off_diagonal].mean(),
+        }
 
     def _scale(
         self, similarity: Tensor, student: Tensor, teacher: Tensor, others: Tensor | None = None

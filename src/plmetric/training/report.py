@@ -339,6 +339,101 @@ def _draw_png(
     atomic_write_figure(fig, path, dpi=dpi)
 
 
+Cell = tuple[int, list[tuple[int, float]], list[tuple[int, float]]]  # query, (index, score) before, after
+
+
+def _before_and_after(
+    start: Tensor, kept: Tensor, chosen: list[int], k: int, top: int
+) -> tuple[int, int, float | None, float | None, list[Cell]]:
+    """``(k, top, mean neighbour change, top-1 change share, cells)``: k and top clipped to N - 1, each
+    query's ``top`` most similar others under both models; with N = 1, k = 0, no shares, empty cells."""
+    n = start.shape[0]
+    if n < 2:
+        return 0, top, None, None, [(q, [], []) for q in chosen]
+    k, top = min(k, n - 1), min(top, n - 1)
+    changed, changed_top1 = _changes(start, kept, (k, 1), None)
+    rows = torch.tensor(chosen, device=start.device)
+    before_scores, before_idx = _top_others(start, rows, top)
+    after_scores, after_idx = _top_others(kept, rows, top)
+    cells = [
+        (
+            q,
+            list(zip(before_idx[r].tolist(), before_scores[r].tolist(), strict=True)),
+            list(zip(after_idx[r].tolist(), after_scores[r].tolist(), strict=True)),
+        )
+        for r, q in enumerate(chosen)
+    ]
+    return k, top, float(changed.mean()), float(changed_top1.mean()), cells
+
+
+def _thumbnails(paths: Sequence[str], cells: list[Cell]) -> tuple[dict[int, Any], dict[int, bool]]:
+    """The thumbnail of every image the cells show (queries and results), and whether it was readable."""
+    shown = sorted({q for q, _, _ in cells} | {i for _, b, a in cells for i, _ in b + a})
+    thumbs: dict[int, Any] = {}
+    readable: dict[int, bool] = {}
+    for index in shown:
+        thumbs[index], readable[index] = load_thumbnail(paths[index])
+    return thumbs, readable
+
+
+def _query_blocks(
+    paths: Sequence[str], cells: list[Cell], uris: dict[int, str], readable: dict[int, bool], top: int
+) -> list[str]:
+    """The page's HTML blocks: per query its results before and after (results that left the top
+    marked "gone", new ones "new") and the legend; with one image, that there is nothing to compare."""
+    n = len(paths)
+    blocks = []
+    if n < 2:
+        blocks.append('<p class="nothing">Only one image: there is nothing to compare.</p>')
+    for q, before, after in cells:
+        if n < 2:
+            blocks.append(f'<div class="query-cell">{_figure_html(paths[q], q, uris[q], None, "", readable[q])}</div>')
+            continue
+        before_set, after_set = {i for i, _ in before}, {i for i, _ in after}
+        before_html = "".join(
+            _figure_html(paths[i], i, uris[i], s, "" if i in after_set else "gone", readable[i]) for i, s in before
+        )
+        after_html = "".join(
+            _figure_html(paths[i], i, uris[i], s, "" if i in before_set else "new", readable[i]) for i, s in after
+        )
+        query_html = _figure_html(paths[q], q, uris[q], None, "", readable[q])
+        blocks.append(
+            f'<table class="query" data-query="{q}"><tr><td class="query-cell" rowspan="2">{query_html}</td>'
+            f'<td class="label">before<br>(start)</td><td class="before">{before_html}</td></tr>'
+            f'<tr><td class="label">after<br>(kept)</td><td class="after">{after_html}</td></tr></table>'
+        )
+    if n >= 2:
+        blocks.append(
+            '<p class="summary">Green frame: a result that the start did not rank in its top '
+            f"{top}; red frame: a result that training dropped from it. Hover a thumbnail for its path.</p>"
+        )
+    return blocks
+
+
+def _png_title(
+    criterion: str,
+    start_score: float,
+    kept_score: float,
+    kept_label: str,
+    k: int,
+    changed_mean: float | None,
+    top1: float | None,
+    n: int,
+) -> str:
+    """The two title lines of report.png: the criterion's scores, and how much the neighbours changed."""
+    return (
+        f"{_printable(criterion)}: start {_format(start_score)}, kept {_format(kept_score)} "
+        f"({_printable(kept_label)})\n"
+        + (
+            f"{_percent(changed_mean)} of each image's {k} nearest neighbours changed; "
+            f"top-1 changed for {_percent(top1)}"
+            if n >= 2
+            else "Only one image: there is nothing to compare."
+        )
+    )
+
+
+
 def write_change_report(
     out_dir: str | os.PathLike,
     paths: Sequence[str],
@@ -383,10 +478,9 @@ def write_change_report(
         ValueError: bad embeddings, row counts that differ from ``len(paths)``, or bad counts.
     """
     where = "write_change_report"
-    n_paths = len(paths)
     start, kept = _paired_embeddings(start, kept, where, min_rows=1)
-    if start.shape[0] != n_paths:
-        raise ValueError(f"{where}: {n_paths} paths but {start.shape[0]} embeddings")
+    if start.shape[0] != len(paths):
+        raise ValueError(f"{where}: {len(paths)} paths but {start.shape[0]} embeddings")
     queries = check_int("queries", queries, 1, where=f"{where}: ")
     top = check_int("top", top, 1, where=f"{where}: ")
     k = check_int("k", k, 1, where=f"{where}: ")
@@ -396,74 +490,17 @@ def write_change_report(
     paths = [os.fspath(p) for p in paths]
     names = [_printable(os.path.basename(p) or p) for p in paths]
     out_dir = Path(out_dir)
-    n = n_paths
+    n = len(paths)
     chosen = choose_queries(n, queries, seed)
 
-    if n >= 2:
-        k, top = min(k, n - 1), min(top, n - 1)
-        changed, changed_top1 = _changes(start, kept, (k, 1), None)
-        changed_mean, top1 = float(changed.mean()), float(changed_top1.mean())
-        rows = torch.tensor(chosen, device=start.device)
-        before_scores, before_idx = _top_others(start, rows, top)
-        after_scores, after_idx = _top_others(kept, rows, top)
-        cells = [
-            (
-                q,
-                list(zip(before_idx[r].tolist(), before_scores[r].tolist(), strict=True)),
-                list(zip(after_idx[r].tolist(), after_scores[r].tolist(), strict=True)),
-            )
-            for r, q in enumerate(chosen)
-        ]
-    else:
-        k, changed_mean, top1 = 0, None, None
-        cells = [(q, [], []) for q in chosen]
-
-    shown = sorted({q for q, _, _ in cells} | {i for _, b, a in cells for i, _ in b + a})
-    thumbs: dict[int, Any] = {}
-    readable: dict[int, bool] = {}
-    for index in shown:
-        thumbs[index], readable[index] = load_thumbnail(paths[index])
+    k, top, changed_mean, top1, cells = _before_and_after(start, kept, chosen, k, top)
+    thumbs, readable = _thumbnails(paths, cells)
     uris = {index: _jpeg_data_uri(image) for index, image in thumbs.items()}
-
     header = _header_html(criterion, start_score, kept_score, kept_label, k, changed_mean, top1)
-    blocks = []
-    if n < 2:
-        blocks.append('<p class="nothing">Only one image: there is nothing to compare.</p>')
-    for q, before, after in cells:
-        if n < 2:
-            blocks.append(f'<div class="query-cell">{_figure_html(paths[q], q, uris[q], None, "", readable[q])}</div>')
-            continue
-        before_set, after_set = {i for i, _ in before}, {i for i, _ in after}
-        before_html = "".join(
-            _figure_html(paths[i], i, uris[i], s, "" if i in after_set else "gone", readable[i]) for i, s in before
-        )
-        after_html = "".join(
-            _figure_html(paths[i], i, uris[i], s, "" if i in before_set else "new", readable[i]) for i, s in after
-        )
-        query_html = _figure_html(paths[q], q, uris[q], None, "", readable[q])
-        blocks.append(
-            f'<table class="query" data-query="{q}"><tr><td class="query-cell" rowspan="2">{query_html}</td>'
-            f'<td class="label">before<br>(start)</td><td class="before">{before_html}</td></tr>'
-            f'<tr><td class="label">after<br>(kept)</td><td class="after">{after_html}</td></tr></table>'
-        )
-    if n >= 2:
-        blocks.append(
-            '<p class="summary">Green frame: a result that the start did not rank in its top '
-            f"{top}; red frame: a result that training dropped from it. Hover a thumbnail for its path.</p>"
-        )
+    blocks = _query_blocks(paths, cells, uris, readable, top)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "report.html", _page(header, "\n".join(blocks)))
-
-    title = (
-        f"{_printable(criterion)}: start {_format(start_score)}, kept {_format(kept_score)} "
-        f"({_printable(kept_label)})\n"
-        + (
-            f"{_percent(changed_mean)} of each image's {k} nearest neighbours changed; "
-            f"top-1 changed for {_percent(top1)}"
-            if n >= 2
-            else "Only one image: there is nothing to compare."
-        )
-    )
+    title = _png_title(criterion, start_score, kept_score, kept_label, k, changed_mean, top1, n)
     _draw_png(out_dir / "report.png", cells, thumbs, names, title)
 
     return {
