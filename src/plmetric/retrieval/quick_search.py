@@ -232,6 +232,8 @@ def _read_index(path: Path) -> tuple[dict[str, Any], np.ndarray] | None:
         or list(labels_shape) != [embeddings.shape[0]]
         or not all(isinstance(p, str) for p in paths)
         or not isinstance(model.get("backbone"), str)
+        or meta.get("count", embeddings.shape[0]) != embeddings.shape[0]  # recorded sizes: the tensor's
+        or meta.get("dim", embeddings.shape[1]) != embeddings.shape[1]
     ):
         return None
     return meta, embeddings
@@ -240,11 +242,12 @@ def _read_index(path: Path) -> tuple[dict[str, Any], np.ndarray] | None:
 def _check_model_fields(model: dict[str, Any]) -> None:
     """The checks of :func:`plmetric.data.backbones.check_model_metadata` that need no backbone table
     (the backbone's name is not resolved: the network is the cached export). Raises ValueError."""
-    from plmetric.core.validation import check_int, check_triple
+    from plmetric.core.validation import MAX_EMBEDDING_DIM, check_int, check_triple
 
-    for key, minimum in (("embedding_dim", 0), ("output_dim", 1), ("epoch", 0)):
+    for key, minimum, maximum in (("embedding_dim", 0, MAX_EMBEDDING_DIM), ("output_dim", 1, MAX_EMBEDDING_DIM),
+                                  ("epoch", 0, None)):
         if key in model:
-            check_int(key, model[key], minimum)
+            check_int(key, model[key], minimum, maximum=maximum)
     for fields in (model, model.get("preprocessing") or {}):
         if not isinstance(fields, dict):
             raise ValueError("preprocessing must be a JSON object")
