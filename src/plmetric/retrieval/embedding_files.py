@@ -122,7 +122,7 @@ def _check_document(document: dict[str, Any], shape: tuple[int, ...], path: Path
     for field, actual in (("rows", shape[0]), ("dim", shape[1])):
         if field in document and (isinstance(document[field], bool) or document[field] != actual):
             raise ValueError(
-                f"{path}: its description records {field} {str(document[field])[:40]!r}, but the embeddings have "
+                f"{path}: its description records {field} {repr(document[field])[:40]}, but the embeddings have "
                 f"shape {list(shape)}"
             )
 

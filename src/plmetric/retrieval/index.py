@@ -291,6 +291,11 @@ def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
     return embeddings, labels, paths, model
 
 
+def _shown(value: Any) -> str:
+    """A recorded value for a message: an int as it is, anything else as a short repr."""
+    return str(value) if type(value) is int and abs(value) < 10**40 else repr(value)[:40]
+
+
 def check_recorded_shape(meta: dict[str, Any], embeddings: torch.Tensor, path: str | os.PathLike) -> None:
     """Check an index's recorded sizes against its ``embeddings`` tensor: floating point, ``count``
     (when recorded) its rows, ``dim`` and the model's ``output_dim`` (when recorded) its columns.
@@ -306,7 +311,7 @@ def check_recorded_shape(meta: dict[str, Any], embeddings: torch.Tensor, path: s
     for field, (value, actual) in recorded.items():
         if value is not None and (isinstance(value, bool) or value != actual):
             raise ValueError(
-                f"{path} is not a valid plmetric index: it records {field} {str(value)[:40]!r}, but its embeddings "
+                f"{path} is not a valid plmetric index: it records {field} {_shown(value)}, but its embeddings "
                 f"tensor has shape {[rows, columns]}"
             )
 

@@ -136,6 +136,8 @@ class QuickIndex:
         model = self.description
         if model.get("checkpoint"):
             check_same_file(model["checkpoint"], model.get("checkpoint_sha256"), "checkpoint", self.path)
+            if not _checkpoint_agrees(model["checkpoint"], self.database.shape[1]):
+                return False  # the PyTorch path names what is wrong with it
         elif model.get("weights"):
             check_same_file(model["weights"], model.get("weights_sha256"), "weights file", self.path)
         try:
@@ -259,6 +261,23 @@ def _check_model_fields(model: dict[str, Any]) -> None:
     for key in ("config", "metrics"):
         if model.get(key) is not None and not isinstance(model[key], dict):
             raise ValueError(f"{key} must be a JSON object")
+
+
+def _checkpoint_agrees(path: str, dim: int) -> bool:
+    """Whether a checkpoint's recorded sizes (bounded) describe its embedding layer's shapes and give
+    ``dim``-d embeddings, read from its header alone (no torch, no tensor data): the torch-free path
+    trusts the checkpoint's sizes no more than :func:`plmetric.data.backbones.load_model` does."""
+    from plmetric.core.checkpoint import read_metadata, tensor_shapes
+
+    try:
+        meta = read_metadata(path)
+        _check_model_fields(meta)
+        shapes = tensor_shapes(path, ("embedding.weight", "embedding.bias"))
+    except (OSError, ValueError):
+        return False
+    recorded, weight, bias = meta["embedding_dim"], shapes.get("embedding.weight"), shapes.get("embedding.bias")
+    layer_ok = (weight is not None and weight[0] == recorded and bias == [recorded]) if recorded else weight is None
+    return layer_ok and (recorded or dim) == dim and meta.get("output_dim", dim) == dim
 
 
 def _cached_export(record: Any, size: int) -> Path | None:
