@@ -189,7 +189,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     path = existing_checkpoint(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="np") as handle:  # the header only: no torch (the query path)
             raw = (handle.metadata() or {}).get(METADATA_KEY)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors checkpoint: {err}") from err
