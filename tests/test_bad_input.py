@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -52,6 +53,49 @@ class Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+# checkpoint metadata whose sizes are absurd, of the wrong type or not those of its tensors (16-d layer)
+RECORDED_SIZES: dict[str, dict] = {
+    "500k": {"embedding_dim": 500_000},
+    "1e8": {"embedding_dim": 100_000_000},
+    "output_huge": {"output_dim": 10**12},
+    "negative": {"embedding_dim": -16},
+    "bool": {"embedding_dim": True},
+    "text": {"embedding_dim": "16"},
+    "mismatch": {"embedding_dim": 32},
+    "output_mismatch": {"output_dim": 1280},
+}
+# what the one error line says of each (besides the file's name)
+RECORDED_SIZE_ERRORS: dict[str, list[str]] = {
+    "500k": ["'embedding_dim'", "<= 16384", "500000"],
+    "1e8": ["'embedding_dim'", "<= 16384", "100000000"],
+    "output_huge": ["'output_dim'", "<= 16384", "1000000000000"],
+    "negative": ["'embedding_dim'", ">= 0", "-16"],
+    "bool": ["a valid 'embedding_dim'"],
+    "text": ["a valid 'embedding_dim'"],
+    "mismatch": ["does not match its own metadata", "[32, 1280]", "[16, 1280]"],
+    "output_mismatch": ["'output_dim' is 1280", "outputs 16"],
+}
+
+
+def _index_like(source: Path, path: Path, checkpoint: Path | None = None, **recorded) -> Path:
+    """A copy of the index ``source`` whose metadata names ``checkpoint`` (with its SHA-256) or records
+    other sizes: ``count``, ``dim`` or the model's ``output_dim``."""
+    from safetensors import safe_open
+
+    from plmetric.core.checkpoint import file_sha256
+
+    with safe_open(str(source), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["plmetric_index"])
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if checkpoint is not None:
+        meta["model"].update(checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(checkpoint))
+    if "output_dim" in recorded:
+        meta["model"]["output_dim"] = recorded.pop("output_dim")
+    meta.update(recorded)
+    save_file(tensors, str(path), metadata={"plmetric_index": json.dumps(meta)})
+    return path
 
 
 def _checkpoint(path: Path, seed: int = 0, dim: int = 16) -> Path:
@@ -152,6 +196,20 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     for name, size in (("true", True), ("one", 1), ("huge", 3000), ("list", [32, 32]), ("text", "32")):
         meta = {"backbone": "efficientnet_lite0", "embedding_dim": 16, "image_size": size}
         save_file(good_state, str(root / f"size_{name}.safetensors"), metadata={"plmetric": json.dumps(meta)})
+    # recorded sizes (issue 30): every size a checkpoint or an index records is bounded and checked against
+    # its tensors' shapes before a model is built (embedding_dim=500000 took 186 s and 8.8 GB to refuse)
+    good_index = root / "index.safetensors"
+    for name, fields in RECORDED_SIZES.items():
+        meta = {"backbone": "efficientnet_lite0", "embedding_dim": 16, "image_size": 32, **fields}
+        bad = root / f"dim_{name}.safetensors"
+        save_file(good_state, str(bad), metadata={"plmetric": json.dumps(meta)})
+        # an index whose own sizes are right, naming that checkpoint (with its SHA-256: search reaches it)
+        _index_like(good_index, root / f"names_dim_{name}.safetensors", checkpoint=bad)
+    _index_like(good_index, root / "index_count.safetensors", count=500000)
+    _index_like(good_index, root / "index_dim.safetensors", dim=500000)
+    _index_like(good_index, root / "index_output_dim.safetensors", output_dim=32)
+    # nesting and absurd integers (issue 30): a config value 20,000 levels deep
+    (root / "deep.yaml").write_text("data:\n  root: " + "[" * 20_000 + "]" * 20_000 + "\n")
     for name, count, unreadable in (("pile1", 1, 0), ("pile3", 3, 0), ("pile5bad3", 5, 3)):
         (root / name).mkdir()
         for i in range(count):
@@ -676,6 +734,118 @@ CASES: list[tuple[str, list[str], list[str]]] = [
             ("export", ["export", "--format", "torchscript"], ["--out", "{root}/m.pt"]),
         )
     ],
+    # recorded sizes (issue 30): checked against the tensors and a bound before a model is built
+    *[
+        (
+            f"{command}-recorded-size-{name}",
+            [a.replace("CKPT", f"{{root}}/dim_{name}.safetensors").replace("INDEX", f"{{root}}/names_dim_{name}.safetensors") for a in argv],
+            [f"dim_{name}.safetensors", *RECORDED_SIZE_ERRORS[name]],
+        )
+        for name in RECORDED_SIZES
+        for command, argv in (
+            ("export", ["export", "CKPT", "--format", "torchscript", "--out", "{root}/m.pt"]),
+            ("index", ["index", "{photos}", "--checkpoint", "CKPT", "--out", "{root}/i.safetensors"]),
+            ("embed", ["embed", "--images", "{photos}", "--checkpoint", "CKPT", "--out", "{root}/e.safetensors"]),
+            ("search", ["search", "{photo}", "--index", "INDEX", "--out", "{root}/g.png"]),
+        )
+    ],
+    *[
+        (
+            f"{command}-index-records-{name}",
+            [*argv[:index_at], f"{{root}}/index_{name}.safetensors", *argv[index_at:]],
+            [f"index_{name}.safetensors", *words, "[5, 16]"],
+        )
+        for name, words in (("count", ["count 500000"]), ("dim", ["dim 500000"]), ("output_dim", ["'output_dim' 32"]))
+        for command, argv, index_at in (
+            ("search", ["search", "{photo}", "--index", "--out", "{root}/g.png"], 3),
+            ("serve", ["serve"], 1),
+            ("neighbours", ["neighbours", "--out", "{root}/n.csv"], 1),
+            ("index-add-to", ["index", "{photos}", "--add-to"], 3),
+        )
+    ],
+    # nesting and absurd integers (issue 30): configs, --set values and count options are bounded
+    (
+        "train-config-nested-20000-deep",
+        ["train", "--out", "{root}/r", "--config", "{root}/deep.yaml"],
+        ["deep.yaml", "nested deeper than 32 levels", "line 2"],
+    ),
+    (
+        "train-set-nested-20000-deep",
+        ["train", "--out", "{root}/r", "--set", "data.root=" + "[" * 20_000 + "]" * 20_000],
+        ["--set data.root", "nested deeper than 32 levels"],
+    ),
+    (
+        "train-epochs-absurd",
+        ["train", "--out", "{root}/r", "--set", "train.epochs=99999999999999999999999"],
+        ["train.epochs", ">= 1 and <= 10000", "99999999999999999999999"],
+    ),
+    (
+        "train-proxies-absurd",
+        ["train", "--out", "{root}/r", "--set", "plm.num_proxies=10000000000"],
+        ["plm.num_proxies", ">= 0 and <= 100000", "10000000000"],
+    ),
+    (
+        "train-embedding-dim-500000",
+        ["train", "--out", "{root}/r", "--set", "model.embedding_dim=500000"],
+        ["model.embedding_dim", "<= 16384", "500000"],
+    ),
+    (
+        "train-stop-after-absurd",
+        ["train", "--out", "{root}/r", "--stop-after", "99999999999999999999999"],
+        ["--stop-after", "<= 10000", "99999999999999999999999"],
+    ),
+    (
+        "search-top-k-absurd",
+        ["search", "{photo}", "--index", "{index}", "--top-k", "99999999999999999999999"],
+        ["--top-k", ">= 1 and <= 100000", "99999999999999999999999"],
+    ),
+    ("serve-top-k-absurd", ["serve", "{index}", "--top-k", "1000000000"], ["--top-k", "<= 100000", "1000000000"]),
+    (
+        "neighbours-k-absurd",
+        ["neighbours", "{index}", "--k", "10000000000", "--out", "{root}/n.csv"],
+        ["--k", "<= 100000", "10000000000"],
+    ),
+    (
+        "groups-groups-absurd",
+        ["groups", "{index}", "--groups", "99999999999999999999999", "--out", "{root}/g.csv"],
+        ["--groups", "<= 1000000000", "99999999999999999999999"],
+    ),
+    (
+        "groups-min-size-absurd",
+        ["groups", "{index}", "--min-size", "99999999999999999999999", "--out", "{root}/g.csv"],
+        ["--min-size", ">= 2 and <= 1000000000"],
+    ),
+    (
+        "groups-seed-over-32-bits",
+        ["groups", "{index}", "--seed", "4294967296", "--out", "{root}/g.csv"],
+        ["--seed", "<= 4294967295", "4294967296"],
+    ),
+    (
+        "index-batch-size-absurd",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--batch-size", "1000000000"],
+        ["--batch-size", "<= 16384", "1000000000"],
+    ),
+    (
+        "embed-num-workers-absurd",
+        ["embed", "--images", "{photos}", "--out", "{root}/e.npy", "--num-workers", "100000"],
+        ["--num-workers", ">= 0 and <= 256", "100000"],
+    ),
+    (
+        "index-nlist-absurd",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "ivf", "--nlist", "99999999999999999999"],
+        ["--nlist", "<= 16777216"],
+    ),
+    (
+        "index-embedding-dim-absurd",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--embedding-dim", "500000"],
+        ["--embedding-dim", "<= 16384", "500000"],
+    ),
+    ("eval-ks-absurd", ["eval", "--dataset", "digits", "--ks", "1,99999999999999999999"], ["--ks", "<= 100000"]),
+    (
+        "study-batches-absurd",
+        ["similarity-study", "--features", "{root}/features.npy", "--labels", "{root}/labels.npy", "--batches", "1" + "0" * 30],
+        ["--batches", "<= 10000000"],
+    ),
     # backbones: timm:NAME must name a model timm knows (issue 21, backbones)
     (
         "train-unknown-timm-backbone",
@@ -915,3 +1085,66 @@ def test_timm_weights_without_network_are_one_line_at_once(ws, tmp_path, case, e
     # A hang guard, not a speed assertion: the Hub client's retries sleep 1+2+4+8+8 s per file name, 46 s
     # for the two it tries; the refusal itself takes no network wait, only building the model's facts.
     assert float(seconds) < 30, f"{case}: the refusal took {float(seconds):.0f} s"
+
+
+@pytest.mark.parametrize("command", ["export", "index", "embed", "search"])
+def test_recorded_sizes_are_refused_before_a_model_is_built(ws, monkeypatch, capsys, command):
+    """A checkpoint claiming embedding_dim 500000 (or a 32-d layer over its 16-d tensors) is refused from
+    its header: no model is built (building one fails this test), no tensor is read."""
+    import plmetric.data.backbones.model as backbones  # where load_model finds them
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was built from unchecked metadata")
+
+    monkeypatch.setattr(backbones, "create_model", never)
+    monkeypatch.setattr(backbones, "load_file", never)
+    root = ws["root"]
+    for name in ("500k", "mismatch"):
+        ckpt, index = root / f"dim_{name}.safetensors", root / f"names_dim_{name}.safetensors"
+        argv = {
+            "export": ["export", str(ckpt), "--format", "torchscript", "--out", str(root / "m.pt")],
+            "index": ["index", str(ws["photos"]), "--checkpoint", str(ckpt), "--out", str(root / "i.safetensors")],
+            "embed": ["embed", "--images", str(ws["photos"]), "--checkpoint", str(ckpt), "--out", str(root / "e.npy")],
+            "search": ["search", str(ws["photo"]), "--index", str(index), "--runtime", "torch", "--out", str(root / "g.png")],
+        }[command]
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert ckpt.name in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB (Linux)")
+def test_refusing_a_500000_dim_checkpoint_costs_no_more_memory_than_the_imports(ws):
+    """Peak RSS of ``plmetric export`` on a checkpoint claiming embedding_dim 500000, against that of a
+    process that only imports what ``export`` imports (torch, timm, torchvision, plmetric).
+
+    Bound: building that model needs its 500,000 x 1,280 float32 embedding weight alone, 2.56 GB (its
+    orthogonal initialisation more: 8.8 GB were measured), so a refusal that builds nothing stays within
+    the imports' peak plus 1 GiB (the message, the header read, allocator slack), and any build exceeds it.
+    Each process runs under its own wrapper, so RUSAGE_CHILDREN holds that process's peak only."""
+    import subprocess
+
+    wrapper = (
+        "import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+        "sys.stderr.write(done.stderr)"
+    )
+
+    def peak(*argv: str) -> tuple[int, int, str]:
+        done = subprocess.run(
+            [sys.executable, "-c", wrapper, sys.executable, *argv], capture_output=True, text=True, timeout=600, check=True
+        )
+        code, kib = done.stdout.split()
+        return int(code), int(kib) * 1024, done.stderr
+
+    root = ws["root"]
+    imports = peak("-c", "import plmetric.cli.dispatch, plmetric.retrieval.export, plmetric.data.backbones")
+    assert imports[0] == 0, imports[2]
+    code, refused, err = peak(
+        "-m", "plmetric.cli", "export", str(root / "dim_500k.safetensors"), "--format", "torchscript",
+        "--out", str(root / "m.pt"),
+    )
+    assert code == 2 and "dim_500k.safetensors" in err and "500000" in err, err
+    weight_bytes = 500_000 * 1280 * 4
+    assert refused < imports[1] + 2**30 < imports[1] + weight_bytes, (refused, imports[1])
+    assert not (root / "m.pt").exists()

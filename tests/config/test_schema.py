@@ -252,3 +252,81 @@ def test_train_runtime_is_one_of_the_inference_runtimes():
     assert load_config(None, ["train.runtime=onnxruntime"]).train.runtime == "onnxruntime"
     with pytest.raises(ValueError, match="train.runtime.*tensorrt"):
         load_config(None, ["train.runtime=tensorrt"])
+
+
+def _int_keys() -> list[str]:
+    """Every config key whose type is int (or int | None)."""
+    import dataclasses
+    import typing
+
+    cfg, keys = Config(), []
+    for sec in dataclasses.fields(cfg):
+        section = getattr(cfg, sec.name)
+        for f in dataclasses.fields(section):
+            hint = typing.get_type_hints(type(section))[f.name]
+            if hint is int or set(typing.get_args(hint)) == {int, type(None)}:
+                keys.append(f"{sec.name}.{f.name}")
+    return keys
+
+
+def test_every_int_option_is_found():
+    keys = _int_keys()
+    assert {"train.epochs", "train.batch_size", "data.num_workers", "plm.num_proxies", "stml.g_dim"} <= set(keys)
+    assert len(keys) >= 25
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999999", "100000000000000000000"])  # above 2**63 (seeds)
+def test_every_int_option_has_an_upper_bound_named_with_the_value(value):
+    """train.epochs=99999999999999999999999 was accepted (and estimated at 3e20 minutes): every count of
+    the config is refused above its bound, the message naming the key, the value and the range."""
+    for key in _int_keys():
+        with pytest.raises(ValueError) as refused:
+            load_config(None, [f"{key}={value}"])
+        message = str(refused.value)
+        assert key in message and value in message, message
+        assert "<=" in message or "from 8 to 1024" in message or "must exceed" in message, message
+
+
+def test_the_bounds_are_generous_for_the_recipes_and_name_the_range():
+    load_config(None, ["train.epochs=10000", "model.embedding_dim=16384", "train.seed=4294967296"])
+    with pytest.raises(ValueError, match=r"^train\.epochs must be an integer >= 1 and <= 10000, got 10001$"):
+        load_config(None, ["train.epochs=10001"])
+    with pytest.raises(ValueError, match=r"train\.neighbours_per_seed must be an integer >= 1"):
+        load_config(None, ["train.neighbours_per_seed=0"])  # was a ZeroDivisionError in the divisibility check
+
+
+@pytest.mark.parametrize("depth", [40, 20_000])
+@pytest.mark.parametrize("opening", ["[", "{a: "])
+def test_nesting_deeper_than_32_levels_is_refused_without_recursion(tmp_path, depth, opening):
+    """A config value 20,000 levels deep ended in RecursionError (exit 1): lists and mappings are
+    counted as the composer opens them, and the 33rd level is refused naming the file or option."""
+    closing = "]" if opening == "[" else "}"
+    value = opening * depth + "x" + closing * depth
+    path = tmp_path / "deep.yaml"
+    path.write_text(f"data:\n  root: {value}\n")
+    with pytest.raises(ValueError, match=r"deep\.yaml: lists and mappings nested deeper than 32 levels .* line 2"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"^--set data\.root: lists and mappings nested deeper than 32 levels"):
+        load_config(None, [f"data.root={value}"])
+
+
+def test_nesting_of_32_levels_still_parses():
+    from plmetric.config.schema import parse_yaml
+
+    nested = parse_yaml("a: " + "[" * 31 + "1" + "]" * 31, "x")["a"]  # the mapping and 31 lists: 32 levels
+    for _ in range(30):
+        nested = nested[0]
+    assert nested == [1]
+    with pytest.raises(ValueError, match="nested deeper than 32"):
+        parse_yaml("a: " + "[" * 32 + "1" + "]" * 32, "x")
+
+
+def test_an_integer_over_pythons_digit_limit_names_the_option():
+    with pytest.raises(ValueError, match=r"^--set train\.epochs: Exceeds the limit"):
+        load_config(None, ["train.epochs=" + "9" * 5000])
+
+
+@pytest.mark.parametrize("size", ["1e999", "99999999999999999999T"])
+def test_an_absurd_cache_size_limit_is_refused_by_name(size):
+    with pytest.raises(ValueError, match=r"^data\.cache_max_bytes: a size in bytes must be at most"):
+        load_config(None, [f"data.cache_max_bytes={size}"])

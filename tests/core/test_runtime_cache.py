@@ -55,3 +55,18 @@ def test_a_missing_or_damaged_record_is_no_check(tmp_path: Path):
     assert rc.read_check(tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_bytes(b"\xff{not json")
     assert rc.read_check(tmp_path / "bad.json") is None
+
+
+def test_a_record_nested_too_deeply_oversized_or_with_a_bad_input_shape_is_no_check(tmp_path: Path):
+    """The cache folder is outside input: a deep JSON (RecursionError), a huge file or a malformed
+    input_shape is a damaged record, never an error or a whole-file read."""
+    good = {"error": 0.0, "bound": 1e-4, "input_shape": [3, 8, 8]}
+    (tmp_path / "ok.json").write_text(json.dumps(good))
+    assert rc.read_check(tmp_path / "ok.json") is not None
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert rc.read_check(tmp_path / "deep.json") is None
+    (tmp_path / "big.json").write_text(json.dumps({**good, "pad": "x" * rc.MAX_CHECK_BYTES}))
+    assert rc.read_check(tmp_path / "big.json") is None
+    for shape in ("3x8x8", [3, 8, True], [0, 8, 8], [1] * 100):
+        (tmp_path / "s.json").write_text(json.dumps({**good, "input_shape": shape}))
+        assert rc.read_check(tmp_path / "s.json") is None, shape

@@ -70,3 +70,13 @@ def test_image_sizes_and_channel_triples():
             check_triple("mean", bad)
     with pytest.raises(ValueError, match=r"std must be a list of 3 positive finite numbers"):
         check_triple("std", [0.2, 0.0, 0.2], positive=True)
+
+
+def test_integers_with_an_upper_bound_name_the_range_and_the_value():
+    assert check_int("epochs", 10_000, 1, maximum=10_000) == 10_000
+    with pytest.raises(ValueError, match=r"^where: epochs must be an integer >= 1 and <= 10000, got 99999999999999999999999$"):
+        check_int("epochs", 99999999999999999999999, 1, maximum=10_000, where="where: ")
+    with pytest.raises(ValueError, match=r"must be an integer <= 5, got 6"):
+        check_int("n", 6, maximum=5)
+    with pytest.raises(ValueError, match=r"got an integer of about \d+ digits$"):  # not a 3,000-digit message
+        check_int("n", 10**3000, 1, maximum=5)

@@ -527,6 +527,9 @@ def _with_metadata(path: Path, state: dict[str, torch.Tensor], **fields) -> Path
         ({"embedding_dim": -1}, r"'embedding_dim' must be an integer >= 0"),
         ({"output_dim": 0}, r"'output_dim' must be an integer >= 1"),
         ({"output_dim": 17}, r"'output_dim' is 17, but the model outputs 16"),
+        ({"embedding_dim": 500_000}, r"'embedding_dim' must be an integer >= 0 and <= 16384, got 500000"),
+        ({"embedding_dim": 10**8}, r"'embedding_dim' must be an integer >= 0 and <= 16384, got 100000000"),
+        ({"output_dim": 10**12}, r"'output_dim' must be an integer >= 1 and <= 16384, got 1000000000000"),
         ({"epoch": -3}, r"'epoch' must be an integer >= 0"),
         ({"mean": [0.5, 0.5]}, r"'mean' must be a list of 3 finite numbers"),
         ({"std": [0.5, 0.0, 0.5]}, r"'std' must be a list of 3 positive finite numbers"),
@@ -542,6 +545,27 @@ def test_load_model_checks_every_metadata_field_naming_the_file(tmp_path, lite_s
     path = _with_metadata(tmp_path / "m.safetensors", lite_state, **fields)
     with pytest.raises(ValueError, match=rf"m\.safetensors: (its )?metadata {message}"):
         load_model(path)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"embedding_dim": 32}, r"'embedding_dim' 32 .* needs an embedding layer 'embedding\.weight' \[32, 1280\] .* "
+         r"holds 'embedding\.weight' \[16, 1280\]"),
+        ({"embedding_dim": 0}, r"'embedding_dim' 0 .* needs no embedding layer; the file holds 'embedding\.weight' \[16, 1280\]"),
+    ],
+)
+def test_load_model_checks_recorded_sizes_against_the_header_before_building(
+    tmp_path, lite_state, monkeypatch, fields, message
+):
+    """The metadata's embedding_dim must be the shape of the file's embedding layer: checked from the
+    safetensors header, before a model is built (issue 30: embedding_dim 500000 built a 2.56 GB layer)."""
+    import plmetric.data.backbones as backbones
+
+    path = _with_metadata(tmp_path / "m.safetensors", lite_state, **fields)
+    monkeypatch.setattr(backbones, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(ValueError, match=rf"m\.safetensors does not match its own metadata: {message}"):
+        backbones.load_model(path)
 
 
 def test_load_model_accepts_valid_metadata(tmp_path, lite_state):

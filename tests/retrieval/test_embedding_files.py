@@ -137,3 +137,29 @@ def test_embed_replaces_only_its_own_exports(ws, capsys):
     assert _embed(ws, stray, "--images", str(ws["files"][0])) == 2
     assert "stray.json exists and is not a file this command writes" in capsys.readouterr().err
     assert json.loads((ws["root"] / "stray.json").read_text()) == {"mine": 1} and not stray.exists()
+
+
+def test_read_npy_checks_the_recorded_sizes_against_the_data(tmp_path):
+    """An .npy header claiming more rows than the file holds is refused from the file size (memory-mapped,
+    never allocated), and the description's rows and dim must be the data's shape (issue 30)."""
+    from numpy.lib import format as npy_format
+
+    out = tmp_path / "e.npy"
+    vectors = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    write_npy(out, vectors, torch.arange(3), ["a", "b", "c"], {"backbone": "efficientnet_lite0"})
+    assert read_npy(out)[0].shape == (3, 4)
+    paths_file, meta_file = sidecars(out)
+    document = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**document, "dim": 500000}))
+    with pytest.raises(ValueError, match=r"e\.npy: its description records dim 500000, but the embeddings have shape \[3, 4\]"):
+        read_npy(out)
+    meta_file.write_text(json.dumps(document))
+    with open(out, "wb") as handle:  # a header of 10^12 rows over 48 bytes of data
+        npy_format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 4)})
+        handle.write(vectors.numpy().tobytes())
+    with pytest.raises(ValueError, match=r"e\.npy: not a readable \.npy file"):
+        read_npy(out)
+    meta_file.write_text("[" * 100_000 + "]" * 100_000)
+    np.save(out, vectors.numpy())
+    with pytest.raises(ValueError, match=r"e\.json: not the JSON description"):
+        read_npy(out)

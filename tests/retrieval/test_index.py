@@ -534,6 +534,34 @@ def test_an_index_model_description_is_checked_like_a_checkpoint(tmp_path, field
         load_embeddings(out)
 
 
+@pytest.mark.parametrize(
+    "recorded, message",
+    [
+        ({"count": 500000}, r"records count 500000, but its embeddings tensor has shape \[2, 3\]"),
+        ({"dim": 500000}, r"records dim 500000, but its embeddings tensor has shape \[2, 3\]"),
+        ({"dim": "3"}, r"records dim '3'"),
+        ({"model": {"output_dim": 16}}, r"records model 'output_dim' 16, but its embeddings tensor has shape \[2, 3\]"),
+        ({"model": {"output_dim": 500000}}, r"'output_dim' must be an integer >= 1 and <= 16384, got 500000"),
+    ],
+)
+def test_an_index_s_recorded_sizes_must_be_its_tensors(tmp_path, recorded, message):
+    """count, dim and the model's output_dim are checked against the embeddings tensor (issue 30)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    emb = torch.nn.functional.normalize(torch.randn(2, 3), dim=1)
+    model = {"backbone": "efficientnet_lite0", "checkpoint": None, "image_size": 32, "output_dim": 3}
+    out = save_embeddings(tmp_path / "e.safetensors", emb, torch.arange(2), ["a.png", "b.png"], model)
+    assert load_embeddings(out)[0].shape == (2, 3)
+    meta = read_index_metadata(out)
+    meta["model"].update(recorded.pop("model", {}))
+    meta.update(recorded)
+    save_file({"embeddings": emb, "labels": torch.arange(2)}, str(out), metadata={"plmetric_index": json.dumps(meta)})
+    with pytest.raises(ValueError, match=message):
+        load_embeddings(out)
+
+
 def test_search_csv_and_json_name_queries_by_the_same_absolute_path(tmp_path, capsys, monkeypatch):
     import csv
     import json

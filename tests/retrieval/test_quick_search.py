@@ -324,3 +324,31 @@ def test_exact_top_k_orders_like_torch():
         qs.exact_top_k(queries, database, 0)
 
 
+
+
+def test_a_checkpoint_whose_sizes_disagree_goes_to_the_torch_path_which_names_it(built, tmp_path, capsys):
+    """The torch-free path trusts a checkpoint's recorded sizes no more than load_model: a checkpoint (with
+    the SHA-256 the index records) claiming embedding_dim 500000, or a layer other than its tensors', opens
+    no session; the torch path refuses it in one line, before building a model (issue 30)."""
+    from safetensors.torch import load_file, save_file
+
+    from plmetric.core.checkpoint import file_sha256
+
+    state = load_file(str(built["ckpt"]))
+    recorded = read_index_metadata(built["index"])
+    for name, dim in (("huge", 500_000), ("other", DIM + 1)):
+        ckpt = tmp_path / f"{name}.safetensors"
+        meta = {"backbone": "efficientnet_lite0", "embedding_dim": dim, "image_size": SIZE}
+        save_file(state, str(ckpt), metadata={"plmetric": json.dumps(meta)})
+        index = _rewrite(
+            built["index"],
+            tmp_path / f"index-{name}.safetensors",
+            lambda m, c=ckpt: m["model"].update(checkpoint=str(c), checkpoint_sha256=file_sha256(c)),
+        )
+        assert read_index_metadata(index)["model"]["runtime"] == recorded["model"]["runtime"]
+        quick = qs.open_quick_index(index, runtime="auto", exact=False, queries=1)
+        assert quick is not None and quick.load_model() is False, name
+        out = tmp_path / f"out-{name}"
+        out.mkdir()
+        code, lines, err = _search(capsys, index, built["outside"], out)
+        assert code == 2 and lines == [] and ckpt.name in err, err

@@ -2,8 +2,9 @@
 integer option types, the output-file check, the model options of ``embed``/``index``, the
 config help, the before/after table of ``train``/``demo``, and turning images into embeddings.
 
-Only the standard library is imported at module level: the library modules (and torch) are imported
-inside the functions that need them, so that ``plmetric --help`` stays fast.
+Only the standard library and the torch-free bounds of :mod:`plmetric.core.validation` and
+:mod:`plmetric.core.options` are imported at module level: the library modules (and torch) are
+imported inside the functions that need them, so that ``plmetric --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from plmetric.core.options import MAX_EF, MAX_NLIST
+from plmetric.core.validation import (
+    MAX_BATCH_SIZE,
+    MAX_EMBEDDING_DIM,
+    MAX_ITEMS,
+    MAX_NEIGHBOURS,
+    MAX_SEED,
+    MAX_WORKERS,
+)
 
 DATASET_CHOICES = ["cub200", "cars196", "sop", "folder", "digits"]
 
@@ -52,24 +63,38 @@ def add_command(subparsers: Any, name: str, help_text: str) -> argparse.Argument
     return subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum`` (the error names what was expected)."""
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` and, when given, <= ``maximum`` (the error names
+    what was expected and the value given)."""
+    expected = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got '{text}'") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got '{text[:60]}'") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text.strip()[:60]}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = expected
     return parse
 
 
+# The count options of the commands, each with an upper bound generous for real use (the reasons are
+# those of the bounds in plmetric.core.validation): an absurd value is refused by name, with the range.
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+batch_size = int_at_least(1, MAX_BATCH_SIZE)
+workers = int_at_least(0, MAX_WORKERS)
+embedding_width = int_at_least(0, MAX_EMBEDDING_DIM)
+neighbours = int_at_least(1, MAX_NEIGHBOURS)
+item_count = int_at_least(1, MAX_ITEMS)
+seed = int_at_least(0, MAX_SEED)
+nlist_count = int_at_least(1, MAX_NLIST)  # IVF cells, --nprobe
+beam_width = int_at_least(1, MAX_EF)  # HNSW --ef-construction, --ef-search
+MAX_GRID_ROWS = 1_000  # --show: one row of thumbnails per group (8 by default); 1,000 rows is a 100,000-pixel-tall PNG
+grid_rows = int_at_least(1, MAX_GRID_ROWS)
 
 
 def image_side(text: str) -> int:
@@ -147,13 +172,13 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="local backbone weights file (.safetensors/.pth) for --backbone")
     p.add_argument(
         "--embedding-dim",
-        type=non_negative_int,
+        type=embedding_width,
         default=0,
         help="0 = the backbone's pooled features (the only choice without --checkpoint)",
     )
     p.add_argument("--image-size", type=image_side, default=224, help="input side (a checkpoint's own wins)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
-    p.add_argument("--num-workers", type=non_negative_int, default=default_workers(), help="decoding workers")
+    p.add_argument("--batch-size", type=batch_size, default=128, help="images per forward pass")
+    p.add_argument("--num-workers", type=workers, default=default_workers(), help="decoding workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     runtime_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -305,8 +330,8 @@ def pile_arguments(p: argparse.ArgumentParser) -> None:
     """The index and search options shared by ``neighbours``, ``duplicates`` and ``groups``."""
     p.add_argument("index", help="index written by 'plmetric index' (its embeddings are used; no image is read)")
     p.add_argument("--exact", action="store_true", help="exact torch search even when the index has a faiss index")
-    p.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells to scan (default: the index's own)")
-    p.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search beam (default: the index's own)")
+    p.add_argument("--nprobe", type=nlist_count, default=None, help="IVF cells to scan (default: the index's own)")
+    p.add_argument("--ef-search", type=beam_width, default=None, help="HNSW search beam (default: the index's own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -76,8 +76,7 @@ def error_line(err: BaseException) -> str:
     text = str(err).strip()
     if isinstance(err, KeyError | OSError) and len(err.args) == 1 and isinstance(err.args[0], str):
         text = err.args[0]  # KeyError's str() adds quotes; OSError(str) is fine either way
-    line = text.split("
-")[0] if text else type(err).__name__  # only a line feed ends the line
+    line = text.split("\n")[0] if text else type(err).__name__  # only a line feed ends the line
     if len(line) > MAX_ERROR_CHARS:  # a user's huge value echoed by a library's message
         line = f"{line[:MAX_ERROR_CHARS]}... ({len(line):,} characters)"
     line = shown(line)

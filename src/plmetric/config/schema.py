@@ -22,7 +22,31 @@ from typing import Any
 import yaml
 
 from plmetric.core.options import INFERENCE_RUNTIMES, PLMOptions, STMLOptions, SupervisedOptions, method_names
-from plmetric.core.validation import check_choice, check_image_size, check_int, check_number, shown
+from plmetric.core.validation import (
+    IMAGE_SIZE_MAX,
+    MAX_BATCH_SIZE,
+    MAX_EMBEDDING_DIM,
+    MAX_EPOCHS,
+    MAX_ITEMS,
+    MAX_NESTING_DEPTH,
+    MAX_NEIGHBOURS,
+    MAX_STEPS,
+    MAX_WORKERS,
+    check_choice,
+    check_image_size,
+    check_int,
+    check_number,
+    shown,
+)
+
+#: ``model.frozen_stages``: a backbone has a handful of stages (EfficientNet-Lite 9, ResNet-50 8); 100 is
+#: more than any has.
+MAX_FROZEN_STAGES = 100
+#: ``train.views``: cached views per image (5 in the folder recipe); each view is an embedding pass over the
+#: whole set and a copy of its features.
+MAX_VIEWS = 1_000
+#: ``train.seed``: torch's generator takes 64 bits (NumPy's gets ``seed % 2**32``).
+MAX_TRAIN_SEED = 2**63 - 1
 
 
 @dataclass
@@ -117,33 +141,58 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        """Raise ValueError for settings that cannot work, before any work starts."""
-        from plmetric.data.datasets import DATASET_NAMES
-        from plmetric.data.backbones import check_backbone
+        """Raise ValueError for settings that cannot work, before any work starts: the data section,
+        the model (with the methods' sections it must fit), then training."""
+        self._validate_data()
+        self._validate_model()
+        self._validate_train()
 
-        t, p, mdl, d = self.train, self.plm, self.model, self.data
+    def _validate_data(self) -> None:
+        from plmetric.data.datasets import DATASET_NAMES
+
+        d = self.data
         check_choice("data.dataset", d.dataset, DATASET_NAMES)
-        check_backbone(mdl.backbone, "model.backbone")  # a name of BACKBONE_NAMES or timm:NAME
         check_image_size("data.image_size", d.image_size)
         check_number("data.crop_scale_min", d.crop_scale_min, strict=True)
         if d.crop_scale_min > 1:
             raise ValueError(f"data.crop_scale_min must lie in (0, 1], got {d.crop_scale_min}")
-        check_int("data.num_workers", d.num_workers, 0)
+        check_int("data.num_workers", d.num_workers, 0, maximum=MAX_WORKERS)
+        if d.cache_size is not None:  # the cached shorter side: at most 4x the largest input side
+            check_int("data.cache_size", d.cache_size, 1, maximum=4 * IMAGE_SIZE_MAX)
         check_choice("data.pipeline", d.pipeline, ("auto", "pil", "cached"))
+        if d.cache_max_bytes is not None:
+            from plmetric.data.pipeline import resolve_max_bytes
+
+            try:
+                resolve_max_bytes(d.cache_max_bytes)
+            except ValueError as err:
+                raise ValueError(f"data.cache_max_bytes: {err}") from None
+
+    def _validate_model(self) -> None:
+        from plmetric.data.backbones import check_backbone
+
+        mdl, p = self.model, self.plm
+        check_backbone(mdl.backbone, "model.backbone")  # a name of BACKBONE_NAMES or timm:NAME
+        check_int("model.embedding_dim", mdl.embedding_dim, 0, maximum=MAX_EMBEDDING_DIM)
+        if 0 < mdl.embedding_dim <= p.m:
+            raise ValueError(f"model.embedding_dim ({mdl.embedding_dim}) must exceed plm.m ({p.m})")
+        check_choice("model.embedding_init", mdl.embedding_init, ("orthogonal", "pca"))
+        check_int("model.frozen_stages", mdl.frozen_stages, 0, maximum=MAX_FROZEN_STAGES)
+        self.plm.validate(where="plm.")
+        self.stml.validate(where="stml.")
+        self.supervised.validate(where="supervised.")
+
+    def _validate_train(self) -> None:
+        t, mdl = self.train, self.model
+        maxima = {"epochs": MAX_EPOCHS, "eval_every": MAX_EPOCHS, "bank_refresh_every": MAX_EPOCHS}
+        maxima.update(batch_size=MAX_BATCH_SIZE, eval_batch_size=MAX_BATCH_SIZE, neighbours_per_seed=MAX_BATCH_SIZE)
+        for name, maximum in maxima.items():
+            check_int(f"train.{name}", getattr(t, name), 1, maximum=maximum)
         if t.batch_size % t.neighbours_per_seed:
             raise ValueError(
                 f"train.batch_size ({t.batch_size}) must be divisible by train.neighbours_per_seed "
                 f"({t.neighbours_per_seed})"
             )
-        if mdl.embedding_dim < 0:
-            raise ValueError(f"model.embedding_dim must be >= 0, got {mdl.embedding_dim}")
-        if 0 < mdl.embedding_dim <= p.m:
-            raise ValueError(f"model.embedding_dim ({mdl.embedding_dim}) must exceed plm.m ({p.m})")
-        check_choice("model.embedding_init", mdl.embedding_init, ("orthogonal", "pca"))
-        check_int("model.frozen_stages", mdl.frozen_stages, 0)
-        self.plm.validate(where="plm.")
-        self.stml.validate(where="stml.")
-        self.supervised.validate(where="supervised.")
         check_choice("train.method", t.method, method_names())
         check_finite_fields(self)
         if not 0.0 <= t.momentum <= 1.0:
@@ -161,8 +210,11 @@ class Config:
         check_choice("train.keep", t.keep, ("student", "teacher"))
         check_choice("train.mode", t.mode, TRAIN_MODES)
         check_choice("train.runtime", t.runtime, INFERENCE_RUNTIMES)
-        check_int("train.views", t.views, 1)
-        check_int("train.min_steps", t.min_steps, 0)
+        check_int("train.views", t.views, 1, maximum=MAX_VIEWS)
+        check_int("train.min_steps", t.min_steps, 0, maximum=MAX_STEPS)
+        if t.max_steps_per_epoch is not None:
+            check_int("train.max_steps_per_epoch", t.max_steps_per_epoch, 1, maximum=MAX_STEPS)
+        check_int("train.seed", t.seed, 0, maximum=MAX_TRAIN_SEED)
         if t.mode == "tail" and mdl.frozen_stages < 1:
             raise ValueError(
                 "train.mode=tail trains the stages after model.frozen_stages on their cached input: "
@@ -176,10 +228,8 @@ class Config:
         from plmetric.evaluation.selection import SELECTION_RULES
 
         check_choice("train.select", t.select, SELECTION_RULES)
-        check_int("train.select_images", t.select_images, 3)
-        check_int("train.select_k", t.select_k, 1)
-        for name in ("epochs", "batch_size", "neighbours_per_seed", "eval_every", "bank_refresh_every"):
-            check_int(f"train.{name}", getattr(t, name), 1)
+        check_int("train.select_images", t.select_images, 3, maximum=MAX_ITEMS)
+        check_int("train.select_k", t.select_k, 1, maximum=MAX_NEIGHBOURS)
         if t.method == "supervised" and t.batch_size % self.supervised.per_class:
             raise ValueError(
                 f"train.batch_size ({t.batch_size}) must be divisible by supervised.per_class "
@@ -341,8 +391,12 @@ class ConfigLoader(yaml.SafeLoader):
 
     Refused (:class:`RefusedYAMLError`, with the line and column): anchors and aliases (``&a``,
     ``*a``, so no "billion laughs" expansion and no shared sub-trees), merge keys (``<<``), mapping
-    keys that are not strings (``1: x``, ``null: x``, ``[a]: b``) and a key given twice.
+    keys that are not strings (``1: x``, ``null: x``, ``[a]: b``), a key given twice, and lists or
+    mappings nested deeper than :data:`plmetric.core.validation.MAX_NESTING_DEPTH` (refused as the
+    composer, which recurses once per level, reaches the first one too deep: never a RecursionError).
     """
+
+    _depth = 0  # lists and mappings open around the node being composed
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:  # noqa: D102
         event = self.peek_event()
@@ -354,7 +408,20 @@ class ConfigLoader(yaml.SafeLoader):
             raise RefusedYAMLError(
                 None, None, f"anchors (&{event.anchor}) are not allowed in a config", event.start_mark
             )
-        return super().compose_node(parent, index)
+        if not isinstance(event, yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_NESTING_DEPTH:
+            raise RefusedYAMLError(
+                None,
+                None,
+                f"lists and mappings nested deeper than {MAX_NESTING_DEPTH} levels are not allowed in a config",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # noqa: D102
         seen: set[str] = set()
@@ -384,6 +451,8 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ValueError(f"{where}: {_yaml_problem(err)}") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{where}: not valid YAML ({_yaml_problem(err)})") from None
+    except ValueError as err:  # a scalar PyYAML cannot convert, e.g. an integer over Python's 4,300 digits
+        raise ValueError(f"{where}: {_one_line_text(str(err), 200)}") from None
 
 
 def _one_line_text(text: str, width: int = 60) -> str:

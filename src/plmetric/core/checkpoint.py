@@ -189,7 +189,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
     path = existing_checkpoint(path)
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="np") as handle:  # the header only: no torch (the query path)
             raw = (handle.metadata() or {}).get(METADATA_KEY)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{path} is not a readable safetensors checkpoint: {err}") from err
@@ -197,9 +197,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} has no '{METADATA_KEY}' metadata: not a plmetric model checkpoint")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested too deep to decode
+        reason = err if isinstance(err, json.JSONDecodeError) else "nested too deeply"
         raise ValueError(
-            f"{path}: its '{METADATA_KEY}' metadata is not valid JSON ({err}): not a plmetric model checkpoint"
+            f"{path}: its '{METADATA_KEY}' metadata is not valid JSON ({reason}): not a plmetric model checkpoint"
         ) from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its '{METADATA_KEY}' metadata is not a JSON object: not a plmetric model checkpoint")
@@ -209,6 +210,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
                 f"{path}: its metadata lacks a valid '{key}' ({kind.__name__}): not a plmetric model checkpoint"
             )
     return meta
+
+
+def tensor_shapes(path: str | os.PathLike, names: tuple[str, ...] | None = None) -> dict[str, list[int]]:
+    """The shapes of a safetensors file's tensors (those of ``names`` it holds, or all), read from its
+    header alone: no tensor data is read or allocated (safetensors checks on opening that the header's
+    offsets lie inside the file, so the shapes describe data that is there).
+
+    Raises:
+        ValueError: not a readable safetensors file (the message names it).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as handle:
+            held = set(handle.keys())
+            wanted = held if names is None else held.intersection(names)
+            return {name: [int(n) for n in handle.get_slice(name).get_shape()] for name in sorted(wanted)}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors checkpoint: {err}") from None
 
 
 def existing_checkpoint(path: str | os.PathLike) -> Path:

@@ -18,7 +18,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from plmetric.core.validation import check_bool, check_choice, check_int, check_number
+from plmetric.core.validation import (
+    MAX_BATCH_SIZE,
+    MAX_EMBEDDING_DIM,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+)
 
 __all__ = [
     "METHOD_REGISTRY",
@@ -104,6 +111,24 @@ on 64-d points on this project's 2-core CPU took 1.9 s at 5k, 7.5 s at 10k, 38 s
 about n^2.3): at 50k it would take minutes, at 1M days."""
 
 
+# Upper bounds of the method and index options (generous for real use; faiss takes 32-bit ints).
+MAX_PIECE_DIM = 64
+"""``m``: a piece is a local linear patch of a few dimensions (the paper's m is 2)."""
+MAX_PIECE_POINTS = 1_024
+"""``n_max``, ``min_points``, ``k_plain``: points of one piece (the paper's 10); each fit costs ``n_max²``
+distances per point."""
+MAX_PROXIES = 100_000
+"""``num_proxies``: the paper's 300; each proxy is an embedding-sized vector and a column of a batch's
+similarity matrix."""
+MAX_NLIST = 1 << 24
+"""IVF cells (and ``nprobe``): the default is ``4 sqrt(n)``; 16.7 million cells would suit 10^13 vectors."""
+MAX_HNSW_M = 512
+"""HNSW links per vector: faiss suggests 4-64; each link costs 4-8 bytes per vector and layer."""
+MAX_EF = 1 << 20
+"""HNSW build and search beams: the defaults are 64-200, and ``ef_search`` must cover ``--top-k``
+(at most :data:`plmetric.core.validation.MAX_NEIGHBOURS`)."""
+
+
 Options = TypeVar("Options")
 
 
@@ -143,12 +168,12 @@ class PieceOptions:
 
     def validate(self, where: str = "") -> None:
         """Raise ValueError for an option out of range."""
-        check_int("m", self.m, 1, where=where)
+        check_int("m", self.m, 1, maximum=MAX_PIECE_DIM, where=where)
         if self.min_points is not None:
-            check_int("min_points", self.min_points, self.m + 1, where=where)
+            check_int("min_points", self.min_points, self.m + 1, maximum=MAX_PIECE_POINTS, where=where)
         check_number("tau", self.tau, where=where)
-        check_int("n_max", self.n_max, self.minimum_points, where=where)
-        check_int("k_plain", self.k_plain, self.m, where=where)
+        check_int("n_max", self.n_max, self.minimum_points, maximum=MAX_PIECE_POINTS, where=where)
+        check_int("k_plain", self.k_plain, self.m, maximum=MAX_PIECE_POINTS, where=where)
         check_bool("subset_selection", self.subset_selection, where=where)
         check_choice("neighbourhoods", self.neighbourhoods, PIECE_NEIGHBOURHOODS, where=where)
 
@@ -210,12 +235,12 @@ class PLMLossOptions:
 
     def validate(self, where: str = "") -> None:
         """Raise ValueError for an option out of range."""
-        check_int("num_proxies", self.num_proxies, 0, where=where)
+        check_int("num_proxies", self.num_proxies, 0, maximum=MAX_PROXIES, where=where)
         check_number("delta", self.delta, where=where)
         check_choice("delta_mode", self.delta_mode, DELTA_MODES, where=where)
         check_choice("loss_form", self.loss_form, LOSS_FORMS, where=where)
         check_bool("normalize_rows", self.normalize_rows, where=where)
-        check_int("proxy_neighbours", self.proxy_neighbours, 1, where=where)
+        check_int("proxy_neighbours", self.proxy_neighbours, 1, maximum=MAX_BATCH_SIZE, where=where)
         check_choice("target_space", self.target_space, TARGET_SPACES, where=where)
         check_number("target_blend", self.target_blend, where=where)
         if self.target_blend > 1:
@@ -250,10 +275,10 @@ class STMLOptions:
         """Raise ValueError for an option out of range."""
         check_number("sigma", self.sigma, strict=True, where=where)
         check_number("delta", self.delta, where=where)
-        check_int("topk", self.topk, 1, where=where)
+        check_int("topk", self.topk, 1, maximum=MAX_BATCH_SIZE, where=where)
         if self.query_expansion is not None:
-            check_int("query_expansion", self.query_expansion, 1, where=where)
-        check_int("g_dim", self.g_dim, 1, where=where)
+            check_int("query_expansion", self.query_expansion, 1, maximum=MAX_BATCH_SIZE, where=where)
+        check_int("g_dim", self.g_dim, 1, maximum=MAX_EMBEDDING_DIM, where=where)
         check_number("weight_kl", self.weight_kl, where=where)
         check_bool("normalize_student", self.normalize_student, where=where)
 
@@ -275,7 +300,7 @@ class SupervisedOptions:
         check_number("beta", self.beta, strict=True, where=where)
         check_number("base", self.base, -1.0, where=where)
         check_number("miner_epsilon", self.miner_epsilon, where=where)
-        check_int("per_class", self.per_class, 2, where=where)
+        check_int("per_class", self.per_class, 2, maximum=MAX_BATCH_SIZE, where=where)
 
 
 @dataclass
@@ -297,10 +322,11 @@ class IndexOptions:
     def validate(self, where: str = "") -> None:
         """Raise ValueError for an option out of range."""
         check_choice("kind", self.kind, INDEX_KINDS, where=where)
-        for name in ("nlist", "nprobe", "ef_construction", "ef_search"):
+        for name, maximum in (("nlist", MAX_NLIST), ("nprobe", MAX_NLIST), ("ef_construction", MAX_EF),
+                              ("ef_search", MAX_EF)):
             if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), 1, where=where)
-        check_int("hnsw_m", self.hnsw_m, 2, where=where)
+                check_int(name, getattr(self, name), 1, maximum=maximum, where=where)
+        check_int("hnsw_m", self.hnsw_m, 2, maximum=MAX_HNSW_M, where=where)
 
 
 # The training methods (plmetric.methods, one module each) by name; the config's train.method check and

@@ -42,13 +42,27 @@ def entry_files(key: str) -> tuple[Path, Path]:
     return folder / f"{key}.onnx", folder / f"{key}.json"
 
 
+MAX_CHECK_BYTES = 1 << 16
+"""A recorded check is about 100 bytes of JSON: a larger file is not one (it is never read whole)."""
+
+
 def read_check(path: Path) -> dict[str, Any] | None:
-    """The recorded check of an entry when it passed (finite ``error <= bound``), else None (missing, damaged)."""
-    try:
-        check = json.loads(path.read_text())
-        error, bound = float(check["error"]), float(check["bound"])
-    except (OSError, ValueError, TypeError, KeyError):
+    """The recorded check of an entry when it passed (finite ``error <= bound``; an ``input_shape``, when
+    recorded, of 1 to 4 positive integers), else None (missing, damaged, oversized or nested too deeply: a cache folder is
+    outside input like any other)."""
+    if not path.is_file():  # missing, or a FIFO that would block the read
         return None
-    if not (math.isfinite(error) and math.isfinite(bound) and error <= bound):
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CHECK_BYTES + 1)
+        if len(data) > MAX_CHECK_BYTES:
+            return None
+        check = json.loads(data)
+        error, bound = float(check["error"]), float(check["bound"])
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        return None
+    shape = check.get("input_shape", [1])
+    sides_ok = isinstance(shape, list) and 1 <= len(shape) <= 4 and all(type(n) is int and n >= 1 for n in shape)
+    if not (sides_ok and math.isfinite(error) and math.isfinite(bound) and error <= bound):
         return None
     return check

@@ -47,10 +47,43 @@ SHOWN_CHARS = 60
 def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
     """``repr(value)`` for an error message, at most ``limit`` characters of it plus its length:
     ``'abc'`` stays ``'abc'``; a longer string becomes ``'<first limit characters>'... (100,000 characters)``."""
+    if isinstance(value, Integral) and not isinstance(value, bool) and int(value).bit_length() > 3 * limit:
+        return f"an integer of about {int(int(value).bit_length() * 0.30103)} digits"  # repr() fails past 4,300
     if isinstance(value, str) and len(value) > limit:
         return f"{value[:limit]!r}... ({len(value):,} characters)"
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+# Upper bounds of the sizes and counts a config, a command line or a file may give. Each is generous
+# for real use (tens to thousands of times what the recipes use) and low enough that an absurd value
+# (a typo, a hostile file) is refused by name before it sizes an allocation, a loop or an estimate.
+
+#: Widths of an embedding, a projection head or a backbone's pooled features: the recipes use 128-1024,
+#: the widest pooled features of the backbones (timm's included) are under 10,000; one 16,384-d float32
+#: vector is 64 KiB an image, and its linear layer on 4,096 features 256 MiB.
+MAX_EMBEDDING_DIM = 16_384
+#: Images (or points) in one batch or forward pass: the recipes use 120-128; 16,384 images of 224 px
+#: are 9.9 GB of float32 input alone, and a batch's pairwise matrices 1 GiB each.
+MAX_BATCH_SIZE = 16_384
+#: Data-loading worker processes: each is a process of its own; 256 is more than the cores of any one
+#: machine this runs on.
+MAX_WORKERS = 256
+#: Training epochs: the recipes run 20-90; 10,000 is over 100 times that.
+MAX_EPOCHS = 10_000
+#: Optimiser steps (an epoch's cap, a run's floor): the folder recipe's floor is 300; 10 million steps
+#: of a 120-image batch see 1.2 billion images.
+MAX_STEPS = 10_000_000
+#: Neighbours, results or members per item (k of a k-NN graph, --top-k, Recall@K): the recipes use
+#: 5-1000 (SOP's Recall@1000); beyond 100,000 a table or grid has more rows than anyone reads.
+MAX_NEIGHBOURS = 100_000
+#: Counts of images, vectors or groups: a pile of a billion 512-d float32 embeddings is 2 TB.
+MAX_ITEMS = 1_000_000_000
+#: Random seeds: NumPy's and scikit-learn's take 32 bits.
+MAX_SEED = 2**32 - 1
+#: Nesting of a config's YAML: a config is sections of keys whose values are scalars or short lists (3
+#: levels); deeper input is refused before PyYAML's recursive composer meets it.
+MAX_NESTING_DEPTH = 32
 
 
 @contextlib.contextmanager
@@ -69,13 +102,23 @@ def value_checks_enabled() -> bool:
     return _VALUE_CHECKS
 
 
-def check_int(name: str, value: Any, minimum: int | None = None, *, where: str = "") -> int:
-    """``value`` as an int; ``ValueError("{where}{name} must be an integer >= {minimum}, ...")`` otherwise.
+def check_int(
+    name: str, value: Any, minimum: int | None = None, *, maximum: int | None = None, where: str = ""
+) -> int:
+    """``value`` as an int; ``ValueError("{where}{name} must be an integer >= {minimum} and <= {maximum},
+    got ...")`` otherwise (a bound that is None is not checked nor named).
 
     Booleans are not integers here.
     """
-    if isinstance(value, bool) or not isinstance(value, Integral) or (minimum is not None and value < minimum):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, Integral)
+        or (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+    ):
         bound = f" >= {minimum}" if minimum is not None else ""
+        if maximum is not None:
+            bound += f"{' and' if bound else ''} <= {maximum}"
         raise ValueError(f"{where}{name} must be an integer{bound}, got {shown(value)}")
     return int(value)
 

@@ -51,6 +51,8 @@ from plmetric.data.datasets import DECODE_ERRORS, ImageDataset, UnreadableImageW
 from plmetric.data.images import image_size
 
 DEFAULT_MAX_BYTES = 8 * 2**30
+MAX_CACHE_BYTES = 2**50
+"""The largest size limit accepted (1 PiB: more memory or disk than any one machine has)."""
 """Default size limit of an image cache: 8 GiB."""
 MAX_BYTES_ENV = "PLMETRIC_CACHE_MAX_BYTES"
 """Environment variable overriding :data:`DEFAULT_MAX_BYTES` (bytes, or e.g. ``512M``, ``16G``)."""
@@ -123,16 +125,19 @@ def resolve_max_bytes(max_bytes: int | str | None = None) -> int:
             (K/M/G/T are powers of 1024).
 
     Raises:
-        ValueError: a string that is not a size.
+        ValueError: a string that is not a size, or a size over :data:`MAX_CACHE_BYTES`.
     """
     if max_bytes is None:
         max_bytes = os.environ.get(MAX_BYTES_ENV) or DEFAULT_MAX_BYTES
+    given = max_bytes
     if isinstance(max_bytes, str):
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)(?:i?b)?\s*", max_bytes, re.IGNORECASE)
         if match is None:
-            raise ValueError(f"not a size in bytes: {max_bytes!r} (e.g. 8589934592, 512M, 16G)")
+            raise ValueError(f"not a size in bytes: {max_bytes[:60]!r} (e.g. 8589934592, 512M, 16G)")
         power = " kmgt".index(match.group(2).lower() or " ")
-        max_bytes = int(float(match.group(1)) * 1024**power)
+        max_bytes = float(match.group(1)) * 1024**power  # 1e999: inf
+    if not max_bytes <= MAX_CACHE_BYTES:
+        raise ValueError(f"a size in bytes must be at most {MAX_CACHE_BYTES} (1024T), got {str(given)[:60]!r}")
     return int(max_bytes)
 
 

@@ -82,15 +82,49 @@ def write_npy(
 
 
 def read_npy(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-    """Read what :func:`write_npy` wrote: (embeddings, paths, the JSON document)."""
+    """Read what :func:`write_npy` wrote: (embeddings, paths, the JSON document).
+
+    The ``.npy`` header's shape is checked against the file's size (it is memory-mapped, not
+    allocated from the header) and, like the document's ``rows`` and ``dim``, against the data.
+
+    Raises:
+        ValueError: a file that is not such an export, or sizes that disagree (naming the file).
+    """
     path = Path(path)
-    embeddings = np.load(path, allow_pickle=False)
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)  # a shape larger than the file: ValueError
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npy file of embeddings ({err})") from None
+    if mapped.ndim != 2 or mapped.dtype != np.float32:
+        raise ValueError(f"{path}: expected float32 embeddings (N, D), got {mapped.dtype} {list(mapped.shape)}")
     paths_file, meta_file = sidecars(path)
     paths = paths_file.read_text(encoding="utf-8").splitlines()
-    document = json.loads(meta_file.read_text(encoding="utf-8"))
-    if len(paths) != embeddings.shape[0] or document.get("rows") != embeddings.shape[0]:
-        raise ValueError(f"{path}: {embeddings.shape[0]} rows, {len(paths)} paths in {paths_file.name}")
-    return embeddings, paths, document
+    document = _document_of(meta_file.read_text(encoding="utf-8"), meta_file)
+    _check_document(document, mapped.shape, path)
+    if len(paths) != mapped.shape[0]:
+        raise ValueError(f"{path}: {mapped.shape[0]} rows, {len(paths)} paths in {paths_file.name}")
+    return np.array(mapped), paths, document
+
+
+def _document_of(text: str | bytes, where: Path) -> dict[str, Any]:
+    """The JSON description of an export, or ValueError naming ``where``."""
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply to decode
+        document = None
+    if not isinstance(document, dict):
+        raise ValueError(f"{where}: not the JSON description of a plmetric embeddings export")
+    return document
+
+
+def _check_document(document: dict[str, Any], shape: tuple[int, ...], path: Path) -> None:
+    """The document's recorded ``rows`` and ``dim`` must be the data's shape."""
+    for field, actual in (("rows", shape[0]), ("dim", shape[1])):
+        if field in document and (isinstance(document[field], bool) or document[field] != actual):
+            raise ValueError(
+                f"{path}: its description records {field} {repr(document[field])[:40]}, but the embeddings have "
+                f"shape {list(shape)}"
+            )
 
 
 def write_parquet(
@@ -119,10 +153,11 @@ def read_parquet(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict[s
     """Read what :func:`write_parquet` wrote: (embeddings, paths, the JSON document)."""
     _, pq = require_parquet()
     table = pq.read_table(path)
-    document = json.loads((table.schema.metadata or {}).get(PARQUET_KEY, b"{}"))
+    document = _document_of((table.schema.metadata or {}).get(PARQUET_KEY, b"{}"), Path(path))
     column = table.column("embedding").combine_chunks()
     dim = column.type.list_size
     vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    _check_document(document, vectors.shape, Path(path))
     return vectors, table.column("path").to_pylist(), document
 
 

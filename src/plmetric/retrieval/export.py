@@ -82,7 +82,7 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
     """The sidecar JSON written by :func:`export_model`, or None when ``path`` is some other file."""
     try:
         meta = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply to decode
         return None
     return meta if isinstance(meta, dict) and meta.get("format") == EXPORT_FORMAT else None
 

@@ -154,16 +154,28 @@ def model_from_description(description: dict[str, Any], index_path: str | os.Pat
     """
     from plmetric.data.backbones import create_model
 
-    checkpoint = description.get("checkpoint")
+    from plmetric.data.backbones import backbone_spec
+
+    checkpoint, recorded = description.get("checkpoint"), description.get("output_dim")
     if checkpoint:
         check_same_file(checkpoint, description.get("checkpoint_sha256"), "checkpoint", index_path)
-        model, _ = load_model(checkpoint)
-        return model
-    weights = description.get("weights")
-    if weights:
-        check_same_file(weights, description.get("weights_sha256"), "weights file", index_path)
-    model = create_model(description["backbone"], embedding_dim=0, pretrained=True, weights=weights)
-    return model.eval()
+        model, _ = load_model(checkpoint)  # its own recorded sizes checked against its tensors first
+    else:
+        if recorded is not None and recorded != backbone_spec(description["backbone"]).feature_dim:
+            raise ValueError(
+                f"index {index_path}: its model records output_dim {recorded}, but backbone "
+                f"'{description['backbone']}' has {backbone_spec(description['backbone']).feature_dim} pooled features"
+            )
+        weights = description.get("weights")
+        if weights:
+            check_same_file(weights, description.get("weights_sha256"), "weights file", index_path)
+        model = create_model(description["backbone"], embedding_dim=0, pretrained=True, weights=weights).eval()
+    if recorded is not None and recorded != model.embedding_dim:
+        raise ValueError(
+            f"index {index_path}: its model records output_dim {recorded}, but checkpoint {checkpoint} outputs "
+            f"{model.embedding_dim}"
+        )
+    return model
 
 
 def file_stats(paths: list[str]) -> torch.Tensor:
@@ -230,13 +242,16 @@ def read_index_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply to decode
         return None
     return meta if isinstance(meta, dict) else None
 
 
 def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]:
     """Read a file written by :func:`save_embeddings`: ``(embeddings, labels, paths, model)``.
+
+    Every size the metadata records is checked against the tensors: ``count`` and ``dim`` (when
+    recorded) and the model's ``output_dim`` must be the embeddings' rows and columns.
 
     Raises:
         FileNotFoundError: no such file.
@@ -272,7 +287,33 @@ def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
             f"{path} is not a valid plmetric index (embeddings, labels, paths and model disagree or are missing)"
         )
     check_model_metadata(model, f"index {path}: model")  # image_size, backbone, ...: as a checkpoint's
+    check_recorded_shape(meta, embeddings, path)
     return embeddings, labels, paths, model
+
+
+def _shown(value: Any) -> str:
+    """A recorded value for a message: an int as it is, anything else as a short repr."""
+    return str(value) if type(value) is int and abs(value) < 10**40 else repr(value)[:40]
+
+
+def check_recorded_shape(meta: dict[str, Any], embeddings: torch.Tensor, path: str | os.PathLike) -> None:
+    """Check an index's recorded sizes against its ``embeddings`` tensor: floating point, ``count``
+    (when recorded) its rows, ``dim`` and the model's ``output_dim`` (when recorded) its columns.
+
+    Raises:
+        ValueError: naming the index, the field, the recorded value and the tensor's shape.
+    """
+    rows, columns = embeddings.shape
+    if not embeddings.is_floating_point():
+        raise ValueError(f"{path} is not a valid plmetric index: its embeddings are {embeddings.dtype}, not floats")
+    recorded = {"count": (meta.get("count"), rows), "dim": (meta.get("dim"), columns)}
+    recorded["model 'output_dim'"] = ((meta.get("model") or {}).get("output_dim"), columns)
+    for field, (value, actual) in recorded.items():
+        if value is not None and (isinstance(value, bool) or value != actual):
+            raise ValueError(
+                f"{path} is not a valid plmetric index: it records {field} {_shown(value)}, but its embeddings "
+                f"tensor has shape {[rows, columns]}"
+            )
 
 
 def load_file_stats(path: str | os.PathLike) -> torch.Tensor | None:

@@ -136,6 +136,8 @@ class QuickIndex:
         model = self.description
         if model.get("checkpoint"):
             check_same_file(model["checkpoint"], model.get("checkpoint_sha256"), "checkpoint", self.path)
+            if not _checkpoint_agrees(model["checkpoint"], self.database.shape[1]):
+                return False  # the PyTorch path names what is wrong with it
         elif model.get("weights"):
             check_same_file(model["weights"], model.get("weights_sha256"), "weights file", self.path)
         try:
@@ -232,6 +234,8 @@ def _read_index(path: Path) -> tuple[dict[str, Any], np.ndarray] | None:
         or list(labels_shape) != [embeddings.shape[0]]
         or not all(isinstance(p, str) for p in paths)
         or not isinstance(model.get("backbone"), str)
+        or meta.get("count", embeddings.shape[0]) != embeddings.shape[0]  # recorded sizes: the tensor's
+        or meta.get("dim", embeddings.shape[1]) != embeddings.shape[1]
     ):
         return None
     return meta, embeddings
@@ -240,11 +244,12 @@ def _read_index(path: Path) -> tuple[dict[str, Any], np.ndarray] | None:
 def _check_model_fields(model: dict[str, Any]) -> None:
     """The checks of :func:`plmetric.data.backbones.check_model_metadata` that need no backbone table
     (the backbone's name is not resolved: the network is the cached export). Raises ValueError."""
-    from plmetric.core.validation import check_int, check_triple
+    from plmetric.core.validation import MAX_EMBEDDING_DIM, check_int, check_triple
 
-    for key, minimum in (("embedding_dim", 0), ("output_dim", 1), ("epoch", 0)):
+    for key, minimum, maximum in (("embedding_dim", 0, MAX_EMBEDDING_DIM), ("output_dim", 1, MAX_EMBEDDING_DIM),
+                                  ("epoch", 0, None)):
         if key in model:
-            check_int(key, model[key], minimum)
+            check_int(key, model[key], minimum, maximum=maximum)
     for fields in (model, model.get("preprocessing") or {}):
         if not isinstance(fields, dict):
             raise ValueError("preprocessing must be a JSON object")
@@ -256,6 +261,23 @@ def _check_model_fields(model: dict[str, Any]) -> None:
     for key in ("config", "metrics"):
         if model.get(key) is not None and not isinstance(model[key], dict):
             raise ValueError(f"{key} must be a JSON object")
+
+
+def _checkpoint_agrees(path: str, dim: int) -> bool:
+    """Whether a checkpoint's recorded sizes (bounded) describe its embedding layer's shapes and give
+    ``dim``-d embeddings, read from its header alone (no torch, no tensor data): the torch-free path
+    trusts the checkpoint's sizes no more than :func:`plmetric.data.backbones.load_model` does."""
+    from plmetric.core.checkpoint import read_metadata, tensor_shapes
+
+    try:
+        meta = read_metadata(path)
+        _check_model_fields(meta)
+        shapes = tensor_shapes(path, ("embedding.weight", "embedding.bias"))
+    except (OSError, ValueError):
+        return False
+    recorded, weight, bias = meta["embedding_dim"], shapes.get("embedding.weight"), shapes.get("embedding.bias")
+    layer_ok = (weight is not None and weight[0] == recorded and bias == [recorded]) if recorded else weight is None
+    return layer_ok and (recorded or dim) == dim and meta.get("output_dim", dim) == dim
 
 
 def _cached_export(record: Any, size: int) -> Path | None:

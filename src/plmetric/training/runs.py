@@ -132,7 +132,7 @@ def load_training_state(path: Path, cfg: Config) -> dict[str, Any]:
         raise ValueError(f"{path} is not a plmetric training state (expected the keys {', '.join(STATE_KEYS)})")
     try:
         saved = json.loads(state["config_json"])
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, json.JSONDecodeError, RecursionError):
         raise ValueError(f"{path} is not a plmetric training state (its config is not JSON)") from None
     current = json.loads(json.dumps(cfg.to_dict()))
     diff = []

@@ -11,14 +11,15 @@ from typing import Any
 from plmetric.cli.common import (
     CLIError,
     add_command,
+    batch_size,
     check_grid_output,
     check_table_output,
     cosine_threshold,
     default_workers,
+    grid_rows,
     load_pile_index,
-    non_negative_int,
     pile_arguments,
-    positive_int,
+    workers,
 )
 from plmetric.core.names import shown
 
@@ -65,13 +66,13 @@ def add_parser(subparsers: Any) -> None:
         default=CANDIDATES,
         help="with --check-crops: the pairs rescored are those at or above this cosine",
     )
-    du.add_argument("--batch-size", type=positive_int, default=32, help="with --check-crops: images per forward pass")
+    du.add_argument("--batch-size", type=batch_size, default=32, help="with --check-crops: images per forward pass")
     du.add_argument(
-        "--num-workers", type=non_negative_int, default=default_workers(), help="with --check-crops: decoding workers"
+        "--num-workers", type=workers, default=default_workers(), help="with --check-crops: decoding workers"
     )
     du.add_argument("--device", default="auto", help="with --check-crops: auto, cpu, cuda, cuda:1, ...")
     du.add_argument("--grid", default=None, help="also draw the first groups as a PNG grid (one row per group)")
-    du.add_argument("--show", type=positive_int, default=8, help="groups drawn on --grid and printed")
+    du.add_argument("--show", type=grid_rows, default=8, help="groups drawn on --grid and printed")
     du.set_defaults(func=run)
 
 

@@ -16,9 +16,11 @@ from plmetric.cli.common import (
     image_side,
     check_output,
     default_workers,
-    non_negative_int,
-    positive_int,
+    batch_size,
+    embedding_width,
+    workers,
 )
+from plmetric.core.validation import MAX_NEIGHBOURS
 
 DEFAULT_KS = {"sop": (1, 10, 100, 1000)}
 FALLBACK_KS = (1, 2, 4, 8)
@@ -34,11 +36,11 @@ def add_parser(subparsers: Any) -> None:
     ev.add_argument(
         "--weights", default=None, help="local backbone weights file (.safetensors/.pth) instead of a download"
     )
-    ev.add_argument("--embedding-dim", type=non_negative_int, default=0, help="0 = raw pooled backbone features")
+    ev.add_argument("--embedding-dim", type=embedding_width, default=0, help="0 = raw pooled backbone features")
     ev.add_argument("--image-size", type=image_side, default=224, help="input side (a checkpoint's own wins)")
     ev.add_argument("--ks", default=None, help="Recall@K cut-offs, e.g. 1,2,4,8 (default; SOP: 1,10,100,1000)")
-    ev.add_argument("--batch-size", type=positive_int, default=128, help="images per forward pass")
-    ev.add_argument("--num-workers", type=non_negative_int, default=default_workers(), help="decoding workers")
+    ev.add_argument("--batch-size", type=batch_size, default=128, help="images per forward pass")
+    ev.add_argument("--num-workers", type=workers, default=default_workers(), help="decoding workers")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     runtime_option(ev)
     ev.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"], help="nearest-neighbour search")
@@ -84,12 +86,13 @@ def parse_ks(text: str | None, dataset: str) -> tuple[int, ...]:
     """Parse ``--ks 1,2,4,8``; the default depends on the data set (SOP uses 1,10,100,1000)."""
     if text is None:
         return DEFAULT_KS.get(dataset, FALLBACK_KS)
+    expected = f"--ks expects comma-separated positive integers (each <= {MAX_NEIGHBOURS}), got '{text[:80]}'"
     try:
         ks = tuple(int(k) for k in text.split(",") if k.strip())
     except ValueError:
-        raise CLIError(f"--ks expects comma-separated positive integers, got '{text}'") from None
-    if not ks or min(ks) < 1:
-        raise CLIError(f"--ks expects comma-separated positive integers, got '{text}'")
+        raise CLIError(expected) from None
+    if not ks or min(ks) < 1 or max(ks) > MAX_NEIGHBOURS:
+        raise CLIError(expected)
     return ks
 
 

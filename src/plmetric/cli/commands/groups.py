@@ -12,11 +12,13 @@ from plmetric.cli.common import (
     add_command,
     check_grid_output,
     check_table_output,
+    grid_rows,
     int_at_least,
-    non_negative_int,
-    positive_int,
+    item_count,
+    seed,
 )
 from plmetric.core.names import shown
+from plmetric.core.validation import MAX_ITEMS
 
 SOFTWARE = "plmetric groups"
 ROWS_PER_CHUNK = 100_000
@@ -46,13 +48,13 @@ def add_parser(subparsers: Any) -> None:
         f"fit none left ungrouped (purer groups, often 40-50%% of a pile ungrouped; on the first {REDUCED_DIM} "
         f"principal components; slow above {HDBSCAN_MAX:,} images). Measured in docs/results.md",
     )
-    gr.add_argument("--min-size", type=int_at_least(2), default=5, help="the smallest group worth reporting")
+    gr.add_argument("--min-size", type=int_at_least(2, MAX_ITEMS), default=5, help="the smallest group worth reporting")
     gr.add_argument(
-        "--groups", type=positive_int, default=None, help="number of k-means groups (default: round(sqrt(N / 2)), N images)"
+        "--groups", type=item_count, default=None, help="number of k-means groups (default: round(sqrt(N / 2)), N images)"
     )
-    gr.add_argument("--seed", type=non_negative_int, default=0, help="seed of PCA / k-means")
+    gr.add_argument("--seed", type=seed, default=0, help="seed of PCA / k-means")
     gr.add_argument("--grid", default=None, help="also draw the largest groups as a PNG grid (one row per group)")
-    gr.add_argument("--show", type=positive_int, default=8, help="groups drawn on --grid and printed")
+    gr.add_argument("--show", type=grid_rows, default=8, help="groups drawn on --grid and printed")
     gr.set_defaults(func=run)
 
 

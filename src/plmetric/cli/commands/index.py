@@ -12,12 +12,14 @@ from plmetric.cli.common import (
     add_command,
     check_output,
     embed_images,
+    beam_width,
     int_at_least,
     is_index,
     model_options,
-    positive_int,
+    nlist_count,
 )
 from plmetric.core.names import shown
+from plmetric.core.options import MAX_HNSW_M
 
 _BUILD_OPTIONS = (
     ("faiss", "--faiss"),
@@ -59,31 +61,31 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--nlist",
-        type=positive_int,
+        type=nlist_count,
         default=None,
         help="IVF cells (default: round(4 sqrt(n)), at most n / 39)",
     )
     group.add_argument(
         "--nprobe",
-        type=positive_int,
+        type=nlist_count,
         default=None,
         help="IVF cells scanned per query (default: ceil(nlist / 16), at least 8); search --nprobe overrides it",
     )
     group.add_argument(
         "--hnsw-m",
-        type=int_at_least(2),
+        type=int_at_least(2, MAX_HNSW_M),
         default=None,
         help=f"HNSW links per vector (default: {IndexOptions.hnsw_m})",
     )
     group.add_argument(
         "--ef-construction",
-        type=positive_int,
+        type=beam_width,
         default=None,
         help="HNSW build beam (default: 80 below 100k vectors, 128 below 1M, else 200)",
     )
     group.add_argument(
         "--ef-search",
-        type=positive_int,
+        type=beam_width,
         default=None,
         help="HNSW search beam, at least --top-k (default: 64 below 1M vectors, else 128); "
         "search --ef-search overrides it",
@@ -210,7 +212,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     recorded = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     inputs = (args.checkpoint, args.weights, recorded.get("checkpoint"), recorded.get("weights"))
     out = check_output(args.out or source, "--out", (".safetensors",), inputs, is_index)
-    _, _, indexed, description = load_embeddings(source)
+    recorded_embeddings, _, indexed, description = load_embeddings(source)  # its recorded sizes checked
     check_same_model(description, source, args.checkpoint, args.weights)
     model = model_from_description(description, source)  # the recorded checkpoint, unchanged
     faiss_index = load_faiss_index(source, meta)  # faiss installed, the .faiss file the right one
@@ -226,7 +228,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
         if not writer:
             return 0  # torchrun: rank 0 extends the index with the gathered result
     else:
-        emb, labels, paths, skipped = torch.empty(0, int(meta["dim"])), torch.empty(0, dtype=torch.long), [], 0
+        emb, labels, paths, skipped = torch.empty(0, recorded_embeddings.shape[1]), torch.empty(0, dtype=torch.long), [], 0
     unreadable = f"; left out {skipped} unreadable image(s)" if skipped else ""
     if not paths and in_place and args.nprobe is None and args.ef_search is None:
         print(

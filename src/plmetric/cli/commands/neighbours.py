@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from plmetric.cli.common import add_command, check_table_output, load_pile_index, pile_arguments, positive_int
+from plmetric.cli.common import add_command, check_table_output, load_pile_index, neighbours, pile_arguments
 from plmetric.core.names import shown
 
 ROWS_PER_CHUNK = 50_000
@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> None:
         "every indexed image's top-k most similar other images, as a table (path, rank, neighbour, score)",
     )
     pile_arguments(nb)
-    nb.add_argument("--k", type=positive_int, default=10, help="neighbours per image (the image itself left out)")
+    nb.add_argument("--k", type=neighbours, default=10, help="neighbours per image (the image itself left out)")
     nb.add_argument(
         "--out", required=True, help="table to write: .csv, or .parquet (needs pyarrow); rows: path, rank, neighbour, score"
     )

@@ -16,11 +16,14 @@ from plmetric.cli.common import (
     CLIError,
     add_command,
     check_output,
+    batch_size,
+    beam_width,
     image_paths,
     inference_runner,
-    non_negative_int,
-    positive_int,
+    neighbours,
+    nlist_count,
     runtime_option,
+    workers,
 )
 from plmetric.core.names import shown
 
@@ -32,17 +35,17 @@ def add_parser(subparsers: Any) -> None:
     se.add_argument("query", nargs="*", help="query image files or folders (searched recursively)")
     se.add_argument("--queries-file", default=None, help="a text file of query paths, one per line")
     se.add_argument("--index", required=True, help="index written by 'plmetric index'")
-    se.add_argument("--top-k", type=positive_int, default=8, help="number of results per query")
+    se.add_argument("--top-k", type=neighbours, default=8, help="number of results per query")
     se.add_argument("--out", default=None, help="one query: PNG grid of the results (default: QUERY_results.png)")
     se.add_argument("--out-dir", default=None, help="a PNG grid per query, QUERY_results.png, in this folder")
     se.add_argument("--json", default=None, help="write every query's results (rank, path, score) as JSON")
     se.add_argument("--csv", default=None, help="write every query's results as CSV: query,rank,path,score")
-    se.add_argument("--batch-size", type=positive_int, default=64, help="query images per forward pass")
-    se.add_argument("--num-workers", type=non_negative_int, default=0, help="decoding workers for many queries")
+    se.add_argument("--batch-size", type=batch_size, default=64, help="query images per forward pass")
+    se.add_argument("--num-workers", type=workers, default=0, help="decoding workers for many queries")
     runtime_option(se)
     se.add_argument("--exact", action="store_true", help="exact torch search even when the index has a faiss index")
-    se.add_argument("--nprobe", type=positive_int, default=None, help="IVF cells to scan (default: the index's own)")
-    se.add_argument("--ef-search", type=positive_int, default=None, help="HNSW search beam (default: the index's own)")
+    se.add_argument("--nprobe", type=nlist_count, default=None, help="IVF cells to scan (default: the index's own)")
+    se.add_argument("--ef-search", type=beam_width, default=None, help="HNSW search beam (default: the index's own)")
     se.add_argument(
         "--include-self",
         action="store_true",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from plmetric.cli.common import CLIError, add_command, positive_int, runtime_option
+from plmetric.cli.common import CLIError, add_command, neighbours, runtime_option
 
 
 def add_parser(subparsers: Any) -> None:
@@ -17,7 +17,7 @@ def add_parser(subparsers: Any) -> None:
         "--host", default="127.0.0.1", help="address to listen on (other than localhost: other machines see the images)"
     )
     sv.add_argument("--port", type=port, default=8000, help="TCP port to listen on")
-    sv.add_argument("--top-k", type=positive_int, default=12, help="number of results per query")
+    sv.add_argument("--top-k", type=neighbours, default=12, help="number of results per query")
     sv.add_argument(
         "--include-self",
         action="store_true",

@@ -7,7 +7,16 @@ import argparse
 import os
 from typing import Any
 
-from plmetric.cli.common import DATASET_CHOICES, add_command, image_side
+from plmetric.cli.common import (
+    DATASET_CHOICES,
+    add_command,
+    batch_size,
+    image_side,
+    int_at_least,
+    seed,
+    workers,
+)
+from plmetric.core.validation import MAX_BATCH_SIZE, MAX_STEPS
 
 
 def add_parser(subparsers: Any) -> None:
@@ -37,8 +46,8 @@ def similarity_study_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--weights", default=None, help="local backbone weights file instead of the packaged ones")
     src.add_argument("--image-size", type=image_side, default=224)
     src.add_argument("--cache-dir", default=None, help="feature cache (default ~/.cache/plmetric/features)")
-    src.add_argument("--embed-batch-size", type=int, default=64)
-    src.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1))
+    src.add_argument("--embed-batch-size", type=batch_size, default=64)
+    src.add_argument("--num-workers", type=workers, default=min(2, os.cpu_count() or 1))
     src.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (embedding only)")
     src.add_argument(
         "--features", default=None, help="features file (.npy (N, d) or .safetensors) instead of a data set"
@@ -51,10 +60,10 @@ def similarity_study_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated names of plmetric.evaluation.estimators.ESTIMATORS (a wrong one lists them), or all",
     )
     st.add_argument("--set", action="append", metavar="EST.OPT=VALUE", help="estimator option, e.g. plm.tau=1.0")
-    st.add_argument("--batch-size", type=int, default=120, help="B, points per neighbourhood batch")
-    st.add_argument("--neighbours-per-seed", "-k", type=int, default=5, help="k: a seed and its k-1 neighbours")
-    st.add_argument("--batches", type=int, default=50, help="number of batches (0: whole set only)")
-    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--batch-size", type=int_at_least(2, MAX_BATCH_SIZE), default=120, help="B, points per neighbourhood batch")
+    st.add_argument("--neighbours-per-seed", "-k", type=int_at_least(1, MAX_BATCH_SIZE), default=5, help="k: a seed and its k-1 neighbours")
+    st.add_argument("--batches", type=int_at_least(0, MAX_STEPS), default=50, help="number of batches (0: whole set only)")
+    st.add_argument("--seed", type=seed, default=0)
     st.add_argument("--no-whole-set", action="store_true", help="skip the whole-set measurement")
     st.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the features")
     st.add_argument(

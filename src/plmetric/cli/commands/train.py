@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from plmetric.cli.common import CLIError, add_command, config_help, positive_int, print_before_after
+from plmetric.cli.common import CLIError, add_command, config_help, int_at_least, print_before_after
 from plmetric.core.names import shown
+from plmetric.core.validation import MAX_EPOCHS
 
 FOLDER_PRESET = "folder"  # train --images DIR without --config
 PROXIES_PER_IMAGE = 0.25  # the preset's proxies: at most a quarter of the folder's images
@@ -33,7 +34,7 @@ def add_parser(subparsers: Any) -> None:
     tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     tr.add_argument(
         "--stop-after",
-        type=positive_int,
+        type=int_at_least(1, MAX_EPOCHS),
         default=None,
         metavar="N",
         help="stop after N epochs of this call (resume later)",

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from plmetric.core.checkpoint import existing_checkpoint, read_metadata
+from plmetric.core.checkpoint import existing_checkpoint, read_metadata, tensor_shapes
 from plmetric.data.backbones.registry import (
     backbone_spec,
     build_loaded_trunk,
@@ -151,7 +151,8 @@ def check_model_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Check the model fields of a checkpoint's (or an index's) metadata with the config's own checks.
 
     ``backbone`` (:func:`check_backbone`) is required (:func:`plmetric.core.checkpoint.read_metadata`
-    also requires a checkpoint's ``embedding_dim``); ``embedding_dim`` (>= 0), ``output_dim`` (>= 1),
+    also requires a checkpoint's ``embedding_dim``); ``embedding_dim`` (0 to
+    :data:`~plmetric.core.validation.MAX_EMBEDDING_DIM`), ``output_dim`` (1 to the same),
     ``image_size`` (:func:`plmetric.core.validation.check_image_size`, as ``data.image_size``),
     ``epoch`` (>= 0), ``mean``/``std`` (3 finite numbers, std > 0; also inside ``preprocessing``),
     ``interpolation`` (bilinear or bicubic), ``config`` and ``metrics`` (JSON objects) are checked
@@ -163,14 +164,14 @@ def check_model_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     Raises:
         ValueError: ``"{where} '<field>' must be ..."`` for the first field that fails.
     """
-    from plmetric.core.validation import check_image_size, check_int, check_triple
+    from plmetric.core.validation import MAX_EMBEDDING_DIM, check_image_size, check_int, check_triple
 
     if not isinstance(meta, Mapping):
         raise ValueError(f"{where} must be a JSON object, got {type(meta).__name__}")
     check_backbone(meta.get("backbone"), where=f"{where} 'backbone'")
     optional = {
-        "embedding_dim": lambda name, v: check_int(name, v, 0, where=f"{where} "),
-        "output_dim": lambda name, v: check_int(name, v, 1, where=f"{where} "),
+        "embedding_dim": lambda name, v: check_int(name, v, 0, maximum=MAX_EMBEDDING_DIM, where=f"{where} "),
+        "output_dim": lambda name, v: check_int(name, v, 1, maximum=MAX_EMBEDDING_DIM, where=f"{where} "),
         "image_size": lambda name, v: check_image_size(name, v, where=f"{where} "),
         "epoch": lambda name, v: check_int(name, v, 0, where=f"{where} "),
     }
@@ -193,14 +194,61 @@ def check_model_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(meta)
 
 
+EMBEDDING_TENSORS = ("embedding.weight", "embedding.bias")
+"""The tensors of an `EmbeddingModel`'s embedding layer: the only ones whose shapes a checkpoint's
+metadata decides (the trunk's follow from the backbone's name)."""
+
+
+def check_recorded_sizes(meta: Mapping[str, Any], shapes: Mapping[str, list[int]], where: str) -> int:
+    """Check a checkpoint's recorded sizes against the shapes of its tensors, before a model is built.
+
+    ``embedding_dim`` d > 0 needs ``embedding.weight`` of shape ``[d, feature_dim]`` (the backbone's pooled
+    features) and ``embedding.bias`` ``[d]``; d = 0 needs neither. ``output_dim``, when recorded, must be
+    what the model outputs: d, or ``feature_dim`` for d = 0.
+
+    Args:
+        meta: metadata already through :func:`check_model_metadata` (sizes are bounded ints).
+        shapes: :func:`plmetric.core.checkpoint.tensor_shapes` of :data:`EMBEDDING_TENSORS`.
+        where: how messages name the file.
+
+    Returns:
+        The output dimension the model will have.
+
+    Raises:
+        ValueError: ``"{where} does not match its own metadata: ..."``, naming the field and the shapes.
+    """
+    dim, feature_dim = int(meta["embedding_dim"]), backbone_spec(meta["backbone"]).feature_dim
+    weight, bias = shapes.get(EMBEDDING_TENSORS[0]), shapes.get(EMBEDDING_TENSORS[1])
+    expected = ([dim, feature_dim], [dim]) if dim else (None, None)
+    if (weight, bias) != expected:
+        needs = (
+            f"an embedding layer 'embedding.weight' {[dim, feature_dim]} and 'embedding.bias' {[dim]}"
+            if dim
+            else "no embedding layer"
+        )
+        holds = f"'embedding.weight' {weight} and 'embedding.bias' {bias}" if weight or bias else "no embedding layer"
+        raise ValueError(
+            f"{where} does not match its own metadata: 'embedding_dim' {dim} with backbone '{meta['backbone']}' "
+            f"({feature_dim} pooled features) needs {needs}; the file holds {holds}"
+        )
+    output = dim or feature_dim
+    if "output_dim" in meta and meta["output_dim"] != output:
+        raise ValueError(f"{where}: metadata 'output_dim' is {meta['output_dim']}, but the model outputs {output}")
+    return output
+
+
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild an ``EmbeddingModel`` from a checkpoint written by :func:`save_model`.
+
+    Every size the metadata records is bounded and checked against the shapes in the file's header
+    (:func:`check_recorded_sizes`) before the model is built or a tensor read.
 
     Returns:
         ``(model, metadata)`` with the model in eval mode.
     """
     path = existing_checkpoint(path)
     meta = check_model_metadata(read_metadata(path), f"{path}: metadata")
+    check_recorded_sizes(meta, tensor_shapes(path, EMBEDDING_TENSORS), str(path))
     try:
         model = create_model(meta["backbone"], embedding_dim=int(meta["embedding_dim"]), pretrained=False)
     except ValueError as err:
