@@ -264,7 +264,8 @@ def test_a_damaged_or_crafted_chunk_is_computed_again(small_pile, tmp_path, monk
     }
     for what, data in damaged.items():
         if data is None:
-            save_file(stored, str(path), metadata={"plmetric_view_cache": meta["plmetric_view_cache"].replace('"key": "', '"key": "0')})
+            other = meta["plmetric_view_cache"].replace('"key": "', '"key": "0')
+            save_file(stored, str(path), metadata={"plmetric_view_cache": other})
         else:
             path.write_bytes(data)
         store = _store(small_pile, folder)
@@ -287,3 +288,25 @@ def test_each_image_has_its_own_random_views_whoever_decodes_it(small_pile):
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left alone
     assert torch.equal(seeded[5][0], first)  # the same views every time
     assert not torch.equal(SeededViews(dataset, seed=4)[5][0], first)  # another seed, other views
+
+
+def test_a_chunk_that_cannot_be_stored_warns_once_and_the_pass_goes_on_in_memory(small_pile, tmp_path, monkeypatch):
+    import errno
+
+    import plmetric.training.view_cache as view_cache
+
+    monkeypatch.setattr(view_cache, "CHUNK_IMAGES", 5)
+    expected, expected_rows = _store(small_pile, tmp_path / "reference").run(torch.device("cpu"), 0, False)
+    writes = []
+
+    def full_disk(path, data):
+        writes.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(view_cache, "atomic_write_bytes", full_disk)
+    store = _store(small_pile, tmp_path / "full")
+    with pytest.warns(UserWarning, match="cannot store cached views .* No space left") as caught:
+        views, rows = store.run(torch.device("cpu"), 0, False)
+    assert len([w for w in caught if "cannot store" in str(w.message)]) == 1 and len(writes) == 1
+    assert torch.equal(views, expected) and torch.equal(rows, expected_rows)
+    assert store.on_disk == set() and not list((tmp_path / "full").glob("*.safetensors"))

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from plmetric.config.schema import Config
 from plmetric.core import distributed as dist_utils
 from plmetric.data.datasets import DECODE_ERRORS, DatasetSplits, ViewFeatureDataset
+from plmetric.training.view_cache import ViewStack
 
 __all__ = [
     "CACHED_MODES",
@@ -70,29 +71,6 @@ def planned_steps_per_epoch(cfg: Config, num_images: int) -> int:
     from plmetric.training.optimization import epoch_steps
 
     return epoch_steps(cfg.train, num_images)
-
-
-class ViewStack:
-    """A transform that turns one decoded image into ``V`` views stacked ``(V, 3, H, W)``."""
-
-    def __init__(self, transforms: Sequence[Callable[[Any], Tensor]]) -> None:
-        self.transforms = list(transforms)
-
-    def __call__(self, image: Any) -> Tensor:
-        return torch.stack([transform(image) for transform in self.transforms])
-
-
-class FrozenViews(nn.Module):
-    """The frozen part applied to every view of a batch: ``(B, V, 3, H, W) -> (B, V * prod(out))``."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        batch, views = x.shape[:2]
-        return self.net(x.flatten(0, 1)).reshape(batch, -1)
 
 
 class PooledTrunk(nn.Module):
@@ -315,8 +293,17 @@ def build_cached_training(
     if start_run is not None:
         start_run()
     folder = None if out_dir is None else Path(out_dir) / CACHE_FOLDER
-    made = {"weights": digest, "backbone": backbone, "mode": mode, "frozen_stages": frozen, "store": str(store),
-            "output_shape": list(input_shape), "seed": cfg.train.seed, "runtime": runtime_of(net), "device": device.type}
+    made = {  # what makes the views besides the transforms (plmetric.training.view_cache.setup_key)
+        "weights": digest,
+        "backbone": backbone,
+        "mode": mode,
+        "frozen_stages": frozen,
+        "store": str(store),
+        "output_shape": list(input_shape),
+        "seed": cfg.train.seed,
+        "runtime": runtime_of(net),
+        "device": device.type,
+    }
 
     def split_cache(dataset: Any, transforms: list[Callable], name: str) -> SplitCache:
         return SplitCache(
@@ -331,13 +318,19 @@ def build_cached_training(
         for stale in folder.glob("test-*.safetensors"):  # a test split this data no longer has
             stale.unlink(missing_ok=True)
 
-    def record_progress(stage: str = "caching") -> None:
-        if out_dir is not None and main:
-            write_caching_progress(Path(out_dir), stage, {
-                name: {"images": len(c.dataset), "chunks": c.chunks, "chunks_done": len(c.done),
-                       "images_done": len(c.dataset) - c.remaining_images}
-                for name, c in caches.items()
-            })
+    def record_progress(stage: str = "caching") -> None:  # caching.json: how far the pass is
+        if out_dir is None or not main:
+            return
+        done = {
+            name: {
+                "images": len(c.dataset),
+                "chunks": c.chunks,
+                "chunks_done": len(c.on_disk),
+                "images_done": c.images_in(c.on_disk),
+            }
+            for name, c in caches.items()
+        }
+        write_caching_progress(Path(out_dir), stage, done)
 
     record_progress()
     estimate = None

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,13 @@ from plmetric.core.checkpoint import atomic_write_bytes, remove_stale_temporarie
 __all__ = [
     "CACHE_FOLDER",
     "CHUNK_IMAGES",
+    "FrozenViews",
     "SeededViews",
     "SplitCache",
     "chunk_bounds",
     "image_identities",
     "image_seed",
+    "ViewStack",
     "setup_key",
     "weights_digest",
 ]
@@ -58,6 +61,29 @@ CACHE_FOLDER = "view-cache"  # inside the run folder
 CHUNK_IMAGES = 256
 FORMAT_VERSION = 1
 METADATA_KEY = "plmetric_view_cache"
+
+
+class ViewStack:
+    """A transform that turns one decoded image into ``V`` views stacked ``(V, 3, H, W)``."""
+
+    def __init__(self, transforms: Sequence[Callable[[Any], Tensor]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, image: Any) -> Tensor:
+        return torch.stack([transform(image) for transform in self.transforms])
+
+
+class FrozenViews(nn.Module):
+    """The frozen part applied to every view of a batch: ``(B, V, 3, H, W) -> (B, V * prod(out))``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        batch, views = x.shape[:2]
+        return self.net(x.flatten(0, 1)).reshape(batch, -1)
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -169,8 +195,6 @@ class SplitCache:
         key: str,
         writable: bool = True,
     ) -> None:
-        from plmetric.training.cached import ViewStack
-
         self.net, self.dataset, self.split = net, dataset, split
         self.views, self.out_shape, self.store_dtype = len(transforms), tuple(out_shape), store_dtype
         self.batch_images, self.seed, self.folder, self.writable = batch_images, seed, folder, writable
@@ -179,6 +203,7 @@ class SplitCache:
         self.done: dict[int, tuple[Tensor, Tensor]] = {}  # chunk -> (views (V, m, ...), rows (m,))
         self.computed_images = 0  # images this pass decoded (set by run)
         self.kept_chunks = self.kept_images = 0  # chunks (and their images) loaded from before
+        self.on_disk: set[int] = set()  # chunks whose file holds them (kept from before, or stored now)
         self.keys: list[str] = []
         if folder is None:
             return
@@ -195,6 +220,7 @@ class SplitCache:
             loaded = self._load(c)
             if loaded is not None:
                 self.done[c] = loaded
+                self.on_disk.add(c)
         self.kept_chunks = len(self.done)
         self.kept_images = self.images_in(self.done)
 
@@ -237,7 +263,7 @@ class SplitCache:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = json.loads((handle.metadata() or {}).get(METADATA_KEY, "null"))
-                expected = {"format": FORMAT_VERSION, "split": self.split, "start": start, "end": end, "key": self.keys[c]}
+                expected = self._metadata(c)
                 if not isinstance(meta, dict) or any(meta.get(name) != value for name, value in expected.items()):
                     return None
                 if set(handle.keys()) != {"views", "rows"}:
@@ -257,14 +283,27 @@ class SplitCache:
             return None
         return views, rows
 
+    def _metadata(self, c: int) -> dict[str, Any]:
+        """What chunk ``c``'s header says: the format, the split, its range of the listing, its key."""
+        start, end = self.bounds[c]
+        return {"format": FORMAT_VERSION, "split": self.split, "chunk": c, "start": start, "end": end, "key": self.keys[c]}
+
     def _store(self, c: int, views: Tensor, rows: Tensor) -> None:
-        """Write chunk ``c`` atomically (temporary file, fsync, rename)."""
+        """Write chunk ``c`` atomically (temporary file, fsync, rename). A write that fails (a full disk,
+        a read-only folder) warns once and the pass goes on in memory, storing nothing more."""
         from safetensors.torch import save
 
-        start, end = self.bounds[c]
-        meta = {"format": FORMAT_VERSION, "split": self.split, "chunk": c, "start": start, "end": end, "key": self.keys[c]}
-        data = save({"views": views, "rows": rows}, metadata={METADATA_KEY: json.dumps(meta)})
-        atomic_write_bytes(self.path(c), data)
+        data = save({"views": views, "rows": rows}, metadata={METADATA_KEY: json.dumps(self._metadata(c))})
+        try:
+            atomic_write_bytes(self.path(c), data)
+            self.on_disk.add(c)
+        except OSError as err:
+            self.writable = False
+            warnings.warn(
+                f"cannot store cached views in {self.folder} ({type(err).__name__}: {err}); caching goes on in "
+                "memory only, so an interruption from now on loses the chunks computed since",
+                stacklevel=2,
+            )
 
     def run(
         self, device: torch.device, num_workers: int, progress: bool, on_chunk: Callable[[], None] | None = None
@@ -275,7 +314,6 @@ class SplitCache:
 
         from plmetric.core import faults
         from plmetric.data.datasets import collate_skip_none
-        from plmetric.training.cached import FrozenViews
 
         todo = [c for c in range(len(self.bounds)) if c not in self.done]
         batches, owners = [], []
@@ -296,8 +334,12 @@ class SplitCache:
         outputs: list[Tensor] = []
         indices: list[Tensor] = []
         bar = tqdm(
-            total=len(self.dataset), initial=len(self.dataset) - self.remaining_images, desc=f"caching views ({self.split})",
-            unit="img", disable=not progress, dynamic_ncols=True,
+            total=len(self.dataset),
+            initial=len(self.dataset) - self.remaining_images,
+            desc=f"caching views ({self.split})",
+            unit="img",
+            disable=not progress,
+            dynamic_ncols=True,
         )
         try:
             with torch.no_grad():
@@ -318,11 +360,14 @@ class SplitCache:
         finally:
             bar.close()
         self.computed_images = self.images_in(todo)
-        views = torch.cat([self.done[c][0] for c in range(len(self.bounds))], dim=1) if self.bounds else None
-        rows = torch.cat([self.done[c][1] for c in range(len(self.bounds))]) if self.bounds else None
-        if views is None or rows is None:
+        if self.bounds:
+            views = torch.cat([self.done[c][0] for c in range(len(self.bounds))], dim=1)
+            rows = torch.cat([self.done[c][1] for c in range(len(self.bounds))])
+        else:
             views = torch.zeros(self.views, 0, *self.out_shape, dtype=self.store_dtype)
             rows = torch.zeros(0, dtype=torch.int64)
+        # the chunks' own tensors go (the split's hold their values): the cache is in memory once from here
+        self.done = {c: (views.narrow(1, 0, 0), rows.narrow(0, 0, 0)) for c in self.done}
         unread = torch.ones(len(self.dataset), dtype=torch.bool)
         unread[rows] = False
         if bool(unread.any()) and hasattr(self.dataset, "mark_unreadable"):
@@ -336,7 +381,8 @@ class SplitCache:
             flat, rows = torch.cat(outputs), torch.cat(indices)
         else:  # every image of the chunk unreadable
             flat, rows = torch.zeros(0, self.views * int(np.prod(self.out_shape))), torch.zeros(0, dtype=torch.int64)
-        views = flat.reshape(flat.shape[0], self.views, *self.out_shape).transpose(0, 1).to(self.store_dtype).contiguous()
+        views = flat.reshape(flat.shape[0], self.views, *self.out_shape).transpose(0, 1)
+        views = views.to(self.store_dtype).contiguous()
         self.done[c] = (views, rows)
         if self.folder is not None and self.writable:
             self._store(c, views, rows)
