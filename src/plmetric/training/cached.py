@@ -246,7 +246,7 @@ def build_cached_training(
     mode: str,
     *,
     out_dir: Path | None = None,
-    start_run: Callable[[], None] | None = None,
+    listed: Callable[[int], None] | None = None,
 ) -> CachedTraining:
     """Load ``cfg.data`` (a listing: nothing decoded), print the estimate from a timed probe, cache
     the views of the training split (and the clean view of a labelled test split), build the student.
@@ -254,8 +254,9 @@ def build_cached_training(
     With ``out_dir`` the views are kept in ``out_dir/view-cache`` in chunks
     (:mod:`plmetric.training.view_cache`): the chunks already there that still fit are loaded, only
     the others are computed (and each stored as it completes), and ``out_dir/caching.json`` says how
-    far the pass is. ``start_run`` is called once the data is listed and the frozen part built, before
-    the probe and the pass (the run folder of a fresh run exists from then on).
+    far the pass is. ``listed(number of training images)`` is called once the data is listed and the
+    frozen part built, before the probe and the pass (the trainer checks its sizes there and starts
+    the folder of a fresh run).
     """
     from plmetric.core import faults
     from plmetric.data.backbones import build_transform, create_model, feature_model
@@ -290,8 +291,8 @@ def build_cached_training(
     clean = build_transform(backbone, size, train=False)
     crop = build_transform(backbone, size, train=True, crop_scale_min=cfg.data.crop_scale_min)
     train_transforms = [clean] + [crop] * (cfg.train.views - 1)
-    if start_run is not None:
-        start_run()
+    if listed is not None:
+        listed(len(splits.train))
     folder = None if out_dir is None else Path(out_dir) / CACHE_FOLDER
     made = {  # what makes the views besides the transforms (plmetric.training.view_cache.setup_key)
         "weights": digest,

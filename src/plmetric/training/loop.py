@@ -274,19 +274,31 @@ def build_data(
         teacher_transform = eval_transform if view == "clean" else train_set.transform
         train_set = with_transform(train_set, PairedViews(train_set.transform, teacher_transform))
     test_set = splits.test if splits.test is not None and splits.test.num_classes > 1 else None
-    k, n = cfg.train.neighbours_per_seed, len(train_set)
-    if k > n or cfg.train.batch_size > n:
-        raise ValueError(
-            f"train.neighbours_per_seed ({k}) and train.batch_size ({cfg.train.batch_size}) must not exceed "
-            f"the number of training images ({n})"
-        )
+    n = len(train_set)
+    check_training_sizes(cfg, method, n)
     if method is not None and method.trains:
-        method.check_training_size(n)
         if announce:
             steps = planned_steps_per_epoch(cfg, n) * cfg.train.epochs
             print(end_to_end_estimate(cfg, train_set, test_set, device, steps), flush=True)
     cached = build_cached_images(cfg, train_set, device)
     return TrainData(train_set, cached if cached is not None else bank_set, test_set, cached)
+
+
+def check_training_sizes(cfg: Config, method: Method | None, num_images: int) -> None:
+    """Check the sizes (batch, neighbours, the method's own, e.g. proxies) against the number of
+    training images, before any image is decoded.
+
+    Raises:
+        ValueError: a size the images cannot fill (the message names the option and both numbers).
+    """
+    k = cfg.train.neighbours_per_seed
+    if k > num_images or cfg.train.batch_size > num_images:
+        raise ValueError(
+            f"train.neighbours_per_seed ({k}) and train.batch_size ({cfg.train.batch_size}) must not exceed "
+            f"the number of training images ({num_images})"
+        )
+    if method is not None and method.trains:
+        method.check_training_size(num_images)
 
 
 @dataclass
@@ -762,15 +774,14 @@ def train(
             started = False
             if mode in CACHED_MODES and splits is None and model is None:
 
-                def start() -> None:  # once the data is listed, before the probe and the caching pass
+                def listed(num_images: int) -> None:  # the data listed; before the probe and the caching pass
                     nonlocal started
-                    if dist_utils.is_main_process():
-                        start_run_folder(cfg, out_dir, caching=True)
-                    started = True
+                    check_training_sizes(cfg, get_method(cfg.train.method)(cfg), num_images)
+                    if raw_state is None and dist_utils.is_main_process():
+                        start_run_folder(cfg, out_dir, caching=True)  # the run exists from here
+                    started = raw_state is None
 
-                cached = build_cached_training(
-                    cfg, device, progress, mode, out_dir=out_dir, start_run=start if raw_state is None else None
-                )
+                cached = build_cached_training(cfg, device, progress, mode, out_dir=out_dir, listed=listed)
                 splits, model = cached.splits, cached.student
             return _train(
                 cfg, out_dir, raw_state, splits, model, progress, stop_after_epochs, device, cached, started=started
