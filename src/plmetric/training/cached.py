@@ -3,7 +3,7 @@
 On a CPU a whole backbone trains at a few images per second. With ``train.mode=head`` (what
 ``auto`` picks without a GPU) every training image is decoded once and ``V = train.views`` views of
 it (view 0 the deterministic eval transform, views 1 .. V-1 random resized crops with flips, seeded
-by ``train.seed``) pass once through the frozen pretrained backbone; their pooled features
+by ``train.seed`` and the image's index) pass once through the frozen pretrained backbone; their pooled features
 ``p(x) = mean_hw B(x) + max_hw B(x)`` stay in memory and only the embedding layer
 ``f(x) = normalize(W p(x) + b)`` trains, on a random augmented view for the student and the
 clean view for the teacher. ``train.mode=tail`` keeps the feature maps after the first
@@ -13,6 +13,11 @@ Either way a checkpoint holds the whole image model, the frozen part's pretraine
 trained part (:meth:`CachedTraining.image_model`), so ``export``, ``index`` and ``search`` use it as
 any other: the image-to-embedding function is the same. Labelled test splits are cached with their
 clean view only, for the evaluation.
+
+The trainer keeps the cached views in the run folder, in chunks written as they complete
+(:mod:`plmetric.training.view_cache`): an interrupted caching pass is resumed by ``--resume`` (the
+chunks done are checked and kept, only the rest computed), and a run resumed after some epochs, or
+started again with ``--overwrite``, reuses every chunk that still fits instead of caching again.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +35,7 @@ from torch import Tensor, nn
 from plmetric.config.schema import Config
 from plmetric.core import distributed as dist_utils
 from plmetric.data.datasets import DECODE_ERRORS, DatasetSplits, ViewFeatureDataset
+from plmetric.training.view_cache import ViewStack
 
 __all__ = [
     "CACHED_MODES",
@@ -64,29 +71,6 @@ def planned_steps_per_epoch(cfg: Config, num_images: int) -> int:
     from plmetric.training.optimization import epoch_steps
 
     return epoch_steps(cfg.train, num_images)
-
-
-class ViewStack:
-    """A transform that turns one decoded image into ``V`` views stacked ``(V, 3, H, W)``."""
-
-    def __init__(self, transforms: Sequence[Callable[[Any], Tensor]]) -> None:
-        self.transforms = list(transforms)
-
-    def __call__(self, image: Any) -> Tensor:
-        return torch.stack([transform(image) for transform in self.transforms])
-
-
-class FrozenViews(nn.Module):
-    """The frozen part applied to every view of a batch: ``(B, V, 3, H, W) -> (B, V * prod(out))``."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        batch, views = x.shape[:2]
-        return self.net(x.flatten(0, 1)).reshape(batch, -1)
 
 
 class PooledTrunk(nn.Module):
@@ -152,42 +136,6 @@ class CachedTraining:
 
             tail_model(full, self.frozen).load_state_dict(trained.state_dict())
         return full.eval()
-
-
-def cache_views(
-    net: nn.Module,
-    dataset: Any,
-    transforms: Sequence[Callable[[Any], Tensor]],
-    cfg: Config,
-    device: torch.device,
-    progress: bool,
-    store_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Every readable image of ``dataset`` decoded once, its views passed through ``net`` (the frozen
-    part, already through the inference runtime: :func:`plmetric.data.runtime.inference_model`).
-
-    Returns:
-        ``(views (V, M, ...), labels (M,), rows (M,))`` over the M readable images.
-    """
-    from plmetric.evaluation.metrics import embed_dataset
-
-    dataset.transform = ViewStack(transforms)
-    net.eval()  # the frozen part: BatchNorm statistics fixed (embed_dataset restores the wrapper's mode only)
-    with torch.no_grad():
-        out_shape = tuple(net(torch.zeros(1, 3, cfg.data.image_size, cfg.data.image_size, device=device)).shape[1:])
-    torch.manual_seed(cfg.train.seed)  # the crops (and the workers' seeds) are reproducible: resume recomputes them
-    flat, labels, rows = embed_dataset(
-        FrozenViews(net).to(device).eval(),
-        dataset,
-        batch_size=images_per_batch(len(transforms)),
-        num_workers=cfg.data.num_workers,
-        device=device,
-        progress=progress,
-        desc="caching views",
-        runtime="torch",  # net is the runtime's model already
-    )
-    views = flat.reshape(flat.shape[0], len(transforms), *out_shape).transpose(0, 1).to(store_dtype).contiguous()
-    return views, labels, rows
 
 
 def probe_cache_seconds(net: nn.Module, dataset: Any, transforms: Sequence[Callable], device: torch.device) -> float:
@@ -291,13 +239,32 @@ def probe_step_seconds(
     return times[len(times) // 2]
 
 
-def build_cached_training(cfg: Config, device: torch.device, progress: bool, mode: str) -> CachedTraining:
+def build_cached_training(
+    cfg: Config,
+    device: torch.device,
+    progress: bool,
+    mode: str,
+    *,
+    out_dir: Path | None = None,
+    listed: Callable[[int], None] | None = None,
+) -> CachedTraining:
     """Load ``cfg.data`` (a listing: nothing decoded), print the estimate from a timed probe, cache
-    the views of the training split (and the clean view of a labelled test split), build the student."""
+    the views of the training split (and the clean view of a labelled test split), build the student.
+
+    With ``out_dir`` the views are kept in ``out_dir/view-cache`` in chunks
+    (:mod:`plmetric.training.view_cache`): the chunks already there that still fit are loaded, only
+    the others are computed (and each stored as it completes), and ``out_dir/caching.json`` says how
+    far the pass is. ``listed(number of training images)`` is called once the data is listed and the
+    frozen part built, before the probe and the pass (the trainer checks its sizes there and starts
+    the folder of a fresh run).
+    """
+    from plmetric.core import faults
     from plmetric.data.backbones import build_transform, create_model, feature_model
     from plmetric.data.datasets import load_dataset
-    from plmetric.data.runtime import inference_model
+    from plmetric.data.runtime import inference_model, runtime_of
     from plmetric.training.networks import split_backbone, tail_model
+    from plmetric.training.runs import write_caching_progress
+    from plmetric.training.view_cache import CACHE_FOLDER, SplitCache, setup_key, weights_digest
 
     main = dist_utils.is_main_process()
     model = create_model(
@@ -306,6 +273,7 @@ def build_cached_training(cfg: Config, device: torch.device, progress: bool, mod
         pretrained=cfg.model.pretrained,
         weights=cfg.model.weights,
     ).eval()
+    splits = load_dataset(cfg.data.dataset, cfg.data.root, verbose=main)
     frozen = cfg.model.frozen_stages if mode == "tail" else 0
     if mode == "tail":
         net: nn.Module = split_backbone(model, frozen)[0].eval()
@@ -317,38 +285,96 @@ def build_cached_training(cfg: Config, device: torch.device, progress: bool, mod
     size, backbone = cfg.data.image_size, cfg.model.backbone
     with torch.no_grad():
         input_shape = tuple(net(torch.zeros(1, 3, size, size, device=device)).shape[1:])
+    digest = weights_digest(net, skip_prefix="model.embedding." if mode == "head" else None)  # what is cached
     net = inference_model(net, (3, size, size), cfg.train.runtime, device, what="the frozen backbone")
     student = feature_model(input_shape[0], cfg.model.embedding_dim) if mode == "head" else tail_model(model, frozen)
-    splits = load_dataset(cfg.data.dataset, cfg.data.root, verbose=main)
     clean = build_transform(backbone, size, train=False)
     crop = build_transform(backbone, size, train=True, crop_scale_min=cfg.data.crop_scale_min)
     train_transforms = [clean] + [crop] * (cfg.train.views - 1)
+    if listed is not None:
+        listed(len(splits.train))
+    folder = None if out_dir is None else Path(out_dir) / CACHE_FOLDER
+    made = {  # what makes the views besides the transforms (plmetric.training.view_cache.setup_key)
+        "weights": digest,
+        "backbone": backbone,
+        "mode": mode,
+        "frozen_stages": frozen,
+        "store": str(store),
+        "output_shape": list(input_shape),
+        "seed": cfg.train.seed,
+        "runtime": runtime_of(net),
+        "device": device.type,
+    }
+
+    def split_cache(dataset: Any, transforms: list[Callable], name: str) -> SplitCache:
+        return SplitCache(
+            net, dataset, transforms, input_shape, batch_images=images_per_batch(len(transforms)), seed=cfg.train.seed,
+            store_dtype=store, folder=folder, split=name, key=setup_key(made, transforms), writable=main,
+        )
+
+    caches = {"train": split_cache(splits.train, train_transforms, "train")}
+    if splits.test is not None and splits.test.num_classes > 1:
+        caches["test"] = split_cache(splits.test, [clean], "test")
+    elif folder is not None and main and folder.is_dir():
+        for stale in folder.glob("test-*.safetensors"):  # a test split this data no longer has
+            stale.unlink(missing_ok=True)
+
+    def record_progress(stage: str = "caching") -> None:  # caching.json: how far the pass is
+        if out_dir is None or not main:
+            return
+        done = {
+            name: {
+                "images": len(c.dataset),
+                "chunks": c.chunks,
+                "chunks_done": len(c.on_disk),
+                "images_done": c.images_in(c.on_disk),
+            }
+            for name, c in caches.items()
+        }
+        write_caching_progress(Path(out_dir), stage, done)
+
+    record_progress()
     estimate = None
     if main:
-        per_image = probe_cache_seconds(net, splits.train, train_transforms, device)
-        test_images = len(splits.test) if splits.test is not None else 0
+        remaining = {name: c.remaining_images for name, c in caches.items()}
+        cached_images = remaining["train"] + remaining.get("test", 0) / cfg.train.views
+        per_image = probe_cache_seconds(net, splits.train, train_transforms, device) if cached_images else 0.0
         steps = planned_steps_per_epoch(cfg, len(splits.train)) * cfg.train.epochs
         estimate = Estimate(
             images=len(splits.train),
             views=cfg.train.views,
             epochs=cfg.train.epochs,
             steps=steps,
-            cache_seconds=per_image * (len(splits.train) + test_images / cfg.train.views),
+            cache_seconds=per_image * cached_images,
             train_seconds=steps * probe_step_seconds(cfg, student, input_shape, device, len(splits.train)),
             # model.safetensors every epoch, selected.safetensors when the pick changes (assumed as often)
             bookkeeping_seconds=cfg.train.epochs * probe_epoch_seconds(model, cfg, len(splits.train), model.embedding_dim)
             + FINISH_SECONDS,
         )
         print(estimate.line(mode), flush=True)
-    train_views, train_labels, rows = cache_views(net, splits.train, train_transforms, cfg, device, progress, store)
+        for name, c in caches.items():
+            if c.kept_chunks:
+                print(
+                    f"caching views ({name}): {c.kept_chunks} of {c.chunks} chunks kept from before "
+                    f"({c.kept_images} of {len(c.dataset)} images, {folder}); computing the other "
+                    f"{c.remaining_images} images",
+                    flush=True,
+                )
+    faults.reached("cache")
+    workers = cfg.data.num_workers
+    train_views, rows = caches["train"].run(device, workers, progress, on_chunk=record_progress)
+    train_labels = torch.from_numpy(splits.train.labels[rows.numpy()])
     readable = set(rows.tolist())
     skipped = [splits.train.describe(i) for i in range(len(splits.train)) if i not in readable]
     paths = [splits.train.describe(i) for i in rows.tolist()]
     train_set = ViewFeatureDataset(train_views, train_labels.numpy(), name=f"{splits.name}-train-{mode}", paths=paths)
     test_set = None
-    if splits.test is not None and splits.test.num_classes > 1:
-        test_views, test_labels, test_rows = cache_views(net, splits.test, [clean], cfg, device, progress, store)
+    if "test" in caches:
+        test_views, test_rows = caches["test"].run(device, workers, progress, on_chunk=record_progress)
         test_paths = [splits.test.describe(i) for i in test_rows.tolist()]
-        test_set = ViewFeatureDataset(test_views, test_labels.numpy(), name=f"{splits.name}-test-{mode}", paths=test_paths)
+        test_labels = splits.test.labels[test_rows.numpy()]
+        test_set = ViewFeatureDataset(test_views, test_labels, name=f"{splits.name}-test-{mode}", paths=test_paths)
+    record_progress("cached")
+    faults.reached("cached")
     cached = DatasetSplits(f"{splits.name}-{mode}", train_set, test_set)
     return CachedTraining(mode, model, student, cached, frozen, skipped, estimate)

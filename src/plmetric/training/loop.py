@@ -83,6 +83,7 @@ from plmetric.training.runs import (
     load_training_state,
     model_metadata,
     plot_history,
+    restart_line,
     seed_everything,
     skipped_summary,
     state_mismatch,
@@ -274,19 +275,31 @@ def build_data(
         teacher_transform = eval_transform if view == "clean" else train_set.transform
         train_set = with_transform(train_set, PairedViews(train_set.transform, teacher_transform))
     test_set = splits.test if splits.test is not None and splits.test.num_classes > 1 else None
-    k, n = cfg.train.neighbours_per_seed, len(train_set)
-    if k > n or cfg.train.batch_size > n:
-        raise ValueError(
-            f"train.neighbours_per_seed ({k}) and train.batch_size ({cfg.train.batch_size}) must not exceed "
-            f"the number of training images ({n})"
-        )
+    n = len(train_set)
+    check_training_sizes(cfg, method, n)
     if method is not None and method.trains:
-        method.check_training_size(n)
         if announce:
             steps = planned_steps_per_epoch(cfg, n) * cfg.train.epochs
             print(end_to_end_estimate(cfg, train_set, test_set, device, steps), flush=True)
     cached = build_cached_images(cfg, train_set, device)
     return TrainData(train_set, cached if cached is not None else bank_set, test_set, cached)
+
+
+def check_training_sizes(cfg: Config, method: Method | None, num_images: int) -> None:
+    """Check the sizes (batch, neighbours, the method's own, e.g. proxies) against the number of
+    training images, before any image is decoded.
+
+    Raises:
+        ValueError: a size the images cannot fill (the message names the option and both numbers).
+    """
+    k = cfg.train.neighbours_per_seed
+    if k > num_images or cfg.train.batch_size > num_images:
+        raise ValueError(
+            f"train.neighbours_per_seed ({k}) and train.batch_size ({cfg.train.batch_size}) must not exceed "
+            f"the number of training images ({num_images})"
+        )
+    if method is not None and method.trains:
+        method.check_training_size(num_images)
 
 
 @dataclass
@@ -721,14 +734,18 @@ def train(
         cfg: The run's configuration (validated here before any work starts).
         out_dir: Run folder (:mod:`plmetric.training.runs`).
         resume: Continue from ``out_dir/state.pt`` exactly where it stopped (the log is cut back
-            to the state's epoch); with a larger ``cfg.train.epochs``, extend a finished run.
+            to the state's epoch); with a larger ``cfg.train.epochs``, extend a finished run. A run
+            with no state yet starts again; in a cached mode its caching pass resumes: the chunks of
+            views already in ``out_dir/view-cache`` are checked and kept, only the rest is computed
+            (:mod:`plmetric.training.view_cache`), and a resume after some epochs reuses them all.
         splits: Data sets to use instead of loading ``cfg.data`` (tests, notebooks).
         model: Student network to use instead of ``create_model(cfg.model...)``; it must have
             ``backbone`` and ``embedding`` sub-modules and return L2-normalised embeddings.
         progress: Show tqdm progress bars (rank 0).
         stop_after_epochs: Stop (resumably) after this many epochs of this invocation, e.g. to fit
             a job's time limit; ``resume=True`` later continues exactly.
-        overwrite: Replace a run already in ``out_dir`` (without it, such a folder is refused).
+        overwrite: Replace a run already in ``out_dir`` (without it, such a folder is refused, a run
+            stopped while caching included); cached views that still fit are reused.
 
     Returns:
         The per-epoch history and the metrics of the start, the final and the best epoch.
@@ -739,8 +756,9 @@ def train(
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: give one of them")
     if resume and stopped_before_first_epoch(out_dir):
         # nothing was finished (no state, at most the first epoch's files): there is nothing to continue
+        # but a cached mode's views, which the new start reuses (plmetric.training.view_cache)
         if dist_utils.is_main_process():
-            print(f"{out_dir} has no training state yet (stopped in its first epoch): starting it from the beginning")
+            print(restart_line(out_dir))
         resume, overwrite = False, True
     raw_state = load_training_state(out_dir / STATE_FILE, cfg) if resume else None
     check_run_folder(out_dir, resume=resume, overwrite=overwrite)
@@ -754,10 +772,21 @@ def train(
             if dist_utils.is_main_process() and cfg.train.mode == "auto":
                 print(f"train.mode=auto: {mode} ({'a GPU' if device.type == 'cuda' else 'no GPU'}; "
                       "change with --set train.mode=end_to_end|head|tail)")
+            started = False
             if mode in CACHED_MODES and splits is None and model is None:
-                cached = build_cached_training(cfg, device, progress, mode)
+
+                def listed(num_images: int) -> None:  # the data listed; before the probe and the caching pass
+                    nonlocal started
+                    check_training_sizes(cfg, get_method(cfg.train.method)(cfg), num_images)
+                    if raw_state is None and dist_utils.is_main_process():
+                        start_run_folder(cfg, out_dir, caching=True)  # the run exists from here
+                    started = raw_state is None
+
+                cached = build_cached_training(cfg, device, progress, mode, out_dir=out_dir, listed=listed)
                 splits, model = cached.splits, cached.student
-            return _train(cfg, out_dir, raw_state, splits, model, progress, stop_after_epochs, device, cached)
+            return _train(
+                cfg, out_dir, raw_state, splits, model, progress, stop_after_epochs, device, cached, started=started
+            )
     finally:
         if group_created_here:
             torch.distributed.destroy_process_group()
@@ -773,6 +802,7 @@ def _train(
     stop_after_epochs: int | None,
     device: torch.device,
     cached: CachedTraining | None = None,
+    started: bool = False,
 ) -> TrainResult:
     main = dist_utils.is_main_process()
     seed_everything(cfg.train.seed)
@@ -801,10 +831,8 @@ def _train(
             print(f"resuming {out_dir} after epoch {state.next_epoch}")
     else:
         state = TrainingState()
-        if main:  # the run's first file: only now is a replaced run (--overwrite) removed
-            clear_run_folder(out_dir, replace=True)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out_dir / CONFIG_FILE)
+        if main and not started:  # the run's first file: only now is a replaced run (--overwrite) removed
+            start_run_folder(cfg, out_dir)
     if data.test_set is not None and state.start_metrics is None:
         state.start_metrics = evaluate_model(nets.teacher, data.test_set, cfg, device, progress=progress)
         if main:
@@ -821,6 +849,19 @@ def _train(
         evaluate_and_save(run, state, epoch, record)
     skipped = (cached.skipped_images if cached is not None else []) + batches.skipped_images
     return _finish(cfg, state, data, skipped, out_dir)
+
+
+def start_run_folder(cfg: Config, out_dir: Path, caching: bool = False) -> None:
+    """Start a fresh run in ``out_dir`` (rank 0): remove a replaced run's files (``--overwrite``; the
+    cached views stay, each reused only where it still fits), write ``config.yaml`` and, for a cached
+    mode, ``caching.json`` (the caching pass has started; nothing done yet)."""
+    from plmetric.training.runs import write_caching_progress
+
+    clear_run_folder(out_dir, replace=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / CONFIG_FILE)
+    if caching:
+        write_caching_progress(out_dir, "caching", {})
 
 
 def _build_run(

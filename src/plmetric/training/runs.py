@@ -5,6 +5,12 @@ full training state, for an exact ``--resume``), ``model.safetensors`` (the kept
 last epoch), ``best.safetensors`` (after the best evaluated epoch), ``summary.json`` and plots.
 Every file is written atomically. A folder that holds a run is never started over without
 ``overwrite``; resuming cuts the log back to the state and removes what an interrupted write left.
+
+A cached mode (``train.mode=head|tail``) starts its folder before the caching pass: ``config.yaml``
+and ``caching.json`` (the stage, ``caching`` then ``cached``, and per split the chunks and images
+done so far, rewritten after each chunk), then the views in ``view-cache/``
+(:mod:`plmetric.training.view_cache`). A run stopped while caching is a run like any other: ``train``
+without ``--resume`` refuses the folder, ``--resume`` keeps the chunks done and computes the rest.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from plmetric.config.schema import Config
 
 __all__ = [
     "BEST_MODEL_FILE",
+    "CACHING_FILE",
     "CONFIG_FILE",
     "LOG_FILE",
     "MODEL_FILE",
@@ -37,13 +44,17 @@ __all__ = [
     "SUMMARY_FILE",
     "TrainingState",
     "check_run_folder",
+    "caching_progress",
     "clear_run_folder",
     "existing_run",
+    "interrupted_line",
     "load_training_state",
     "model_metadata",
     "plot_history",
+    "restart_line",
     "seed_everything",
     "stopped_before_first_epoch",
+    "write_caching_progress",
     "write_summary",
 ]
 
@@ -54,6 +65,7 @@ LOG_FILE = "log.jsonl"
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 SELECTED_MODEL_FILE = "selected.safetensors"
+CACHING_FILE = "caching.json"  # a cached mode's caching pass: started, what it has done
 
 
 def seed_everything(seed: int) -> None:
@@ -154,7 +166,40 @@ def load_training_state(path: Path, cfg: Config) -> dict[str, Any]:
     return state
 
 
-RUN_FILES = (CONFIG_FILE, STATE_FILE, LOG_FILE, MODEL_FILE, BEST_MODEL_FILE, SELECTED_MODEL_FILE, SUMMARY_FILE)
+RUN_FILES = (
+    CONFIG_FILE, CACHING_FILE, STATE_FILE, LOG_FILE, MODEL_FILE, BEST_MODEL_FILE, SELECTED_MODEL_FILE, SUMMARY_FILE
+)
+
+
+def write_caching_progress(out_dir: Path, stage: str, splits: Mapping[str, Mapping[str, int]]) -> None:
+    """Write ``caching.json`` (atomically): ``stage`` (``caching`` or ``cached``), the chunk folder and,
+    per split, ``images``, ``chunks``, ``chunks_done`` and ``images_done`` (the images the done chunks
+    cover, readable or not)."""
+    from plmetric.training.view_cache import CACHE_FOLDER
+
+    atomic_write_json(out_dir / CACHING_FILE, {"stage": stage, "folder": CACHE_FOLDER, "splits": dict(splits)})
+
+
+def caching_progress(out_dir: Path) -> dict[str, Any] | None:
+    """What ``caching.json`` says, summed over the splits: ``stage``, ``chunks``, ``chunks_done``,
+    ``images``, ``images_done``; None when there is no such file or it does not read as one."""
+    try:
+        record = json.loads((out_dir / CACHING_FILE).read_text())
+        splits = record.get("splits") or {}
+        total = {"stage": str(record["stage"])}
+        for name in ("chunks", "chunks_done", "images", "images_done"):
+            total[name] = sum(int(split[name]) for split in splits.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return total
+
+
+def _caching_stopped(progress: dict[str, Any]) -> str:
+    """``stopped while caching its views (k of n chunks kept, m of N images)``."""
+    return (
+        f"stopped while caching its views ({progress['chunks_done']} of {progress['chunks']} chunks kept, "
+        f"{progress['images_done']} of {progress['images']} images)"
+    )
 
 
 def existing_run(out_dir: Path) -> dict[str, Any] | None:
@@ -193,11 +238,46 @@ def check_run_folder(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
         raise NotADirectoryError(f"--out {out_dir} is a file; the run folder must be a directory")
     found = existing_run(out_dir) if out_dir.is_dir() else None
     if found is not None and not resume and not overwrite:
+        progress = caching_progress(out_dir)
+        if progress is not None and progress["stage"] == "caching" and not (out_dir / STATE_FILE).exists():
+            raise FileExistsError(
+                f"--out {out_dir} holds a run {_caching_stopped(progress)}: add --resume to continue it, "
+                "or --overwrite to start it over (cached chunks that still fit are reused), or choose another --out"
+            )
         epochs = f" (epoch {found['last_epoch']} logged)" if found["last_epoch"] else ""
         raise FileExistsError(
             f"--out {out_dir} already holds a training run{epochs}: add --resume to continue or extend it "
             "(--resume --set train.epochs=N), or --overwrite to replace it, or choose another --out"
         )
+
+
+def restart_line(out_dir: Path) -> str:
+    """What ``--resume`` does with a run that has no training state yet (:func:`stopped_before_first_epoch`)."""
+    progress = caching_progress(out_dir)
+    if progress is not None and progress["stage"] == "caching":
+        return f"{out_dir} was {_caching_stopped(progress)}: continuing the caching, then training from the beginning"
+    kept = " (its cached views are reused)" if progress is not None else ""
+    return f"{out_dir} has no training state yet (stopped in its first epoch): starting it from the beginning{kept}"
+
+
+def interrupted_line(out_dir: Path) -> str:
+    """One line for an interrupted ``train``: what ``out_dir`` keeps and how to go on."""
+    resume = f"continue with: plmetric train --out {out_dir} --resume"
+    if not out_dir.is_dir() or existing_run(out_dir) is None:
+        return f"nothing kept: {out_dir} holds no run yet (start it again)"
+    epoch = None
+    try:
+        epoch = int(torch.load(out_dir / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)["epoch"]) + 1
+    except Exception:  # noqa: BLE001 - no state, or one that does not read: say what the rest keeps
+        pass
+    progress = caching_progress(out_dir)
+    if epoch is not None:
+        return f"{out_dir} keeps the training state after epoch {epoch}; {resume}"
+    if progress is not None and progress["stage"] == "caching":
+        return f"{out_dir} keeps a run {_caching_stopped(progress)}; {resume} (the kept chunks are not computed again)"
+    if progress is not None:
+        return f"{out_dir} keeps its cached views but no finished epoch; {resume} (training starts from the beginning)"
+    return f"{out_dir} keeps no finished epoch; {resume} (it starts from the beginning)"
 
 
 def clear_run_folder(out_dir: Path, *, replace: bool) -> None:

@@ -4,6 +4,7 @@ folder of images with the preset ``folder`` fitted to the number of images."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from plmetric.core.validation import MAX_EPOCHS
 
 FOLDER_PRESET = "folder"  # train --images DIR without --config
 PROXIES_PER_IMAGE = 0.25  # the preset's proxies: at most a quarter of the folder's images
+INTERRUPTED = 130  # the exit status of an interrupted command (plmetric.cli.dispatch.main)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -29,9 +31,14 @@ def add_parser(subparsers: Any) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --out exactly where it stopped (reads its config.yaml; "
-        "--set train.epochs=N extends a finished run)",
+        "--set train.epochs=N extends a finished run); a run stopped while caching its views keeps "
+        "the chunks it finished and computes only the rest, then trains",
     )
-    tr.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    tr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in --out (cached views that still fit the images and model are reused)",
+    )
     tr.add_argument(
         "--stop-after",
         type=int_at_least(1, MAX_EPOCHS),
@@ -76,14 +83,20 @@ def run(args: argparse.Namespace) -> int:
         cfg.validate()
     if preset:
         fit_preset_to_folder(cfg, Path(args.images), overrides)
-    result = train(
-        cfg,
-        args.out,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        stop_after_epochs=args.stop_after,
-    )
+    try:
+        result = train(
+            cfg,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            stop_after_epochs=args.stop_after,
+        )
+    except KeyboardInterrupt:  # Ctrl-C: one line, what the run folder keeps and how to go on
+        from plmetric.training.runs import interrupted_line
+
+        print(f"plmetric: interrupted: {interrupted_line(Path(args.out))}", file=sys.stderr)
+        return INTERRUPTED
     print_before_after(result, cfg.train.epochs)
     if result.skipped_images:
         print(f"left out {len(result.skipped_images)} unreadable training image(s): listed in summary.json")
