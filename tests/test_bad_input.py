@@ -924,6 +924,15 @@ CASES: list[tuple[str, list[str], list[str]]] = [
                 ["embed", "--images", "{root}/fifo.jpg", "--out", "{root}/e.safetensors"],
                 ["fifo.jpg", "is a FIFO, not a regular file"],
             ),
+            # every file a command reads says what a FIFO is, never "not found" (and never opens it)
+            ("train-fifo-config", ["train", "--out", "{root}/r", "--config", "{root}/fifo.jpg"], ["config file", "fifo.jpg", "is a FIFO"]),
+            ("index-fifo-checkpoint", ["index", "{photos}", "--checkpoint", "{root}/fifo.jpg", "--out", "{root}/i.safetensors"], ["checkpoint", "fifo.jpg", "is a FIFO"]),
+            ("search-fifo-index", ["search", "{photo}", "--index", "{root}/fifo.jpg", "--out", "{root}/g.png"], ["index/embeddings file", "fifo.jpg", "is a FIFO"]),
+            ("neighbours-fifo-index", ["neighbours", "{root}/fifo.jpg", "--out", "{root}/n.csv"], ["fifo.jpg", "is a FIFO"]),
+            ("serve-fifo-index", ["serve", "{root}/fifo.jpg"], ["index file", "fifo.jpg", "is a FIFO"]),
+            ("serve-fifo-groups", ["serve", "{index}", "--groups", "{root}/fifo.jpg"], ["--groups", "fifo.jpg", "is a FIFO"]),
+            ("study-fifo-features", ["similarity-study", "--features", "{root}/fifo.jpg", "--labels", "{root}/labels.npy"], ["features file", "fifo.jpg", "is a FIFO"]),
+            ("export-fifo-checkpoint", ["export", "{root}/fifo.jpg", "--format", "onnx", "--out", "{root}/m.onnx"], ["checkpoint", "fifo.jpg", "is a FIFO"]),
         ]
         if hasattr(os, "mkfifo")
         else []

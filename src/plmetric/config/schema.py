@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from plmetric.core.files import require_regular_file
 from plmetric.core.options import INFERENCE_RUNTIMES, PLMOptions, STMLOptions, SupervisedOptions, method_names
 from plmetric.core.validation import (
     IMAGE_SIZE_MAX,
@@ -353,8 +354,7 @@ def read_config_source(source: str | os.PathLike) -> tuple[str, str]:
                 f"config '{name}' is neither a preset ({', '.join(preset_names())}) nor a file"
             )
     path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+    require_regular_file(path, "config file")
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise ValueError(f"config file {path}: {size:,} bytes; a config holds at most {MAX_CONFIG_BYTES:,}")

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
+from plmetric.core.files import require_regular_file
+
 if TYPE_CHECKING:  # torch is imported by the functions that store tensors: the file helpers stay torch-free
     import torch
 
@@ -232,8 +234,8 @@ def tensor_shapes(path: str | os.PathLike, names: tuple[str, ...] | None = None)
 
 
 def existing_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` as a Path, or FileNotFoundError naming it when it is not a file."""
+    """``path`` as a Path; FileNotFoundError naming it when it is missing, ValueError when it is a folder,
+    a FIFO or a device (:func:`plmetric.core.files.require_regular_file`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    require_regular_file(path, "checkpoint")
     return path

@@ -26,6 +26,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from plmetric.core.files import file_kind
+
 MAX_IMAGE_PIXELS = 120_000_000
 """The largest image (width × height) any command decodes: 120 MP.
 
@@ -53,16 +55,6 @@ class NotARegularFileError(ValueError):
     """A path that is a FIFO, device, socket or folder where an image file was expected."""
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a plain file"
 
 
 def require_regular_file(path: str | os.PathLike, what: str = "image") -> None:
@@ -77,7 +69,7 @@ def require_regular_file(path: str | os.PathLike, what: str = "image") -> None:
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {os.fspath(path)}") from None
     if not stat.S_ISREG(mode):
-        raise NotARegularFileError(f"{what} {os.fspath(path)} is {_kind(mode)}, not a regular file")
+        raise NotARegularFileError(f"{what} {os.fspath(path)} is {file_kind(mode)}, not a regular file")
 
 
 def open_regular_file(path: str | os.PathLike, what: str = "image") -> IO[bytes]:
@@ -105,7 +97,7 @@ def open_regular_file(path: str | os.PathLike, what: str = "image") -> IO[bytes]
     try:
         mode = os.fstat(handle.fileno()).st_mode
         if not stat.S_ISREG(mode):
-            raise NotARegularFileError(f"{what} {path} is {_kind(mode)}, not a regular file")
+            raise NotARegularFileError(f"{what} {path} is {file_kind(mode)}, not a regular file")
         if hasattr(os, "set_blocking"):
             os.set_blocking(handle.fileno(), True)
         return handle

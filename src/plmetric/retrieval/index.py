@@ -55,6 +55,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from plmetric.core.files import require_regular_file
 from plmetric.core.checkpoint import (
     atomic_save_safetensors,
     atomic_write_bytes,
@@ -258,8 +259,7 @@ def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
         ValueError: not a plmetric index (the message names the file and says why).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"index/embeddings file not found: {path}")
+    require_regular_file(path, "index/embeddings file")
     meta = read_index_metadata(path)
     if meta is None:
         raise ValueError(

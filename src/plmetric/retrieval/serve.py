@@ -74,6 +74,7 @@ from typing import IO, Any
 
 import torch
 
+from plmetric.core.files import require_regular_file
 from plmetric.core import names
 from plmetric.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError, image_size, open_image
 from plmetric.retrieval.index import index_identity, load_embeddings, load_file_stats, model_from_description, top_k
@@ -581,8 +582,9 @@ def check_group_table(path: str | os.PathLike, kind: str) -> Path:
     """
     path = Path(path)
     option = f"--{kind}"
-    if not path.is_file():
-        raise FileNotFoundError(f"{option} {path}: file not found; expected a table written by plmetric {kind}")
+    require_regular_file(
+        path, option, missing=f"{option} {path}: file not found; expected a table written by plmetric {kind}"
+    )
     if path.suffix.lower() == ".parquet" and importlib.util.find_spec("pyarrow") is None:
         raise ValueError(f'{option} {path}: reading .parquet needs pyarrow: pip install "plmetric[parquet]"')
     if is_our_table(path, kind):
@@ -957,8 +959,7 @@ def serve(
         ServeDependencyError: the ``serve`` extra is missing.
         FileNotFoundError, ValueError: a bad index or table, or an address that cannot be bound.
     """
-    if not Path(index).is_file():  # before the dependencies: the file is the first thing to get right
-        raise FileNotFoundError(f"index file not found: {index}")
+    require_regular_file(index, "index file")  # before the dependencies: the file is the first thing to get right
     given = [(kind, path) for kind, path in zip(GROUP_KINDS, (groups, duplicates), strict=True) if path is not None]
     for kind, path in given:  # the tables' headers before the model is loaded
         check_group_table(path, kind)

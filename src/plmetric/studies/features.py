@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from plmetric.core.files import require_regular_file
+
 __all__ = ["cached_features", "cached_views", "default_cache_dir", "feature_cache_path", "load_features_file"]
 
 
 def _read_labels(path: Path) -> np.ndarray:
     """Integer labels from ``.npy`` (1-D, or (N, 1)), ``.txt`` (whitespace) or ``.csv`` (commas)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"labels file not found: {path}")
+    require_regular_file(path, "labels file")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".txt", ".csv"):
         raise ValueError(f"labels file {path}: expected .npy, .txt or .csv, got '{suffix}'")
@@ -60,8 +61,7 @@ def load_features_file(
             feature count, missing or negative (unlabelled) labels.
     """
     path = Path(features_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"features file not found: {path}")
+    require_regular_file(path, "features file")
     suffix = path.suffix.lower()
     labels: np.ndarray | None = None
     if suffix == ".npy":

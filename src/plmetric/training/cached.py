@@ -239,6 +239,139 @@ def probe_step_seconds(
     return times[len(times) // 2]
 
 
+@dataclass
+class _FrozenPart:
+    """The part of the network whose outputs are cached, ready to run (``net``), and what it makes."""
+
+    model: nn.Module  # the whole embedding model (its checkpoint is what the run writes)
+    net: nn.Module  # the frozen part through the inference runtime
+    frozen: int  # stages frozen (tail mode), else 0
+    store: torch.dtype  # the cached views' dtype
+    input_shape: tuple[int, ...]  # the shape of one cached view: the student's input
+    digest: str  # the frozen part's weights (:func:`plmetric.training.view_cache.weights_digest`)
+
+
+def _frozen_part(cfg: Config, mode: str, device: torch.device, model: nn.Module) -> _FrozenPart:
+    """Cut off what is cached of ``model``: its pooled trunk (head) or its first stages (tail), through
+    the inference runtime."""
+    from plmetric.data.runtime import inference_model
+    from plmetric.training.networks import split_backbone
+    from plmetric.training.view_cache import weights_digest
+
+    frozen = cfg.model.frozen_stages if mode == "tail" else 0
+    if mode == "tail":
+        net: nn.Module = split_backbone(model, frozen)[0].eval()
+        store = torch.float16  # feature maps: half the memory; the tail computes in float32
+    else:
+        net = PooledTrunk(model).eval()
+        store = torch.float32
+    net.to(device)
+    size = cfg.data.image_size
+    with torch.no_grad():
+        input_shape = tuple(net(torch.zeros(1, 3, size, size, device=device)).shape[1:])
+    digest = weights_digest(net, skip_prefix="model.embedding." if mode == "head" else None)  # what is cached
+    net = inference_model(net, (3, size, size), cfg.train.runtime, device, what="the frozen backbone")
+    return _FrozenPart(model, net, frozen, store, input_shape, digest)
+
+
+def _split_caches(
+    cfg: Config, splits: DatasetSplits, part: _FrozenPart, transforms: dict[str, list[Callable]], made: dict[str, Any],
+    folder: Path | None, main: bool,
+) -> dict[str, Any]:
+    """One :class:`~plmetric.training.view_cache.SplitCache` per split to cache: the training split with
+    every view, a labelled test split (more than one class) with the clean view; the chunks of a test
+    split this data no longer has are removed."""
+    from plmetric.training.view_cache import SplitCache, setup_key
+
+    def split_cache(dataset: Any, views: list[Callable], name: str) -> SplitCache:
+        return SplitCache(
+            part.net, dataset, views, part.input_shape, batch_images=images_per_batch(len(views)),
+            seed=cfg.train.seed, store_dtype=part.store, folder=folder, split=name, key=setup_key(made, views),
+            writable=main,
+        )
+
+    caches = {"train": split_cache(splits.train, transforms["train"], "train")}
+    if splits.test is not None and splits.test.num_classes > 1:
+        caches["test"] = split_cache(splits.test, transforms["test"], "test")
+    elif folder is not None and main and folder.is_dir():
+        for stale in folder.glob("test-*.safetensors"):  # a test split this data no longer has
+            stale.unlink(missing_ok=True)
+    return caches
+
+
+def _record_progress(out_dir: Path | None, main: bool, caches: dict[str, Any], stage: str = "caching") -> None:
+    """``out_dir/caching.json``: how far the caching pass is (the main process only)."""
+    from plmetric.training.runs import write_caching_progress
+
+    if out_dir is None or not main:
+        return
+    done = {
+        name: {
+            "images": len(c.dataset),
+            "chunks": c.chunks,
+            "chunks_done": len(c.on_disk),
+            "images_done": c.images_in(c.on_disk),
+        }
+        for name, c in caches.items()
+    }
+    write_caching_progress(Path(out_dir), stage, done)
+
+
+def _announce(
+    cfg: Config, mode: str, device: torch.device, part: _FrozenPart, student: nn.Module, splits: DatasetSplits,
+    train_transforms: list[Callable], caches: dict[str, Any], folder: Path | None,
+) -> Estimate:
+    """Print the estimate from timed probes (caching only what remains) and the chunks kept from before."""
+    num_images = len(splits.train)
+    remaining = {name: c.remaining_images for name, c in caches.items()}
+    cached_images = remaining["train"] + remaining.get("test", 0) / cfg.train.views
+    per_image = probe_cache_seconds(part.net, splits.train, train_transforms, device) if cached_images else 0.0
+    steps = planned_steps_per_epoch(cfg, num_images) * cfg.train.epochs
+    estimate = Estimate(
+        images=num_images,
+        views=cfg.train.views,
+        epochs=cfg.train.epochs,
+        steps=steps,
+        cache_seconds=per_image * cached_images,
+        train_seconds=steps * probe_step_seconds(cfg, student, part.input_shape, device, num_images),
+        # model.safetensors every epoch, selected.safetensors when the pick changes (assumed as often)
+        bookkeeping_seconds=cfg.train.epochs
+        * probe_epoch_seconds(part.model, cfg, num_images, part.model.embedding_dim)
+        + FINISH_SECONDS,
+    )
+    print(estimate.line(mode), flush=True)
+    for name, c in caches.items():
+        if c.kept_chunks:
+            print(
+                f"caching views ({name}): {c.kept_chunks} of {c.chunks} chunks kept from before "
+                f"({c.kept_images} of {len(c.dataset)} images, {folder}); computing the other "
+                f"{c.remaining_images} images",
+                flush=True,
+            )
+    return estimate
+
+
+def _run_caches(
+    splits: DatasetSplits, caches: dict[str, Any], mode: str, device: torch.device, workers: int, progress: bool,
+    on_chunk: Callable[[], None],
+) -> tuple[DatasetSplits, list[str]]:
+    """Run the caching pass of each split: the cached data sets and the training images left out
+    (unreadable)."""
+    train_views, rows = caches["train"].run(device, workers, progress, on_chunk=on_chunk)
+    train_labels = torch.from_numpy(splits.train.labels[rows.numpy()])
+    readable = set(rows.tolist())
+    skipped = [splits.train.describe(i) for i in range(len(splits.train)) if i not in readable]
+    paths = [splits.train.describe(i) for i in rows.tolist()]
+    train_set = ViewFeatureDataset(train_views, train_labels.numpy(), name=f"{splits.name}-train-{mode}", paths=paths)
+    test_set = None
+    if "test" in caches:
+        test_views, test_rows = caches["test"].run(device, workers, progress, on_chunk=on_chunk)
+        test_paths = [splits.test.describe(i) for i in test_rows.tolist()]
+        test_labels = splits.test.labels[test_rows.numpy()]
+        test_set = ViewFeatureDataset(test_views, test_labels, name=f"{splits.name}-test-{mode}", paths=test_paths)
+    return DatasetSplits(f"{splits.name}-{mode}", train_set, test_set), skipped
+
+
 def build_cached_training(
     cfg: Config,
     device: torch.device,
@@ -258,13 +391,14 @@ def build_cached_training(
     frozen part built, before the probe and the pass (the trainer checks its sizes there and starts
     the folder of a fresh run).
     """
+    import functools
+
     from plmetric.core import faults
     from plmetric.data.backbones import build_transform, create_model, feature_model
     from plmetric.data.datasets import load_dataset
-    from plmetric.data.runtime import inference_model, runtime_of
-    from plmetric.training.networks import split_backbone, tail_model
-    from plmetric.training.runs import write_caching_progress
-    from plmetric.training.view_cache import CACHE_FOLDER, SplitCache, setup_key, weights_digest
+    from plmetric.data.runtime import runtime_of
+    from plmetric.training.networks import tail_model
+    from plmetric.training.view_cache import CACHE_FOLDER
 
     main = dist_utils.is_main_process()
     model = create_model(
@@ -273,108 +407,38 @@ def build_cached_training(
         pretrained=cfg.model.pretrained,
         weights=cfg.model.weights,
     ).eval()
-    splits = load_dataset(cfg.data.dataset, cfg.data.root, verbose=main)
-    frozen = cfg.model.frozen_stages if mode == "tail" else 0
-    if mode == "tail":
-        net: nn.Module = split_backbone(model, frozen)[0].eval()
-        store = torch.float16  # feature maps: half the memory; the tail computes in float32
-    else:
-        net = PooledTrunk(model).eval()
-        store = torch.float32
-    net.to(device)
+    splits = load_dataset(cfg.data.dataset, cfg.data.root, verbose=main)  # a bad listing fails before the export
+    part = _frozen_part(cfg, mode, device, model)
     size, backbone = cfg.data.image_size, cfg.model.backbone
-    with torch.no_grad():
-        input_shape = tuple(net(torch.zeros(1, 3, size, size, device=device)).shape[1:])
-    digest = weights_digest(net, skip_prefix="model.embedding." if mode == "head" else None)  # what is cached
-    net = inference_model(net, (3, size, size), cfg.train.runtime, device, what="the frozen backbone")
-    student = feature_model(input_shape[0], cfg.model.embedding_dim) if mode == "head" else tail_model(model, frozen)
+    if mode == "head":
+        student = feature_model(part.input_shape[0], cfg.model.embedding_dim)
+    else:
+        student = tail_model(part.model, part.frozen)
     clean = build_transform(backbone, size, train=False)
     crop = build_transform(backbone, size, train=True, crop_scale_min=cfg.data.crop_scale_min)
-    train_transforms = [clean] + [crop] * (cfg.train.views - 1)
+    transforms = {"train": [clean] + [crop] * (cfg.train.views - 1), "test": [clean]}
     if listed is not None:
         listed(len(splits.train))
     folder = None if out_dir is None else Path(out_dir) / CACHE_FOLDER
     made = {  # what makes the views besides the transforms (plmetric.training.view_cache.setup_key)
-        "weights": digest,
+        "weights": part.digest,
         "backbone": backbone,
         "mode": mode,
-        "frozen_stages": frozen,
-        "store": str(store),
-        "output_shape": list(input_shape),
+        "frozen_stages": part.frozen,
+        "store": str(part.store),
+        "output_shape": list(part.input_shape),
         "seed": cfg.train.seed,
-        "runtime": runtime_of(net),
+        "runtime": runtime_of(part.net),
         "device": device.type,
     }
-
-    def split_cache(dataset: Any, transforms: list[Callable], name: str) -> SplitCache:
-        return SplitCache(
-            net, dataset, transforms, input_shape, batch_images=images_per_batch(len(transforms)), seed=cfg.train.seed,
-            store_dtype=store, folder=folder, split=name, key=setup_key(made, transforms), writable=main,
-        )
-
-    caches = {"train": split_cache(splits.train, train_transforms, "train")}
-    if splits.test is not None and splits.test.num_classes > 1:
-        caches["test"] = split_cache(splits.test, [clean], "test")
-    elif folder is not None and main and folder.is_dir():
-        for stale in folder.glob("test-*.safetensors"):  # a test split this data no longer has
-            stale.unlink(missing_ok=True)
-
-    def record_progress(stage: str = "caching") -> None:  # caching.json: how far the pass is
-        if out_dir is None or not main:
-            return
-        done = {
-            name: {
-                "images": len(c.dataset),
-                "chunks": c.chunks,
-                "chunks_done": len(c.on_disk),
-                "images_done": c.images_in(c.on_disk),
-            }
-            for name, c in caches.items()
-        }
-        write_caching_progress(Path(out_dir), stage, done)
-
+    caches = _split_caches(cfg, splits, part, transforms, made, folder, main)
+    record_progress = functools.partial(_record_progress, out_dir, main, caches)
     record_progress()
     estimate = None
     if main:
-        remaining = {name: c.remaining_images for name, c in caches.items()}
-        cached_images = remaining["train"] + remaining.get("test", 0) / cfg.train.views
-        per_image = probe_cache_seconds(net, splits.train, train_transforms, device) if cached_images else 0.0
-        steps = planned_steps_per_epoch(cfg, len(splits.train)) * cfg.train.epochs
-        estimate = Estimate(
-            images=len(splits.train),
-            views=cfg.train.views,
-            epochs=cfg.train.epochs,
-            steps=steps,
-            cache_seconds=per_image * cached_images,
-            train_seconds=steps * probe_step_seconds(cfg, student, input_shape, device, len(splits.train)),
-            # model.safetensors every epoch, selected.safetensors when the pick changes (assumed as often)
-            bookkeeping_seconds=cfg.train.epochs * probe_epoch_seconds(model, cfg, len(splits.train), model.embedding_dim)
-            + FINISH_SECONDS,
-        )
-        print(estimate.line(mode), flush=True)
-        for name, c in caches.items():
-            if c.kept_chunks:
-                print(
-                    f"caching views ({name}): {c.kept_chunks} of {c.chunks} chunks kept from before "
-                    f"({c.kept_images} of {len(c.dataset)} images, {folder}); computing the other "
-                    f"{c.remaining_images} images",
-                    flush=True,
-                )
+        estimate = _announce(cfg, mode, device, part, student, splits, transforms["train"], caches, folder)
     faults.reached("cache")
-    workers = cfg.data.num_workers
-    train_views, rows = caches["train"].run(device, workers, progress, on_chunk=record_progress)
-    train_labels = torch.from_numpy(splits.train.labels[rows.numpy()])
-    readable = set(rows.tolist())
-    skipped = [splits.train.describe(i) for i in range(len(splits.train)) if i not in readable]
-    paths = [splits.train.describe(i) for i in rows.tolist()]
-    train_set = ViewFeatureDataset(train_views, train_labels.numpy(), name=f"{splits.name}-train-{mode}", paths=paths)
-    test_set = None
-    if "test" in caches:
-        test_views, test_rows = caches["test"].run(device, workers, progress, on_chunk=record_progress)
-        test_paths = [splits.test.describe(i) for i in test_rows.tolist()]
-        test_labels = splits.test.labels[test_rows.numpy()]
-        test_set = ViewFeatureDataset(test_views, test_labels, name=f"{splits.name}-test-{mode}", paths=test_paths)
+    cached, skipped = _run_caches(splits, caches, mode, device, cfg.data.num_workers, progress, record_progress)
     record_progress("cached")
     faults.reached("cached")
-    cached = DatasetSplits(f"{splits.name}-{mode}", train_set, test_set)
-    return CachedTraining(mode, model, student, cached, frozen, skipped, estimate)
+    return CachedTraining(mode, part.model, student, cached, part.frozen, skipped, estimate)

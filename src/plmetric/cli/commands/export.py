@@ -4,9 +4,9 @@ its preprocessing in a JSON sidecar."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
+from plmetric.core.files import require_regular_file
 from plmetric.cli.common import add_command, check_output, image_side
 from plmetric.core.names import shown
 
@@ -32,8 +32,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = (args.checkpoint,)
     out = check_output(args.out, "--out", FORMATS[args.format], inputs, is_export)
     check_output(sidecar_path(out), "--out", (".json",), inputs, lambda p: read_sidecar(p) is not None)
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    require_regular_file(args.checkpoint, "checkpoint")
     require_backend(args.format)
     meta = export_model(args.checkpoint, out, args.format, image_size=args.image_size)
     print(

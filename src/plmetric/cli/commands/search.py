@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from plmetric.core.files import require_regular_file
 from plmetric.cli.common import (
     CLIError,
     add_command,
@@ -58,8 +59,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from plmetric.retrieval.result_grid import draw_results
 
-    if not Path(args.index).is_file():  # the index first: without it no query matters
-        raise FileNotFoundError(f"index/embeddings file not found: {args.index}")
+    require_regular_file(args.index, "index/embeddings file")  # the index first: without it no query matters
     queries = _query_paths(args)
     grids, json_out, csv_out = _search_outputs(args, queries)
     outputs = (*grids, json_out, csv_out)
