@@ -207,7 +207,7 @@ def test_bad_inputs_are_one_line_with_exit_status_2_and_write_nothing(ws, capsys
         (["--format", "onnx", ckpt, "--out", ckpt], ["--out", "model.safetensors", ".onnx"]),
         (["--format", "torchscript", str(as_pt), "--out", str(as_pt)], ["checkpoint.pt", "also an input"]),
         (["--format", "tflite", ckpt, "--out", str(root / "x.onnx")], ["--format", "invalid choice"]),
-        (["--format", "torchscript", str(root), "--out", str(root / "x.pt")], [root.name, "not found"]),
+        (["--format", "torchscript", str(root), "--out", str(root / "x.pt")], [root.name, "is a folder, not a regular file"]),
     ]
     before = sorted(p.name for p in root.iterdir())
     for argv, expected in cases:
