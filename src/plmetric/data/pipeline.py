@@ -37,6 +37,7 @@ import threading
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,6 @@ class ImageCache:
         if cache_size <= 0:
             raise ValueError(f"cache_size must be a positive integer, got {cache_size}")
         limit = resolve_max_bytes(max_bytes)
-        n = len(dataset)
         workers = min(8, os.cpu_count() or 1) if num_workers is None else int(num_workers)
         path = Path(path) if path is not None else None
         fingerprint = _fingerprint(dataset, cache_size) if path is not None else ""
@@ -249,96 +249,21 @@ class ImageCache:
                 if reused.missing.any():
                     _warn_unreadable(dataset, dict.fromkeys(np.flatnonzero(reused.missing).tolist(), f"in {path}"))
                 return reused
-
-        # 1. Sizes, from headers only: a quick estimate, then the exact total.
-        if n > _ESTIMATE_SAMPLE:
-            sample = np.linspace(0, n - 1, _ESTIMATE_SAMPLE).round().astype(np.int64)
-            sizes, _ = _header_sizes(dataset, sample, workers)
-            ok = sizes[:, 0] > 0
-            if ok.any():
-                per_image = np.mean([3 * math.prod(resized_shape(h, w, cache_size)) for h, w in sizes[ok]])
-                estimate = int(per_image * n)
-                if estimate > limit:
-                    raise CacheTooLargeError(
-                        _too_large(dataset, n, cache_size, estimate, limit, "about "), estimate, limit
-                    )
-        sizes, errors = _header_sizes(dataset, np.arange(n), workers, progress)
-        missing = sizes[:, 0] <= 0
-        shapes = np.zeros((n, 2), dtype=np.int64)
-        for i in np.flatnonzero(~missing):
-            shapes[i] = resized_shape(int(sizes[i, 0]), int(sizes[i, 1]), cache_size)
-        nbytes = 3 * shapes[:, 0] * shapes[:, 1]
-        total = int(nbytes.sum())
-        if total > limit:
-            raise CacheTooLargeError(_too_large(dataset, n, cache_size, total, limit, ""), total, limit)
-        offsets = np.zeros(n, dtype=np.int64)
-        if n:
-            offsets[1:] = np.cumsum(nbytes)[:-1]
-
-        # 2. Decode into the buffer.
-        tmp = meta_tmp = None
-        if path is not None:
-            suffix = f".tmp-{os.getpid()}-{threading.get_ident()}"
-            tmp = path.with_name(f".{path.name}{suffix}")
-            meta_tmp = path.with_name(f".{_meta_path(path).name}{suffix}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            data = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(max(total, 1),))
-        else:
-            data = np.empty(total, dtype=np.uint8)
-        try:
-
-            def decode(indices: np.ndarray) -> list[tuple[int, str]]:
-                failed = []
-                for i in indices:
-                    i = int(i)
-                    try:
-                        image = TF.resize(dataset.load_image(i), [cache_size], InterpolationMode.BILINEAR)
-                        pixels = np.asarray(image, dtype=np.uint8)
-                        # the header's size is the stored one; the EXIF orientation may swap it
-                        # (the same bytes: resized_shape is symmetric), so the decoded shape is kept
-                        stored = (int(shapes[i, 0]), int(shapes[i, 1]))
-                        if pixels.shape[2:] != (3,) or pixels.shape[:2] not in (stored, stored[::-1]):
-                            raise ValueError(
-                                f"decoded size {pixels.shape[:2]} differs from the header's "
-                                f"(expected {stored} after resizing)"
-                            )
-                        shapes[i] = pixels.shape[:2]
-                        data[offsets[i] : offsets[i] + nbytes[i]] = pixels.reshape(-1)
-                    except DECODE_ERRORS as err:
-                        failed.append((i, f"{type(err).__name__}: {err}"))
-                return failed
-
-            todo = np.flatnonzero(~missing)
-            for i, err in _run_chunks(decode, todo, workers, progress, f"caching {dataset.name or 'images'}"):
-                missing[i] = True
-                errors[i] = err
-            shapes[missing] = 0
-            if tmp is not None:
-                data.flush()
-                meta = {
-                    "version": np.int64(_FORMAT_VERSION),
-                    "cache_size": np.int64(cache_size),
-                    "offsets": offsets,
-                    "shapes": shapes,
-                    "missing": missing,
-                    "labels": dataset.labels,
-                    "data_bytes": np.int64(total),
-                    "fingerprint": np.str_(fingerprint),
-                    "name": np.str_(dataset.name),
-                }
-                with open(meta_tmp, "wb") as f:
-                    np.savez(f, **meta)
-                os.replace(tmp, path)
-                os.replace(meta_tmp, _meta_path(path))  # the index last: its presence marks a complete cache
-                data = np.load(path, mmap_mode="c")
-        except BaseException:
-            for leftover in (tmp, meta_tmp):
-                if leftover is not None:
-                    leftover.unlink(missing_ok=True)
-            raise
-        if errors:
-            _warn_unreadable(dataset, errors)
-        return cls(data, offsets, shapes, missing, dataset.labels.copy(), cache_size, dataset.name, path, fingerprint)
+        layout = _plan_layout(dataset, cache_size, limit, workers, progress)  # 1. sizes, from headers only
+        data = _decode_into_buffer(dataset, layout, path, fingerprint, workers, progress)  # 2. the pixels
+        if layout.errors:
+            _warn_unreadable(dataset, layout.errors)
+        return cls(
+            data,
+            layout.offsets,
+            layout.shapes,
+            layout.missing,
+            dataset.labels.copy(),
+            cache_size,
+            dataset.name,
+            path,
+            fingerprint,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ImageCache:
@@ -416,6 +341,127 @@ class ImageCache:
 
 def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + _META_SUFFIX)
+
+
+@dataclass
+class _Layout:
+    """Where each image goes in a cache's buffer, planned from the image headers: cached ``shapes``
+    (``(0, 0)`` for missing images), ``nbytes`` and ``offsets`` in the buffer, the ``missing`` images
+    with their ``errors``, and the ``total`` bytes."""
+
+    cache_size: int
+    shapes: np.ndarray
+    nbytes: np.ndarray
+    offsets: np.ndarray
+    missing: np.ndarray
+    errors: dict[int, str]
+    total: int
+
+
+def _plan_layout(dataset: ImageDataset, cache_size: int, limit: int, workers: int, progress: bool) -> _Layout:
+    """Step 1 of :meth:`ImageCache.build`: the sizes, from headers only, checked against ``limit``
+    first on an estimate from up to :data:`_ESTIMATE_SAMPLE` headers, then on the exact total.
+
+    Raises:
+        CacheTooLargeError: the estimate or the exact total exceeds ``limit``.
+    """
+    n = len(dataset)
+    if n > _ESTIMATE_SAMPLE:
+        sample = np.linspace(0, n - 1, _ESTIMATE_SAMPLE).round().astype(np.int64)
+        sizes, _ = _header_sizes(dataset, sample, workers)
+        ok = sizes[:, 0] > 0
+        if ok.any():
+            per_image = np.mean([3 * math.prod(resized_shape(h, w, cache_size)) for h, w in sizes[ok]])
+            estimate = int(per_image * n)
+            if estimate > limit:
+                raise CacheTooLargeError(_too_large(dataset, n, cache_size, estimate, limit, "about "), estimate, limit)
+    sizes, errors = _header_sizes(dataset, np.arange(n), workers, progress)
+    missing = sizes[:, 0] <= 0
+    shapes = np.zeros((n, 2), dtype=np.int64)
+    for i in np.flatnonzero(~missing):
+        shapes[i] = resized_shape(int(sizes[i, 0]), int(sizes[i, 1]), cache_size)
+    nbytes = 3 * shapes[:, 0] * shapes[:, 1]
+    total = int(nbytes.sum())
+    if total > limit:
+        raise CacheTooLargeError(_too_large(dataset, n, cache_size, total, limit, ""), total, limit)
+    offsets = np.zeros(n, dtype=np.int64)
+    if n:
+        offsets[1:] = np.cumsum(nbytes)[:-1]
+    return _Layout(cache_size, shapes, nbytes, offsets, missing, errors, total)
+
+
+def _decode_into_buffer(
+    dataset: ImageDataset, layout: _Layout, path: Path | None, fingerprint: str, workers: int, progress: bool
+) -> np.ndarray:
+    """Step 2 of :meth:`ImageCache.build`: every image decoded into one buffer, in memory or a ``.npy``
+    file at ``path`` with its index, both written atomically (temporary files, then ``os.replace``;
+    removed on any error). Returns the buffer (a file's memory-mapped copy-on-write)."""
+    if path is None:
+        data = np.empty(layout.total, dtype=np.uint8)
+        _decode_all(dataset, layout, data, workers, progress)
+        return data
+    suffix = f".tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = path.with_name(f".{path.name}{suffix}")
+    meta_tmp = path.with_name(f".{_meta_path(path).name}{suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(max(layout.total, 1),))
+    try:
+        _decode_all(dataset, layout, data, workers, progress)
+        data.flush()
+        meta = {
+            "version": np.int64(_FORMAT_VERSION),
+            "cache_size": np.int64(layout.cache_size),
+            "offsets": layout.offsets,
+            "shapes": layout.shapes,
+            "missing": layout.missing,
+            "labels": dataset.labels,
+            "data_bytes": np.int64(layout.total),
+            "fingerprint": np.str_(fingerprint),
+            "name": np.str_(dataset.name),
+        }
+        with open(meta_tmp, "wb") as f:
+            np.savez(f, **meta)
+        os.replace(tmp, path)
+        os.replace(meta_tmp, _meta_path(path))  # the index last: its presence marks a complete cache
+        return np.load(path, mmap_mode="c")
+    except BaseException:
+        for leftover in (tmp, meta_tmp):
+            leftover.unlink(missing_ok=True)
+        raise
+
+
+def _decode_all(dataset: ImageDataset, layout: _Layout, data: np.ndarray, workers: int, progress: bool) -> None:
+    """Decode every image the headers found into ``data`` at its offset (PIL, ``Resize(cache_size)``),
+    in ``workers`` threads; an image that fails is added to the layout's ``missing`` and ``errors``."""
+    shapes, offsets, nbytes, missing = layout.shapes, layout.offsets, layout.nbytes, layout.missing
+    cache_size = layout.cache_size
+
+    def decode(indices: np.ndarray) -> list[tuple[int, str]]:
+        failed = []
+        for i in indices:
+            i = int(i)
+            try:
+                image = TF.resize(dataset.load_image(i), [cache_size], InterpolationMode.BILINEAR)
+                pixels = np.asarray(image, dtype=np.uint8)
+                # the header's size is the stored one; the EXIF orientation may swap it
+                # (the same bytes: resized_shape is symmetric), so the decoded shape is kept
+                stored = (int(shapes[i, 0]), int(shapes[i, 1]))
+                if pixels.shape[2:] != (3,) or pixels.shape[:2] not in (stored, stored[::-1]):
+                    raise ValueError(
+                        f"decoded size {pixels.shape[:2]} differs from the header's "
+                        f"(expected {stored} after resizing)"
+                    )
+                shapes[i] = pixels.shape[:2]
+                data[offsets[i] : offsets[i] + nbytes[i]] = pixels.reshape(-1)
+            except DECODE_ERRORS as err:
+                failed.append((i, f"{type(err).__name__}: {err}"))
+        return failed
+
+    todo = np.flatnonzero(~missing)
+    for i, err in _run_chunks(decode, todo, workers, progress, f"caching {dataset.name or 'images'}"):
+        missing[i] = True
+        layout.errors[i] = err
+    shapes[missing] = 0
 
 
 def _fingerprint(dataset: ImageDataset, cache_size: int) -> str:
