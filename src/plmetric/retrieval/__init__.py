@@ -7,9 +7,11 @@ draws a search's grid with Pillow; :mod:`~plmetric.retrieval.embedding_files`
 writes embeddings as ``.npy`` + paths or Parquet for other tools; :mod:`~plmetric.retrieval.export`
 exports a checkpoint's image-to-embedding function to ONNX/TorchScript;
 :mod:`~plmetric.retrieval.serve` is the web page over an index (``plmetric serve``; its template in
-``templates/``). The pile tools read an index's embeddings: :mod:`~plmetric.retrieval.neighbours` (every
-image's nearest others), :mod:`~plmetric.retrieval.duplicates` (near-duplicate groups),
-:mod:`~plmetric.retrieval.groups` (groups of similar images); :mod:`~plmetric.retrieval.tables` writes
+``templates/``), with its parts: :mod:`~plmetric.retrieval.served_files` (which file may be served),
+:mod:`~plmetric.retrieval.group_tables` (the groups/duplicates tables it browses) and
+:mod:`~plmetric.retrieval.serve_requests` (the numbers a request may give). The pile tools read an
+index's embeddings: :mod:`~plmetric.retrieval.neighbours` (every image's nearest others),
+:mod:`~plmetric.retrieval.duplicates` (near-duplicate groups), :mod:`~plmetric.retrieval.groups` (groups of similar images); :mod:`~plmetric.retrieval.tables` writes
 and reads their CSV/Parquet tables.
 
 May import: :mod:`plmetric.core`, :mod:`plmetric.manifold`, :mod:`plmetric.data`,

@@ -31,7 +31,8 @@ serves, on 127.0.0.1 unless told otherwise:
   (:mod:`plmetric.retrieval.tables`) is refused when that is not this index; one is read only up to
   one row per indexed image (:func:`plmetric.retrieval.tables.read_group_table`'s bounds).
 
-What is served (:meth:`Browser.open_indexed`, the class of attacks it closes):
+What is served (:meth:`Browser.open_indexed`, through :mod:`plmetric.retrieval.served_files`; the class
+of attacks it closes):
 
 * Images are addressed by their number in the index only: no route takes a path.
 * A file is opened only at the path the index recorded (an absolute path with every link resolved
@@ -56,16 +57,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import functools
 import importlib.util
 import io
 import ipaddress
 import os
-import re
 import signal
 import socket
-import stat
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -77,16 +75,35 @@ import torch
 from plmetric.core.files import require_regular_file
 from plmetric.core import names
 from plmetric.data.images import MAX_IMAGE_PIXELS, ImageTooLargeError, image_size, open_image
-from plmetric.retrieval.index import index_identity, load_embeddings, load_file_stats, model_from_description, top_k
-from plmetric.retrieval.tables import (
-    UNGROUPED,
-    encode_name,
-    header_line,
-    is_our_table,
-    read_group_table,
-    recorded_index_id,
+from plmetric.retrieval.group_tables import (
+    GROUP_KINDS,
+    Group,
+    GroupTable,
+    check_group_table,
+    load_group_table,
 )
+from plmetric.retrieval.index import index_identity, load_embeddings, load_file_stats, model_from_description, top_k
+from plmetric.retrieval.served_files import open_unchanged, unavailable
+from plmetric.retrieval.serve_requests import (
+    ID_MAX_DIGITS,
+    MAX_API_TOP_K,
+    SHOWN_NAME_CHARS,
+    QueryError,
+    api_top_k,
+    page_count,
+    page_number,
+    parse_number,
+    shown_name,
+)
+from plmetric.retrieval.tables import encode_name
 from plmetric.training.report import shorten_name
+
+# the page's names, with those of its parts (group_tables, serve_requests) that were defined here before
+__all__ = [
+    "GROUP_KINDS", "ID_MAX_DIGITS", "MAX_API_TOP_K", "SHOWN_NAME_CHARS", "Browser", "Group", "GroupTable", "Hit",
+    "Query", "QueryError", "ServeDependencyError", "api_top_k", "check_group_table", "create_app",
+    "load_group_table", "page_count", "page_number", "parse_number", "serve", "shown_name",
+]
 
 INSTALL_HINT = 'pip install "plmetric[serve]"'
 REQUIRED_MODULES = {
@@ -113,34 +130,16 @@ MMAP_THRESHOLD_BYTES = 8 * 2**20
 own, so a freed decoded image goes back to the system (:func:`return_freed_images_to_the_system`)."""
 FORM_OVERHEAD_BYTES = 64 * 2**10
 THUMB_SIDE = 256
-ID_MAX_DIGITS = 18
-"""An id of more digits is out of range of any index (and not converted: Python refuses int() of
-over 4300 digits)."""
-SHOWN_NAME_CHARS = 120
-MAX_API_TOP_K = 1000
-"""The most results ``/api/search?top_k=K`` returns: each costs its ``missing`` check (the path resolved
-and stat'ed: about 70 µs on this 2-core machine) and about 200 bytes of JSON, so 1000 are under 0.1 s
-and 200 KB; an unbounded K would let one request stat every file of the pile and answer with all of it."""
 GALLERY_PAGE_SIZE = 48
 GROUPS_PAGE_SIZE = 50
 """Groups listed on one page of ``/groups`` or ``/duplicates``."""
 GROUP_PREVIEW = 6
 """Members shown for each group in the list (the first ones in the table's order)."""
-GROUP_KINDS = ("groups", "duplicates")
-"""The tables the page can browse, by the command that writes them (also their route and option)."""
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 class ServeDependencyError(ImportError):
     """A package of the ``serve`` extra is not installed (the message says how to install it)."""
-
-
-class QueryError(ValueError):
-    """A request that cannot be answered; ``status`` is its HTTP status (400, 404, 410, 413 or 429)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -209,15 +208,6 @@ def thumbnail_jpeg(image: Any, side: int) -> bytes:
     return buffer.getvalue()
 
 
-def shown_name(name: str) -> str:
-    """An upload's file name as messages show it: quoted and escaped (``repr``), cut in the middle
-    past :data:`SHOWN_NAME_CHARS` characters."""
-    if len(name) > SHOWN_NAME_CHARS:
-        half = SHOWN_NAME_CHARS // 2
-        name = name[:half] + "..." + name[-half:]
-    return repr(name)
-
-
 def shown_on_page(value: Any) -> Any:
     """A value as the page shows it: text (not markup the templates made) through
     :func:`plmetric.core.names.shown`, so that a file name's undecodable bytes, control and
@@ -225,19 +215,6 @@ def shown_on_page(value: Any) -> Any:
     from markupsafe import Markup
 
     return names.shown(value) if isinstance(value, str) and not isinstance(value, Markup) else value
-
-
-def parse_number(text: str | None, what: str) -> int | None:
-    """``text`` as a non-negative decimal number: ASCII digits only (no sign, space, or other
-    script's digits); None when it has more than :data:`ID_MAX_DIGITS` digits (out of any range).
-
-    Raises:
-        QueryError: 400 for anything else, naming ``what``.
-    """
-    if text is None or re.fullmatch(r"[0-9]+", text) is None:
-        shown = text if text is None or len(text) <= 24 else text[:24] + "..."
-        raise QueryError(f"{what} must be a number written with the digits 0-9, got {shown!r}")
-    return int(text) if len(text) <= ID_MAX_DIGITS else None
 
 
 class Browser:
@@ -294,26 +271,16 @@ class Browser:
         first asked (a table's record is compared with it)."""
         return index_identity(self.embeddings, self.paths)
 
+    def recorded_stat(self, image_id: int) -> list[int] | None:
+        """Indexed image ``image_id``'s ``[size, mtime_ns]`` recorded at indexing (None: the index has none)."""
+        return None if self.file_stats is None else self.file_stats[image_id].tolist()
+
     def unavailable(self, image_id: int) -> bool:
         """Whether :meth:`open_indexed` would refuse indexed image ``image_id``: an item without a file,
         moved or deleted, reached through a link now, not a regular file, or changed since indexing
-        (its size or mtime). What shows an image as missing; only a file that no longer decodes is
-        found out later, by ``/thumb`` and ``/image``."""
-        path = self.paths[image_id]
-        if path.startswith("item:"):
-            return True
-        try:
-            if os.path.realpath(path) != path:
-                return True
-            found = os.lstat(path)
-        except (OSError, ValueError):  # ValueError: a NUL byte in an edited index's path
-            return True
-        if not stat.S_ISREG(found.st_mode):
-            return True
-        if self.file_stats is not None:
-            size, mtime_ns = self.file_stats[image_id].tolist()
-            return size >= 0 and (found.st_size, found.st_mtime_ns) != (size, mtime_ns)
-        return False
+        (its size or mtime; :func:`plmetric.retrieval.served_files.unavailable`). What shows an image
+        as missing; only a file that no longer decodes is found out later, by ``/thumb`` and ``/image``."""
+        return unavailable(self.paths[image_id], self.recorded_stat(image_id))
 
     def path_of(self, image_id: int) -> Path:
         """The recorded path of indexed image ``image_id``.
@@ -359,54 +326,16 @@ class Browser:
             self._decode_slots.release()
 
     def open_indexed(self, image_id: int) -> IO[bytes]:
-        """The file of indexed image ``image_id``, opened only if it is still the file that was indexed.
-
-        Checks, in order: the recorded path resolves to itself (no link on it now); it opens with
-        ``O_NOFOLLOW``; it is a regular file; on Linux the opened descriptor's path is the recorded
-        one; its size and mtime (ns) are the recorded ``file_stat`` (when the index has them).
+        """The file of indexed image ``image_id``, opened only if it is still the file that was indexed
+        (:func:`plmetric.retrieval.served_files.open_unchanged`: no link on its path now, a regular
+        file, its recorded size and mtime).
 
         Raises:
             QueryError: 404 unknown number, missing file, a link, not a regular file, unreadable;
                 410 changed since indexing.
         """
         path = str(self.path_of(image_id))
-        what = f"image {image_id} ({path})"
-        if path.startswith("item:"):
-            raise QueryError(f"image {image_id} has no file (an item of a data set)", 404)
-        link = QueryError(f"{what} is now reached through a link: refused (it was indexed as a plain file)", 404)
-        if os.path.realpath(path) != path:
-            if not os.path.lexists(path):
-                raise QueryError(f"{what} is missing: moved or deleted since indexing", 404)
-            raise link
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise QueryError(f"{what} is missing: moved or deleted since indexing", 404) from None
-        except OSError as err:
-            if err.errno == errno.ELOOP:
-                raise link from None
-            raise QueryError(f"{what} cannot be opened ({err.strerror})", 404) from None
-        try:
-            found = os.fstat(fd)
-            if not stat.S_ISREG(found.st_mode):
-                raise QueryError(f"{what} is not a regular file: refused", 404)
-            with contextlib.suppress(OSError):  # Linux: the path of what was actually opened
-                if os.readlink(f"/proc/self/fd/{fd}") != path:
-                    raise link
-            if self.file_stats is not None:
-                size, mtime_ns = self.file_stats[image_id].tolist()
-                if size >= 0 and (found.st_size, found.st_mtime_ns) != (size, mtime_ns):
-                    raise QueryError(
-                        f"{what} has changed since indexing (another size or modification time): refused; "
-                        "rebuild the index to show it",
-                        410,
-                    )
-            os.set_blocking(fd, True)
-            return os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
+        return open_unchanged(path, image_id, self.recorded_stat(image_id))
 
     def _encode_indexed(self, image_id: int, max_side: int | None, encode: Callable[[Any, bool], Any]) -> Any:
         """``encode(image, is_jpeg)`` of indexed image ``image_id`` decoded, all in one decode slot
@@ -508,150 +437,6 @@ class Browser:
         ]
 
 
-@dataclass(frozen=True)
-class Group:
-    """One group of a groups/duplicates table: its number in the table (:data:`UNGROUPED` for the
-    ungrouped bucket) and its members' index numbers, in the table's order."""
-
-    number: int
-    members: tuple[int, ...]
-
-    @property
-    def slug(self) -> str:
-        """The group's part of its URL: its number, or ``ungrouped``."""
-        return "ungrouped" if self.number == UNGROUPED else str(self.number)
-
-    @property
-    def label(self) -> str:
-        """The group's name on the page: ``group N`` or ``ungrouped``."""
-        return "ungrouped" if self.number == UNGROUPED else f"group {self.number}"
-
-    @property
-    def size(self) -> int:
-        """The number of members."""
-        return len(self.members)
-
-
-class GroupTable:
-    """A table of ``plmetric groups`` or ``plmetric duplicates`` mapped onto an index (:func:`load_group_table`):
-    its groups by ascending number, the ungrouped bucket last."""
-
-    def __init__(self, kind: str, source: Path, groups: list[Group]) -> None:
-        self.kind = kind
-        self.source = source
-        self.groups = groups
-        self._by_slug = {group.slug: group for group in groups}
-
-    @property
-    def images(self) -> int:
-        """The number of rows (member images) of the table."""
-        return sum(group.size for group in self.groups)
-
-    @property
-    def ungrouped(self) -> int:
-        """The size of the ungrouped bucket (0 when the table has none)."""
-        bucket = self._by_slug.get("ungrouped")
-        return 0 if bucket is None else bucket.size
-
-    def group(self, text: str) -> Group:
-        """The group a request names: its number (ASCII digits) or ``ungrouped``.
-
-        Raises:
-            QueryError: 400 anything else; 404 no such group in the table.
-        """
-        if text != "ungrouped":
-            try:
-                number = parse_number(text, "group")
-            except QueryError as err:
-                raise QueryError(f"{err} (or 'ungrouped')" if self.ungrouped else str(err)) from None
-            text = text if number is None else str(number)  # "007" is group 7
-        group = self._by_slug.get(text)
-        if group is None:
-            shown = text if len(text) <= 24 else text[:24] + "..."
-            raise QueryError(f"no group {shown!r} in the {self.kind} table {self.source.name}", 404)
-        return group
-
-
-def check_group_table(path: str | os.PathLike, kind: str) -> Path:
-    """``path`` if it is a table written by ``plmetric <kind>`` (``kind``: groups or duplicates), read
-    only as far as its header (CSV) or schema (Parquet).
-
-    Raises:
-        FileNotFoundError: no such file (named with its option ``--<kind>``).
-        ValueError: the other command's table, any other file, or Parquet without pyarrow.
-    """
-    path = Path(path)
-    option = f"--{kind}"
-    require_regular_file(
-        path, option, missing=f"{option} {path}: file not found; expected a table written by plmetric {kind}"
-    )
-    if path.suffix.lower() == ".parquet" and importlib.util.find_spec("pyarrow") is None:
-        raise ValueError(f'{option} {path}: reading .parquet needs pyarrow: pip install "plmetric[parquet]"')
-    if is_our_table(path, kind):
-        return path
-    other = next(k for k in GROUP_KINDS if k != kind)
-    if is_our_table(path, other):
-        raise ValueError(f"{option} {path} is a table of plmetric {other}: give it as --{other}")
-    raise ValueError(
-        f"{option} {path} is not a table written by plmetric {kind} "
-        f"(expected a .csv starting '{header_line(kind)}', or its .parquet)"
-    )
-
-
-def load_group_table(path: str | os.PathLike, kind: str, browser: Browser) -> GroupTable:
-    """Read the table of ``plmetric <kind>`` at ``path`` and map every row's path to its number in
-    ``browser``'s index (the recorded string, else the path resolved): afterwards only numbers are used.
-
-    Groups must be numbered from 1 (or be :data:`UNGROUPED`); they are listed by number, the
-    ungrouped bucket last, each group's members in the table's order.
-
-    A table that records the index it was written from must record this one (else it is refused before
-    its rows are read); a table without the record (an older one) is checked by its paths alone. At
-    most one row per indexed image is read (:func:`plmetric.retrieval.tables.read_group_table`).
-
-    Raises:
-        FileNotFoundError, ValueError: as :func:`check_group_table`; a table recorded from another index;
-            more rows than the index has images, or a row or file over the reading bounds; a path that
-            is not an image of the index, or a group number below 1 (one line naming the option, the
-            table and the row).
-    """
-    path = check_group_table(path, kind)
-    option = f"--{kind}"
-    try:
-        recorded = recorded_index_id(path)
-        if recorded is not None and recorded != browser.index_id:
-            raise ValueError(
-                f"{path} was written by plmetric {kind} from another index (or from {browser.index_path} "
-                f"before it changed), not from {browser.index_path}: write its table again with "
-                f"'plmetric {kind} {browser.index_path} --out FILE', or serve the index it was written from"
-            )
-        rows = read_group_table(path, max_rows=len(browser))
-    except ValueError as err:
-        raise ValueError(f"{option} {err}") from None
-    ids = {p: i for i, p in enumerate(browser.paths)}
-    members: dict[int, list[int]] = {}
-    for row, (number, member) in enumerate(rows, start=1):
-        image_id = ids.get(member)
-        if image_id is None:
-            try:
-                image_id = ids.get(str(Path(member).expanduser().resolve()))
-            except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte: not an indexed path
-                image_id = None
-        if image_id is None:
-            raise ValueError(
-                f"{option} {path} row {row}: {shown_name(member)} is not an image of the index {browser.index_path}; "
-                f"expected a table written by plmetric {kind} from this index"
-            )
-        if number < 1 and number != UNGROUPED:
-            raise ValueError(
-                f"{option} {path} row {row}: group {number}; "
-                f"expected groups numbered from 1 (or {UNGROUPED}, ungrouped)"
-            )
-        members.setdefault(number, []).append(image_id)
-    order = sorted(members, key=lambda number: (number == UNGROUPED, number))
-    return GroupTable(kind, path, [Group(number, tuple(members[number])) for number in order])
-
-
 @contextlib.asynccontextmanager
 async def received_upload(request: Any) -> AsyncIterator[tuple[str, IO[bytes]]]:
     """The file name and the spooled file (in memory up to 1 MiB, then on disk) of the ``image``
@@ -695,7 +480,8 @@ async def received_upload(request: Any) -> AsyncIterator[tuple[str, IO[bytes]]]:
 def create_app(
     browser: Browser, allowed_hosts: list[str] | None = None, tables: tuple[GroupTable, ...] = ()
 ) -> Any:
-    """The Starlette application serving ``browser`` (see the module docstring for its routes).
+    """The Starlette application serving ``browser`` (see the module docstring for its routes): the
+    page's renderer, the search routes, the image routes, each table's pages, the host check.
 
     Args:
         allowed_hosts: accept only requests whose ``Host`` header is one of these (a page bound to
@@ -703,13 +489,23 @@ def create_app(
         tables: groups/duplicates tables mapped onto ``browser``'s index (:func:`load_group_table`),
             browsed under ``/<kind>``.
     """
-    from jinja2 import Environment, PackageLoader, select_autoescape
     from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
-    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-    from starlette.routing import Route
+
+    render = page_renderer(browser, tables)
+    routes = [*search_routes(browser, render), *image_routes(browser)]
+    for table in tables:
+        routes += group_routes(browser, table, render)
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    return Starlette(routes=routes, middleware=middleware)
+
+
+def page_renderer(browser: Browser, tables: tuple[GroupTable, ...] = ()) -> Callable[..., Any]:
+    """``render(status=200, **context)``: the page's template filled with the index's facts, the
+    tables' links and ``context`` (every ``{{ value }}`` through :func:`shown_on_page`), an HTML response."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+    from starlette.responses import HTMLResponse
 
     templates = Environment(
         loader=PackageLoader("plmetric.retrieval", "templates"),
@@ -717,7 +513,6 @@ def create_app(
         finalize=shown_on_page,  # every {{ value }}: a name's control characters and undecodable bytes visible
     )
     template = templates.get_template("serve.html")
-    pages = page_count(len(browser), GALLERY_PAGE_SIZE)
     table_links = [table.kind for table in tables]
 
     def render(status: int = 200, **context: Any) -> HTMLResponse:
@@ -732,8 +527,22 @@ def create_app(
         )
         return HTMLResponse(html, status_code=status)
 
-    def tile(image_id: int) -> Hit:  # a tile without a rank or score
-        return Hit(0, image_id, browser.paths[image_id], 0.0, browser.unavailable(image_id))
+    return render
+
+
+def gallery_tile(browser: Browser, image_id: int) -> Hit:
+    """Indexed image ``image_id`` as a tile of a gallery: without a rank or score."""
+    return Hit(0, image_id, browser.paths[image_id], 0.0, browser.unavailable(image_id))
+
+
+def search_routes(browser: Browser, render: Callable[..., Any]) -> list[Any]:
+    """``/`` (the gallery, :data:`GALLERY_PAGE_SIZE` images a page), ``/search`` (the results page)
+    and ``/api/search`` (the same as JSON), each from an indexed image (``?id=N``) or an upload (POST)."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    pages = page_count(len(browser), GALLERY_PAGE_SIZE)
 
     async def run_query(request: Any, count: int | None = None) -> tuple[Query, list[Hit]]:
         if request.method == "POST":
@@ -751,55 +560,8 @@ def create_app(
         except QueryError as err:
             return render(err.status, error=str(err))
         first = (page - 1) * GALLERY_PAGE_SIZE
-        gallery = [tile(i) for i in range(first, min(first + GALLERY_PAGE_SIZE, len(browser)))]
+        gallery = [gallery_tile(browser, i) for i in range(first, min(first + GALLERY_PAGE_SIZE, len(browser)))]
         return render(gallery=gallery, page=page, pages=pages, page_base="/?page=")
-
-    def group_pages(table: GroupTable) -> tuple[Callable, Callable]:
-        """The handlers of ``/<kind>`` (the groups, a page at a time) and ``/<kind>/<group>``
-        (one group's members, a page at a time); plain functions: Starlette runs them in its thread
-        pool (they look at the files to mark missing ones)."""
-        listed_pages = page_count(len(table.groups), GROUPS_PAGE_SIZE)
-
-        def listing(request: Any) -> HTMLResponse:
-            try:
-                page = page_number(request.query_params.get("page", "1"), listed_pages)
-            except QueryError as err:
-                return render(err.status, error=str(err))
-            first = (page - 1) * GROUPS_PAGE_SIZE
-            shown = [
-                (group, [tile(i) for i in group.members[:GROUP_PREVIEW]])
-                for group in table.groups[first : first + GROUPS_PAGE_SIZE]
-            ]
-            return render(
-                view="groups",
-                table=table.kind,
-                groups=shown,
-                group_count=len(table.groups) - (table.ungrouped > 0),
-                ungrouped=table.ungrouped,
-                page=page,
-                pages=listed_pages,
-                page_base=f"/{table.kind}?page=",
-            )
-
-        def members(request: Any) -> HTMLResponse:
-            try:
-                group = table.group(request.path_params["group"])
-                member_pages = page_count(group.size, GALLERY_PAGE_SIZE)
-                page = page_number(request.query_params.get("page", "1"), member_pages)
-            except QueryError as err:
-                return render(err.status, error=str(err))
-            first = (page - 1) * GALLERY_PAGE_SIZE
-            return render(
-                view="members",
-                table=table.kind,
-                group=group,
-                gallery=[tile(i) for i in group.members[first : first + GALLERY_PAGE_SIZE]],
-                page=page,
-                pages=member_pages,
-                page_base=f"/{table.kind}/{group.slug}?page=",
-            )
-
-        return listing, members
 
     async def search_page(request: Any) -> HTMLResponse:
         try:
@@ -824,9 +586,23 @@ def create_app(
             }
         )
 
+    return [
+        Route("/", home),
+        Route("/search", search_page, methods=["GET", "POST"]),
+        Route("/api/search", search_api, methods=["GET", "POST"]),
+    ]
+
+
+def image_routes(browser: Browser) -> list[Any]:
+    """``/thumb/N`` and ``/image/N``: indexed image N as a thumbnail or re-encoded in full
+    (:meth:`Browser.thumbnail`, :meth:`Browser.full_image`), never sniffed as anything else; plain
+    functions: Starlette runs them in its thread pool."""
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
     safe = {"X-Content-Type-Options": "nosniff"}
 
-    def thumb(request: Any) -> Response:  # plain functions run in Starlette's thread pool
+    def thumb(request: Any) -> Response:
         try:
             data = browser.thumbnail(browser.image_id(request.path_params["image_id"]))
         except QueryError as err:
@@ -840,50 +616,58 @@ def create_app(
             return PlainTextResponse(str(err), status_code=err.status, headers=safe)
         return Response(data, media_type=media_type, headers=safe)
 
-    routes = [
-        Route("/", home),
-        Route("/search", search_page, methods=["GET", "POST"]),
-        Route("/api/search", search_api, methods=["GET", "POST"]),
-        Route("/thumb/{image_id}", thumb),
-        Route("/image/{image_id}", image),
-    ]
-    for table in tables:
-        listing, members = group_pages(table)
-        routes += [Route(f"/{table.kind}", listing), Route(f"/{table.kind}/{{group}}", members)]
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
-    return Starlette(routes=routes, middleware=middleware)
+    return [Route("/thumb/{image_id}", thumb), Route("/image/{image_id}", image)]
 
 
-def api_top_k(text: str | None, default: int) -> int:
-    """The ``top_k`` of an ``/api/search`` request: ``default`` when not given, else a number from 1 to
-    :data:`MAX_API_TOP_K` (parsed as :func:`parse_number`).
+def group_routes(browser: Browser, table: GroupTable, render: Callable[..., Any]) -> list[Any]:
+    """``/<kind>`` (the groups, :data:`GROUPS_PAGE_SIZE` a page, each with :data:`GROUP_PREVIEW`
+    members) and ``/<kind>/<group>`` (one group's members, a page at a time); plain functions:
+    Starlette runs them in its thread pool (they look at the files to mark missing ones)."""
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
 
-    Raises:
-        QueryError: 400 not ASCII digits, or outside 1 to :data:`MAX_API_TOP_K`.
-    """
-    if text is None:
-        return default
-    count = parse_number(text, "top_k")
-    if count is None or not 1 <= count <= MAX_API_TOP_K:
-        raise QueryError(f"top_k must be from 1 to {MAX_API_TOP_K}, got {text[:24]!r}")
-    return count
+    listed_pages = page_count(len(table.groups), GROUPS_PAGE_SIZE)
 
+    def listing(request: Any) -> HTMLResponse:
+        try:
+            page = page_number(request.query_params.get("page", "1"), listed_pages)
+        except QueryError as err:
+            return render(err.status, error=str(err))
+        first = (page - 1) * GROUPS_PAGE_SIZE
+        shown = [
+            (group, [gallery_tile(browser, i) for i in group.members[:GROUP_PREVIEW]])
+            for group in table.groups[first : first + GROUPS_PAGE_SIZE]
+        ]
+        return render(
+            view="groups",
+            table=table.kind,
+            groups=shown,
+            group_count=len(table.groups) - (table.ungrouped > 0),
+            ungrouped=table.ungrouped,
+            page=page,
+            pages=listed_pages,
+            page_base=f"/{table.kind}?page=",
+        )
 
-def page_count(items: int, per_page: int) -> int:
-    """Pages of ``per_page`` items that hold ``items`` (at least one page, empty when there are none)."""
-    return max(1, (items + per_page - 1) // per_page)
+    def members(request: Any) -> HTMLResponse:
+        try:
+            group = table.group(request.path_params["group"])
+            member_pages = page_count(group.size, GALLERY_PAGE_SIZE)
+            page = page_number(request.query_params.get("page", "1"), member_pages)
+        except QueryError as err:
+            return render(err.status, error=str(err))
+        first = (page - 1) * GALLERY_PAGE_SIZE
+        return render(
+            view="members",
+            table=table.kind,
+            group=group,
+            gallery=[gallery_tile(browser, i) for i in group.members[first : first + GALLERY_PAGE_SIZE]],
+            page=page,
+            pages=member_pages,
+            page_base=f"/{table.kind}/{group.slug}?page=",
+        )
 
-
-def page_number(text: str | None, pages: int) -> int:
-    """A page number from a request's text (parsed as :func:`parse_number`).
-
-    Raises:
-        QueryError: 400 not ASCII digits; 404 outside 1 to ``pages``.
-    """
-    page = parse_number(text, "page")
-    if page is None or not 1 <= page <= pages:
-        raise QueryError(f"no page {text[:24]!r}: pages 1 to {pages}", 404)
-    return page
+    return [Route(f"/{table.kind}", listing), Route(f"/{table.kind}/{{group}}", members)]
 
 
 def is_loopback(host: str) -> bool:

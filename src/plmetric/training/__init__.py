@@ -1,6 +1,7 @@
 """Training: the loop in named stages and everything it drives.
 
-:mod:`~plmetric.training.loop` is the loop (:func:`train`); :mod:`~plmetric.training.passes` the
+:mod:`~plmetric.training.loop` is the loop (:func:`train`), :mod:`~plmetric.training.stages` the
+stages that set a run up (data, networks, bank and batches); :mod:`~plmetric.training.passes` the
 full passes over a data set (bank refresh, evaluation); :mod:`~plmetric.training.runs` the run
 folder and the exact training state; :mod:`~plmetric.training.optimization` AdamW and the schedule;
 :mod:`~plmetric.training.networks` the student's frozen stages, tail and PCA-initialised layer;
