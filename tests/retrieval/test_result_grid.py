@@ -72,3 +72,13 @@ def test_a_single_image_and_awkward_names_are_drawn(tmp_path):
     with Image.open(out) as grid:
         assert grid.size == (rg.TILE_SIDE + 2 * rg.MARGIN, 2 * rg.CAPTION_LINE + rg.TILE_SIDE + 2 * rg.MARGIN)
     assert rg.grid_captions(str(odd), [], []) == [f"query\n{odd.name}"]
+
+
+def test_captions_show_undecodable_bytes_and_controls_as_the_terminal_does():
+    """A caption shows a name's undecodable byte and an escape sequence as ``core.names.shown`` writes
+    them (was U+FFFD and ``?``: the byte was lost)."""
+    from plmetric.core.names import shown
+    from plmetric.retrieval import result_grid
+
+    name = "caf\udce9\x1b]0;t\x07.png"
+    assert result_grid._drawable(name) == shown(name) == "caf\\xe9\\x1b]0;t\\x07.png"

@@ -31,9 +31,9 @@ from plmetric.data.datasets import DECODE_ERRORS, ImageDataset, UnreadableImageW
 from plmetric.data.images import image_size
 
 DEFAULT_MAX_BYTES = 8 * 2**30
+"""Default size limit of an image cache: 8 GiB."""
 MAX_CACHE_BYTES = 2**50
 """The largest size limit accepted (1 PiB: more memory or disk than any one machine has)."""
-"""Default size limit of an image cache: 8 GiB."""
 MAX_BYTES_ENV = "PLMETRIC_CACHE_MAX_BYTES"
 """Environment variable overriding :data:`DEFAULT_MAX_BYTES` (bytes, or e.g. ``512M``, ``16G``)."""
 

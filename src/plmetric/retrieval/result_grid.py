@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from plmetric.core.checkpoint import atomic_write_bytes
+from plmetric.core.names import shown
 
 __all__ = [
     "GRID_CAPTION_CHARS",
@@ -144,10 +145,9 @@ def _font() -> Any:
 
 
 def _drawable(text: str) -> str:
-    """``text`` that Pillow can draw: undecodable bytes of a file name (surrogate escapes) become U+FFFD,
-    control characters ``?``."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return "".join("?" if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
+    """``text`` that Pillow can draw, as a terminal shows it (:func:`plmetric.core.names.shown`): an
+    undecodable byte of a file name as ``\\xNN``, control and bidi characters as escapes."""
+    return shown(text)
 
 
 def _centred_text(
