@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from plmetric.config.schema import load_config
@@ -299,3 +300,36 @@ def write_results(path: str, setting: str, extra_overrides: list[str], seeds: li
             "results": results,
         },
     )
+
+
+MIXED_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def mixed_pile(
+    shared_root: str | None = None, species: int = 20, plankton: int = 10, per_class: int = 10, seed: int = 0
+) -> list[tuple[Path, str]]:
+    """The mixed pile of issue 29: ``species`` CUB classes and ``plankton`` plankton106 classes (each with
+    at least ``per_class`` images), ``per_class`` images each, as ``(path, label)`` sorted by label then
+    path; labels ``cub/<class>`` and ``plankton/<class>``. Classes and files are drawn with ``seed``, so
+    the pile is the same on every machine; few photos per class, so look-alikes abound. ``shared_root``:
+    the folder holding ``cub200_subset100/`` and ``plankton106/`` (default ``../shared/data``)."""
+    rng = np.random.default_rng(seed)
+    root = Path(shared_root) if shared_root else shared_data_root()
+    folders = [
+        (root / DATASETS["cub200"][1] / "CUB_200_2011" / "images", species, "cub"),
+        (root / DATASETS["plankton106"][1], plankton, "plankton"),
+    ]
+    chosen: list[tuple[Path, str]] = []
+    for folder, count, prefix in folders:
+        classes = sorted(d for d in folder.iterdir() if d.is_dir())
+        files = {
+            d.name: sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in MIXED_IMAGE_SUFFIXES)
+            for d in classes
+        }
+        eligible = [d.name for d in classes if len(files[d.name]) >= per_class]
+        if len(eligible) < count:
+            raise ValueError(f"{folder}: {len(eligible)} classes with {per_class}+ images, {count} wanted")
+        for name in sorted(eligible[k] for k in rng.permutation(len(eligible))[:count]):
+            picks = sorted(rng.permutation(len(files[name]))[:per_class].tolist())
+            chosen += [(files[name][k], f"{prefix}/{name}") for k in picks]
+    return chosen
