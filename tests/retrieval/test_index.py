@@ -584,6 +584,30 @@ def test_search_csv_and_json_name_queries_by_the_same_absolute_path(tmp_path, ca
     assert all(Path(row["query"]).is_absolute() and Path(row["path"]).is_absolute() for row in rows)
 
 
+def test_search_with_json_or_csv_draws_no_grid_unless_out_is_given(tmp_path, capsys, monkeypatch):
+    """One query with --json or --csv and no --out writes the tables only (it used to drop
+    QUERY_results.png into the working folder too); --out still draws its grid beside them, and a
+    query with none of them keeps the default grid (the only output that shows the results)."""
+    paths = photos(tmp_path / "p", n=3)
+    index = tmp_path / "i.safetensors"
+    assert main(["index", str(tmp_path / "p"), "--out", str(index), *SMALL]) == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    base = ["search", str(paths[0]), "--index", str(index), "--top-k", "2"]
+    for tables in (["--json", "r.json"], ["--csv", "r.csv"], ["--json", "r.json", "--csv", "r.csv"]):
+        for name in ("r.json", "r.csv"):
+            (work / name).unlink(missing_ok=True)
+        code, _, _ = top_result(capsys, *base, *tables)
+        written = sorted(path.name for path in work.iterdir())
+        assert code == 0 and written == sorted(tables[1::2]), (tables, written)
+        assert not list(tmp_path.rglob("*_results.png"))
+    code, _, _ = top_result(capsys, *base, "--json", "r.json", "--out", "asked.png")
+    assert code == 0 and (work / "asked.png").is_file() and (work / "r.json").is_file()
+    code, _, _ = top_result(capsys, *base)
+    assert code == 0 and (work / f"{paths[0].stem}_results.png").is_file()
+
+
 def test_grid_captions_are_shortened_in_the_middle(tmp_path):
     from plmetric.retrieval.index import GRID_CAPTION_CHARS, draw_results
     from plmetric.retrieval.result_grid import grid_captions

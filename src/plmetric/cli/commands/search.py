@@ -37,7 +37,12 @@ def add_parser(subparsers: Any) -> None:
     se.add_argument("--queries-file", default=None, help="a text file of query paths, one per line")
     se.add_argument("--index", required=True, help="index written by 'plmetric index'")
     se.add_argument("--top-k", type=neighbours, default=8, help="number of results per query")
-    se.add_argument("--out", default=None, help="one query: PNG grid of the results (default: QUERY_results.png)")
+    se.add_argument(
+        "--out",
+        default=None,
+        help="one query: PNG grid of the results (default: QUERY_results.png in the working folder, "
+        "unless --json or --csv is given: then no grid without --out)",
+    )
     se.add_argument("--out-dir", default=None, help="a PNG grid per query, QUERY_results.png, in this folder")
     se.add_argument("--json", default=None, help="write every query's results (rank, path, score) as JSON")
     se.add_argument("--csv", default=None, help="write every query's results as CSV: query,rank,path,score")
@@ -193,12 +198,14 @@ def _search_outputs(
     args: argparse.Namespace, queries: list[Path]
 ) -> tuple[list[Path | None], Path | None, Path | None]:
     """``search``'s outputs, checked before any work: a grid per query (``--out`` for one query,
-    ``--out-dir`` for several, None where none is drawn), ``--json`` and ``--csv``."""
+    ``--out-dir`` for several, None where none is drawn), ``--json`` and ``--csv``. One query without
+    ``--out`` gets ``QUERY_results.png`` only when neither ``--json`` nor ``--csv`` is asked for (a
+    table asked for is the output: no grid appears in the working folder unasked)."""
     inputs = [args.index, args.queries_file, *queries]
     if args.out and len(queries) > 1:
         raise CLIError("--out names one grid: with several queries give --out-dir DIR (a grid per query)")
     grids: list[Path | None] = [None] * len(queries)
-    if len(queries) == 1 and not args.out_dir:
+    if len(queries) == 1 and not args.out_dir and (args.out or not (args.json or args.csv)):
         out = Path(args.out) if args.out else Path(f"{queries[0].stem}_results.png")
         grids = [check_output(out, "--out", (".png",), inputs)]
     elif args.out_dir:
