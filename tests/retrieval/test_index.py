@@ -276,9 +276,12 @@ def test_adding_images_equals_indexing_them_all_at_once(tmp_path, capsys):
         assert code == 0 and lines[0] == f"added 2 images to {part} (now 6); skipped 4 already in the index"
         a, b = load_embeddings(whole), load_embeddings(part)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]
-        if kind == "flat":  # the same faiss file, content for content; the replaced one is kept (and said so)
+        if kind == "flat":  # the same faiss file, content for content; the replaced one, named by no index, removed
             assert read_index_metadata(part)["ann"]["sha256"] == read_index_metadata(whole)["ann"]["sha256"]
-            assert (tmp_path / old_faiss).exists() and lines[-1].startswith(f"kept the previous faiss file {tmp_path}")
+            assert (tmp_path / read_index_metadata(part)["ann"]["file"]).is_file()
+            assert not (tmp_path / old_faiss).exists()
+            removed = f"removed the previous faiss file {tmp_path / old_faiss}"
+            assert lines[-1] == f"{removed} (no other index in its folder names it)"
             assert _search_json(capsys, tmp_path, part, paths[4:]) == _search_json(capsys, tmp_path, whole, paths[4:])
         else:
             assert "ann" not in read_index_metadata(part)
@@ -286,6 +289,50 @@ def test_adding_images_equals_indexing_them_all_at_once(tmp_path, capsys):
     code, lines, _ = top_result(capsys, "index", str(tmp_path / "p"), "--add-to", str(part), *opts)
     assert code == 0 and lines == [f"added 0 images to {part} (still 6); skipped 6 already in the index"]
     assert part.read_bytes() == before  # nothing to add: nothing rewritten
+
+
+def test_adding_keeps_a_faiss_file_that_another_index_names_or_plmetric_did_not_write(tmp_path, capsys):
+    """--add-to removes the faiss file it replaced only when no other index in the folder names it (a
+    copy of the index does: kept, and said which) and only when it is the very file the index recorded
+    (a link to it is kept, and so is its target); a FIFO named like an index is not opened (no hang);
+    no other file is touched."""
+    import os
+    import shutil
+
+    pytest.importorskip("faiss")
+    paths = photos(tmp_path / "p", n=7)
+    (tmp_path / "later").mkdir()
+    for p in paths[4:]:
+        p.rename(tmp_path / "later" / p.name)
+    index, copy = tmp_path / "i.safetensors", tmp_path / "copy.safetensors"
+    assert main(["index", str(tmp_path / "p"), "--out", str(index), "--faiss", "flat", *SMALL]) == 0
+    shutil.copyfile(index, copy)  # names the same faiss file
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    (tmp_path / "notes.faiss").write_text("not ours")
+
+    def add(name: str) -> tuple[list[str], Path]:
+        (tmp_path / "later" / name).rename(tmp_path / "p" / name)
+        before = tmp_path / read_index_metadata(index)["ann"]["file"]
+        code, lines, _ = top_result(capsys, "index", str(tmp_path / "p"), "--add-to", str(index), *SMALL)
+        assert code == 0 and (tmp_path / read_index_metadata(index)["ann"]["file"]).is_file()
+        return lines, before
+
+    lines, first = add(paths[4].name)
+    assert lines[-1] == f"kept the previous faiss file {first}: copy.safetensors in its folder names it too"
+    assert first.is_file()
+    assert main(["search", str(paths[0]), "--index", str(copy), "--json", str(tmp_path / "r.json")]) == 0
+    copy.unlink()
+    lines, second = add(paths[5].name)
+    assert lines[-1] == f"removed the previous faiss file {second} (no other index in its folder names it)"
+    assert not second.exists() and first.is_file()  # only the file it replaced
+    current = tmp_path / read_index_metadata(index)["ann"]["file"]
+    real = tmp_path / "elsewhere" / "real.faiss"
+    real.parent.mkdir()
+    current.rename(real)
+    current.symlink_to(real)  # the index still finds its file, through a link
+    lines, third = add(paths[6].name)
+    assert third == current and lines[-1].startswith(f"kept the previous faiss file {third}: it is not the file")
+    assert third.is_symlink() and real.is_file() and (tmp_path / "notes.faiss").read_text() == "not ours"
 
 
 def test_adding_to_an_index_refuses_another_model_and_other_structure(tmp_path, capsys):
