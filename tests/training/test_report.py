@@ -15,8 +15,12 @@ from PIL import Image
 
 from plmetric.training import report
 from plmetric.training.report import (
+    CAPTION_CHARS,
+    SCORES_NOTE,
     THUMBNAIL_SIDE,
+    caption_lines,
     choose_queries,
+    common_folder,
     load_thumbnail,
     neighbour_change,
     shorten_name,
@@ -376,6 +380,47 @@ def test_the_report_shows_every_query_before_and_after(tmp_path: Path, images: l
 
     with Image.open(tmp_path / "out" / "report.png") as png:
         assert png.format == "PNG" and png.size[0] > 7 * THUMBNAIL_SIDE and png.size[1] > n * THUMBNAIL_SIDE
+        png.verify()
+
+
+def test_captions_name_the_folder_that_tells_images_of_the_same_name_apart() -> None:
+    assert common_folder(["/pile/a/1.jpg", "/pile/b/c/1.jpg", "/pile/a/2.jpg"]) == "/pile"
+    assert common_folder(["/pile/a/1.jpg", "/pile/a/2.jpg"]) is None  # one folder: the names suffice
+    assert common_folder(["/pile/a/1.jpg", "a/2.jpg"]) is None
+    assert caption_lines("/pile/a/1.jpg", "/pile") == ["a", "1.jpg"]
+    assert caption_lines("/pile/b/c/1.jpg", "/pile") == ["b/c", "1.jpg"]
+    assert caption_lines("/pile/1.jpg", "/pile") == ["1.jpg"] and caption_lines("/pile/a/1.jpg", None) == ["1.jpg"]
+    folder = "echinoderm_seacucumber_auricularia_larva"  # shortened in the middle: its start and its end
+    assert caption_lines(f"/p/{folder}/31107.jpg", "/p") == [shorten_name(folder), "31107.jpg"]
+    assert shorten_name(folder).endswith("larva") and len(shorten_name(folder)) == CAPTION_CHARS
+    assert caption_lines("/p/a\x1b/b\u202e.jpg", "/") == ["p/a\\x1b", "b\\u202e.jpg"]  # control, bidi: escaped
+
+
+def test_the_report_tells_class_folders_apart_and_says_why_scores_differ(tmp_path: Path) -> None:
+    """A pile of class folders whose files share their names (CUB's 0034.jpg under every species):
+    every caption names its folder (the captions were the file names alone: 0034.jpg, 0034.jpg, ...),
+    each tile's title is its full path, and the page says that the scores before and after are on
+    their own scales."""
+    species = ["054.Baltimore_Oriole", "055.Red_winged_Blackbird_of_the_marshes", "056.Pine_Grosbeak"]
+    paths = []
+    for k, name in enumerate(species):
+        (tmp_path / "pile" / name).mkdir(parents=True)
+        for i in range(3):
+            path = tmp_path / "pile" / name / f"{i:04d}.jpg"
+            Image.new("RGB", (16, 16), (80 * k, 40 * i, 0)).save(path)
+            paths.append(str(path))
+    start, kept = _embeddings(len(paths), seed=4)
+    write_change_report(tmp_path / "out", paths, start, kept, **REPORT, kept_label="x", queries=9, top=4)
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    figures = re.findall(r'<figure[^>]* data-index="(\d+)" title="([^"]*)">.*?<figcaption>(.*?)</figcaption>', page)
+    assert len(figures) == 9 * (1 + 2 * 4)
+    for index, title, caption in figures:
+        path = Path(paths[int(index)])
+        assert title == str(path) and caption.split("<br>")[:2] == [shorten_name(path.parent.name), path.name]
+    assert len({caption.split("<br>")[0] for _, _, caption in figures}) == 3  # the three species
+    assert "055.Red_w…he_marshes" in page  # a long folder keeps its end
+    assert SCORES_NOTE.replace("'", "&#x27;") in page and "not the numbers" in SCORES_NOTE
+    with Image.open(tmp_path / "out" / "report.png") as png:
         png.verify()
 
 

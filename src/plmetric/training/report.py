@@ -35,7 +35,9 @@ from plmetric.core.validation import check_embeddings, check_int
 __all__ = [
     "CHUNK_ELEMENTS",
     "THUMBNAIL_SIDE",
+    "caption_lines",
     "choose_queries",
+    "common_folder",
     "load_thumbnail",
     "neighbour_change",
     "shorten_name",
@@ -169,6 +171,31 @@ def shorten_name(name: str, width: int = CAPTION_CHARS) -> str:
     return f"{name[:head]}…{name[len(name) - tail:] if tail else ''}"
 
 
+def common_folder(paths: Sequence[str]) -> str | None:
+    """The deepest folder that holds every one of ``paths`` when they lie in more than one folder
+    (None when they share one folder, or have none in common: the file name alone is shown)."""
+    folders = sorted({os.path.dirname(p) for p in paths})
+    if len(folders) < 2:
+        return None
+    try:
+        return os.path.commonpath(folders)
+    except ValueError:  # absolute and relative paths mixed: nothing in common
+        return None
+
+
+def caption_lines(path: str, folder: str | None, width: int = CAPTION_CHARS) -> list[str]:
+    """The caption of image ``path`` as lines, each :func:`shorten_name`'d to ``width`` and printable
+    (:func:`plmetric.core.names.shown`): the folders between ``folder`` (:func:`common_folder` of the
+    images shown together; None: none) and the file, when there are any, then the file name. Images of a
+    pile of class folders often share their file names (``054.Baltimore_Oriole/0034.jpg``,
+    ``plankton/ctenophore/31107.jpg``): the folder is what tells them apart."""
+    name = shorten_name(_printable(os.path.basename(path) or path), width)
+    if folder is None:
+        return [name]
+    below = os.path.relpath(os.path.dirname(path), folder)
+    return [name] if below in (".", "") else [shorten_name(_printable(below), width), name]
+
+
 def _printable(text: str) -> str:
     """``text`` safe to encode as UTF-8 and to draw: undecodable bytes of a file name, control and
     bidirectional characters as visible escapes (:func:`plmetric.core.names.shown`, as the terminal
@@ -229,6 +256,15 @@ def choose_queries(n: int, queries: int, seed: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(n, size=min(queries, n), replace=False))
 
 
+SCORES_NOTE = (
+    "Scores are cosine similarities, each in its own model's embedding: the start's (the backbone's features) "
+    "and the kept model's (a trained embedding, often of another dimension) are on different scales, and a pair's "
+    "cosine can be much higher or lower after training while its rank stays. Compare which images come back and "
+    "in what order, not the numbers of one row with the other's."
+)
+"""Why the scores before and after differ, said on the page and in short in report.png."""
+
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em;color:#222;background:#fafafa}
 h1{font-size:1.3em;margin:0 0 .4em}
@@ -247,9 +283,12 @@ figcaption{font-size:10px;line-height:1.25;word-break:break-all}
 """
 
 
-def _figure_html(path: str, index: int, uri: str, score: float | None, css: str, readable: bool) -> str:
-    shown = _printable(os.path.basename(path) or path)
-    caption = html.escape(shorten_name(shown))
+def _figure_html(
+    path: str, index: int, uri: str, score: float | None, css: str, readable: bool, lines: list[str]
+) -> str:
+    """One thumbnail: its caption ``lines`` (:func:`caption_lines`), its score, the full path as its title."""
+    caption = "<br>".join(html.escape(line) for line in lines)
+    alt = html.escape("/".join(lines))
     tip = html.escape(_printable(path))
     klass = " ".join(c for c in (css, "" if readable else "unreadable") if c)
     klass = f' class="{klass}"' if klass else ""
@@ -257,7 +296,7 @@ def _figure_html(path: str, index: int, uri: str, score: float | None, css: str,
     note = "" if readable else "<br>(unreadable)"
     return (
         f'<figure{klass} data-index="{index}" title="{tip}">'
-        f'<img src="{uri}" alt="{caption}"><figcaption>{caption}{score_line}{note}</figcaption></figure>'
+        f'<img src="{uri}" alt="{alt}"><figcaption>{caption}{score_line}{note}</figcaption></figure>'
     )
 
 
@@ -285,6 +324,7 @@ def _header_html(
             f"On average <b>{_percent(changed)}</b> of each image's {k} nearest neighbours changed; "
             f"the nearest neighbour (top-1) changed for <b>{_percent(top1)}</b> of the images."
         )
+        lines.append(f'<span class="scores">{html.escape(SCORES_NOTE)}</span>')
     return '<p class="summary">' + "<br>\n".join(lines) + "</p>"
 
 
@@ -292,7 +332,7 @@ def _draw_png(
     path: Path,
     cells: list[tuple[int, list[tuple[int, float]], list[tuple[int, float]]]],
     thumbs: dict[int, Any],
-    names: list[str],
+    captions: dict[int, list[str]],
     title: str,
 ) -> None:
     """The grid as one image: rows = queries, columns = query | before top | after top, captions
@@ -300,14 +340,15 @@ def _draw_png(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    side, cell_w, cell_h, gap, head, top_band = THUMBNAIL_SIDE, 124, THUMBNAIL_SIDE + 30, 24, 18, 40
+    # a caption: up to 3 lines (folder, name, score) of 6 pt at 100 dpi, 1.1 apart: 28 px under the thumbnail
+    side, cell_w, cell_h, gap, head, top_band = THUMBNAIL_SIDE, 124, THUMBNAIL_SIDE + 40, 24, 18, 52
     top = max((len(b) for _, b, _ in cells), default=0)
     columns = [0] + [cell_w + gap + j * cell_w for j in range(top)]
     columns += [cell_w + 2 * gap + (top + j) * cell_w for j in range(top)]
     width = max(columns[-1] + cell_w, 480)
     height = top_band + head + max(len(cells), 1) * cell_h
     canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    captions: list[tuple[float, float, str]] = []
+    placed: list[tuple[float, float, str]] = []
     for row, (query, before, after) in enumerate(cells):
         y0 = top_band + head + row * cell_h
         items = [(query, None)] + before + after
@@ -316,8 +357,8 @@ def _draw_png(
             h, w = thumb.shape[:2]
             ty, tx = y0 + (side - h) // 2, x0 + (cell_w - w) // 2
             canvas[ty : ty + h, tx : tx + w] = thumb
-            text = shorten_name(names[index]) + ("" if score is None else f"\n{score:.3f}")
-            captions.append((x0 + cell_w / 2, y0 + side + 2, text))
+            text = "\n".join(captions[index]) + ("" if score is None else f"\n{score:.3f}")
+            placed.append((x0 + cell_w / 2, y0 + side + 2, text))
     dpi = 100
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
@@ -334,7 +375,7 @@ def _draw_png(
              weight="bold")
         text((columns[top + 1] + columns[-1] + cell_w) / 2, y, "after (kept)", fontsize=8, ha="center", va="center",
              weight="bold")
-    for x, y, caption in captions:
+    for x, y, caption in placed:
         text(x, y, caption, fontsize=6, ha="center", va="top", linespacing=1.1)
     atomic_write_figure(fig, path, dpi=dpi)
 
@@ -377,26 +418,31 @@ def _thumbnails(paths: Sequence[str], cells: list[Cell]) -> tuple[dict[int, Any]
 
 
 def _query_blocks(
-    paths: Sequence[str], cells: list[Cell], uris: dict[int, str], readable: dict[int, bool], top: int
+    paths: Sequence[str],
+    cells: list[Cell],
+    uris: dict[int, str],
+    readable: dict[int, bool],
+    top: int,
+    captions: dict[int, list[str]],
 ) -> list[str]:
     """The page's HTML blocks: per query its results before and after (results that left the top
     marked "gone", new ones "new") and the legend; with one image, that there is nothing to compare."""
     n = len(paths)
+
+    def figure(i: int, score: float | None, css: str) -> str:
+        return _figure_html(paths[i], i, uris[i], score, css, readable[i], captions[i])
+
     blocks = []
     if n < 2:
         blocks.append('<p class="nothing">Only one image: there is nothing to compare.</p>')
     for q, before, after in cells:
         if n < 2:
-            blocks.append(f'<div class="query-cell">{_figure_html(paths[q], q, uris[q], None, "", readable[q])}</div>')
+            blocks.append(f'<div class="query-cell">{figure(q, None, "")}</div>')
             continue
         before_set, after_set = {i for i, _ in before}, {i for i, _ in after}
-        before_html = "".join(
-            _figure_html(paths[i], i, uris[i], s, "" if i in after_set else "gone", readable[i]) for i, s in before
-        )
-        after_html = "".join(
-            _figure_html(paths[i], i, uris[i], s, "" if i in before_set else "new", readable[i]) for i, s in after
-        )
-        query_html = _figure_html(paths[q], q, uris[q], None, "", readable[q])
+        before_html = "".join(figure(i, s, "" if i in after_set else "gone") for i, s in before)
+        after_html = "".join(figure(i, s, "" if i in before_set else "new") for i, s in after)
+        query_html = figure(q, None, "")
         blocks.append(
             f'<table class="query" data-query="{q}"><tr><td class="query-cell" rowspan="2">{query_html}</td>'
             f'<td class="label">before<br>(start)</td><td class="before">{before_html}</td></tr>'
@@ -420,13 +466,15 @@ def _png_title(
     top1: float | None,
     n: int,
 ) -> str:
-    """The two title lines of report.png: the criterion's scores, and how much the neighbours changed."""
+    """The title lines of report.png: the criterion's scores, how much the neighbours changed, and that the
+    scores of before and after are on their own scales."""
     return (
         f"{_printable(criterion)}: start {_format(start_score)}, kept {_format(kept_score)} "
         f"({_printable(kept_label)})\n"
         + (
             f"{_percent(changed_mean)} of each image's {k} nearest neighbours changed; "
-            f"top-1 changed for {_percent(top1)}"
+            f"top-1 changed for {_percent(top1)}\n"
+            "scores: each model's own cosines, on its own scale: compare which images, not the numbers"
             if n >= 2
             else "Only one image: there is nothing to compare."
         )
@@ -453,10 +501,11 @@ def write_change_report(
 
     For ``min(queries, N)`` query images drawn by :func:`choose_queries` (the same for a fixed seed
     and N), the ``min(top, N - 1)`` most cosine-similar other images under ``start`` ("before")
-    and under ``kept`` ("after"), thumbnails captioned by their shortened file name and score; a
-    header with the label-free criterion's score for both models, ``kept_label``, the mean
-    neighbour change ``mean_i c_i`` (:func:`neighbour_change`, k clipped to N - 1) and the share
-    of images whose top-1 changed. Only (Q, N) similarities are formed for the queries; the
+    and under ``kept`` ("after"), thumbnails captioned by their folder and file name
+    (:func:`caption_lines`) and score; a header with the label-free criterion's score for both models,
+    ``kept_label``, the mean neighbour change ``mean_i c_i`` (:func:`neighbour_change`, k clipped to
+    N - 1), the share of images whose top-1 changed and why the scores of before and after differ
+    (:data:`SCORES_NOTE`). Only (Q, N) similarities are formed for the queries; the
     neighbour change runs in row chunks. Both files are written atomically. With N = 1 the page
     says that there is nothing to compare.
 
@@ -488,7 +537,6 @@ def write_change_report(
     start_score, kept_score = _number("start_score", start_score), _number("kept_score", kept_score)
     criterion, kept_label = str(criterion), str(kept_label)
     paths = [os.fspath(p) for p in paths]
-    names = [_printable(os.path.basename(p) or p) for p in paths]
     out_dir = Path(out_dir)
     n = len(paths)
     chosen = choose_queries(n, queries, seed)
@@ -496,12 +544,14 @@ def write_change_report(
     k, top, changed_mean, top1, cells = _before_and_after(start, kept, chosen, k, top)
     thumbs, readable = _thumbnails(paths, cells)
     uris = {index: _jpeg_data_uri(image) for index, image in thumbs.items()}
+    folder = common_folder([paths[i] for i in thumbs])  # the folders below it tell the images shown apart
+    captions = {index: caption_lines(paths[index], folder) for index in thumbs}
     header = _header_html(criterion, start_score, kept_score, kept_label, k, changed_mean, top1)
-    blocks = _query_blocks(paths, cells, uris, readable, top)
+    blocks = _query_blocks(paths, cells, uris, readable, top, captions)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "report.html", _page(header, "\n".join(blocks)))
     title = _png_title(criterion, start_score, kept_score, kept_label, k, changed_mean, top1, n)
-    _draw_png(out_dir / "report.png", cells, thumbs, names, title)
+    _draw_png(out_dir / "report.png", cells, thumbs, captions, title)
 
     return {
         "criterion": criterion,
