@@ -141,6 +141,21 @@ def _check_sidecar(out: Path, inside: dict, ws) -> None:
 
 
 @needs_onnx
+def test_the_readme_snippet_reads_the_whole_description_from_the_onnx_file(ws, monkeypatch):
+    """The README names the metadata key ``plmetric_export`` with three lines that read it: they run on
+    an exported model and give the description that plmetric reads back."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    (snippet,) = [block for block in blocks if "plmetric_export" in block]
+    out = _export(ws, "onnx", "model.onnx")
+    monkeypatch.chdir(out.parent)
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102: the repository's own README
+    assert namespace["meta"] == read_export_metadata(out) and namespace["meta"]["preprocessing"]["rule"]
+
+
 def test_onnx_metadata_props_describe_the_preprocessing_and_the_batch_axis_is_dynamic(ws):
     import onnx
 
