@@ -147,7 +147,7 @@ def test_the_readme_snippet_reads_the_whole_description_from_the_onnx_file(ws, m
     import re
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    blocks = re.findall(r"```py(?:thon)?\n(.*?)```", readme, flags=re.S)
     (snippet,) = [block for block in blocks if "plmetric_export" in block]
     out = _export(ws, "onnx", "model.onnx")
     monkeypatch.chdir(out.parent)

@@ -309,6 +309,14 @@ def test_the_command_line_refuses_bad_input_in_one_line(pile, capsys, monkeypatc
         assert shown in help_text
     for shown in ("--include-self", "--groups FILE", "--duplicates FILE", "'plmetric groups'", "'plmetric duplicates'"):
         assert shown in help_text
+    # the routes, with the numbers the page runs with
+    for shown in (
+        "/search?id=N", "POST /search", "/api/search?id=N", f"&top_k=K (1 to {serve_module.MAX_API_TOP_K})",
+        "/thumb/N, /image/N", f"{serve_module.THUMB_SIDE} px", f"{serve_module.GALLERY_PAGE_SIZE} a page",
+        f"{serve_module.MAX_UPLOAD_BYTES // 2**20} MiB", f"{serve_module.MAX_UPLOAD_PIXELS / 1e6:g} megapixels",
+        "/groups, /groups/G", "/duplicates[/G]", "410 changed since indexing",
+    ):
+        assert shown in help_text, shown
     # groups/duplicates tables: each refused with one line naming the option and the table, before listening
     images = pile["images"]
     foreign = tmp_path / "foreign.csv"
@@ -317,6 +325,8 @@ def test_the_command_line_refuses_bad_input_in_one_line(pile, capsys, monkeypatc
     duplicates = _group_table(tmp_path / "dups.csv", "duplicates", {1: images[:2]})
     groups = _group_table(tmp_path / "groups.csv", "groups", {1: images[:2]})
     zero = _group_table(tmp_path / "zero.csv", "groups", {0: images[:2]})
+    other_index = "0" * 64  # the identity of another index (index_identity: a SHA-256)
+    theirs = _group_table(tmp_path / "theirs.csv", "duplicates", {1: images[:2]}, index_id=other_index)
     for argv, expected in (
         (["--groups", str(tmp_path / "none.csv")], ["--groups", "none.csv", "not found"]),
         (["--groups", str(foreign)], ["--groups", "foreign.csv", "not a table written by plmetric groups"]),
@@ -325,6 +335,7 @@ def test_the_command_line_refuses_bad_input_in_one_line(pile, capsys, monkeypatc
         (["--groups", str(duplicates)], ["--groups", "dups.csv", "give it as --duplicates"]),
         (["--duplicates", str(groups)], ["--duplicates", "groups.csv", "give it as --groups"]),
         (["--groups", str(zero)], ["--groups", "zero.csv", "group 0", "numbered from 1"]),
+        (["--duplicates", str(theirs)], ["--duplicates", "theirs.csv", "plmetric duplicates from another index"]),
     ):
         code = main(["serve", str(pile["index"]), "--port", str(_free_port()), *argv])
         err = capsys.readouterr().err
@@ -823,8 +834,9 @@ def test_page_captions_are_shortened_in_the_middle_and_keep_the_full_path_as_too
 # ---- groups and duplicates tables (plmetric groups / plmetric duplicates) browsed by number ----
 
 
-def _group_table(out: Path, kind: str, groups: dict) -> Path:
-    """A table of ``plmetric <kind>`` (groups or duplicates) holding ``groups``: number -> member paths."""
+def _group_table(out: Path, kind: str, groups: dict, index_id: str | None = None) -> Path:
+    """A table of ``plmetric <kind>`` (groups or duplicates) holding ``groups``: number -> member paths,
+    recording ``index_id`` as the index it was written from (None: no record, as an older plmetric)."""
     from plmetric.retrieval.tables import TableWriter
 
     rows = [(n, len(members), str(member), j) for n, members in groups.items() for j, member in enumerate(members)]
@@ -834,7 +846,7 @@ def _group_table(out: Path, kind: str, groups: dict) -> Path:
         columns = [numbers, sizes, paths, representative, [None if r[0] == -1 else 0.9 for r in rows]]
     else:
         columns = [numbers, sizes, paths, [0.95] * len(rows)]
-    with TableWriter(out, kind) as writer:
+    with TableWriter(out, kind, index_id=index_id) as writer:
         writer.write(columns)
         writer.commit()
     return out
@@ -1086,6 +1098,21 @@ def test_the_api_honours_top_k_within_its_bounds(client, browser, pile):
         response = client.get("/api/search", params={"id": "2", "top_k": bad})
         assert response.status_code == 400 and "top_k" in response.json()["error"], (bad, response.text)
     assert len(Tiles(client.get("/search?id=2&top_k=2").text).results()) == TOP_K
+
+
+def test_the_documented_api_answer_is_the_answer(client):
+    """The keys that serve's --help and the README list for /api/search are those of its answer."""
+    import re
+
+    from plmetric.cli.commands.serve import ROUTES
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    body = client.get("/api/search?id=2").json()
+    for documented in (" ".join(ROUTES.split()), readme):
+        top, hit = re.search(r'(\{"index".*?\})\]\}', documented).group(1).split('"results": [{')
+        assert set(re.findall(r'"(\w+)"', top)) | {"results"} == set(body)
+        assert set(re.findall(r'"(\w+)"', hit)) == set(body["results"][0])
+    assert set(client.get("/api/search?id=x").json()) == {"error"}
 
 
 def test_missing_agrees_with_what_the_image_route_answers(client, browser, pile, monkeypatch):

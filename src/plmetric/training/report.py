@@ -196,6 +196,13 @@ def caption_lines(path: str, folder: str | None, width: int = CAPTION_CHARS) -> 
     return [name] if below in (".", "") else [shorten_name(_printable(below), width), name]
 
 
+def _captions(paths: Sequence[str], shown: Sequence[int]) -> dict[int, list[str]]:
+    """The caption lines of the images ``shown`` together (:func:`caption_lines`): the folders below
+    their :func:`common_folder` tell them apart."""
+    folder = common_folder([paths[i] for i in shown])
+    return {i: caption_lines(paths[i], folder) for i in shown}
+
+
 def _printable(text: str) -> str:
     """``text`` safe to encode as UTF-8 and to draw: undecodable bytes of a file name, control and
     bidirectional characters as visible escapes (:func:`plmetric.core.names.shown`, as the terminal
@@ -504,10 +511,9 @@ def write_change_report(
     and under ``kept`` ("after"), thumbnails captioned by their folder and file name
     (:func:`caption_lines`) and score; a header with the label-free criterion's score for both models,
     ``kept_label``, the mean neighbour change ``mean_i c_i`` (:func:`neighbour_change`, k clipped to
-    N - 1), the share of images whose top-1 changed and why the scores of before and after differ
-    (:data:`SCORES_NOTE`). Only (Q, N) similarities are formed for the queries; the
-    neighbour change runs in row chunks. Both files are written atomically. With N = 1 the page
-    says that there is nothing to compare.
+    N - 1), the share of images whose top-1 changed and why the scores differ (:data:`SCORES_NOTE`).
+    Only (Q, N) similarities are formed for the queries; the neighbour change runs in row chunks.
+    Both files are written atomically. With N = 1 the page says that there is nothing to compare.
 
     Args:
         out_dir: folder to write in (created when missing).
@@ -544,8 +550,7 @@ def write_change_report(
     k, top, changed_mean, top1, cells = _before_and_after(start, kept, chosen, k, top)
     thumbs, readable = _thumbnails(paths, cells)
     uris = {index: _jpeg_data_uri(image) for index, image in thumbs.items()}
-    folder = common_folder([paths[i] for i in thumbs])  # the folders below it tell the images shown apart
-    captions = {index: caption_lines(paths[index], folder) for index in thumbs}
+    captions = _captions(paths, list(thumbs))
     header = _header_html(criterion, start_score, kept_score, kept_label, k, changed_mean, top1)
     blocks = _query_blocks(paths, cells, uris, readable, top, captions)
     out_dir.mkdir(parents=True, exist_ok=True)

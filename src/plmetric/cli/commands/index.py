@@ -131,82 +131,6 @@ def _faiss_file_of(index: Path) -> Path | None:
     return faiss_file_for(index, read_index_metadata(index)) if index.is_file() else None
 
 
-def _sha256_unlinked(path: Path) -> tuple[str, tuple[int, int]] | None:
-    """The SHA-256 of the regular file at ``path`` and its ``(device, inode)``, opened without following
-    a link (None: a link, not a regular file, or unreadable)."""
-    import hashlib
-    import os
-    import stat
-
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        status = os.fstat(handle.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            return None
-        digest = hashlib.sha256()
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest(), (status.st_dev, status.st_ino)
-
-
-def _indexes_naming(faiss_file: Path, index: Path) -> list[Path]:
-    """The other plmetric indexes beside ``index`` (``*.safetensors`` in its folder: regular files, or
-    links to them, whose metadata is an index's) that name ``faiss_file``: recorded by that name, or
-    found by their digest after the pair was renamed (:func:`plmetric.retrieval.index.faiss_file_for`)."""
-    import stat
-
-    from plmetric.retrieval.index import faiss_file_for, read_index_metadata
-
-    naming = []
-    for sibling in sorted(index.parent.glob("*.safetensors")):
-        try:
-            same = sibling.samefile(index)
-            regular = stat.S_ISREG(sibling.stat().st_mode)  # a FIFO or device is never opened
-        except OSError:
-            continue
-        if same or not regular:
-            continue
-        meta = read_index_metadata(sibling)
-        ann_meta = (meta or {}).get("ann")
-        recorded = ann_meta.get("file") if isinstance(ann_meta, dict) else None
-        if recorded == faiss_file.name or faiss_file_for(sibling, meta) == sibling.with_name(faiss_file.name):
-            naming.append(sibling)
-    return naming
-
-
-def _retire_faiss_file(previous: Path, digest: Any, index: Path) -> str:
-    """Delete ``previous``, the faiss file ``index`` named before ``--add-to`` replaced it, when it is
-    exactly the file plmetric wrote for it (a regular file, not a link, ``*.faiss``, its SHA-256 the
-    recorded ``digest``) and no other index in the folder names it; the line that says what was done."""
-    import os
-
-    if previous.suffix != ".faiss" or previous.parent != index.parent:
-        return f"kept the previous faiss file {shown(previous)}: not a faiss file beside {shown(index)}"
-    naming = _indexes_naming(previous, index)
-    if naming:
-        more = f" and {len(naming) - 3} more" if len(naming) > 3 else ""
-        others = ", ".join(shown(p.name) for p in naming[:3]) + more
-        verb = "names" if len(naming) == 1 else "name"
-        return f"kept the previous faiss file {shown(previous)}: {others} in its folder {verb} it too"
-    found = _sha256_unlinked(previous)
-    if found is None or found[0] != digest:
-        return (
-            f"kept the previous faiss file {shown(previous)}: it is not the file {shown(index)} recorded "
-            "(a link, or another SHA-256)"
-        )
-    try:
-        now = os.lstat(previous)
-        if (now.st_dev, now.st_ino) != found[1]:
-            return f"kept the previous faiss file {shown(previous)}: it was replaced meanwhile"
-        previous.unlink()
-    except OSError as err:
-        return f"kept the previous faiss file {shown(previous)}: it could not be removed ({err.strerror})"
-    return f"removed the previous faiss file {shown(previous)} (no other index in its folder names it)"
-
-
 def run(args: argparse.Namespace) -> int:
     from plmetric.data.datasets import load_unlabelled_folder
     from plmetric.manifold import ann
@@ -263,6 +187,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     import torch
 
     from plmetric.data.datasets import ImageDataset, load_unlabelled_folder
+    from plmetric.retrieval.faiss_files import retire_faiss_file
     from plmetric.retrieval.index import (
         check_same_model,
         extend_index,
@@ -325,7 +250,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     if plan is not None:
         print(shown(_faiss_note(plan, faiss_path)))
         if previous is not None and previous.is_file() and previous.resolve() != Path(faiss_path).resolve():
-            print(_retire_faiss_file(previous, previous_digest, out))
+            print(retire_faiss_file(previous, previous_digest, out))
         trained_on = plan.params.get("trained_on")
         if trained_on and count > 4 * trained_on:
             print(
