@@ -779,9 +779,15 @@ def embed_dataset(
     desc: str = "embedding",
     runtime: str = "torch",
     cache_model: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
+    side: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """Embed every readable item of a data set whose items are ``(image, label, index)``; with
     ``progress``, a bar named ``desc`` with its rate (images/s).
+
+    With ``side`` (an empty ``(0, ...)`` tensor of the side tensors' shape and dtype), each item's image
+    is a pair ``(image tensor, side tensor)`` (e.g. the transform
+    :class:`plmetric.retrieval.hashes.HashAlongside`: something computed from the decoded image in the
+    same worker); the side tensors are returned as a fourth result, stacked in the same order.
 
     The model runs in eval mode (its previous train/eval mode is restored afterwards) on batches
     made by :func:`plmetric.data.datasets.collate_skip_none`, which drops unreadable (None) items.
@@ -792,7 +798,8 @@ def embed_dataset(
 
     Returns:
         ``(embeddings, labels, indices)``: float32 (M, D), int64 (M,) and int64 (M,) CPU tensors
-        in data set order, M = the number of readable items; (0, 0), (0,) and (0,) when none is.
+        in data set order, M = the number of readable items; (0, 0), (0,) and (0,) when none is
+        (and with ``side`` the (M, ...) side tensors; ``side`` itself when none is).
     """
     from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
 
@@ -814,7 +821,7 @@ def embed_dataset(
     )
     was_training = model.training
     model.eval()
-    embeddings, labels, indices = [], [], []
+    embeddings, labels, indices, sides = [], [], [], []
     runner: torch.nn.Module | None = None
     bar = tqdm(total=_sized(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     try:
@@ -822,6 +829,9 @@ def embed_dataset(
             if batch is None:
                 continue
             images, batch_labels, batch_indices = batch
+            if side is not None:
+                images, batch_side = images
+                sides.append(torch.as_tensor(batch_side).cpu())
             if runner is None:
                 runner = inference_model(model, tuple(images.shape[1:]), runtime, device, cache=cache_model)
             net = runner if getattr(runner, "input_shape", images.shape[1:]) == tuple(images.shape[1:]) else model
@@ -845,6 +855,8 @@ def embed_dataset(
     else:
         out = torch.cat(embeddings), torch.cat(labels), torch.cat(indices)
     _report_unreadable(dataset, out[2])
+    if side is not None:
+        return (*out, torch.cat(sides) if sides else side)
     return out
 
 
