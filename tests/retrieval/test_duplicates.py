@@ -470,3 +470,39 @@ def test_find_duplicates_with_zoomed_views_finds_a_crop_below_the_threshold():
     found = find_duplicates(e, 0.82, zoomed=zoomed, candidates=0.70)
     assert [g.tolist() for g in found.groups] == [[0, 1]] and asked == [[0, 1]]
     assert found.best_score[0] == pytest.approx(0.95, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the hash signal
+
+
+def test_the_hash_signal_needs_a_close_hash_and_the_cosine_floor():
+    """0-1: cosine 0.75 (under 0.82) and hashes 2 bits apart: a 'hash' pair; 2-3: identical hashes (blank
+    images) but cosine 0.5, under the floor 0.70: no pair; 4-5: cosine 0.9 and close hashes: 'both';
+    6-7: cosine 0.95, hashes far apart: 'embedding'."""
+    e = torch.zeros(8, 8)
+    for a, c, cosine in ((0, 1, 0.75), (2, 3, 0.5), (4, 5, 0.9), (6, 7, 0.95)):
+        e[a, a] = 1
+        e[c, a], e[c, c] = cosine, math.sqrt(1 - cosine**2)
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 256, (8, 16), dtype=np.uint8)
+    h[:, 8:] = h[:, :8]  # mirrors like the images: the plain distance decides
+    h[1] = h[0]
+    h[1, 0] ^= 0b11  # 2 bits
+    h[1, 8] ^= 0b11
+    h[3] = h[2]
+    h[5] = h[4]
+    h[7] = ~h[6]  # 64 bits apart
+    found = find_duplicates(e, 0.82, hashes=h, hash_distance=6, hash_floor=0.70)
+    listed = found.pair_list
+    got = {(a, c): (SIGNALS[k], d) for a, c, k, d in zip(listed.i, listed.j, listed.signal, listed.hash_distance)}
+    assert got == {(0, 1): ("hash", 2), (4, 5): ("both", 0), (6, 7): ("embedding", 64)}
+    assert listed.counts() == {"embedding": 1, "zoom": 0, "hash": 1, "both": 1}
+    assert listed.score[0] == pytest.approx(0.75, abs=1e-6)
+    assert sorted(sorted(g.tolist()) for g in found.groups) == [[0, 1], [4, 5], [6, 7]]
+    assert [sorted(g.tolist()) for g in found.groups][-1] == [0, 1]  # the least sure last (weakest 0.75)
+    # the hash signal off, or no hashes: the embedding alone
+    for kwargs in ({"hashes": h, "hash_distance": -1}, {"hashes": None}):
+        alone = find_duplicates(e, 0.82, **kwargs).pair_list
+        assert list(zip(alone.i.tolist(), alone.j.tolist())) == [(4, 5), (6, 7)]
+    with pytest.raises(ValueError, match="8 embeddings"):
+        find_duplicates(e, 0.82, hashes=h[:5])
