@@ -803,22 +803,10 @@ def embed_dataset(
     """
     from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
 
-    from plmetric.data.datasets import collate_skip_none
     from plmetric.data.runtime import inference_model
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
-        pin_memory=device.type == "cuda",
-    )
+    loader = _embedding_loader(dataset, batch_size, num_workers, device)
     was_training = model.training
     model.eval()
     embeddings, labels, indices, sides = [], [], [], []
@@ -858,6 +846,26 @@ def embed_dataset(
     if side is not None:
         return (*out, torch.cat(sides) if sides else side)
     return out
+
+
+def _embedding_loader(
+    dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, device: torch.device
+) -> torch.utils.data.DataLoader:
+    """The in-order DataLoader of :func:`embed_dataset` (unreadable items dropped), its sizes checked."""
+    from plmetric.data.datasets import collate_skip_none
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _sized(dataset: torch.utils.data.Dataset) -> int | None:

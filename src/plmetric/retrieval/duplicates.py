@@ -83,6 +83,8 @@ distances: 2048 x 2047 / 2 doubles = 16 MiB); larger ones are split greedily (mo
 SIGNALS = ("embedding", "zoom", "hash", "both")
 """The ``signal`` of a pair, by its code in :attr:`DuplicatePairs.signal`."""
 EMBEDDING, ZOOM, HASH, BOTH = range(len(SIGNALS))
+PAIR_ROWS_PER_CHUNK = 100_000
+"""Rows of the pairs table written at a time (one Parquet row group)."""
 COSINE_CHUNK = 1 << 20
 """Pairs whose cosines are computed at once (two gathered rows each: 1M x 2 x 2048 floats at most)."""
 
@@ -487,6 +489,27 @@ def combine_pairs(
     if hashes is not None and len(keys):
         distance = hash_distances(hashes[pi], hashes[pj]).astype(np.int16)
     return DuplicatePairs(pi.astype(np.int64), pj.astype(np.int64), score, signal.astype(np.int8), distance)
+
+
+def write_pairs_table(out: str | os.PathLike, pairs: DuplicatePairs, paths: list[str], index_id: str | None) -> Path:
+    """Write ``pairs`` as a ``pairs`` table (:mod:`plmetric.retrieval.tables`: path_a, path_b, score,
+    hash_distance (empty without hashes), signal), :data:`PAIR_ROWS_PER_CHUNK` rows at a time, atomically."""
+    from plmetric.retrieval.tables import TableWriter
+
+    names = np.array(SIGNALS, dtype=object)
+    with TableWriter(out, "pairs", index_id=index_id) as table:
+        for start in range(0, len(pairs.i), PAIR_ROWS_PER_CHUNK):
+            rows = slice(start, start + PAIR_ROWS_PER_CHUNK)
+            table.write(
+                [
+                    [paths[i] for i in pairs.i[rows].tolist()],
+                    [paths[j] for j in pairs.j[rows].tolist()],
+                    pairs.score[rows].tolist(),
+                    [None if d < 0 else d for d in pairs.hash_distance[rows].tolist()],
+                    names[pairs.signal[rows]].tolist(),
+                ]
+            )
+        return table.commit()
 
 
 def zoom_crop(image: Any, fraction: float) -> Any:

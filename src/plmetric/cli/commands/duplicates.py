@@ -61,11 +61,9 @@ def add_parser(subparsers: Any) -> None:
         type=hash_distance,
         default=HASH_DISTANCE,
         metavar="N|off",
-        help="two images whose perceptual hashes (recorded by plmetric index) differ in at most N of 64 bits "
-        "(mirror-invariant) are also duplicates when their cosine is at least --candidates: finds resized and "
-        "recompressed copies of small images that the embedding scores low; 0..64, or off (the embedding alone). "
-        "The default was measured on half-size and JPEG q30 copies of plankton and CUB images (docs: "
-        "plmetric.core.options.DUPLICATES_HASH_DISTANCE)",
+        help="images whose perceptual hashes (recorded by plmetric index; mirror-invariant) differ in at most N of 64 "
+        "bits are also duplicates at cosine >= --candidates: resized or recompressed copies of small images that the "
+        "embedding scores low; 0..64, or off (the embedding alone)",
     )
     du.add_argument(
         "--threshold",
@@ -107,8 +105,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from plmetric.cli.common import refuse_indexed_outputs
-    from plmetric.retrieval.duplicates import draw_groups, find_duplicates
-    from plmetric.retrieval.index import index_identity, load_hashes
+    from plmetric.retrieval.duplicates import draw_groups, find_duplicates, write_pairs_table
+    from plmetric.retrieval.index import index_identity
     from plmetric.retrieval.tables import TableWriter
 
     out = check_table_output(args, "duplicates")
@@ -122,20 +120,13 @@ def run(args: argparse.Namespace) -> int:
             "--check-crops must include those already above the threshold; give a lower --candidates"
         )
     embeddings, paths, faiss_index, description = load_pile_index(args)
-    hashes = load_hashes(args.index) if args.hash_distance >= 0 else None  # a malformed record: one line
+    hashes = _index_hashes(args)  # a malformed record: one line
     recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out, grid, pairs_out], paths)
-    if args.hash_distance >= 0 and hashes is None:
-        print(
-            f"plmetric: note: {shown(args.index)} records no perceptual hashes (written by an older plmetric or by "
-            "plmetric embed): duplicates uses the embedding alone; rebuild it with plmetric index to add them",
-            file=sys.stderr,
-        )
     zoomed = _zoomed_views(args, paths, description) if args.check_crops else None
     how = f"through its faiss {faiss_index[1].kind} index" if faiss_index is not None else "exactly"
     print(f"near-duplicates among {len(paths):,} images at cosine >= {args.threshold:g}, {how}", file=sys.stderr)
-    if hashes is not None:
-        _announce_hashes(len(paths), args)
+    _announce_hashes(len(paths) if hashes is not None else 0)
     found = find_duplicates(
         embeddings,
         args.threshold,
@@ -168,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
             )
         table.commit()
     if pairs_out is not None:
-        _write_pairs(pairs_out, found.pair_list, paths, recorded_id)
+        write_pairs_table(pairs_out, found.pair_list, paths, recorded_id)
     print(
         f"{len(found.groups):,} groups of near-duplicates: {found.members:,} of {len(paths):,} images "
         f"({_pair_summary(found.pair_list, args, hashes is not None)})"
@@ -196,72 +187,49 @@ def run(args: argparse.Namespace) -> int:
 
 def hash_distance(text: str) -> int:
     """An argparse type: a Hamming distance 0..64, or ``off`` (-1: no hash signal)."""
-    import argparse
-
     if text.strip().lower() == "off":
         return -1
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
+    value = int(text) if text.strip().isdigit() and text.strip().isascii() else -1
     if not 0 <= value <= 64:
         raise argparse.ArgumentTypeError(f"expected a number of differing hash bits in 0..64, or off; got '{text}'")
     return value
 
 
-def _announce_hashes(count: int, args: argparse.Namespace) -> None:
-    """Say how the hash pairs are found when that takes a while (NumPy on a large pile)."""
+def _index_hashes(args: argparse.Namespace) -> Any:
+    """The index's perceptual hashes (None: the hash signal off, or none recorded: said once)."""
+    from plmetric.retrieval.index import load_hashes
+
+    hashes = load_hashes(args.index) if args.hash_distance >= 0 else None
+    if args.hash_distance >= 0 and hashes is None:
+        print(
+            f"plmetric: note: {shown(args.index)} records no perceptual hashes (written by an older plmetric or by "
+            "plmetric embed): duplicates uses the embedding alone; rebuild it with plmetric index to add them",
+            file=sys.stderr,
+        )
+    return hashes
+
+
+def _announce_hashes(count: int) -> None:
+    """Say how long the hash pairs take where that is long (NumPy on a large pile, no faiss)."""
     from plmetric.retrieval.hashes import HASH_FAISS_ABOVE, numpy_seconds, uses_faiss
 
     if count >= HASH_FAISS_ABOVE and not uses_faiss(count):
-        print(
-            f"hash pairs: comparing the perceptual hashes of all {count:,} images in NumPy, about "
-            f"{numpy_seconds(count) / 60:.0f} min (faiss would be faster: pip install \"plmetric[faiss]\"; "
-            "or --hash-distance off)",
-            file=sys.stderr,
-        )
+        minutes = numpy_seconds(count) / 60
+        print(f"hash pairs of {count:,} images in NumPy: about {minutes:.0f} min (faster with faiss)", file=sys.stderr)
 
 
 def _pair_summary(pairs: Any, args: argparse.Namespace, hashed: bool) -> str:
     """How many pairs each signal found, for the printed summary."""
     counts = pairs.counts()
     parts = [f"{counts['embedding']:,} by the embedding (cosine >= {args.threshold:g})"]
-    if args.check_crops:
-        parts.append(f"{counts['zoom']:,} by a zoomed view")
-    if hashed:
-        parts.append(
-            f"{counts['hash']:,} by the hash alone (distance <= {args.hash_distance}, cosine >= {args.candidates:g}), "
-            f"{counts['both']:,} by both"
-        )
-    elif args.hash_distance < 0:
-        parts.append("hash signal off")
-    else:
-        parts.append("no hashes in the index")
+    parts += [f"{counts['zoom']:,} by a zoomed view"] if args.check_crops else []
+    hash_rule = f"distance <= {args.hash_distance}, cosine >= {args.candidates:g}"
+    parts.append(
+        f"{counts['hash']:,} by the hash alone ({hash_rule}), {counts['both']:,} by both"
+        if hashed
+        else ("hash signal off" if args.hash_distance < 0 else "no hashes in the index")
+    )
     return f"{len(pairs.i):,} pairs: " + ", ".join(parts)
-
-
-def _write_pairs(out: Path, pairs: Any, paths: list[str], recorded_id: str) -> None:
-    """The ``pairs`` table (:mod:`plmetric.retrieval.tables`), :data:`ROWS_PER_CHUNK` rows at a time."""
-    import numpy as np
-
-    from plmetric.retrieval.duplicates import SIGNALS
-    from plmetric.retrieval.tables import TableWriter
-
-    names = np.array(SIGNALS, dtype=object)
-    with TableWriter(out, "pairs", index_id=recorded_id) as table:
-        for start in range(0, len(pairs.i), ROWS_PER_CHUNK):
-            rows = slice(start, start + ROWS_PER_CHUNK)
-            distance = pairs.hash_distance[rows]
-            table.write(
-                [
-                    [paths[i] for i in pairs.i[rows].tolist()],
-                    [paths[j] for j in pairs.j[rows].tolist()],
-                    pairs.score[rows].tolist(),
-                    [None if d < 0 else d for d in distance.tolist()],
-                    names[pairs.signal[rows]].tolist(),
-                ]
-            )
-        table.commit()
 
 
 def _announce(count: int) -> None:

@@ -21,6 +21,10 @@ from plmetric.cli.common import (
 from plmetric.core.names import shown
 from plmetric.core.options import MAX_HNSW_M
 
+_NO_HASHES = (
+    " (an older index), nor do the added images: duplicates uses the embedding alone; build a new index with --out "
+    "to record them"
+)
 _BUILD_OPTIONS = (
     ("faiss", "--faiss"),
     ("nlist", "--nlist"),
@@ -215,7 +219,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     out = check_output(args.out or source, "--out", (".safetensors",), inputs, is_index)
     recorded_embeddings, _, indexed, description = load_embeddings(source)  # its recorded sizes checked
     check_same_model(description, source, args.checkpoint, args.weights)
-    has_hashes = load_hashes(source) is not None  # a malformed record refused before any image is read
+    old = "" if load_hashes(source) is not None else f"\nnote: {shown(source)} records no perceptual hashes{_NO_HASHES}"
     model = model_from_description(description, source)  # the recorded checkpoint, unchanged
     faiss_index = load_faiss_index(source, meta)  # faiss installed, the .faiss file the right one
     candidates = load_unlabelled_folder(args.images).train
@@ -245,13 +249,8 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     )
     print(
         f"added {len(paths):,} images to {shown(out)} (now {count:,}); skipped {present:,} already in the index"
-        f"{unreadable}"
+        f"{unreadable}{old}"
     )
-    if not has_hashes:
-        print(
-            f"note: {shown(source)} records no perceptual hashes (an index of an older plmetric), so neither do the "
-            "added images: duplicates uses the embedding alone; build a new index with --out to record them"
-        )
     if plan is not None:
         print(shown(_faiss_note(plan, faiss_path)))
         if previous is not None and previous.is_file() and previous.resolve() != Path(faiss_path).resolve():
