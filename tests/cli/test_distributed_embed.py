@@ -14,7 +14,7 @@ from image_trees import make_tree
 
 from plmetric.core.checkpoint import save_model
 from plmetric.data.backbones import create_model
-from plmetric.retrieval.index import load_embeddings
+from plmetric.retrieval.index import load_embeddings, load_hashes
 
 
 def _free_port() -> int:
@@ -71,3 +71,6 @@ def test_embed_and_index_under_torchrun_equal_one_process(tmp_path):
         # rank 0 alone reports, with the unreadable image counted over both shards
         assert runs["two", command].count("wrote 8 embeddings") == 1
         assert "left out 1 unreadable image(s)" in runs["two", command]
+    # the perceptual hashes, computed in each rank's workers, gathered in the same order (exactly: integers)
+    hashes = [load_hashes(tmp_path / f"{name}_index.safetensors") for name in ("one", "two")]
+    assert hashes[0].shape == (8, 16) and (hashes[0] == hashes[1]).all()

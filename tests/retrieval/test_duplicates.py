@@ -1,6 +1,7 @@
 """Near-duplicate pairs and groups (plmetric.retrieval.duplicates): every pair above the threshold against a
-NumPy float64 brute force (the widening search included), connected components against a union-find
-reference, the threshold check, and the PNG grid.
+NumPy float64 brute force (the widening search included), groups that never chain (every member a duplicate
+of every other, no two groups that could merge, by complete linkage and by its greedy form), ordered by their
+weakest link, the hash signal with its cosine floor, the threshold check, and the PNG grid.
 
 Error bound: a score is a float32 dot product of length d of unit vectors, within
 ``b = γ_d(f32) ‖x‖ ‖y‖`` of the exact cosine (Higham §3.1), plus ``γ_d(f64)`` for the reference. The
@@ -21,6 +22,7 @@ from PIL import Image
 
 from numerics import gamma
 from plmetric.retrieval.duplicates import (
+    SIGNALS,
     START_K,
     DuplicateGroups,
     check_threshold,
@@ -76,6 +78,33 @@ def union_find_groups(n: int, pairs: list[tuple[int, int]]) -> list[set[int]]:
     for a in range(n):
         members.setdefault(root(a), set()).add(a)
     return [g for g in members.values() if len(g) >= 2]
+
+
+def assert_non_chaining_groups(n: int, pairs: dict[tuple[int, int], float], found: DuplicateGroups) -> None:
+    """The rule of the module docstring against a plain reference: groups are disjoint cliques of ``pairs``
+    (pair -> score), no two clusters (groups or single images) are joined by every pair across them (so
+    none could merge), ``best_score`` and ``weakest`` as defined, surest group first."""
+    groups = [g.tolist() for g in found.groups]
+    label = {m: k for k, g in enumerate(groups) for m in g}
+    assert len(label) == sum(len(g) for g in groups) == found.members
+    linked = lambda a, c: (min(a, c), max(a, c)) in pairs  # noqa: E731
+    for g in groups:
+        assert len(g) >= 2 and all(linked(a, c) for a in g for c in g if a < c)
+    clusters = groups + [[m] for m in range(n) if m not in label]
+    for x in range(len(clusters)):
+        for y in range(x + 1, len(clusters)):
+            assert not all(linked(a, c) for a in clusters[x] for c in clusters[y]), (clusters[x], clusters[y])
+    for m in range(n):
+        mates = [c for c in range(n) if c != m and linked(m, c) and (m not in label or label.get(c) == label[m])]
+        expected = max((pairs[(min(m, c), max(m, c))] for c in mates), default=np.nan)
+        np.testing.assert_array_equal(found.best_score[m], np.float32(expected))
+    weakest = [min(pairs[(a, c)] for a in g for c in g if a < c) for g in groups]
+    np.testing.assert_array_equal(found.weakest, np.array(weakest, np.float32))
+    keys = [(-w, -len(g), min(g)) for w, g in zip(weakest, groups, strict=True)]
+    assert keys == sorted(keys)
+    for g in groups:  # members by best score descending, ties by id
+        member_keys = [(-float(found.best_score[m]), m) for m in g]
+        assert member_keys == sorted(member_keys)
 
 
 # ----------------------------------------------------------------------------- threshold
@@ -139,7 +168,7 @@ def test_a_cluster_larger_than_start_k_yields_all_its_pairs():
     found = list(zip(i.tolist(), j.tolist(), strict=True))
     assert len(found) == len(set(found)) == len(expected) and set(found) == expected
     groups = find_duplicates(x, threshold)
-    assert [set(g.tolist()) for g in groups.groups] == [members70, members40]
+    assert sorted(sorted(g.tolist()) for g in groups.groups) == [sorted(members40), sorted(members70)]
     assert groups.pairs == len(expected) and groups.members == 110
 
 
@@ -192,14 +221,23 @@ def test_thresholds_below_the_rounding_of_1_are_used_as_given():
 # ----------------------------------------------------------------------------- groups
 
 
-def test_a_chain_is_one_group_though_its_ends_are_not_similar():
-    # a~b, b~c, a not~ c (no pair 0-2): one group of three; 3 and 4 alone are left out
+def test_a_chain_never_makes_one_group():
+    # a~b 0.96, b~c 0.98, a not~ c: the closer pair (b, c) is a group, a stays out with its pair kept
     groups = duplicate_groups(5, np.array([0, 1]), np.array([1, 2]), np.array([0.96, 0.98], np.float32))
-    assert len(groups.groups) == 1 and sorted(groups.groups[0].tolist()) == [0, 1, 2]
-    assert groups.groups[0].tolist() == [1, 2, 0]  # best 0.98, 0.98 (ties: lower id first), 0.96
+    assert [g.tolist() for g in groups.groups] == [[1, 2]]
     np.testing.assert_array_equal(groups.best_score[:3], np.array([0.96, 0.98, 0.98], np.float32))
     assert np.isnan(groups.best_score[3:]).all()
-    assert groups.pairs == 2 and groups.members == 3
+    assert groups.pairs == 2 and groups.members == 2
+
+
+def test_a_clique_of_four_is_one_group_and_a_tail_stays_out():
+    clique = [(a, c, 0.9 + 0.01 * (a + c)) for a in range(4) for c in range(a + 1, 4)]
+    pairs = clique + [(3, 4, 0.85)]  # 4 pairs with 3 alone: not a duplicate of 0, 1, 2
+    i, j, s = (np.array(c) for c in zip(*pairs, strict=True))
+    groups = duplicate_groups(6, i, j, s.astype(np.float32))
+    assert [sorted(g.tolist()) for g in groups.groups] == [[0, 1, 2, 3]]
+    assert groups.weakest.tolist() == [np.float32(0.91)]
+    assert groups.best_score[4] == np.float32(0.85) and groups.best_score[3] == np.float32(0.95)
 
 
 def test_no_pairs_no_groups():
@@ -208,39 +246,33 @@ def test_no_pairs_no_groups():
     assert groups.best_score.shape == (4,) and np.isnan(groups.best_score).all()
 
 
-def test_groups_order_largest_first_then_by_smallest_member():
-    pairs = [(9, 10, 0.97), (1, 11, 0.99), (4, 5, 0.95), (5, 6, 0.96), (2, 3, 0.93), (12, 0, 0.91)]
+def test_groups_order_by_weakest_link_then_size_then_first_member():
+    pairs = [(9, 10, 0.97), (1, 11, 0.99), (4, 5, 0.97), (5, 6, 0.98), (4, 6, 0.995), (2, 3, 0.93), (12, 0, 0.97)]
     i, j, s = (np.array(c) for c in zip(*pairs, strict=True))
     groups = duplicate_groups(13, i, j, s.astype(np.float32))
-    assert [sorted(g.tolist()) for g in groups.groups] == [[4, 5, 6], [0, 12], [1, 11], [2, 3], [9, 10]]
+    # weakest 0.99; then 0.97 three times: the group of three first, then by first member (0 before 9)
+    assert [sorted(g.tolist()) for g in groups.groups] == [[1, 11], [4, 5, 6], [0, 12], [9, 10], [2, 3]]
 
 
-def test_duplicate_groups_equal_a_union_find_reference():
+@pytest.mark.parametrize("max_component", [2048, 2])  # 2: every component of 3+ by the greedy form
+def test_duplicate_groups_never_chain_on_random_graphs(max_component):
     rng = np.random.default_rng(5)
-    n = 60
-    pairs = {tuple(sorted(rng.choice(n, 2, replace=False).tolist())) for _ in range(45)}
-    pairs_list = sorted(pairs)
-    i = np.array([a for a, _ in pairs_list])
-    j = np.array([c for _, c in pairs_list])
-    s = rng.uniform(0.9, 1.0, len(pairs_list)).astype(np.float32)
-    found = duplicate_groups(n, i, j, s)
-    expected = union_find_groups(n, pairs_list)
-    assert sorted(map(sorted, expected)) == sorted(sorted(g.tolist()) for g in found.groups)
-    assert sum(len(g) for g in expected) == found.members
-    # best_score: the highest similarity to another member (every neighbour in a pair is a member)
-    best = np.full(n, np.nan)
-    for (a, c), value in zip(pairs_list, s.tolist(), strict=True):
-        best[a] = value if np.isnan(best[a]) else max(best[a], value)
-        best[c] = value if np.isnan(best[c]) else max(best[c], value)
-    np.testing.assert_array_equal(found.best_score, best.astype(np.float32))  # exact: a max of copies
-    assert found.best_score.dtype == np.float32
-    # largest first, ties by smallest member; members by best score descending, ties by id
-    keys = [(-len(g), int(min(g))) for g in found.groups]
-    assert keys == sorted(keys)
-    for g in found.groups:
-        member_keys = [(-float(found.best_score[m]), int(m)) for m in g]
-        assert member_keys == sorted(member_keys)
-    assert all(len(g) >= 2 for g in found.groups) and len(found.groups) == len(expected)
+    for _ in range(6):
+        n = 40
+        # clusters of 5 with 80 % of their pairs, and random links: chains, cliques and near-cliques
+        pairs = {}
+        for a in range(n):
+            for c in range(a + 1, n):
+                if (a // 5 == c // 5 and rng.random() < 0.8) or rng.random() < 0.03:
+                    pairs[(a, c)] = float(np.float32(rng.uniform(0.8, 1.0)))
+        keys = sorted(pairs)
+        i = np.array([a for a, _ in keys])
+        j = np.array([c for _, c in keys])
+        s = np.array([pairs[k] for k in keys], np.float32)
+        found = duplicate_groups(n, i, j, s, max_component=max_component)
+        assert found.pairs == len(keys)
+        assert_non_chaining_groups(n, pairs, found)
+        assert any(len(g) >= 3 for g in found.groups)  # the case is not trivial
 
 
 def test_find_duplicates_groups_the_reference_pairs():
@@ -251,12 +283,15 @@ def test_find_duplicates_groups_the_reference_pairs():
     assert_clear_of_threshold(sims, threshold, score_bound(x))
     found = find_duplicates(x, threshold)
     assert isinstance(found, DuplicateGroups) and found.pairs == len(expected)
-    assert sorted(sorted(g.tolist()) for g in found.groups) == sorted(map(sorted, union_find_groups(180, expected)))
-    in_pairs = {a for pair in expected for a in pair}
-    assert np.isnan(found.best_score[[m for m in range(180) if m not in in_pairs]]).all()
-    for m in in_pairs:  # the best score is within b of the best reference cosine to another member
-        others = [c for c in range(180) if c != m and (min(m, c), max(m, c)) in expected]
-        assert abs(float(found.best_score[m]) - sims[m, others].max()) <= score_bound(x)
+    listed = found.pair_list
+    assert set(zip(listed.i.tolist(), listed.j.tolist(), strict=True)) == expected
+    assert (listed.signal == SIGNALS.index("embedding")).all() and (listed.hash_distance == -1).all()
+    np.testing.assert_allclose(listed.score, sims[listed.i, listed.j], atol=score_bound(x))
+    scores = {(a, c): v for a, c, v in zip(listed.i.tolist(), listed.j.tolist(), listed.score.tolist(), strict=True)}
+    assert_non_chaining_groups(180, scores, found)
+    # every planted group that is a clique at this threshold is found whole
+    cliques = [g for g in union_find_groups(180, expected) if all((a, c) in expected for a in g for c in g if a < c)]
+    assert cliques and all(any(set(g.tolist()) == c for g in found.groups) for c in cliques)
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -435,3 +470,39 @@ def test_find_duplicates_with_zoomed_views_finds_a_crop_below_the_threshold():
     found = find_duplicates(e, 0.82, zoomed=zoomed, candidates=0.70)
     assert [g.tolist() for g in found.groups] == [[0, 1]] and asked == [[0, 1]]
     assert found.best_score[0] == pytest.approx(0.95, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- the hash signal
+
+
+def test_the_hash_signal_needs_a_close_hash_and_the_cosine_floor():
+    """0-1: cosine 0.75 (under 0.82) and hashes 2 bits apart: a 'hash' pair; 2-3: identical hashes (blank
+    images) but cosine 0.5, under the floor 0.70: no pair; 4-5: cosine 0.9 and close hashes: 'both';
+    6-7: cosine 0.95, hashes far apart: 'embedding'."""
+    e = torch.zeros(8, 8)
+    for a, c, cosine in ((0, 1, 0.75), (2, 3, 0.5), (4, 5, 0.9), (6, 7, 0.95)):
+        e[a, a] = 1
+        e[c, a], e[c, c] = cosine, math.sqrt(1 - cosine**2)
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 256, (8, 16), dtype=np.uint8)
+    h[:, 8:] = h[:, :8]  # mirrors like the images: the plain distance decides
+    h[1] = h[0]
+    h[1, 0] ^= 0b11  # 2 bits
+    h[1, 8] ^= 0b11
+    h[3] = h[2]
+    h[5] = h[4]
+    h[7] = ~h[6]  # 64 bits apart
+    found = find_duplicates(e, 0.82, hashes=h, hash_distance=6, hash_floor=0.70)
+    listed = found.pair_list
+    got = {(a, c): (SIGNALS[k], d) for a, c, k, d in zip(listed.i, listed.j, listed.signal, listed.hash_distance)}
+    assert got == {(0, 1): ("hash", 2), (4, 5): ("both", 0), (6, 7): ("embedding", 64)}
+    assert listed.counts() == {"embedding": 1, "zoom": 0, "hash": 1, "both": 1}
+    assert listed.score[0] == pytest.approx(0.75, abs=1e-6)
+    assert sorted(sorted(g.tolist()) for g in found.groups) == [[0, 1], [4, 5], [6, 7]]
+    assert [sorted(g.tolist()) for g in found.groups][-1] == [0, 1]  # the least sure last (weakest 0.75)
+    # the hash signal off, or no hashes: the embedding alone
+    for kwargs in ({"hashes": h, "hash_distance": -1}, {"hashes": None}):
+        alone = find_duplicates(e, 0.82, **kwargs).pair_list
+        assert list(zip(alone.i.tolist(), alone.j.tolist())) == [(4, 5), (6, 7)]
+    with pytest.raises(ValueError, match="8 embeddings"):
+        find_duplicates(e, 0.82, hashes=h[:5])

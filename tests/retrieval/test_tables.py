@@ -44,6 +44,11 @@ def chunks(kind: str) -> list[list]:
             [np.array([1, 1]), np.array([3, 3]), PATHS[:2], np.array([0.99, 0.97], np.float32)],
             [[1, 2, 2], [3, 2, 2], PATHS[2:], [0.96, math.nan, 0.955]],
         ]
+    if kind == "pairs":
+        return [
+            [PATHS[:2], PATHS[2:4], np.array([0.99, 0.71], np.float32), np.array([3, 0], np.int16), ["embedding", "hash"]],
+            [PATHS[4:], PATHS[:1], [0.9], [None], ["both"]],  # no hashes: an empty field / a null
+        ]
     return [[PATHS[:2], [1, 2], PATHS[2:4], [0.5, math.nan]]]
 
 
@@ -76,7 +81,7 @@ def test_group_tables_round_trip(tmp_path, suffix, kind):
     assert os.listdir(tmp_path) == [out.name], "a temporary file was left"
 
 
-@pytest.mark.parametrize("kind", ["groups", "duplicates", "neighbours"])
+@pytest.mark.parametrize("kind", ["groups", "duplicates", "neighbours", "pairs"])
 def test_csv_holds_the_header_and_nan_as_an_empty_field(tmp_path, kind):
     out = tmp_path / "t.csv"
     write(out, kind)
@@ -88,15 +93,17 @@ def test_csv_holds_the_header_and_nan_as_an_empty_field(tmp_path, kind):
     assert len(lines) == 1 + len(expected)
     for fields, row in zip(lines[1:], expected, strict=True):
         for name, field, value in zip(COLUMNS[kind], fields, row, strict=True):
-            if name in ("path", "neighbour"):
+            if isinstance(value, str):
                 assert field == value  # commas, quotes and non-ASCII survive
+            elif value is None:
+                assert field == ""
             elif isinstance(value, float | np.floating):
                 assert field == ("" if math.isnan(value) else f"{float(value):.6f}")
             else:
                 assert field == str(int(value))
 
 
-@pytest.mark.parametrize("kind", ["groups", "duplicates", "neighbours"])
+@pytest.mark.parametrize("kind", ["groups", "duplicates", "neighbours", "pairs"])
 def test_parquet_holds_types_nulls_and_our_metadata(tmp_path, kind):
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "t.parquet"
@@ -109,7 +116,7 @@ def test_parquet_holds_types_nulls_and_our_metadata(tmp_path, kind):
     for name, column in zip(COLUMNS[kind], zip(*expected, strict=True), strict=True):
         read = table.column(name).to_pylist()
         for got, value in zip(read, column, strict=True):
-            if isinstance(value, float | np.floating) and math.isnan(value):
+            if value is None or isinstance(value, float | np.floating) and math.isnan(value):
                 assert got is None  # a null, not a NaN
             elif isinstance(value, float | np.floating):
                 assert got == float(np.float32(value))  # stored as float32

@@ -779,9 +779,15 @@ def embed_dataset(
     desc: str = "embedding",
     runtime: str = "torch",
     cache_model: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
+    side: Tensor | None = None,
+) -> tuple[Tensor, ...]:
     """Embed every readable item of a data set whose items are ``(image, label, index)``; with
     ``progress``, a bar named ``desc`` with its rate (images/s).
+
+    With ``side`` (an empty ``(0, ...)`` tensor of the side tensors' shape and dtype), each item's image
+    is a pair ``(image tensor, side tensor)`` (e.g. the transform
+    :class:`plmetric.retrieval.hashes.HashAlongside`: something computed from the decoded image in the
+    same worker); the side tensors are returned as a fourth result, stacked in the same order.
 
     The model runs in eval mode (its previous train/eval mode is restored afterwards) on batches
     made by :func:`plmetric.data.datasets.collate_skip_none`, which drops unreadable (None) items.
@@ -792,29 +798,18 @@ def embed_dataset(
 
     Returns:
         ``(embeddings, labels, indices)``: float32 (M, D), int64 (M,) and int64 (M,) CPU tensors
-        in data set order, M = the number of readable items; (0, 0), (0,) and (0,) when none is.
+        in data set order, M = the number of readable items; (0, 0), (0,) and (0,) when none is
+        (and with ``side`` the (M, ...) side tensors; ``side`` itself when none is).
     """
     from tqdm import tqdm  # not tqdm.auto: its asyncio tqdm calls iter(loader), a 2nd worker pool
 
-    from plmetric.data.datasets import collate_skip_none
     from plmetric.data.runtime import inference_model
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_skip_none,
-        pin_memory=device.type == "cuda",
-    )
+    loader = _embedding_loader(dataset, batch_size, num_workers, device)
     was_training = model.training
     model.eval()
-    embeddings, labels, indices = [], [], []
+    embeddings, labels, indices, sides = [], [], [], []
     runner: torch.nn.Module | None = None
     bar = tqdm(total=_sized(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     try:
@@ -822,6 +817,9 @@ def embed_dataset(
             if batch is None:
                 continue
             images, batch_labels, batch_indices = batch
+            if side is not None:
+                images, batch_side = images
+                sides.append(torch.as_tensor(batch_side).cpu())
             if runner is None:
                 runner = inference_model(model, tuple(images.shape[1:]), runtime, device, cache=cache_model)
             net = runner if getattr(runner, "input_shape", images.shape[1:]) == tuple(images.shape[1:]) else model
@@ -845,7 +843,29 @@ def embed_dataset(
     else:
         out = torch.cat(embeddings), torch.cat(labels), torch.cat(indices)
     _report_unreadable(dataset, out[2])
+    if side is not None:
+        return (*out, torch.cat(sides) if sides else side)
     return out
+
+
+def _embedding_loader(
+    dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, device: torch.device
+) -> torch.utils.data.DataLoader:
+    """The in-order DataLoader of :func:`embed_dataset` (unreadable items dropped), its sizes checked."""
+    from plmetric.data.datasets import collate_skip_none
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative integer, got {num_workers!r}")
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skip_none,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _sized(dataset: torch.utils.data.Dataset) -> int | None:

@@ -1,12 +1,27 @@
-"""Near-duplicate groups of an index (``plmetric duplicates``): the connected components of the graph whose
-edges are the pairs of images with cosine similarity >= a threshold.
+"""Near-duplicate pairs and groups of an index (``plmetric duplicates``).
 
-Finding the pairs never forms an N x N matrix: each image's nearest others are searched
+**Pairs.** Two images are a duplicate pair by either of two signals:
+
+* ``embedding``: cosine similarity ``s_ij >= threshold``;
+* ``hash``: perceptual-hash distance ``d_ij <= hash_distance`` (mirror-invariant Hamming distance of
+  64-bit phashes, :mod:`plmetric.retrieval.hashes`, recorded by ``plmetric index``) *and* cosine
+  ``s_ij >= hash_floor`` (default :data:`CANDIDATES`). The floor keeps apart two different images whose
+  hashes collide (blank or near-uniform images, one small shape on a white background: 21 of 44,850
+  pairs of different plankton images lay within distance 6); a half-size copy of a 30-120 px image
+  keeps its hash (distance <= 2 for 99 % of them) while its cosine can fall well below the threshold.
+
+A pair found by both is ``both``. With ``check_crops`` (``zoomed``), a pair whose plain cosine is below
+the threshold but whose zoomed rescoring (below) reaches it is ``zoom``; its ``score`` is the rescored
+one. Every pair's ``score`` is its cosine (rescored for ``zoom``), its ``hash_distance`` the hash
+distance (-1 without hashes): :class:`DuplicatePairs`.
+
+Finding the embedding pairs never forms an N x N matrix: each image's nearest others are searched
 (:func:`plmetric.retrieval.neighbours.nearest_others`, exact or through the index's faiss index) with
 k = :data:`START_K`; an image whose k-th neighbour still reaches the threshold may have more, so those
 images alone are searched again with 4k, until every image's last neighbour falls below the threshold
 (or k reaches N - 1). Exactly, this finds every pair above the threshold; through HNSW/IVF, those the
-approximate search returns. Components are found by :func:`scipy.sparse.csgraph.connected_components`.
+approximate search returns. Hash pairs are exact (:func:`plmetric.retrieval.hashes.hash_pair_blocks`,
+block by block; each block's pairs below the floor dropped before the next block).
 
 A threshold within float32 rounding of 1 is read as :func:`highest_cut`: the computed cosine of two
 identical stored unit vectors can fall a few ulps below 1, so ``--threshold 1`` still pairs identical images.
@@ -20,13 +35,27 @@ files with the index's model) and the other image:
 matches a different photo better than the photo itself does, so precision barely moves
 (docs/results.md, "Near-duplicates").
 
-A component is a chain: two members are joined through others, so two members of one group can be
-less similar than the threshold (a resized copy of a copy). ``best_score`` is each member's highest
-similarity to another member, the evidence that it belongs.
+**Groups never chain** (:func:`duplicate_groups`). A group is a set of images that are *all pairwise*
+duplicate pairs: a resized copy of a copy, or three look-alikes A ~ B ~ C with A and C not a pair, never
+make one group of three. Within each connected component of the pair graph, clusters are merged by
+complete linkage (:func:`scipy.cluster.hierarchy.linkage`, ``method="complete"``) on the distance
+``1 - score`` for a pair and 2 for a non-pair, cut below 2: two clusters merge only while every pair
+across them is a duplicate pair, the closest first. A component of more than :data:`MAX_LINKAGE_COMPONENT`
+images (linkage needs its m(m-1)/2 distances) is split greedily instead, in memory proportional to
+its pairs: the image with the highest pair score not yet grouped seeds a group; among its ungrouped
+neighbours that are duplicates of every member so far, the one whose weakest pair to the members is
+highest joins, until none is left (complete linkage grown from one seed). Images in no group of two
+or more stay out of the groups; their pairs remain in the pairs list.
+
+Groups are ordered by how sure they are: by their weakest internal pair score (the lowest score over
+the group's member pairs) descending, ties by size (larger first), then by the first member id.
+``best_score`` is a member's highest score to another member of its group (an image in no group: its
+highest pair score; NaN without pairs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -38,6 +67,7 @@ import numpy as np
 import torch
 
 from plmetric.core.options import DUPLICATES_CANDIDATES as CANDIDATES  # re-exported: defined there without torch
+from plmetric.core.options import DUPLICATES_HASH_DISTANCE as DEFAULT_HASH_DISTANCE
 from plmetric.core.options import DUPLICATES_THRESHOLD as DEFAULT_THRESHOLD
 from plmetric.core.options import DUPLICATES_ZOOMS as ZOOMS
 
@@ -47,21 +77,64 @@ PAIR_CHUNK = 8192
 """Pairs rescored at once (their gathered views: 8192 x 2 x 1280 floats = 80 MiB)."""
 START_K = 16
 """Neighbours searched per image first; images with more duplicates than this are searched again."""
+MAX_LINKAGE_COMPONENT = 2048
+"""The largest connected component of the pair graph grouped by scipy's complete linkage (its condensed
+distances: 2048 x 2047 / 2 doubles = 16 MiB); larger ones are split greedily (module docstring)."""
+SIGNALS = ("embedding", "zoom", "hash", "both")
+"""The ``signal`` of a pair, by its code in :attr:`DuplicatePairs.signal`."""
+EMBEDDING, ZOOM, HASH, BOTH = range(len(SIGNALS))
+PAIR_ROWS_PER_CHUNK = 100_000
+"""Rows of the pairs table written at a time (one Parquet row group)."""
+COSINE_CHUNK = 1 << 20
+"""Pairs whose cosines are computed at once (two gathered rows each: 1M x 2 x 2048 floats at most)."""
+
+
+@dataclass(frozen=True)
+class DuplicatePairs:
+    """Duplicate pairs ``i < j`` (int64), sorted by ``(i, j)``: ``score`` (float32, the cosine; rescored
+    for ``zoom``), ``signal`` (int8 codes into :data:`SIGNALS`) and ``hash_distance`` (int16, -1 without
+    hashes)."""
+
+    i: np.ndarray
+    j: np.ndarray
+    score: np.ndarray
+    signal: np.ndarray
+    hash_distance: np.ndarray
+
+    @classmethod
+    def plain(cls, i: np.ndarray, j: np.ndarray, score: np.ndarray) -> DuplicatePairs:
+        """Pairs found by the embedding alone, without hashes."""
+        return cls(
+            np.asarray(i, np.int64),
+            np.asarray(j, np.int64),
+            np.asarray(score, np.float32),
+            np.full(len(i), EMBEDDING, np.int8),
+            np.full(len(i), -1, np.int16),
+        )
+
+    def counts(self) -> dict[str, int]:
+        """How many pairs each signal found (``both`` counted once, under ``both``)."""
+        found = np.bincount(self.signal, minlength=len(SIGNALS))
+        return {name: int(found[code]) for code, name in enumerate(SIGNALS)}
 
 
 @dataclass(frozen=True)
 class DuplicateGroups:
     """Groups of near-duplicates among N images.
 
-    ``groups``: member ids of every group of two or more, largest first (ties: by first member id),
-    each sorted by ``best_score`` descending; ``best_score``: (N,) each image's highest similarity to
-    another image at or above the threshold (NaN when it has none); ``pairs``: the number of distinct
-    pairs at or above the threshold.
+    ``groups``: member ids of every group of two or more whose members are all pairwise duplicates,
+    surest first (by ``weakest`` descending, ties by size descending, then first member id), each
+    sorted by ``best_score`` descending (ties: by id); ``best_score``: (N,) each member's highest score
+    to another member of its group (an image in no group: its highest pair score; NaN without pairs);
+    ``pairs``: the number of distinct duplicate pairs; ``pair_list``: those pairs; ``weakest``: each
+    group's lowest pair score between its members.
     """
 
     groups: list[np.ndarray]
     best_score: np.ndarray
     pairs: int
+    pair_list: DuplicatePairs | None = None
+    weakest: np.ndarray | None = None
 
     @property
     def members(self) -> int:
@@ -148,29 +221,127 @@ def similar_pairs(
     return low[first], high[first], s[first]
 
 
-def duplicate_groups(n: int, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> DuplicateGroups:
-    """The connected components (two or more members) of the graph on ``n`` images with edges ``(i, j)``
-    of similarity ``s``, largest first, members by ``best_score`` descending."""
+def duplicate_groups(
+    n: int, i: np.ndarray, j: np.ndarray, s: np.ndarray, *, max_component: int = MAX_LINKAGE_COMPONENT
+) -> DuplicateGroups:
+    """The groups of the pair graph on ``n`` images with edges ``(i, j)`` of score ``s`` (``i != j``, each
+    pair once), by the module docstring's rule: every member of a group a duplicate of every other,
+    complete linkage within each connected component (greedy above ``max_component`` images), surest
+    group first."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    best = np.full(n, np.nan, dtype=np.float32)
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+    s = np.asarray(s, np.float32)
+    label = np.full(n, -1, dtype=np.int64)  # each image's group (-1: none), numbered as found
     if len(i):
-        filled = np.full(n, -np.inf, dtype=np.float32)
-        np.maximum.at(filled, i, s.astype(np.float32))
-        np.maximum.at(filled, j, s.astype(np.float32))
-        best = np.where(np.isfinite(filled), filled, np.nan).astype(np.float32)
-    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    sizes = np.bincount(component)
+        graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
+        count, component = connected_components(graph, directed=False)
+        sizes = np.bincount(component, minlength=count)
+        pair_component = component[i]
+        two = sizes[pair_component] == 2  # a component of two images is one pair: one group
+        label[i[two]] = np.arange(int(two.sum()))
+        label[j[two]] = np.arange(int(two.sum()))
+        next_label = int(two.sum())
+        order = np.argsort(pair_component, kind="stable")  # the pairs of each component together
+        by_component = np.split(order, np.searchsorted(pair_component[order], np.arange(1, count)))
+        for c in np.flatnonzero(sizes > 2).tolist():  # a loop over components, each one's work vectorised
+            rows = by_component[c]
+            for cluster in _clique_clusters(i[rows], j[rows], s[rows], max_component):
+                label[cluster] = next_label
+                next_label += 1
+    return _ordered_groups(n, label, i, j, s)
+
+
+def _clique_clusters(i: np.ndarray, j: np.ndarray, s: np.ndarray, max_component: int) -> list[np.ndarray]:
+    """The groups (two or more image ids, all pairwise among the pairs ``(i, j)``) of one connected
+    component: complete linkage, or :func:`_greedy_cliques` above ``max_component`` images."""
+    members = np.unique(np.concatenate([i, j]))
+    m = len(members)
+    if m > max_component:
+        return _greedy_cliques(members, np.searchsorted(members, i), np.searchsorted(members, j), s)
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    a, b = np.searchsorted(members, i), np.searchsorted(members, j)
+    a, b = np.minimum(a, b), np.maximum(a, b)
+    condensed = np.full(m * (m - 1) // 2, 2.0)  # scipy's order: (0,1), (0,2), ..., (1,2), ...
+    condensed[m * a - a * (a + 1) // 2 + (b - a - 1)] = np.clip(1.0 - s.astype(np.float64), 0.0, 1.9)
+    flat = fcluster(linkage(condensed, method="complete"), t=1.95, criterion="distance")
+    order = np.argsort(flat, kind="stable")
+    parts = np.split(members[order], np.flatnonzero(np.diff(flat[order])) + 1)
+    return [part for part in parts if len(part) >= 2]
+
+
+def _greedy_cliques(members: np.ndarray, a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[np.ndarray]:
+    """Greedy complete linkage on a large component (local ids ``a``, ``b`` of ``members``): seeds by
+    their highest pair score; each seed's group grows by the candidate with the highest weakest pair to
+    the members, among its neighbours that pair with every member. Memory: the component's pairs."""
+    from scipy.sparse import coo_matrix
+
+    m = len(members)
+    # symmetric adjacency with score + 3 (never an explicit zero), rows sorted by column
+    adjacency = coo_matrix(
+        (np.concatenate([s, s]).astype(np.float64) + 3.0, (np.concatenate([a, b]), np.concatenate([b, a]))),
+        shape=(m, m),
+    ).tocsr()
+    adjacency.sort_indices()
+    strongest = np.full(m, -np.inf)
+    np.maximum.at(strongest, np.concatenate([a, b]), np.concatenate([s, s]).astype(np.float64))
+    grouped = np.zeros(m, dtype=bool)
+    clusters = []
+
+    def row(v: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = adjacency.indptr[v], adjacency.indptr[v + 1]
+        return adjacency.indices[lo:hi], adjacency.data[lo:hi] - 3.0
+
+    for seed in np.argsort(-strongest, kind="stable").tolist():
+        if grouped[seed]:
+            continue
+        candidates, weakest = row(seed)
+        alive = ~grouped[candidates]
+        group = [seed]
+        while alive.any():
+            best = int(np.flatnonzero(alive)[np.argmax(weakest[alive])])
+            chosen = int(candidates[best])
+            group.append(chosen)
+            alive[best] = False
+            neighbours, scores = row(chosen)  # never empty: the seed is one
+            where = np.minimum(np.searchsorted(neighbours, candidates), len(neighbours) - 1)
+            linked = neighbours[where] == candidates  # a candidate stays only if it pairs with the new member
+            alive &= linked
+            weakest = np.where(linked, np.minimum(weakest, scores[where]), weakest)
+        if len(group) >= 2:
+            grouped[group] = True
+            clusters.append(members[np.array(group)])
+    return clusters
+
+
+def _ordered_groups(n: int, label: np.ndarray, i: np.ndarray, j: np.ndarray, s: np.ndarray) -> DuplicateGroups:
+    """The groups of ``label`` (-1: none) ordered surest first, members by ``best_score`` (module docstring)."""
+    groups_count = int(label.max()) + 1 if len(label) else 0
+    best = np.full(n, -np.inf, dtype=np.float32)
+    np.maximum.at(best, i, s)
+    np.maximum.at(best, j, s)
+    inside = (label[i] >= 0) & (label[i] == label[j])
+    in_group = label >= 0
+    best[in_group] = -np.inf  # a member: its best score to another member of its group only
+    np.maximum.at(best, i[inside], s[inside])
+    np.maximum.at(best, j[inside], s[inside])
+    best = np.where(np.isfinite(best), best, np.nan).astype(np.float32)
+    weakest = np.full(groups_count, np.inf, dtype=np.float32)
+    np.minimum.at(weakest, label[i[inside]], s[inside])
     groups: list[np.ndarray] = []
-    if (sizes >= 2).any():  # vectorised: members of each component, sorted by component then by best score
-        order = np.lexsort((-np.nan_to_num(best, nan=-2.0), component))
-        ordered = component[order]
-        starts = np.searchsorted(ordered, np.flatnonzero(sizes >= 2))
-        groups = [order[a : a + sizes[ordered[a]]] for a in starts]
-        groups.sort(key=lambda g: (-len(g), int(g.min())))
-    return DuplicateGroups(groups=groups, best_score=best, pairs=len(i))
+    if groups_count:
+        order = np.lexsort((np.arange(n), -np.nan_to_num(best, nan=-2.0), label))
+        order = order[label[order] >= 0]
+        sizes = np.bincount(label[order], minlength=groups_count)
+        groups = np.split(order, np.cumsum(sizes)[:-1])
+        firsts = np.full(groups_count, n, dtype=np.int64)
+        np.minimum.at(firsts, label[order], order)
+        rank = np.lexsort((firsts, -sizes, -weakest))
+        groups = [groups[k] for k in rank.tolist()]
+        weakest = weakest[rank]
+    return DuplicateGroups(groups=groups, best_score=best, pairs=len(i), weakest=weakest)
 
 
 def rescore_with_zooms(
@@ -214,33 +385,131 @@ def find_duplicates(
     zoomed: Callable[[np.ndarray], np.ndarray] | None = None,
     candidates: float = CANDIDATES,
     announce: Callable[[int], None] | None = None,
+    hashes: np.ndarray | None = None,
+    hash_distance: int = DEFAULT_HASH_DISTANCE,
+    hash_floor: float = CANDIDATES,
+    max_component: int = MAX_LINKAGE_COMPONENT,
 ) -> DuplicateGroups:
-    """Near-duplicate groups of ``embeddings`` at a cosine ``threshold``: :func:`similar_pairs`, then
-    :func:`duplicate_groups`.
+    """Near-duplicate pairs and groups of ``embeddings`` (the module docstring's rules): the embedding
+    pairs at a cosine ``threshold`` (:func:`similar_pairs`), the hash pairs of ``hashes`` ((N, 16)
+    uint8, or None: the embedding alone) within ``hash_distance`` (-1: off) at cosine >= ``hash_floor``
+    (:func:`combine_pairs`), then :func:`duplicate_groups`; ``pair_list`` holds every pair.
 
     With ``zoomed`` (image ids (M,) -> (M, Z, d) unit embeddings of their zoomed views, NaN rows for
     images it could not read), the pairs at or above ``min(candidates, threshold)`` are rescored by
     :func:`rescore_with_zooms` first (``zoomed`` is called on :data:`ZOOM_CHUNK` images at a time;
     ``announce`` first gets the number of candidate images), and those whose best score reaches
-    ``threshold`` are kept.
+    ``threshold`` are kept (signal ``zoom`` where the plain score did not).
     """
     threshold = check_threshold(threshold)
+    cut = min(threshold, highest_cut(embeddings.shape[1]))
     if zoomed is None:
         i, j, s = similar_pairs(
             embeddings, threshold, faiss_index, nprobe=nprobe, ef_search=ef_search, progress=progress
         )
-        return duplicate_groups(embeddings.shape[0], i, j, s)
-    low = min(check_threshold(candidates), threshold)
-    i, j, s = similar_pairs(embeddings, low, faiss_index, nprobe=nprobe, ef_search=ef_search, progress=progress)
-    rows = np.unique(np.concatenate([i, j]))
-    if announce is not None:
-        announce(len(rows))
-    best = s.astype(np.float32)
-    for start in range(0, len(rows), ZOOM_CHUNK):  # views of ZOOM_CHUNK images at a time: bounded memory
-        chunk = rows[start : start + ZOOM_CHUNK]
-        best = rescore_with_zooms(i, j, best, embeddings, zoomed(chunk), chunk)
-    keep = best >= min(threshold, highest_cut(embeddings.shape[1]))
-    return duplicate_groups(embeddings.shape[0], i[keep], j[keep], best[keep])
+        zoom_only = np.zeros(len(i), dtype=bool)
+    else:
+        low = min(check_threshold(candidates), threshold)
+        i, j, s = similar_pairs(
+            embeddings, low, faiss_index, nprobe=nprobe, ef_search=ef_search, progress=progress
+        )
+        rows = np.unique(np.concatenate([i, j]))
+        if announce is not None:
+            announce(len(rows))
+        best = s.astype(np.float32)
+        for start in range(0, len(rows), ZOOM_CHUNK):  # views of ZOOM_CHUNK images at a time: bounded memory
+            chunk = rows[start : start + ZOOM_CHUNK]
+            best = rescore_with_zooms(i, j, best, embeddings, zoomed(chunk), chunk)
+        keep = best >= cut
+        zoom_only = (s < cut)[keep]
+        i, j, s = i[keep], j[keep], best[keep]
+    pairs = combine_pairs(embeddings, i, j, s, zoom_only, hashes, hash_distance, hash_floor)
+    groups = duplicate_groups(embeddings.shape[0], pairs.i, pairs.j, pairs.score, max_component=max_component)
+    return dataclasses.replace(groups, pair_list=pairs)
+
+
+def pair_cosines(embeddings: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """``<e_i, e_j>`` (float32) of each pair, :data:`COSINE_CHUNK` pairs at a time."""
+    out = np.empty(len(i), dtype=np.float32)
+    for start in range(0, len(i), COSINE_CHUNK):
+        part = slice(start, start + COSINE_CHUNK)
+        out[part] = np.einsum("pd,pd->p", embeddings[i[part]], embeddings[j[part]])
+    return out
+
+
+def combine_pairs(
+    embeddings: torch.Tensor,
+    i: np.ndarray,
+    j: np.ndarray,
+    s: np.ndarray,
+    zoom_only: np.ndarray,
+    hashes: np.ndarray | None = None,
+    hash_distance: int = DEFAULT_HASH_DISTANCE,
+    hash_floor: float = CANDIDATES,
+) -> DuplicatePairs:
+    """The embedding pairs ``(i, j, s)`` (``i < j``; ``zoom_only``: found only by the zoomed views) and,
+    with ``hashes``, every pair within ``hash_distance`` whose cosine is at least ``hash_floor``, as one
+    :class:`DuplicatePairs` (a pair found by both once, signal ``both``, its higher score).
+
+    Raises:
+        ValueError: ``hashes`` not (N, 16) uint8 for the N embeddings, or a bad distance or floor.
+    """
+    from plmetric.retrieval.hashes import check_hash_distance, check_hashes, hash_distances, hash_pair_blocks
+
+    n, dim = embeddings.shape
+    i, j = np.asarray(i, np.int64), np.asarray(j, np.int64)
+    s, zoom_only = np.asarray(s, np.float32), np.asarray(zoom_only, bool)
+    hash_distance = check_hash_distance(hash_distance)
+    hi, hj, hs = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
+    if hashes is not None:
+        hashes = check_hashes(hashes, "perceptual hashes")
+        if len(hashes) != n:
+            raise ValueError(f"{len(hashes)} perceptual hashes for {n} embeddings")
+        floor = min(check_threshold(hash_floor), highest_cut(dim))
+        e = embeddings.detach().to("cpu", torch.float32).numpy()
+        for bi, bj, _ in hash_pair_blocks(hashes, hash_distance):  # each block filtered before the next
+            cosine = pair_cosines(e, bi, bj)
+            keep = cosine >= floor
+            hi.append(bi[keep])
+            hj.append(bj[keep])
+            hs.append(cosine[keep])
+    hi, hj, hs = np.concatenate(hi), np.concatenate(hj), np.concatenate(hs)
+    keys, inverse = np.unique(np.concatenate([i * n + j, hi * n + hj]), return_inverse=True)
+    by_embedding, by_hash = inverse[: len(i)], inverse[len(i) :]
+    score = np.full(len(keys), -np.inf, dtype=np.float32)
+    np.maximum.at(score, by_embedding, s)
+    np.maximum.at(score, by_hash, hs)
+    embedded, hashed, zoom = (np.zeros(len(keys), dtype=bool) for _ in range(3))
+    embedded[by_embedding] = True
+    hashed[by_hash] = True
+    zoom[by_embedding] = zoom_only
+    signal = np.where(embedded & hashed, BOTH, np.where(hashed, HASH, np.where(zoom, ZOOM, EMBEDDING)))
+    pi, pj = keys // n if n else keys, keys % n if n else keys
+    distance = np.full(len(keys), -1, dtype=np.int16)
+    if hashes is not None and len(keys):
+        distance = hash_distances(hashes[pi], hashes[pj]).astype(np.int16)
+    return DuplicatePairs(pi.astype(np.int64), pj.astype(np.int64), score, signal.astype(np.int8), distance)
+
+
+def write_pairs_table(out: str | os.PathLike, pairs: DuplicatePairs, paths: list[str], index_id: str | None) -> Path:
+    """Write ``pairs`` as a ``pairs`` table (:mod:`plmetric.retrieval.tables`: path_a, path_b, score,
+    hash_distance (empty without hashes), signal), :data:`PAIR_ROWS_PER_CHUNK` rows at a time, atomically."""
+    from plmetric.retrieval.tables import TableWriter
+
+    names = np.array(SIGNALS, dtype=object)
+    with TableWriter(out, "pairs", index_id=index_id) as table:
+        for start in range(0, len(pairs.i), PAIR_ROWS_PER_CHUNK):
+            rows = slice(start, start + PAIR_ROWS_PER_CHUNK)
+            table.write(
+                [
+                    [paths[i] for i in pairs.i[rows].tolist()],
+                    [paths[j] for j in pairs.j[rows].tolist()],
+                    pairs.score[rows].tolist(),
+                    [None if d < 0 else d for d in pairs.hash_distance[rows].tolist()],
+                    names[pairs.signal[rows]].tolist(),
+                ]
+            )
+        return table.commit()
 
 
 def zoom_crop(image: Any, fraction: float) -> Any:

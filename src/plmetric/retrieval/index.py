@@ -3,7 +3,10 @@
 An index (or embeddings file) is one safetensors file: ``embeddings`` (N × d, L2-normalised),
 ``labels`` (N, -1 when unlabelled), ``file_stat`` (N × 2 int64: each image file's size in bytes and
 modification time in ns when the index was written, -1 -1 for an item without a file; absent from
-indexes of older versions, which stay readable) and, in its metadata (``plmetric_index``, JSON):
+indexes of older versions, which stay readable), ``phash`` (N × 16 uint8: each image's perceptual
+hashes, :func:`plmetric.retrieval.hashes.perceptual_hashes`, computed by ``plmetric index`` while the
+image is decoded for embedding; absent from older indexes and from ``plmetric embed``'s files:
+:func:`load_hashes` gives None) and, in its metadata (``plmetric_index``, JSON):
 
 * ``paths``: the absolute path of every image (``search`` works from any folder);
 * ``model``: everything needed to embed a query the same way and to check that it is the same
@@ -69,6 +72,8 @@ INDEX_FORMAT = "plmetric-index"
 INDEX_VERSION = 2
 FILE_STAT_KEY = "file_stat"
 """The tensor of an index holding each image file's ``(size in bytes, mtime in ns)`` at indexing."""
+HASH_KEY = "phash"
+"""The tensor of an index holding each image's perceptual hashes ((N, 16) uint8)."""
 
 
 class IndexBusyError(ValueError):
@@ -200,12 +205,14 @@ def save_embeddings(
     model: dict[str, Any],
     ann: dict[str, Any] | None = None,
     stats: torch.Tensor | None = None,
+    hashes: Any = None,
 ) -> Path:
     """Write embeddings, labels, absolute image paths, their files' size and mtime and the model
     description to one safetensors file.
 
     ``ann`` is the description of a faiss file written beside it (see :func:`write_index`);
-    ``stats`` the rows of :func:`file_stats` (default: taken now, from the files themselves)."""
+    ``stats`` the rows of :func:`file_stats` (default: taken now, from the files themselves);
+    ``hashes`` the images' perceptual hashes ((N, 16) uint8, stored as ``phash``; None: none stored)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors, got {path}")
@@ -229,6 +236,13 @@ def save_embeddings(
         "labels": labels.long().contiguous().cpu(),
         FILE_STAT_KEY: stats.contiguous().cpu(),
     }
+    if hashes is not None:
+        from plmetric.retrieval.hashes import check_hashes
+
+        array = check_hashes(hashes, f"perceptual hashes of {path}")
+        if len(array) != len(absolute):
+            raise ValueError(f"{len(array)} perceptual hashes for {len(absolute)} images")
+        tensors[HASH_KEY] = torch.from_numpy(array.copy())
     return atomic_save_safetensors(path, tensors, {INDEX_KEY: json.dumps(meta)})
 
 
@@ -330,6 +344,32 @@ def load_file_stats(path: str | os.PathLike) -> torch.Tensor | None:
     if stats.dtype != torch.int64 or tuple(stats.shape) != (count, 2):
         return None
     return stats
+
+
+def load_hashes(index_path: str | os.PathLike) -> Any:
+    """The ``phash`` tensor of an index as an ``(N, 16)`` uint8 NumPy array, or None for an index
+    written without it (older versions, ``plmetric embed``).
+
+    Raises:
+        ValueError: a ``phash`` tensor of another type or shape than ``(N, 16)`` uint8 for the index's
+            N images, or an unreadable file (one line naming the index).
+    """
+    from plmetric.retrieval.hashes import HASH_BYTES
+
+    try:
+        with safe_open(str(index_path), framework="pt") as handle:
+            if HASH_KEY not in handle.keys():
+                return None
+            hashes = handle.get_tensor(HASH_KEY)
+            count = handle.get_slice("embeddings").get_shape()[0]
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{index_path} is not a readable plmetric index: {err}") from None
+    if hashes.dtype != torch.uint8 or tuple(hashes.shape) != (count, HASH_BYTES):
+        raise ValueError(
+            f"{index_path} is not a valid plmetric index: its '{HASH_KEY}' tensor is {hashes.dtype} "
+            f"{list(hashes.shape)}, expected uint8 [{count}, {HASH_BYTES}] (one row per image)"
+        )
+    return hashes.numpy()
 
 
 def index_identity(embeddings: torch.Tensor, paths: list[str]) -> str:
@@ -464,11 +504,12 @@ def write_index(
     plan: Any = None,
     faiss_index: Any = None,
     stats: torch.Tensor | None = None,
+    hashes: Any = None,
 ) -> tuple[Path, Path | None]:
     """Write an index, with a faiss index of ``plan`` (an :class:`plmetric.manifold.ann.AnnPlan`) beside it.
 
     ``faiss_index`` is a built faiss index of exactly these embeddings (e.g. grown by
-    :func:`extend_index`); without it the plan's index is built here. ``stats``: as in
+    :func:`extend_index`); without it the plan's index is built here. ``stats``, ``hashes``: as in
     :func:`save_embeddings`. Write order (see the module
     docstring): the faiss file, the ``.safetensors`` file (the commit), then the removal of the
     faiss file; the faiss file the replaced index named is left in place (another index may name it).
@@ -499,7 +540,7 @@ def write_index(
             "count": len(embeddings),
             "faiss_version": ann.import_faiss().__version__,
         }
-    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats)
+    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats, hashes=hashes)
     return path, faiss_path
 
 
@@ -626,11 +667,14 @@ def extend_index(
     *,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    hashes: Any = None,
 ) -> tuple[int, Path | None, Any]:
     """Append embeddings (with their labels and paths) to the index at ``index_path``, and to its
     faiss index (``faiss_index``, from :func:`load_faiss_index`) if it has one; write the result to
     ``out`` (which may be ``index_path`` itself: the old index stays whole until the new one is
-    committed). ``nprobe``/``ef_search`` replace the recorded search parameters.
+    committed). ``nprobe``/``ef_search`` replace the recorded search parameters. ``hashes``: the new
+    images' perceptual hashes, appended to the index's own; an index without them stays without them
+    (its old images have none), and new images without them drop the index's.
 
     Returns:
         ``(number of vectors now, faiss file path or None, its AnnPlan or None)``.
@@ -665,7 +709,14 @@ def extend_index(
     old_stats = load_file_stats(index_path)  # an older index without them: unknown (-1) for its images
     old_stats = torch.full((len(old_paths), 2), -1, dtype=torch.int64) if old_stats is None else old_stats
     stats = torch.cat([old_stats, file_stats(absolute)])
+    old_hashes = load_hashes(index_path)
+    all_hashes = None
+    if old_hashes is not None and hashes is not None:
+        import numpy as np
+
+        all_hashes = np.concatenate([old_hashes, np.asarray(hashes, dtype=np.uint8).reshape(-1, old_hashes.shape[1])])
     _, faiss_path = write_index(
-        out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown, stats=stats
+        out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown, stats=stats,
+        hashes=all_hashes,
     )
     return len(all_embeddings), faiss_path, plan

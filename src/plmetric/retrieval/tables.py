@@ -9,7 +9,11 @@ One row per image (or per image and neighbour), with these columns:
 * ``groups``: ``group, size, path, representative, score`` (groups numbered from 1, largest first;
   group -1 is the "ungrouped" bucket, written last; ``representative`` is 1 for the one member per
   group most similar to the group's mean direction; ``score`` the member's cosine similarity to that
-  direction, empty for the ungrouped).
+  direction, empty for the ungrouped);
+* ``pairs`` (``duplicates --pairs``, one row per duplicate pair): ``path_a, path_b, score, hash_distance,
+  signal`` (``score`` the pair's cosine similarity, ``hash_distance`` its perceptual-hash distance, empty
+  for an index without hashes, ``signal`` which rule found it: ``embedding``, ``zoom``, ``hash`` or
+  ``both``; :mod:`plmetric.retrieval.duplicates`).
 
 A CSV file is ours when its first line is exactly its kind's header (with or without the trailing
 ``index_id`` column below); a Parquet file when its schema metadata says ``plmetric_table: <kind>``.
@@ -73,6 +77,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "neighbours": ("path", "rank", "neighbour", "score"),
     "duplicates": ("group", "size", "path", "best_score"),
     "groups": ("group", "size", "path", "representative", "score"),
+    "pairs": ("path_a", "path_b", "score", "hash_distance", "signal"),
 }
 SUFFIXES = (".csv", ".parquet")
 PARQUET_KEY = b"plmetric_table"
@@ -82,7 +87,7 @@ INDEX_ID_COLUMN = "index_id"
 """The CSV column recording the index a table was written from (its first row; empty in the others)."""
 UNGROUPED = -1
 """The ``group`` of the images a ``groups`` table leaves ungrouped."""
-NAME_COLUMNS = frozenset({"path", "neighbour", "query"})
+NAME_COLUMNS = frozenset({"path", "neighbour", "query", "path_a", "path_b"})
 """Columns holding file names (written by :func:`encode_name`)."""
 _GROUP_FIELD = re.compile(r"-?[0-9]{1,18}")
 URI_PREFIX = "file:"
@@ -312,6 +317,10 @@ _PARQUET_TYPES = {
     "representative": lambda pa: pa.int8(),
     "score": lambda pa: pa.float32(),
     "best_score": lambda pa: pa.float32(),
+    "path_a": lambda pa: pa.string(),
+    "path_b": lambda pa: pa.string(),
+    "hash_distance": lambda pa: pa.int16(),
+    "signal": lambda pa: pa.string(),
 }
 
 

@@ -68,12 +68,14 @@ def embed_distributed(
     progress: str | None = None,
     runtime: str = "torch",
     cache_model: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    side: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Embed a data set (or its items ``indices``), sharded over ranks and gathered with its
     indices (no duplicates); ``progress`` names the pass's progress bar (rank 0; None: no bar);
-    ``runtime`` and ``cache_model`` as in :func:`plmetric.evaluation.metrics.embed_dataset`.
+    ``runtime``, ``cache_model`` and ``side`` as in :func:`plmetric.evaluation.metrics.embed_dataset`.
 
-    Returns CPU float32 embeddings, labels and dataset indices sorted by index.
+    Returns CPU float32 embeddings, labels and dataset indices sorted by index (with ``side``, the
+    side tensors too, gathered and sorted alike).
     """
     world, rank = dist_utils.world_size(), dist_utils.rank()
     items = list(range(len(dataset))) if indices is None else list(indices)
@@ -82,23 +84,23 @@ def embed_distributed(
     else:
         shard = Subset(dataset, items[rank::world])
     bar = progress is not None and dist_utils.is_main_process()
-    emb, labels, index = embed_dataset(
+    found = embed_dataset(
         model, shard, batch_size=batch_size, num_workers=num_workers, device=device, progress=bar, desc=progress or "",
-        runtime=runtime, cache_model=cache_model,
+        runtime=runtime, cache_model=cache_model, side=side,
     )
-    return _gather_in_index_order(emb, labels, index, device)
+    return _gather_in_index_order(*found[:3], device, *found[3:])
 
 
 def _gather_in_index_order(
-    emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gather each rank's shard (CPU tensors) and sort everything by data set index."""
+    emb: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, device: torch.device, *side: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Gather each rank's shard (CPU tensors) and sort everything by data set index (``side``: more
+    per-item tensors, gathered and sorted alike)."""
+    parts = (emb, labels, index, *side)
     if dist_utils.world_size() > 1:
-        emb = dist_utils.all_gather_variable(emb.to(device)).cpu()
-        labels = dist_utils.all_gather_variable(labels.to(device)).cpu()
-        index = dist_utils.all_gather_variable(index.to(device)).cpu()
-    order = torch.argsort(index)
-    return emb[order], labels[order], index[order]
+        parts = tuple(dist_utils.all_gather_variable(part.to(device)).cpu() for part in parts)
+    order = torch.argsort(parts[2])
+    return tuple(part[order] for part in parts)
 
 
 @torch.no_grad()

@@ -1,5 +1,8 @@
 """``plmetric duplicates``: near-duplicate groups of an index (resized, recompressed, cropped copies of one
-photo) as a table (``group, size, path, best_score``), and optionally a PNG grid of the first groups."""
+photo) as a table (``group, size, path, best_score``), optionally every duplicate pair as a table
+(``--pairs``: ``path_a, path_b, score, hash_distance, signal``) and a PNG grid of the first groups.
+The rules (the embedding and the perceptual-hash signals, groups that never chain, surest first) are
+:mod:`plmetric.retrieval.duplicates`'."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ ROWS_PER_CHUNK = 100_000
 
 def add_parser(subparsers: Any) -> None:
     from plmetric.core.options import DUPLICATES_CANDIDATES as CANDIDATES  # no torch: --help stays fast
+    from plmetric.core.options import DUPLICATES_HASH_DISTANCE as HASH_DISTANCE
     from plmetric.core.options import DUPLICATES_THRESHOLD as DEFAULT_THRESHOLD
     from plmetric.core.options import DUPLICATES_ZOOMS as ZOOMS
 
@@ -39,13 +43,34 @@ def add_parser(subparsers: Any) -> None:
         "near-duplicate groups of an index (copies of one photo: resized, recompressed, cropped) as a table",
     )
     pile_arguments(du)
-    du.add_argument("--out", required=True, help="table to write: .csv or .parquet; rows: group, size, path, best_score")
+    du.add_argument(
+        "--out",
+        required=True,
+        help="table to write: .csv or .parquet; rows: group, size, path, best_score. A group is a set of images that "
+        "are all duplicates of each other (never a chain of look-alikes), surest group first (by its weakest pair)",
+    )
+    du.add_argument(
+        "--pairs",
+        default=None,
+        metavar="FILE",
+        help="also write every duplicate pair to this table (.csv or .parquet): path_a, path_b, score (cosine), "
+        "hash_distance (empty without hashes), signal (embedding, hash, both, or zoom with --check-crops)",
+    )
+    du.add_argument(
+        "--hash-distance",
+        type=hash_distance,
+        default=HASH_DISTANCE,
+        metavar="N|off",
+        help="images whose perceptual hashes (recorded by plmetric index; mirror-invariant) differ in at most N of 64 "
+        "bits are also duplicates at cosine >= --candidates: resized or recompressed copies of small images that the "
+        "embedding scores low; 0..64, or off (the embedding alone)",
+    )
     du.add_argument(
         "--threshold",
         type=cosine_threshold,
         default=DEFAULT_THRESHOLD,
         help="two images are near-duplicates when the cosine similarity of their embeddings is at least this, in "
-        "(-1, 1]; groups are the connected components of such pairs (members may be joined through others). Higher: "
+        "(-1, 1]; a group holds images that are all pairwise duplicates (a chain of look-alikes is not one group). Higher: "
         "fewer, closer copies; lower: also similar but different photos. The default was measured on the pretrained "
         "backbone's features with planted copies (docs/results.md): on CUB photos it found every resized, "
         "recompressed and mirrored copy and 90%% of 80-90%% crops at precision 0.97 (with --check-crops every crop, at "
@@ -64,7 +89,9 @@ def add_parser(subparsers: Any) -> None:
         "--candidates",
         type=cosine_threshold,
         default=CANDIDATES,
-        help="with --check-crops: the pairs rescored are those at or above this cosine",
+        help="the lowest cosine at which a pair can be a duplicate on other evidence: a close perceptual hash "
+        "(--hash-distance; keeps apart different images whose hashes collide, such as blank ones), or with "
+        "--check-crops a zoomed view reaching --threshold (the pairs rescored are those at or above it)",
     )
     du.add_argument("--batch-size", type=batch_size, default=32, help="with --check-crops: images per forward pass")
     du.add_argument(
@@ -78,23 +105,28 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from plmetric.cli.common import refuse_indexed_outputs
-    from plmetric.retrieval.duplicates import draw_groups, find_duplicates
+    from plmetric.retrieval.duplicates import draw_groups, find_duplicates, write_pairs_table
     from plmetric.retrieval.index import index_identity
     from plmetric.retrieval.tables import TableWriter
 
     out = check_table_output(args, "duplicates")
+    pairs_out = check_table_output(args, "pairs", "--pairs", args.pairs) if args.pairs else None
     grid = check_grid_output(args, SOFTWARE)
+    if pairs_out is not None and pairs_out.resolve() in {p.resolve() for p in (out, grid) if p is not None}:
+        raise CLIError(f"--pairs {pairs_out} is also --out or --grid: give the pairs table a file of its own")
     if args.check_crops and args.candidates > args.threshold:
         raise CLIError(
             f"--candidates {args.candidates:g} is above --threshold {args.threshold:g}: the pairs rescored for "
             "--check-crops must include those already above the threshold; give a lower --candidates"
         )
     embeddings, paths, faiss_index, description = load_pile_index(args)
+    hashes = _index_hashes(args)  # a malformed record: one line
     recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
-    refuse_indexed_outputs([out, grid], paths)
+    refuse_indexed_outputs([out, grid, pairs_out], paths)
     zoomed = _zoomed_views(args, paths, description) if args.check_crops else None
     how = f"through its faiss {faiss_index[1].kind} index" if faiss_index is not None else "exactly"
     print(f"near-duplicates among {len(paths):,} images at cosine >= {args.threshold:g}, {how}", file=sys.stderr)
+    _announce_hashes(len(paths) if hashes is not None else 0)
     found = find_duplicates(
         embeddings,
         args.threshold,
@@ -105,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
         zoomed=zoomed,
         candidates=args.candidates,
         announce=_announce if args.check_crops else None,
+        hashes=hashes,
+        hash_distance=args.hash_distance,
+        hash_floor=args.candidates,
     )
     import numpy as np
 
@@ -123,15 +158,17 @@ def run(args: argparse.Namespace) -> int:
                 ]
             )
         table.commit()
+    if pairs_out is not None:
+        write_pairs_table(pairs_out, found.pair_list, paths, recorded_id)
     print(
         f"{len(found.groups):,} groups of near-duplicates: {found.members:,} of {len(paths):,} images "
-        f"({found.pairs:,} pairs at cosine >= {args.threshold:g})"
+        f"({_pair_summary(found.pair_list, args, hashes is not None)})"
     )
     for number, members in enumerate(found.groups[: args.show], start=1):
         names = ", ".join(shown(Path(paths[i]).name) for i in members[:4].tolist())
         more = f", ... (+{len(members) - 4})" if len(members) > 4 else ""
         print(f"  group {number} ({len(members)}): {names}{more}")
-    written = [str(out)]
+    written = [str(out)] + ([str(pairs_out)] if pairs_out is not None else [])
     if grid is not None:
         drawn = found.groups[: args.show]
         draw_groups(
@@ -146,6 +183,53 @@ def run(args: argparse.Namespace) -> int:
     if not args.check_crops:
         print("(cropped copies score lower: --check-crops also finds them, re-reading the candidate images)")
     return 0
+
+
+def hash_distance(text: str) -> int:
+    """An argparse type: a Hamming distance 0..64, or ``off`` (-1: no hash signal)."""
+    if text.strip().lower() == "off":
+        return -1
+    value = int(text) if text.strip().isdigit() and text.strip().isascii() else -1
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected a number of differing hash bits in 0..64, or off; got '{text}'")
+    return value
+
+
+def _index_hashes(args: argparse.Namespace) -> Any:
+    """The index's perceptual hashes (None: the hash signal off, or none recorded: said once)."""
+    from plmetric.retrieval.index import load_hashes
+
+    hashes = load_hashes(args.index) if args.hash_distance >= 0 else None
+    if args.hash_distance >= 0 and hashes is None:
+        print(
+            f"plmetric: note: {shown(args.index)} records no perceptual hashes (written by an older plmetric or by "
+            "plmetric embed): duplicates uses the embedding alone; rebuild it with plmetric index to add them",
+            file=sys.stderr,
+        )
+    return hashes
+
+
+def _announce_hashes(count: int) -> None:
+    """Say how long the hash pairs take where that is long (NumPy on a large pile, no faiss)."""
+    from plmetric.retrieval.hashes import HASH_FAISS_ABOVE, numpy_seconds, uses_faiss
+
+    if count >= HASH_FAISS_ABOVE and not uses_faiss(count):
+        minutes = numpy_seconds(count) / 60
+        print(f"hash pairs of {count:,} images in NumPy: about {minutes:.0f} min (faster with faiss)", file=sys.stderr)
+
+
+def _pair_summary(pairs: Any, args: argparse.Namespace, hashed: bool) -> str:
+    """How many pairs each signal found, for the printed summary."""
+    counts = pairs.counts()
+    parts = [f"{counts['embedding']:,} by the embedding (cosine >= {args.threshold:g})"]
+    parts += [f"{counts['zoom']:,} by a zoomed view"] if args.check_crops else []
+    hash_rule = f"distance <= {args.hash_distance}, cosine >= {args.candidates:g}"
+    parts.append(
+        f"{counts['hash']:,} by the hash alone ({hash_rule}), {counts['both']:,} by both"
+        if hashed
+        else ("hash signal off" if args.hash_distance < 0 else "no hashes in the index")
+    )
+    return f"{len(pairs.i):,} pairs: " + ", ".join(parts)
 
 
 def _announce(count: int) -> None:

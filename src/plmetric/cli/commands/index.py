@@ -21,6 +21,10 @@ from plmetric.cli.common import (
 from plmetric.core.names import shown
 from plmetric.core.options import MAX_HNSW_M
 
+_NO_HASHES = (
+    " (an older index), nor do the added images: duplicates uses the embedding alone; build a new index with --out "
+    "to record them"
+)
 _BUILD_OPTIONS = (
     ("faiss", "--faiss"),
     ("nlist", "--nlist"),
@@ -152,13 +156,13 @@ def run(args: argparse.Namespace) -> int:
     model, description = load_embedding_model(
         args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
     )
-    emb, labels, paths, unreadable, writer = embed_images(args, model, description, dataset)
+    emb, labels, paths, unreadable, writer, hashes = embed_images(args, model, description, dataset, hashes=True)
     if emb.shape[0] == 0:
         raise CLIError(f"no image could be read ({unreadable} unreadable): nothing to write to {out}")
     if not writer:
         return 0  # torchrun: rank 0 builds and writes the index of the gathered result
     plan = ann.plan_index(len(paths), options)
-    _, faiss_path = write_index(out, emb, labels, paths, description, plan)
+    _, faiss_path = write_index(out, emb, labels, paths, description, plan, hashes=hashes)
     skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
     print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {shown(out)}{skipped}")
     print(shown(_faiss_note(plan, faiss_path)))
@@ -193,6 +197,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
         extend_index,
         load_embeddings,
         load_faiss_index,
+        load_hashes,
         model_from_description,
         new_images,
         read_index_metadata,
@@ -216,6 +221,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     out = check_output(args.out or source, "--out", (".safetensors",), inputs, is_index)
     recorded_embeddings, _, indexed, description = load_embeddings(source)  # its recorded sizes checked
     check_same_model(description, source, args.checkpoint, args.weights)
+    old = "" if load_hashes(source) is not None else f"\nnote: {shown(source)} records no perceptual hashes{_NO_HASHES}"
     model = model_from_description(description, source)  # the recorded checkpoint, unchanged
     faiss_index = load_faiss_index(source, meta)  # faiss installed, the .faiss file the right one
     candidates = load_unlabelled_folder(args.images).train
@@ -226,11 +232,12 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
         return 0
     dataset = ImageDataset(fresh, None, None, candidates.name)
     if fresh:
-        emb, labels, paths, skipped, writer = embed_images(args, model, description, dataset)
+        emb, labels, paths, skipped, writer, hashes = embed_images(args, model, description, dataset, hashes=True)
         if not writer:
             return 0  # torchrun: rank 0 extends the index with the gathered result
     else:
         emb, labels, paths, skipped = torch.empty(0, recorded_embeddings.shape[1]), torch.empty(0, dtype=torch.long), [], 0
+        hashes = torch.empty(0, 16, dtype=torch.uint8).numpy()
     unreadable = f"; left out {skipped} unreadable image(s)" if skipped else ""
     if not paths and in_place and args.nprobe is None and args.ef_search is None:
         print(
@@ -241,11 +248,11 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     previous = _faiss_file_of(out)
     previous_digest = ((read_index_metadata(out) or {}).get("ann") or {}).get("sha256") if previous else None
     count, faiss_path, plan = extend_index(
-        source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
+        source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search, hashes=hashes
     )
     print(
         f"added {len(paths):,} images to {shown(out)} (now {count:,}); skipped {present:,} already in the index"
-        f"{unreadable}"
+        f"{unreadable}{old}"
     )
     if plan is not None:
         print(shown(_faiss_note(plan, faiss_path)))
