@@ -74,12 +74,14 @@ def test_hdbscan_finds_three_clusters_numbered_by_size_and_leaves_outliers_out(m
         assert found.representative[found.group == g].sum() == 1
 
 
-def test_kmeans_is_the_default_with_k_from_the_size_and_hdbscan_takes_no_number_of_groups():
-    x, _ = three_clusters_and_outliers()
-    labels, used = cluster_labels(x, min_size=2)
+def test_kmeans_is_the_default_with_k_chosen_label_free_and_hdbscan_takes_no_number_of_groups():
+    x, expected = three_clusters_and_outliers()
+    labels, used = cluster_labels(x, min_size=5)
     assert used == "kmeans" and labels.shape == (len(x),)
-    assert len(set(labels.tolist()) - {UNGROUPED}) <= round((len(x) / 2) ** 0.5)  # k = round(sqrt(N / 2))
-    assert find_groups(x, min_size=2).method == "kmeans"
+    found = find_groups(x, min_size=5)
+    assert found.method == "kmeans" and found.choice.startswith("k=")
+    assert f"k={found.choice.split()[0][2:]}" == found.choice.split()[0]  # "k=<n> chosen by ..."
+    assert find_groups(x, min_size=5, n_groups=4).choice == ""  # given, not chosen
     with pytest.raises(ValueError, match="--method hdbscan chooses it itself"):
         cluster_labels(x, method="hdbscan", min_size=2, n_groups=3)
 

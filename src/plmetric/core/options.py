@@ -35,6 +35,7 @@ __all__ = [
     "DUPLICATES_HASH_DISTANCE",
     "DUPLICATES_THRESHOLD",
     "DUPLICATES_ZOOMS",
+    "GROUPS_CHOICE_SAMPLE",
     "GROUPS_HDBSCAN_MAX",
     "GROUPS_METHODS",
     "GROUPS_REDUCED_DIM",
@@ -118,6 +119,9 @@ GROUPS_HDBSCAN_MAX = 20_000
 """Above this many images ``plmetric groups --method hdbscan`` warns of its time: scikit-learn's HDBSCAN
 on 64-d points on this project's 2-core CPU took 1.9 s at 5k, 7.5 s at 10k, 38 s at 20k (growing as
 about n^2.3): at 50k it would take minutes, at 1M days."""
+GROUPS_CHOICE_SAMPLE = 20_000
+"""Without ``--groups``, the number of k-means groups is chosen on at most this many images (a seeded
+random sample of a larger pile): its k-NN graph costs O(n^2 d) once, each k tried O(n k d)."""
 
 
 # Upper bounds of the method and index options (generous for real use; faiss takes 32-bit ints).

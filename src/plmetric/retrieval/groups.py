@@ -26,11 +26,12 @@ group's representative.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from plmetric.core.options import GROUPS_CHOICE_SAMPLE as CHOICE_SAMPLE
 from plmetric.core.options import GROUPS_HDBSCAN_MAX as HDBSCAN_MAX  # re-exported: defined there without torch
 from plmetric.core.options import GROUPS_METHODS as METHODS
 from plmetric.core.options import GROUPS_REDUCED_DIM as REDUCED_DIM
@@ -44,7 +45,46 @@ ungrouped, ``min_samples = --min-size = 5`` 54-70 %, at a lower AMI on both (doc
 def hdbscan_seconds(n: int) -> float:
     """HDBSCAN's expected time on two cores for ``n`` images: ``38 s (n / 20000)^2.3`` (the measurement above)."""
     return 38.0 * (n / 20_000) ** 2.3
+
+
 UNGROUPED = -1
+
+CHOICE_NEIGHBOURS = 5
+"""The k-NN graph of the group-count criterion links each image to its 5 nearest (3 and 8 compared:
+5 peaked nearest the labels' number of classes on the dev sets)."""
+CHOICE_RESOLUTION = 4.0
+"""Resolution ``gamma`` of the criterion ``Q = in-group share of the k-NN links - gamma * sum of squared
+link shares of the groups`` (Newman's modularity at gamma = 1). At gamma = 1 the modularity peaked at
+k = 10-31 where the classes number 30-53 (the resolution limit: it merges groups smaller than about
+the square root of the links); gamma 1-8 compared on the dev sets and the mixed pile, 4 is the
+smallest at which every set's chosen k scored an AMI within k-means' seed noise of the true-k oracle's
+(docs/results.md, benchmarks/results/groups_labelfree.json)."""
+CHOICE_GRID_RATIO = 1.25
+"""Successive k tried grow by this factor (2, 3, 4, 5, 6, 7, 9, 11, ...)."""
+CHOICE_PATIENCE = 4
+"""The search stops after this many successive k below the best so far (Q falls past its peak)."""
+
+
+@dataclass(frozen=True)
+class GroupCount:
+    """The label-free choice of k: ``k``, its criterion ``score``, every ``(k, score)`` tried and the
+    ``sample`` of images it was chosen on; ``labels`` the k-means labels at ``k`` when the sample was the
+    whole pile (else None)."""
+
+    k: int
+    score: float
+    tried: tuple[tuple[int, float], ...]
+    sample: int
+    labels: np.ndarray | None = None
+
+    def describe(self) -> str:
+        """One line: the k chosen and why."""
+        ks = [k for k, _ in self.tried]
+        on = f" (on a random sample of {self.sample:,} images)" if self.labels is None else ""
+        return (
+            f"k={self.k} chosen by the k-NN graph's modularity (resolution {CHOICE_RESOLUTION:g}, "
+            f"{CHOICE_NEIGHBOURS} neighbours: Q={self.score:.3f}) among {len(ks)} k from {min(ks)} to {max(ks)}{on}"
+        )
 
 
 @dataclass(frozen=True)
@@ -58,6 +98,8 @@ class Groups:
     score: np.ndarray
     representative: np.ndarray
     method: str
+    choice: str = ""
+    """How the number of groups was chosen (empty when given or not applicable)."""
 
     @property
     def count(self) -> int:
@@ -84,12 +126,20 @@ def cluster_labels(
     n_groups: int | None = None,
     seed: int = 0,
 ) -> tuple[np.ndarray, str]:
-    """Raw cluster labels (-1 = none) of (N, d) unit embeddings, and the method used.
+    """Raw cluster labels (-1 = none) of (N, d) unit embeddings, and the method used; without
+    ``n_groups`` k-means takes k from :func:`choose_group_count`.
 
     Raises:
         ValueError: an unknown method, ``min_size < 2``, ``n_groups`` outside [1, N], or ``n_groups``
             with HDBSCAN (which chooses the number of groups itself).
     """
+    labels, used, _ = _cluster(embeddings, method, min_size, n_groups, seed)
+    return labels, used
+
+
+def _cluster(
+    embeddings: torch.Tensor, method: str, min_size: int, n_groups: int | None, seed: int
+) -> tuple[np.ndarray, str, GroupCount | None]:
     check_method(method)
     x = embeddings.detach().to("cpu", torch.float32).numpy()
     n = len(x)
@@ -100,10 +150,84 @@ def cluster_labels(
     if n_groups is not None and method == "hdbscan":
         raise ValueError("--groups sets the number of k-means groups; --method hdbscan chooses it itself")
     if n < min_size:
-        return np.full(n, UNGROUPED, dtype=np.int64), "none (fewer images than --min-size)"
+        return np.full(n, UNGROUPED, dtype=np.int64), "none (fewer images than --min-size)", None
     if method == "hdbscan":
-        return _hdbscan(x, min_size, seed), "hdbscan"
-    return _kmeans(x, n_groups or max(1, round(math.sqrt(n / 2))), min_size, seed), "kmeans"
+        return _hdbscan(x, min_size, seed), "hdbscan", None
+    if n_groups is not None:
+        return _drop_small(_kmeans_labels(x, n_groups, seed), min_size), "kmeans", None
+    choice = choose_group_count(x, seed=seed)
+    raw = choice.labels if choice.labels is not None else _kmeans_labels(x, choice.k, seed)
+    return _drop_small(raw.copy(), min_size), "kmeans", choice
+
+
+def knn_graph(x: np.ndarray, neighbours: int) -> np.ndarray:
+    """(n, neighbours) ids of each unit vector's nearest others by cosine (exact; O(n^2 d) in row
+    blocks, memory O(block n))."""
+    n = len(x)
+    m = min(neighbours, n - 1)
+    data = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    out = np.empty((n, m), dtype=np.int64)
+    block = max(1, min(n, 2**24 // max(n, 1)))  # a block's similarity rows hold at most 16M floats
+    for start in range(0, n, block):
+        sims = data[start : start + block] @ data.T
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + start] = -torch.inf  # not oneself
+        out[start : start + block] = sims.topk(m, dim=1).indices.numpy()
+    return out
+
+
+def graph_modularity(neighbours: np.ndarray, labels: np.ndarray, resolution: float = CHOICE_RESOLUTION) -> float:
+    """Modularity of ``labels`` on the k-NN graph ``neighbours`` (each link i -> j counted once, its
+    two ends in the degrees): the share of links inside a group minus ``resolution`` times the sum over
+    groups of the squared share of link ends in the group."""
+    src = np.repeat(labels, neighbours.shape[1])
+    dst = labels[neighbours.ravel()]
+    if len(src) == 0:
+        return 0.0
+    inside = float(np.mean(src == dst))
+    count = int(labels.max()) + 1
+    ends = np.bincount(src, minlength=count) + np.bincount(dst, minlength=count)
+    return inside - resolution * float(np.sum((ends / (2 * len(src))) ** 2))
+
+
+def candidate_ks(n: int) -> list[int]:
+    """k tried for ``n`` images: 2, then growing by :data:`CHOICE_GRID_RATIO`, up to ``n // 3``
+    (a group of three images on average)."""
+    top = max(1, n // 3)
+    if top < 2:
+        return [1]
+    count = int(math.floor(math.log(top / 2) / math.log(CHOICE_GRID_RATIO))) + 1
+    return sorted({min(top, round(2 * CHOICE_GRID_RATIO**i)) for i in range(count + 1)})
+
+
+def choose_group_count(x: np.ndarray, *, seed: int = 0, max_sample: int = CHOICE_SAMPLE) -> GroupCount:
+    """The number of k-means groups from the (n, d) unit embeddings alone: k-means at each of
+    :func:`candidate_ks`, scored by :func:`graph_modularity` on the 5-NN graph; the k of the highest
+    score. Bounded cost: on a seeded random sample of ``max_sample`` images when there are more (the
+    k-NN graph O(m^2 d) once, each k O(m k d); the search stops :data:`CHOICE_PATIENCE` k past the best)."""
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    sampled = n > max_sample
+    xs = x[np.sort(rng.choice(n, max_sample, replace=False))] if sampled else x
+    ks = candidate_ks(len(xs))
+    if ks == [1]:
+        labels = np.zeros(len(xs), dtype=np.int64)
+        return GroupCount(1, 0.0, ((1, 0.0),), len(xs), None if sampled else labels)
+    neighbours = knn_graph(xs, CHOICE_NEIGHBOURS)
+    tried: list[tuple[int, float]] = []
+    best, best_labels, worse = -math.inf, None, 0
+    for k in ks:
+        labels = _kmeans_labels(xs, k, seed)
+        q = graph_modularity(neighbours, labels)
+        tried.append((k, q))
+        if q > best:
+            best, best_labels, worse = q, labels, 0
+        else:
+            worse += 1
+            if worse >= CHOICE_PATIENCE:
+                break
+    k_best = max(tried, key=lambda t: t[1])[0]
+    return GroupCount(k_best, best, tuple(tried), len(xs), None if sampled else best_labels)
 
 
 def _hdbscan(x: np.ndarray, min_size: int, seed: int) -> np.ndarray:
@@ -116,20 +240,29 @@ def _hdbscan(x: np.ndarray, min_size: int, seed: int) -> np.ndarray:
     return model.fit_predict(reduced.astype(np.float64)).astype(np.int64)
 
 
-def _kmeans(x: np.ndarray, k: int, min_size: int, seed: int) -> np.ndarray:
+def _kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Spherical k-means' assignment (0 .. k-1) of every row, from k-means++ seeds (faiss' own random
+    seeds left two centres in one of 12 well-separated clusters and none in another)."""
+    from sklearn.cluster import kmeans_plusplus
+
     from plmetric.manifold import ann
 
     if ann.faiss_available():
         faiss = ann.import_faiss()
+        data = np.ascontiguousarray(x, dtype=np.float32)
+        start, _ = kmeans_plusplus(data, k, random_state=seed)
         km = faiss.Kmeans(x.shape[1], k, niter=20, spherical=True, seed=seed, verbose=False, min_points_per_centroid=1)
-        km.train(np.ascontiguousarray(x, dtype=np.float32))
+        km.train(data, init_centroids=np.ascontiguousarray(start, dtype=np.float32))
         _, assigned = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-        labels = assigned[:, 0].astype(np.int64)
-    else:
-        from sklearn.cluster import MiniBatchKMeans
+        return assigned[:, 0].astype(np.int64)
+    from sklearn.cluster import MiniBatchKMeans
 
-        labels = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3).fit_predict(x).astype(np.int64)
-    sizes = np.bincount(labels, minlength=k)
+    return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3).fit_predict(x).astype(np.int64)
+
+
+def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Labels of groups smaller than ``min_size`` set to the ungrouped bucket."""
+    sizes = np.bincount(labels, minlength=int(labels.max(initial=0)) + 1)
     labels[sizes[labels] < min_size] = UNGROUPED
     return labels
 
@@ -178,6 +311,7 @@ def find_groups(
     n_groups: int | None = None,
     seed: int = 0,
 ) -> Groups:
-    """:func:`cluster_labels`, then :func:`describe_groups`."""
-    labels, used = cluster_labels(embeddings, method=method, min_size=min_size, n_groups=n_groups, seed=seed)
-    return describe_groups(embeddings, labels, used)
+    """:func:`cluster_labels`, then :func:`describe_groups`; ``choice`` says how k was chosen."""
+    labels, used, choice = _cluster(embeddings, method, min_size, n_groups, seed)
+    found = describe_groups(embeddings, labels, used)
+    return replace(found, choice=choice.describe()) if choice is not None else found

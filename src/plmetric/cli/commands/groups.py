@@ -26,7 +26,8 @@ ROWS_PER_CHUNK = 100_000
 
 
 def add_parser(subparsers: Any) -> None:
-    from plmetric.core.options import GROUPS_HDBSCAN_MAX as HDBSCAN_MAX  # no torch: --help stays fast
+    from plmetric.core.options import GROUPS_CHOICE_SAMPLE as CHOICE_SAMPLE  # no torch: --help stays fast
+    from plmetric.core.options import GROUPS_HDBSCAN_MAX as HDBSCAN_MAX
     from plmetric.core.options import GROUPS_METHODS as METHODS
     from plmetric.core.options import GROUPS_REDUCED_DIM as REDUCED_DIM
 
@@ -50,7 +51,12 @@ def add_parser(subparsers: Any) -> None:
     )
     gr.add_argument("--min-size", type=int_at_least(2, MAX_ITEMS), default=5, help="the smallest group worth reporting")
     gr.add_argument(
-        "--groups", type=item_count, default=None, help="number of k-means groups (default: round(sqrt(N / 2)), N images)"
+        "--groups",
+        type=item_count,
+        default=None,
+        help="number of k-means groups (default: chosen from the embeddings alone: the k, among 2 .. N/3, whose "
+        "k-means groups have the highest modularity on the 5-nearest-neighbour graph; on a random sample of "
+        f"{CHOICE_SAMPLE:,} images of a larger pile; the k and why are printed)",
     )
     gr.add_argument("--seed", type=seed, default=0, help="seed of PCA / k-means")
     gr.add_argument("--grid", default=None, help="also draw the largest groups as a PNG grid (one row per group)")
@@ -98,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
             )
         table.commit()
     ungrouped = int((found.group == UNGROUPED).sum())
+    if found.choice:
+        print(found.choice)
     print(
         f"{found.count:,} groups ({found.method}) of {len(paths) - ungrouped:,} images; "
         f"{ungrouped:,} ungrouped"
