@@ -71,7 +71,7 @@ def test_a_single_image_and_awkward_names_are_drawn(tmp_path):
     rg.draw_results(str(odd), [], [], out)
     with Image.open(out) as grid:
         assert grid.size == (rg.TILE_SIDE + 2 * rg.MARGIN, 2 * rg.CAPTION_LINE + rg.TILE_SIDE + 2 * rg.MARGIN)
-    assert rg.grid_captions(str(odd), [], []) == [f"query\n{odd.name}"]
+    assert rg.grid_captions(str(odd), [], []) == ["query\nbad\\x07name_\\xff.png"]  # escaped as drawn
 
 
 def test_captions_show_undecodable_bytes_and_controls_as_the_terminal_does():
@@ -82,3 +82,30 @@ def test_captions_show_undecodable_bytes_and_controls_as_the_terminal_does():
 
     name = "caf\udce9\x1b]0;t\x07.png"
     assert result_grid._drawable(name) == shown(name) == "caf\\xe9\\x1b]0;t\\x07.png"
+
+
+def test_images_of_the_same_name_in_class_folders_are_told_apart_by_their_folders(tmp_path, monkeypatch):
+    """CUB has a 0034.jpg under every species: each caption names the folders below the images'
+    common one on a line of its own (shortened in the middle, keeping start and end), the grid's
+    cells one caption line taller to hold it."""
+    long_species = "001.Black_footed_Albatross_Phoebastria_nigripes"
+    folders = [tmp_path / "cub" / long_species, tmp_path / "cub" / "054.Baltimore_Oriole"]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for folder in folders:  # as tall as a tile: its last row is the cell's last above the margin
+        Image.fromarray(np.full((rg.TILE_SIDE, 50, 3), (40, 40, 200), np.uint8)).save(folder / "0034.png")
+    query, result = (str(folder / "0034.png") for folder in folders)
+    texts = _drawn_texts(monkeypatch)
+    out = tmp_path / "grid.png"
+    rg.draw_results(query, [result], [0.5], out)
+    captions = rg.grid_captions(query, [result], [0.5])
+    assert captions[0].splitlines()[1:] != captions[1].splitlines()[1:]
+    head, tail = captions[0].splitlines()[1].split("…")
+    assert long_species.startswith(head) and long_species.endswith(tail) and len(head) + 1 + len(tail) == 28
+    assert captions[1] == "#1  0.500\n054.Baltimore_Oriole\n0034.png"
+    assert [t for t, _ in texts] == [line for caption in captions for line in caption.splitlines()]
+    cell_h = 3 * rg.CAPTION_LINE + rg.TILE_SIDE + 2 * rg.MARGIN
+    with Image.open(out) as grid:
+        assert grid.size == (2 * (rg.TILE_SIDE + 2 * rg.MARGIN), cell_h)
+        pixels = np.asarray(grid)
+    assert tuple(pixels[cell_h - rg.MARGIN - 1, rg.MARGIN + rg.TILE_SIDE // 2]) == (40, 40, 200)  # below 3 lines

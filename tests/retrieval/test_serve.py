@@ -829,6 +829,37 @@ def test_page_captions_are_shortened_in_the_middle_and_keep_the_full_path_as_too
         assert f">{hit.caption}</a></div>" in html and f'title="{hit.path}"' in html
     gallery = env.get_template("serve.html").render(**page, gallery=hits, page=1, pages=1)
     assert f">{hits[1].caption}</div>" in gallery
+    assert 'class="folder"' not in html + gallery  # one folder: the file names suffice
+
+
+def test_tiles_of_a_pile_of_class_folders_name_their_folders(client, browser, monkeypatch):
+    """CUB has a 0034.jpg under every species: each tile shows the folders below the common one of the
+    images on its page (shortened in the middle, keeping start and end) above the file name, the full
+    path their tooltip; a search's query and results are captioned alike."""
+    import re
+
+    from plmetric.retrieval.serve import CAPTION_CHARS
+    from plmetric.training.report import shorten_name
+
+    species = ["001.Black_footed_Albatross", "054.Baltimore_Oriole", "055.Indigo_Bunting", "094.Nuthatch"]
+    paths = [f"/cub/images/{species[i % 4]}/{34 + i // 4:04d}.jpg" for i in range(len(browser))]
+    monkeypatch.setattr(browser, "paths", paths)  # not on disk: missing tiles, their captions as any other
+
+    def folder_lines(page: str) -> list[tuple[str, str]]:
+        return re.findall(r'<div class="folder" title="([^"]*)">([^<]*)</div>', page)
+
+    gallery = client.get("/").text
+    assert [t["name"] for t in Tiles(gallery).tiles] == [Path(p).name for p in paths]
+    assert folder_lines(gallery) == [(p, shorten_name(Path(p).parent.name, CAPTION_CHARS)) for p in paths]
+    long_one = folder_lines(gallery)[0][1]  # 26 characters: shortened in the middle
+    assert long_one.startswith("001.Black") and long_one.endswith("Albatross") and len(long_one) == CAPTION_CHARS
+    tiles = Tiles(gallery).tiles
+    captions = [(folder, tile["name"]) for (_, folder), tile in zip(folder_lines(gallery), tiles, strict=True)]
+    assert tiles[0]["name"] == tiles[1]["name"] == "0034.jpg" and captions[0] != captions[1]
+    page = client.get("/search?id=0").text
+    results = Tiles(page).results()
+    shown_paths = [paths[0]] + [paths[int(t["data-id"])] for t in results]
+    assert [title for title, _ in folder_lines(page)] == shown_paths  # the query first, then each result
 
 
 # ---- groups and duplicates tables (plmetric groups / plmetric duplicates) browsed by number ----

@@ -17,12 +17,25 @@ Everything else, letters of every script included, is shown as it is. The result
 not for finding the file again: a literal backslash is not doubled, so ``a\\x1b`` may be a name with
 an escape or with those four characters. Tables and JSON keep names exactly
 (:mod:`plmetric.retrieval.tables`).
+
+Captions of images shown together (the change report, the search grid, ``serve``'s tiles):
+:func:`common_folder` of the images, then :func:`caption_lines` of each, every line
+:func:`shorten_name`'d in the middle. Importing this module is cheap (no torch).
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
+
+from plmetric.core.validation import check_int
+
+__all__ = ["CAPTION_CHARS", "caption_lines", "common_folder", "shorten_name", "shown"]
+
+CAPTION_CHARS = 20
+"""The change report's caption width in characters, the default of :func:`shorten_name` (the search grid
+and ``serve``'s tiles, wider, pass their own)."""
 
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -44,3 +57,43 @@ def shown(text: str | os.PathLike[str] | os.PathLike[bytes] | bytes) -> str:
     bytes are decoded as :func:`os.fsdecode` does first."""
     text = os.fsdecode(text) if isinstance(text, bytes | os.PathLike) else str(text)
     return _UNSAFE.sub(_escape, text)
+
+
+def shorten_name(name: str, width: int = CAPTION_CHARS) -> str:
+    """``name`` if it has at most ``width`` characters, else its start and its end around one
+    ``…``, ``width`` characters in all, the end one longer when they differ (the end of a file
+    name, with its number and extension, tells files apart): ``IMG_20240517_120000_0042.jpg`` ->
+    ``IMG_20240…0_0042.jpg`` for width 20. The one shortening of every caption (the change
+    report, result grids, the web page)."""
+    width = check_int("width", width, 1, where="shorten_name: ")
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    tail = width - 1 - head
+    return f"{name[:head]}…{name[len(name) - tail:] if tail else ''}"
+
+
+def common_folder(paths: Sequence[str]) -> str | None:
+    """The deepest folder that holds every one of ``paths`` when they lie in more than one folder
+    (None when they share one folder, or have none in common: the file name alone is shown)."""
+    folders = sorted({os.path.dirname(p) for p in paths})
+    if len(folders) < 2:
+        return None
+    try:
+        return os.path.commonpath(folders)
+    except ValueError:  # absolute and relative paths mixed: nothing in common
+        return None
+
+
+def caption_lines(path: str, folder: str | None, width: int = CAPTION_CHARS) -> list[str]:
+    """The caption of image ``path`` as lines, each :func:`shorten_name`'d to ``width`` and printable
+    (:func:`shown`, before shortening, so that a line never exceeds ``width``): the folders between
+    ``folder`` (:func:`common_folder` of the images shown together; None: none) and the file, when
+    there are any, then the file name. Images of a pile of class folders often share their file names
+    (``054.Baltimore_Oriole/0034.jpg``, ``plankton/ctenophore/31107.jpg``): the folder is what tells
+    them apart."""
+    name = shorten_name(shown(os.path.basename(path) or path), width)
+    if folder is None:
+        return [name]
+    below = os.path.relpath(os.path.dirname(path), folder)
+    return [name] if below in (".", "") else [shorten_name(shown(below), width), name]

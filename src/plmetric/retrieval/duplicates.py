@@ -592,18 +592,20 @@ def draw_groups(
     software: str = "plmetric duplicates",
 ) -> Path:
     """A PNG grid, one row per group (the first ``max_groups``), up to ``max_members`` thumbnails
-    each captioned with the file name and its score; written atomically."""
+    each captioned with its score and file name, the folders below the drawn images' common one
+    above (:func:`plmetric.core.names.caption_lines`); written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from plmetric.core.checkpoint import atomic_write_figure
+    from plmetric.core.names import caption_lines, common_folder
     from plmetric.data.images import open_image
     from plmetric.retrieval.index import GRID_CAPTION_CHARS, GRID_DECODE_SIDE
-    from plmetric.training.report import shorten_name
 
     shown = groups[:max_groups]
+    folder = common_folder([path for members in shown for path in members[:max_members]])
     rows = max(1, len(shown))
     cols = max([1] + [min(len(g), max_members) for g in shown])
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
@@ -618,7 +620,8 @@ def draw_groups(
                 ax.text(0.5, 0.5, "missing" if not Path(image_path).exists() else "unreadable", ha="center")
             head = f"{title} {r + 1} ({len(members)})\n" if c == 0 else "\n"
             score = "" if value != value else f"{value:.3f}  "  # NaN: no score
-            ax.set_title(f"{head}{score}{shorten_name(Path(image_path).name, GRID_CAPTION_CHARS)}", fontsize=7)
+            *above, name = caption_lines(image_path, folder, GRID_CAPTION_CHARS)
+            ax.set_title(head + "\n".join([*above, f"{score}{name}"]), fontsize=7)
     if not shown:
         axes[0, 0].text(0.5, 0.5, "no groups", ha="center", va="center")
     fig.tight_layout()

@@ -1,14 +1,16 @@
 """The PNG grid of a search: the query beside its results, drawn with Pillow (no matplotlib, no torch).
 
-Each tile is the image, shrunk to fit a square of :data:`TILE_SIDE` pixels, under a two-line caption:
-``query`` (in red) or ``#rank  score``, then the file name shortened in the middle to
-:data:`GRID_CAPTION_CHARS` characters; a file that is gone or cannot be decoded is a grey tile saying
-so. At most :data:`GRID_COLUMNS` tiles a row. Importing matplotlib alone takes about a second (more
+Each tile is the image, shrunk to fit a square of :data:`TILE_SIDE` pixels, under its caption:
+``query`` (in red) or ``#rank  score``, then, when the images lie in more than one folder, the folders
+below their common one (CUB has a ``0034.jpg`` under every species), then the file name, each line
+shortened in the middle to :data:`GRID_CAPTION_CHARS` characters
+(:func:`plmetric.core.names.caption_lines`); a file that is gone or cannot be decoded is a grey tile
+saying so. At most :data:`GRID_COLUMNS` tiles a row. Importing matplotlib alone takes about a second (more
 on a busy machine), several times what drawing the grid takes: ``plmetric search`` with one query
 must answer within two seconds.
 
 It imports the standard library, NumPy and Pillow (through :mod:`plmetric.data.images`) and
-:mod:`plmetric.core.checkpoint` only.
+:mod:`plmetric.core.checkpoint` and :mod:`plmetric.core.names` only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from plmetric.core.checkpoint import atomic_write_bytes
-from plmetric.core.names import shown
+from plmetric.core.names import caption_lines, common_folder, shorten_name, shown
 
 __all__ = [
     "GRID_CAPTION_CHARS",
@@ -50,25 +52,17 @@ PNG_COMPRESSION = 1
 """zlib level of the grid: photos barely compress further at 6 (Pillow's default), which takes 5x as long."""
 
 
-def shorten_name(name: str, width: int = GRID_CAPTION_CHARS) -> str:
-    """``name`` if it has at most ``width`` (>= 1) characters, else its start and its end around one
-    ``…``, ``width`` characters in all, the end one longer when they differ (the end of a file
-    name, with its number and extension, tells files apart). The same rule as
-    :func:`plmetric.training.report.shorten_name` (a test compares them), without its torch import."""
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"shorten_name: width must be an integer >= 1, got {width!r}")
-    if len(name) <= width:
-        return name
-    head = (width - 1) // 2
-    tail = width - 1 - head
-    return f"{name[:head]}…{name[len(name) - tail:] if tail else ''}"
-
-
 def grid_captions(query_path: str, result_paths: list[str], scores: list[float]) -> list[str]:
     """The captions of a grid, query first: ``query\\n<name>``, then ``#<rank>  <score>\\n<name>``
-    with the score to 3 decimals and the file name shortened (:func:`shorten_name`)."""
-    return [f"query\n{_short(query_path)}"] + [
-        f"#{i + 1}  {s:.3f}\n{_short(p)}" for i, (p, s) in enumerate(zip(result_paths, scores, strict=True))
+    with the score to 3 decimals; ``<name>`` is the file name, after the folders below the images'
+    common folder on a line of their own when they lie in more than one (:func:`caption_lines`,
+    every line shortened in the middle to :data:`GRID_CAPTION_CHARS`)."""
+    folder = common_folder([query_path, *result_paths])
+    heads = ["query"] + [f"#{i + 1}  {s:.3f}" for i, s in enumerate(scores)]
+    paths = [query_path, *result_paths]
+    return [
+        "\n".join([head, *caption_lines(path, folder, GRID_CAPTION_CHARS)])
+        for head, path in zip(heads, paths, strict=True)
     ]
 
 
@@ -84,7 +78,8 @@ def draw_results(query_path: str, result_paths: list[str], scores: list[float], 
     files = [query_path, *result_paths]
     cols = min(len(files), GRID_COLUMNS)
     rows = (len(files) + cols - 1) // cols
-    cell_w, cell_h = TILE_SIDE + 2 * MARGIN, 2 * CAPTION_LINE + TILE_SIDE + 2 * MARGIN
+    lines = max(len(caption.splitlines()) for caption in captions)  # 2, or 3 with the folders
+    cell_w, cell_h = TILE_SIDE + 2 * MARGIN, lines * CAPTION_LINE + TILE_SIDE + 2 * MARGIN
     canvas = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = _font()
@@ -93,7 +88,7 @@ def draw_results(query_path: str, result_paths: list[str], scores: list[float], 
         colour = QUERY_COLOUR if n == 0 else TEXT_COLOUR
         for line_no, line in enumerate(caption.splitlines()):
             _centred_text(draw, (x0 + TILE_SIDE / 2, y0 + line_no * CAPTION_LINE), _drawable(line), font, colour)
-        top = y0 + 2 * CAPTION_LINE
+        top = y0 + lines * CAPTION_LINE
         tile = _tile(image_path)
         if tile is None:
             draw.rectangle((x0, top, x0 + TILE_SIDE - 1, top + TILE_SIDE - 1), fill=PLACEHOLDER_GREY)
@@ -105,10 +100,6 @@ def draw_results(query_path: str, result_paths: list[str], scores: list[float], 
     canvas.save(buffer, format="PNG", compress_level=PNG_COMPRESSION)
     atomic_write_bytes(out, buffer.getvalue())
     return Path(out)
-
-
-def _short(path: str) -> str:
-    return shorten_name(Path(path).name, GRID_CAPTION_CHARS)
 
 
 def _tile(path: str) -> Any:

@@ -66,7 +66,8 @@ import signal
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,7 +97,6 @@ from plmetric.retrieval.serve_requests import (
     shown_name,
 )
 from plmetric.retrieval.tables import encode_name
-from plmetric.training.report import shorten_name
 
 # the page's names, with those of its parts (group_tables, serve_requests) that were defined here before
 __all__ = [
@@ -144,13 +144,15 @@ class ServeDependencyError(ImportError):
 
 @dataclass(frozen=True)
 class Hit:
-    """One result: its rank (1 = most similar), its number and path in the index, its cosine score."""
+    """One result: its rank (1 = most similar), its number and path in the index, its cosine score;
+    ``folder``: the common folder of the images on the page with it (:func:`in_common_folder`)."""
 
     rank: int
     id: int
     path: str
     score: float
     missing: bool
+    folder: str | None = None
 
     @property
     def name(self) -> str:
@@ -160,7 +162,14 @@ class Hit:
     @property
     def caption(self) -> str:
         """The file name shown on its tile, shortened in the middle (:data:`CAPTION_CHARS`)."""
-        return shorten_name(self.name, CAPTION_CHARS)
+        return names.caption_lines(self.path, None, CAPTION_CHARS)[-1]
+
+    @property
+    def folder_caption(self) -> str:
+        """The folders between ``folder`` and the file, shortened in the middle, shown above the name
+        (``054.Baltimore_Oriole`` above ``0034.jpg``); empty when there are none."""
+        lines = names.caption_lines(self.path, self.folder, CAPTION_CHARS)
+        return lines[0] if len(lines) > 1 else ""
 
     def as_json(self) -> dict[str, Any]:
         """The result in the JSON API: its path as tables write it (:func:`plmetric.retrieval.tables.encode_name`)."""
@@ -176,16 +185,31 @@ class Query:
     id: int | None = None
     path: str | None = None
     thumbnail: str | None = None
+    folder: str | None = None
 
     @property
     def caption(self) -> str:
         """The name shown under the query, shortened in the middle (:data:`CAPTION_CHARS`)."""
-        return shorten_name(self.name, CAPTION_CHARS)
+        return names.shorten_name(names.shown(self.name), CAPTION_CHARS)
+
+    @property
+    def folder_caption(self) -> str:
+        """As :attr:`Hit.folder_caption` for an indexed query; empty for an upload."""
+        lines = names.caption_lines(self.path, self.folder, CAPTION_CHARS) if self.path else []
+        return lines[0] if len(lines) > 1 else ""
 
 
 CAPTION_CHARS = 24
-"""A tile's caption fits about this many characters of a file name (170 px at 12 px); the full
-path is the caption's tooltip."""
+"""A tile's caption fits about this many characters of a file name (170 px at 12 px), and as many of
+its folders on the line above; the full path is the caption's tooltip."""
+
+
+def in_common_folder(tiles: Sequence[Hit], *others: str) -> list[Hit]:
+    """``tiles`` with their ``folder`` set to the common folder of their paths and ``others`` (the
+    images shown on the same page, :func:`plmetric.core.names.common_folder`): a pile of class folders
+    (CUB has a ``0034.jpg`` under every species) is told apart by the folder line of each tile."""
+    folder = names.common_folder([*others, *(tile.path for tile in tiles)])
+    return [replace(tile, folder=folder) for tile in tiles]
 
 
 def require_packages() -> None:
@@ -548,11 +572,13 @@ def search_routes(browser: Browser, render: Callable[..., Any]) -> list[Any]:
         if request.method == "POST":
             async with received_upload(request) as (name, file):
                 hits, thumb = await run_in_threadpool(browser.search_upload, file, name, count)
-            return Query(name=name, thumbnail="data:image/jpeg;base64," + base64.b64encode(thumb).decode()), hits
+            thumbnail = "data:image/jpeg;base64," + base64.b64encode(thumb).decode()
+            return Query(name=name, thumbnail=thumbnail), in_common_folder(hits)
         image_id = browser.image_id(request.query_params.get("id"))
-        hits = browser.search_id(image_id, count)
         path = browser.paths[image_id]
-        return Query(name=Path(path).name, id=image_id, path=path), hits
+        hits = in_common_folder(browser.search_id(image_id, count), path)
+        folder = names.common_folder([path, *(hit.path for hit in hits)])
+        return Query(name=Path(path).name, id=image_id, path=path, folder=folder), hits
 
     async def home(request: Any) -> HTMLResponse:
         try:
@@ -560,7 +586,9 @@ def search_routes(browser: Browser, render: Callable[..., Any]) -> list[Any]:
         except QueryError as err:
             return render(err.status, error=str(err))
         first = (page - 1) * GALLERY_PAGE_SIZE
-        gallery = [gallery_tile(browser, i) for i in range(first, min(first + GALLERY_PAGE_SIZE, len(browser)))]
+        gallery = in_common_folder(
+            [gallery_tile(browser, i) for i in range(first, min(first + GALLERY_PAGE_SIZE, len(browser)))]
+        )
         return render(gallery=gallery, page=page, pages=pages, page_base="/?page=")
 
     async def search_page(request: Any) -> HTMLResponse:
@@ -634,10 +662,10 @@ def group_routes(browser: Browser, table: GroupTable, render: Callable[..., Any]
         except QueryError as err:
             return render(err.status, error=str(err))
         first = (page - 1) * GROUPS_PAGE_SIZE
-        shown = [
-            (group, [gallery_tile(browser, i) for i in group.members[:GROUP_PREVIEW]])
-            for group in table.groups[first : first + GROUPS_PAGE_SIZE]
-        ]
+        listed = table.groups[first : first + GROUPS_PAGE_SIZE]
+        previews = [[gallery_tile(browser, i) for i in group.members[:GROUP_PREVIEW]] for group in listed]
+        tiles = iter(in_common_folder([tile for preview in previews for tile in preview]))  # the page's folder
+        shown = [(group, [next(tiles) for _ in preview]) for group, preview in zip(listed, previews, strict=True)]
         return render(
             view="groups",
             table=table.kind,
@@ -661,7 +689,9 @@ def group_routes(browser: Browser, table: GroupTable, render: Callable[..., Any]
             view="members",
             table=table.kind,
             group=group,
-            gallery=[gallery_tile(browser, i) for i in group.members[first : first + GALLERY_PAGE_SIZE]],
+            gallery=in_common_folder(
+                [gallery_tile(browser, i) for i in group.members[first : first + GALLERY_PAGE_SIZE]]
+            ),
             page=page,
             pages=member_pages,
             page_base=f"/{table.kind}/{group.slug}?page=",

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from plmetric.core.checkpoint import atomic_write_bytes, atomic_write_figure
+from plmetric.core.names import CAPTION_CHARS, caption_lines, common_folder, shorten_name  # noqa: F401 - their old home
 from plmetric.core.names import shown as visible
 from plmetric.core.validation import check_embeddings, check_int
 
@@ -49,8 +50,6 @@ __all__ = [
 CHUNK_ELEMENTS = 1 << 24
 # Thumbnails fit in a square of this many pixels.
 THUMBNAIL_SIDE = 96
-# Captions keep at most this many characters of a file name (shortened in the middle).
-CAPTION_CHARS = 20
 PLACEHOLDER_GREY = (160, 160, 160)
 
 
@@ -155,45 +154,6 @@ def top_results(embeddings: Tensor, queries: Tensor, top: int) -> tuple[Tensor, 
         raise ValueError(f"top_results: query indices must lie in [0, {x.shape[0]}), got {queries.tolist()}")
     scores, indices = _top_others(x, queries, top)
     return scores, indices
-
-
-def shorten_name(name: str, width: int = CAPTION_CHARS) -> str:
-    """``name`` if it has at most ``width`` characters, else its start and its end around one
-    ``…``, ``width`` characters in all, the end one longer when they differ (the end of a file
-    name, with its number and extension, tells files apart): ``IMG_20240517_120000_0042.jpg`` ->
-    ``IMG_20240…0_0042.jpg`` for width 20. The one shortening of every caption (the change
-    report, result grids, the web page)."""
-    width = check_int("width", width, 1, where="shorten_name: ")
-    if len(name) <= width:
-        return name
-    head = (width - 1) // 2
-    tail = width - 1 - head
-    return f"{name[:head]}…{name[len(name) - tail:] if tail else ''}"
-
-
-def common_folder(paths: Sequence[str]) -> str | None:
-    """The deepest folder that holds every one of ``paths`` when they lie in more than one folder
-    (None when they share one folder, or have none in common: the file name alone is shown)."""
-    folders = sorted({os.path.dirname(p) for p in paths})
-    if len(folders) < 2:
-        return None
-    try:
-        return os.path.commonpath(folders)
-    except ValueError:  # absolute and relative paths mixed: nothing in common
-        return None
-
-
-def caption_lines(path: str, folder: str | None, width: int = CAPTION_CHARS) -> list[str]:
-    """The caption of image ``path`` as lines, each :func:`shorten_name`'d to ``width`` and printable
-    (:func:`plmetric.core.names.shown`): the folders between ``folder`` (:func:`common_folder` of the
-    images shown together; None: none) and the file, when there are any, then the file name. Images of a
-    pile of class folders often share their file names (``054.Baltimore_Oriole/0034.jpg``,
-    ``plankton/ctenophore/31107.jpg``): the folder is what tells them apart."""
-    name = shorten_name(_printable(os.path.basename(path) or path), width)
-    if folder is None:
-        return [name]
-    below = os.path.relpath(os.path.dirname(path), folder)
-    return [name] if below in (".", "") else [shorten_name(_printable(below), width), name]
 
 
 def _captions(paths: Sequence[str], shown: Sequence[int]) -> dict[int, list[str]]:
