@@ -30,3 +30,13 @@ def test_members_of_the_same_name_in_class_folders_name_their_folders(tmp_path, 
         ["group 1 (2)", "054.Baltimore_Oriole", "0.990  0034.jpg"],
         ["", "055.Indigo_Bunting", "0.980  0034.jpg"],
     ]
+
+
+def test_a_name_with_dollar_signs_is_drawn_as_text_not_mathtext(tmp_path):
+    """'$\\frac$' is invalid mathtext: parsed as math it raised ValueError while drawing (a traceback)."""
+    paths = []
+    for name in ("a$\\frac$b.png", "c$x^2$d.png"):
+        paths.append(str(tmp_path / name))
+        Image.new("RGB", (12, 9), (30, 90, 150)).save(paths[-1])
+    draw_groups([paths], [[0.99, 0.98]], tmp_path / "dups.png")
+    assert (tmp_path / "dups.png").stat().st_size > 0

@@ -621,7 +621,8 @@ def draw_groups(
             head = f"{title} {r + 1} ({len(members)})\n" if c == 0 else "\n"
             score = "" if value != value else f"{value:.3f}  "  # NaN: no score
             *above, name = caption_lines(image_path, folder, GRID_CAPTION_CHARS)
-            ax.set_title(head + "\n".join([*above, f"{score}{name}"]), fontsize=7)
+            # parse_math=False: a name is text; two $ in it were read as mathtext ($\frac$ raised ValueError)
+            ax.set_title(head + "\n".join([*above, f"{score}{name}"]), fontsize=7, parse_math=False)
     if not shown:
         axes[0, 0].text(0.5, 0.5, "no groups", ha="center", va="center")
     fig.tight_layout()
