@@ -200,6 +200,7 @@ def save_embeddings(
     model: dict[str, Any],
     ann: dict[str, Any] | None = None,
     stats: torch.Tensor | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write embeddings, labels, absolute image paths, their files' size and mtime and the model
     description to one safetensors file.
@@ -223,6 +224,7 @@ def save_embeddings(
     }
     if ann is not None:
         meta["ann"] = ann
+    meta.update({k: v for k, v in (extra or {}).items() if k not in meta})  # e.g. duplicates_calibration
     stats = file_stats(absolute) if stats is None else stats.long().reshape(len(absolute), 2)
     tensors = {
         "embeddings": embeddings.float().contiguous().cpu(),
@@ -464,6 +466,7 @@ def write_index(
     plan: Any = None,
     faiss_index: Any = None,
     stats: torch.Tensor | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Path, Path | None]:
     """Write an index, with a faiss index of ``plan`` (an :class:`plmetric.manifold.ann.AnnPlan`) beside it.
 
@@ -499,7 +502,7 @@ def write_index(
             "count": len(embeddings),
             "faiss_version": ann.import_faiss().__version__,
         }
-    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats)
+    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats, extra=extra)
     return path, faiss_path
 
 
@@ -626,6 +629,7 @@ def extend_index(
     *,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[int, Path | None, Any]:
     """Append embeddings (with their labels and paths) to the index at ``index_path``, and to its
     faiss index (``faiss_index``, from :func:`load_faiss_index`) if it has one; write the result to
@@ -666,6 +670,6 @@ def extend_index(
     old_stats = torch.full((len(old_paths), 2), -1, dtype=torch.int64) if old_stats is None else old_stats
     stats = torch.cat([old_stats, file_stats(absolute)])
     _, faiss_path = write_index(
-        out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown, stats=stats
+        out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown, stats=stats, extra=extra
     )
     return len(all_embeddings), faiss_path, plan

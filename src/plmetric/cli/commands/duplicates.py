@@ -43,8 +43,9 @@ def add_parser(subparsers: Any) -> None:
     du.add_argument(
         "--threshold",
         type=cosine_threshold,
-        default=DEFAULT_THRESHOLD,
-        help="two images are near-duplicates when the cosine similarity of their embeddings is at least this, in "
+        default=None,
+        help="the threshold calibrated on this pile by plmetric index (recorded in the index); when the index "
+        f"records none, default: {DEFAULT_THRESHOLD}. Two images are near-duplicates when the cosine similarity of their embeddings is at least this, in "
         "(-1, 1]; groups are the connected components of such pairs (members may be joined through others). Higher: "
         "fewer, closer copies; lower: also similar but different photos. The default was measured on the pretrained "
         "backbone's features with planted copies (docs/results.md): on CUB photos it found every resized, "
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
 
     out = check_table_output(args, "duplicates")
     grid = check_grid_output(args, SOFTWARE)
+    from plmetric.cli.calibrate import duplicates_threshold
+    from plmetric.core.options import DUPLICATES_THRESHOLD
+
+    args.threshold, args.hash_distance = duplicates_threshold(args, DUPLICATES_THRESHOLD)  # --threshold, recorded, default
     if args.check_crops and args.candidates > args.threshold:
         raise CLIError(
             f"--candidates {args.candidates:g} is above --threshold {args.threshold:g}: the pairs rescored for "

@@ -42,6 +42,9 @@ def add_parser(subparsers: Any) -> None:
         "(by absolute path), embedded with the index's own model: a --checkpoint, if given, must be that model",
     )
     _index_arguments(ix)
+    from plmetric.cli.calibrate import add_calibration_options  # duplicates calibration (issue 29)
+
+    add_calibration_options(ix)
     ix.set_defaults(func=run, dataset=None, data_root=None, split="train")
 
 
@@ -151,13 +154,20 @@ def run(args: argparse.Namespace) -> int:
     model, description = load_embedding_model(
         args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
     )
+    import time
+
+    from plmetric.cli.calibrate import calibrate_index
+
+    started = time.perf_counter()
     emb, labels, paths, unreadable, writer = embed_images(args, model, description, dataset)
+    rate = len(paths) / max(time.perf_counter() - started, 1e-6)
     if emb.shape[0] == 0:
         raise CLIError(f"no image could be read ({unreadable} unreadable): nothing to write to {out}")
     if not writer:
         return 0  # torchrun: rank 0 builds and writes the index of the gathered result
+    calibration = calibrate_index(args, model, description, emb, paths, rate)  # None with --no-calibrate
     plan = ann.plan_index(len(paths), options)
-    _, faiss_path = write_index(out, emb, labels, paths, description, plan)
+    _, faiss_path = write_index(out, emb, labels, paths, description, plan, extra=calibration)
     skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
     print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {shown(out)}{skipped}")
     print(shown(_faiss_note(plan, faiss_path)))
@@ -218,6 +228,9 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     faiss_index = load_faiss_index(source, meta)  # faiss installed, the .faiss file the right one
     candidates = load_unlabelled_folder(args.images).train
     fresh, present = new_images([Path(p) for p in candidates.paths], indexed)
+    from plmetric.cli.calibrate import kept_calibration
+
+    kept = kept_calibration(meta, len(indexed) + len(fresh), f"--add-to {source}")  # checked before any embedding
     in_place = out.resolve() == source.resolve()
     if not fresh and in_place and args.nprobe is None and args.ef_search is None:
         print(f"added 0 images to {shown(source)} (still {len(indexed):,}); skipped {present:,} already in the index")
@@ -238,7 +251,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
         return 0
     previous = _faiss_file_of(out)
     count, faiss_path, plan = extend_index(
-        source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
+        source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search, extra=kept
     )
     print(
         f"added {len(paths):,} images to {shown(out)} (now {count:,}); skipped {present:,} already in the index"
