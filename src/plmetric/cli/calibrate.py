@@ -18,7 +18,9 @@ from plmetric.cli.common import int_at_least
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
     """``--no-calibrate``, ``--calibration-sample``, ``--calibration-seed`` of ``plmetric index``."""
-    from plmetric.retrieval.calibration import DEFAULT_SAMPLE, DEFAULT_SEED, EDITS, MAX_SAMPLE
+    from plmetric.core.options import CALIBRATION_EDITS as EDITS  # no torch: --help stays fast
+    from plmetric.core.options import CALIBRATION_MAX_SAMPLE as MAX_SAMPLE
+    from plmetric.core.options import CALIBRATION_SAMPLE as DEFAULT_SAMPLE
 
     group = p.add_argument_group("duplicates calibration")
     group.add_argument(
@@ -34,7 +36,7 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
         help="images copied for the calibration (at most all of them)",
     )
     group.add_argument(
-        "--calibration-seed", type=int_at_least(0, 2**32 - 1), default=DEFAULT_SEED, help="which images are sampled"
+        "--calibration-seed", type=int_at_least(0, 2**32 - 1), default=0, help="which images are sampled"
     )
 
 
@@ -72,16 +74,20 @@ def calibrate_index(
         with torch.no_grad():
             return runner(batch.to(device))
 
-    calibration = calibrate(
-        embeddings,
-        paths,
-        embed,
-        transform,
-        description,
-        sample=sample,
-        seed=args.calibration_seed,
-        num_workers=args.num_workers,
-    )
+    try:
+        calibration = calibrate(
+            embeddings,
+            paths,
+            embed,
+            transform,
+            description,
+            sample=sample,
+            seed=args.calibration_seed,
+            num_workers=args.num_workers,
+        )
+    except (OSError, ValueError) as err:  # e.g. the sampled files gone since: the index itself is still written
+        print(f"plmetric: warning: duplicates calibration skipped: {err}", file=sys.stderr)
+        return None
     print(f"duplicates calibration ({calibration.sample} copies each, {calibration.seconds:.1f} s): {describe(calibration)}")
     return {CALIBRATION_KEY: calibration.record()}
 
@@ -103,28 +109,32 @@ def kept_calibration(meta: dict[str, Any], count: int, where: str) -> dict[str, 
     return {CALIBRATION_KEY: recorded.record()}
 
 
-def duplicates_threshold(args: argparse.Namespace, default: float) -> tuple[float, int | None]:
+def duplicates_threshold(args: argparse.Namespace, default: float) -> tuple[float, int | None, str | None]:
     """The threshold of ``plmetric duplicates``: ``--threshold`` when given, else the index's recorded
-    calibration (its hash limit beside it), else ``default``; one line on stderr says which."""
+    calibration, else ``default``; with the recorded hash limit (None: none) and the line that says
+    which (None with ``--threshold``), for stderr once the index is loaded.
+
+    Raises:
+        ValueError: the index's calibration is forged or damaged (one line), even with ``--threshold``.
+    """
     from plmetric.retrieval.calibration import recorded_calibration
     from plmetric.retrieval.index import read_index_metadata
 
     meta = read_index_metadata(args.index) or {}
-    recorded = recorded_calibration(meta, f"index {args.index}")  # a forged field: one line, even with --threshold
+    recorded = recorded_calibration(meta, f"index {args.index}")
+    hash_distance = None if recorded is None else recorded.hash_distance
     if args.threshold is not None:
-        return args.threshold, None if recorded is None else recorded.hash_distance
+        return args.threshold, hash_distance, None
     if recorded is None:
-        print(
+        note = (
             f"threshold {default:g} (the library default): index {args.index} records no calibration "
-            "(re-index with plmetric index to calibrate; --threshold sets one)",
-            file=sys.stderr,
+            "(re-index with plmetric index to calibrate; --threshold sets one)"
         )
-        return default, None
-    print(
+        return default, None, note
+    note = (
         f"threshold {recorded.threshold:.4g} calibrated at index time on {recorded.sample} images x "
         f"{len(recorded.edits)} copies (expected recall "
         f"{min(recorded.recall.values()):.2f}-{max(recorded.recall.values()):.2f}, false pairs per image "
-        f"{recorded.false_pair_rate:.2g}; --threshold overrides)",
-        file=sys.stderr,
+        f"{recorded.false_pair_rate:.2g}; --threshold overrides)"
     )
-    return recorded.threshold, recorded.hash_distance
+    return recorded.threshold, hash_distance, note

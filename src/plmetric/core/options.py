@@ -31,6 +31,9 @@ __all__ = [
     "METHOD_REGISTRY",
     "AUTO_EXACT_BELOW",
     "AUTO_KIND",
+    "CALIBRATION_EDITS",
+    "CALIBRATION_MAX_SAMPLE",
+    "CALIBRATION_SAMPLE",
     "DUPLICATES_CANDIDATES",
     "DUPLICATES_THRESHOLD",
     "DUPLICATES_ZOOMS",
@@ -101,6 +104,13 @@ DUPLICATES_CANDIDATES = 0.70
 """``check_crops`` rescores the pairs at or above this cosine (on CUB photos, planted 80-90 % crops of
 the pretrained features scored 0.739 at the lowest; distinct photos rarely rise above the threshold
 when zoomed)."""
+# duplicates calibration at index time (plmetric.retrieval.calibration re-exports these)
+CALIBRATION_EDITS = ("resize50", "jpeg30", "crop85", "flip", "tone")
+"""The edits that make a sampled image's copies (why each: plmetric.retrieval.calibration)."""
+CALIBRATION_SAMPLE = 128
+"""Images copied by default (``plmetric index --calibration-sample``); 128 x 5 copies cost about twice
+embedding a 300-image pile."""
+CALIBRATION_MAX_SAMPLE = 10_000
 GROUPS_METHODS = ("kmeans", "hdbscan")
 GROUPS_REDUCED_DIM = 64
 """HDBSCAN runs on the embeddings projected to this many principal components (16, 32, 64 compared on

@@ -71,10 +71,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from plmetric.core.options import CALIBRATION_EDITS as EDITS  # defined there without torch
+from plmetric.core.options import CALIBRATION_MAX_SAMPLE as MAX_SAMPLE
+from plmetric.core.options import CALIBRATION_SAMPLE as DEFAULT_SAMPLE
+
 CALIBRATION_KEY = "duplicates_calibration"
 """The index metadata field holding the calibration."""
-EDITS = ("resize50", "jpeg30", "crop85", "flip", "tone")
-DEFAULT_SAMPLE = 128
 DEFAULT_SEED = 0
 ALPHA = 1e-3
 """Images whose nearest other may be a false pair above the threshold, as a share of the pile."""
@@ -88,7 +90,6 @@ HASHED_PAIRS = 512
 """Nearest pairs (the highest) whose perceptual-hash distance is measured when no hashes are given."""
 IMPOSTOR_ROWS = 20_000
 """Images whose nearest other is searched exactly (all N up to this many, else a seeded sample)."""
-MAX_SAMPLE = 10_000
 
 
 @dataclass(frozen=True)

@@ -88,13 +88,15 @@ def run(args: argparse.Namespace) -> int:
     from plmetric.cli.calibrate import duplicates_threshold
     from plmetric.core.options import DUPLICATES_THRESHOLD
 
-    args.threshold, args.hash_distance = duplicates_threshold(args, DUPLICATES_THRESHOLD)  # --threshold, recorded, default
+    args.threshold, args.hash_distance, note = duplicates_threshold(args, DUPLICATES_THRESHOLD)  # given, recorded, default
     if args.check_crops and args.candidates > args.threshold:
         raise CLIError(
             f"--candidates {args.candidates:g} is above --threshold {args.threshold:g}: the pairs rescored for "
             "--check-crops must include those already above the threshold; give a lower --candidates"
         )
     embeddings, paths, faiss_index, description = load_pile_index(args)
+    if note:
+        print(note, file=sys.stderr)
     recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out, grid], paths)
     zoomed = _zoomed_views(args, paths, description) if args.check_crops else None
