@@ -1,7 +1,10 @@
 """Near-duplicates, judged: planted copies over real images, ``plmetric`` pairs against imagededup's hashes.
 
 Per data set (``--dataset``, repeatable: ``cub200`` = the CUB subset's ``images/`` folder, ``plankton106``
-= its labelled folder; under ``--data-root``, else ``$PLMETRIC_DATA`` or ``../shared/data``):
+= its labelled folder, ``mixed`` = issue 29's pile, :func:`common.mixed_pile`: 20 CUB species and 10
+plankton classes x 10 photos, of which ``--copied`` (15) get one copy each, ``resize50``, ``jpeg``
+(quality 30), ``crop`` (the centre 85 % of each side), ``flip`` dealt evenly; under ``--data-root``, else
+``$PLMETRIC_DATA`` or ``../shared/data``):
 
 1. ``--originals`` images (300), taken round-robin over the classes (class order and files within a
    class shuffled with ``--seed``), are copied byte for byte into one flat folder (a temporary one, or
@@ -34,11 +37,18 @@ duplicates; the ranges with ``precision_excl`` are reported beside). With severa
 proposed default is the middle of the intersection of their ranges (rounded to the grid); without an
 intersection, the threshold that maximises the smallest F1 over the data sets.
 
+Calibrated rows: ``plmetric index`` calibrates the threshold on the pile itself and records it
+(:mod:`plmetric.retrieval.calibration`); ``plmetric duplicates`` without ``--threshold`` uses it. The row
+``calibrated`` scores the pairs at that threshold (what a user gets without choosing one); ``calibrated +
+hash`` adds the pairs within the recorded perceptual-hash distance at cosine >= 0.70 (the hash rule).
+With ``--checkpoint`` the index is the trained model's, with its own calibration.
+
 Exploratory row: plmetric's pairs at the proposed default united with PHash's at Hamming distance
 <= ``UNION_DISTANCE`` (what a combined detector would find; the distance is fixed, not tuned here).
 
     python benchmarks/duplicates.py --dataset cub200 --dataset plankton106
     python benchmarks/duplicates.py --dataset plankton106 --originals 100 --no-json
+    python benchmarks/duplicates.py --dataset mixed --copied 30
     python benchmarks/duplicates.py --checkpoint RUN/selected.safetensors --json-dir /tmp/trained
 
 Times depend on the machine and its load: ``--machine-note`` goes into the JSON (the default says the
@@ -330,7 +340,11 @@ def score_calibrated(index: Path, paths: list[str], truth: Truth, pairs, low: fl
     return {
         "calibration": recorded.record(),
         "at_threshold": {"threshold": recorded.threshold, **at},
-        "with_hash": {"threshold": recorded.threshold, "hash_distance": recorded.hash_distance, **truth.score(i[both], j[both])},
+        "with_hash": {
+            "threshold": recorded.threshold,
+            "hash_distance": recorded.hash_distance,
+            **truth.score(i[both], j[both]),
+        },
         "seconds": recorded.seconds,
     }
 
@@ -511,7 +525,8 @@ def table(dataset: str, ours: dict, hashes: dict, derived: float | None, combine
     if cal is not None:
         t = f"{cal['at_threshold']['threshold']:.3f}"
         lines.append(row("plmetric calibrated (no --threshold)", t, cal["at_threshold"], ours_seconds))
-        lines.append(row(f"plmetric calibrated + hash ≤ {cal['with_hash']['hash_distance']}", t, cal["with_hash"], ours_seconds))
+        name = f"plmetric calibrated + hash ≤ {cal['with_hash']['hash_distance']}"
+        lines.append(row(name, t, cal["with_hash"], ours_seconds))
     if combined is not None:
         phash_seconds = hashes["PHash"]["encode_seconds"] + hashes["PHash"]["find_seconds"]
         name = f"plmetric {combined['threshold']} ∪ PHash ≤ {combined['phash_distance']} (exploratory)"

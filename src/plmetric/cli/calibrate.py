@@ -88,7 +88,8 @@ def calibrate_index(
     except (OSError, ValueError) as err:  # e.g. the sampled files gone since: the index itself is still written
         print(f"plmetric: warning: duplicates calibration skipped: {err}", file=sys.stderr)
         return None
-    print(f"duplicates calibration ({calibration.sample} copies each, {calibration.seconds:.1f} s): {describe(calibration)}")
+    took = f"{calibration.sample} copies each, {calibration.seconds:.1f} s"
+    print(f"duplicates calibration ({took}): {describe(calibration)}")
     return {CALIBRATION_KEY: calibration.record()}
 
 

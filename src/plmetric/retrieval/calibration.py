@@ -32,7 +32,8 @@ The rule (:func:`choose_threshold`, pure):
    ``d <= h``), so about ``E (1 - π) / π`` of the pile's duplicates were missed by it (crops, mostly):
    that many top values (rounded down; only those at or above the 10th percentile of the missed copies'
    scores) are read as duplicates too. With no hash-caught duplicate none is, so a pile of look-alikes
-   keeps its precision. Independently, the top values are tested as outliers of the impostors' upper tail: the tail above
+   keeps its precision. Independently, the top values are tested as outliers of the impostors' upper
+   tail: the tail above
    the ``(R+M+1)``-th value, with the top ``R`` left out, is modelled as exponential with scale
    ``σ`` (the mean excess of the next :data:`TAIL_POINTS` ``M`` values over it); the top ``R`` values
    are duplicates when the lowest of them is above the copies' 10th percentile (it looks like a copy)
@@ -371,7 +372,8 @@ def embed_copies(
         hashes.append(batch_hashes.numpy())
         rows.append(index.numpy())
     if not rows:
-        return np.empty(0, np.int64), np.empty((0, len(edits), 0), np.float32), np.empty((0, 1 + len(edits), 16), np.uint8)
+        empty = np.empty((0, 1 + len(edits), 16), np.uint8)
+        return np.empty(0, np.int64), np.empty((0, len(edits), 0), np.float32), empty
     return np.concatenate(rows), np.concatenate(embedded), np.concatenate(hashes)
 
 

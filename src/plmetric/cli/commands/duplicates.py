@@ -45,7 +45,8 @@ def add_parser(subparsers: Any) -> None:
         type=cosine_threshold,
         default=None,
         help="the threshold calibrated on this pile by plmetric index (recorded in the index); when the index "
-        f"records none, default: {DEFAULT_THRESHOLD}. Two images are near-duplicates when the cosine similarity of their embeddings is at least this, in "
+        f"records none, default: {DEFAULT_THRESHOLD}. Two images are near-duplicates when the cosine similarity of their "
+        "embeddings is at least this, in "
         "(-1, 1]; groups are the connected components of such pairs (members may be joined through others). Higher: "
         "fewer, closer copies; lower: also similar but different photos. The default was measured on the pretrained "
         "backbone's features with planted copies (docs/results.md): on CUB photos it found every resized, "
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     from plmetric.cli.calibrate import duplicates_threshold
     from plmetric.core.options import DUPLICATES_THRESHOLD
 
-    args.threshold, args.hash_distance, note = duplicates_threshold(args, DUPLICATES_THRESHOLD)  # given, recorded, default
+    # --threshold, else the index's calibration (its hash limit beside it), else the default
+    args.threshold, args.hash_distance, note = duplicates_threshold(args, DUPLICATES_THRESHOLD)
     if args.check_crops and args.candidates > args.threshold:
         raise CLIError(
             f"--candidates {args.candidates:g} is above --threshold {args.threshold:g}: the pairs rescored for "
