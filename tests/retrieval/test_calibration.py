@@ -185,3 +185,19 @@ def test_small_piles_get_a_threshold_in_range(n):
     nearest = np.concatenate([rng.uniform(0.9, 0.99, n // 2), rng.uniform(0.3, 0.8, n - n // 2)])
     choice = choose_threshold(scores, hashes, nearest, rng.integers(-1, 40, n))
     assert HASH_MIN_COSINE <= choice.threshold <= 1.0 and 0.0 <= choice.false_pair_rate <= 1.0
+
+
+def test_a_pile_where_every_image_has_a_copy_is_judged_by_its_nearest_non_duplicates():
+    """300 originals each with a copy: every image's nearest other is its copy (hash within a few bits);
+    its next three are look-alikes. The threshold is set by those, below the copies, and the hash limit
+    comes from the look-alikes' distances, not from the duplicates' (which are every nearest pair)."""
+    rng = np.random.default_rng(7)
+    scores, hashes = _copies(rng, 0.90, 0.99)
+    n = 600
+    others = -np.sort(-np.clip(rng.normal(0.6, 0.05, (n, 3)), -1, 1), axis=1)
+    nearest = np.column_stack([rng.uniform(0.93, 0.99, n), others])
+    near_hash = np.column_stack([rng.integers(0, 4, n), rng.binomial(64, 0.5, (n, 3))])
+    choice = choose_threshold(scores, hashes, nearest, near_hash)
+    assert choice.hash_distance >= 3 and choice.explained_by_hash == n
+    assert others.max() < choice.threshold < 0.90
+    assert all(r == 1.0 for r in choice.recall.values())

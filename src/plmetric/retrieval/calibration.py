@@ -6,48 +6,50 @@ Two distributions are measured with the index's own model:
 * **copies**: a seeded sample of the pile's images (:data:`DEFAULT_SAMPLE`), each copied with the edits
   that make duplicates in real piles (:data:`EDITS`), embedded with the index's transform; a copy's score
   is ``C = cos(original, copy)`` and its perceptual-hash distance ``d`` (:mod:`plmetric.retrieval.hashes`);
-* **impostors**: every pile image's nearest *other* image, its cosine ``I`` (exact, all N images up to
-  :data:`IMPOSTOR_ROWS`, else a seeded sample of that many rows against all N) and the hash distance of
-  that pair (for the :data:`HASHED_PAIRS` highest pairs: only the top of ``I`` matters).
+* **impostors**: each pile image's :data:`NEIGHBOURS` nearest *other* images, their cosines and the
+  hash distances of those pairs (every image up to :data:`IMPOSTOR_ROWS` when the pile's hashes are
+  given, else up to :data:`HASHED_ROWS` images, a seeded sample beyond, whose files are hashed). An
+  image's impostor score ``I`` is its nearest other that the hash does not catch as its duplicate.
 
-A false pair needs an image whose nearest other is not its duplicate but scores above the threshold, so
-the per-image false-pair rate is the upper tail of ``I`` and must be estimated on all N images, not on a
+A false pair needs an image whose nearest non-duplicate scores above the threshold, so the per-image
+false-pair rate is the upper tail of ``I`` and must be estimated on the pile's images, not on the copies'
 sample: precision 0.95 with 15 true pairs among 315 images allows less than one false pair.
 
 The rule (:func:`choose_threshold`, pure):
 
 1. **Hash limit** ``h``. The hash rule pairs two images when ``cos >= HASH_MIN_COSINE`` and ``d <= h``.
-   The nearest pairs whose distance is measured (the :data:`HASHED_PAIRS` highest: the pile's most
-   alike pairs) have distances whose body is found robustly (median ``m``, ``1.4826 MAD`` ``s``: a
-   minority of real duplicates does not move them; restricted to ``cos >= HASH_MIN_COSINE`` they could
-   be a majority where few images look alike). An
+   The distances of each image's 2nd to K-th nearest others (its look-alikes; the nearest left out, as
+   the pair most likely to be a duplicate) have a body found robustly (median ``m``, ``1.4826 MAD``
+   ``s``: a minority of duplicates does not move them, even in a pile where every image has a copy). An
    image meets about ``L`` look-alikes (the mean count of others at ``cos >= HASH_MIN_COSINE``, measured
    on the sample), so a per-image false rate of :data:`ALPHA` allows a per-pair rate ``ALPHA / L``:
    ``h_null = floor(m - z s)``, ``z = Φ⁻¹(1 - ALPHA / L)`` (a normal approximation of the distance's
    lower tail). ``h = min(h_null, h_copies)`` where ``h_copies`` is the 95th percentile of the copies'
-   distances (no use reaching further than copies need); ``-1`` turns the hash signal off.
-2. **Contamination.** The pile's own duplicates sit at the top of ``I``. A nearest pair within the hash
-   limit (``d <= h``, ``I >= HASH_MIN_COSINE``) is explained as a duplicate (the hash rule pairs it
-   anyway): ``E`` images. The copies say which share ``π`` of duplicates the hash catches (copies with
-   ``d <= h``), so about ``E (1 - π) / π`` of the pile's duplicates were missed by it (crops, mostly):
-   that many top values (rounded down; only those at or above the 10th percentile of the missed copies'
-   scores) are read as duplicates too. With no hash-caught duplicate none is, so a pile of look-alikes
-   keeps its precision. Independently, the top values are tested as outliers of the impostors' upper
-   tail: the tail above
-   the ``(R+M+1)``-th value, with the top ``R`` left out, is modelled as exponential with scale
-   ``σ`` (the mean excess of the next :data:`TAIL_POINTS` ``M`` values over it); the top ``R`` values
-   are duplicates when the lowest of them is above the copies' 10th percentile (it looks like a copy)
-   and the expected number of impostors that high, ``M exp(-(s_R - u)/σ)``, is at most
-   :data:`OUTLIER_LEVEL`. The larger of the two counts is taken.
-3. **Threshold.** Of the rest (the impostors), ``k = floor(ALPHA N)`` may lie above the threshold
-   (:data:`ALPHA`: with duplicates on at least 2 % of a pile's images, 0.1 % false images keeps
-   precision near 0.95). ``t0 = s_(k+1) + σ ln 2``: the level the top impostor of a pile twice as large
-   reaches (the maximum of an exponential tail grows by ``σ ln 2`` when N doubles), so ``--add-to`` may
-   double the pile before the calibration is stale. When every copy scores above ``t0`` the threshold is
-   the midpoint of ``t0`` and the lowest copy (the widest margin on both sides; recall 1 on the sample);
-   otherwise it is ``t0`` (precision wins over recall). It is kept in ``[HASH_MIN_COSINE, 1]``.
+   distances (no use reaching further than copies need), at most :data:`HASH_MAX`; ``-1`` turns the hash
+   signal off.
+2. **Contamination.** The pile's own duplicates sit at the top of the nearest others. A neighbour within
+   the hash limit (``d <= h``, ``cos >= HASH_MIN_COSINE``) is explained as a duplicate (the hash rule
+   pairs it anyway) and skipped: ``E`` such (image, neighbour) entries. The copies say which share ``π``
+   of duplicates the hash catches (copies with ``d <= h``), so about ``E (1 - π) / π`` entries are
+   duplicates it missed (crops, mostly). The top ``I`` values are tested as outliers of the impostors'
+   upper tail: the tail above the ``(R+M+1)``-th value, with the top ``R`` left out, is modelled as
+   exponential with scale ``σ`` (the mean excess of the next :data:`TAIL_POINTS` ``M`` values over it);
+   the top ``R`` values are duplicates when the lowest of them looks like a copy (at or above the copies'
+   10th percentile) and the expected number of impostors that high, ``M exp(-(s_R - u)/σ)``, is at most
+   :data:`OUTLIER_LEVEL`, or at most :data:`MISSED_LEVEL` for ``R`` within the hash's misses (rounded
+   down; only values at or above the 10th percentile of the missed copies' scores). The largest such
+   ``R`` is taken. With no hash-caught duplicate only the strict test applies, so a pile of look-alikes
+   keeps its precision; a continuous tail of look-alikes passes neither test.
+3. **Threshold.** Of the rest (the impostors of the ``n`` images examined), ``k = floor(ALPHA n)`` may lie
+   above the threshold (:data:`ALPHA`: with duplicates on at least 2 % of a pile's images, 0.1 % false
+   images keeps precision near 0.95). ``t0 = s_(k+1) + σ ln(2N / n)``: the level the top impostor of a
+   pile of 2N images reaches (the maximum of an exponential tail grows by ``σ ln 2`` when N doubles), so
+   ``--add-to`` may double the pile before the calibration is stale. When every copy scores above ``t0``
+   the threshold is the midpoint of ``t0`` and the lowest copy (the widest margin on both sides; recall
+   1 on the sample); otherwise it is ``t0`` (precision wins over recall). It is kept in
+   ``[HASH_MIN_COSINE, 1]``.
 
-The expected false-pair rate is the exponential tail's ``(k+1)/N exp(-(t - s_(k+1))/σ)``; the expected
+The expected false-pair rate is the exponential tail's ``(k+1)/n exp(-(t - s_(k+1))/σ)``; the expected
 recall is per edit, the share of copies at or above ``t`` (and with the hash rule beside it).
 
 Why these edits (:func:`edit_copy`): ``resize50`` (half of each side: thumbnails and re-posts, the
@@ -85,12 +87,22 @@ TAIL_POINTS = 10
 """Order statistics the upper tail's exponential scale is estimated from."""
 OUTLIER_LEVEL = 0.1
 """Expected impostors at or above a top value for it to be read as a duplicate of the pile."""
+MISSED_LEVEL = 1.0
+"""The same, for the top values that the hash's misses (``E (1 - π) / π``) may account for."""
 HASH_MIN_COSINE = 0.70
 """The hash rule's floor: two images are paired by their hashes only at or above this cosine."""
-HASHED_PAIRS = 512
-"""Nearest pairs (the highest) whose perceptual-hash distance is measured when no hashes are given."""
+NEIGHBOURS = 4
+"""Nearest others examined per image: its nearest one not caught by the hash is its impostor (a pile's
+duplicate groups rarely exceed this; an image whose all are caught is left out)."""
+HASH_MAX = 10
+"""The hash limit's ceiling (imagededup's default for 64-bit hashes). Above it lie the crops' distances
+(12-22 bits on CUB and plankton copies), which the hash cannot tell from look-alikes, and the normal
+approximation of the look-alikes' lower tail is too thin there: on the CUB subset 17 bits paired 25
+different photos at cosine >= 0.70 where it predicted under one."""
+HASHED_ROWS = 2048
+"""Images examined (with their neighbours, hashed from the files) when the pile's hashes are not given."""
 IMPOSTOR_ROWS = 20_000
-"""Images whose nearest other is searched exactly (all N up to this many, else a seeded sample)."""
+"""Images examined when the pile's hashes are given (all N up to this many, else a seeded sample)."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +177,7 @@ def hash_limit(
     z = _normal_quantile(1.0 - alpha / max(1.0, float(look_alikes)))
     null = math.floor(median - z * spread)
     need = math.ceil(float(np.quantile(pooled, 0.95)))
-    return int(max(-1, min(null, need, 64)))
+    return int(max(-1, min(null, need, HASH_MAX)))
 
 
 def _tail(values: np.ndarray, start: int, points: int) -> tuple[float, float]:
@@ -184,6 +196,7 @@ def choose_threshold(
     nearest: np.ndarray,
     nearest_hash: np.ndarray,
     *,
+    count: int | None = None,
     look_alikes: float = 1.0,
     alpha: float = ALPHA,
 ) -> ThresholdChoice:
@@ -192,41 +205,52 @@ def choose_threshold(
     Args:
         copy_scores: per edit, the cosines of the sampled images with their copies.
         copy_hash: per edit, the copies' hash distances to their originals (same order).
-        nearest: (N,) each pile image's cosine with its nearest other image.
-        nearest_hash: (N,) the hash distance of that pair, -1 where it was not measured.
+        nearest: (n, K) each examined pile image's cosines with its K nearest other images, best first
+            ((n,) for K = 1).
+        nearest_hash: (n, K) the hash distances of those pairs, -1 where not measured.
+        count: the pile's number of images N (default n: every image examined).
         look_alikes: the mean number of other images at ``cos >= HASH_MIN_COSINE`` per image.
         alpha: the per-image false-pair budget.
     """
-    nearest = np.asarray(nearest, dtype=np.float64).ravel()
-    nearest_hash = np.asarray(nearest_hash, dtype=np.int64).ravel()
+    nearest = np.asarray(nearest, dtype=np.float64)
+    nearest_hash = np.asarray(nearest_hash, dtype=np.int64)
+    nearest = nearest.reshape(len(nearest), -1) if nearest.size else nearest.reshape(0, 1)
+    nearest_hash = nearest_hash.reshape(nearest.shape[0], -1) if nearest_hash.size else nearest_hash.reshape(0, 1)
     if nearest.shape != nearest_hash.shape:
-        raise ValueError(f"{nearest.size} nearest scores but {nearest_hash.size} hash distances")
-    n = max(1, nearest.size)
-    close = (nearest_hash >= 0) & (nearest >= HASH_MIN_COSINE)
-    h = hash_limit(copy_hash, nearest_hash[nearest_hash >= 0], look_alikes, alpha)  # the most alike pairs measured
-    explained = close & (nearest_hash <= h)
-    rest = np.sort(nearest[~explained])[::-1]
+        raise ValueError(f"nearest scores of shape {nearest.shape} but hash distances of shape {nearest_hash.shape}")
+    rows = max(1, nearest.shape[0])
+    n = max(rows, int(count or rows))
+    body = nearest_hash[:, 1:] if nearest_hash.shape[1] > 1 else nearest_hash  # beyond the nearest: few duplicates
+    h = hash_limit(copy_hash, body[body >= 0], look_alikes, alpha)
+    explained = (nearest_hash >= 0) & (nearest_hash <= h) & (nearest >= HASH_MIN_COSINE)
+    first = np.argmin(explained, axis=1)  # each row's nearest other not caught by the hash
+    open_rows = ~explained.all(axis=1)
+    rest = np.sort(nearest[np.flatnonzero(open_rows), first[open_rows]])[::-1]
     pooled = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in copy_scores.values()] or [np.empty(0)])
     pooled_hash = np.concatenate(
         [np.asarray(copy_hash.get(e, np.full(np.shape(v), 65)), dtype=np.int64).ravel() for e, v in copy_scores.items()]
         or [np.empty(0, np.int64)]
     )
-    unexplained = _unexplained_duplicates(int(explained.sum()), rest, pooled, pooled_hash, h)
-    outliers = max(_duplicate_outliers(rest, pooled), unexplained)
+    missed = _unexplained_duplicates(int(explained.sum()), rest, pooled, pooled_hash, h)
+    outliers = max(
+        _duplicate_outliers(rest, pooled, OUTLIER_LEVEL),
+        _duplicate_outliers(rest, pooled, MISSED_LEVEL, missed),  # the hash's misses: weaker evidence suffices
+    )
     impostors = rest[outliers:]
-    k = int(math.floor(alpha * n))
+    k = int(math.floor(alpha * rows))
     if k < len(impostors):
         top = float(impostors[k])
         _, scale = _tail(impostors, k, TAIL_POINTS)
-        t0 = float(np.nextafter(np.float32(top + scale * math.log(2.0)), np.float32(2.0)))  # strictly above
+        reach = top + scale * math.log(2.0 * n / rows)  # the top of a pile of 2N from n examined images
+        t0 = float(np.nextafter(np.float32(reach), np.float32(2.0)))  # strictly above
     else:
         top, scale, t0 = HASH_MIN_COSINE, 0.0, HASH_MIN_COSINE
     threshold = (t0 + float(pooled.min())) / 2 if pooled.size and pooled.min() > t0 else t0
     threshold = float(min(max(threshold, HASH_MIN_COSINE), 1.0))
     if k < len(impostors) and scale > 0:
-        rate = (k + 1) / n * math.exp(-(threshold - top) / scale)
+        rate = (k + 1) / rows * math.exp(-(threshold - top) / scale)
     else:
-        rate = float((impostors >= threshold).sum()) / n
+        rate = float((impostors >= threshold).sum()) / rows
     recall, with_hash = {}, {}
     for edit, scores in copy_scores.items():
         scores = np.asarray(scores, dtype=np.float64).ravel()
@@ -265,14 +289,16 @@ def _unexplained_duplicates(
     return min(missed, int((values >= low).sum()))
 
 
-def _duplicate_outliers(values: np.ndarray, copies: np.ndarray) -> int:
+def _duplicate_outliers(values: np.ndarray, copies: np.ndarray, level: float, most: int | None = None) -> int:
     """How many of the top ``values`` (sorted descending) are the pile's own duplicates (step 2): the
-    largest R whose lowest value looks like a copy (at or above the copies' 10th percentile) and lies
-    where the exponential tail of the values below expects at most :data:`OUTLIER_LEVEL` impostors."""
+    largest R (at most ``most``) whose lowest value looks like a copy (at or above the copies' 10th
+    percentile) and lies where the exponential tail of the values below expects at most ``level``
+    impostors."""
     if copies.size == 0 or len(values) < TAIL_POINTS + 2:
         return 0
     like_copy = float(np.quantile(copies, 0.10))
     limit = min(int((values >= like_copy).sum()), len(values) // 4, len(values) - TAIL_POINTS - 1)
+    limit = limit if most is None else min(limit, most)
     r = np.arange(1, limit + 1)
     if r.size == 0:
         return 0
@@ -283,7 +309,7 @@ def _duplicate_outliers(values: np.ndarray, copies: np.ndarray) -> int:
     lowest = values[r - 1]
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         expected = np.where(scale > 0, m * np.exp(-(lowest - u) / np.where(scale > 0, scale, 1.0)), np.inf)
-    passing = np.flatnonzero((lowest >= like_copy) & (expected <= OUTLIER_LEVEL))
+    passing = np.flatnonzero((lowest >= like_copy) & (expected <= level))
     return int(r[passing].max()) if passing.size else 0
 
 
@@ -407,8 +433,9 @@ def sample_rows(n: int, sample: int, seed: int) -> np.ndarray:
 
 
 def estimated_seconds(sample: int, n: int, images_per_second: float, edits: int = len(EDITS)) -> float:
-    """Forward passes of the copies (``sample x edits`` images) at the index's own rate, plus the hashes."""
-    hashed = min(n, 2 * HASHED_PAIRS)
+    """Forward passes of the copies (``sample x edits`` images) at the index's own rate, plus the hashes
+    (decoding an image again: about a tenth of its embedding)."""
+    hashed = min(n, (NEIGHBOURS + 1) * HASHED_ROWS)
     return (sample * edits + 0.1 * hashed) / max(images_per_second, 1e-3)
 
 
@@ -454,30 +481,27 @@ def calibrate(
     copy_hash = {
         edit: hash_distances(copy_hashes[:, 0], copy_hashes[:, 1 + e]) for e, edit in enumerate(EDITS)
     }
-    impostor_rows = torch.arange(n) if n <= IMPOSTOR_ROWS else torch.from_numpy(sample_rows(n, IMPOSTOR_ROWS, seed))
-    near_scores, near_ids = nearest_others(x, 1, rows=impostor_rows, what="calibration: nearest others")
-    near_scores, near_ids = near_scores[:, 0].numpy(), near_ids[:, 0].numpy()
-    queries = impostor_rows.numpy()
-    near_hash = np.full(len(queries), -1, dtype=np.int64)
-    top = np.argsort(-near_scores, kind="stable")[:HASHED_PAIRS]
+    examined = n if hashes is not None else min(n, HASHED_ROWS)  # without recorded hashes: decode a bounded few
+    examined = min(examined, IMPOSTOR_ROWS)
+    queries = np.arange(n) if examined == n else sample_rows(n, examined, seed)
+    near_scores, near_ids = nearest_others(x, NEIGHBOURS, rows=torch.from_numpy(queries), what="calibration")
+    near_scores, near_ids = near_scores.numpy(), near_ids.numpy()
     if hashes is None:
-        needed = np.unique(np.concatenate([queries[top], near_ids[top]]))
-        needed = needed[[not paths[int(i)].startswith("item:") for i in needed]]
-        pile_hashes, known = hashes_of([paths[int(i)] for i in needed], num_workers=num_workers)
-        where = {int(i): k for k, i in enumerate(needed)}
-        usable = np.array(
-            [int(a) in where and int(b) in where and known[where[int(a)]] and known[where[int(b)]]
-             for a, b in zip(queries[top], near_ids[top], strict=True)],
-            dtype=bool,
-        )
-        a = np.array([where.get(int(i), 0) for i in queries[top]], dtype=np.int64)
-        b = np.array([where.get(int(i), 0) for i in near_ids[top]], dtype=np.int64)
-        distances = hash_distances(pile_hashes[a], pile_hashes[b]) if len(top) else np.empty(0, np.int64)
-        near_hash[top] = np.where(usable, distances, -1)
+        needed = np.unique(np.concatenate([queries, near_ids.ravel()]))
+        pile_hashes = np.zeros((n, 16), dtype=np.uint8)
+        known = np.zeros(n, dtype=bool)
+        files = needed[[not paths[int(i)].startswith("item:") for i in needed]]
+        pile_hashes[files], known[files] = hashes_of([paths[int(i)] for i in files], num_workers=num_workers)
     else:
-        near_hash[top] = hash_distances(hashes[queries[top]], hashes[near_ids[top]])
+        pile_hashes, known = np.asarray(hashes, dtype=np.uint8), np.ones(n, dtype=bool)
+    a = np.repeat(queries, near_ids.shape[1])
+    b = near_ids.ravel()
+    near_hash = np.where(known[a] & known[b], hash_distances(pile_hashes[a], pile_hashes[b]), -1)
+    near_hash = near_hash.reshape(near_ids.shape)
     look_alikes = float(((torch.from_numpy(originals) @ x.T) >= HASH_MIN_COSINE).sum(1).float().mean()) - 1.0
-    choice = choose_threshold(copy_scores, copy_hash, near_scores, near_hash, look_alikes=max(1.0, look_alikes))
+    choice = choose_threshold(
+        copy_scores, copy_hash, near_scores, near_hash, count=n, look_alikes=max(1.0, look_alikes)
+    )
     return Calibration(
         threshold=choice.threshold,
         hash_distance=choice.hash_distance,
