@@ -1,7 +1,10 @@
 """Near-duplicates, judged: planted copies over real images, ``plmetric`` pairs against imagededup's hashes.
 
 Per data set (``--dataset``, repeatable: ``cub200`` = the CUB subset's ``images/`` folder, ``plankton106``
-= its labelled folder; under ``--data-root``, else ``$PLMETRIC_DATA`` or ``../shared/data``):
+= its labelled folder, ``mixed`` = issue 29's pile, :func:`common.mixed_pile`: 20 CUB species and 10
+plankton classes x 10 photos, of which ``--copied`` (15) get one copy each, ``resize50``, ``jpeg``
+(quality 30), ``crop`` (the centre 85 % of each side), ``flip`` dealt evenly; under ``--data-root``, else
+``$PLMETRIC_DATA`` or ``../shared/data``):
 
 1. ``--originals`` images (300), taken round-robin over the classes (class order and files within a
    class shuffled with ``--seed``), are copied byte for byte into one flat folder (a temporary one, or
@@ -34,11 +37,18 @@ duplicates; the ranges with ``precision_excl`` are reported beside). With severa
 proposed default is the middle of the intersection of their ranges (rounded to the grid); without an
 intersection, the threshold that maximises the smallest F1 over the data sets.
 
+Calibrated rows: ``plmetric index`` calibrates the threshold on the pile itself and records it
+(:mod:`plmetric.retrieval.calibration`); ``plmetric duplicates`` without ``--threshold`` uses it. The row
+``calibrated`` scores the pairs at that threshold (what a user gets without choosing one); ``calibrated +
+hash`` adds the pairs within the recorded perceptual-hash distance at cosine >= 0.70 (the hash rule).
+With ``--checkpoint`` the index is the trained model's, with its own calibration.
+
 Exploratory row: plmetric's pairs at the proposed default united with PHash's at Hamming distance
 <= ``UNION_DISTANCE`` (what a combined detector would find; the distance is fixed, not tuned here).
 
     python benchmarks/duplicates.py --dataset cub200 --dataset plankton106
     python benchmarks/duplicates.py --dataset plankton106 --originals 100 --no-json
+    python benchmarks/duplicates.py --dataset mixed --copied 30
     python benchmarks/duplicates.py --checkpoint RUN/selected.safetensors --json-dir /tmp/trained
 
 Times depend on the machine and its load: ``--machine-note`` goes into the JSON (the default says the
@@ -64,7 +74,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATASETS, REPO_ROOT, dataset_root  # noqa: E402
+from common import DATASETS, REPO_ROOT, dataset_root, mixed_pile  # noqa: E402
 
 from plmetric.core.checkpoint import atomic_write_json  # noqa: E402
 from plmetric.data.images import open_image  # noqa: E402
@@ -78,8 +88,11 @@ from plmetric.retrieval.duplicates import (  # noqa: E402
 )
 from plmetric.retrieval.index import load_embeddings  # noqa: E402
 
-PLANTED = ("cub200", "plankton106")
+PLANTED = ("cub200", "plankton106", "mixed")
 KINDS = ("resize50", "resize256", "jpeg", "crop", "flip", "bright")
+MIXED_KINDS = ("resize50", "jpeg", "crop", "flip")
+"""The copies planted in the mixed pile (issue 29: half size, JPEG q30, 85 % crop, mirror)."""
+MIXED_COPIED = 15
 TARGET_KINDS = ("resize50", "resize256", "jpeg", "crop")
 PAIR_KINDS = (*KINDS, "copy-copy")
 HASHES = ("PHash", "DHash", "WHash", "AHash")
@@ -142,25 +155,50 @@ def make_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[
     raise ValueError(f"unknown copy kind {kind}")
 
 
-def plant(originals: list[Path], folder: Path, rng: np.random.Generator, second_share: float) -> list[dict]:
+def mixed_copy(image: Image.Image, kind: str, rng: np.random.Generator) -> tuple[Image.Image, dict]:
+    """The mixed pile's copies (issue 29): JPEG quality 30, a centred window keeping 85 % of each side,
+    the other kinds as :func:`make_copy`."""
+    if kind == "jpeg":
+        return image, {"quality": 30}
+    if kind == "crop":
+        w, h = image.size
+        cw, ch = max(1, round(0.85 * w)), max(1, round(0.85 * h))
+        box = ((w - cw) // 2, (h - ch) // 2, (w - cw) // 2 + cw, (h - ch) // 2 + ch)
+        return image.crop(box), {"box": box}
+    return make_copy(image, kind, rng)
+
+
+def plant(
+    originals: list[Path],
+    folder: Path,
+    rng: np.random.Generator,
+    second_share: float,
+    kinds: tuple[str, ...] = KINDS,
+    copied: int | None = None,
+    exact: bool = False,
+) -> list[dict]:
     """Write the originals and their copies into ``folder``; return one record per file
-    (``name``, ``source``: the original's number, ``kind``: ``original`` or the copy's, ``params``)."""
+    (``name``, ``source``: the original's number, ``kind``: ``original`` or the copy's, ``params``).
+    ``copied``: how many originals (a seeded choice) get copies (default: all), the ``kinds`` dealt evenly;
+    ``exact``: the mixed pile's fixed copies (:func:`mixed_copy`)."""
     folder.mkdir(parents=True, exist_ok=True)
     n = len(originals)
-    first = np.empty(n, dtype=np.int64)
-    first[rng.permutation(n)] = np.arange(n) % len(KINDS)  # kinds dealt evenly
+    first = np.full(n, -1, dtype=np.int64)
+    chosen = rng.permutation(n)[: n if copied is None else min(copied, n)]
+    first[chosen] = [KINDS.index(kinds[k % len(kinds)]) for k in range(len(chosen))]  # kinds dealt evenly
     second: dict[int, int] = {}
-    for o in rng.permutation(n)[: round(second_share * n)]:
-        second[int(o)] = int((first[o] + 1 + rng.integers(len(KINDS) - 1)) % len(KINDS))  # another kind
+    for o in rng.permutation(chosen)[: round(second_share * len(chosen))]:
+        others = [KINDS.index(k) for k in kinds if KINDS.index(k) != first[o]]
+        second[int(o)] = int(others[int(rng.integers(len(others)))])  # another kind
     files: list[dict] = []
     for o, path in enumerate(originals):
         name = f"o{o:04d}{path.suffix.lower()}"
         shutil.copyfile(path, folder / name)
         files.append({"name": name, "source": o, "kind": "original", "params": {"from": str(path)}})
         image = open_image(path)
-        for k in [first[o]] + ([second[o]] if o in second else []):
+        for k in ([first[o]] if first[o] >= 0 else []) + ([second[o]] if o in second else []):
             kind = KINDS[k]
-            copy, params = make_copy(image, kind, rng)
+            copy, params = (mixed_copy if exact else make_copy)(image, kind, rng)
             copy_name = f"c{o:04d}_{kind}.jpg"
             copy.save(folder / copy_name, "JPEG", quality=params.get("quality", 95))
             files.append({"name": copy_name, "source": o, "kind": kind, "params": params})
@@ -222,7 +260,9 @@ def f1(precision: float, recall: float) -> float:
 
 def meets_target(point: dict, precision: str = "precision") -> bool:
     """Recall >= 0.95 for every target kind at ``precision`` (strict, or ``precision_excl``) >= 0.95."""
-    return point[precision] >= TARGET and all(point["recall"][k] >= TARGET for k in TARGET_KINDS)
+    return point[precision] >= TARGET and all(
+        point["recall"][k] is None or point["recall"][k] >= TARGET for k in TARGET_KINDS
+    )
 
 
 # ----------------------------------------------------------------------------------------- methods
@@ -253,6 +293,7 @@ def run_plmetric(folder: Path, work: Path, truth_files: list[dict], grid: np.nda
         curve.append({"threshold": float(t), **truth.score(i[keep], j[keep])})
     at_default = truth.score(*(x[s >= DEFAULT_THRESHOLD] for x in (i, j)))
     crops = check_crops(index, embeddings, paths, model, truth, (i, j, s), grid, args) if args.check_crops else None
+    calibrated = score_calibrated(index, paths, truth, (i, j, s), float(grid.min()))
     original_pairs = truth.is_original[i] & truth.is_original[j] & (truth.source[i] != truth.source[j])
     order = np.argsort(-s[original_pairs])
     preexisting = [
@@ -274,6 +315,37 @@ def run_plmetric(folder: Path, work: Path, truth_files: list[dict], grid: np.nda
         "preexisting_at_grid_min": preexisting,
         "scores": (i, j, s),
         "check_crops": crops,
+        "calibrated": calibrated,
+    }
+
+
+def score_calibrated(index: Path, paths: list[str], truth: Truth, pairs, low: float) -> dict | None:
+    """``plmetric duplicates`` without ``--threshold``: the threshold ``plmetric index`` calibrated and
+    recorded; beside it the hash rule with the recorded limit (a pair is a duplicate when its cosine
+    reaches the threshold, or its perceptual-hash distance is within the limit at cosine >= 0.70)."""
+    from plmetric.retrieval.calibration import HASH_MIN_COSINE, recorded_calibration
+    from plmetric.retrieval.hashes import hash_distances, perceptual_hashes
+    from plmetric.retrieval.index import read_index_metadata
+
+    recorded = recorded_calibration(read_index_metadata(index) or {}, str(index))
+    if recorded is None:
+        return None
+    if recorded.threshold < low:
+        raise SystemExit(f"the calibrated threshold {recorded.threshold} is below --grid's minimum {low}")
+    i, j, s = pairs
+    at = truth.score(i[s >= recorded.threshold], j[s >= recorded.threshold])
+    hashes = np.stack([perceptual_hashes(open_image(p)) for p in paths])
+    d = hash_distances(hashes[i], hashes[j])
+    both = (s >= recorded.threshold) | ((d <= recorded.hash_distance) & (s >= HASH_MIN_COSINE))
+    return {
+        "calibration": recorded.record(),
+        "at_threshold": {"threshold": recorded.threshold, **at},
+        "with_hash": {
+            "threshold": recorded.threshold,
+            "hash_distance": recorded.hash_distance,
+            **truth.score(i[both], j[both]),
+        },
+        "seconds": recorded.seconds,
     }
 
 
@@ -449,6 +521,12 @@ def table(dataset: str, ours: dict, hashes: dict, derived: float | None, combine
         lines.append(row("plmetric --check-crops (library default)", DEFAULT_THRESHOLD, crops["at_default"], crop_seconds))
         best = max(crops["curve"], key=lambda p: (p["f1"], p["threshold"]))
         lines.append(row("plmetric --check-crops (oracle: best F1)", best["threshold"], best, crop_seconds))
+    cal = ours.get("calibrated")
+    if cal is not None:
+        t = f"{cal['at_threshold']['threshold']:.3f}"
+        lines.append(row("plmetric calibrated (no --threshold)", t, cal["at_threshold"], ours_seconds))
+        name = f"plmetric calibrated + hash ≤ {cal['with_hash']['hash_distance']}"
+        lines.append(row(name, t, cal["with_hash"], ours_seconds))
     if combined is not None:
         phash_seconds = hashes["PHash"]["encode_seconds"] + hashes["PHash"]["find_seconds"]
         name = f"plmetric {combined['threshold']} ∪ PHash ≤ {combined['phash_distance']} (exploratory)"
@@ -464,7 +542,7 @@ def curve_table(dataset: str, curve: list[dict], every: int = 2) -> list[str]:
     for p in curve[::every]:
         r = p["recall"]
         cells = [f"{p['threshold']:.3f}", f"{p['precision']:.3f}", f"{p['precision_excl']:.3f}"]
-        cells += [f"{r[k]:.3f}" for k in (*TARGET_KINDS, "flip", "bright")]
+        cells += ["-" if r[k] is None else f"{r[k]:.3f}" for k in (*TARGET_KINDS, "flip", "bright")]
         cells += [f"{p['f1']:.3f}", "yes" if meets_target(p) else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -487,6 +565,12 @@ def main() -> None:
     parser.add_argument("--data-root", help="folder holding the data sets (default: $PLMETRIC_DATA or ../shared/data)")
     parser.add_argument("--originals", type=int, default=300, help="originals per data set (default 300)")
     parser.add_argument("--second-share", type=float, default=0.2, help="originals with a second copy (default 0.2)")
+    parser.add_argument(
+        "--copied",
+        type=int,
+        default=None,
+        help=f"originals that get a copy (default: all; the mixed pile: {MIXED_COPIED} of its 300)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=float, nargs=3, default=(0.70, 0.995, 0.005), metavar=("MIN", "MAX", "STEP"))
     parser.add_argument("--work-dir", help="keep the planted folders and indexes here (default: a temporary folder)")
@@ -523,14 +607,21 @@ def main() -> None:
     results = {}
     try:
         for dataset in datasets:
-            root = Path(args.data_root) / DATASETS[dataset][1] if args.data_root else Path(dataset_root(dataset))
             rng = np.random.default_rng(args.seed)
-            originals = pick_originals(source_images(dataset, root), args.originals, rng)
+            if dataset == "mixed":  # 20 CUB species + 10 plankton classes x 10 photos, a share copied once
+                root = Path(args.data_root) if args.data_root else Path(dataset_root("cub200")).parent
+                originals = [path for path, _ in mixed_pile(str(root), seed=args.seed)]
+                plan = {"second_share": 0.0, "kinds": MIXED_KINDS, "exact": True}
+                plan["copied"] = MIXED_COPIED if args.copied is None else args.copied
+            else:
+                root = Path(args.data_root) / DATASETS[dataset][1] if args.data_root else Path(dataset_root(dataset))
+                originals = pick_originals(source_images(dataset, root), args.originals, rng)
+                plan = {"second_share": args.second_share, "copied": args.copied}
             folder = work / dataset
             if folder.exists():
                 shutil.rmtree(folder)
             start = time.perf_counter()
-            files = plant(originals, folder, rng, args.second_share)
+            files = plant(originals, folder, rng, **plan)
             planted = f"{len(files) - len(originals)} copies of {len(originals)} originals"
             print(f"{dataset}: planted {planted} in {time.perf_counter() - start:.1f} s", flush=True)
             ours = run_plmetric(folder, work, files, grid, args)
@@ -628,6 +719,7 @@ def main() -> None:
                         "oracle_best_f1": max(ours["check_crops"]["curve"], key=lambda p: (p["f1"], p["threshold"])),
                         "curve": [{**p, "meets_target": meets_target(p)} for p in ours["check_crops"]["curve"]],
                     },
+                    "plmetric_calibrated": ours["calibrated"],
                     "imagededup": r["hashes"],
                     "exploratory_union_with_phash": r["union"],
                     "best_imagededup": {"method": best_hash[0], "setting": best_hash[1], "f1": best_hash[2]},

@@ -31,6 +31,9 @@ __all__ = [
     "METHOD_REGISTRY",
     "AUTO_EXACT_BELOW",
     "AUTO_KIND",
+    "CALIBRATION_EDITS",
+    "CALIBRATION_MAX_SAMPLE",
+    "CALIBRATION_SAMPLE",
     "DUPLICATES_CANDIDATES",
     "DUPLICATES_HASH_DISTANCE",
     "DUPLICATES_THRESHOLD",
@@ -111,6 +114,13 @@ DUPLICATES_HASH_DISTANCE = 6
 copies at 0, brightened x1.2 copies 99 % <= 16 / 6; 85 % crops far (median 12-16: the hash does not find crops).
 Of the 44,850 pairs of different images, 21 (plankton: white backgrounds, one small central shape) and 0 (CUB)
 lay at <= 6; 54 and 1 at <= 8. A per-pile calibration may store its own value in the index."""
+# duplicates calibration at index time (plmetric.retrieval.calibration re-exports these)
+CALIBRATION_EDITS = ("resize50", "jpeg30", "crop85", "flip", "tone")
+"""The edits that make a sampled image's copies (why each: plmetric.retrieval.calibration)."""
+CALIBRATION_SAMPLE = 128
+"""Images copied by default (``plmetric index --calibration-sample``); 128 x 5 copies cost about twice
+embedding a 300-image pile."""
+CALIBRATION_MAX_SAMPLE = 10_000
 GROUPS_METHODS = ("kmeans", "hdbscan")
 GROUPS_REDUCED_DIM = 64
 """HDBSCAN runs on the embeddings projected to this many principal components (16, 32, 64 compared on

@@ -206,6 +206,7 @@ def save_embeddings(
     ann: dict[str, Any] | None = None,
     stats: torch.Tensor | None = None,
     hashes: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write embeddings, labels, absolute image paths, their files' size and mtime and the model
     description to one safetensors file.
@@ -230,6 +231,7 @@ def save_embeddings(
     }
     if ann is not None:
         meta["ann"] = ann
+    meta.update({k: v for k, v in (extra or {}).items() if k not in meta})  # e.g. duplicates_calibration
     stats = file_stats(absolute) if stats is None else stats.long().reshape(len(absolute), 2)
     tensors = {
         "embeddings": embeddings.float().contiguous().cpu(),
@@ -505,6 +507,7 @@ def write_index(
     faiss_index: Any = None,
     stats: torch.Tensor | None = None,
     hashes: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Path, Path | None]:
     """Write an index, with a faiss index of ``plan`` (an :class:`plmetric.manifold.ann.AnnPlan`) beside it.
 
@@ -540,7 +543,7 @@ def write_index(
             "count": len(embeddings),
             "faiss_version": ann.import_faiss().__version__,
         }
-    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats, hashes=hashes)
+    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats, hashes=hashes, extra=extra)
     return path, faiss_path
 
 
@@ -668,6 +671,7 @@ def extend_index(
     nprobe: int | None = None,
     ef_search: int | None = None,
     hashes: Any = None,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[int, Path | None, Any]:
     """Append embeddings (with their labels and paths) to the index at ``index_path``, and to its
     faiss index (``faiss_index``, from :func:`load_faiss_index`) if it has one; write the result to
@@ -717,6 +721,6 @@ def extend_index(
         all_hashes = np.concatenate([old_hashes, np.asarray(hashes, dtype=np.uint8).reshape(-1, old_hashes.shape[1])])
     _, faiss_path = write_index(
         out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown, stats=stats,
-        hashes=all_hashes,
+        hashes=all_hashes, extra=extra,
     )
     return len(all_embeddings), faiss_path, plan

@@ -59,17 +59,20 @@ def add_parser(subparsers: Any) -> None:
     du.add_argument(
         "--hash-distance",
         type=hash_distance,
-        default=HASH_DISTANCE,
+        default=None,
         metavar="N|off",
         help="images whose perceptual hashes (recorded by plmetric index; mirror-invariant) differ in at most N of 64 "
         "bits are also duplicates at cosine >= --candidates: resized or recompressed copies of small images that the "
-        "embedding scores low; 0..64, or off (the embedding alone)",
+        "embedding scores low; 0..64, or off (the embedding alone). Default: the limit calibrated by plmetric index "
+        f"(recorded in the index), else {HASH_DISTANCE}",
     )
     du.add_argument(
         "--threshold",
         type=cosine_threshold,
-        default=DEFAULT_THRESHOLD,
-        help="two images are near-duplicates when the cosine similarity of their embeddings is at least this, in "
+        default=None,
+        help="the threshold calibrated on this pile by plmetric index (recorded in the index); when the index "
+        f"records none, default: {DEFAULT_THRESHOLD}. Two images are near-duplicates when the cosine similarity of their "
+        "embeddings is at least this, in "
         "(-1, 1]; a group holds images that are all pairwise duplicates (a chain of look-alikes is not one group). Higher: "
         "fewer, closer copies; lower: also similar but different photos. The default was measured on the pretrained "
         "backbone's features with planted copies (docs/results.md): on CUB photos it found every resized, "
@@ -114,12 +117,23 @@ def run(args: argparse.Namespace) -> int:
     grid = check_grid_output(args, SOFTWARE)
     if pairs_out is not None and pairs_out.resolve() in {p.resolve() for p in (out, grid) if p is not None}:
         raise CLIError(f"--pairs {pairs_out} is also --out or --grid: give the pairs table a file of its own")
+    from plmetric.cli.calibrate import duplicates_threshold
+    from plmetric.core.options import DUPLICATES_THRESHOLD
+
+    # --threshold, else the index's calibration (its hash limit beside it), else the default
+    args.threshold, recorded_hash_distance, note = duplicates_threshold(args, DUPLICATES_THRESHOLD)
+    if args.hash_distance is None:  # --hash-distance, else the index's calibrated limit, else the default
+        from plmetric.core.options import DUPLICATES_HASH_DISTANCE as HASH_DISTANCE
+
+        args.hash_distance = HASH_DISTANCE if recorded_hash_distance is None else recorded_hash_distance
     if args.check_crops and args.candidates > args.threshold:
         raise CLIError(
             f"--candidates {args.candidates:g} is above --threshold {args.threshold:g}: the pairs rescored for "
             "--check-crops must include those already above the threshold; give a lower --candidates"
         )
     embeddings, paths, faiss_index, description = load_pile_index(args)
+    if note:
+        print(note, file=sys.stderr)
     hashes = _index_hashes(args)  # a malformed record: one line
     recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out, grid, pairs_out], paths)

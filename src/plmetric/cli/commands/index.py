@@ -47,6 +47,9 @@ def add_parser(subparsers: Any) -> None:
         "the faiss file it replaces is removed unless another index in its folder names it",
     )
     _index_arguments(ix)
+    from plmetric.cli.calibrate import add_calibration_options  # duplicates calibration (issue 29)
+
+    add_calibration_options(ix)
     ix.set_defaults(func=run, dataset=None, data_root=None, split="train")
 
 
@@ -156,13 +159,20 @@ def run(args: argparse.Namespace) -> int:
     model, description = load_embedding_model(
         args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
     )
+    import time
+
+    from plmetric.cli.calibrate import calibrate_index
+
+    started = time.perf_counter()
     emb, labels, paths, unreadable, writer, hashes = embed_images(args, model, description, dataset, hashes=True)
+    rate = len(paths) / max(time.perf_counter() - started, 1e-6)
     if emb.shape[0] == 0:
         raise CLIError(f"no image could be read ({unreadable} unreadable): nothing to write to {out}")
     if not writer:
         return 0  # torchrun: rank 0 builds and writes the index of the gathered result
+    calibration = calibrate_index(args, model, description, emb, paths, rate, hashes)  # None with --no-calibrate
     plan = ann.plan_index(len(paths), options)
-    _, faiss_path = write_index(out, emb, labels, paths, description, plan, hashes=hashes)
+    _, faiss_path = write_index(out, emb, labels, paths, description, plan, hashes=hashes, extra=calibration)
     skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
     print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {shown(out)}{skipped}")
     print(shown(_faiss_note(plan, faiss_path)))
@@ -226,6 +236,9 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     faiss_index = load_faiss_index(source, meta)  # faiss installed, the .faiss file the right one
     candidates = load_unlabelled_folder(args.images).train
     fresh, present = new_images([Path(p) for p in candidates.paths], indexed)
+    from plmetric.cli.calibrate import kept_calibration
+
+    kept = kept_calibration(meta, len(indexed) + len(fresh), f"--add-to {source}")  # checked before any embedding
     in_place = out.resolve() == source.resolve()
     if not fresh and in_place and args.nprobe is None and args.ef_search is None:
         print(f"added 0 images to {shown(source)} (still {len(indexed):,}); skipped {present:,} already in the index")
@@ -248,7 +261,8 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     previous = _faiss_file_of(out)
     previous_digest = ((read_index_metadata(out) or {}).get("ann") or {}).get("sha256") if previous else None
     count, faiss_path, plan = extend_index(
-        source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search, hashes=hashes
+        source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search, hashes=hashes,
+        extra=kept,
     )
     print(
         f"added {len(paths):,} images to {shown(out)} (now {count:,}); skipped {present:,} already in the index"
