@@ -81,10 +81,10 @@ def test_duplicates_uses_the_recorded_threshold_and_threshold_overrides(indexed,
     captured = capsys.readouterr()
     assert "threshold 0.9995 calibrated at index time on 6 images" in captured.err
     assert "--threshold overrides" in captured.err
-    assert "pairs at cosine >= 0.9995)" in captured.out
+    assert "by the embedding (cosine >= 0.9995)" in captured.out
     assert main(["duplicates", str(index), "--out", str(out), "--threshold", "0.75", "--no-progress"]) == 0
     captured = capsys.readouterr()
-    assert "calibrated" not in captured.err and "pairs at cosine >= 0.75)" in captured.out
+    assert "calibrated at index time" not in captured.err and "by the embedding (cosine >= 0.75)" in captured.out
 
 
 def test_duplicates_without_a_calibration_says_so_and_uses_the_default(indexed, capsys):
@@ -93,7 +93,7 @@ def test_duplicates_without_a_calibration_says_so_and_uses_the_default(indexed, 
     assert main(["duplicates", str(indexed["plain"]), "--out", str(out), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "threshold 0.82 (the library default)" in captured.err and "records no calibration" in captured.err
-    assert "pairs at cosine >= 0.82)" in captured.out
+    assert "by the embedding (cosine >= 0.82)" in captured.out
 
 
 @pytest.mark.parametrize(

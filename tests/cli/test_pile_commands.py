@@ -328,7 +328,9 @@ def test_tables_written_in_chunks_equal_one_chunk(pile, monkeypatch):
     for name, argv in runs.items():
         assert main([*argv, "--out", str(tmp / f"{name}_whole.csv")]) == 0
         whole[name] = (tmp / f"{name}_whole.csv").read_text()
-    monkeypatch.setattr(duplicates_command, "ROWS_PER_CHUNK", 1)
+    from plmetric.retrieval import duplicates as duplicates_library
+
+    monkeypatch.setattr(duplicates_library, "GROUP_ROWS_PER_CHUNK", 1)
     monkeypatch.setattr(groups_command, "ROWS_PER_CHUNK", 3)
     for name, argv in runs.items():
         assert main([*argv, "--out", str(tmp / f"{name}_chunked.csv")]) == 0

@@ -141,3 +141,19 @@ def duplicates_threshold(args: argparse.Namespace, default: float) -> tuple[floa
         f"{recorded.false_pair_rate:.2g}; --threshold overrides)"
     )
     return recorded.threshold, hash_distance, note
+
+
+def resolve_duplicates_options(args: argparse.Namespace) -> str | None:
+    """Fill ``args.threshold`` and ``args.hash_distance`` of ``plmetric duplicates``: each as given, else the
+    index's recorded calibration, else the library default; the line that says which threshold (None when
+    ``--threshold`` was given), for stderr.
+
+    Raises:
+        ValueError: the index's calibration is forged or damaged (one line).
+    """
+    from plmetric.core.options import DUPLICATES_HASH_DISTANCE, DUPLICATES_THRESHOLD
+
+    args.threshold, recorded_hash_distance, note = duplicates_threshold(args, DUPLICATES_THRESHOLD)
+    if args.hash_distance is None:
+        args.hash_distance = DUPLICATES_HASH_DISTANCE if recorded_hash_distance is None else recorded_hash_distance
+    return note

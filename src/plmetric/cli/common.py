@@ -408,3 +408,13 @@ def cosine_threshold(text: str) -> float:
     if not -1.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a cosine similarity in (-1, 1], got {text}")
     return value
+
+
+def hash_distance(text: str) -> int:
+    """An argparse type: a Hamming distance 0..64, or ``off`` (-1: no hash signal)."""
+    if text.strip().lower() == "off":
+        return -1
+    value = int(text) if text.strip().isdigit() and text.strip().isascii() else -1
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected a number of differing hash bits in 0..64, or off; got '{text}'")
+    return value

@@ -75,6 +75,8 @@ ZOOM_CHUNK = 4096
 """Candidate images whose zoomed views are held at once (4096 x 2 views x 1280 floats = 40 MiB)."""
 PAIR_CHUNK = 8192
 """Pairs rescored at once (their gathered views: 8192 x 2 x 1280 floats = 80 MiB)."""
+GROUP_ROWS_PER_CHUNK = 100_000
+"""Rows of the groups table written at a time."""
 START_K = 16
 """Neighbours searched per image first; images with more duplicates than this are searched again."""
 MAX_LINKAGE_COMPONENT = 2048
@@ -489,6 +491,28 @@ def combine_pairs(
     if hashes is not None and len(keys):
         distance = hash_distances(hashes[pi], hashes[pj]).astype(np.int16)
     return DuplicatePairs(pi.astype(np.int64), pj.astype(np.int64), score, signal.astype(np.int8), distance)
+
+
+def write_groups_table(out: str | os.PathLike, found: DuplicateGroups, paths: list[str], recorded_id: str) -> None:
+    """Write the ``duplicates`` table: one row per member (``group, size, path, best_score``), groups numbered
+    in ``found``'s order, :data:`GROUP_ROWS_PER_CHUNK` rows at a time (Parquet row groups), atomically."""
+    from plmetric.retrieval.tables import TableWriter
+
+    sizes = np.array([len(g) for g in found.groups], dtype=np.int64)
+    members = np.concatenate(found.groups) if found.groups else np.empty(0, np.int64)
+    numbers = np.repeat(np.arange(1, len(sizes) + 1), sizes)
+    with TableWriter(out, "duplicates", index_id=recorded_id) as table:
+        for start in range(0, len(members), GROUP_ROWS_PER_CHUNK):  # a few large chunks (Parquet row groups)
+            rows = slice(start, start + GROUP_ROWS_PER_CHUNK)
+            table.write(
+                [
+                    numbers[rows].tolist(),
+                    np.repeat(sizes, sizes)[rows].tolist(),
+                    [paths[i] for i in members[rows].tolist()],
+                    found.best_score[members[rows]].tolist(),
+                ]
+            )
+        table.commit()
 
 
 def write_pairs_table(out: str | os.PathLike, pairs: DuplicatePairs, paths: list[str], index_id: str | None) -> Path:

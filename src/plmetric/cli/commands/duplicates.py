@@ -20,6 +20,7 @@ from plmetric.cli.common import (
     cosine_threshold,
     default_workers,
     grid_rows,
+    hash_distance,
     load_pile_index,
     pile_arguments,
     workers,
@@ -27,8 +28,6 @@ from plmetric.cli.common import (
 from plmetric.core.names import shown
 
 SOFTWARE = "plmetric duplicates"
-ROWS_PER_CHUNK = 100_000
-"""Table rows written at a time."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -108,33 +107,26 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from plmetric.cli.common import refuse_indexed_outputs
-    from plmetric.retrieval.duplicates import draw_groups, find_duplicates, write_pairs_table
+    from plmetric.retrieval.duplicates import draw_groups, find_duplicates, write_groups_table, write_pairs_table
     from plmetric.retrieval.index import index_identity
-    from plmetric.retrieval.tables import TableWriter
 
     out = check_table_output(args, "duplicates")
     pairs_out = check_table_output(args, "pairs", "--pairs", args.pairs) if args.pairs else None
     grid = check_grid_output(args, SOFTWARE)
     if pairs_out is not None and pairs_out.resolve() in {p.resolve() for p in (out, grid) if p is not None}:
         raise CLIError(f"--pairs {pairs_out} is also --out or --grid: give the pairs table a file of its own")
-    from plmetric.cli.calibrate import duplicates_threshold
-    from plmetric.core.options import DUPLICATES_THRESHOLD
+    from plmetric.cli.calibrate import resolve_duplicates_options
 
-    # --threshold, else the index's calibration (its hash limit beside it), else the default
-    args.threshold, recorded_hash_distance, note = duplicates_threshold(args, DUPLICATES_THRESHOLD)
-    if args.hash_distance is None:  # --hash-distance, else the index's calibrated limit, else the default
-        from plmetric.core.options import DUPLICATES_HASH_DISTANCE as HASH_DISTANCE
-
-        args.hash_distance = HASH_DISTANCE if recorded_hash_distance is None else recorded_hash_distance
+    note = resolve_duplicates_options(args)  # --threshold / --hash-distance, else the index's calibration
     if args.check_crops and args.candidates > args.threshold:
         raise CLIError(
             f"--candidates {args.candidates:g} is above --threshold {args.threshold:g}: the pairs rescored for "
             "--check-crops must include those already above the threshold; give a lower --candidates"
         )
     embeddings, paths, faiss_index, description = load_pile_index(args)
+    hashes = _index_hashes(args)  # a malformed record: one line, before anything else is said
     if note:
         print(note, file=sys.stderr)
-    hashes = _index_hashes(args)  # a malformed record: one line
     recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out, grid, pairs_out], paths)
     zoomed = _zoomed_views(args, paths, description) if args.check_crops else None
@@ -155,23 +147,7 @@ def run(args: argparse.Namespace) -> int:
         hash_distance=args.hash_distance,
         hash_floor=args.candidates,
     )
-    import numpy as np
-
-    sizes = np.array([len(g) for g in found.groups], dtype=np.int64)
-    members = np.concatenate(found.groups) if found.groups else np.empty(0, np.int64)
-    numbers = np.repeat(np.arange(1, len(sizes) + 1), sizes)
-    with TableWriter(out, "duplicates", index_id=recorded_id) as table:
-        for start in range(0, len(members), ROWS_PER_CHUNK):  # a few large chunks (Parquet row groups)
-            rows = slice(start, start + ROWS_PER_CHUNK)
-            table.write(
-                [
-                    numbers[rows].tolist(),
-                    np.repeat(sizes, sizes)[rows].tolist(),
-                    [paths[i] for i in members[rows].tolist()],
-                    found.best_score[members[rows]].tolist(),
-                ]
-            )
-        table.commit()
+    write_groups_table(out, found, paths, recorded_id)
     if pairs_out is not None:
         write_pairs_table(pairs_out, found.pair_list, paths, recorded_id)
     print(
@@ -199,22 +175,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def hash_distance(text: str) -> int:
-    """An argparse type: a Hamming distance 0..64, or ``off`` (-1: no hash signal)."""
-    if text.strip().lower() == "off":
-        return -1
-    value = int(text) if text.strip().isdigit() and text.strip().isascii() else -1
-    if not 0 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"expected a number of differing hash bits in 0..64, or off; got '{text}'")
-    return value
-
-
 def _index_hashes(args: argparse.Namespace) -> Any:
     """The index's perceptual hashes (None: the hash signal off, or none recorded: said once)."""
     from plmetric.retrieval.index import load_hashes
 
-    hashes = load_hashes(args.index) if args.hash_distance >= 0 else None
-    if args.hash_distance >= 0 and hashes is None:
+    hashes = load_hashes(args.index)  # checked even when unused: a forged record is refused either way
+    if args.hash_distance < 0:
+        return None
+    if hashes is None:
         print(
             f"plmetric: note: {shown(args.index)} records no perceptual hashes (written by an older plmetric or by "
             "plmetric embed): duplicates uses the embedding alone; rebuild it with plmetric index to add them",

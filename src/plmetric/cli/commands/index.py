@@ -197,6 +197,21 @@ def _index_add(args: argparse.Namespace) -> int:
         return _extend(args, source)
 
 
+def _check_add_options(args: argparse.Namespace, meta: dict[str, Any], source: Path) -> None:
+    """``--add-to`` keeps the index's faiss kind and structure: build options refused, search options only
+    for the kind they tune."""
+    kind = (meta.get("ann") or {}).get("kind", "none")
+    for dest, option in _BUILD_OPTIONS:
+        if getattr(args, dest) is not None:
+            raise CLIError(
+                f"{option}: --add-to keeps the index's own kind and structure (--faiss {kind}); "
+                "to change them build a new index with --out"
+            )
+    if (args.nprobe is not None and kind != "ivf") or (args.ef_search is not None and kind != "hnsw"):
+        option = "--nprobe" if args.nprobe is not None else "--ef-search"
+        raise CLIError(f"{option} does not apply to {source}: its index kind is {kind}")
+
+
 def _extend(args: argparse.Namespace, source: Path) -> int:
     import torch
 
@@ -216,16 +231,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     meta = read_index_metadata(source)
     if meta is None:
         raise ValueError(f"--add-to {source} is not a plmetric index (expected a file written by plmetric index)")
-    kind = (meta.get("ann") or {}).get("kind", "none")
-    for dest, option in _BUILD_OPTIONS:
-        if getattr(args, dest) is not None:
-            raise CLIError(
-                f"{option}: --add-to keeps the index's own kind and structure (--faiss {kind}); "
-                "to change them build a new index with --out"
-            )
-    if (args.nprobe is not None and kind != "ivf") or (args.ef_search is not None and kind != "hnsw"):
-        option = "--nprobe" if args.nprobe is not None else "--ef-search"
-        raise CLIError(f"{option} does not apply to {source}: its index kind is {kind}")
+    _check_add_options(args, meta, source)
     recorded = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     inputs = (args.checkpoint, args.weights, recorded.get("checkpoint"), recorded.get("weights"))
     out = check_output(args.out or source, "--out", (".safetensors",), inputs, is_index)
