@@ -265,7 +265,7 @@ def labelfree_table(results: list[dict]) -> list[str]:
 def labelfree_study(args: argparse.Namespace) -> dict:
     results = []
     for name, dataset, split, held_out in LABELFREE_SETS:
-        if args.sets and name.split()[0] not in args.sets:
+        if (args.sets and name.split()[0] not in args.sets) or split not in args.splits:
             continue
         if dataset == "mixed":
             x, labels = mixed_pile_embeddings(Path(args.out))
@@ -285,6 +285,7 @@ def main() -> None:
     parser.add_argument("--study", choices=["embeddings", "labelfree"], default="embeddings",
                         help="embeddings: the issue-22 study (--rows); labelfree: issue 29's number of groups")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="k-means seeds of --study labelfree")
+    parser.add_argument("--splits", nargs="*", default=["test", "train"], help="--study labelfree: these splits")
     parser.add_argument("--sets", nargs="*", default=None, help="--study labelfree: only these (cub200 plankton106 "
                         "cars98dev mixed)")
     parser.add_argument("--datasets", nargs="*", default=["cub200", "plankton106"], choices=sorted(DATASETS))
