@@ -5,17 +5,28 @@ Two methods, chosen by measurement (benchmarks/groups.py, docs/results.md: the t
 subset and plankton106, scored against their sub-folder labels):
 
 * ``kmeans`` (the default): faiss's spherical k-means (scikit-learn's MiniBatchKMeans without faiss)
-  with k = ``round(sqrt(N / 2))`` unless ``--groups`` says otherwise; groups smaller than
-  ``--min-size`` form the ungrouped bucket. Over all images it scored AMI 0.765 (CUB) and 0.499
-  (plankton) on the pretrained features, where knowing the true number of classes added +0.006 and
-  -0.012: the rule needs no oracle. It costs O(N k d) per iteration, so it runs on millions of images.
+  with k chosen from the embeddings alone unless ``--groups`` says otherwise (:func:`choose_group_count`,
+  issue 29: the k of a geometric grid 2 .. N/3 whose k-means groups have the highest modularity at
+  resolution 4 on the 5-NN graph, searched on the PCA-64 projection, then k-means at that k on the
+  embeddings themselves); groups smaller than ``--min-size`` form the ungrouped bucket. Before issue 29
+  k was ``round(sqrt(N / 2))``: 13 groups for the 30 classes of a 300-image pile. The label-free k's AMI
+  against the sub-folder labels is within k-means' seed noise of the true-k oracle's on the test splits
+  and the mixed pile (benchmarks/groups.py ``--study labelfree``, docs/results.md); the resolution was
+  chosen on those sets. It cannot find 4 or fewer real groups (at resolution 4 two groups of half the
+  pile score 1 - 4 x 1/2 < 0) and a structureless blob is still cut (into ~N/2 groups of a few images).
+  The choice costs a k-NN graph and k-means at up to ~20 k on the 64-d projection: seconds on ~3k images
+  (about 40 s at the full 1280-d). k-means costs O(N k d) per iteration, so it runs on millions of images.
 * ``hdbscan`` (scikit-learn's ``sklearn.cluster.HDBSCAN``, a dependency already): no number of groups,
   groups of varying density, and images that fit no group are left ungrouped instead of forced into
   the nearest group. Its groups are purer (AMI over the grouped images 0.88 on CUB, 0.63 on plankton)
   but it leaves 40-52 % of the images ungrouped, so over all images it scored lower (0.585, 0.329): the
   choice when only confident groups matter. It runs on the embeddings projected by PCA to
   :data:`REDUCED_DIM` dimensions (on unit vectors the Euclidean distance ``sqrt(2 - 2 cos)`` orders
-  pairs as the cosine does); its cost grows about as N^2.3 (:data:`HDBSCAN_MAX`).
+  pairs as the cosine does); its cost grows about as N^2.3 (:data:`HDBSCAN_MAX`). Its default cut of
+  the cluster tree (``eom``) collapsed piles of several kinds of images into a few super-groups (the
+  mixed pile of birds and plankton: 2 groups; cars98dev: one group of 97 %), so both cuts, ``eom`` and
+  ``leaf``, are made and the one of higher k-NN graph modularity kept (:func:`hdbscan_labels`,
+  :data:`SELECTION_RESOLUTION`): ``eom`` on CUB and plankton, ``leaf`` on the mixed pile and cars.
 
 Every group is then described the same way: groups renumbered 1, 2, ... by size (largest first), the
 ungrouped bucket -1; each member's ``score`` is its cosine similarity to its group's mean direction
