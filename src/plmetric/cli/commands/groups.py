@@ -47,7 +47,8 @@ def add_parser(subparsers: Any) -> None:
         help="kmeans: faiss spherical k-means into --groups groups, those smaller than --min-size ungrouped "
         "(every image lands somewhere; scales to millions); hdbscan: groups of any number and density, images that "
         f"fit none left ungrouped (purer groups, often 40-50%% of a pile ungrouped; on the first {REDUCED_DIM} "
-        f"principal components; slow above {HDBSCAN_MAX:,} images). Measured in docs/results.md",
+        f"principal components; its cluster selection, eom or leaf, the one of higher 5-NN graph modularity: eom "
+        f"alone collapsed mixed piles into 2 groups; slow above {HDBSCAN_MAX:,} images). Measured in docs/results.md",
     )
     gr.add_argument("--min-size", type=int_at_least(2, MAX_ITEMS), default=5, help="the smallest group worth reporting")
     gr.add_argument(
@@ -55,8 +56,9 @@ def add_parser(subparsers: Any) -> None:
         type=item_count,
         default=None,
         help="number of k-means groups (default: chosen from the embeddings alone: the k, among 2 .. N/3, whose "
-        "k-means groups have the highest modularity on the 5-nearest-neighbour graph; on a random sample of "
-        f"{CHOICE_SAMPLE:,} images of a larger pile; the k and why are printed)",
+        "k-means groups have the highest modularity on the 5-nearest-neighbour graph, on the first "
+        f"{REDUCED_DIM} principal components and a random sample of {CHOICE_SAMPLE:,} images of a larger pile; "
+        "the k and why are printed)",
     )
     gr.add_argument("--seed", type=seed, default=0, help="seed of PCA / k-means")
     gr.add_argument("--grid", default=None, help="also draw the largest groups as a PNG grid (one row per group)")
