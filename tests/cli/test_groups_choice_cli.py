@@ -60,3 +60,20 @@ def test_groups_hdbscan_prints_its_cluster_selection(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "HDBSCAN cluster selection '" in out and "eom: " in out and "leaf: " in out
     assert "8 groups (hdbscan)" in out
+
+
+def test_groups_says_when_a_structureless_pile_is_cut_arbitrarily(tmp_path, capsys):
+    index = _index(tmp_path, clusters=1, per=150)  # one Gaussian blob: its best Q is that of its own null
+    assert main(["groups", str(index), "--out", str(tmp_path / "w.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "chosen by the k-NN graph's modularity" in out
+    assert "weak structure: Q=" in out
+    assert "for structureless data of the same spread; the groups are arbitrary cuts" in out
+
+
+def test_groups_finds_three_separated_groups(tmp_path, capsys):
+    index = _index(tmp_path, clusters=3, per=50)  # at resolution 4 three groups score 1 - 4/3 < 0
+    assert main(["groups", str(index), "--out", str(tmp_path / "f.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "k=3 chosen as few well separated groups" in out and "weak" not in out
+    assert "3 groups (kmeans) of 150 images; 0 ungrouped" in out

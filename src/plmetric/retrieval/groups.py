@@ -12,10 +12,17 @@ subset and plankton106, scored against their sub-folder labels):
   k was ``round(sqrt(N / 2))``: 13 groups for the 30 classes of a 300-image pile. The label-free k's AMI
   against the sub-folder labels is within k-means' seed noise of the true-k oracle's on the test splits
   and the mixed pile (benchmarks/groups.py ``--study labelfree``, docs/results.md); the resolution was
-  chosen on those sets. It cannot find 4 or fewer real groups (at resolution 4 two groups of half the
-  pile score 1 - 4 x 1/2 < 0) and a structureless blob is still cut (into ~N/2 groups of a few images).
-  The choice costs a k-NN graph and k-means at up to ~20 k on the 64-d projection: seconds on ~3k images
-  (about 40 s at the full 1280-d). k-means costs O(N k d) per iteration, so it runs on millions of images.
+  chosen on those sets. At resolution 4, 2 .. 4 real groups cannot win (two halves of the pile with
+  every link inside score 1 - 4 x 1/2 < 0), so a k <= 4 whose groups keep >= 95 % of the links inside
+  and score at resolution 1 at least half of 1 - 1/k (:func:`few_separated`) replaces the peak when the
+  peak's finer groups are no clearer than cuts of one Gaussian fitted to each of those few groups.
+  A structureless blob is still cut (into ~N/3 groups of a few images), but said to be: the chosen
+  groups' Q is compared with k-means at the same k on Gaussian data of the same spread (mean and PCA
+  covariance; :func:`null_reference`, a few seeded draws of up to 2,000 images), and the printed choice
+  says "weak structure ... the groups are arbitrary cuts" unless Q is above the null's mean + 3 sd. The
+  choice costs a k-NN graph and k-means at up to ~20 k on the 64-d projection: seconds on ~3k images
+  (about 40 s at the full 1280-d); the null references add 1-5 s on one core. k-means costs O(N k d) per
+  iteration, so it runs on millions of images.
 * ``hdbscan`` (scikit-learn's ``sklearn.cluster.HDBSCAN``, a dependency already): no number of groups,
   groups of varying density, and images that fit no group are left ungrouped instead of forced into
   the nearest group. Its groups are purer (AMI over the grouped images 0.88 on CUB, 0.63 on plankton)
@@ -76,6 +83,48 @@ CHOICE_GRID_RATIO = 1.25
 CHOICE_PATIENCE = 4
 """The search stops after this many successive k below the best so far (Q falls past its peak)."""
 
+NULL_DRAWS = 5
+"""Seeded draws of structureless data (:func:`gaussian_like`) behind a null reference (:func:`null_reference`)."""
+NULL_SAMPLE = 2_000
+"""Images per null draw at most: a draw costs a k-NN graph O(m^2 dims) and one k-means O(m k dims), well
+under a second at 2,000 x 64; a larger sample's null is cut into proportionally fewer groups (the same
+images per group, what the share of links kept inside a group depends on)."""
+NULL_MARGIN_SD = 3.0
+"""Structure is "clear" when Q exceeds the null draws' mean by more than this many of their standard
+deviations. The data's Q is the best of the k tried, the null's is at one k: the margin covers that
+selection (about one sd between neighbouring k whose Q are correlated) and the noise of a sd estimated
+from :data:`NULL_DRAWS` draws (it may be off by a third)."""
+FEW_GROUPS_MAX = 4
+"""At resolution 4 a pile of 2 .. 4 real groups cannot win (every link inside, k equal groups: Q =
+1 - 4/k <= 0), so k <= 4 is judged by :func:`few_separated` instead."""
+FEW_GROUPS_INSIDE = 0.95
+"""A small k is "well separated" when at least this share of the 5-NN links stay inside its groups (k-means
+halving a structureless blob of many dimensions cuts a large part of them)..."""
+FEW_GROUPS_RESOLUTION = 1.0
+"""... and its modularity at Newman's resolution 1 is at least half the best a k-partition can reach,
+(1 - 1/k) / 2: two groups of 95 % and 5 % of a pile with every link inside score 0.095 < 0.25, a far
+off crumb and not two groups."""
+
+
+@dataclass(frozen=True)
+class NullReference:
+    """The criterion on structureless data (:func:`null_reference`): ``mean`` and ``sd`` of its Q over
+    ``draws`` draws of ``sample`` images drawn from ``components`` Gaussians, cut into ``k`` groups."""
+
+    mean: float
+    sd: float
+    draws: int
+    sample: int
+    components: int
+    k: int
+
+    def beaten_by(self, score: float) -> bool:
+        """Whether ``score`` is clearly above this null: above ``mean + NULL_MARGIN_SD sd``."""
+        return score > self.mean + NULL_MARGIN_SD * self.sd
+
+    def text(self) -> str:
+        return f"{self.mean:.3f} +- {self.sd:.3f}"
+
 
 @dataclass(frozen=True)
 class GroupCount:
@@ -92,17 +141,50 @@ class GroupCount:
     """Whether ``sample`` is a random sample of a larger pile."""
     dims: int | None = None
     """The principal components the choice ran on (None: the embeddings themselves)."""
+    resolution: float = CHOICE_RESOLUTION
+    """The resolution ``score`` is at: :data:`CHOICE_RESOLUTION` for the peak of the search,
+    :data:`FEW_GROUPS_RESOLUTION` for few well separated groups."""
+    inside: float | None = None
+    """Share of the k-NN links inside the chosen groups."""
+    null: NullReference | None = None
+    """The same criterion at ``k`` on structureless data of the same spread (one Gaussian); None when
+    not measured (a pile too small to cut)."""
+    peak: tuple[int, float, NullReference] | None = None
+    """When few well separated groups were chosen over the resolution-4 peak: the peak's k, its Q and
+    the Q of cutting Gaussians fitted to the few groups into as many groups."""
+
+    @property
+    def weak(self) -> bool:
+        """Whether the chosen groups are no clearer than cuts of structureless data (:data:`NULL_MARGIN_SD`)."""
+        return self.null is not None and not self.null.beaten_by(self.score)
 
     def describe(self) -> str:
-        """One line: the k chosen and why."""
+        """One line: the k chosen and why, and whether its groups beat structureless data."""
         ks = [k for k, _ in self.tried]
         on = f" on a random sample of {self.sample:,} images" if self.sampled else ""
         pca = f" (on {self.dims} principal components)" if self.dims else ""
-        return (
-            f"k={self.k} chosen by the k-NN graph's modularity (resolution {CHOICE_RESOLUTION:g}, "
-            f"{CHOICE_NEIGHBOURS} neighbours: Q={self.score:.3f}) among {len(ks)} k from {min(ks)} to {max(ks)}"
-            f"{on}{pca}"
-        )
+        among = f"among {len(ks)} k from {min(ks)} to {max(ks)}{on}{pca}"
+        if self.peak is None:
+            line = (
+                f"k={self.k} chosen by the k-NN graph's modularity (resolution {CHOICE_RESOLUTION:g}, "
+                f"{CHOICE_NEIGHBOURS} neighbours: Q={self.score:.3f}) {among}"
+            )
+        else:
+            peak_k, peak_q, peak_null = self.peak
+            line = (
+                f"k={self.k} chosen as few well separated groups ({self.inside:.1%} of the {CHOICE_NEIGHBOURS}-NN "
+                f"links inside groups, Q={self.score:.3f} at resolution {self.resolution:g}; the resolution "
+                f"{CHOICE_RESOLUTION:g} peak k={peak_k}, Q={peak_q:.3f}, is no clearer than cutting {self.k} "
+                f"Gaussian groups of the same spread: {peak_null.text()}) {among}"
+            )
+        if self.null is None:
+            return line
+        if self.weak:
+            return (
+                f"{line}; weak structure: Q={self.score:.3f} vs {self.null.text()} for structureless data of the "
+                "same spread; the groups are arbitrary cuts"
+            )
+        return f"{line}; structureless data of the same spread: Q={self.null.text()}"
 
 
 @dataclass(frozen=True)
@@ -198,15 +280,66 @@ def knn_graph(x: np.ndarray, neighbours: int) -> np.ndarray:
 def graph_modularity(neighbours: np.ndarray, labels: np.ndarray, resolution: float = CHOICE_RESOLUTION) -> float:
     """Modularity of ``labels`` on the k-NN graph ``neighbours`` (each link i -> j counted once, its
     two ends in the degrees): the share of links inside a group minus ``resolution`` times the sum over
-    groups of the squared share of link ends in the group."""
+    groups of the squared share of link ends in the group (:func:`link_terms`)."""
+    inside, spread = link_terms(neighbours, labels)
+    return inside - resolution * spread
+
+
+def link_terms(neighbours: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The two terms of :func:`graph_modularity`: the share of k-NN links inside a group, and the sum over
+    groups of the squared share of link ends in the group (0, 0 for a graph without links)."""
     src = np.repeat(labels, neighbours.shape[1])
     dst = labels[neighbours.ravel()]
     if len(src) == 0:
-        return 0.0
+        return 0.0, 0.0
     inside = float(np.mean(src == dst))
     count = int(labels.max()) + 1
     ends = np.bincount(src, minlength=count) + np.bincount(dst, minlength=count)
-    return inside - resolution * float(np.sum((ends / (2 * len(src))) ** 2))
+    return inside, float(np.sum((ends / (2 * len(src))) ** 2))
+
+
+def gaussian_like(x: np.ndarray, labels: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` unit rows of structureless data of the spread of ``x``: drawn from one Gaussian per label
+    of ``labels``, each of its group's mean, covariance (its principal axes and variances) and share of the
+    rows, then L2-normalised as the embeddings are."""
+    values, inverse = np.unique(labels, return_inverse=True)
+    counts = rng.multinomial(count, np.bincount(inverse) / len(labels))
+    parts = []
+    for group, drawn in enumerate(counts.tolist()):  # one Gaussian per group (at most a few)
+        members = x[inverse == group].astype(np.float64)
+        centre = members.mean(axis=0)
+        _, spread, axes = np.linalg.svd(members - centre, full_matrices=False)
+        scale = spread / math.sqrt(max(len(members) - 1, 1))
+        parts.append(centre + (rng.standard_normal((drawn, len(scale))) * scale) @ axes)
+    drawn_rows = np.concatenate(parts)
+    return (drawn_rows / np.maximum(np.linalg.norm(drawn_rows, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def null_reference(
+    x: np.ndarray, labels: np.ndarray, k: int, spread: float, resolution: float, seed: int
+) -> NullReference:
+    """The criterion at ``k`` on :data:`NULL_DRAWS` seeded draws of :func:`gaussian_like` ``x`` (one
+    Gaussian per label of ``labels``; all zeros: structureless data), of ``len(x)`` rows up to
+    :data:`NULL_SAMPLE` (then cut into proportionally fewer groups). Each draw's Q is its share of 5-NN
+    links inside its k-means groups minus ``resolution`` times the data's own ``spread`` term
+    (:func:`link_terms`): data and null are compared on the links their groups keep."""
+    rows = min(len(x), NULL_SAMPLE)
+    k_null = k if rows == len(x) else max(2, round(k * rows / len(x)))
+    scores = []
+    for draw in range(NULL_DRAWS):
+        drawn = gaussian_like(x, labels, rows, np.random.default_rng([seed, draw]))
+        inside, _ = link_terms(knn_graph(drawn, CHOICE_NEIGHBOURS), _kmeans_labels(drawn, k_null, seed + draw))
+        scores.append(inside - resolution * spread)
+    components = len(np.unique(labels))
+    return NullReference(float(np.mean(scores)), float(np.std(scores, ddof=1)), NULL_DRAWS, rows, components, k_null)
+
+
+def few_separated(inside: float, spread: float, k: int) -> bool:
+    """Whether a partition into ``k <= FEW_GROUPS_MAX`` groups is a few well separated groups: at least
+    :data:`FEW_GROUPS_INSIDE` of the k-NN links inside groups and modularity at resolution
+    :data:`FEW_GROUPS_RESOLUTION` at least half of its best for k groups, (1 - 1/k) / 2."""
+    high = inside - FEW_GROUPS_RESOLUTION * spread >= (1 - 1 / k) / 2
+    return k <= FEW_GROUPS_MAX and inside >= FEW_GROUPS_INSIDE and high
 
 
 def candidate_ks(n: int) -> list[int]:
@@ -224,9 +357,14 @@ def choose_group_count(
 ) -> GroupCount:
     """The number of k-means groups from the (n, d) unit embeddings alone: k-means at each of
     :func:`candidate_ks`, scored by :func:`graph_modularity` on the 5-NN graph; the k of the highest
-    score. Bounded cost: on a seeded random sample of ``max_sample`` images when there are more, projected
-    on ``dims`` principal components (:func:`reduced_unit`) when the embeddings have more (the k-NN graph
-    O(m^2 dims) once, each k O(m k dims); the search stops :data:`CHOICE_PATIENCE` k past the best)."""
+    score, unless a k <= :data:`FEW_GROUPS_MAX` splits the pile into few well separated groups
+    (:func:`few_separated`; the largest such k) and the peak's finer groups are no clearer than cuts of one
+    Gaussian per few group (:func:`null_reference`): then that few. The chosen groups are compared with
+    cuts of structureless data of the same spread (one Gaussian; :attr:`GroupCount.weak`). Bounded cost:
+    on a seeded random sample of ``max_sample`` images when there are more, projected on ``dims`` principal
+    components (:func:`reduced_unit`) when the embeddings have more (the k-NN graph O(m^2 dims) once, each
+    k O(m k dims); the search stops :data:`CHOICE_PATIENCE` k past the best; each null reference
+    :data:`NULL_DRAWS` graphs and k-means on :data:`NULL_SAMPLE` images at most)."""
     n = len(x)
     rng = np.random.default_rng(seed)
     sampled = n > max_sample
@@ -240,20 +378,47 @@ def choose_group_count(
         xs = reduced_unit(xs, seed, dims)
     neighbours = knn_graph(xs, CHOICE_NEIGHBOURS)
     tried: list[tuple[int, float]] = []
+    terms: dict[int, tuple[float, float]] = {}
+    few: dict[int, np.ndarray] = {}  # labels of the small k that split the pile into well separated groups
     best, best_labels, worse = -math.inf, None, 0
     for k in ks:
         labels = _kmeans_labels(xs, k, seed)
-        q = graph_modularity(neighbours, labels)
+        terms[k] = link_terms(neighbours, labels)
+        q = terms[k][0] - CHOICE_RESOLUTION * terms[k][1]
         tried.append((k, q))
+        if few_separated(*terms[k], k):
+            few[k] = labels
         if q > best:
             best, best_labels, worse = q, labels, 0
         else:
             worse += 1
             if worse >= CHOICE_PATIENCE:
                 break
-    k_best = max(tried, key=lambda t: t[1])[0]
-    keep = None if sampled or reduced else best_labels  # labels of the embeddings themselves only
-    return GroupCount(k_best, best, tuple(tried), len(xs), keep, sampled, dims if reduced else None)
+    k = max(tried, key=lambda t: t[1])[0]
+    score, labels, resolution = best, best_labels, CHOICE_RESOLUTION
+    peak: tuple[int, float, NullReference] | None = None
+    k_few = max(few, default=k)
+    if k_few < k:  # few well separated groups, and a finer peak: are its cuts more than arbitrary?
+        peak_null = null_reference(xs, few[k_few], k, terms[k][1], CHOICE_RESOLUTION, seed)
+        if not peak_null.beaten_by(best):
+            peak = (k, best, peak_null)
+            k, labels, resolution = k_few, few[k_few], FEW_GROUPS_RESOLUTION
+            score = terms[k][0] - resolution * terms[k][1]
+    null = null_reference(xs, np.zeros(len(xs), dtype=np.int64), k, terms[k][1], resolution, seed)
+    keep = None if sampled or reduced else labels  # labels of the embeddings themselves only
+    return GroupCount(
+        k,
+        score,
+        tuple(tried),
+        len(xs),
+        keep,
+        sampled,
+        dims if reduced else None,
+        resolution=resolution,
+        inside=terms[k][0],
+        null=null,
+        peak=peak,
+    )
 
 
 HDBSCAN_SELECTIONS = ("eom", "leaf")

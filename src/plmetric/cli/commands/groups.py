@@ -58,7 +58,9 @@ def add_parser(subparsers: Any) -> None:
         help="number of k-means groups (default: chosen from the embeddings alone: the k, among 2 .. N/3, whose "
         "k-means groups have the highest modularity on the 5-nearest-neighbour graph, on the first "
         f"{REDUCED_DIM} principal components and a random sample of {CHOICE_SAMPLE:,} images of a larger pile; "
-        "the k and why are printed)",
+        "2-4 groups instead when they keep 95%% of those links inside and the finer k's groups are no clearer "
+        "than k-means cuts of one Gaussian per group; the k and why are printed, with 'weak structure' when its "
+        "groups are no clearer than k-means cuts of Gaussian data of the same spread)",
     )
     gr.add_argument("--seed", type=seed, default=0, help="seed of PCA / k-means")
     gr.add_argument("--grid", default=None, help="also draw the largest groups as a PNG grid (one row per group)")
