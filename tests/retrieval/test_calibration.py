@@ -17,6 +17,7 @@ from plmetric.retrieval.calibration import (
     HASH_MIN_COSINE,
     Calibration,
     choose_threshold,
+    closest_look_alike,
     edit_copy,
     hash_limit,
     model_identity,
@@ -105,6 +106,27 @@ def test_the_hash_signal_adds_recall_where_copies_fall_apart_in_the_features():
     choice = choose_threshold(scores, hashes, nearest, near_hash)
     assert choice.recall["resize50"] < 0.5 and choice.hash_distance >= 6
     assert choice.recall_with_hash["resize50"] == 1.0
+
+
+def test_a_minority_of_close_look_alikes_caps_the_hash_limit_below_them():
+    """Issue 29's mixed pile: photos' look-alikes lie ~32 bits apart, which alone allows the copies' 6 bits;
+    a few tiny images whose 3rd/4th nearest others (different images) lie 4 bits away cap it at 3. A 0-bit
+    match there (a copy in a group of three or more) does not."""
+    rng = np.random.default_rng(6)
+    scores, hashes = _copies(rng, 0.93, 0.99)
+    n = 1000
+    nearest = np.sort(np.clip(rng.normal(0.75, 0.04, (n, 4)), -1, 0.999), axis=1)[:, ::-1]
+    near_hash = rng.binomial(64, 0.5, (n, 4))
+    assert choose_threshold(scores, hashes, nearest, near_hash).hash_distance == 6
+    near_hash[:3, 2], nearest[:3, 2] = 4, 0.8  # three tiny images: a different image 4 bits away, 3rd nearest
+    nearest[:3, :2] = 0.85
+    assert closest_look_alike(nearest, near_hash) == 4
+    assert choose_threshold(scores, hashes, nearest, near_hash).hash_distance == 3
+    near_hash[:3, 2] = 0  # the same hash: a copy, not a look-alike
+    assert closest_look_alike(nearest, near_hash) > 6
+    assert choose_threshold(scores, hashes, nearest, near_hash).hash_distance == 6
+    near_hash[:3, 2], nearest[:3, 2] = 4, 0.6  # below the hash rule's cosine floor: never paired anyway
+    assert choose_threshold(scores, hashes, nearest, near_hash).hash_distance == 6
 
 
 @pytest.mark.parametrize("edit", EDITS)

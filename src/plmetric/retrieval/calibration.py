@@ -26,7 +26,16 @@ The rule (:func:`choose_threshold`, pure):
    ``h_null = floor(m - z s)``, ``z = Φ⁻¹(1 - ALPHA / L)`` (a normal approximation of the distance's
    lower tail). ``h = min(h_null, h_copies)`` where ``h_copies`` is the 95th percentile of the copies'
    distances (no use reaching further than copies need), at most :data:`HASH_MAX`; ``-1`` turns the hash
-   signal off.
+   signal off. **Empirical guard** (:func:`closest_look_alike`): ``h`` also stays below the smallest
+   distance seen between an image and its 3rd-K-th nearest others at ``cos >= HASH_MIN_COSINE``. The
+   normal approximation pools a pile's image kinds: on the mixed pile of issue 29 (photos 16+ bits apart,
+   tiny plankton images 2-6 bits apart) it allowed 6 bits, and 6 pairs of different plankton images lay
+   within them (precision 0.70). The 3rd and later neighbours are look-alikes unless an image has three
+   or more duplicates; a distance of 0 (the same 64-bit hash at a high cosine) is left out as a copy.
+   The guard limits the pairs the hash makes; step 2 reads the pile's duplicates with the unguarded
+   limit (a neighbour that close is more likely a copy than what sets the threshold), and measures the
+   copies' share ``π`` with the same limit. Measured both ways on issue 29's six indexes: guarding step 2
+   as well lowered the mixed pile's threshold (0.895 -> 0.879, two false pairs by the embedding).
 2. **Contamination.** The pile's own duplicates sit at the top of the nearest others. A neighbour within
    the hash limit (``d <= h``, ``cos >= HASH_MIN_COSINE``) is explained as a duplicate (the hash rule
    pairs it anyway) and skipped: ``E`` such (image, neighbour) entries. The copies say which share ``π``
@@ -77,6 +86,7 @@ import torch
 from plmetric.core.options import CALIBRATION_EDITS as EDITS  # defined there without torch
 from plmetric.core.options import CALIBRATION_MAX_SAMPLE as MAX_SAMPLE
 from plmetric.core.options import CALIBRATION_SAMPLE as DEFAULT_SAMPLE
+from plmetric.retrieval.hashes import HASH_BITS
 
 CALIBRATION_KEY = "duplicates_calibration"
 """The index metadata field holding the calibration."""
@@ -180,6 +190,14 @@ def hash_limit(
     return int(max(-1, min(null, need, HASH_MAX)))
 
 
+def closest_look_alike(nearest: np.ndarray, nearest_hash: np.ndarray) -> int:
+    """The smallest hash distance (> 0) of an image and its 3rd-K-th nearest others at ``cos >=
+    HASH_MIN_COSINE`` (65 when there is none): step 1's empirical guard. The hash limit stays below it."""
+    beyond_hash, beyond_cos = nearest_hash[:, 2:], nearest[:, 2:]
+    close = beyond_hash[(beyond_hash > 0) & (beyond_cos >= HASH_MIN_COSINE)]
+    return int(close.min()) if close.size else HASH_BITS + 1
+
+
 def _tail(values: np.ndarray, start: int, points: int) -> tuple[float, float]:
     """``(u, σ)``: the ``(start+m+1)``-th largest of ``values`` (sorted descending) and the mean excess
     over it of the ``m`` values from ``start`` (``m = min(points, len - start - 1)``); σ = 0 when m < 1."""
@@ -221,8 +239,9 @@ def choose_threshold(
     rows = max(1, nearest.shape[0])
     n = max(rows, int(count or rows))
     body = nearest_hash[:, 1:] if nearest_hash.shape[1] > 1 else nearest_hash  # beyond the nearest: few duplicates
-    h = hash_limit(copy_hash, body[body >= 0], look_alikes, alpha)
-    explained = (nearest_hash >= 0) & (nearest_hash <= h) & (nearest >= HASH_MIN_COSINE)
+    h_explain = hash_limit(copy_hash, body[body >= 0], look_alikes, alpha)  # what the hash calls a copy
+    h = min(h_explain, closest_look_alike(nearest, nearest_hash) - 1)  # what it may pair (the guard)
+    explained = (nearest_hash >= 0) & (nearest_hash <= h_explain) & (nearest >= HASH_MIN_COSINE)
     first = np.argmin(explained, axis=1)  # each row's nearest other not caught by the hash
     open_rows = ~explained.all(axis=1)
     rest = np.sort(nearest[np.flatnonzero(open_rows), first[open_rows]])[::-1]
@@ -231,7 +250,7 @@ def choose_threshold(
         [np.asarray(copy_hash.get(e, np.full(np.shape(v), 65)), dtype=np.int64).ravel() for e, v in copy_scores.items()]
         or [np.empty(0, np.int64)]
     )
-    missed = _unexplained_duplicates(int(explained.sum()), rest, pooled, pooled_hash, h)
+    missed = _unexplained_duplicates(int(explained.sum()), rest, pooled, pooled_hash, h_explain)
     outliers = max(
         _duplicate_outliers(rest, pooled, OUTLIER_LEVEL),
         _duplicate_outliers(rest, pooled, MISSED_LEVEL, missed),  # the hash's misses: weaker evidence suffices
