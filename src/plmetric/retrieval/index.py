@@ -264,6 +264,13 @@ def read_index_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
+def is_sharded(meta: dict[str, Any] | None) -> bool:
+    """Whether index metadata describes the sharded layout (version 3, :mod:`plmetric.retrieval.stored`)."""
+    from plmetric.retrieval.stored import SHARDED_VERSION
+
+    return isinstance(meta, dict) and meta.get("version") == SHARDED_VERSION and meta.get("layout") == "sharded"
+
+
 def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]:
     """Read a file written by :func:`save_embeddings`: ``(embeddings, labels, paths, model)``.
 
@@ -282,6 +289,11 @@ def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
             f"{path} is not a plmetric index (expected a .safetensors file written by plmetric index or "
             f"plmetric embed, with '{INDEX_KEY}' metadata)"
         )
+    if is_sharded(meta):
+        from plmetric.retrieval.stored import open_index
+
+        stored = open_index(path)
+        return stored.vectors.materialize(), stored.labels(), stored.paths.to_list(), stored.model
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -335,6 +347,13 @@ def check_recorded_shape(meta: dict[str, Any], embeddings: torch.Tensor, path: s
 def load_file_stats(path: str | os.PathLike) -> torch.Tensor | None:
     """The ``file_stat`` rows of an index (N × 2: size, mtime in ns; -1 unknown), or None for an index
     written before they were recorded (or a malformed record)."""
+    if is_sharded(read_index_metadata(path)):
+        from plmetric.retrieval.stored import open_index
+
+        try:
+            return open_index(path).file_stats()
+        except (OSError, ValueError):
+            return None
     try:
         with safe_open(str(path), framework="pt") as handle:
             if FILE_STAT_KEY not in handle.keys():
@@ -358,6 +377,10 @@ def load_hashes(index_path: str | os.PathLike) -> Any:
     """
     from plmetric.retrieval.hashes import HASH_BYTES
 
+    if is_sharded(read_index_metadata(index_path)):
+        from plmetric.retrieval.stored import open_index
+
+        return open_index(index_path).hashes()
     try:
         with safe_open(str(index_path), framework="pt") as handle:
             if HASH_KEY not in handle.keys():
@@ -508,14 +531,19 @@ def write_index(
     stats: torch.Tensor | None = None,
     hashes: Any = None,
     extra: dict[str, Any] | None = None,
+    *,
+    dtype: str = "float32",
+    rows_per_shard: int | None = None,
 ) -> tuple[Path, Path | None]:
     """Write an index, with a faiss index of ``plan`` (an :class:`plmetric.manifold.ann.AnnPlan`) beside it.
 
     ``faiss_index`` is a built faiss index of exactly these embeddings (e.g. grown by
     :func:`extend_index`); without it the plan's index is built here. ``stats``, ``hashes``: as in
-    :func:`save_embeddings`. Write order (see the module
-    docstring): the faiss file, the ``.safetensors`` file (the commit), then the removal of the
-    faiss file; the faiss file the replaced index named is left in place (another index may name it).
+    :func:`save_embeddings`. ``rows_per_shard`` (or ``dtype`` ``"float16"``) writes the sharded layout
+    of :mod:`plmetric.retrieval.stored` (shards of that many rows, default
+    :data:`~plmetric.retrieval.stored.DEFAULT_SHARD_ROWS`); else one version-2 file. Write order (see
+    the module docstring): the faiss file, the shards, the main ``.safetensors`` file (the commit); the
+    faiss file the replaced index named is left in place (another index may name it).
 
     Returns:
         ``(index path, faiss file path or None)``.
@@ -526,25 +554,47 @@ def write_index(
     if plan is not None:
         if faiss_index is None:
             faiss_index = ann.build_index(embeddings, plan)
-        if int(faiss_index.ntotal) != len(embeddings):
-            raise ValueError(f"the faiss index holds {faiss_index.ntotal} vectors, the index {len(embeddings)}")
-        data = ann.serialize_index(faiss_index)
-        import hashlib
+        ann_meta, faiss_path = write_faiss_file(path, plan, faiss_index, len(embeddings))
+    if rows_per_shard is None and dtype == "float32":
+        save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats, hashes=hashes, extra=extra)
+        return path, faiss_path
+    from plmetric.retrieval.stored import DEFAULT_SHARD_ROWS, ShardedIndexWriter
 
-        digest = hashlib.sha256(data).hexdigest()
-        faiss_path = faiss_file_name(path, digest)
-        if not (faiss_path.is_file() and file_sha256(faiss_path) == digest):  # the same content: keep it
-            atomic_write_bytes(faiss_path, data)
-        ann_meta = {
-            **plan.to_dict(),
-            "metric": "inner_product",
-            "file": faiss_path.name,
-            "sha256": digest,
-            "count": len(embeddings),
-            "faiss_version": ann.import_faiss().__version__,
-        }
-    save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats, hashes=hashes, extra=extra)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {path}")
+    if not (len(embeddings) == len(labels) == len(paths)):
+        raise ValueError(f"{len(embeddings)} embeddings, {len(labels)} labels and {len(paths)} paths disagree")
+    absolute = [p if p.startswith("item:") else str(Path(p).expanduser().resolve()) for p in paths]
+    dim = int(embeddings.shape[1]) if embeddings.dim() == 2 else 0
+    with ShardedIndexWriter(path, dim, dtype, rows_per_shard or DEFAULT_SHARD_ROWS) as writer:
+        writer.add(embeddings, labels, absolute, stats, hashes)
+        writer.commit(model, ann_meta, extra)
     return path, faiss_path
+
+
+def write_faiss_file(path: Path, plan: Any, faiss_index: Any, count: int) -> tuple[dict[str, Any], Path]:
+    """Write ``faiss_index`` (of ``count`` vectors) beside index ``path`` under its content's name
+    (kept when that very file is there): ``(the index's 'ann' description, the faiss file)``."""
+    import hashlib
+
+    from plmetric.manifold import ann
+
+    if int(faiss_index.ntotal) != count:
+        raise ValueError(f"the faiss index holds {faiss_index.ntotal} vectors, the index {count}")
+    data = ann.serialize_index(faiss_index)
+    digest = hashlib.sha256(data).hexdigest()
+    faiss_path = faiss_file_name(path, digest)
+    if not (faiss_path.is_file() and file_sha256(faiss_path) == digest):  # the same content: keep it
+        atomic_write_bytes(faiss_path, data)
+    ann_meta = {
+        **plan.to_dict(),
+        "metric": "inner_product",
+        "file": faiss_path.name,
+        "sha256": digest,
+        "count": count,
+        "faiss_version": ann.import_faiss().__version__,
+    }
+    return ann_meta, faiss_path
 
 
 def load_faiss_index(index_path: str | os.PathLike, meta: dict[str, Any] | None = None) -> tuple[Any, Any] | None:
@@ -597,31 +647,86 @@ def load_faiss_index(index_path: str | os.PathLike, meta: dict[str, Any] | None 
     return index, ann.AnnPlan(ann_meta["kind"], dict(ann_meta["params"]))
 
 
+EXACT_BLOCK_ROWS = 262_144
+"""Rows of a mapped index scored at a time by exact search (262,144 x 512 float32: 512 MiB at most)."""
+
+
 def search(
     index_path: str | os.PathLike,
     queries: torch.Tensor,
     k: int,
-    database: torch.Tensor,
+    database: Any,
     faiss_index: tuple[Any, Any] | None = None,
     *,
     nprobe: int | None = None,
     ef_search: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each query: through ``faiss_index`` (from :func:`load_faiss_index`) when given,
-    else exactly (:func:`top_k`). Slots an approximate index could not fill have id -1."""
+    else exactly. ``database`` is a tensor of the index's vectors, or its
+    :class:`~plmetric.retrieval.stored.StoredVectors` (memory-mapped): exact search then goes block
+    by block (:func:`top_k_blocks`, bounded memory), and a faiss kind that re-ranks its candidates
+    reads their stored vectors (``vectors=``). Slots an approximate index could not fill have id -1."""
     from plmetric.manifold import ann
+    from plmetric.retrieval.stored import StoredVectors
+
     if faiss_index is None:
+        if isinstance(database, StoredVectors):
+            return top_k_blocks(queries, database, k)
         return top_k(queries, database, k)
     index, plan = faiss_index
-    return ann.search_index(index, queries, k, plan, nprobe=nprobe, ef_search=ef_search)
+    options: dict[str, Any] = {}
+    import inspect
+
+    if "vectors" in inspect.signature(ann.search_index).parameters:  # re-ranking kinds (issue 31)
+        if isinstance(database, StoredVectors):
+            options["vectors"] = database.rows
+        elif database is not None:
+            table = database.detach().to("cpu", torch.float32)
+            options["vectors"] = lambda ids: table[torch.as_tensor(ids, dtype=torch.long)].numpy()
+    return ann.search_index(index, queries, k, plan, nprobe=nprobe, ef_search=ef_search, **options)
 
 
-def new_images(candidates: list[Path], indexed: list[str]) -> tuple[list[Path], int]:
-    """The candidate images whose absolute path is not among the index's paths (in their order),
-    and how many candidates already were."""
-    known = set(indexed)
-    fresh = [p for p in candidates if str(Path(p).expanduser().resolve()) not in known]
+def top_k_blocks(
+    query: torch.Tensor, database: Any, k: int, rows_per_block: int = EXACT_BLOCK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_k` over a :class:`~plmetric.retrieval.stored.StoredVectors`, one block of rows at a
+    time: each block's top k merged with the best so far (memory: one block and ``2k`` per query)."""
+    if k < 1:
+        raise ValueError(f"top_k: k must be >= 1, got {k}")
+    k = min(k, database.count)
+    q = query.float()
+    best_scores = torch.full((q.shape[0], 0), float("-inf"))
+    best_ids = torch.zeros((q.shape[0], 0), dtype=torch.long)
+    for start, block in database.blocks(rows_per_block):
+        scores = q @ torch.from_numpy(block).T
+        scores, ids = scores.topk(min(k, scores.shape[1]), dim=1)
+        merged_scores = torch.cat([best_scores, scores], dim=1)
+        merged_ids = torch.cat([best_ids, ids + start], dim=1)
+        best_scores, chosen = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+        best_ids = merged_ids.gather(1, chosen)
+    return best_scores, best_ids
+
+
+def new_images(candidates: list[Path], indexed: Any) -> tuple[list[Path], int]:
+    """The candidate images whose absolute path is not among the index's paths (a list or a
+    :class:`~plmetric.retrieval.stored.StoredPaths`, read in blocks: memory for the candidates only),
+    in their order, and how many candidates already were."""
+    resolved = [str(Path(p).expanduser().resolve()) for p in candidates]
+    known = indexed_among(indexed, set(resolved))
+    fresh = [p for p, r in zip(candidates, resolved, strict=True) if r not in known]
     return fresh, len(candidates) - len(fresh)
+
+
+def indexed_among(indexed: Any, wanted: set[str]) -> set[str]:
+    """The paths of ``wanted`` that ``indexed`` (a list, or a :class:`~plmetric.retrieval.stored.StoredPaths`
+    read 65,536 paths at a time) holds."""
+    found: set[str] = set()
+    if not wanted:
+        return found
+    for start in range(0, len(indexed), 65536):
+        block = indexed[start : start + 65536] if isinstance(indexed, list) else indexed.slice(start, start + 65536)
+        found.update(p for p in block if p in wanted)
+    return found
 
 
 def check_same_model(
@@ -672,6 +777,7 @@ def extend_index(
     ef_search: int | None = None,
     hashes: Any = None,
     extra: dict[str, Any] | None = None,
+    rows_per_shard: int | None = None,
 ) -> tuple[int, Path | None, Any]:
     """Append embeddings (with their labels and paths) to the index at ``index_path``, and to its
     faiss index (``faiss_index``, from :func:`load_faiss_index`) if it has one; write the result to
@@ -683,10 +789,22 @@ def extend_index(
     Returns:
         ``(number of vectors now, faiss file path or None, its AnnPlan or None)``.
 
+    A sharded index (:mod:`plmetric.retrieval.stored`) gets the new rows as new shards (``rows_per_shard``
+    each, default :data:`~plmetric.retrieval.stored.DEFAULT_SHARD_ROWS`) and a new main file: its old
+    shards are neither read nor copied. A one-file index that would outgrow one file
+    (:func:`~plmetric.retrieval.stored.shard_rows_for`) is rewritten as a sharded one, once.
+
     Raises:
         ValueError: embeddings of another dimension, or a path already in the index.
     """
     from plmetric.manifold import ann
+    from plmetric.retrieval.stored import open_index, shard_rows_for
+
+    if is_sharded(read_index_metadata(index_path)):
+        return _extend_sharded(
+            open_index(index_path), Path(out), embeddings, labels, paths, faiss_index, nprobe=nprobe,
+            ef_search=ef_search, hashes=hashes, extra=extra, rows_per_shard=rows_per_shard,
+        )
     old_embeddings, old_labels, old_paths, model = load_embeddings(index_path)
     if embeddings.dim() != 2 or embeddings.shape[1] != old_embeddings.shape[1]:
         raise ValueError(
@@ -697,17 +815,7 @@ def extend_index(
     repeated = sorted(set(absolute) & set(old_paths))
     if repeated:
         raise ValueError(f"{repeated[0]} is already in index {index_path}")
-    plan, grown = None, None
-    if faiss_index is not None:
-        grown, plan = faiss_index
-        if len(embeddings):
-            ann.add_vectors(grown, embeddings)
-        params = dict(plan.params)
-        if nprobe is not None and plan.kind == "ivf":
-            params["nprobe"] = min(nprobe, params["nlist"])
-        if ef_search is not None and plan.kind == "hnsw":
-            params["ef_search"] = ef_search
-        plan = ann.AnnPlan(plan.kind, params)
+    grown, plan = _grown_faiss(faiss_index, embeddings, nprobe, ef_search)
     all_embeddings = torch.cat([old_embeddings, embeddings.float().cpu()])
     all_labels = torch.cat([old_labels, labels.long().cpu()])
     old_stats = load_file_stats(index_path)  # an older index without them: unknown (-1) for its images
@@ -719,8 +827,68 @@ def extend_index(
         import numpy as np
 
         all_hashes = np.concatenate([old_hashes, np.asarray(hashes, dtype=np.uint8).reshape(-1, old_hashes.shape[1])])
+    all_paths = old_paths + absolute
+    shard_rows = shard_rows_for(len(all_paths), sum(len(p.encode("utf-8", "surrogatepass")) for p in all_paths),
+                                shard_rows=rows_per_shard)
     _, faiss_path = write_index(
-        out, all_embeddings, all_labels, old_paths + absolute, model, plan, faiss_index=grown, stats=stats,
-        hashes=all_hashes, extra=extra,
+        out, all_embeddings, all_labels, all_paths, model, plan, faiss_index=grown, stats=stats,
+        hashes=all_hashes, extra=extra, rows_per_shard=shard_rows,
     )
     return len(all_embeddings), faiss_path, plan
+
+
+def _grown_faiss(
+    faiss_index: tuple[Any, Any] | None, embeddings: torch.Tensor, nprobe: int | None, ef_search: int | None
+) -> tuple[Any, Any]:
+    """``(faiss index, AnnPlan)`` with ``embeddings`` added and the search parameters replaced, or
+    ``(None, None)`` without a faiss index."""
+    from plmetric.manifold import ann
+
+    if faiss_index is None:
+        return None, None
+    grown, plan = faiss_index
+    if len(embeddings):
+        ann.add_vectors(grown, embeddings)
+    params = dict(plan.params)
+    if nprobe is not None and plan.kind == "ivf":
+        params["nprobe"] = min(nprobe, params["nlist"])
+    if ef_search is not None and plan.kind == "hnsw":
+        params["ef_search"] = ef_search
+    return grown, ann.AnnPlan(plan.kind, params)
+
+
+def _extend_sharded(
+    stored: Any,
+    out: Path,
+    embeddings: torch.Tensor,
+    labels: torch.Tensor,
+    paths: list[str],
+    faiss_index: tuple[Any, Any] | None,
+    *,
+    nprobe: int | None,
+    ef_search: int | None,
+    hashes: Any,
+    extra: dict[str, Any] | None,
+    rows_per_shard: int | None,
+) -> tuple[int, Path | None, Any]:
+    """:func:`extend_index` of a sharded index: new shards, the faiss file, then the new main file."""
+    from plmetric.retrieval.stored import ShardedIndexWriter
+
+    if embeddings.dim() != 2 or embeddings.shape[1] != stored.dim:
+        raise ValueError(
+            f"new embeddings have shape {tuple(embeddings.shape)}, index {stored.path} dimension {stored.dim}"
+        )
+    absolute = [p if p.startswith("item:") else str(Path(p).expanduser().resolve()) for p in paths]
+    repeated = indexed_among(stored.paths, set(absolute))
+    if repeated:
+        raise ValueError(f"{min(repeated)} is already in index {stored.path}")
+    grown, plan = _grown_faiss(faiss_index, embeddings, nprobe, ef_search)
+    with ShardedIndexWriter.extending(stored, out, rows_per_shard) as writer:
+        if absolute:
+            writer.add(embeddings, labels, absolute, None, hashes)
+        writer.flush()
+        ann_meta, faiss_path = (None, None)
+        if plan is not None:
+            ann_meta, faiss_path = write_faiss_file(out, plan, grown, writer.count)
+        writer.commit(stored.model, ann_meta, extra)
+    return writer.count, faiss_path, plan

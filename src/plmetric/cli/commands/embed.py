@@ -36,6 +36,12 @@ def add_parser(subparsers: Any) -> None:
         help="output: X.safetensors (an index search reads), X.npy (+ X.paths.txt, X.json) or X.parquet "
         "(columns path, label, embedding)",
     )
+    em.add_argument(
+        "--float16",
+        action="store_true",
+        help="X.safetensors only: store the vectors as float16 (a sharded index, half the size): scores then "
+        "carry float16 rounding (about 1e-3 relative)",
+    )
     em.set_defaults(func=run)
 
 
@@ -52,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if out.suffix.lower() == ".parquet":
         require_parquet()
+    if getattr(args, "float16", False) and out.suffix.lower() != ".safetensors":
+        raise CLIError(f"--float16 applies to a .safetensors index, not --out {out}")
     if args.images or args.paths_file:
         if args.dataset:
             raise CLIError("give --images/--paths-file or --dataset, not both")
@@ -78,7 +86,14 @@ def run(args: argparse.Namespace) -> int:
     if not writer:
         return 0  # torchrun: rank 0 writes the gathered result
     if out.suffix.lower() == ".safetensors":
-        write_index(out, emb, labels, paths, description)
+        from plmetric.retrieval.stored import shard_rows_for
+
+        float16 = bool(getattr(args, "float16", False))
+        path_bytes = sum(len(p.encode("utf-8", "surrogatepass")) for p in paths)
+        write_index(
+            out, emb, labels, paths, description, dtype="float16" if float16 else "float32",
+            rows_per_shard=shard_rows_for(len(paths), path_bytes, float16=float16),
+        )
     else:
         write_embeddings(out, emb, labels, paths, description)
     skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""

@@ -71,11 +71,11 @@ def run(args: argparse.Namespace) -> int:
     asked = args.top_k if args.include_self else args.top_k + 1  # one more: room to drop the query's own file
     searched = _quick_search(args, queries, outputs, asked)  # one query through the cached export: no torch
     paths, scores, indices, found = searched or _torch_search(args, queries, outputs, asked)
-    ids = {p: i for i, p in enumerate(paths)}
+    ids = _row_finder(paths)
     report, rows, moved, count = [], [], 0, 0
     for row, q in enumerate(found):
         query = str(queries[q].resolve())  # --json and --csv both name the query by its absolute path
-        own = None if args.include_self else ids.get(query)
+        own = None if args.include_self else ids(query)
         kept = without_self(indices[row].tolist(), own, args.top_k)
         results = [paths[i] for _, i in kept]
         row_scores = scores[row].tolist()
@@ -141,17 +141,19 @@ def _torch_search(
     """``(index paths, scores, ids, found queries)``: the index's model rebuilt with PyTorch, the queries
     embedded through ``--runtime``, searched exactly or through the index's faiss file."""
     from plmetric.data.backbones import build_transform
-    from plmetric.retrieval.index import load_embeddings, load_faiss_index, model_from_description, search
+    from plmetric.retrieval.index import load_faiss_index, model_from_description, search
+    from plmetric.retrieval.stored import open_index
 
-    database, _, paths, description = load_embeddings(args.index)
+    stored = open_index(args.index)  # mapped: only the vectors a search reads are read
+    database, paths, description = stored.vectors, stored.paths, stored.model
     faiss_index = None if args.exact else load_faiss_index(args.index)  # faiss there, the .faiss file its own
     _refuse_indexed_outputs(paths, outputs)
     transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
     model = inference_runner(args, model_from_description(description, args.index), dict(description), "cpu")
     embeddings, found = _embed_queries(args, queries, model, transform)
-    if embeddings.shape[1] != database.shape[1]:
+    if embeddings.shape[1] != database.dim:
         raise ValueError(
-            f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.shape[1]}"
+            f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.dim}"
         )
     scores, indices = search(
         args.index, embeddings, asked, database, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
@@ -159,12 +161,27 @@ def _torch_search(
     return paths, scores, indices, found
 
 
-def _refuse_indexed_outputs(paths: list[str], outputs: tuple[Path | None, ...]) -> None:
-    """Refuse an output file that is one of the index's images (writing it would destroy it)."""
-    indexed = {Path(p).resolve() for p in paths}
+def _refuse_indexed_outputs(paths: Any, outputs: tuple[Path | None, ...]) -> None:
+    """Refuse an output file that is one of the index's images (writing it would destroy it). ``paths``:
+    a list (every path resolved), or a mapped :class:`plmetric.retrieval.stored.StoredPaths` (its
+    absolute paths compared as recorded, without a list of them in memory)."""
+    if isinstance(paths, list):
+        indexed = {Path(p).resolve() for p in paths}
+        hit = lambda out: out.expanduser().resolve() in indexed  # noqa: E731
+    else:
+        hit = lambda out: paths.find(str(out.expanduser().resolve())) is not None  # noqa: E731
     for out in outputs:
-        if out is not None and out.expanduser().resolve() in indexed:
+        if out is not None and hit(out):
             raise CLIError(f"{out} is an image of the index; writing it would destroy it")
+
+
+def _row_finder(paths: Any) -> Callable[[str], int | None]:
+    """The row of an indexed path (None: not indexed): a dictionary for a list, a search of the bytes
+    for a :class:`plmetric.retrieval.stored.StoredPaths`."""
+    if isinstance(paths, list):
+        rows = {p: i for i, p in enumerate(paths)}
+        return rows.get
+    return paths.find
 
 
 def without_self(ids: list[int], own: int | None, k: int) -> list[tuple[int, int]]:
