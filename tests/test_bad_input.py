@@ -27,7 +27,13 @@ from plmetric.core.checkpoint import save_model
 from plmetric.cli import main
 from plmetric.config.schema import Config, save_config
 from plmetric.data.backbones import create_model
-from plmetric.retrieval.index import index_identity, load_embeddings, read_index_metadata, save_embeddings
+from plmetric.retrieval.index import (
+    index_identity,
+    load_embeddings,
+    read_index_metadata,
+    save_embeddings,
+    write_index,
+)
 from plmetric.retrieval.tables import PARQUET_KEY, TableWriter, header_line
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
@@ -125,6 +131,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
         == 0
     )
     _checkpoint(changing, seed=2)  # rewritten after indexing, as a run's model.safetensors is every epoch
+    _damaged_shards(root, root / "index.safetensors")
     # an index whose faiss file is not the one it was written with (or, without faiss, one it cannot read)
     tampered = root / "tampered.safetensors"
     if faiss_available():
@@ -252,6 +259,47 @@ def ws(tmp_path_factory) -> dict[str, Path]:
         "ckpt": ckpt,
         "index": root / "index.safetensors",
     }
+
+
+SHARD_FAULTS = {
+    "missing": "is missing",
+    "truncated": "bytes, the index recorded",
+    "link": "is a link",
+    "foreign": "is not the shard the index recorded",
+}
+
+
+def _damaged_shards(root: Path, good: Path) -> None:
+    """Sharded copies of ``good`` (issue 31), each in its own folder ``shard_<fault>``, whose second shard
+    is missing, truncated, a link to an intact copy, or the same rows' shard of another index."""
+    emb, labels, paths, model = load_embeddings(good)
+    built = {}
+    for name in ("other", *SHARD_FAULTS):
+        (root / f"shard_{name}").mkdir()
+        index = root / f"shard_{name}" / "index.safetensors"
+        write_index(index, emb, labels, paths, model, dtype="float16", rows_per_shard=2)
+        built[name] = sorted(index.parent.glob("*.shard.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    for fault in SHARD_FAULTS:
+        second = next(s for s in built[fault] if open_index_meta(s)["first"] == 2)
+        data = second.read_bytes()
+        if fault == "missing":
+            second.unlink()
+        elif fault == "truncated":
+            second.write_bytes(data[:-64])
+        elif fault == "link":
+            second.unlink()
+            (root / "shard_link" / "copy.bin").write_bytes(data)
+            second.symlink_to(root / "shard_link" / "copy.bin")
+        else:
+            second.write_bytes(next(s for s in built["other"] if open_index_meta(s)["first"] == 2).read_bytes())
+
+
+def open_index_meta(shard: Path) -> dict:
+    """A shard's own metadata (its header)."""
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="np") as handle:
+        return json.loads(handle.metadata()["plmetric_index_shard"])
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -944,11 +992,40 @@ CASES: list[tuple[str, list[str], list[str]]] = [
 ]
 
 
+# a damaged sharded index (issue 31), through every command that opens one
+SHARD_CASES: list[tuple[str, list[str], list[str]]] = [
+    (f"{command}-shard-{fault}", [*argv_of(f"{{root}}/shard_{fault}/index.safetensors")], [f"shard_{fault}", message])
+    for fault, message in SHARD_FAULTS.items()
+    for command, argv_of in (
+        ("search", lambda ix: ["search", "{photo}", "--index", ix, "--out", "{root}/g.png"]),
+        ("add-to", lambda ix: ["index", "{photos}", "--add-to", ix, "--image-size", "32", "--no-progress"]),
+        ("neighbours", lambda ix: ["neighbours", ix, "--out", "{root}/n.csv", "--no-progress"]),
+        ("duplicates", lambda ix: ["duplicates", ix, "--out", "{root}/d.csv", "--no-progress"]),
+        ("serve", lambda ix: ["serve", ix]),
+    )
+]
+
+
 def test_every_bad_input_is_one_clear_line_with_exit_status_2(ws, capsys):
+    failures = _bad_input_failures(ws, capsys, CASES)
+    assert not (ws["root"] / "PWNED").exists(), "a crafted state.pt ran code"
+    commands = "eval, train, embed, index, search, neighbours, duplicates, groups, export, serve, demo, similarity-study"
+    print(f"\ntried {len(CASES)} bad inputs across {commands}")
+    assert not failures, "\n".join(failures)
+    assert len(CASES) >= 30
+
+
+def test_a_damaged_shard_is_one_line_naming_it_with_exit_status_2(ws, capsys):
+    failures = _bad_input_failures(ws, capsys, SHARD_CASES)
+    assert not failures, "\n".join(failures)
+
+
+def _bad_input_failures(ws, capsys, cases: list[tuple[str, list[str], list[str]]]) -> list[str]:
+    """Run each case; what went wrong with each (exit status, lines, message, files changed)."""
     root = ws["root"]
     fill = {k: str(v) for k, v in ws.items()}
     failures = []
-    for case, argv, expected in CASES:
+    for case, argv, expected in cases:
         args = [a.format(**fill) for a in argv]
         before = _snapshot(root)
         capsys.readouterr()
@@ -974,11 +1051,7 @@ def test_every_bad_input_is_one_clear_line_with_exit_status_2(ws, capsys):
             problems.append(f"changed {changed} created {created}")
         if problems:
             failures.append(f"{case}: {'; '.join(problems)}: {err.strip()[:300]!r}")
-    assert not (root / "PWNED").exists(), "a crafted state.pt ran code"
-    commands = "eval, train, embed, index, search, neighbours, duplicates, groups, export, serve, demo, similarity-study"
-    print(f"\ntried {len(CASES)} bad inputs across {commands}")
-    assert not failures, "\n".join(failures)
-    assert len(CASES) >= 30
+    return failures
 
 
 def test_unavailable_googlenet_weights_name_the_train_option(tmp_path, monkeypatch, capsys):
