@@ -349,3 +349,18 @@ def test_search_and_add_to_through_faiss_on_a_sharded_index(tmp_path, capsys):
     assert [p for p, _ in through_faiss] == [p for p, _ in exact]
     # float32 sums of 16 products in another order: each off by at most 16 x 2^-24 of the unit norms
     assert all(abs(s - t) <= 16 * 2.0**-24 for (_, s), (_, t) in zip(through_faiss, exact, strict=True))
+
+
+def test_an_index_written_over_a_sharded_one_removes_the_shards_no_index_names(tmp_path):
+    x, names = _vectors(6), _names(6)
+    index = _sharded(tmp_path / "i.safetensors", x, names, rows=2)
+    old_shards = open_index(index).shard_files
+    kept_copy = tmp_path / "copy.safetensors"
+    kept_copy.write_bytes(index.read_bytes())  # a copy of the old main file names the old shards: kept
+    _sharded(index, x, names, rows=3)
+    assert all(s.is_file() for s in old_shards) and torch.equal(open_index(kept_copy).vectors.materialize(), x)
+    kept_copy.unlink()
+    newer = open_index(index).shard_files
+    save_embeddings_over = _sharded(index, x, names, rows=6)  # replaces the 3-row shards, named by no index now
+    assert not any(s.exists() for s in newer) and all(s.is_file() for s in old_shards)  # those are not its own
+    assert len(open_index(save_embeddings_over).shard_files) == 1

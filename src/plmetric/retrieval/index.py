@@ -19,6 +19,14 @@ image is decoded for embedding; absent from older indexes and from ``plmetric em
   ``params``, the ``file`` name and ``sha256`` of the faiss index stored beside the index
   (``INDEX.<first 12 hex digits of its SHA-256>.faiss``), its ``count`` and the faiss version.
 
+That is format version 2, which small indexes still write. An index of more than
+:data:`~plmetric.retrieval.stored.DEFAULT_SHARD_ROWS` images (or more paths than fit a header, or
+written with ``--float16`` or ``--shard-rows``) is written in the sharded layout, version 3: the main
+file keeps this metadata with a ``shards`` list instead of ``paths`` and no tensors, and the rows live in
+shard files beside it (float16 or float32), memory-mapped when read; :mod:`plmetric.retrieval.stored`
+describes it and opens both layouts (:func:`~plmetric.retrieval.stored.open_index`). Every reader here
+(:func:`load_embeddings`, :func:`load_hashes`, :func:`load_file_stats`, :func:`extend_index`) reads both.
+
 Writing an index with a faiss file writes the faiss file first, then the ``.safetensors`` file
 (atomically, the commit point); it never deletes or overwrites a faiss file that an index names (a
 copy of the index elsewhere in the folder may name the replaced one): a crash at any moment leaves a
@@ -556,9 +564,13 @@ def write_index(
             faiss_index = ann.build_index(embeddings, plan)
         ann_meta, faiss_path = write_faiss_file(path, plan, faiss_index, len(embeddings))
     if rows_per_shard is None and dtype == "float32":
+        from plmetric.retrieval.stored import named_shards, retire_shards
+
+        previous = named_shards(path)  # a sharded index replaced by one file: its shards go
         save_embeddings(path, embeddings, labels, paths, model, ann=ann_meta, stats=stats, hashes=hashes, extra=extra)
+        retire_shards(previous, path)
         return path, faiss_path
-    from plmetric.retrieval.stored import DEFAULT_SHARD_ROWS, ShardedIndexWriter
+    from plmetric.retrieval.stored import DEFAULT_SHARD_ROWS, ShardedIndexWriter, named_shards, retire_shards
 
     if path.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors, got {path}")
@@ -566,9 +578,11 @@ def write_index(
         raise ValueError(f"{len(embeddings)} embeddings, {len(labels)} labels and {len(paths)} paths disagree")
     absolute = [p if p.startswith("item:") else str(Path(p).expanduser().resolve()) for p in paths]
     dim = int(embeddings.shape[1]) if embeddings.dim() == 2 else 0
+    previous = named_shards(path)
     with ShardedIndexWriter(path, dim, dtype, rows_per_shard or DEFAULT_SHARD_ROWS) as writer:
         writer.add(embeddings, labels, absolute, stats, hashes)
         writer.commit(model, ann_meta, extra)
+    retire_shards(previous, path)
     return path, faiss_path
 
 
@@ -872,7 +886,7 @@ def _extend_sharded(
     rows_per_shard: int | None,
 ) -> tuple[int, Path | None, Any]:
     """:func:`extend_index` of a sharded index: new shards, the faiss file, then the new main file."""
-    from plmetric.retrieval.stored import ShardedIndexWriter
+    from plmetric.retrieval.stored import ShardedIndexWriter, named_shards, retire_shards
 
     if embeddings.dim() != 2 or embeddings.shape[1] != stored.dim:
         raise ValueError(
@@ -883,6 +897,7 @@ def _extend_sharded(
     if repeated:
         raise ValueError(f"{min(repeated)} is already in index {stored.path}")
     grown, plan = _grown_faiss(faiss_index, embeddings, nprobe, ef_search)
+    previous = named_shards(out)  # --out another sharded index: its shards that none names any more go
     with ShardedIndexWriter.extending(stored, out, rows_per_shard) as writer:
         if absolute:
             writer.add(embeddings, labels, absolute, None, hashes)
@@ -891,4 +906,5 @@ def _extend_sharded(
         if plan is not None:
             ann_meta, faiss_path = write_faiss_file(out, plan, grown, writer.count)
         writer.commit(stored.model, ann_meta, extra)
+    retire_shards(previous, out)
     return writer.count, faiss_path, plan

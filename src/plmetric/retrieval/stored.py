@@ -39,7 +39,9 @@ passes, which a hash recorded in the same folder would not stop either.
 :class:`ShardedIndexWriter` writes the version-3 layout: ``add`` buffers rows and writes each full
 shard to a new file (fsynced); ``commit`` writes the main file atomically, last: it is the commit
 point. Nothing half written replaces a good index: shards are new files under fresh random ids, and
-the main file is replaced only by an atomic rename once every shard it names is complete on disk. A
+the main file is replaced only by an atomic rename once every shard it names is complete on disk
+(:func:`retire_shards` then removes the shards of the replaced index that no index in the folder
+names any more: a new index written over an old one leaves no orphaned gigabytes). A
 run that fails removes its shards (:meth:`ShardedIndexWriter.abort`, also on an exception inside
 ``with``); one killed outright leaves shard files that no index names. Growing a sharded index
 (:meth:`ShardedIndexWriter.extending`) writes the new rows as new shards and rewrites only the main
@@ -79,7 +81,9 @@ __all__ = [
     "StoredIndex",
     "StoredPaths",
     "StoredVectors",
+    "named_shards",
     "open_index",
+    "retire_shards",
     "shard_rows_for",
 ]
 
@@ -817,3 +821,46 @@ def _numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
+
+
+def named_shards(index_path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The shard records of the sharded index at ``index_path`` (empty: none there, or one file)."""
+    from plmetric.retrieval.index import is_sharded, read_index_metadata
+
+    index_path = Path(index_path)
+    try:
+        meta = read_index_metadata(index_path) if index_path.is_file() else None
+    except OSError:
+        meta = None
+    shards = meta.get("shards") if is_sharded(meta) else None
+    return [s for s in shards if isinstance(s, dict)] if isinstance(shards, list) else []
+
+
+def retire_shards(previous: Sequence[dict[str, Any]], index_path: str | os.PathLike) -> list[Path]:
+    """Remove the shards of ``previous`` (the records of the index that ``index_path`` replaced) that no
+    index in its folder names now (by file name or id), and only when such a file is exactly the shard
+    written for it: a regular file, not a link, whose header records the recorded id. Returns those removed."""
+    index_path = Path(index_path)
+    named_files, named_ids = set(), set()
+    for sibling in index_path.parent.glob("*.safetensors"):
+        if sibling.name.endswith(".shard.safetensors") or not sibling.is_file():
+            continue
+        for record in named_shards(sibling):
+            named_files.add(record.get("file"))
+            named_ids.add(record.get("id"))
+    removed = []
+    for record in previous:
+        name, shard_id = record.get("file"), record.get("id")
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name) or name in named_files or shard_id in named_ids:
+            continue
+        shard = index_path.with_name(name)
+        try:
+            if not stat.S_ISREG(os.lstat(shard).st_mode):
+                continue
+            own = _MappedFile(shard, f"shard {shard}").json_metadata(SHARD_KEY)
+        except (OSError, ValueError):
+            continue
+        if isinstance(own, dict) and own.get("id") == shard_id:
+            shard.unlink(missing_ok=True)
+            removed.append(shard)
+    return removed
