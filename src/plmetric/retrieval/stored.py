@@ -111,6 +111,10 @@ _PATH_ERRORS = "surrogatepass"
 # ----------------------------------------------------------------------------- reading safetensors files
 
 
+class _DamagedIndex(ValueError):
+    """A plmetric file whose header is readable but whose tensors do not fit the file."""
+
+
 class _MappedFile:
     """A safetensors file mapped read-only: its metadata and its tensors as NumPy views (no copy)."""
 
@@ -157,8 +161,9 @@ class _MappedFile:
                 dtype = _DTYPES[entry["dtype"]]
                 begin, end = offsets
                 ok = 0 <= begin <= end <= room and end - begin == math.prod(shape) * dtype.itemsize
-            if not ok:
-                raise error(
+            if not ok:  # an index's header read: "truncated", else simply not an index (open_index says so)
+                kind = _DamagedIndex if error is ValueError and INDEX_KEY in metadata else error
+                raise kind(
                     f"{what} is truncated or damaged: its tensor '{str(name)[:40]}' does not fit the file's "
                     f"{self.size} bytes"
                 )
@@ -429,8 +434,13 @@ def open_index(path: str | os.PathLike) -> StoredIndex:
 
     path = Path(path)
     require_regular_file(path, "index/embeddings file")
-    main = _MappedFile(path, f"index {path}")
-    meta = main.json_metadata(INDEX_KEY)
+    try:
+        main: _MappedFile | None = _MappedFile(path, f"index {path}")
+    except _DamagedIndex:
+        raise
+    except ValueError:  # not safetensors at all: said as for any other file that is not an index
+        main = None
+    meta = main.json_metadata(INDEX_KEY) if main is not None else None
     if not isinstance(meta, dict):
         raise ValueError(
             f"{path} is not a plmetric index (expected a .safetensors file written by plmetric index or "
@@ -441,7 +451,7 @@ def open_index(path: str | os.PathLike) -> StoredIndex:
     return _open_single(path, main, meta)
 
 
-def _check_model(meta: dict[str, Any], path: Path, dim: int) -> None:
+def _check_model(meta: dict[str, Any], path: Path, dim: int, rows: int) -> None:
     from plmetric.data.backbones import check_model_metadata
 
     model = meta.get("model")
@@ -452,16 +462,18 @@ def _check_model(meta: dict[str, Any], path: Path, dim: int) -> None:
     if output_dim is not None and (isinstance(output_dim, bool) or output_dim != dim):
         raise ValueError(
             f"{path} is not a valid plmetric index: it records model 'output_dim' {str(output_dim)[:40]}, but its "
-            f"vectors have dimension {dim}"
+            f"embeddings tensor has shape {[rows, dim]}"
         )
 
 
 def _open_single(path: Path, main: _MappedFile, meta: dict[str, Any]) -> StoredIndex:
     """A version-2 (one file) index, mapped; the checks of ``load_embeddings``."""
     embeddings, labels = main.shape("embeddings"), main.shape("labels")
-    paths = meta.get("paths")
+    paths, model = meta.get("paths"), meta.get("model")
     if (
-        embeddings is None
+        not isinstance(model, dict)
+        or not isinstance(model.get("backbone"), str)
+        or embeddings is None
         or labels is None
         or len(embeddings[1]) != 2
         or not isinstance(paths, list)
@@ -482,7 +494,7 @@ def _open_single(path: Path, main: _MappedFile, meta: dict[str, Any]) -> StoredI
                 f"{path} is not a valid plmetric index: it records {field} {str(value)[:40]}, but its embeddings "
                 f"tensor has shape {[rows, dim]}"
             )
-    _check_model(meta, path, dim)
+    _check_model(meta, path, dim, rows)
     dtype = "float16" if embeddings[0] == _DTYPES["F16"] else "float32"
     vectors = StoredVectors([main.tensor("embeddings")], dim, dtype)
     stored_paths = StoredPaths.from_list(paths)
@@ -594,7 +606,7 @@ def _open_shard(index_path: Path, record: dict[str, Any], first: int, dim: int, 
 
 def _open_sharded(path: Path, meta: dict[str, Any]) -> StoredIndex:
     count, dim, dtype, records = _shard_records(path, meta)
-    _check_model(meta, path, dim)
+    _check_model(meta, path, dim, count)
     files, first = [], 0
     for record in records:
         files.append(_open_shard(path, record, first, dim, dtype))
