@@ -727,10 +727,11 @@ class ShardedIndexWriter:
             if len(hash_array) != m:
                 raise ValueError(f"{len(hash_array)} perceptual hashes for {m} images")
         chunk = {
-            "embeddings": vectors,
+            "embeddings": vectors.astype(np.float16 if self.dtype == "float16" else np.float32),  # a copy:
+            # the caller's array may change after add returns
             "labels": _numpy(labels).astype(np.int64).reshape(m),
             "file_stat": stats_array,
-            "phash": hash_array,
+            "phash": None if hash_array is None else np.array(hash_array, dtype=np.uint8),
             "paths": list(paths),
         }
         self._pending.append(chunk)
@@ -738,8 +739,8 @@ class ShardedIndexWriter:
         while self._pending_rows >= self.rows_per_shard:
             self._write_shard(self.rows_per_shard)
 
-    def _take(self, rows: int) -> dict[str, Any]:
-        """The first ``rows`` pending rows, joined."""
+    def _take(self, rows: int) -> list[dict[str, Any]]:
+        """The first ``rows`` pending rows, as the chunks they came in (views, never joined)."""
         taken: list[dict[str, Any]] = []
         need = rows
         while need:
@@ -753,40 +754,53 @@ class ShardedIndexWriter:
                 self._pending[0] = {k: (v[need:] if v is not None else None) for k, v in chunk.items()}
                 need = 0
         self._pending_rows -= rows
-        joined = {k: np.concatenate([c[k] for c in taken]) for k in ("embeddings", "labels", "file_stat")}
-        joined["phash"] = (
-            np.concatenate([c["phash"] for c in taken]) if all(c["phash"] is not None for c in taken) else None
-        )
-        joined["paths"] = [p for c in taken for p in c["paths"]]
-        return joined
+        return taken
 
     def _write_shard(self, rows: int) -> None:
-        from safetensors.numpy import save_file
-
+        """Write the next ``rows`` pending rows as a new shard file (safetensors, written here chunk by
+        chunk: no joined copy of the rows), fsynced."""
         from plmetric.core import faults
         from plmetric.core.checkpoint import file_mode
 
-        rows_of = self._take(rows)
+        chunks = self._take(rows)
         shard_id = secrets.token_hex(16)
         target = shard_file_name(self.index_path, shard_id)
-        path_bytes, path_ends = _encoded(rows_of["paths"])
-        tensors = {
-            "embeddings": np.ascontiguousarray(rows_of["embeddings"].astype(np.float16 if self.dtype == "float16"
-                                                                             else np.float32)),
-            "labels": np.ascontiguousarray(rows_of["labels"]),
-            "file_stat": np.ascontiguousarray(rows_of["file_stat"]),
-            "path_bytes": np.ascontiguousarray(path_bytes),
-            "path_ends": np.ascontiguousarray(path_ends),
-        }
-        if rows_of["phash"] is not None:
-            tensors["phash"] = np.ascontiguousarray(rows_of["phash"])
+        encoded = [_encoded(c["paths"]) for c in chunks]
+        offset, ends = 0, []
+        for data, chunk_ends in encoded:
+            ends.append(chunk_ends + offset)
+            offset += len(data)
+        # int64 tensors first, then the vectors, then bytes: every tensor starts aligned to its type
+        parts: list[tuple[str, str, list[int], list[np.ndarray]]] = [
+            ("file_stat", "I64", [rows, 2], [c["file_stat"] for c in chunks]),
+            ("labels", "I64", [rows], [c["labels"] for c in chunks]),
+            ("path_ends", "I64", [rows], ends),
+            ("embeddings", _STORED[self.dtype], [rows, self.dim], [c["embeddings"] for c in chunks]),
+        ]
+        if all(c["phash"] is not None for c in chunks):
+            parts.append(("phash", "U8", [rows, chunks[0]["phash"].shape[1] if chunks else 16],
+                          [c["phash"] for c in chunks]))
+        parts.append(("path_bytes", "U8", [offset], [data for data, _ in encoded]))
         own = {"format": SHARD_FORMAT, "version": SHARDED_VERSION, "id": shard_id, "first": self.count,
                "count": rows, "dim": self.dim, "dtype": self.dtype}
+        header: dict[str, Any] = {"__metadata__": {SHARD_KEY: json.dumps(own)}}
+        position = 0
+        for name, code, shape, arrays in parts:
+            size = sum(a.nbytes for a in arrays)
+            header[name] = {"dtype": code, "shape": shape, "data_offsets": [position, position + size]}
+            position += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
         target.parent.mkdir(parents=True, exist_ok=True)
         self.written.append(target)
-        save_file(tensors, str(target), metadata={SHARD_KEY: json.dumps(own)})
-        os.chmod(target, file_mode())
-        _fsync_file(target)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(target, flags, file_mode()), "wb") as handle:
+            handle.write(len(text).to_bytes(8, "little") + text)
+            for _, code, _, arrays in parts:
+                for array in arrays:
+                    handle.write(np.ascontiguousarray(array, dtype=_DTYPES[code]).data)
+            handle.flush()
+            os.fsync(handle.fileno())
         faults.reached("write:shard")
         self.records.append({"file": target.name, "id": shard_id, "count": rows, "bytes": target.stat().st_size})
         self.count += rows
