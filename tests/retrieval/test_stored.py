@@ -364,3 +364,16 @@ def test_an_index_written_over_a_sharded_one_removes_the_shards_no_index_names(t
     save_embeddings_over = _sharded(index, x, names, rows=6)  # replaces the 3-row shards, named by no index now
     assert not any(s.exists() for s in newer) and all(s.is_file() for s in old_shards)  # those are not its own
     assert len(open_index(save_embeddings_over).shard_files) == 1
+
+
+def test_embed_float16_writes_a_sharded_index_and_refuses_other_outputs(tmp_path, capsys):
+    _photos(tmp_path / "p", 3)
+    opts = ["--checkpoint", str(_checkpoint(tmp_path / "model.safetensors")), *SMALL]
+    out = tmp_path / "e.safetensors"
+    assert main(["embed", "--images", str(tmp_path / "p"), "--out", str(out), "--float16", *opts]) == 0
+    stored = open_index(out)
+    assert (stored.layout, stored.dtype, stored.count) == ("sharded", "float16", 3)
+    capsys.readouterr()
+    assert main(["embed", "--images", str(tmp_path / "p"), "--out", str(tmp_path / "e.npy"), "--float16", *opts]) == 2
+    assert "--float16 applies to a .safetensors index" in capsys.readouterr().err
+    assert not (tmp_path / "e.npy").exists()

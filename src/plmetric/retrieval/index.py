@@ -76,12 +76,15 @@ from plmetric.data.backbones import check_model_metadata, load_model
 from plmetric.retrieval.quick_search import INDEX_KEY, IndexMismatchError, check_same_file
 from plmetric.retrieval.result_grid import GRID_CAPTION_CHARS, GRID_DECODE_SIDE, draw_results  # noqa: F401 - their old home
 
-INDEX_FORMAT = "plmetric-index"
+from plmetric.retrieval.stored import (  # noqa: F401 - their home is the storage layer; named here as ever
+    FILE_STAT_KEY,
+    HASH_KEY,
+    INDEX_FORMAT,
+    file_stats,
+    is_sharded,
+)
+
 INDEX_VERSION = 2
-FILE_STAT_KEY = "file_stat"
-"""The tensor of an index holding each image file's ``(size in bytes, mtime in ns)`` at indexing."""
-HASH_KEY = "phash"
-"""The tensor of an index holding each image's perceptual hashes ((N, 16) uint8)."""
 
 
 class IndexBusyError(ValueError):
@@ -192,19 +195,6 @@ def model_from_description(description: dict[str, Any], index_path: str | os.Pat
     return model
 
 
-def file_stats(paths: list[str]) -> torch.Tensor:
-    """``(size in bytes, mtime in ns)`` of each file (N × 2 int64), -1 -1 for an ``item:`` or a file
-    that cannot be stat'ed: what :func:`save_embeddings` records to recognise the indexed files later."""
-    stats = []
-    for p in paths:
-        try:
-            st = os.stat(p) if not p.startswith("item:") else None
-        except OSError:
-            st = None
-        stats.append((st.st_size, st.st_mtime_ns) if st is not None else (-1, -1))
-    return torch.tensor(stats, dtype=torch.int64).reshape(len(paths), 2)
-
-
 def save_embeddings(
     path: str | os.PathLike,
     embeddings: torch.Tensor,
@@ -270,13 +260,6 @@ def read_index_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply to decode
         return None
     return meta if isinstance(meta, dict) else None
-
-
-def is_sharded(meta: dict[str, Any] | None) -> bool:
-    """Whether index metadata describes the sharded layout (version 3, :mod:`plmetric.retrieval.stored`)."""
-    from plmetric.retrieval.stored import SHARDED_VERSION
-
-    return isinstance(meta, dict) and meta.get("version") == SHARDED_VERSION and meta.get("layout") == "sharded"
 
 
 def load_embeddings(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, list[str], dict[str, Any]]:

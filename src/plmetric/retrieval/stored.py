@@ -87,6 +87,11 @@ __all__ = [
     "shard_rows_for",
 ]
 
+INDEX_FORMAT = "plmetric-index"
+FILE_STAT_KEY = "file_stat"
+"""The tensor of an index holding each image file's ``(size in bytes, mtime in ns)`` at indexing."""
+HASH_KEY = "phash"
+"""The tensor of an index holding each image's perceptual hashes ((N, 16) uint8)."""
 SHARDED_VERSION = 3
 """The index format version of the sharded layout (version 2: one file)."""
 SHARD_FORMAT = "plmetric-index-shard"
@@ -106,6 +111,24 @@ _DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "I64": np.dtype("<i8"
 _STORED = {"float16": "F16", "float32": "F32"}
 _PATH_ERRORS = "surrogatepass"
 """How paths become bytes and back: exact for every Python string, undecodable file names included."""
+
+
+def is_sharded(meta: dict[str, Any] | None) -> bool:
+    """Whether index metadata describes the sharded layout (version 3)."""
+    return isinstance(meta, dict) and meta.get("version") == SHARDED_VERSION and meta.get("layout") == "sharded"
+
+
+def file_stats(paths: Sequence[str]) -> torch.Tensor:
+    """``(size in bytes, mtime in ns)`` of each file (N × 2 int64), -1 -1 for an ``item:`` or a file
+    that cannot be stat'ed: what an index records to recognise the indexed files later."""
+    stats = []
+    for p in paths:
+        try:
+            st = os.stat(p) if not p.startswith("item:") else None
+        except OSError:
+            st = None
+        stats.append((st.st_size, st.st_mtime_ns) if st is not None else (-1, -1))
+    return torch.tensor(stats, dtype=torch.int64).reshape(len(paths), 2)
 
 
 # ----------------------------------------------------------------------------- reading safetensors files
@@ -399,8 +422,6 @@ class StoredIndex:
 
     def file_stats(self) -> torch.Tensor | None:
         """``(size, mtime ns)`` of each indexed file (N x 2 int64), None when not recorded."""
-        from plmetric.retrieval.index import FILE_STAT_KEY
-
         joined = self._joined(FILE_STAT_KEY, _DTYPES["I64"], (2,))
         return None if joined is None else torch.from_numpy(joined.astype(np.int64))
 
@@ -410,7 +431,6 @@ class StoredIndex:
         Raises:
             ValueError: a ``phash`` tensor of another type or shape (one line naming the file)."""
         from plmetric.retrieval.hashes import HASH_BYTES
-        from plmetric.retrieval.index import HASH_KEY
 
         if any(f.shape(HASH_KEY) is None for f in self._files):
             return None
@@ -708,7 +728,6 @@ class ShardedIndexWriter:
         """Append rows: ``embeddings`` (m x dim), ``labels`` (m), absolute ``paths`` (m), ``stats`` (m x 2
         int64, default taken now from the files), ``hashes`` (m x 16 uint8 or None). Full shards are
         written at once."""
-        from plmetric.retrieval.index import file_stats
 
         vectors = _numpy(embeddings).astype(np.float32, copy=False)
         m = len(paths)
@@ -814,7 +833,6 @@ class ShardedIndexWriter:
                extra: dict[str, Any] | None = None) -> Path:
         """Write the last shard, then the main file atomically (the commit point); returns its path."""
         from plmetric.core.checkpoint import atomic_save_safetensors
-        from plmetric.retrieval.index import INDEX_FORMAT
 
         self.flush()
         shards = self.kept + self.records
@@ -851,12 +869,10 @@ def _numpy(value: Any) -> np.ndarray:
 
 def named_shards(index_path: str | os.PathLike) -> list[dict[str, Any]]:
     """The shard records of the sharded index at ``index_path`` (empty: none there, or one file)."""
-    from plmetric.retrieval.index import is_sharded, read_index_metadata
-
     index_path = Path(index_path)
     try:
-        meta = read_index_metadata(index_path) if index_path.is_file() else None
-    except OSError:
+        meta = _MappedFile(index_path, str(index_path)).json_metadata(INDEX_KEY) if index_path.is_file() else None
+    except (OSError, ValueError):
         meta = None
     shards = meta.get("shards") if is_sharded(meta) else None
     return [s for s in shards if isinstance(s, dict)] if isinstance(shards, list) else []

@@ -86,14 +86,10 @@ def run(args: argparse.Namespace) -> int:
     if not writer:
         return 0  # torchrun: rank 0 writes the gathered result
     if out.suffix.lower() == ".safetensors":
-        from plmetric.retrieval.stored import shard_rows_for
+        from plmetric.cli.storage import storage
 
-        float16 = bool(getattr(args, "float16", False))
-        path_bytes = sum(len(p.encode("utf-8", "surrogatepass")) for p in paths)
-        write_index(
-            out, emb, labels, paths, description, dtype="float16" if float16 else "float32",
-            rows_per_shard=shard_rows_for(len(paths), path_bytes, float16=float16),
-        )
+        dtype, rows_per_shard = storage(paths, bool(getattr(args, "float16", False)), None)
+        write_index(out, emb, labels, paths, description, dtype=dtype, rows_per_shard=rows_per_shard)
     else:
         write_embeddings(out, emb, labels, paths, description)
     skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""

@@ -47,7 +47,9 @@ def add_parser(subparsers: Any) -> None:
         "the faiss file it replaces is removed unless another index in its folder names it",
     )
     _index_arguments(ix)
-    _storage_arguments(ix)
+    from plmetric.cli.storage import storage_arguments
+
+    storage_arguments(ix)
     from plmetric.cli.calibrate import add_calibration_options  # duplicates calibration (issue 29)
 
     add_calibration_options(ix)
@@ -99,38 +101,6 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
         help="HNSW search beam, at least --top-k (default: 64 below 1M vectors, else 128); "
         "search --ef-search overrides it",
     )
-
-
-def _storage_arguments(p: argparse.ArgumentParser) -> None:
-    """How the vectors are stored (``plmetric.retrieval.stored``): float16, shards."""
-    from plmetric.retrieval.stored import DEFAULT_SHARD_ROWS, SINGLE_FILE_PATH_BYTES
-
-    group = p.add_argument_group("storage (indexes larger than memory)")
-    group.add_argument(
-        "--float16",
-        action="store_true",
-        help="store the vectors as float16 (half the disk and memory; a sharded index): scores then carry "
-        "float16 rounding (about 1e-3 relative); search re-ranks in float32 from them",
-    )
-    group.add_argument(
-        "--shard-rows",
-        type=int_at_least(1),
-        default=None,
-        metavar="N",
-        help=f"write a sharded index of N rows a shard, memory-mapped when read (default: one file up to "
-        f"{DEFAULT_SHARD_ROWS:,} images and {SINGLE_FILE_PATH_BYTES // 2**20} MiB of paths, shards of "
-        f"{DEFAULT_SHARD_ROWS:,} above, or with --float16); with --add-to: the rows of each new shard "
-        "(--add-to appends shards to a sharded index and rewrites only its main file)",
-    )
-
-
-def _storage(count: int, paths: list[str], args: argparse.Namespace) -> tuple[str, int | None]:
-    """``(dtype, rows per shard or None for one file)`` of a new index of ``paths``."""
-    from plmetric.retrieval.stored import shard_rows_for
-
-    path_bytes = sum(len(p.encode("utf-8", "surrogatepass")) for p in paths)
-    rows = shard_rows_for(count, path_bytes, float16=args.float16, shard_rows=args.shard_rows)
-    return ("float16" if args.float16 else "float32"), rows
 
 
 def _index_options(args: argparse.Namespace) -> Any:
@@ -205,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
         return 0  # torchrun: rank 0 builds and writes the index of the gathered result
     calibration = calibrate_index(args, model, description, emb, paths, rate, hashes)  # None with --no-calibrate
     plan = ann.plan_index(len(paths), options)
-    dtype, rows_per_shard = _storage(len(paths), paths, args)
+    from plmetric.cli.storage import storage
+
+    dtype, rows_per_shard = storage(paths, args.float16, args.shard_rows)
     _, faiss_path = write_index(
         out, emb, labels, paths, description, plan, hashes=hashes, extra=calibration, dtype=dtype,
         rows_per_shard=rows_per_shard,
@@ -248,11 +220,6 @@ def _check_add_options(args: argparse.Namespace, meta: dict[str, Any], source: P
     if (args.nprobe is not None and kind != "ivf") or (args.ef_search is not None and kind != "hnsw"):
         option = "--nprobe" if args.nprobe is not None else "--ef-search"
         raise CLIError(f"{option} does not apply to {source}: its index kind is {kind}")
-    if args.float16 and meta.get("dtype") != "float16":
-        raise CLIError(
-            f"--float16: --add-to keeps the index's own storage ({source} stores float32 vectors); "
-            "to change it build a new index with --out"
-        )
 
 
 def _extend(args: argparse.Namespace, source: Path) -> int:
@@ -263,13 +230,13 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     from plmetric.retrieval.index import (
         check_same_model,
         extend_index,
-        is_sharded,
         load_faiss_index,
         load_hashes,
         model_from_description,
         new_images,
         read_index_metadata,
     )
+    from plmetric.cli.storage import check_add_storage
     from plmetric.retrieval.stored import open_index
 
     meta = read_index_metadata(source)
@@ -279,8 +246,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     recorded = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     inputs = (args.checkpoint, args.weights, recorded.get("checkpoint"), recorded.get("weights"))
     out = check_output(args.out or source, "--out", (".safetensors",), inputs, is_index)
-    if is_sharded(meta) and out.resolve().parent != source.resolve().parent:
-        raise CLIError(f"--out {out}: a sharded index grows beside its shards; give a name in {source.parent}")
+    check_add_storage(args, meta, source, out)
     stored = open_index(source)  # its recorded sizes and every shard checked; no vector read
     indexed, description = stored.paths, stored.model
     check_same_model(description, source, args.checkpoint, args.weights)
