@@ -50,6 +50,10 @@ file: the old shards are neither read nor copied.
 Float16 storage halves the vectors on disk; every read returns float32 (``rows``, ``block``,
 ``materialize``): scores computed from them carry float16 rounding (relative 2^-11 a component,
 about 1e-3 on a cosine).
+
+Importing this module imports NumPy, not torch (torch only where a tensor is returned): the command
+line's parser reads its constants, and the torch-free search path
+(:mod:`plmetric.retrieval.quick_search`) must stay free of torch.
 """
 
 from __future__ import annotations
@@ -64,12 +68,14 @@ import secrets
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from plmetric.retrieval.quick_search import INDEX_KEY, IndexMismatchError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DEFAULT_SHARD_ROWS",
@@ -128,6 +134,8 @@ def file_stats(paths: Sequence[str]) -> torch.Tensor:
         except OSError:
             st = None
         stats.append((st.st_size, st.st_mtime_ns) if st is not None else (-1, -1))
+    import torch
+
     return torch.tensor(stats, dtype=torch.int64).reshape(len(paths), 2)
 
 
@@ -279,6 +287,8 @@ class StoredVectors:
 
     def materialize(self) -> torch.Tensor:
         """Every vector in memory: a float32 tensor ``(count, dim)``."""
+        import torch
+
         return torch.from_numpy(self.block(0, self.count))
 
 
@@ -418,11 +428,15 @@ class StoredIndex:
 
     def labels(self) -> torch.Tensor:
         """Every row's label (int64, -1 unlabelled)."""
+        import torch
+
         return torch.from_numpy(self._joined("labels", _DTYPES["I64"], ()).astype(np.int64))
 
     def file_stats(self) -> torch.Tensor | None:
         """``(size, mtime ns)`` of each indexed file (N x 2 int64), None when not recorded."""
         joined = self._joined(FILE_STAT_KEY, _DTYPES["I64"], (2,))
+        import torch
+
         return None if joined is None else torch.from_numpy(joined.astype(np.int64))
 
     def hashes(self) -> np.ndarray | None:
@@ -862,7 +876,7 @@ class ShardedIndexWriter:
 
 
 def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
+    if hasattr(value, "detach"):  # a torch tensor
         return value.detach().cpu().numpy()
     return np.asarray(value)
 
