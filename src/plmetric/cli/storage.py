@@ -12,7 +12,7 @@ from plmetric.cli.common import CLIError, int_at_least
 
 def storage_arguments(p: argparse.ArgumentParser) -> None:
     """``--float16`` and ``--shard-rows``: how the vectors are stored."""
-    from plmetric.retrieval.stored import DEFAULT_SHARD_ROWS, SINGLE_FILE_PATH_BYTES
+    from plmetric.retrieval.shard_sizes import DEFAULT_SHARD_ROWS, SINGLE_FILE_PATH_BYTES  # no NumPy: help only
 
     group = p.add_argument_group("storage (indexes larger than memory)")
     group.add_argument(

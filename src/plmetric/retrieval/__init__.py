@@ -2,7 +2,9 @@
 
 :mod:`~plmetric.retrieval.index` writes self-checking indexes of a folder and searches them (exact,
 or through a faiss index of :mod:`plmetric.manifold.ann`; :mod:`~plmetric.retrieval.faiss_files` removes
-the faiss file an extended index no longer names), :mod:`~plmetric.retrieval.quick_search` answers
+the faiss file an extended index no longer names; :mod:`~plmetric.retrieval.stored` maps an index's
+vectors and paths without reading them and writes the sharded layout, its sizes in
+:mod:`~plmetric.retrieval.shard_sizes`), :mod:`~plmetric.retrieval.quick_search` answers
 one query without torch (the cached ONNX export the index names) and :mod:`~plmetric.retrieval.result_grid`
 draws a search's grid with Pillow; :mod:`~plmetric.retrieval.embedding_files`
 writes embeddings as ``.npy`` + paths or Parquet for other tools; :mod:`~plmetric.retrieval.export`

@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from plmetric.retrieval.quick_search import INDEX_KEY, IndexMismatchError
+from plmetric.retrieval.shard_sizes import DEFAULT_SHARD_ROWS, SINGLE_FILE_PATH_BYTES
 
 if TYPE_CHECKING:
     import torch
@@ -103,12 +104,6 @@ SHARDED_VERSION = 3
 SHARD_FORMAT = "plmetric-index-shard"
 SHARD_KEY = "plmetric_index_shard"
 """The safetensors metadata key of a shard's JSON description."""
-DEFAULT_SHARD_ROWS = 1_000_000
-"""Rows a shard holds by default, and the most rows ``plmetric index`` writes as one version-2 file
-(1M float32 512-d vectors: 2 GB, the size past which the issue's memory targets need mapping)."""
-SINGLE_FILE_PATH_BYTES = 32 * 2**20
-"""The most UTF-8 bytes of paths a version-2 file holds in its JSON header (safetensors refuses a
-header over 100 MB; JSON escaping can double a name's bytes, and then some)."""
 MAX_HEADER_BYTES = 100_000_000
 """safetensors' own limit on a header."""
 SHARD_NAME = re.compile(r"[^/\\\x00]+\.shard\.safetensors")
