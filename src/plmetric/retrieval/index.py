@@ -794,7 +794,6 @@ def extend_index(
     Raises:
         ValueError: embeddings of another dimension, or a path already in the index.
     """
-    from plmetric.manifold import ann
     from plmetric.retrieval.stored import open_index, shard_rows_for
 
     if is_sharded(read_index_metadata(index_path)):
