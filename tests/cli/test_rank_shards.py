@@ -166,3 +166,61 @@ def test_faiss_grown_from_new_shards_is_the_one_grown_in_memory(tmp_path):
     ann.add_vectors(expected, x[200:])
     assert ann.serialize_index(grown) == ann.serialize_index(expected) and new_plan.params["nprobe"] == 3
     assert grow_faiss_from_stored(None, stored, 200) == (None, None)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one process (what torchrun sets up), for ``write_rank_shards`` in-process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+def _pile(tmp_path: Path):
+    import argparse
+
+    from image_trees import make_tree
+
+    from plmetric.data.datasets import load_unlabelled_folder
+    from plmetric.retrieval.index import load_embedding_model
+
+    root, bad = make_tree("images", tmp_path / "photos", classes=2, per_class=3, bad=1)
+    model, description = load_embedding_model(None, "efficientnet_lite0", 0, None, image_size=32)
+    args = argparse.Namespace(device="cpu", batch_size=4, num_workers=0, no_progress=True, runtime="torch")
+    return args, model, description, load_unlabelled_folder(root).train, bad
+
+
+def test_write_rank_shards_writes_this_ranks_rows_after_first_row(tmp_path, one_rank_group):
+    from plmetric.cli.rank_shards import write_rank_shards
+
+    args, model, description, dataset, bad = _pile(tmp_path)
+    out = tmp_path / "pile.safetensors"
+    shards = write_rank_shards(args, model, description, dataset, out, dtype="float16", rows_per_shard=2, hashes=True)
+    assert (shards.count, shards.unreadable, [r["count"] for r in shards.records]) == (5, 1, [2, 2, 1])
+    with RankCommit(out, shards, description, "float16") as staged:
+        assert str(bad[0]) not in staged.stored.paths and staged.stored.hashes().shape == (5, 16)
+        staged.commit()
+    assert read_index_metadata(out)["dtype"] == "float16"
+
+
+def test_a_rank_that_cannot_write_its_shards_fails_the_run_in_one_line_leaving_none(tmp_path, one_rank_group,
+                                                                                    monkeypatch):
+    from plmetric.cli.common import CLIError
+    from plmetric.cli.rank_shards import write_rank_shards
+
+    args, model, description, dataset, _ = _pile(tmp_path)
+    out = tmp_path / "pile.safetensors"
+    written = ShardedIndexWriter._write_shard
+
+    def disk_full_after_one_shard(self, rows):
+        if self.records:
+            raise OSError(28, "No space left on device")
+        written(self, rows)
+
+    monkeypatch.setattr(ShardedIndexWriter, "_write_shard", disk_full_after_one_shard)
+    with pytest.raises(CLIError) as raised:
+        write_rank_shards(args, model, description, dataset, out, dtype="float32", rows_per_shard=2)
+    assert str(raised.value) == f"rank 0: cannot write its shards beside {out}: [Errno 28] No space left on device"
+    assert not list(tmp_path.glob("*.shard.safetensors")) and not out.exists()  # the shard written is removed

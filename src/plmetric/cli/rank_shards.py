@@ -144,7 +144,15 @@ def write_rank_shards(
     rank, world = dist.get_rank(), dist.get_world_size()
     writer: ShardedIndexWriter | None = None
     try:
-        status: dict[str, Any] = {"listing": listing, "items": len(dataset)}
+        # the lists first (before the long embedding): every rank must cut the same list
+        if any(s != (listing, len(dataset)) for s in _exchange((listing, len(dataset)))):
+            if rank == 0:
+                raise CLIError(
+                    "the ranks list different images (another folder, or files added or removed meanwhile): every "
+                    "node must see the same images at the same paths"
+                )
+            return None  # rank 0 reports it
+        status: dict[str, Any] = {}
         found: tuple[Any, ...] = ()
         began = time.perf_counter()
         try:
@@ -157,17 +165,12 @@ def write_rank_shards(
                     num_workers=args.num_workers, device=device, progress=rank == 0 and not args.no_progress,
                     runtime="torch", side=side,
                 )
-            status.update(rows=len(found[2]) if found else 0, unreadable=(stop - start) - (len(found[2]) if found else 0))
+            status["rows"] = len(found[2]) if found else 0
         except Exception as err:  # every rank must reach the exchange: send the error instead
             status["error"] = str(err) or type(err).__name__
         seconds = time.perf_counter() - began
         statuses = _exchange(status)
         error = _first_error(statuses)
-        if error is None and any(s["listing"] != listing or s["items"] != len(dataset) for s in statuses):
-            error = (
-                "the ranks list different images (another folder, or files added meanwhile): every node must see "
-                "the same images at the same paths"
-            )
         if error is not None:
             if rank == 0:
                 raise CLIError(error)
@@ -178,7 +181,8 @@ def write_rank_shards(
             if found and len(found[2]):
                 emb, labels, index = found[:3]
                 dim = int(emb.shape[1])
-                paths = _absolute([dataset.describe(i) if dataset.paths is not None else f"item:{i}" for i in index.tolist()])
+                named = dataset.paths is not None
+                paths = _absolute([dataset.describe(i) if named else f"item:{i}" for i in index.tolist()])
                 writer = ShardedIndexWriter(out, dim, dtype, rows_per_shard, first_row=offset)
                 writer.add(emb, labels, paths, None, found[3].numpy() if hashes else None)
                 writer.flush()
@@ -188,7 +192,7 @@ def write_rank_shards(
         except Exception as err:
             if writer is not None:
                 writer.abort()
-            status = {"error": str(err) or type(err).__name__, "records": []}
+            status = {"error": f"cannot write its shards beside {out}: {str(err) or type(err).__name__}", "records": []}
         statuses = _exchange(status)
     finally:
         if started:
@@ -204,7 +208,9 @@ def write_rank_shards(
     dims = {s["dim"] for s in statuses if s["dim"] is not None}
     if len(dims) > 1:
         remove_shards(out, records)
-        raise CLIError(f"the ranks embedded vectors of different dimensions {sorted(dims)}: one model must run everywhere")
+        raise CLIError(
+            f"the ranks embedded vectors of different dimensions {sorted(dims)}: one model must run everywhere"
+        )
     mine = statuses[0]["records"]
     rate = sum(r["count"] for r in mine) / max(seconds, 1e-6) if mine else 1.0
     return RankShards(records, count, dims.pop() if dims else 0, len(dataset) - count, rate)
@@ -245,7 +251,8 @@ class RankCommit:
 
         try:
             self._writer(self.staged).commit(self.model)
-            self.stored = open_index(self.staged)  # a shard missing from the shared folder, truncated, foreign: one line
+            # a shard missing from the shared folder, truncated or foreign: one line naming it
+            self.stored = open_index(self.staged)
         except BaseException:
             self.__exit__(None, None, None)
             raise
