@@ -160,3 +160,20 @@ def test_index_and_add_to_on_two_nodes_write_one_shard_set_per_rank_equal_to_one
     named = {s["file"] for p in (one, two, grown) for s in (read_index_metadata(p).get("shards") or [])}
     assert {p.name for p in tmp_path.glob("*.shard.safetensors")} == named  # no stray shard
     assert not list(tmp_path.glob(".*staged*"))  # no staged main file left
+
+
+@pytest.mark.slow
+def test_nodes_that_list_different_images_stop_before_embedding_in_one_line(tmp_path):
+    """Two nodes that do not see the same images (another folder, a local disk) would cut different lists:
+    rank 0 refuses in one line before any embedding, and nothing is written."""
+    root, _ = make_tree("images", tmp_path / "photos", classes=2, per_class=2, bad=0)
+    other, _ = make_tree("images", tmp_path / "elsewhere", classes=2, per_class=3, bad=0)
+    out = tmp_path / "pile.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--out", str(out), "--device", "cpu", "--num-workers", "0", "--image-size", "32", "--no-progress"]
+    node0, node1 = _on_two_nodes([["embed", "--images", str(root), *common], ["embed", "--images", str(other), *common]],
+                                 env)
+    assert node0.returncode != 0 and node1.returncode == 0  # rank 0 reports; rank 1 leaves quietly
+    lines = [line for line in node0.stderr.splitlines() if "the ranks list different images" in line]
+    assert len(lines) == 1 and "Traceback" not in node0.stderr.split(lines[0])[0][-2000:]
+    assert not list(tmp_path.glob("*.safetensors"))  # no index, no shard

@@ -214,13 +214,20 @@ def test_a_rank_that_cannot_write_its_shards_fails_the_run_in_one_line_leaving_n
     out = tmp_path / "pile.safetensors"
     written = ShardedIndexWriter._write_shard
 
-    def disk_full_after_one_shard(self, rows):
+    def refused_after_one_shard(self, rows):  # e.g. a node whose mount of the shared folder turned read-only
         if self.records:
-            raise OSError(28, "No space left on device")
+            raise PermissionError(13, "Permission denied")
         written(self, rows)
 
-    monkeypatch.setattr(ShardedIndexWriter, "_write_shard", disk_full_after_one_shard)
-    with pytest.raises(CLIError) as raised:
+    monkeypatch.setattr(ShardedIndexWriter, "_write_shard", refused_after_one_shard)
+    with pytest.raises(CLIError) as raised:  # bad input: exit status 2, the rank and the folder named
         write_rank_shards(args, model, description, dataset, out, dtype="float32", rows_per_shard=2)
-    assert str(raised.value) == f"rank 0: cannot write its shards beside {out}: [Errno 28] No space left on device"
+    assert str(raised.value) == f"rank 0: cannot write its shards beside {out}: [Errno 13] Permission denied"
     assert not list(tmp_path.glob("*.shard.safetensors")) and not out.exists()  # the shard written is removed
+
+    def broken(self, rows):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(ShardedIndexWriter, "_write_shard", broken)
+    with pytest.raises(RuntimeError, match="^rank 0: cannot write its shards beside .*: a bug$"):  # exit 1
+        write_rank_shards(args, model, description, dataset, out, dtype="float32", rows_per_shard=2)

@@ -86,10 +86,18 @@ def _exchange(value: Any) -> list[Any]:
     return gathered
 
 
-def _first_error(statuses: Sequence[dict[str, Any]]) -> str | None:
+def _failure(err: Exception, doing: str = "") -> dict[str, Any]:
+    """A rank's error as a status to exchange: its one line, and whether it is a bug rather than bad input."""
+    from plmetric.cli.dispatch import error_line, known_errors
+
+    return {"error": f"{doing}{error_line(err)}", "internal": not isinstance(err, known_errors()), "records": []}
+
+
+def _first_error(statuses: Sequence[dict[str, Any]]) -> Exception | None:
+    """The first rank's error, named by its rank: a CLIError (exit 2), or a RuntimeError for a bug (exit 1)."""
     for rank, status in enumerate(statuses):
         if status.get("error"):
-            return f"rank {rank}: {status['error']}"
+            return (RuntimeError if status.get("internal") else CLIError)(f"rank {rank}: {status['error']}")
     return None
 
 
@@ -120,7 +128,8 @@ def write_rank_shards(
     and None on the others (their part is done; they exit).
 
     Raises:
-        CLIError: on rank 0, when some rank failed (naming it and its error; every shard removed).
+        CLIError: on rank 0, when some rank failed on bad input (naming the rank and its error's line;
+            every shard removed); RuntimeError the same for a bug.
     """
     import torch
     import torch.distributed as dist
@@ -167,13 +176,13 @@ def write_rank_shards(
                 )
             status["rows"] = len(found[2]) if found else 0
         except Exception as err:  # every rank must reach the exchange: send the error instead
-            status["error"] = str(err) or type(err).__name__
+            status = _failure(err)
         seconds = time.perf_counter() - began
         statuses = _exchange(status)
         error = _first_error(statuses)
         if error is not None:
             if rank == 0:
-                raise CLIError(error)
+                raise error
             return None  # rank 0 reports it
         offset = first_row + sum(s["rows"] for s in statuses[:rank])
         status = {}
@@ -192,7 +201,7 @@ def write_rank_shards(
         except Exception as err:
             if writer is not None:
                 writer.abort()
-            status = {"error": f"cannot write its shards beside {out}: {str(err) or type(err).__name__}", "records": []}
+            status = _failure(err, f"cannot write its shards beside {out}: ")
         statuses = _exchange(status)
     finally:
         if started:
@@ -203,7 +212,7 @@ def write_rank_shards(
         return None
     if error is not None:
         remove_shards(out, records)
-        raise CLIError(error)
+        raise error
     count = sum(r["count"] for r in records)
     dims = {s["dim"] for s in statuses if s["dim"] is not None}
     if len(dims) > 1:
