@@ -125,7 +125,7 @@ def test_index_and_add_to_on_two_nodes_write_one_shard_set_per_rank_equal_to_one
     assert main(["index", str(root), "--out", str(one), *faiss, *common]) == 0
     # the index --add-to grows: class_01 (the first images in the sorted order), in shards of 2
     first = ["index", str(root / "class_01"), "--out", str(grown), "--shard-rows", "2", "--no-calibrate"]
-    assert main([*first, *common]) == 0
+    assert main([*first, *faiss, *common]) == 0  # 3 rows, 2 IVF cells: --add-to grows them from the new shards
     runs = {
         "index": _on_two_nodes([["index", str(root), "--out", str(two), "--shard-rows", "4", *faiss, *common]] * 2,
                                env),
@@ -153,10 +153,11 @@ def test_index_and_add_to_on_two_nodes_write_one_shard_set_per_rank_equal_to_one
     assert meta["layout"] == "sharded" and [s["count"] for s in meta["shards"]] == [4, 1, 4, 2]
     assert [s["count"] for s in read_index_metadata(grown)["shards"]] == [2, 1, 3, 3, 2]  # old 2 + 1, new 3 | 3 + 2
     assert "duplicates_calibration" in meta and "duplicates_calibration" in read_index_metadata(one)
-    index, plan = load_faiss_index(two)
-    assert plan.kind == "ivf" and index.ntotal == 11
-    _, ids = ann.search_index(index, load_embeddings(two)[0], 1, plan)  # nprobe = nlist: exact
-    assert torch.equal(ids[:, 0], torch.arange(11))  # faiss ids are the rows
+    for path in (two, grown):  # built from the shards / grown by the new shards
+        index, plan = load_faiss_index(path)
+        assert plan.kind == "ivf" and index.ntotal == 11
+        _, ids = ann.search_index(index, load_embeddings(path)[0], 1, plan)  # nprobe = nlist: exact
+        assert torch.equal(ids[:, 0], torch.arange(11))  # faiss ids are the rows
     named = {s["file"] for p in (one, two, grown) for s in (read_index_metadata(p).get("shards") or [])}
     assert {p.name for p in tmp_path.glob("*.shard.safetensors")} == named  # no stray shard
     assert not list(tmp_path.glob(".*staged*"))  # no staged main file left
