@@ -172,8 +172,8 @@ def test_nodes_that_list_different_images_stop_before_embedding_in_one_line(tmp_
     out = tmp_path / "pile.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--out", str(out), "--device", "cpu", "--num-workers", "0", "--image-size", "32", "--no-progress"]
-    node0, node1 = _on_two_nodes([["embed", "--images", str(root), *common], ["embed", "--images", str(other), *common]],
-                                 env)
+    argvs = [["embed", "--images", str(folder), *common] for folder in (root, other)]
+    node0, node1 = _on_two_nodes(argvs, env)
     assert node0.returncode != 0 and node1.returncode == 0  # rank 0 reports; rank 1 leaves quietly
     lines = [line for line in node0.stderr.splitlines() if "the ranks list different images" in line]
     assert len(lines) == 1 and "Traceback" not in node0.stderr.split(lines[0])[0][-2000:]
