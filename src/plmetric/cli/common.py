@@ -294,7 +294,9 @@ def embed_images(
 
     Under torchrun (``WORLD_SIZE`` > 1) the images are sharded over the ranks (rank r takes items
     r, r + W, ...), embedded, and gathered in data set order (gloo on the CPU, NCCL on GPUs): every
-    rank gets the whole result, and only rank 0 writes."""
+    rank gets the whole result, and only rank 0 writes. (``embed``/``index`` to a ``.safetensors`` index
+    gather nothing: each rank writes its own shards, :mod:`plmetric.cli.rank_shards`; this gathering
+    path remains for ``.npy``/``.parquet`` exports and ``--add-to`` of a one-file index.)"""
     import torch
 
     from plmetric.core import distributed as dist_utils

@@ -594,6 +594,77 @@ def write_faiss_file(path: Path, plan: Any, faiss_index: Any, count: int) -> tup
     return ann_meta, faiss_path
 
 
+FAISS_BLOCK_ROWS = 65_536
+"""Rows added to a faiss index at a time when it is built from stored vectors (65,536 x 512 float32:
+128 MiB)."""
+
+
+def build_faiss_from_stored(stored: Any, plan: Any, *, rows_per_block: int = FAISS_BLOCK_ROWS, seed: int = 0) -> Any:
+    """The faiss index of ``plan`` over the vectors of ``stored`` (a
+    :class:`~plmetric.retrieval.stored.StoredIndex` or its ``StoredVectors``), built without holding them
+    in memory: an IVF kind is trained on a seeded sample of rows read from the shards
+    (``ann.training_rows``: at most 256 rows a cell for ivf, all rows when there are fewer), every kind is
+    then filled ``rows_per_block`` rows at a time, in row order (ids = rows). Memory: the sample and
+    one block besides the faiss index itself.
+
+    The result is that of ``ann.build_index`` on all the vectors: the same training rows, and adding
+    rows block by block files each row as adding them at once does (HNSW: an equivalent graph, its
+    links depending on the order of insertion as with threads)."""
+    import numpy as np
+
+    from plmetric.manifold import ann
+
+    vectors = getattr(stored, "vectors", stored)
+    n, dim = int(vectors.count), int(vectors.dim)
+    if n < 1:
+        raise ValueError("cannot build a faiss index of an empty index")
+    needs_sample = plan.kind not in ("flat", "hnsw")
+    train_index = getattr(ann, "train_index", None)
+    if train_index is not None:  # the split build API of issue 31 (ivfpq)
+        rows = ann.training_rows(n, plan, seed) if needs_sample else np.zeros(0, np.int64)
+        index = train_index(vectors.rows(rows), plan, dim)
+    else:  # before it: build on the sample, then empty the index (IVF keeps its trained cells)
+        rows = _training_sample(n, plan, seed) if needs_sample else np.zeros(1, np.int64)
+        index = ann.build_index(vectors.rows(rows), plan)
+        index.reset()
+    for _, block in vectors.blocks(rows_per_block):
+        ann.add_vectors(index, block)
+    return index
+
+
+def grow_faiss_from_stored(
+    faiss_index: tuple[Any, Any] | None,
+    stored: Any,
+    start: int,
+    *,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    rows_per_block: int = FAISS_BLOCK_ROWS,
+) -> tuple[Any, Any]:
+    """``(faiss index, AnnPlan)`` of ``faiss_index`` (from :func:`load_faiss_index`) with the rows
+    ``start..`` of ``stored`` added ``rows_per_block`` at a time and the search parameters replaced
+    (as :func:`extend_index` does), or ``(None, None)`` without a faiss index."""
+    from plmetric.manifold import ann
+
+    vectors = getattr(stored, "vectors", stored)
+    grown, plan = _grown_faiss(faiss_index, torch.empty(0, vectors.dim), nprobe, ef_search)
+    if grown is not None:
+        for first in range(int(start), vectors.count, rows_per_block):
+            ann.add_vectors(grown, vectors.block(first, first + rows_per_block))
+    return grown, plan
+
+
+def _training_sample(n: int, plan: Any, seed: int) -> Any:
+    """The sorted rows an IVF of ``plan`` trains on: all n when n <= 256 per cell (faiss's k-means uses no
+    more), else a seeded sample of that many (what ``ann.training_rows`` does)."""
+    import numpy as np
+
+    wanted = 256 * int(plan.params["nlist"])
+    if n <= wanted:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=wanted, replace=False)).astype(np.int64)
+
+
 def load_faiss_index(index_path: str | os.PathLike, meta: dict[str, Any] | None = None) -> tuple[Any, Any] | None:
     """The faiss index an index file names, checked: ``(faiss index, AnnPlan)``, or None if it names none.
 

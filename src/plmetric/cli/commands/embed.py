@@ -80,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     model, description = load_embedding_model(
         args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
     )
+    from plmetric.cli.rank_shards import torchrun_world
+
+    if torchrun_world() > 1 and out.suffix.lower() == ".safetensors":
+        return _embed_by_rank(args, model, description, dataset, out)
     emb, labels, paths, unreadable, writer = embed_images(args, model, description, dataset)
     if emb.shape[0] == 0:
         raise CLIError(f"no image could be read ({unreadable} unreadable): nothing to write to {out}")
@@ -95,6 +99,27 @@ def run(args: argparse.Namespace) -> int:
     skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
     beside = "".join(f" + {p.name}" for p in sidecars(out))
     print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {shown(f'{out}{beside}')}{skipped}")
+    return 0
+
+
+def _embed_by_rank(args: argparse.Namespace, model: Any, description: dict[str, Any], dataset: Any, out: Path) -> int:
+    """Under torchrun, ``--out X.safetensors``: every rank writes its own shards, rank 0 commits the index
+    (:mod:`plmetric.cli.rank_shards`)."""
+    from plmetric.cli.rank_shards import RankCommit, listing_digest, write_rank_shards, written_note
+    from plmetric.retrieval.stored import DEFAULT_SHARD_ROWS
+
+    dtype = "float16" if getattr(args, "float16", False) else "float32"
+    listing = listing_digest(dataset.describe(i) for i in range(len(dataset)))
+    shards = write_rank_shards(
+        args, model, description, dataset, out, dtype=dtype, rows_per_shard=DEFAULT_SHARD_ROWS, listing=listing
+    )
+    if shards is None:
+        return 0  # rank 0 commits the index
+    if shards.count == 0:
+        raise CLIError(f"no image could be read ({shards.unreadable} unreadable): nothing to write to {out}")
+    with RankCommit(out, shards, description, dtype) as commit:
+        commit.commit()
+    print(written_note(shards, out, dtype))
     return 0
 
 

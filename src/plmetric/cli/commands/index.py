@@ -165,7 +165,10 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from plmetric.cli.calibrate import calibrate_index
+    from plmetric.cli.rank_shards import torchrun_world
 
+    if torchrun_world() > 1:
+        return _index_by_rank(args, model, description, dataset, out, options)
     started = time.perf_counter()
     emb, labels, paths, unreadable, writer, hashes = embed_images(args, model, description, dataset, hashes=True)
     rate = len(paths) / max(time.perf_counter() - started, 1e-6)
@@ -185,6 +188,48 @@ def run(args: argparse.Namespace) -> int:
     skipped = f"; left out {unreadable} unreadable image(s)" if unreadable else ""
     layout = "" if rows_per_shard is None else f" ({dtype}, {-(-len(paths) // rows_per_shard)} shard(s) beside it)"
     print(f"wrote {len(paths):,} embeddings of dimension {emb.shape[1]} to {shown(out)}{layout}{skipped}")
+    print(shown(_faiss_note(plan, faiss_path)))
+    return 0
+
+
+def _index_by_rank(
+    args: argparse.Namespace, model: Any, description: dict[str, Any], dataset: Any, out: Path, options: Any
+) -> int:
+    """``plmetric index`` under torchrun: every rank writes its own shards; rank 0 calibrates and builds the
+    faiss index from the shards, then commits (:mod:`plmetric.cli.rank_shards`)."""
+    import sys
+
+    from plmetric.cli.calibrate import calibrate_index
+    from plmetric.cli.rank_shards import RankCommit, faiss_plan, listing_digest, write_rank_shards, written_note
+    from plmetric.retrieval.index import build_faiss_from_stored, write_faiss_file
+    from plmetric.retrieval.stored import DEFAULT_SHARD_ROWS
+
+    dtype = "float16" if args.float16 else "float32"
+    listing = listing_digest(dataset.describe(i) for i in range(len(dataset)))
+    shards = write_rank_shards(
+        args, model, description, dataset, out, dtype=dtype, rows_per_shard=args.shard_rows or DEFAULT_SHARD_ROWS,
+        hashes=True, listing=listing,
+    )
+    if shards is None:
+        return 0  # rank 0 calibrates, builds the faiss index and commits
+    if shards.count == 0:
+        raise CLIError(f"no image could be read ({shards.unreadable} unreadable): nothing to write to {out}")
+    plan = faiss_plan(shards.count, shards.dim, options)
+    with RankCommit(out, shards, description, dtype) as staged:
+        stored = staged.stored
+        calibration = None
+        if not args.no_calibrate and stored.count >= 2:  # reads the pile back from the shards
+            calibration = calibrate_index(
+                args, model, description, stored.vectors.materialize(), stored.paths.to_list(),
+                shards.images_per_second, stored.hashes(),
+            )
+        ann_meta, faiss_path = None, None
+        if plan is not None:
+            print(f"building the faiss {plan.kind} index of {stored.count:,} vectors from the shards", file=sys.stderr)
+            faiss_index = build_faiss_from_stored(stored, plan)
+            ann_meta, faiss_path = write_faiss_file(out, plan, faiss_index, stored.count)
+        staged.commit(ann_meta, calibration)
+    print(written_note(shards, out, dtype))
     print(shown(_faiss_note(plan, faiss_path)))
     return 0
 
@@ -223,6 +268,8 @@ def _check_add_options(args: argparse.Namespace, meta: dict[str, Any], source: P
 
 
 def _extend(args: argparse.Namespace, source: Path) -> int:
+    import os
+
     import torch
 
     from plmetric.data.datasets import ImageDataset, load_unlabelled_folder
@@ -263,15 +310,27 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
         print(f"added 0 images to {shown(source)} (still {len(indexed):,}); skipped {present:,} already in the index")
         return 0
     dataset = ImageDataset(fresh, None, None, candidates.name)
-    if fresh:
+    from plmetric.cli.rank_shards import torchrun_world
+
+    shards = None
+    if not fresh and os.environ.get("RANK", "0") != "0":
+        return 0  # torchrun: rank 0 alone rewrites the index's search parameters
+    emb, labels, paths, skipped = torch.empty(0, stored.dim), torch.empty(0, dtype=torch.long), [], 0
+    hashes = torch.empty(0, 16, dtype=torch.uint8).numpy()
+    if fresh and torchrun_world() > 1 and is_sharded(meta):  # each rank appends its own shards
+        shards = _shards_by_rank(args, model, description, dataset, stored, out, fresh)
+        if shards is None:
+            return 0  # rank 0 commits
+        added, skipped = shards.count, shards.unreadable
+    elif fresh:
         emb, labels, paths, skipped, writer, hashes = embed_images(args, model, description, dataset, hashes=True)
         if not writer:
-            return 0  # torchrun: rank 0 extends the index with the gathered result
+            return 0  # torchrun, a one-file index: rank 0 extends it with the gathered result
+        added = len(paths)
     else:
-        emb, labels, paths, skipped = torch.empty(0, stored.dim), torch.empty(0, dtype=torch.long), [], 0
-        hashes = torch.empty(0, 16, dtype=torch.uint8).numpy()
+        added = 0
     unreadable = f"; left out {skipped} unreadable image(s)" if skipped else ""
-    if not paths and in_place and args.nprobe is None and args.ef_search is None:
+    if not added and in_place and args.nprobe is None and args.ef_search is None:
         print(
             f"added 0 images to {shown(source)} (still {len(indexed):,}); skipped {present:,} already in the index"
             f"{unreadable}"
@@ -279,12 +338,15 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
         return 0
     previous = _faiss_file_of(out)
     previous_digest = ((read_index_metadata(out) or {}).get("ann") or {}).get("sha256") if previous else None
-    count, faiss_path, plan = extend_index(
-        source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search, hashes=hashes,
-        extra=kept, rows_per_shard=args.shard_rows,
-    )
+    if shards is not None and shards.count:
+        count, faiss_path, plan = _commit_by_rank(args, shards, stored, out, faiss_index, kept)
+    else:
+        count, faiss_path, plan = extend_index(
+            source, out, emb, labels, paths, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search,
+            hashes=hashes, extra=kept, rows_per_shard=args.shard_rows,
+        )
     print(
-        f"added {len(paths):,} images to {shown(out)} (now {count:,}); skipped {present:,} already in the index"
+        f"added {added:,} images to {shown(out)} (now {count:,}); skipped {present:,} already in the index"
         f"{unreadable}{old}"
     )
     if plan is not None:
@@ -298,3 +360,41 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
                 "rebuilding it (plmetric index --faiss ivf --out ...) would restore the best recall"
             )
     return 0
+
+
+def _shards_by_rank(
+    args: argparse.Namespace, model: Any, description: dict[str, Any], dataset: Any, stored: Any, out: Path,
+    fresh: list[Path],
+) -> Any:
+    """``--add-to`` of a sharded index under torchrun: every rank embeds its range of the new images and writes
+    it as shards after the index's rows (None on ranks other than 0)."""
+    from plmetric.cli.rank_shards import listing_digest, write_rank_shards
+    from plmetric.retrieval.stored import DEFAULT_SHARD_ROWS
+
+    # every rank must grow the same index by the same images
+    listing = listing_digest([str(stored.count), *(r["id"] for r in stored.meta["shards"]), *map(str, fresh)])
+    return write_rank_shards(
+        args, model, description, dataset, out, dtype=stored.dtype,
+        rows_per_shard=args.shard_rows or DEFAULT_SHARD_ROWS, first_row=stored.count, hashes=True, listing=listing,
+    )
+
+
+def _commit_by_rank(
+    args: argparse.Namespace, shards: Any, stored: Any, out: Path, faiss_index: Any, kept: dict[str, Any] | None
+) -> tuple[int, Path | None, Any]:
+    """Rank 0 of ``--add-to`` under torchrun: the faiss index grown from the new shards, then the main file
+    naming the old shards and the new: ``(count, faiss file or None, AnnPlan or None)``."""
+    from plmetric.cli.rank_shards import RankCommit
+    from plmetric.retrieval.index import grow_faiss_from_stored, write_faiss_file
+    from plmetric.retrieval.stored import ShardedIndexWriter
+
+    old_records = ShardedIndexWriter.extending(stored, out).kept  # the old shards, named as they are now
+    with RankCommit(out, shards, stored.model, stored.dtype, kept=old_records, kept_rows=stored.count) as staged:
+        grown, plan = grow_faiss_from_stored(
+            faiss_index, staged.stored, stored.count, nprobe=args.nprobe, ef_search=args.ef_search
+        )
+        ann_meta, faiss_path = None, None
+        if plan is not None:
+            ann_meta, faiss_path = write_faiss_file(out, plan, grown, staged.stored.count)
+        staged.commit(ann_meta, kept)
+    return staged.stored.count, faiss_path, plan
