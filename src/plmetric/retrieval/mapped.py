@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from plmetric.retrieval.stored import StoredIndex, StoredPaths, StoredVectors
 __all__ = [
     "Pile",
     "open_pile",
+    "path_ids",
     "path_list",
     "RateEstimate",
     "as_stored",
@@ -139,6 +140,18 @@ def path_list(paths: list[str] | StoredPaths, start_or_ids: Any, stop: int | Non
     distinct, inverse = np.unique(ids, return_inverse=True)
     decoded = [paths[i] for i in distinct.tolist()]
     return [decoded[i] for i in inverse.tolist()]
+
+
+def path_ids(paths: Sequence[str], wanted: set[str], rows_per_block: int = 65_536) -> dict[str, int]:
+    """The row of each path of ``wanted`` that the index holds (a repeated path: its last row), read a block
+    of paths at a time: memory for ``wanted``, not a dictionary of every indexed path."""
+    found: dict[str, int] = {}
+    if not wanted:
+        return found
+    for start in range(0, len(paths), rows_per_block):
+        block = path_list(paths, start, min(start + rows_per_block, len(paths)))
+        found.update((p, start + i) for i, p in enumerate(block) if p in wanted)
+    return found
 
 
 def duration(seconds: float) -> str:
