@@ -1001,6 +1001,7 @@ SHARD_CASES: list[tuple[str, list[str], list[str]]] = [
         ("add-to", lambda ix: ["index", "{photos}", "--add-to", ix, "--image-size", "32", "--no-progress"]),
         ("neighbours", lambda ix: ["neighbours", ix, "--out", "{root}/n.csv", "--no-progress"]),
         ("duplicates", lambda ix: ["duplicates", ix, "--out", "{root}/d.csv", "--no-progress"]),
+        ("groups", lambda ix: ["groups", ix, "--out", "{root}/gr.csv"]),
         ("serve", lambda ix: ["serve", ix]),
     )
 ]

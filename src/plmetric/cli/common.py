@@ -353,21 +353,38 @@ def pile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_pile_index(args: argparse.Namespace, faiss: bool = True) -> tuple[Any, list[str], Any, dict[str, Any]]:
+def load_pile_index(args: argparse.Namespace, faiss: bool = True) -> tuple[Any, Any, Any, dict[str, Any]]:
     """The index's ``(embeddings, paths, faiss index or None, model description)``; the faiss index only
-    with ``faiss`` and without ``--exact``.
+    with ``faiss`` and without ``--exact``. A sharded index's embeddings and paths stay mapped
+    (:class:`~plmetric.retrieval.stored.StoredVectors`, :class:`~plmetric.retrieval.stored.StoredPaths`;
+    :func:`open_pile_index`).
 
     Raises:
         FileNotFoundError: no such index.
         ValueError: not a plmetric index, or one of fewer than two images.
     """
-    from plmetric.retrieval.index import load_embeddings, load_faiss_index
+    pile, faiss_index = open_pile_index(args, faiss)
+    return pile.vectors, pile.paths, faiss_index, pile.model
 
-    embeddings, _, paths, description = load_embeddings(args.index)
-    if len(paths) < 2:
-        raise ValueError(f"index {args.index} holds {len(paths)} image(s); expected at least 2 to compare")
-    faiss_index = load_faiss_index(args.index) if faiss and not getattr(args, "exact", False) else None
-    return embeddings, paths, faiss_index, description
+
+def open_pile_index(args: argparse.Namespace, faiss: bool = True) -> tuple[Any, Any]:
+    """The index ``args.index`` as a :class:`~plmetric.retrieval.mapped.Pile` (a one-file index in memory,
+    a sharded one mapped, never materialised) and its faiss index (None: ``faiss`` false, ``--exact``,
+    or the index has none).
+
+    Raises:
+        FileNotFoundError: no such index.
+        ValueError: not a plmetric index, or one of fewer than two images.
+    """
+    from plmetric.retrieval.index import load_faiss_index
+    from plmetric.retrieval.mapped import open_pile
+
+    pile = open_pile(args.index)
+    if pile.count < 2:
+        raise ValueError(f"index {args.index} holds {pile.count} image(s); expected at least 2 to compare")
+    use_faiss = faiss and not getattr(args, "exact", False)
+    faiss_index = load_faiss_index(args.index, pile.meta) if use_faiss else None
+    return pile, faiss_index
 
 
 def check_table_output(
@@ -394,10 +411,15 @@ def check_grid_output(args: argparse.Namespace, software: str) -> Path | None:
 
 
 def refuse_indexed_outputs(outputs: Sequence[Path | None], paths: Sequence[str]) -> None:
-    """Refuse an output that is one of the index's images (writing it would destroy it)."""
-    indexed = set(paths)
-    for out in outputs:
-        if out is not None and str(out.expanduser().resolve()) in indexed:
+    """Refuse an output that is one of the index's images (writing it would destroy it). ``paths``: a
+    list, or a sharded index's :class:`~plmetric.retrieval.stored.StoredPaths` (searched in its bytes,
+    no set of every path built)."""
+    wanted = [out for out in outputs if out is not None]
+    if not wanted:
+        return
+    indexed = set(paths) if isinstance(paths, list) else paths
+    for out in wanted:
+        if str(out.expanduser().resolve()) in indexed:
             raise CLIError(f"{out} is an image of the index; writing it would destroy it")
 
 

@@ -70,6 +70,7 @@ from plmetric.core.options import DUPLICATES_CANDIDATES as CANDIDATES  # re-expo
 from plmetric.core.options import DUPLICATES_HASH_DISTANCE as DEFAULT_HASH_DISTANCE
 from plmetric.core.options import DUPLICATES_THRESHOLD as DEFAULT_THRESHOLD
 from plmetric.core.options import DUPLICATES_ZOOMS as ZOOMS
+from plmetric.retrieval.stored import StoredVectors
 
 ZOOM_CHUNK = 4096
 """Candidate images whose zoomed views are held at once (4096 x 2 views x 1280 floats = 40 MiB)."""
@@ -178,9 +179,12 @@ def similar_pairs(
     nprobe: int | None = None,
     ef_search: int | None = None,
     progress: bool = False,
+    estimate: Callable[[int, float], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair ``i < j`` with cosine ``s_ij >= min(threshold, highest_cut(d))``: ``(i, j, s)`` arrays,
-    each pair once.
+    each pair once. ``embeddings``: a tensor or a sharded index's mapped
+    :class:`~plmetric.retrieval.stored.StoredVectors` (never materialised); ``estimate`` gets the rows and
+    seconds of the first block of the first (longest) search.
 
     Searches each image's ``start_k`` nearest others, then the images whose last neighbour still
     reaches the threshold with 4x as many, and so on (see the module docstring).
@@ -205,6 +209,7 @@ def similar_pairs(
             ef_search=ef_search,
             progress=progress,
             what=f"pairs (k={k})",
+            estimate=estimate if k == min(start_k, n - 1) else None,
         )
         hit = scores >= cut
         found_i.append(rows[:, None].expand_as(ids)[hit])
@@ -359,18 +364,19 @@ def rescore_with_zooms(
         embeddings: (N, d) unit embeddings ``e``.
         zoomed: (M, Z, d) unit embeddings of the zoomed views of images ``rows`` (M,).
     """
+    from plmetric.retrieval.mapped import rows_of, vector_count
+
     best = np.asarray(s, dtype=np.float32).copy()
     if len(i) == 0 or len(rows) == 0:
         return best
-    e = embeddings.detach().to("cpu", torch.float32).numpy()
-    where = np.full(e.shape[0], -1, dtype=np.int64)
+    where = np.full(vector_count(embeddings), -1, dtype=np.int64)
     where[rows] = np.arange(len(rows))
     for side, other in ((i, j), (j, i)):
         position = where[side]
         have = np.flatnonzero(position >= 0)
         for start in range(0, len(have), PAIR_CHUNK):
             chosen = have[start : start + PAIR_CHUNK]
-            views = np.einsum("pzd,pd->pz", zoomed[position[chosen]], e[other[chosen]])
+            views = np.einsum("pzd,pd->pz", zoomed[position[chosen]], rows_of(embeddings, other[chosen]))
             views = np.where(np.isnan(views), -np.inf, views).max(axis=1)  # unreadable: counts for nothing
             best[chosen] = np.maximum(best[chosen], views)
     return best
@@ -391,6 +397,7 @@ def find_duplicates(
     hash_distance: int = DEFAULT_HASH_DISTANCE,
     hash_floor: float = CANDIDATES,
     max_component: int = MAX_LINKAGE_COMPONENT,
+    estimate: Callable[[int, float], None] | None = None,
 ) -> DuplicateGroups:
     """Near-duplicate pairs and groups of ``embeddings`` (the module docstring's rules): the embedding
     pairs at a cosine ``threshold`` (:func:`similar_pairs`), the hash pairs of ``hashes`` ((N, 16)
@@ -407,13 +414,15 @@ def find_duplicates(
     cut = min(threshold, highest_cut(embeddings.shape[1]))
     if zoomed is None:
         i, j, s = similar_pairs(
-            embeddings, threshold, faiss_index, nprobe=nprobe, ef_search=ef_search, progress=progress
+            embeddings, threshold, faiss_index, nprobe=nprobe, ef_search=ef_search, progress=progress,
+            estimate=estimate,
         )
         zoom_only = np.zeros(len(i), dtype=bool)
     else:
         low = min(check_threshold(candidates), threshold)
         i, j, s = similar_pairs(
-            embeddings, low, faiss_index, nprobe=nprobe, ef_search=ef_search, progress=progress
+            embeddings, low, faiss_index, nprobe=nprobe, ef_search=ef_search, progress=progress,
+            estimate=estimate,
         )
         rows = np.unique(np.concatenate([i, j]))
         if announce is not None:
@@ -430,12 +439,19 @@ def find_duplicates(
     return dataclasses.replace(groups, pair_list=pairs)
 
 
-def pair_cosines(embeddings: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """``<e_i, e_j>`` (float32) of each pair, :data:`COSINE_CHUNK` pairs at a time."""
+def pair_cosines(embeddings: Any, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """``<e_i, e_j>`` (float32) of each pair, :data:`COSINE_CHUNK` pairs at a time; ``embeddings`` an
+    array, a tensor or mapped :class:`~plmetric.retrieval.stored.StoredVectors` (rows read by id)."""
+    from plmetric.retrieval.mapped import rows_of
+
     out = np.empty(len(i), dtype=np.float32)
     for start in range(0, len(i), COSINE_CHUNK):
         part = slice(start, start + COSINE_CHUNK)
-        out[part] = np.einsum("pd,pd->p", embeddings[i[part]], embeddings[j[part]])
+        if isinstance(embeddings, np.ndarray):
+            a, b = embeddings[i[part]], embeddings[j[part]]
+        else:
+            a, b = rows_of(embeddings, i[part]), rows_of(embeddings, j[part])
+        out[part] = np.einsum("pd,pd->p", a, b)
     return out
 
 
@@ -468,7 +484,7 @@ def combine_pairs(
         if len(hashes) != n:
             raise ValueError(f"{len(hashes)} perceptual hashes for {n} embeddings")
         floor = min(check_threshold(hash_floor), highest_cut(dim))
-        e = embeddings.detach().to("cpu", torch.float32).numpy()
+        e = embeddings if isinstance(embeddings, StoredVectors) else embeddings.detach().to("cpu", torch.float32).numpy()
         for bi, bj, _ in hash_pair_blocks(hashes, hash_distance):  # each block filtered before the next
             cosine = pair_cosines(e, bi, bj)
             keep = cosine >= floor
@@ -493,9 +509,11 @@ def combine_pairs(
     return DuplicatePairs(pi.astype(np.int64), pj.astype(np.int64), score, signal.astype(np.int8), distance)
 
 
-def write_groups_table(out: str | os.PathLike, found: DuplicateGroups, paths: list[str], recorded_id: str) -> None:
+def write_groups_table(out: str | os.PathLike, found: DuplicateGroups, paths: Any, recorded_id: str) -> None:
     """Write the ``duplicates`` table: one row per member (``group, size, path, best_score``), groups numbered
-    in ``found``'s order, :data:`GROUP_ROWS_PER_CHUNK` rows at a time (Parquet row groups), atomically."""
+    in ``found``'s order, :data:`GROUP_ROWS_PER_CHUNK` rows at a time (Parquet row groups), atomically.
+    ``paths``: a list or a sharded index's :class:`~plmetric.retrieval.stored.StoredPaths`."""
+    from plmetric.retrieval.mapped import path_list
     from plmetric.retrieval.tables import TableWriter
 
     sizes = np.array([len(g) for g in found.groups], dtype=np.int64)
@@ -508,16 +526,18 @@ def write_groups_table(out: str | os.PathLike, found: DuplicateGroups, paths: li
                 [
                     numbers[rows].tolist(),
                     np.repeat(sizes, sizes)[rows].tolist(),
-                    [paths[i] for i in members[rows].tolist()],
+                    path_list(paths, members[rows]),
                     found.best_score[members[rows]].tolist(),
                 ]
             )
         table.commit()
 
 
-def write_pairs_table(out: str | os.PathLike, pairs: DuplicatePairs, paths: list[str], index_id: str | None) -> Path:
+def write_pairs_table(out: str | os.PathLike, pairs: DuplicatePairs, paths: Any, index_id: str | None) -> Path:
     """Write ``pairs`` as a ``pairs`` table (:mod:`plmetric.retrieval.tables`: path_a, path_b, score,
-    hash_distance (empty without hashes), signal), :data:`PAIR_ROWS_PER_CHUNK` rows at a time, atomically."""
+    hash_distance (empty without hashes), signal), :data:`PAIR_ROWS_PER_CHUNK` rows at a time, atomically.
+    ``paths``: a list or a sharded index's :class:`~plmetric.retrieval.stored.StoredPaths`."""
+    from plmetric.retrieval.mapped import path_list
     from plmetric.retrieval.tables import TableWriter
 
     names = np.array(SIGNALS, dtype=object)
@@ -526,8 +546,8 @@ def write_pairs_table(out: str | os.PathLike, pairs: DuplicatePairs, paths: list
             rows = slice(start, start + PAIR_ROWS_PER_CHUNK)
             table.write(
                 [
-                    [paths[i] for i in pairs.i[rows].tolist()],
-                    [paths[j] for j in pairs.j[rows].tolist()],
+                    path_list(paths, pairs.i[rows]),
+                    path_list(paths, pairs.j[rows]),
                     pairs.score[rows].tolist(),
                     [None if d < 0 else d for d in pairs.hash_distance[rows].tolist()],
                     names[pairs.signal[rows]].tolist(),

@@ -154,15 +154,24 @@ def load_group_table(path: str | os.PathLike, kind: str, browser: BrowsedIndex) 
         rows = read_group_table(path, max_rows=len(browser))
     except ValueError as err:
         raise ValueError(f"{option} {err}") from None
-    ids = {p: i for i, p in enumerate(browser.paths)}
+    from plmetric.retrieval.mapped import path_ids
+
+    # the rows of the table's paths only (a 10M-image index: no dictionary of every indexed path)
+    ids = path_ids(browser.paths, {member for _, member in rows})
+    resolved: dict[str, str] = {}
+    for _, member in rows:
+        if member not in ids and member not in resolved:
+            try:
+                resolved[member] = str(Path(member).expanduser().resolve())
+            except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte: not an indexed path
+                pass
+    if resolved:
+        ids_resolved = path_ids(browser.paths, set(resolved.values()))
     members: dict[int, list[int]] = {}
     for row, (number, member) in enumerate(rows, start=1):
         image_id = ids.get(member)
-        if image_id is None:
-            try:
-                image_id = ids.get(str(Path(member).expanduser().resolve()))
-            except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte: not an indexed path
-                image_id = None
+        if image_id is None and member in resolved:
+            image_id = ids_resolved.get(resolved[member])
         if image_id is None:
             raise ValueError(
                 f"{option} {path} row {row}: {shown_name(member)} is not an image of the index {browser.index_path}; "

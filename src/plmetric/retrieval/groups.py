@@ -35,6 +35,15 @@ subset and plankton106, scored against their sub-folder labels):
   ``leaf``, are made and the one of higher k-NN graph modularity kept (:func:`hdbscan_labels`,
   :data:`SELECTION_RESOLUTION`): ``eom`` on CUB and plankton, ``leaf`` on the mixed pile and cars.
 
+A pile of more than :data:`FIT_SAMPLE` images (a sharded index of millions: issue 31) is grouped by
+:func:`find_groups_sampled`: the method runs on a seeded random sample of :data:`FIT_SAMPLE` images
+(:data:`HDBSCAN_MAX` for HDBSCAN), then every image, sampled or not, is assigned block by block to the
+group whose sample members' mean direction is nearest (k-means: always, which is k-means' own
+assignment step; HDBSCAN: only when its cosine to that direction reaches the lowest cosine of the
+group's own sample members, else ungrouped), groups under ``--min-size`` over the whole pile are
+ungrouped, and the groups are described as below in two passes over the vectors. Memory: the sample,
+one block, and a few numbers a row; the output says that a sample was used.
+
 Every group is then described the same way: groups renumbered 1, 2, ... by size (largest first), the
 ungrouped bucket -1; each member's ``score`` is its cosine similarity to its group's mean direction
 ``m / |m|`` (``m`` the mean of the members' embeddings); the member with the highest score is the
@@ -44,7 +53,10 @@ group's representative.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -200,6 +212,9 @@ class Groups:
     method: str
     choice: str = ""
     """How the number of groups was chosen (empty when given or not applicable)."""
+    sample: int = 0
+    """Images the groups were fitted on when that was a seeded random sample of a larger pile
+    (:func:`find_groups_sampled`; 0: fitted on every image)."""
 
     @property
     def count(self) -> int:
@@ -580,3 +595,134 @@ def find_groups(
     labels, used, choice = _cluster(embeddings, method, min_size, n_groups, seed)
     found = describe_groups(embeddings, labels, used)
     return replace(found, choice=choice.describe()) if choice is not None else found
+
+
+FIT_SAMPLE = 100_000
+"""Above this many images the groups are fitted on a seeded random sample of this many (k-means at
+the chosen k costs O(sample x k x d) an iteration; 100,000 x 512 float32 is 200 MB) and the rest are
+assigned to them (:func:`find_groups_sampled`)."""
+ASSIGN_ELEMENTS = 2**26
+"""The assignment pass scores blocks of at most this many (row, group) cosines (256 MiB)."""
+
+
+def find_groups_sampled(
+    vectors: Any,
+    *,
+    method: str = "kmeans",
+    min_size: int = 5,
+    n_groups: int | None = None,
+    seed: int = 0,
+    sample: int | None = None,
+    estimate: Callable[[int, float], None] | None = None,
+) -> Groups:
+    """:func:`find_groups` for a pile too large to cluster whole (the module docstring): fitted on a seeded
+    random sample of ``sample`` (default :data:`FIT_SAMPLE`) images (HDBSCAN: at most :data:`HDBSCAN_MAX`),
+    every image assigned block by block. ``vectors``: a tensor or mapped
+    :class:`~plmetric.retrieval.stored.StoredVectors` (never materialised). ``estimate`` gets the rows
+    of the first assigned block and the seconds they took.
+
+    Raises:
+        ValueError: as :func:`cluster_labels`; ``n_groups`` above the sample's size.
+    """
+    from plmetric.retrieval.mapped import as_stored, float32_blocks, rows_of, seeded_sample
+
+    check_method(method)
+    source = as_stored(vectors)
+    n = source.count
+    if min_size < 2:
+        raise ValueError(f"--min-size must be >= 2 (a group of one is no group), got {min_size}")
+    if n_groups is not None and not 1 <= n_groups <= n:
+        raise ValueError(f"--groups must be between 1 and the {n} indexed images, got {n_groups}")
+    sample = FIT_SAMPLE if sample is None else sample
+    size = min(n, sample if method == "kmeans" else min(sample, HDBSCAN_MAX))
+    if n_groups is not None and n_groups > size:
+        raise ValueError(
+            f"--groups {n_groups} exceeds the {size:,} images the groups of a pile of {n:,} are fitted on; "
+            f"give at most {size:,}"
+        )
+    chosen = seeded_sample(n, size, seed)
+    fitted = rows_of(source, chosen)
+    # k-means' groups under --min-size in the sample may be larger in the pile: only singletons dropped here
+    labels, used, choice = _cluster(torch.from_numpy(fitted), method, min_size if method == "hdbscan" else 2,
+                                    n_groups, seed)
+    kept = labels != UNGROUPED
+    raw, inverse = np.unique(labels[kept], return_inverse=True)
+    sums = _group_sums(inverse, fitted[kept], len(raw))
+    centres = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    floor = np.full(len(raw), -np.inf, dtype=np.float32)
+    if method == "hdbscan" and len(raw):  # an image joins a density group only as close as its own members
+        own = np.einsum("nd,nd->n", fitted[kept], centres[inverse])
+        floor = np.full(len(raw), np.inf, dtype=np.float32)
+        np.minimum.at(floor, inverse, own.astype(np.float32))
+    del fitted
+    assigned = np.full(n, UNGROUPED, dtype=np.int64)
+    if len(raw):
+        rows = max(1, min(65_536, ASSIGN_ELEMENTS // len(raw)))
+        began = time.perf_counter()
+        for start, block in float32_blocks(source, rows):
+            sims = block @ centres.T
+            best = sims.argmax(axis=1)
+            close = sims[np.arange(len(block)), best] >= floor[best]
+            assigned[start : start + len(block)] = np.where(close, best, UNGROUPED)
+            if estimate is not None and start == 0:
+                estimate(len(block), time.perf_counter() - began)
+    labels = assigned
+    if (labels != UNGROUPED).any():
+        labels = _drop_small(labels, min_size)
+    found = _describe_blocks(source, labels, used)
+    return replace(found, choice=choice.describe() if choice is not None else "", sample=size)
+
+
+def _group_sums(slots: np.ndarray, rows: np.ndarray, groups: int) -> np.ndarray:
+    """(groups, d) float64 sums of ``rows`` by their group ``slots`` (a sparse one-hot product: no loop)."""
+    from scipy.sparse import csr_matrix
+
+    one_hot = csr_matrix(
+        (np.ones(len(slots)), (slots, np.arange(len(slots)))), shape=(groups, len(slots)), dtype=np.float64
+    )
+    return np.asarray(one_hot @ rows.astype(np.float64))
+
+
+def _describe_blocks(source: Any, labels: np.ndarray, method: str) -> Groups:
+    """:func:`describe_groups` over mapped vectors, in two passes of blocks: the groups' sums, then each
+    member's cosine to its group's mean direction (the same numbering, scores and representatives)."""
+    from plmetric.retrieval.mapped import float32_blocks
+
+    n = source.count
+    grouped = labels != UNGROUPED
+    group = np.full(n, UNGROUPED, dtype=np.int64)
+    score = np.full(n, np.nan, dtype=np.float32)
+    representative = np.zeros(n, dtype=bool)
+    if grouped.any():
+        raw, inverse_grouped = np.unique(labels[grouped], return_inverse=True)
+        slot = np.full(n, -1, dtype=np.int64)
+        slot[grouped] = inverse_grouped
+        sizes = np.bincount(inverse_grouped, minlength=len(raw))
+        first = np.full(len(raw), n, dtype=np.int64)
+        np.minimum.at(first, inverse_grouped, np.flatnonzero(grouped))
+        rank = np.empty(len(raw), dtype=np.int64)
+        rank[np.lexsort((first, -sizes))] = np.arange(1, len(raw) + 1)
+        group[grouped] = rank[inverse_grouped]
+        block_rows = 65_536
+        sums = np.zeros((len(raw), source.dim), dtype=np.float64)
+        for start, block in float32_blocks(source, block_rows):
+            mine = slot[start : start + len(block)]
+            inside = mine >= 0
+            sums += _group_sums(mine[inside], block[inside], len(raw))
+        directions = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        for start, block in float32_blocks(source, block_rows):
+            mine = slot[start : start + len(block)]
+            inside = np.flatnonzero(mine >= 0)
+            member = np.einsum("nd,nd->n", block[inside].astype(np.float64), directions[mine[inside]])
+            score[start + inside] = member.astype(np.float32)
+        member_scores = score[grouped].astype(np.float64)
+        best = np.full(len(raw), -np.inf)
+        np.maximum.at(best, inverse_grouped, member_scores)
+        ids = np.flatnonzero(grouped)
+        is_best = member_scores == best[inverse_grouped]
+        chosen = np.full(len(raw), n, dtype=np.int64)
+        np.minimum.at(chosen, inverse_grouped[is_best], ids[is_best])
+        representative[chosen] = True
+    counts = np.bincount(np.where(group == UNGROUPED, 0, group), minlength=group.max(initial=0) + 1)
+    size = counts[np.where(group == UNGROUPED, 0, group)]
+    return Groups(group=group, size=size, score=score, representative=representative, method=method)

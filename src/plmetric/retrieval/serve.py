@@ -1,6 +1,9 @@
 """A local web page to browse an index: pick or upload a query image, see its top-k results.
 
-``plmetric serve INDEX`` loads the index (:func:`plmetric.retrieval.index.load_embeddings`) and its model
+``plmetric serve INDEX`` opens the index (:func:`plmetric.retrieval.mapped.open_pile`: a one-file index read
+into memory; a sharded one mapped, its vectors and paths never read whole, so that a 10M-image index
+starts in seconds: searches go through its faiss index, re-ranked from the stored vectors, or exactly
+over the mapped vectors block by block when it has none) and its model
 (:func:`plmetric.retrieval.index.model_from_description`, which checks the checkpoint's SHA-256) once and
 serves, on 127.0.0.1 unless told otherwise:
 
@@ -83,7 +86,7 @@ from plmetric.retrieval.group_tables import (
     check_group_table,
     load_group_table,
 )
-from plmetric.retrieval.index import index_identity, load_embeddings, load_file_stats, model_from_description, top_k
+from plmetric.retrieval.index import model_from_description, top_k
 from plmetric.retrieval.served_files import open_unchanged, unavailable
 from plmetric.retrieval.serve_requests import (
     ID_MAX_DIGITS,
@@ -261,7 +264,11 @@ class Browser:
         self.index_path = Path(index)
         self.top_k = top_k
         self.include_self = include_self
-        self.embeddings, _, self.paths, description = load_embeddings(index)
+        from plmetric.retrieval.index import load_faiss_index
+        from plmetric.retrieval.mapped import open_pile
+
+        self.pile = open_pile(index)
+        self.embeddings, self.paths, description = self.pile.vectors, self.pile.paths, self.pile.model
         if len(self.paths) == 0:
             raise ValueError(f"index {index} holds no images")
         size = int(description.get("image_size", 224))
@@ -269,6 +276,8 @@ class Browser:
         # uploads go through the fastest runtime that computes the same embedding (plmetric.data.runtime)
         self.model = inference_model(model_from_description(description, index), (3, size, size), runtime, "cpu",
                                      what="the index's model")
+        # a sharded index searches through its faiss index when it has one (a one-file index: exactly, in memory)
+        self.faiss_index = load_faiss_index(index, self.pile.meta) if self.pile.stored is not None else None
         output_dim = int(description.get("output_dim", self.embeddings.shape[1]))
         if output_dim != self.embeddings.shape[1]:
             raise ValueError(
@@ -277,7 +286,7 @@ class Browser:
             )
         self._model_lock = threading.Lock()  # one forward pass at a time (requests run in a thread pool)
         self._decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
-        self.file_stats = load_file_stats(index)
+        self.file_stats = self.pile.file_stats()
         self.note = (
             None
             if self.file_stats is not None
@@ -291,9 +300,9 @@ class Browser:
 
     @functools.cached_property
     def index_id(self) -> str:
-        """The index's identity (:func:`plmetric.retrieval.index.index_identity`), computed once when
+        """The index's identity (:func:`plmetric.retrieval.mapped.stored_identity`), computed once when
         first asked (a table's record is compared with it)."""
-        return index_identity(self.embeddings, self.paths)
+        return self.pile.identity()
 
     def recorded_stat(self, image_id: int) -> list[int] | None:
         """Indexed image ``image_id``'s ``[size, mtime_ns]`` recorded at indexing (None: the index has none)."""
@@ -377,7 +386,10 @@ class Browser:
         the page's) most similar other images, ``image_id`` itself left out by its number (an identical
         copy stays); with ``include_self`` the plain top-k, which holds the image itself (score 1)."""
         self.path_of(image_id)
-        return self._hits(self.embeddings[image_id : image_id + 1], None if self.include_self else image_id, top_k)
+        from plmetric.retrieval.mapped import rows_of
+
+        query = torch.from_numpy(rows_of(self.embeddings, [image_id]))
+        return self._hits(query, None if self.include_self else image_id, top_k)
 
     def search_upload(
         self, upload: bytes | IO[bytes], name: str, top_k: int | None = None
@@ -453,8 +465,17 @@ class Browser:
         more is asked for, then ``exclude`` dropped if found, else the last."""
         count = self.top_k if count is None else count
         asked = count if exclude is None else count + 1
-        scores, indices = top_k(query, self.embeddings, asked)
-        found = [(score, i) for score, i in zip(scores[0].tolist(), indices[0].tolist(), strict=True) if i != exclude]
+        if isinstance(self.embeddings, torch.Tensor) and self.faiss_index is None:
+            scores, indices = top_k(query, self.embeddings, asked)
+        else:  # mapped: faiss (re-ranked) or exact block by block (plmetric.retrieval.mapped.search_vectors)
+            from plmetric.retrieval.mapped import search_vectors
+
+            scores, indices = search_vectors(query.float(), asked, self.embeddings, self.faiss_index)
+        found = [
+            (score, i)
+            for score, i in zip(scores[0].tolist(), indices[0].tolist(), strict=True)
+            if i != exclude and i >= 0  # -1: a slot an approximate index could not fill
+        ]
         return [
             Hit(rank, i, self.paths[i], score, self.unavailable(i))
             for rank, (score, i) in enumerate(found[:count], start=1)

@@ -21,7 +21,7 @@ from plmetric.cli.common import (
     default_workers,
     grid_rows,
     hash_distance,
-    load_pile_index,
+    open_pile_index,
     pile_arguments,
     workers,
 )
@@ -108,7 +108,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from plmetric.cli.common import refuse_indexed_outputs
     from plmetric.retrieval.duplicates import draw_groups, find_duplicates, write_groups_table, write_pairs_table
-    from plmetric.retrieval.index import index_identity
+    from plmetric.retrieval.mapped import RateEstimate
 
     out = check_table_output(args, "duplicates")
     pairs_out = check_table_output(args, "pairs", "--pairs", args.pairs) if args.pairs else None
@@ -123,11 +123,12 @@ def run(args: argparse.Namespace) -> int:
             f"--candidates {args.candidates:g} is above --threshold {args.threshold:g}: the pairs rescored for "
             "--check-crops must include those already above the threshold; give a lower --candidates"
         )
-    embeddings, paths, faiss_index, description = load_pile_index(args)
-    hashes = _index_hashes(args)  # a malformed record: one line, before anything else is said
+    pile, faiss_index = open_pile_index(args)
+    embeddings, paths, description = pile.vectors, pile.paths, pile.model
+    hashes = _index_hashes(args, pile)  # a malformed record: one line, before anything else is said
     if note:
         print(note, file=sys.stderr)
-    recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
+    recorded_id = pile.identity()  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out, grid, pairs_out], paths)
     zoomed = _zoomed_views(args, paths, description) if args.check_crops else None
     how = f"through its faiss {faiss_index[1].kind} index" if faiss_index is not None else "exactly"
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         hashes=hashes,
         hash_distance=args.hash_distance,
         hash_floor=args.candidates,
+        estimate=RateEstimate("near-duplicate candidates", len(paths)).first_block,
     )
     write_groups_table(out, found, paths, recorded_id)
     if pairs_out is not None:
@@ -175,11 +177,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _index_hashes(args: argparse.Namespace) -> Any:
+def _index_hashes(args: argparse.Namespace, pile: Any) -> Any:
     """The index's perceptual hashes (None: the hash signal off, or none recorded: said once)."""
-    from plmetric.retrieval.index import load_hashes
-
-    hashes = load_hashes(args.index)  # checked even when unused: a forged record is refused either way
+    hashes = pile.hashes()  # checked even when unused: a forged record is refused either way
     if args.hash_distance < 0:
         return None
     if hashes is None:
@@ -241,7 +241,7 @@ def _zoomed_views(args: argparse.Namespace, paths: list[str], description: dict[
     device = resolve_device(args.device)
     model.to(device)
     transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
-    stats = load_file_stats(args.index)
+    stats = load_file_stats(args.index)  # (N, 2) int64: 16 bytes a row, also for a sharded index
 
     def unchanged(row: int) -> bool:
         path = paths[row]

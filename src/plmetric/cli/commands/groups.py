@@ -69,30 +69,23 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from plmetric.cli.common import load_pile_index, refuse_indexed_outputs
+    from plmetric.cli.common import open_pile_index, refuse_indexed_outputs
     from plmetric.retrieval.duplicates import draw_groups
-    from plmetric.retrieval.groups import UNGROUPED, find_groups
-    from plmetric.retrieval.index import index_identity
+    from plmetric.retrieval.groups import UNGROUPED
+    from plmetric.retrieval.mapped import path_list
     from plmetric.retrieval.tables import TableWriter
 
     out = check_table_output(args, "groups")
     grid = check_grid_output(args, SOFTWARE)
-    embeddings, paths, _, _ = load_pile_index(args, faiss=False)
-    recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
+    pile, _ = open_pile_index(args, faiss=False)
+    embeddings, paths = pile.vectors, pile.paths
+    recorded_id = pile.identity()  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out, grid], paths)
     if args.groups is not None and args.groups > len(paths):
         raise ValueError(f"--groups {args.groups} exceeds the {len(paths)} images of index {args.index}")
     if args.groups is not None and args.method == "hdbscan":
         raise ValueError("--groups sets the number of k-means groups; --method hdbscan chooses it itself")
-    from plmetric.retrieval.groups import HDBSCAN_MAX, hdbscan_seconds
-
-    expected = ""
-    if args.method == "hdbscan" and len(paths) > 5_000:
-        expected = f"; HDBSCAN takes about {hdbscan_seconds(len(paths)) / 60:.1f} min on two cores (no progress bar)"
-    print(f"grouping {len(paths):,} images (--method {args.method}, --min-size {args.min_size}){expected}", file=sys.stderr)
-    if args.method == "hdbscan" and len(paths) > HDBSCAN_MAX:
-        print("plmetric: warning: --method hdbscan grows as about N^2.3; --method kmeans scales linearly", file=sys.stderr)
-    found = find_groups(embeddings, method=args.method, min_size=args.min_size, n_groups=args.groups, seed=args.seed)
+    found = _grouped(args, embeddings)
     order = found.order()
     with TableWriter(out, "groups", index_id=recorded_id) as table:
         for start in range(0, len(order), ROWS_PER_CHUNK):  # a few large chunks (Parquet row groups)
@@ -101,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 [
                     found.group[rows].tolist(),
                     found.size[rows].tolist(),
-                    [paths[i] for i in rows.tolist()],
+                    path_list(paths, rows),
                     found.representative[rows].astype(int).tolist(),
                     found.score[rows].tolist(),
                 ]
@@ -110,9 +103,14 @@ def run(args: argparse.Namespace) -> int:
     ungrouped = int((found.group == UNGROUPED).sum())
     if found.choice:
         print(found.choice)
+    fitted = (
+        f" (fitted on a seeded random sample of {found.sample:,} images; the rest assigned to the nearest group)"
+        if found.sample
+        else ""
+    )
     print(
         f"{found.count:,} groups ({found.method}) of {len(paths) - ungrouped:,} images; "
-        f"{ungrouped:,} ungrouped"
+        f"{ungrouped:,} ungrouped{fitted}"
     )
     members = [order[found.group[order] == g] for g in range(1, min(found.count, args.show) + 1)]
     for number, group in enumerate(members, start=1):
@@ -129,3 +127,40 @@ def run(args: argparse.Namespace) -> int:
         written.append(str(grid))
     print(f"wrote {shown(', '.join(written))}")
     return 0
+
+
+def _grouped(args: argparse.Namespace, embeddings: Any) -> Any:
+    """The groups of ``embeddings`` (a tensor, or a sharded index's mapped vectors), said first: on every
+    image, or above :data:`plmetric.retrieval.groups.FIT_SAMPLE` images fitted on a seeded sample and
+    every image assigned block by block (with an estimate of that pass)."""
+    import torch
+
+    from plmetric.retrieval import groups as grouping
+    from plmetric.retrieval.mapped import RateEstimate, vector_count
+
+    n = vector_count(embeddings)
+    expected = ""
+    sampled = n > grouping.FIT_SAMPLE
+    if sampled:
+        fit = grouping.FIT_SAMPLE if args.method == "kmeans" else min(grouping.FIT_SAMPLE, grouping.HDBSCAN_MAX)
+        expected = (f"; fitted on a seeded random sample of {fit:,} images, then every image assigned to its nearest "
+                    "group block by block")
+    elif args.method == "hdbscan" and n > 5_000:
+        expected = f"; HDBSCAN takes about {grouping.hdbscan_seconds(n) / 60:.1f} min on two cores (no progress bar)"
+    print(f"grouping {n:,} images (--method {args.method}, --min-size {args.min_size}){expected}", file=sys.stderr)
+    if args.method == "hdbscan" and n > grouping.HDBSCAN_MAX and not sampled:
+        print("plmetric: warning: --method hdbscan grows as about N^2.3; --method kmeans scales linearly", file=sys.stderr)
+    if sampled:
+        return grouping.find_groups_sampled(
+            embeddings,
+            method=args.method,
+            min_size=args.min_size,
+            n_groups=args.groups,
+            seed=args.seed,
+            # three passes over the vectors: assign (timed), the groups' sums, the scores (lighter)
+            estimate=RateEstimate("assigning groups", n, passes=3).first_block,
+        )
+    if not isinstance(embeddings, torch.Tensor):  # mapped, at most FIT_SAMPLE rows: bounded
+        embeddings = torch.from_numpy(embeddings.block(0, embeddings.count))
+    return grouping.find_groups(embeddings, method=args.method, min_size=args.min_size, n_groups=args.groups,
+                                seed=args.seed)

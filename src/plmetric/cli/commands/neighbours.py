@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from plmetric.cli.common import add_command, check_table_output, load_pile_index, neighbours, pile_arguments
+from plmetric.cli.common import add_command, check_table_output, neighbours, open_pile_index, pile_arguments
 from plmetric.core.names import shown
 
 ROWS_PER_CHUNK = 50_000
@@ -31,20 +31,27 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from plmetric.cli.common import refuse_indexed_outputs
-    from plmetric.retrieval.index import index_identity
+    from plmetric.retrieval.mapped import RateEstimate, path_list
     from plmetric.retrieval.neighbours import nearest_others
     from plmetric.retrieval.tables import TableWriter
 
     out = check_table_output(args, "neighbours")
-    embeddings, paths, faiss_index, _ = load_pile_index(args)
-    recorded_id = index_identity(embeddings, paths)  # recorded in the table: serve knows its index
+    pile, faiss_index = open_pile_index(args)
+    paths = pile.paths
+    recorded_id = pile.identity()  # recorded in the table: serve knows its index
     refuse_indexed_outputs([out], paths)
     n, k = len(paths), min(args.k, len(paths) - 1)
     how = f"through its faiss {faiss_index[1].kind} index" if faiss_index is not None else "exactly"
     print(f"neighbours of {n:,} images, k = {k}, {how}: {n * k:,} rows", file=sys.stderr)
     started = time.perf_counter()
     scores, ids = nearest_others(
-        embeddings, k, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search, progress=not args.no_progress
+        pile.vectors,
+        k,
+        faiss_index,
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+        progress=not args.no_progress,
+        estimate=RateEstimate("neighbours", n).first_block,
     )
     with TableWriter(out, "neighbours", index_id=recorded_id) as table:
         for start in range(0, n, ROWS_PER_CHUNK):
@@ -52,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
             block_ids = ids[start:stop]
             table.write(
                 [
-                    [paths[i] for i in range(start, stop) for _ in range(k)],
+                    [p for p in path_list(paths, start, stop) for _ in range(k)],
                     list(range(1, k + 1)) * (stop - start),
-                    [paths[j] for j in block_ids.flatten().tolist()],
+                    path_list(paths, block_ids.flatten().numpy()),
                     scores[start:stop].flatten().tolist(),
                 ]
             )
