@@ -471,6 +471,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["--pq-m 7", "must divide the embedding dimension"],
     ),
     (
+        "index-ivfpq-too-few-images",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "ivfpq"],
+        ["--faiss ivfpq needs at least 16 vectors", "the index has 5"],
+    ),
+    (
         "index-pq-m-huge",
         ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "ivfpq", "--pq-m", "100000"],
         ["--pq-m", "<= 256"],

@@ -204,6 +204,8 @@ def test_a_memory_budget_too_small_is_one_line_naming_the_option():
         ann.plan_index(10_000_000, kind="auto", memory_budget_mib=80)
     with pytest.raises(ValueError, match="^--memory-budget 500 MiB is too small .* with --pq-m 128: it needs"):
         ann.plan_index(10_000_000, kind="ivfpq", memory_budget_mib=500, pq_m=128)
+    with pytest.raises(ValueError, match="^--faiss ivfpq needs at least 16 vectors .* the index has 15: use"):
+        ann.plan_index(15, kind="ivfpq")
     with pytest.raises(ValueError, match="memory_budget_mib must be an integer >= 1"):
         ann.plan_index(10, kind="ivfpq", memory_budget_mib=0)
 

@@ -80,6 +80,8 @@ IVFPQ_KMEANS_ITERATIONS = 10
 #: assigning 10M vectors to 16k cells exactly costs 10M x 16k x 512 x 2 = 1.7e14 flops (about an hour on two
 #: cores), the graph about 100 distance computations per vector. autofaiss switches at 1,000 cells.
 HNSW_QUANTISER_FROM = 1024
+#: Centroids of each 4-bit PQ codebook: ivfpq needs at least this many training vectors.
+PQ_CENTROIDS = 16
 #: The PQ sub-vector counts (4 bits each: m / 2 bytes per vector) ivfpq may choose, largest first; ``m`` must
 #: divide the dimension.
 PQ_M_CHOICES = (128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
@@ -295,6 +297,11 @@ def _plan_ivfpq(n: int, dim: int, options: IndexOptions, budget_mib: int) -> Ann
             )
         preferred = [m for m in fitting if m <= PQ_M_DEFAULT_MAX and 4 * m <= dim]
         pq_m = preferred[0] if preferred else fitting[-1]
+    if n < PQ_CENTROIDS:
+        raise ValueError(
+            f"--faiss ivfpq needs at least {PQ_CENTROIDS} vectors to train its codebooks ({PQ_CENTROIDS} centroids "
+            f"each), the index has {n}: use --faiss flat or hnsw"
+        )
     nprobe = options.nprobe if options.nprobe is not None else default_ivfpq_nprobe(nlist)
     params = {
         "factory": _ivfpq_factory(nlist, pq_m),

@@ -15,7 +15,7 @@ image is decoded for embedding; absent from older indexes and from ``plmetric em
   weights file with its hash); the embedding and output dimensions, the image size and the
   preprocessing (resize, crop, mean, std);
 * ``format``, ``version``, ``created``, ``count``, ``dim``;
-* ``ann`` (only with a faiss index, :mod:`plmetric.manifold.ann`): its ``kind`` (flat, ivf, hnsw), resolved
+* ``ann`` (only with a faiss index, :mod:`plmetric.manifold.ann`): its ``kind`` (flat, ivf, hnsw, ivfpq), resolved
   ``params``, the ``file`` name and ``sha256`` of the faiss index stored beside the index
   (``INDEX.<first 12 hex digits of its SHA-256>.faiss``), its ``count`` and the faiss version.
 
@@ -606,14 +606,24 @@ def search(
     *,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    rerank: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each query: through ``faiss_index`` (from :func:`load_faiss_index`) when given,
-    else exactly (:func:`top_k`). Slots an approximate index could not fill have id -1."""
+    else exactly (:func:`top_k`). Slots an approximate index could not fill have id -1. An ivfpq index
+    re-ranks its candidates (``rerank`` overrides how many) exactly against the rows of ``database``."""
     from plmetric.manifold import ann
     if faiss_index is None:
         return top_k(queries, database, k)
     index, plan = faiss_index
-    return ann.search_index(index, queries, k, plan, nprobe=nprobe, ef_search=ef_search)
+    return ann.search_index(
+        index, queries, k, plan, nprobe=nprobe, ef_search=ef_search, vectors=rows_of(database), rerank=rerank
+    )
+
+
+def rows_of(database: torch.Tensor) -> Callable[[Any], Any]:
+    """The ``vectors`` callable of :func:`plmetric.manifold.ann.search_index` over embeddings in memory:
+    int64 ids -> their rows as a float32 array."""
+    return lambda ids: database[torch.from_numpy(ids)].float().numpy()
 
 
 def new_images(candidates: list[Path], indexed: list[str]) -> tuple[list[Path], int]:
@@ -703,7 +713,7 @@ def extend_index(
         if len(embeddings):
             ann.add_vectors(grown, embeddings)
         params = dict(plan.params)
-        if nprobe is not None and plan.kind == "ivf":
+        if nprobe is not None and plan.kind in ("ivf", "ivfpq"):
             params["nprobe"] = min(nprobe, params["nlist"])
         if ef_search is not None and plan.kind == "hnsw":
             params["ef_search"] = ef_search

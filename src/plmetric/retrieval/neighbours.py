@@ -109,7 +109,10 @@ def _faiss_others(
     from plmetric.manifold import ann
 
     index, plan = faiss_index
-    found_scores, found_ids = ann.search_index(index, x[block], k + 1, plan, nprobe=nprobe, ef_search=ef_search)
+    found_scores, found_ids = ann.search_index(
+        index, x[block], k + 1, plan, nprobe=nprobe, ef_search=ef_search,
+        vectors=lambda ids: x[torch.from_numpy(ids)].numpy(),  # ivfpq re-ranks against the rows in memory
+    )
     is_self = found_ids == block[:, None]
     is_self[~is_self.any(1), -1] = True  # own id not returned: drop the weakest slot instead
     keep = ~is_self

@@ -320,6 +320,6 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
         if trained_on and count > 4 * trained_on:
             print(
                 f"note: the IVF cells were trained on {trained_on:,} vectors; the index now holds {count:,}: "
-                "rebuilding it (plmetric index --faiss ivf --out ...) would restore the best recall"
+                f"rebuilding it (plmetric index --faiss {plan.kind} --out ...) would restore the best recall"
             )
     return 0
