@@ -488,9 +488,18 @@ def test_index_help_shows_the_faiss_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert f"default: {IndexOptions.kind} = exact torch search" in text
     assert f"auto = exact below {ann.AUTO_EXACT_BELOW:,} vectors, else {ann.AUTO_KIND}" in text
-    assert f"(default: {IndexOptions.hnsw_m})" in text and "(default: ceil(nlist / 16), at least 8)" in text
+    assert f"(default: {IndexOptions.hnsw_m})" in text and "(default: ceil(nlist / 16), at least 8;" in text
     # the size rules the help states are the ones plan_index applies
-    assert "(default: round(4 sqrt(n)), at most n / 39)" in text and ann.default_nlist(10_000) == 256
+    assert "(default: round(4 sqrt(n)), at most n / 39;" in text and ann.default_nlist(10_000) == 256
+    assert "ivfpq: the power of two nearest 4 sqrt(n))" in text and ann.default_ivfpq_nlist(10_000_000) == 16384
+    assert "ivfpq: ceil(sqrt(nlist)), at least 16)" in text
+    assert [ann.default_ivfpq_nprobe(n) for n in (4, 100, 16384)] == [4, 16, 128]
+    from plmetric.core.options import MEMORY_BUDGET_MIB
+
+    assert f"--memory-budget MIB MiB the faiss index may take in memory (default: {MEMORY_BUDGET_MIB})" in text
+    assert "its estimate (n (4 d + 8 M + 16) bytes) fits" in text and ann.hnsw_memory_bytes(1, 2, 3) == 8 + 24 + 16
+    assert "(default: the largest of 128, 96, 64, ... with at least 4 dimensions each" in text
+    assert ann.PQ_M_CHOICES[:3] == (128, 96, 64)
     assert "(default: 80 below 100k vectors, 128 below 1M, else 200)" in text
     assert [ann.default_ef_construction(n) for n in (99_999, 100_000, 999_999, 10**6)] == [80, 128, 128, 200]
     assert "(default: 64 below 1M vectors, else 128)" in text
