@@ -102,7 +102,8 @@ def noisy_copies(x: np.ndarray, count: int, noise: float, seed: int) -> tuple[np
 
 
 def planted_groups_to_file(
-    path: Path, n: int, dim: int, group: int, noise: float, topic_noise: float, seed: int, block_rows: int
+    path: Path, n: int, dim: int, group: int, noise: float, topic_noise: float, seed: int, block_rows: int,
+    what: str = "vectors",
 ) -> np.ndarray:
     """:func:`planted_groups`' distribution written block by block into a float16 ``.npy`` file at ``path``
     (each block's centres and noise from its own seeded generator, so memory holds one block); returns the
@@ -126,7 +127,7 @@ def planted_groups_to_file(
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         out[start:stop] = x
         if number == 0:
-            _say(f"  writing {n:,} x {dim} float16 vectors ({n * dim * 2 / 2**30:.1f} GiB): about "
+            _say(f"  writing {n:,} x {dim} float16 {what} ({n * dim * 2 / 2**30:.1f} GiB): about "
                  f"{(time.perf_counter() - started) * n / (stop - start):.0f} s")
     out.flush()
     del out
@@ -354,7 +355,7 @@ def _ivfpq(database, queries, sources, k: int, single: int, baseline: int, data:
         # further vectors of the same distribution (another seed), generated block by block outside the timing
         extra = data / "extra.npy"
         more = planted_groups_to_file(extra, add_count, dim, args.group, args.noise, args.topic_noise,
-                                      args.seed + 7, block_rows)
+                                      args.seed + 7, block_rows, "vectors to add")
         seconds = 0.0
         for first in range(0, add_count, block_rows):
             block = read_block(more, first, min(first + block_rows, add_count))
