@@ -517,7 +517,7 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
         np.save(data / "queries.npy", queries)
         np.save(data / "sources.npy", sources)
         del x
-        parts = args.only or ["indexes", "bank"]
+        parts = [p for p in args.only or ["indexes", "bank"] if p != "bank" or not args.skip_bank]
         if blockwise and (set(parts) - {"indexes"} or set(args.kinds) - set(BLOCKWISE_KINDS)):
             print(f"n={n:,}: from --blockwise-from {args.blockwise_from:,} only the kinds {', '.join(BLOCKWISE_KINDS)} "
                   "run (the others need every vector in memory)", flush=True)
