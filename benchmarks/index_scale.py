@@ -27,7 +27,23 @@ exact ``nearest_others(..., rows=sample)``, and, in a second child, the exact pa
 first ``--neighbours-exact-rows`` rows: its time, extrapolated linearly to all N rows (each row costs
 one N-long block product), and its peak memory (its blocks hold ``BLOCK_ELEMENTS`` floats whatever N).
 
+``ivfpq`` (issue 31: IVF with 4-bit product-quantised codes, chosen and sized by ``plan_index`` from n, d and
+its memory budget) is built as an index too large for memory would be: trained on the rows of
+``ann.training_rows`` (read in one pass over the file), then filled by ``ann.add_vectors`` block by block
+(``--block-rows``); its candidates are re-ranked exactly from the database file, memory-mapped. Its rows add
+``rerank_disk_mib`` (the vectors kept as float16 beside the index for re-ranking), ``params``, an ``nprobe``
+and ``rerank`` sweep, and ``add_s`` / ``add_count``: the time to add ``--add-count`` further vectors (default
+n / 10) to the built index without retraining, as ``plmetric index --add-to`` does.
+
+From ``--blockwise-from`` vectors (default 2M: 4 GiB of float32 at 512-d) the data never is in memory whole:
+the planted vectors are generated block by block into a float16 ``.npy`` file (``np.lib.format.open_memmap``,
+in the temporary folder: 10 GiB at 10M x 512; ``TMPDIR`` picks the disk), the exact ground truth and the
+``exact`` row are a blockwise top-k over that file (the row says ``"blockwise": true``; its single-query time
+is the median of at most 3), and only ``exact`` and ``ivfpq`` run (the other kinds and the neighbour tables
+need every vector in memory). Each long step prints an estimate of its time first.
+
     nice -n 19 python benchmarks/index_scale.py --sizes 10000 100000 --json index_scale.json
+    python benchmarks/index_scale.py --sizes 10000000 --kinds exact ivfpq --skip-bank --json index_10m.json
     python benchmarks/index_scale.py --only neighbours --sizes 100000 \\
         --json benchmarks/results/neighbours_scale_cpu.json
     python benchmarks/index_scale.py            # 10k, 100k and 1M (about 2 GiB per copy of the data)
@@ -49,7 +65,9 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("exact", "flat", "ivf", "hnsw")
+KINDS = ("exact", "flat", "ivf", "hnsw", "ivfpq")
+#: kinds that run when the database is only on disk (--blockwise-from)
+BLOCKWISE_KINDS = ("exact", "ivfpq")
 BANK_KINDS = ("bank-torch", "bank-flat", "bank-hnsw")
 NEIGHBOUR_KINDS = ("neighbours-hnsw", "neighbours-exact")
 PARTS = ("indexes", "bank", "neighbours")
@@ -83,6 +101,73 @@ def noisy_copies(x: np.ndarray, count: int, noise: float, seed: int) -> tuple[np
     return q.astype(np.float32), sources
 
 
+def planted_groups_to_file(
+    path: Path, n: int, dim: int, group: int, noise: float, topic_noise: float, seed: int, block_rows: int,
+    what: str = "vectors",
+) -> np.ndarray:
+    """:func:`planted_groups`' distribution written block by block into a float16 ``.npy`` file at ``path``
+    (each block's centres and noise from its own seeded generator, so memory holds one block); returns the
+    file memory-mapped read-only."""
+    block_rows -= block_rows % group  # whole groups in each block
+    rng = np.random.default_rng(seed)
+    groups = -(-n // group)
+    topics = rng.standard_normal((max(1, round(np.sqrt(groups))), dim), dtype=np.float32)
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim))
+    started = time.perf_counter()
+    for number, start in enumerate(range(0, n, block_rows)):
+        stop = min(start + block_rows, n)
+        block_rng = np.random.default_rng([seed, number])
+        count = -(-(stop - start) // group)
+        centres = topics[block_rng.integers(0, len(topics), count)]
+        centres += block_rng.standard_normal((count, dim), dtype=np.float32) * np.float32(topic_noise / np.sqrt(dim))
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        x = np.repeat(centres, group, axis=0)[: stop - start]
+        x += block_rng.standard_normal(x.shape, dtype=np.float32) * np.float32(noise / np.sqrt(dim))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[start:stop] = x
+        if number == 0:
+            _say(f"  writing {n:,} x {dim} float16 {what} ({n * dim * 2 / 2**30:.1f} GiB): about "
+                 f"{(time.perf_counter() - started) * n / (stop - start):.0f} s")
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def read_block(database: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of an ``.npy`` memory map as float32, read through the file (the page cache)
+    rather than mapped, so the rows a pass has read do not stay in this process's resident memory."""
+    with open(database.filename, "rb") as f:
+        f.seek(database.offset + start * database.shape[1] * database.itemsize)
+        rows = np.fromfile(f, dtype=database.dtype, count=(stop - start) * database.shape[1])
+    return rows.reshape(stop - start, database.shape[1]).astype(np.float32)
+
+
+def blockwise_top_k(database: np.ndarray, queries: np.ndarray, k: int, block_rows: int, say: str = ""):
+    """Exact top-k (scores, ids) of float32 ``queries`` over the rows of an ``.npy`` memory map, one block of
+    ``block_rows`` at a time (torch matrix products; memory: one block and its score matrix)."""
+    import torch
+
+    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    best_scores = torch.full((len(q), k), -torch.inf)
+    best_ids = torch.full((len(q), k), -1, dtype=torch.int64)
+    n = len(database)
+    started = time.perf_counter()
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        scores, ids = (q @ torch.from_numpy(read_block(database, start, stop)).T).topk(min(k, stop - start), dim=1)
+        merged = torch.cat([best_scores, scores], 1).topk(k, dim=1)
+        best_ids = torch.cat([best_ids, ids + start], 1).gather(1, merged.indices)
+        best_scores = merged.values
+        if say and start == 0 and stop < n:
+            _say(f"  {say}: about {(time.perf_counter() - started) * n / stop:.0f} s")
+    return best_scores, best_ids
+
+
 # ----------------------------------------------------------------------------- child process
 
 
@@ -100,14 +185,26 @@ def _exact_top(database, queries, k: int):
     return top_k(torch.as_tensor(queries), database, k)
 
 
-def run_kind(kind: str, data: Path, k: int, single: int, bank_k: int, sample: int, exact_rows: int = 0) -> dict:
+def run_kind(
+    kind: str, data: Path, k: int, single: int, bank_k: int, sample: int, exact_rows: int = 0,
+    args: argparse.Namespace | None = None,
+) -> dict:
     """Build and query one index kind (or time one neighbour table) on the saved data."""
     import torch
 
     from plmetric.manifold import ann
-    x = torch.from_numpy(np.load(data / "database.npy"))
     queries = np.load(data / "queries.npy")
     sources = np.load(data / "sources.npy")
+    database = np.load(data / "database.npy", mmap_mode="r")
+    blockwise = database.dtype == np.float16  # written block by block: never loaded whole
+    if kind == "ivfpq" or blockwise:
+        baseline = _status_kib("VmRSS")
+        reset = _reset_peak()
+        out = {"kind": kind, "n": len(database), "peak_reset": reset}
+        if kind == "ivfpq":
+            return {**out, **_ivfpq(database, queries, sources, k, single, baseline, data, args)}
+        return {**out, **_blockwise_exact(database, queries, sources, k, single, baseline, data, args)}
+    x = torch.from_numpy(np.load(data / "database.npy"))
     n = len(x)
     baseline = _status_kib("VmRSS")
     reset = _reset_peak()
@@ -153,6 +250,124 @@ def run_kind(kind: str, data: Path, k: int, single: int, bank_k: int, sample: in
     np.save(data / f"ids_{kind}.npy", ids.numpy())
     if kind in ("ivf", "hnsw") and (data / "ids_exact.npy").exists():
         out["sweep"] = _sweep(index, plan, queries, k, np.load(data / "ids_exact.npy"))
+    return out
+
+
+def _blockwise_exact(database, queries, sources, k: int, single: int, baseline: int, data: Path, args) -> dict:
+    """The exact search over a database on disk: blockwise top-k (the ground truth of the other kinds)."""
+    n, dim = database.shape
+    out: dict = {"blockwise": True, "build_s": 0.0, "peak_rss_delta_mib": (_status_kib("VmHWM") - baseline) / 1024}
+    out["disk_mib"] = n * dim * database.itemsize / 2**20
+    times = []
+    for row in range(min(single, 3)):
+        start = time.perf_counter()
+        blockwise_top_k(database, queries[row : row + 1], k, args.block_rows, "one query" if row == 0 else "")
+        times.append(time.perf_counter() - start)
+    out["one_query_ms"] = 1000 * statistics.median(times)
+    out["single_queries"] = len(times)
+    start = time.perf_counter()
+    _, ids = blockwise_top_k(database, queries, k, args.block_rows, f"exact top-{k} of {len(queries):,} queries")
+    out["batch_query_ms"] = 1000 * (time.perf_counter() - start) / len(queries)
+    out["top1_is_source"] = float((ids[:, 0].numpy() == sources).mean())
+    out["peak_rss_delta_mib"] = (_status_kib("VmHWM") - baseline) / 1024
+    np.save(data / "ids_exact.npy", ids.numpy())
+    return out
+
+
+def _ivfpq(database, queries, sources, k: int, single: int, baseline: int, data: Path, args) -> dict:
+    """ivfpq built as for a database that does not fit in memory: trained on ``ann.training_rows`` (one pass
+    over the file), filled block by block, searched with exact re-ranking from the memory-mapped file."""
+    from plmetric.manifold import ann
+
+    n, dim = database.shape
+    block_rows = args.block_rows
+    plan = ann.plan_index(n, kind="ivfpq", dim=dim)
+    out: dict = {"params": plan.params, "faiss_threads": ann.import_faiss().omp_get_max_threads()}
+    start = time.perf_counter()
+    rows = ann.training_rows(n, plan)
+    if len(rows) == n:
+        sample = np.concatenate([read_block(database, a, min(a + block_rows, n)) for a in range(0, n, block_rows)])
+    else:  # one pass over the file, keeping the sampled rows of each block
+        sample = np.empty((len(rows), dim), dtype=np.float32)
+        taken = 0
+        for first in range(0, n, block_rows):
+            last = min(first + block_rows, n)
+            inside = rows[(rows >= first) & (rows < last)]
+            if len(inside):
+                sample[taken : taken + len(inside)] = read_block(database, first, last)[inside - first]
+                taken += len(inside)
+    out["sample_s"] = time.perf_counter() - start
+    _say(f"  training {plan.params['factory']} on {len(rows):,} rows ({plan.params['nlist']:,} cells, "
+         f"{ann.IVFPQ_KMEANS_ITERATIONS} k-means iterations)")
+    start = time.perf_counter()
+    index = ann.train_index(sample, plan, dim)
+    out["train_s"] = time.perf_counter() - start
+    out["train_rows"] = len(rows)
+    del sample
+    _say(f"  trained in {out['train_s']:.0f} s")
+    start = time.perf_counter()
+    for first in range(0, n, block_rows):
+        ann.add_vectors(index, read_block(database, first, min(first + block_rows, n)))
+        if first == 0 and block_rows < n:
+            _say(f"  adding {n:,} vectors in blocks of {block_rows:,}: about "
+                 f"{(time.perf_counter() - start) * n / block_rows:.0f} s")
+    out["add_all_s"] = time.perf_counter() - start
+    out["build_s"] = out["sample_s"] + out["train_s"] + out["add_all_s"]
+    out["peak_rss_delta_mib"] = (_status_kib("VmHWM") - baseline) / 1024
+    with tempfile.TemporaryDirectory(dir=data) as tmp:
+        path = Path(tmp) / "e.faiss"
+        ann.import_faiss().write_index(index, str(path))  # no in-memory copy of the serialised index
+        out["disk_mib"] = path.stat().st_size / 2**20
+    out["rerank_disk_mib"] = n * dim * 2 / 2**20  # the vectors kept beside it as float16 for re-ranking
+
+    def vectors(ids: np.ndarray) -> np.ndarray:
+        return np.asarray(database[ids], dtype=np.float32)
+
+    def search(q, **overrides):
+        return ann.search_index(index, q, k, plan, vectors=vectors, **overrides)
+
+    times = []
+    for row in range(single):
+        start = time.perf_counter()
+        search(queries[row : row + 1])
+        times.append(time.perf_counter() - start)
+    out["one_query_ms"] = 1000 * statistics.median(times)
+    start = time.perf_counter()
+    _, ids = search(queries)
+    out["batch_query_ms"] = 1000 * (time.perf_counter() - start) / len(queries)
+    out["top1_is_source"] = float((ids[:, 0].numpy() == sources).mean())
+    np.save(data / "ids_ivfpq.npy", ids.numpy())
+    out["search_peak_rss_delta_mib"] = (_status_kib("VmHWM") - baseline) / 1024
+    if (data / "ids_exact.npy").exists():
+        exact = np.load(data / "ids_exact.npy")
+        sweep = []
+        settings = [{"nprobe": v} for v in (16, 32, 64, 128, 256, 512) if v <= plan.params["nlist"]]
+        settings += [{"rerank": v} for v in (k, 50, 200, 400)]
+        for setting in settings:
+            start = time.perf_counter()
+            _, found = search(queries, **setting)
+            seconds = time.perf_counter() - start
+            recall = float((found.numpy()[:, :, None] == exact[:, None, :]).any(2).mean())
+            sweep.append({**setting, "recall@10": recall, "batch_query_ms": 1000 * seconds / len(queries)})
+        out["sweep"] = sweep
+    add_count = args.add_count if args.add_count is not None else max(1, n // 10)
+    if add_count:
+        # further vectors of the same distribution (another seed), generated block by block outside the timing
+        extra = data / "extra.npy"
+        more = planted_groups_to_file(extra, add_count, dim, args.group, args.noise, args.topic_noise,
+                                      args.seed + 7, block_rows, "vectors to add")
+        seconds = 0.0
+        for first in range(0, add_count, block_rows):
+            block = read_block(more, first, min(first + block_rows, add_count))
+            start = time.perf_counter()
+            ann.add_vectors(index, block)
+            seconds += time.perf_counter() - start
+            if first == 0 and block_rows < add_count:
+                _say(f"  adding {add_count:,} more vectors: about {seconds * add_count / len(block):.0f} s")
+        del more
+        extra.unlink()
+        out["add_s"], out["add_count"] = seconds, add_count
+        out["add_peak_rss_delta_mib"] = (_status_kib("VmHWM") - baseline) / 1024
     return out
 
 
@@ -259,33 +474,62 @@ def _neighbours(kind: str, x, k: int, sample: int, exact_rows: int, baseline: in
 def _child(kind: str, data: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--data", str(data), "--k", str(args.k)]
     command += ["--single-queries", str(args.single_queries), "--bank-k", str(args.bank_k)]
-    command += ["--bank-sample", str(args.bank_sample)]
+    command += ["--bank-sample", str(args.bank_sample), "--block-rows", str(args.block_rows)]
+    command += ["--group", str(args.group), "--noise", str(args.noise), "--topic-noise", str(args.topic_noise)]
+    command += ["--seed", str(args.seed)]
+    if args.add_count is not None:
+        command += ["--add-count", str(args.add_count)]
     if kind.startswith("neighbours"):
         command += ["--neighbours-sample", str(args.neighbours_sample)]
         command += ["--neighbours-exact-rows", str(args.neighbours_exact_rows)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        return {"kind": kind, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # the child's progress lines (stderr) are shown as they come; its last one is the error if it fails
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = ["failed"]
+    for line in child.stderr:
+        if line.strip():
+            print(line.rstrip(), flush=True)
+            last = [line.strip()]
+    stdout = child.stdout.read()
+    if child.wait():
+        return {"kind": kind, "error": last[-1]}
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def run_size(n: int, args: argparse.Namespace) -> list[dict]:
     results = []
+    blockwise = n >= args.blockwise_from
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        x = planted_groups(n, args.dim, args.group, args.noise, args.topic_noise, args.seed)
-        queries, sources = noisy_copies(x, args.batch, args.query_noise, args.seed)
-        np.save(data / "database.npy", x)
+        if blockwise:  # never whole in memory: float16 on disk, written block by block
+            x = planted_groups_to_file(
+                data / "database.npy", n, args.dim, args.group, args.noise, args.topic_noise, args.seed,
+                args.block_rows,
+            )
+            rng = np.random.default_rng(args.seed + 1)
+            sources = np.sort(rng.choice(n, size=args.batch, replace=False))
+            q = np.asarray(x[sources], dtype=np.float32)
+            q += rng.standard_normal(q.shape, dtype=np.float32) * np.float32(args.query_noise / np.sqrt(args.dim))
+            queries = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+        else:
+            x = planted_groups(n, args.dim, args.group, args.noise, args.topic_noise, args.seed)
+            queries, sources = noisy_copies(x, args.batch, args.query_noise, args.seed)
+            np.save(data / "database.npy", x)
         np.save(data / "queries.npy", queries)
         np.save(data / "sources.npy", sources)
         del x
-        parts = args.only or ["indexes", "bank"]
+        parts = [p for p in args.only or ["indexes", "bank"] if p != "bank" or not args.skip_bank]
+        if blockwise and (set(parts) - {"indexes"} or set(args.kinds) - set(BLOCKWISE_KINDS)):
+            print(f"n={n:,}: from --blockwise-from {args.blockwise_from:,} only the kinds {', '.join(BLOCKWISE_KINDS)} "
+                  "run (the others need every vector in memory)", flush=True)
+            parts = [p for p in parts if p == "indexes"]
         for kind in NEIGHBOUR_KINDS if "neighbours" in parts else []:
             print(f"n={n:,} {kind} ...", flush=True)
             r = _child(kind, data, args)
             r["load_after"] = os.getloadavg()[0]
             results.append(r)
         for kind in args.kinds if "indexes" in parts else []:
+            if blockwise and kind not in BLOCKWISE_KINDS:
+                continue
             print(f"n={n:,} {kind} ...", flush=True)
             r = _child(kind, data, args)
             if "error" not in r:
@@ -360,12 +604,23 @@ def print_index_table(results: list[dict]) -> None:
         ref = exact.get(r["n"])
         speed = f"{ref['batch_query_ms'] / r['batch_query_ms']:.1f}x" if ref else "-"
         recall = f"{r['recall@10']:.4f}" if "recall@10" in r else "-"
-        params = ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items() if k != "trained_on")
+        params = ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items() if k not in ("trained_on", "factory"))
         name = f"{r['kind']} ({params})" if params else r["kind"]
         print(
             f"| {r['n']:,} | {name} | {r['build_s']:.2f} | {r['peak_rss_delta_mib']:.0f} | {r['disk_mib']:.0f} "
             f"| {r['one_query_ms']:.2f} | {r['batch_query_ms']:.3f} | {recall} | {r['top1_is_source']:.4f} | {speed} |"
         )
+    grown = [r for r in results if "add_s" in r]
+    if grown:
+        print()
+        print("| n | index | train rows | train s | add all s | index MiB | float16 vectors MiB | added | add s |")
+        print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+        for r in grown:
+            print(
+                f"| {r['n']:,} | {r['params']['factory']} | {r['train_rows']:,} | {r['train_s']:.1f} "
+                f"| {r['add_all_s']:.1f} | {r['disk_mib']:.0f} | {r['rerank_disk_mib']:.0f} | {r['add_count']:,} "
+                f"| {r['add_s']:.1f} |"
+            )
     sweeps = [r for r in results if r.get("sweep")]
     if sweeps:
         print()
@@ -373,7 +628,7 @@ def print_index_table(results: list[dict]) -> None:
         print("|---:|---|---:|---:|---:|")
         for r in sweeps:
             for row in r["sweep"]:
-                name = "nprobe" if "nprobe" in row else "ef_search"
+                name = next(key for key in ("nprobe", "ef_search", "rerank") if key in row)
                 print(
                     f"| {r['n']:,} | {r['kind']} | {name} {row[name]} | {row['recall@10']:.4f} "
                     f"| {row['batch_query_ms']:.3f} |"
@@ -408,6 +663,17 @@ def main(argv: list[str] | None = None) -> int:
         "--neighbours-exact-rows", type=int, default=5000, help="rows of the timed exact path (extrapolated to N)"
     )
     parser.add_argument("--note", default="", help="a remark stored with the machine (e.g. 'shared machine')")
+    parser.add_argument(
+        "--blockwise-from",
+        type=int,
+        default=2_000_000,
+        help="from this many vectors the data is written to disk as float16 block by block and never loaded whole "
+        "(only exact, blockwise, and ivfpq run)",
+    )
+    parser.add_argument("--block-rows", type=int, default=100_000, help="rows per block (generation, exact, ivfpq add)")
+    parser.add_argument(
+        "--add-count", type=int, default=None, help="vectors added to the built ivfpq index, timed (default: n / 10)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -416,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         sample = args.neighbours_sample if args.worker.startswith("neighbours") else args.bank_sample
         exact_rows = args.neighbours_exact_rows
-        r = run_kind(args.worker, args.data, args.k, args.single_queries, args.bank_k, sample, exact_rows)
+        r = run_kind(args.worker, args.data, args.k, args.single_queries, args.bank_k, sample, exact_rows, args)
         print(json.dumps(r))
         return 0
     import faiss

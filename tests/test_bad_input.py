@@ -503,6 +503,31 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "hnsw", "--hnsw-m", "1"],
         ["--hnsw-m", ">= 2"],
     ),
+    (
+        "index-memory-budget-zero",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "ivfpq", "--memory-budget", "0"],
+        ["--memory-budget", ">= 1"],
+    ),
+    (
+        "index-memory-budget-without-ivfpq",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "hnsw", "--memory-budget", "100"],
+        ["--memory-budget", "--faiss auto or ivfpq"],
+    ),
+    (
+        "index-pq-m-not-dividing",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "ivfpq", "--pq-m", "7"],
+        ["--pq-m 7", "must divide the embedding dimension"],
+    ),
+    (
+        "index-ivfpq-too-few-images",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "ivfpq"],
+        ["--faiss ivfpq needs at least 16 vectors", "the index has 5"],
+    ),
+    (
+        "index-pq-m-huge",
+        ["index", "{photos}", "--out", "{root}/i.safetensors", "--faiss", "ivfpq", "--pq-m", "100000"],
+        ["--pq-m", "<= 256"],
+    ),
     ("index-add-to-missing", ["index", "{photos}", "--add-to", "{root}/none.safetensors"], ["none.safetensors"]),
     ("index-add-to-model", ["index", "{photos}", "--add-to", "{ckpt}"], ["model.safetensors", "not a plmetric index"]),
     (
@@ -524,6 +549,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
         "index-add-to-new-kind",
         ["index", "{photos}", "--add-to", "{index}", "--faiss", "hnsw"],
         ["--faiss", "--add-to keeps"],
+    ),
+    (
+        "index-add-to-pq-m",
+        ["index", "{photos}", "--add-to", "{index}", "--pq-m", "8"],
+        ["--pq-m", "--add-to keeps"],
     ),
     (
         "index-add-to-tampered-faiss",

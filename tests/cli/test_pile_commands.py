@@ -128,14 +128,14 @@ def test_neighbours_parquet_matches_csv(pile):
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss is not installed")
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])  # ivfpq: its candidates re-ranked from the rows
 def test_neighbours_and_duplicates_through_a_faiss_index_agree_with_exact(pile, kind):
     from plmetric.manifold import ann
     from plmetric.retrieval.index import write_index
 
     embeddings, labels, paths, description = load_embeddings(pile["index"])
     faiss_indexed = pile["tmp"] / f"{kind}.safetensors"
-    plan = ann.plan_index(len(paths), None, kind=kind)
+    plan = ann.plan_index(len(paths), None, kind=kind, dim=embeddings.shape[1])
     write_index(faiss_indexed, embeddings, labels, paths, description, plan)
     assert read_index_metadata(faiss_indexed)["ann"]["kind"] == kind
     tables = {}

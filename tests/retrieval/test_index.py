@@ -226,22 +226,24 @@ def _same_results(a: list[dict], b: list[dict], tolerance: float) -> None:
         )
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
 def test_a_faiss_index_searches_like_the_exact_search(tmp_path, capsys, kind):
     """On 6 photos every kind searches exhaustively (IVF: one cell; HNSW: a beam wider than the
-    index), so the results are those of ``--exact``: same paths, scores within 2 γ_16 (float32 dot
+    index; ivfpq, on 20 photos (its codebooks need 16): one cell, all re-ranked exactly from the stored
+    embeddings), so the results are those of ``--exact``: same paths, scores within 2 γ_16 (float32 dot
     products of the 16-d unit embeddings, see test_ann's flat test)."""
     pytest.importorskip("faiss")
     from numerics import gamma
 
-    paths = photos(tmp_path / "p")
+    count = 20 if kind == "ivfpq" else 6
+    paths = photos(tmp_path / "p", n=count)
     ckpt = checkpoint(tmp_path / "model.safetensors", seed=0)
     index = tmp_path / "i.safetensors"
     args = ["index", str(tmp_path / "p"), "--checkpoint", str(ckpt), "--out", str(index), "--faiss", kind, *SMALL]
     code, lines, _ = top_result(capsys, *args)
     meta = read_index_metadata(index)["ann"]
     faiss_file = tmp_path / meta["file"]
-    assert code == 0 and meta["kind"] == kind and meta["count"] == 6 and meta["metric"] == "inner_product"
+    assert code == 0 and meta["kind"] == kind and meta["count"] == count and meta["metric"] == "inner_product"
     assert faiss_file.is_file() and meta["sha256"] == file_sha256(faiss_file) and str(faiss_file) in lines[-1]
     assert faiss_file.name == f"i.{meta['sha256'][:12]}.faiss"
     fast = _search_json(capsys, tmp_path, index, paths[:3])
@@ -289,6 +291,44 @@ def test_adding_images_equals_indexing_them_all_at_once(tmp_path, capsys):
     code, lines, _ = top_result(capsys, "index", str(tmp_path / "p"), "--add-to", str(part), *opts)
     assert code == 0 and lines == [f"added 0 images to {part} (still 6); skipped 6 already in the index"]
     assert part.read_bytes() == before  # nothing to add: nothing rewritten
+
+
+def test_adding_to_an_ivfpq_index_encodes_the_new_images_without_retraining(tmp_path, capsys):
+    """--add-to on an ivfpq index adds the new embeddings with the trained cells and codebooks unchanged
+    (the plan's ``trained_on`` stays the build's count), and its search re-ranks them like the exact search."""
+    pytest.importorskip("faiss")
+    import faiss
+    from numerics import gamma
+
+    from plmetric.manifold import ann
+
+    paths = photos(tmp_path / "p", n=20)  # 4-bit codebooks: at least 16 to train
+    ckpt = checkpoint(tmp_path / "model.safetensors", seed=0)
+    opts = ["--checkpoint", str(ckpt), *SMALL]
+    (tmp_path / "later").mkdir()
+    for p in paths[16:]:
+        p.rename(tmp_path / "later" / p.name)
+    index = tmp_path / "i.safetensors"
+    assert main(["index", str(tmp_path / "p"), "--out", str(index), "--faiss", "ivfpq", *opts]) == 0
+    before = read_index_metadata(index)["ann"]
+    trained = ann.read_index(tmp_path / before["file"])
+    for p in paths[16:]:
+        (tmp_path / "later" / p.name).rename(p)
+    code, lines, _ = top_result(capsys, "index", str(tmp_path / "p"), "--add-to", str(index), *opts)
+    after = read_index_metadata(index)["ann"]
+    assert code == 0 and lines[0] == f"added 4 images to {index} (now 20); skipped 16 already in the index"
+    assert after["kind"] == "ivfpq" and after["count"] == 20 and after["params"] == before["params"]
+    assert before["params"]["trained_on"] == 16
+    grown = ann.read_index(tmp_path / after["file"])
+    assert grown.ntotal == 20 and trained.ntotal == 16
+    for a, b in ((trained, grown), (faiss.extract_index_ivf(trained).quantizer, faiss.extract_index_ivf(grown).quantizer)):
+        if hasattr(a, "pq"):
+            assert np.array_equal(faiss.vector_to_array(a.pq.centroids), faiss.vector_to_array(b.pq.centroids))
+        else:
+            assert np.array_equal(a.reconstruct_n(0, a.ntotal), b.reconstruct_n(0, b.ntotal))
+    fast = _search_json(capsys, tmp_path, index, paths[16:])
+    exact = _search_json(capsys, tmp_path, index, paths[16:], "--exact")
+    _same_results(fast, exact, 2 * gamma(16, torch.float32) * (1 + 1e-6))
 
 
 def test_adding_keeps_a_faiss_file_that_another_index_names_or_plmetric_did_not_write(tmp_path, capsys):
@@ -448,9 +488,18 @@ def test_index_help_shows_the_faiss_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert f"default: {IndexOptions.kind} = exact torch search" in text
     assert f"auto = exact below {ann.AUTO_EXACT_BELOW:,} vectors, else {ann.AUTO_KIND}" in text
-    assert f"(default: {IndexOptions.hnsw_m})" in text and "(default: ceil(nlist / 16), at least 8)" in text
+    assert f"(default: {IndexOptions.hnsw_m})" in text and "(default: ceil(nlist / 16), at least 8;" in text
     # the size rules the help states are the ones plan_index applies
-    assert "(default: round(4 sqrt(n)), at most n / 39)" in text and ann.default_nlist(10_000) == 256
+    assert "(default: round(4 sqrt(n)), at most n / 39;" in text and ann.default_nlist(10_000) == 256
+    assert "ivfpq: the power of two nearest 4 sqrt(n))" in text and ann.default_ivfpq_nlist(10_000_000) == 16384
+    assert "ivfpq: ceil(sqrt(nlist)), at least 16)" in text
+    assert [ann.default_ivfpq_nprobe(n) for n in (4, 100, 16384)] == [4, 16, 128]
+    from plmetric.core.options import MEMORY_BUDGET_MIB
+
+    assert f"--memory-budget MIB MiB the faiss index may take in memory (default: {MEMORY_BUDGET_MIB})" in text
+    assert "its estimate (n (4 d + 8 M + 16) bytes) fits" in text and ann.hnsw_memory_bytes(1, 2, 3) == 8 + 24 + 16
+    assert "(default: the largest of 128, 96, 64, ... with at least 4 dimensions each" in text
+    assert ann.PQ_M_CHOICES[:3] == (128, 96, 64)
     assert "(default: 80 below 100k vectors, 128 below 1M, else 200)" in text
     assert [ann.default_ef_construction(n) for n in (99_999, 100_000, 999_999, 10**6)] == [80, 128, 128, 200]
     assert "(default: 64 below 1M vectors, else 128)" in text

@@ -31,6 +31,7 @@ __all__ = [
     "METHOD_REGISTRY",
     "AUTO_EXACT_BELOW",
     "AUTO_KIND",
+    "MEMORY_BUDGET_MIB",
     "CALIBRATION_EDITS",
     "CALIBRATION_MAX_SAMPLE",
     "CALIBRATION_SAMPLE",
@@ -68,8 +69,9 @@ TARGET_SPACES = ("embedding", "features", "blend", "anneal")
 PIECE_NEIGHBOURHOODS = ("knn", "mutual")
 PAIR_SCOPES = ("batch", "neighbourhood")
 #: ``none``: exact torch search; ``auto``: exact below :data:`AUTO_EXACT_BELOW` vectors, else
-#: :data:`AUTO_KIND`; ``flat``, ``ivf``, ``hnsw``: that faiss index (:mod:`plmetric.manifold.ann`).
-INDEX_KINDS = ("none", "auto", "flat", "ivf", "hnsw")
+#: :data:`AUTO_KIND` while its memory fits ``--memory-budget``, else ``ivfpq``; ``flat``, ``ivf``, ``hnsw``,
+#: ``ivfpq`` (IVF with product-quantised codes, re-ranked exactly): that faiss index (:mod:`plmetric.manifold.ann`).
+INDEX_KINDS = ("none", "auto", "flat", "ivf", "hnsw", "ivfpq")
 # What computes a forward pass without gradient (plmetric.data.runtime): auto = onnxruntime on a CPU when it
 # is installed and the network exports, else PyTorch.
 INFERENCE_RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -89,6 +91,11 @@ AUTO_EXACT_BELOW = 50_000
 #: training and stays as good when vectors are added later. It costs a slower build and
 #: about 10% more memory and disk than the vectors themselves (M links per vector).
 AUTO_KIND = "hnsw"
+MEMORY_BUDGET_MIB = 4096
+"""The default ``--memory-budget``: the MiB a faiss index may take in memory when searched (the index itself;
+the vectors kept for re-ranking are read from disk). ``auto`` keeps HNSW while its estimate fits (512-d, M=32:
+about 1.8M vectors), then switches to ``ivfpq``, whose product-quantisation codes are sized to it. 4 GiB:
+the issue's ``serve`` target on a 10M index (4 GB resident) and a third of this project's 2-core, 23 GB box."""
 
 # The pile tools' defaults and choices, here as plain values so that the command line's parsers read
 # them without importing torch; plmetric.retrieval.duplicates and .groups re-export them under their
@@ -147,6 +154,10 @@ MAX_NLIST = 1 << 24
 """IVF cells (and ``nprobe``): the default is ``4 sqrt(n)``; 16.7 million cells would suit 10^13 vectors."""
 MAX_HNSW_M = 512
 """HNSW links per vector: faiss suggests 4-64; each link costs 4-8 bytes per vector and layer."""
+MAX_PQ_M = 256
+"""Product-quantisation sub-vectors (4 bits each): 256 is 128 bytes a vector, a 16th of a 512-d float32 vector."""
+MAX_MEMORY_BUDGET_MIB = 1 << 30
+"""``--memory-budget``: a MiB count up to 1 PiB."""
 MAX_EF = 1 << 20
 """HNSW build and search beams: the defaults are 64-200, and ``ef_search`` must cover ``--top-k``
 (at most :data:`plmetric.core.validation.MAX_NEIGHBOURS`)."""
@@ -341,6 +352,9 @@ class IndexOptions:
     hnsw_m: int = 32  # HNSW links per node and layer (faiss's M)
     ef_construction: int | None = None  # HNSW build beam; None: from n (plmetric.manifold.ann.default_ef_construction)
     ef_search: int | None = None  # HNSW search beam (at least k); None: from n (plmetric.manifold.ann.default_ef_search)
+    # MiB the faiss index may take in memory; None: MEMORY_BUDGET_MIB (auto's switch to ivfpq, ivfpq's code size)
+    memory_budget_mib: int | None = None
+    pq_m: int | None = None  # ivfpq PQ sub-vectors, 4 bits each (m / 2 bytes a vector); None: from the budget (plan_index)
 
     def validate(self, where: str = "") -> None:
         """Raise ValueError for an option out of range."""
@@ -349,6 +363,10 @@ class IndexOptions:
                               ("ef_search", MAX_EF)):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1, maximum=maximum, where=where)
+        if self.memory_budget_mib is not None:
+            check_int("memory_budget_mib", self.memory_budget_mib, 1, maximum=MAX_MEMORY_BUDGET_MIB, where=where)
+        if self.pq_m is not None:
+            check_int("pq_m", self.pq_m, 1, maximum=MAX_PQ_M, where=where)
         check_int("hnsw_m", self.hnsw_m, 2, maximum=MAX_HNSW_M, where=where)
 
 

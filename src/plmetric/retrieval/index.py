@@ -15,7 +15,7 @@ image is decoded for embedding; absent from older indexes and from ``plmetric em
   weights file with its hash); the embedding and output dimensions, the image size and the
   preprocessing (resize, crop, mean, std);
 * ``format``, ``version``, ``created``, ``count``, ``dim``;
-* ``ann`` (only with a faiss index, :mod:`plmetric.manifold.ann`): its ``kind`` (flat, ivf, hnsw), resolved
+* ``ann`` (only with a faiss index, :mod:`plmetric.manifold.ann`): its ``kind`` (flat, ivf, hnsw, ivfpq), resolved
   ``params``, the ``file`` name and ``sha256`` of the faiss index stored beside the index
   (``INDEX.<first 12 hex digits of its SHA-256>.faiss``), its ``count`` and the faiss version.
 
@@ -728,12 +728,14 @@ def search(
     *,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    rerank: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each query: through ``faiss_index`` (from :func:`load_faiss_index`) when given,
     else exactly. ``database`` is a tensor of the index's vectors, or its
     :class:`~plmetric.retrieval.stored.StoredVectors` (memory-mapped): exact search then goes block
-    by block (:func:`top_k_blocks`, bounded memory), and a faiss kind that re-ranks its candidates
-    reads their stored vectors (``vectors=``). Slots an approximate index could not fill have id -1."""
+    by block (:func:`top_k_blocks`, bounded memory), and an ivfpq index re-ranks its candidates
+    (``rerank`` overrides how many) exactly against the stored rows of ``database``. Slots an
+    approximate index could not fill have id -1."""
     from plmetric.manifold import ann
     from plmetric.retrieval.stored import StoredVectors
 
@@ -742,16 +744,23 @@ def search(
             return top_k_blocks(queries, database, k)
         return top_k(queries, database, k)
     index, plan = faiss_index
-    options: dict[str, Any] = {}
-    import inspect
+    return ann.search_index(
+        index, queries, k, plan, nprobe=nprobe, ef_search=ef_search, vectors=rows_of(database), rerank=rerank
+    )
 
-    if "vectors" in inspect.signature(ann.search_index).parameters:  # re-ranking kinds (issue 31)
-        if isinstance(database, StoredVectors):
-            options["vectors"] = database.rows
-        elif database is not None:
-            table = database.detach().to("cpu", torch.float32)
-            options["vectors"] = lambda ids: table[torch.as_tensor(ids, dtype=torch.long)].numpy()
-    return ann.search_index(index, queries, k, plan, nprobe=nprobe, ef_search=ef_search, **options)
+
+def rows_of(database: Any) -> Callable[[Any], Any] | None:
+    """The ``vectors`` callable of :func:`plmetric.manifold.ann.search_index`: int64 ids -> their rows as
+    a float32 array, from embeddings in memory or a memory-mapped
+    :class:`~plmetric.retrieval.stored.StoredVectors`."""
+    from plmetric.retrieval.stored import StoredVectors
+
+    if database is None:
+        return None
+    if isinstance(database, StoredVectors):
+        return database.rows
+    table = database.detach().to("cpu", torch.float32)
+    return lambda ids: table[torch.from_numpy(ids)].numpy()
 
 
 def top_k_blocks(
@@ -917,7 +926,7 @@ def _grown_faiss(
     if len(embeddings):
         ann.add_vectors(grown, embeddings)
     params = dict(plan.params)
-    if nprobe is not None and plan.kind == "ivf":
+    if nprobe is not None and plan.kind in ("ivf", "ivfpq"):
         params["nprobe"] = min(nprobe, params["nlist"])
     if ef_search is not None and plan.kind == "hnsw":
         params["ef_search"] = ef_search

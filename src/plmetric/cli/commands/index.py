@@ -19,7 +19,7 @@ from plmetric.cli.common import (
     nlist_count,
 )
 from plmetric.core.names import shown
-from plmetric.core.options import MAX_HNSW_M
+from plmetric.core.options import MAX_HNSW_M, MAX_MEMORY_BUDGET_MIB, MAX_PQ_M
 
 _NO_HASHES = (
     " (an older index), nor do the added images: duplicates uses the embedding alone; build a new index with --out "
@@ -30,6 +30,8 @@ _BUILD_OPTIONS = (
     ("nlist", "--nlist"),
     ("hnsw_m", "--hnsw-m"),
     ("ef_construction", "--ef-construction"),
+    ("memory_budget_mib", "--memory-budget"),
+    ("pq_m", "--pq-m"),
 )
 
 
@@ -59,7 +61,13 @@ def add_parser(subparsers: Any) -> None:
 def _index_arguments(p: argparse.ArgumentParser) -> None:
     """The faiss options of ``plmetric index`` (defaults from ``plmetric.core.options.IndexOptions``; unset
     ones are chosen from the number of vectors n by ``plmetric.manifold.ann.plan_index``)."""
-    from plmetric.core.options import AUTO_EXACT_BELOW, AUTO_KIND, INDEX_KINDS, IndexOptions  # no torch
+    from plmetric.core.options import (  # no torch
+        AUTO_EXACT_BELOW,
+        AUTO_KIND,
+        INDEX_KINDS,
+        MEMORY_BUDGET_MIB,
+        IndexOptions,
+    )
 
     group = p.add_argument_group('search index (faiss, optional: pip install "plmetric[faiss]")')
     group.add_argument(
@@ -67,20 +75,38 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         choices=INDEX_KINDS,
         help=f"default: {IndexOptions.kind} = exact torch search (no extra file); auto = exact below "
-        f"{AUTO_EXACT_BELOW:,} vectors, else {AUTO_KIND}; flat = faiss exact; ivf, hnsw = faiss approximate "
-        "(a .faiss file beside the index; inner product of the L2-normalised embeddings = their cosine)",
+        f"{AUTO_EXACT_BELOW:,} vectors, else {AUTO_KIND} while it fits --memory-budget, else ivfpq; flat = faiss "
+        "exact; ivf, hnsw = faiss approximate; ivfpq = IVF with product-quantised codes, its candidates re-ranked "
+        "exactly (a .faiss file beside the index; inner product of the L2-normalised embeddings = their cosine)",
+    )
+    group.add_argument(
+        "--memory-budget",
+        dest="memory_budget_mib",
+        metavar="MIB",
+        type=int_at_least(1, MAX_MEMORY_BUDGET_MIB),
+        default=None,
+        help=f"MiB the faiss index may take in memory (default: {MEMORY_BUDGET_MIB}): --faiss auto uses HNSW while "
+        "its estimate (n (4 d + 8 M + 16) bytes) fits, else ivfpq, whose code size it sets",
+    )
+    group.add_argument(
+        "--pq-m",
+        type=int_at_least(1, MAX_PQ_M),
+        default=None,
+        help="ivfpq sub-vectors, 4 bits each, dividing the dimension (default: the largest of 128, 96, 64, ... "
+        "with at least 4 dimensions each that fits --memory-budget)",
     )
     group.add_argument(
         "--nlist",
         type=nlist_count,
         default=None,
-        help="IVF cells (default: round(4 sqrt(n)), at most n / 39)",
+        help="IVF cells (default: round(4 sqrt(n)), at most n / 39; ivfpq: the power of two nearest 4 sqrt(n))",
     )
     group.add_argument(
         "--nprobe",
         type=nlist_count,
         default=None,
-        help="IVF cells scanned per query (default: ceil(nlist / 16), at least 8); search --nprobe overrides it",
+        help="IVF cells scanned per query (default: ceil(nlist / 16), at least 8; ivfpq: ceil(sqrt(nlist)), at "
+        "least 16); search --nprobe overrides it",
     )
     group.add_argument(
         "--hnsw-m",
@@ -108,11 +134,19 @@ def _index_options(args: argparse.Namespace) -> Any:
     from plmetric.core.options import IndexOptions
 
     kind = args.faiss or IndexOptions.kind
-    uses = {"nlist": ("ivf",), "nprobe": ("ivf",), "hnsw_m": ("hnsw", "auto"), "ef_construction": ("hnsw", "auto")}
+    uses = {
+        "nlist": ("ivf", "ivfpq"),
+        "nprobe": ("ivf", "ivfpq"),
+        "hnsw_m": ("hnsw", "auto"),
+        "ef_construction": ("hnsw", "auto"),
+        "memory_budget_mib": ("auto", "ivfpq"),
+        "pq_m": ("ivfpq", "auto"),
+    }
     uses["ef_search"] = uses["hnsw_m"]
+    names = {"memory_budget_mib": "--memory-budget"}
     for dest, kinds in uses.items():
         if getattr(args, dest) is not None and kind not in kinds:
-            option = "--" + dest.replace("_", "-")
+            option = names.get(dest, "--" + dest.replace("_", "-"))
             raise CLIError(f"{option} applies to --faiss {' or '.join(kinds)}, not --faiss {kind}")
     options = IndexOptions(
         kind=kind,
@@ -121,6 +155,8 @@ def _index_options(args: argparse.Namespace) -> Any:
         hnsw_m=IndexOptions.hnsw_m if args.hnsw_m is None else args.hnsw_m,
         ef_construction=args.ef_construction,
         ef_search=args.ef_search,
+        memory_budget_mib=args.memory_budget_mib,
+        pq_m=args.pq_m,
     )
     options.validate("--faiss: ")
     return options
@@ -154,14 +190,16 @@ def run(args: argparse.Namespace) -> int:
     out = check_output(args.out, "--out", (".safetensors",), (args.checkpoint, args.weights), is_index)
     options = _index_options(args)
     dataset = load_unlabelled_folder(args.images).train
-    if ann.plan_index(len(dataset), options) is not None:  # faiss installed, nlist possible
+    model, description = load_embedding_model(
+        args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
+    )
+    dim = int(description["output_dim"])
+    # before the first image is embedded: nlist possible, the memory budget large enough, faiss installed
+    if ann.plan_index(len(dataset), options, dim=dim) is not None:
         try:
             ann.import_faiss()
         except ann.FaissUnavailableError as err:
             raise CLIError(f"--faiss {options.kind}: {err}") from None
-    model, description = load_embedding_model(
-        args.checkpoint, args.backbone, args.embedding_dim, args.weights, image_size=args.image_size
-    )
     import time
 
     from plmetric.cli.calibrate import calibrate_index
@@ -177,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if not writer:
         return 0  # torchrun: rank 0 builds and writes the index of the gathered result
     calibration = calibrate_index(args, model, description, emb, paths, rate, hashes)  # None with --no-calibrate
-    plan = ann.plan_index(len(paths), options)
+    plan = ann.plan_index(len(paths), options, dim=emb.shape[1])
     from plmetric.cli.storage import storage
 
     dtype, rows_per_shard = storage(paths, args.float16, args.shard_rows)
@@ -262,7 +300,7 @@ def _check_add_options(args: argparse.Namespace, meta: dict[str, Any], source: P
                 f"{option}: --add-to keeps the index's own kind and structure (--faiss {kind}); "
                 "to change them build a new index with --out"
             )
-    if (args.nprobe is not None and kind != "ivf") or (args.ef_search is not None and kind != "hnsw"):
+    if (args.nprobe is not None and kind not in ("ivf", "ivfpq")) or (args.ef_search is not None and kind != "hnsw"):
         option = "--nprobe" if args.nprobe is not None else "--ef-search"
         raise CLIError(f"{option} does not apply to {source}: its index kind is {kind}")
 
@@ -357,7 +395,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
         if trained_on and count > 4 * trained_on:
             print(
                 f"note: the IVF cells were trained on {trained_on:,} vectors; the index now holds {count:,}: "
-                "rebuilding it (plmetric index --faiss ivf --out ...) would restore the best recall"
+                f"rebuilding it (plmetric index --faiss {plan.kind} --out ...) would restore the best recall"
             )
     return 0
 

@@ -21,12 +21,16 @@ from plmetric.cli.common import (
     beam_width,
     image_paths,
     inference_runner,
+    int_at_least,
     neighbours,
     nlist_count,
     runtime_option,
     workers,
 )
 from plmetric.core.names import shown
+from plmetric.core.validation import MAX_NEIGHBOURS
+
+rerank_count = int_at_least(1, MAX_NEIGHBOURS)  # --rerank: ivfpq candidates re-scored exactly
 
 
 def add_parser(subparsers: Any) -> None:
@@ -52,6 +56,12 @@ def add_parser(subparsers: Any) -> None:
     se.add_argument("--exact", action="store_true", help="exact torch search even when the index has a faiss index")
     se.add_argument("--nprobe", type=nlist_count, default=None, help="IVF cells to scan (default: the index's own)")
     se.add_argument("--ef-search", type=beam_width, default=None, help="HNSW search beam (default: the index's own)")
+    se.add_argument(
+        "--rerank",
+        type=rerank_count,
+        default=None,
+        help="ivfpq candidates re-scored exactly per query, at least --top-k (default: the index's own)",
+    )
     se.add_argument(
         "--include-self",
         action="store_true",
@@ -156,7 +166,8 @@ def _torch_search(
             f"query embedding has dimension {embeddings.shape[1]}, the index {args.index} {database.dim}"
         )
     scores, indices = search(
-        args.index, embeddings, asked, database, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search
+        args.index, embeddings, asked, database, faiss_index, nprobe=args.nprobe, ef_search=args.ef_search,
+        rerank=args.rerank,
     )
     return paths, scores, indices, found
 
