@@ -315,6 +315,7 @@ def _extend(args: argparse.Namespace, source: Path) -> int:
     from plmetric.retrieval.index import (
         check_same_model,
         extend_index,
+        is_sharded,
         load_faiss_index,
         load_hashes,
         model_from_description,
