@@ -664,6 +664,7 @@ def find_groups_sampled(
             best = sims.argmax(axis=1)
             close = sims[np.arange(len(block)), best] >= floor[best]
             assigned[start : start + len(block)] = np.where(close, best, UNGROUPED)
+            del sims
             if estimate is not None and start == 0:
                 estimate(len(block), time.perf_counter() - began)
     labels = assigned

@@ -76,6 +76,7 @@ def _exact_others_blocks(
         merged_ids = torch.cat([best_ids, found + start], dim=1)
         best_scores, chosen = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
         best_ids = merged_ids.gather(1, chosen)
+        del sims  # freed before the next block's is made: one similarity block at a time
     return best_scores, best_ids
 
 
