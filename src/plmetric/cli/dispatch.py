@@ -1,6 +1,6 @@
 """The ``plmetric`` entry point: :func:`build_parser` asks each command module to add its sub-parser,
 and :func:`main` parses the command line and runs the command, turning known errors into one line
-on stderr and an exit status."""
+on stderr and an exit status (:mod:`plmetric.cli.errors`)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from plmetric.cli.commands import (
     train,
 )
 from plmetric.cli.commands import eval as evaluate
-from plmetric.cli.common import CLIError, HelpFormatter, OneLineArgumentParser
+from plmetric.cli.common import HelpFormatter, OneLineArgumentParser
+from plmetric.cli.errors import error_line, known_errors
 from plmetric.core.names import shown
 
 COMMANDS = (
@@ -64,49 +65,6 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:  # 
     """Warnings as one line naming what happened (not the library line that warned); control
     characters of the names in it escaped (:func:`plmetric.core.names.shown`)."""
     return f"plmetric: warning: {shown(str(message))}\n"
-
-
-#: The longest error line printed; plmetric's own messages cut what they echo (:func:`plmetric.core.validation.shown`).
-MAX_ERROR_CHARS = 4000
-
-
-def error_line(err: BaseException) -> str:
-    """The one-line form of a user-facing error (first line of the message, a layout hint), control
-    characters of the names in it escaped (:func:`plmetric.core.names.shown`)."""
-    text = str(err).strip()
-    if isinstance(err, KeyError | OSError) and len(err.args) == 1 and isinstance(err.args[0], str):
-        text = err.args[0]  # KeyError's str() adds quotes; OSError(str) is fine either way
-    line = text.split("\n")[0] if text else type(err).__name__  # only a line feed ends the line
-    if len(line) > MAX_ERROR_CHARS:  # a user's huge value echoed by a library's message
-        line = f"{line[:MAX_ERROR_CHARS]}... ({len(line):,} characters)"
-    line = shown(line)
-    hint = getattr(err, "layout_hint", None)
-    return f"{line} (expected layout: {hint})" if hint else line
-
-
-def known_errors() -> tuple[type[BaseException], ...]:
-    """The errors that are bad input (exit status 2), not a bug."""
-    import yaml
-    from PIL import Image
-
-    from plmetric.data.backbones import WeightsUnavailableError
-    from plmetric.retrieval.export import ExportDependencyError
-    from plmetric.training.loop import NonFiniteLossError
-
-    return (
-        CLIError,
-        FileNotFoundError,
-        FileExistsError,
-        NotADirectoryError,
-        IsADirectoryError,
-        PermissionError,
-        ValueError,
-        yaml.YAMLError,
-        Image.DecompressionBombError,
-        WeightsUnavailableError,
-        NonFiniteLossError,
-        ExportDependencyError,
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,7 +88,7 @@ def _exchange(value: Any) -> list[Any]:
 
 def _failure(err: Exception, doing: str = "") -> dict[str, Any]:
     """A rank's error as a status to exchange: its one line, and whether it is a bug rather than bad input."""
-    from plmetric.cli.dispatch import error_line, known_errors
+    from plmetric.cli.errors import error_line, known_errors
 
     return {"error": f"{doing}{error_line(err)}", "internal": not isinstance(err, known_errors()), "records": []}
 
