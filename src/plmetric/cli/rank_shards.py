@@ -131,85 +131,123 @@ def write_rank_shards(
         CLIError: on rank 0, when some rank failed on bad input (naming the rank and its error's line;
             every shard removed); RuntimeError the same for a bug.
     """
-    import torch
     import torch.distributed as dist
-    from torch.utils.data import Subset
 
-    from plmetric.cli.common import inference_runner
     from plmetric.core import distributed as dist_utils
     from plmetric.core.devices import resolve_device
-    from plmetric.data.backbones import build_transform
-    from plmetric.evaluation.metrics import embed_dataset
-    from plmetric.retrieval.hashes import HASH_BYTES, HashAlongside
-    from plmetric.retrieval.stored import ShardedIndexWriter
 
-    dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
-    side = None
-    if hashes:
-        dataset.transform = HashAlongside(dataset.transform)
-        side = torch.empty(0, HASH_BYTES, dtype=torch.uint8)
+    side = _set_transform(dataset, description, hashes)
     device = resolve_device(args.device)
     started = dist_utils.init_from_env(str(device))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    writer: ShardedIndexWriter | None = None
+    rank = dist.get_rank()
     try:
-        # the lists first (before the long embedding): every rank must cut the same list
-        if any(s != (listing, len(dataset)) for s in _exchange((listing, len(dataset)))):
-            if rank == 0:
-                raise CLIError(
-                    "the ranks list different images (another folder, or files added or removed meanwhile): every "
-                    "node must see the same images at the same paths"
-                )
+        if not _same_listing(listing, len(dataset), rank):
             return None  # rank 0 reports it
-        status: dict[str, Any] = {}
-        found: tuple[Any, ...] = ()
-        began = time.perf_counter()
-        try:
-            start, stop = rank_range(len(dataset), world, rank)
-            if stop > start:
-                model.to(device)
-                runner = inference_runner(args, model, description, device)
-                found = embed_dataset(
-                    runner, Subset(dataset, range(start, stop)), batch_size=args.batch_size,
-                    num_workers=args.num_workers, device=device, progress=rank == 0 and not args.no_progress,
-                    runtime="torch", side=side,
-                )
-            status["rows"] = len(found[2]) if found else 0
-        except Exception as err:  # every rank must reach the exchange: send the error instead
-            status = _failure(err)
-        seconds = time.perf_counter() - began
-        statuses = _exchange(status)
+        found, seconds, statuses = _embed_range(args, model, description, dataset, device, side)
         error = _first_error(statuses)
         if error is not None:
             if rank == 0:
                 raise error
             return None  # rank 0 reports it
         offset = first_row + sum(s["rows"] for s in statuses[:rank])
-        status = {}
-        try:
-            if found and len(found[2]):
-                emb, labels, index = found[:3]
-                dim = int(emb.shape[1])
-                named = dataset.paths is not None
-                paths = _absolute([dataset.describe(i) if named else f"item:{i}" for i in index.tolist()])
-                writer = ShardedIndexWriter(out, dim, dtype, rows_per_shard, first_row=offset)
-                writer.add(emb, labels, paths, None, found[3].numpy() if hashes else None)
-                writer.flush()
-                status.update(records=writer.records, dim=dim)
-            else:
-                status.update(records=[], dim=None)
-        except Exception as err:
-            if writer is not None:
-                writer.abort()
-            status = _failure(err, f"cannot write its shards beside {out}: ")
-        statuses = _exchange(status)
+        statuses = _exchange(_write_range(found, dataset, out, dtype, rows_per_shard, offset, hashes))
     finally:
         if started:
             dist.destroy_process_group()
-    records = [r for s in statuses for r in s["records"]]
-    error = _first_error(statuses)
     if rank != 0:
         return None
+    return _collected(statuses, out, len(dataset), seconds)
+
+
+def _set_transform(dataset: Any, description: dict[str, Any], hashes: bool) -> Any:
+    """Give ``dataset`` the model's evaluation transform (with the perceptual hash of each image alongside
+    when ``hashes``); returns the empty hash batch ``embed_dataset`` fills, or None without hashes."""
+    import torch
+
+    from plmetric.data.backbones import build_transform
+    from plmetric.retrieval.hashes import HASH_BYTES, HashAlongside
+
+    dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
+    if not hashes:
+        return None
+    dataset.transform = HashAlongside(dataset.transform)
+    return torch.empty(0, HASH_BYTES, dtype=torch.uint8)
+
+
+def _same_listing(listing: str, count: int, rank: int) -> bool:
+    """Whether every rank lists the same images (checked before the long embedding: every rank must cut
+    the same list); rank 0 raises when they differ, the others return False."""
+    if all(s == (listing, count) for s in _exchange((listing, count))):
+        return True
+    if rank == 0:
+        raise CLIError(
+            "the ranks list different images (another folder, or files added or removed meanwhile): every "
+            "node must see the same images at the same paths"
+        )
+    return False
+
+
+def _embed_range(
+    args: argparse.Namespace, model: Any, description: dict[str, Any], dataset: Any, device: Any, side: Any
+) -> tuple[tuple[Any, ...], float, list[Any]]:
+    """Embed this rank's :func:`rank_range` of ``dataset``, then exchange how many rows each rank embedded
+    (a rank that failed sends its error instead): ``(what embed_dataset found, seconds, every rank's status)``."""
+    import torch.distributed as dist
+    from torch.utils.data import Subset
+
+    from plmetric.cli.common import inference_runner
+    from plmetric.evaluation.metrics import embed_dataset
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    status: dict[str, Any] = {}
+    found: tuple[Any, ...] = ()
+    began = time.perf_counter()
+    try:
+        start, stop = rank_range(len(dataset), world, rank)
+        if stop > start:
+            model.to(device)
+            runner = inference_runner(args, model, description, device)
+            found = embed_dataset(
+                runner, Subset(dataset, range(start, stop)), batch_size=args.batch_size,
+                num_workers=args.num_workers, device=device, progress=rank == 0 and not args.no_progress,
+                runtime="torch", side=side,
+            )
+        status["rows"] = len(found[2]) if found else 0
+    except Exception as err:  # every rank must reach the exchange: send the error instead
+        status = _failure(err)
+    seconds = time.perf_counter() - began
+    return found, seconds, _exchange(status)
+
+
+def _write_range(
+    found: tuple[Any, ...], dataset: Any, out: Path, dtype: str, rows_per_shard: int, offset: int, hashes: bool
+) -> dict[str, Any]:
+    """Write this rank's rows as shards beside ``out``, the first one row ``offset``: the status to exchange,
+    ``{records, dim}`` (a failure's status instead, its shards removed)."""
+    from plmetric.retrieval.stored import ShardedIndexWriter
+
+    writer: ShardedIndexWriter | None = None
+    try:
+        if not (found and len(found[2])):
+            return {"records": [], "dim": None}
+        emb, labels, index = found[:3]
+        dim = int(emb.shape[1])
+        named = dataset.paths is not None
+        paths = _absolute([dataset.describe(i) if named else f"item:{i}" for i in index.tolist()])
+        writer = ShardedIndexWriter(out, dim, dtype, rows_per_shard, first_row=offset)
+        writer.add(emb, labels, paths, None, found[3].numpy() if hashes else None)
+        writer.flush()
+        return {"records": writer.records, "dim": dim}
+    except Exception as err:
+        if writer is not None:
+            writer.abort()
+        return _failure(err, f"cannot write its shards beside {out}: ")
+
+
+def _collected(statuses: Sequence[dict[str, Any]], out: Path, items: int, seconds: float) -> RankShards:
+    """Rank 0: every rank's shard records in row order, or the first rank's error (every shard removed)."""
+    records = [r for s in statuses for r in s["records"]]
+    error = _first_error(statuses)
     if error is not None:
         remove_shards(out, records)
         raise error
@@ -222,7 +260,7 @@ def write_rank_shards(
         )
     mine = statuses[0]["records"]
     rate = sum(r["count"] for r in mine) / max(seconds, 1e-6) if mine else 1.0
-    return RankShards(records, count, dims.pop() if dims else 0, len(dataset) - count, rate)
+    return RankShards(records, count, dims.pop() if dims else 0, items - count, rate)
 
 
 class RankCommit:
