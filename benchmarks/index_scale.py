@@ -67,8 +67,8 @@ import numpy as np
 
 KINDS = ("exact", "flat", "ivf", "hnsw", "ivfpq")
 #: ivfpq training time per training row and k-means iteration, microseconds, as measured on the project's
-#: 2-core box shared with other jobs (load 2-7): 59 at 131k rows / 2,048 cells, 134 at 262k / 4,096 cells
-TRAIN_US_PER_ROW_ITERATION = (59, 134)
+#: 2-core box shared with other jobs: 19 (load 1) to 59 (load 5) at 131k rows / 2,048 cells, 134 (load 6) at 262k / 4,096
+TRAIN_US_PER_ROW_ITERATION = (19, 134)
 #: kinds that run when the database is only on disk (--blockwise-from)
 BLOCKWISE_KINDS = ("exact", "ivfpq")
 BANK_KINDS = ("bank-torch", "bank-flat", "bank-hnsw")
