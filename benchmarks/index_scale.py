@@ -66,6 +66,9 @@ from pathlib import Path
 import numpy as np
 
 KINDS = ("exact", "flat", "ivf", "hnsw", "ivfpq")
+#: ivfpq training time per training row and k-means iteration, microseconds, as measured on the project's
+#: 2-core box shared with other jobs: 19 (load 1) to 59 (load 5) at 131k rows / 2,048 cells, 134 (load 6) at 262k / 4,096
+TRAIN_US_PER_ROW_ITERATION = (19, 134)
 #: kinds that run when the database is only on disk (--blockwise-from)
 BLOCKWISE_KINDS = ("exact", "ivfpq")
 BANK_KINDS = ("bank-torch", "bank-flat", "bank-hnsw")
@@ -297,8 +300,10 @@ def _ivfpq(database, queries, sources, k: int, single: int, baseline: int, data:
                 sample[taken : taken + len(inside)] = read_block(database, first, last)[inside - first]
                 taken += len(inside)
     out["sample_s"] = time.perf_counter() - start
+    low, high = (TRAIN_US_PER_ROW_ITERATION[0] * len(rows) * ann.IVFPQ_KMEANS_ITERATIONS / 1e6,
+                 TRAIN_US_PER_ROW_ITERATION[1] * len(rows) * ann.IVFPQ_KMEANS_ITERATIONS / 1e6)
     _say(f"  training {plan.params['factory']} on {len(rows):,} rows ({plan.params['nlist']:,} cells, "
-         f"{ann.IVFPQ_KMEANS_ITERATIONS} k-means iterations)")
+         f"{ann.IVFPQ_KMEANS_ITERATIONS} k-means iterations): about {low:.0f}-{high:.0f} s")
     start = time.perf_counter()
     index = ann.train_index(sample, plan, dim)
     out["train_s"] = time.perf_counter() - start

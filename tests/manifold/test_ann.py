@@ -270,3 +270,21 @@ def test_knn_table_through_ivfpq_reranks_from_the_rows_in_memory():
     exact = sims.topk(4, dim=1).indices
     recall = (table[:, :, None] == exact[:, None, :]).any(2).double().mean()
     assert float(recall) >= 0.95, float(recall)
+
+
+def test_ivfpq_with_an_hnsw_quantiser_files_vectors_with_a_wide_beam():
+    """From HNSW_QUANTISER_FROM cells the cells are found by an HNSW graph; adding searches it with a beam of
+    IVFPQ_ADD_EF_SEARCH (faiss's 16 misfiled 2% of 200k planted vectors), a search with 2 nprobe."""
+    faiss = pytest.importorskip("faiss")
+    x = planted_duplicates(ann.HNSW_QUANTISER_FROM * 4, 8, seed=17)
+    plan = ann.plan_index(len(x), kind="ivfpq", dim=8, nlist=ann.HNSW_QUANTISER_FROM)
+    assert plan.params["factory"] == f"IVF{ann.HNSW_QUANTISER_FROM}_HNSW32,PQ2x4fs"
+    index = ann.train_index(x, plan, 8)
+    quantiser = faiss.downcast_index(index.quantizer)
+    quantiser.hnsw.efSearch = 16
+    ann.add_vectors(index, x)
+    assert quantiser.hnsw.efSearch == ann.IVFPQ_ADD_EF_SEARCH == 64
+    ann.search_index(index, x[:3], 2, plan, vectors=_rows_of(x), nprobe=40)
+    assert quantiser.hnsw.efSearch == 80
+    ann.add_vectors(index, x[:10])
+    assert quantiser.hnsw.efSearch == 64 and index.ntotal == len(x) + 10

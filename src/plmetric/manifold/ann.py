@@ -82,6 +82,10 @@ IVFPQ_KMEANS_ITERATIONS = 10
 HNSW_QUANTISER_FROM = 1024
 #: Centroids of each 4-bit PQ codebook: ivfpq needs at least this many training vectors.
 PQ_CENTROIDS = 16
+#: The beam of ivfpq's HNSW coarse quantiser while vectors are added (each is filed into the cell found): with
+#: faiss's default of 16, 2% of 200k planted vectors (2,048 cells) went to a cell their own queries never
+#: probe (recall@10 0.982, top-1 0.994); with 64, recall@10 0.999 and top-1 1.0, the adds 2.6x slower.
+IVFPQ_ADD_EF_SEARCH = 64
 #: The PQ sub-vector counts (4 bits each: m / 2 bytes per vector) ivfpq may choose, largest first; ``m`` must
 #: divide the dimension.
 PQ_M_CHOICES = (128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1)
@@ -389,14 +393,28 @@ def build_index(embeddings: Tensor | np.ndarray, plan: AnnPlan) -> Any:
 def add_vectors(index: Any, embeddings: Tensor | np.ndarray) -> None:
     """Append rows to a built index (their ids continue from ``index.ntotal``).
 
-    IVF and ivfpq file them into their existing cells (ivfpq encodes them with its trained codebooks; no
-    retraining: after much growth, rebuild for the best recall); HNSW links them into its graph; flat stores
+    IVF and ivfpq file them into their existing cells (ivfpq encodes them with its trained codebooks, its HNSW
+    quantiser searching with a beam of :data:`IVFPQ_ADD_EF_SEARCH`; no retraining: after much growth,
+    rebuild for the best recall); HNSW links them into its graph; flat stores
     them. A large set can be added block by block: the result is the same.
     """
     x = _as_float32(embeddings, "embeddings")
     if x.shape[1] != index.d:
         raise ValueError(f"cannot add {x.shape[1]}-dimensional vectors to a {index.d}-dimensional faiss index")
+    quantiser = _hnsw_quantiser(index)
+    if quantiser is not None:  # file each vector into its nearest cell, not one a narrow beam stopped at
+        quantiser.hnsw.efSearch = IVFPQ_ADD_EF_SEARCH
     index.add(x)
+
+
+def _hnsw_quantiser(index: Any) -> Any:
+    """The HNSW coarse quantiser of an IVF index (ivfpq from HNSW_QUANTISER_FROM cells), else None."""
+    faiss = import_faiss()
+    try:
+        quantiser = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    except RuntimeError:  # not an IVF index
+        return None
+    return quantiser if isinstance(quantiser, faiss.IndexHNSW) else None
 
 
 VectorRows = Callable[[np.ndarray], np.ndarray]
@@ -439,8 +457,8 @@ def search_index(
     if plan.kind in ("ivf", "ivfpq"):
         ivf = faiss.extract_index_ivf(index)
         ivf.nprobe = min(int(nprobe or plan.params["nprobe"]), ivf.nlist)
-        quantiser = faiss.downcast_index(ivf.quantizer)
-        if isinstance(quantiser, faiss.IndexHNSW):
+        quantiser = _hnsw_quantiser(index)
+        if quantiser is not None:
             quantiser.hnsw.efSearch = max(2 * ivf.nprobe, 16)
     elif plan.kind == "hnsw":
         index.hnsw.efSearch = max(int(ef_search or plan.params["ef_search"]), k)
