@@ -231,11 +231,13 @@ def cached_views(
     batch_size: int = 64,
     num_workers: int = 2,
     progress: bool = True,
+    eval_resize: str = "center_crop",
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Several views of every image of a split, passed once through the pretrained backbone's first
     ``frozen`` stages (``None``: the whole backbone and its pooling, the head setting), cached.
 
-    View 0 is the deterministic transform (resize, centre crop); views 1 .. V-1 are random resized
+    View 0 is the deterministic transform (resize, centre crop; ``eval_resize="whole"``: the whole
+    image resized to a square); views 1 .. V-1 are random resized
     crops with flips (the training transform, seeded by ``seed`` and the view). The cheap cached
     settings of the studies train the rest of the network on them
     (:class:`plmetric.data.datasets.ViewFeatureDataset`, :func:`plmetric.training.networks.tail_model`).
@@ -261,8 +263,11 @@ def cached_views(
         "crop_scale_min": crop_scale_min,
         "seed": seed,
     }
+    rule = ""
+    if eval_resize != "center_crop":  # only then: the caches written before the option stay valid
+        key["eval_resize"], rule = eval_resize, f"-{eval_resize}"
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir / f"{dataset}-{split}-views{views}-{backbone}-{image_size}px-f{frozen}-{digest}.safetensors"
+    path = cache_dir / f"{dataset}-{split}-views{views}-{backbone}-{image_size}px{rule}-f{frozen}-{digest}.safetensors"
     start = time.perf_counter()
     if path.is_file():
         tensors, info = _load_cache_hit(path, key, start)
@@ -276,7 +281,9 @@ def cached_views(
     part = getattr(splits, split)
     outputs, labels, index = [], None, None
     for view in range(views):
-        part.transform = build_transform(backbone, image_size, train=view > 0, crop_scale_min=crop_scale_min)
+        part.transform = build_transform(
+            backbone, image_size, train=view > 0, crop_scale_min=crop_scale_min, eval_resize=eval_resize
+        )
         torch.manual_seed(seed * 1000 + view)  # the crops (and the workers' seeds) of this view
         out, y, i = embed_dataset(
             _Flat(net), part, batch_size=batch_size, num_workers=num_workers, progress=progress, runtime="auto"
