@@ -41,8 +41,8 @@ Modules: :mod:`.specs` (names, `BackboneSpec`, `WeightsUnavailableError`), :mod:
 and matching weights files, the torch hub cache), one module per family (:mod:`.efficientnet_lite`,
 :mod:`.googlenet`, :mod:`.resnet`, :mod:`.timm_models`), :mod:`.registry` (a name to its family:
 spec, trunk, weights), :mod:`.model` (`EmbeddingModel`, `create_model`, `load_model`),
-:mod:`.transforms` (`build_transform`, `description_transform`) and :mod:`.stages` (a backbone's stages: frozen stages, the
-trunk cut in two). Every public name is importable from ``plmetric.data.backbones``.
+:mod:`.transforms` (`build_transform`, `description_transform`) and :mod:`.stages` (a backbone's
+stages: frozen stages, the trunk cut in two). Every public name is importable from ``plmetric.data.backbones``.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ def build_transform(
     * ``whole``: resize the whole image to ``image_size x image_size`` (``Resize((S, S))``: the aspect
       ratio is not kept, nothing is cut off).
 
-    Train (``eval_resize`` unused): ``RandomResizedCrop(image_size, scale=(crop_scale_min, 1))`` and a random horizontal flip.
+    Train (``eval_resize`` unused): ``RandomResizedCrop(image_size, scale=(crop_scale_min, 1))`` and a random
+    horizontal flip.
     Then ``(x - mean) / std`` on [0, 1] pixels with the backbone's mean/std (EfficientNet-Lite:
     [-1, 1]; GoogLeNet/ResNet-50: ImageNet statistics). Images are converted to RGB first.
 
