@@ -224,3 +224,16 @@ def test_a_bad_eval_resize_setting_is_one_line(ws, capsys):
     argv = ["train", "--images", str(ws["photos"]), "--out", str(run), "--set", "data.eval_resize=stretch"]
     line = _one_line_error(capsys, argv)
     assert "data.eval_resize must be center_crop or whole, got 'stretch'" in line and not run.exists()
+
+
+def test_serve_embeds_uploads_with_the_indexs_rule(ws):
+    """``plmetric serve``'s browser prepares an upload with the index's (the checkpoint's) rule."""
+    from plmetric.retrieval.serve import Browser
+
+    whole = _index(ws, ws["ckpt"], "whole_torch.safetensors", "--runtime", "torch")
+    old = _index(ws, ws["old"], "old_index.safetensors", "--runtime", "torch")
+    with Image.open(sorted(ws["photos"].iterdir())[0]) as img:
+        img.load()
+    for index, rule in ((whole, "whole"), (old, "center_crop")):
+        expected = build_transform("efficientnet_lite0", image_size=SIZE, eval_resize=rule)(img)
+        assert torch.equal(Browser(index, 3, runtime="torch").transform(img), expected)
