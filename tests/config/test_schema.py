@@ -79,11 +79,20 @@ def test_unknown_key_lists_valid_ones(tmp_path):
         ("plm.delta_mode=auto", "fixed, batch or teacher"),
         ("epochs", "key=value"),
         ("train.momentum=1.5", r"\[0, 1\]"),
+        ("data.eval_resize=stretch", "data.eval_resize must be center_crop or whole, got 'stretch'"),
     ],
 )
 def test_bad_values_fail_clearly(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, [override])
+
+
+def test_eval_resize_is_a_choice_and_no_preset_changes_its_default():
+    from plmetric.config.schema import preset_names
+
+    assert load_config(None, ["data.eval_resize=whole"]).data.eval_resize == "whole"
+    for name in preset_names():
+        assert load_config(name).data.eval_resize == "center_crop", name
 
 
 def test_missing_file_is_named(tmp_path):

@@ -440,6 +440,66 @@ def test_eval_transform_resizes_shorter_side():
     np.testing.assert_allclose(out[:, :, 33:].numpy(), 1.0, atol=1e-6)
 
 
+@pytest.mark.parametrize("backbone", [*BACKBONE_NAMES, "timm:test_efficientnet"])
+def test_whole_eval_transform_is_torchvisions_resize_to_a_square(backbone: str):
+    """``eval_resize="whole"``: ``Resize((S, S))`` of the whole image with the backbone's filter, then the
+    same normalisation: bit for bit the torchvision composition, and not the centre crop."""
+    from torchvision import transforms
+
+    spec = backbone_spec(backbone)
+    image = Image.fromarray(_random_rgb(45, 150, seed=3))  # wide: the centre crop cuts off both ends
+    reference = transforms.Compose([
+        transforms.Resize((64, 64), interpolation=transforms.InterpolationMode(spec.interpolation)),
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+    out = build_transform(backbone, image_size=64, train=False, eval_resize="whole")(image)
+    assert out.shape == (3, 64, 64) and torch.equal(out, reference(image))
+    cropped = build_transform(backbone, image_size=64, train=False)(image)
+    assert (out - cropped).abs().mean() > 0.1  # another input: the test tells the two rules apart
+
+
+def test_whole_eval_transform_keeps_the_ends_of_a_wide_image():
+    # 146 x 292, the left half black, the right white: the whole image resized keeps both halves whole
+    pixels = np.zeros((146, 292, 3), dtype=np.uint8)
+    pixels[:, 146:] = 255
+    out = build_transform("efficientnet_lite0", image_size=64, eval_resize="whole")(Image.fromarray(pixels))
+    np.testing.assert_allclose(out[:, :, :31].numpy(), -1.0, atol=1e-6)
+    np.testing.assert_allclose(out[:, :, 33:].numpy(), 1.0, atol=1e-6)
+    # a train transform ignores the eval rule; an unknown rule is refused
+    assert build_transform("efficientnet_lite0", 64, train=True, eval_resize="whole")(Image.fromarray(pixels)).shape
+    with pytest.raises(ValueError, match="eval_resize must be center_crop or whole, got 'stretch'"):
+        build_transform("efficientnet_lite0", 64, eval_resize="stretch")
+
+
+def test_the_description_transform_follows_the_recorded_rule():
+    from plmetric.data.backbones import description_transform, eval_resize_of
+
+    image = Image.fromarray(_random_rgb(40, 90, seed=4))
+    old = {"backbone": "efficientnet_lite0", "image_size": 32}  # made before the rule was a choice
+    assert eval_resize_of(old) == "center_crop"
+    assert torch.equal(description_transform(old)(image), build_transform("efficientnet_lite0", 32)(image))
+    whole = {**old, "eval_resize": "whole"}
+    expected = build_transform("efficientnet_lite0", 32, eval_resize="whole")(image)
+    assert torch.equal(description_transform(whole)(image), expected)
+
+
+def test_model_metadata_checks_the_recorded_eval_rule():
+    from plmetric.data.backbones import check_model_metadata
+
+    meta = {"backbone": "efficientnet_lite0", "embedding_dim": 16}
+    assert check_model_metadata({**meta, "eval_resize": "whole"}, "m")["eval_resize"] == "whole"
+    for value, shown in (("stretch", "'stretch'"), (1, "1"), (["whole"], "['whole']"), ("x" * 10_000, "characters")):
+        with pytest.raises(ValueError, match="m 'eval_resize' must be center_crop or whole") as err:
+            check_model_metadata({**meta, "eval_resize": value}, "m")
+        assert shown in str(err.value) and len(str(err.value)) < 300
+    record = {"resize": "whole", "resize_to": [32, 32]}
+    with pytest.raises(ValueError, match="m 'preprocessing' resizes 'whole', but its 'eval_resize' is 'center_crop'"):
+        check_model_metadata({**meta, "preprocessing": record}, "m")
+    with pytest.raises(ValueError, match="resizes 'center_crop', but its 'eval_resize' is 'whole'"):
+        check_model_metadata({**meta, "eval_resize": "whole", "preprocessing": {"center_crop": 32}}, "m")
+
+
 @pytest.mark.parametrize("backbone", BACKBONE_NAMES)
 def test_train_transform_shape_range_and_randomness(backbone: str):
     spec = backbone_spec(backbone)

@@ -319,6 +319,25 @@ def test_eval_augment_from_a_larger_cache_is_close(image_set):
     assert diff.mean().item() < 0.03
 
 
+def test_eval_augment_of_the_whole_rule_resizes_the_whole_cached_image(image_set):
+    """``data.eval_resize=whole`` on the decode-once cache: the cached image (shorter side
+    ``round(S * 256 / 224)``) resized whole to ``S x S``; a resize of a resize, so close to the PIL
+    transform's ``Resize((S, S))`` of the original (the same bound as a larger cache above), and far
+    from the centre crop on the wide and tall images."""
+    cache = build_cache(image_set)
+    augment = DeviceAugment.from_backbone(BACKBONE, S, train=False, eval_resize="whole")
+    keep = [int(i) for i in np.flatnonzero(~cache.missing)]
+    got = augment([cache.get(i) for i in keep])
+    whole = build_transform(BACKBONE, S, train=False, eval_resize="whole")
+    crop = build_transform(BACKBONE, S, train=False)
+    to_whole = (got - torch.stack([whole(image_set.load_image(i)) for i in keep])).abs().mean().item()
+    to_crop = (got - torch.stack([crop(image_set.load_image(i)) for i in keep])).abs().mean().item()
+    print(f"eval whole from the cache: mean |diff| {to_whole:.4f} to Resize((S, S)), {to_crop:.4f} to the crop")
+    assert got.shape == (len(keep), 3, S, S) and to_whole < 0.03 and to_crop > 3 * to_whole
+    with pytest.raises(ValueError, match="eval_rule must be center_crop or whole"):
+        DeviceAugment.from_backbone(BACKBONE, S, train=False, eval_resize="stretch")
+
+
 # ----------------------------------------------------------------------------- the loader
 
 

@@ -44,13 +44,17 @@ def _real_photos(cub_root: Path, folder: Path) -> list[Path]:
     return out
 
 
+@pytest.mark.parametrize("eval_resize", ["center_crop", "whole"])
 @pytest.mark.parametrize(
     ("backbone", "size"),
     [("efficientnet_lite0", 224), ("efficientnet_lite0", 97), ("timm:test_efficientnet", 64), ("resnet50", 80)],
 )
-def test_eval_input_equals_the_eval_transform_on_real_photos_of_odd_sizes(backbone, size, cub_root, tmp_path):
-    transform = build_transform(backbone, image_size=size, train=False)
-    rule = EvalPreprocessing.from_record(preprocessing(backbone, size), size)
+def test_eval_input_equals_the_eval_transform_on_real_photos_of_odd_sizes(
+    backbone, size, eval_resize, cub_root, tmp_path
+):
+    transform = build_transform(backbone, image_size=size, train=False, eval_resize=eval_resize)
+    rule = EvalPreprocessing.from_record(preprocessing(backbone, size, eval_resize), size)
+    assert rule.resize == eval_resize and rule.image_size == size
     for path in _real_photos(cub_root, tmp_path / "photos"):
         with Image.open(path) as img:
             img.load()
@@ -86,6 +90,47 @@ def test_a_recorded_preprocessing_is_checked():
             EvalPreprocessing.from_record(record, 96)
     with pytest.raises(ValueError, match="crops 96"):  # the record of another size
         EvalPreprocessing.from_record(good, 128)
+
+
+def test_a_recorded_whole_image_preprocessing_is_checked_field_by_field():
+    good = preprocessing("efficientnet_lite0", 96, "whole")
+    assert {k: good[k] for k in ("resize", "resize_to")} == {"resize": "whole", "resize_to": [96, 96]}
+    assert "center_crop" not in good and "resize_shorter_side" not in good
+    # the centre crop's record is today's, field for field: indexes made before the choice read the same
+    assert preprocessing("efficientnet_lite0", 96) == preprocessing("efficientnet_lite0", 96, "center_crop") == {
+        "resize_shorter_side": 110, "center_crop": 96, "interpolation": "bilinear", "mean": [0.5] * 3,
+        "std": [0.5] * 3, "color": "RGB",
+    }
+    rule = EvalPreprocessing.from_record(good, 96)
+    assert (rule.resize, rule.image_size, rule.resize_shorter_side, rule.center_crop) == ("whole", 96, None, None)
+    crop = preprocessing("efficientnet_lite0", 96)
+    bad = [
+        ({**good, "resize_to": [96, 95]}, "resizes the whole image to 96x95 px"),
+        ({**good, "resize_to": [96]}, "resize_to must be a list of 2 positive integers"),
+        ({**good, "resize_to": "96x96"}, "resize_to must be a list of 2 positive integers"),
+        ({**good, "resize_to": [96, True]}, "resize_to must be a positive integer, got True"),
+        ({**good, "resize_to": None}, "resize_to must be a list of 2"),
+        ({**good, "center_crop": 96}, "resizes the whole image but also records center_crop"),
+        ({**good, "resize": "stretch"}, "resize must be whole \\(or absent: the centre crop\\), got 'stretch'"),
+        ({**good, "resize": ["whole"] * 10_000}, "characters\\)$"),  # a hostile value: one short line
+        ({**crop, "resize_to": [96, 96]}, "records resize_to .* but no resize 'whole'"),
+        ({**good, "interpolation": "nearest"}, "interpolation must be bilinear or bicubic"),
+        ({**good, "std": [0.5, -1, 0.5]}, "std must be a list of 3 positive finite numbers"),
+    ]
+    for record, message in bad:
+        with pytest.raises(ValueError, match=message) as err:
+            EvalPreprocessing.from_record(record, 96)
+        assert len(str(err.value)) < 200 and "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="to 96x96 px; for inputs of 128 px"):  # the record of another size
+        EvalPreprocessing.from_record(good, 128)
+
+
+def test_the_whole_rule_of_a_square_image_of_the_input_size_is_not_resized():
+    """Pillow's resize to the same size copies the pixels, as torchvision's Resize((S, S)) leaves them."""
+    pixels = np.random.default_rng(1).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+    rule = EvalPreprocessing.from_record(preprocessing("efficientnet_lite0", 40, "whole"), 40)
+    got = eval_input(Image.fromarray(pixels), rule)
+    assert np.array_equal(got, ((pixels.astype(np.float32) / np.float32(255) - 0.5) / 0.5).transpose(2, 0, 1))
 
 
 def test_the_module_imports_no_torch():

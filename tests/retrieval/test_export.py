@@ -364,3 +364,110 @@ def test_the_metadata_says_inputs_are_expected_upright(tmp_path):
     for fmt in FORMATS:
         orientation = export_metadata(description, fmt)["input_orientation"]
         assert orientation.startswith("upright") and "exif_transpose" in orientation
+
+
+# ----------------------------------------------------------------------------------------------
+# The eval rule travels with the checkpoint: a ``whole`` checkpoint exports the whole-image rule.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def whole_ckpt(tmp_path_factory) -> Path:
+    """The ``ws`` model (pretrained Lite0, a 16-d layer, 64 px) saved as trained with ``data.eval_resize=whole``."""
+    root = tmp_path_factory.mktemp("export_whole")
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", embedding_dim=DIM, pretrained=True)
+    meta = {"backbone": "efficientnet_lite0", "embedding_dim": DIM, "image_size": SIZE, "eval_resize": "whole"}
+    return save_model(root / "whole.safetensors", model, meta)
+
+
+def _whole_input_from_metadata(path: Path, meta: dict) -> np.ndarray:
+    """One image as a whole-rule metadata says, with Pillow and NumPy alone: the whole image resized to
+    the recorded width x height, nothing cropped, then normalised."""
+    prep = meta["preprocessing"]
+    resize = prep["resize"]
+    assert resize["side"] == "whole" and resize["antialias"] is True and prep["crop"] is None
+    filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if img.size != (resize["width"], resize["height"]):
+            img = img.resize((resize["width"], resize["height"]), filters[resize["interpolation"]])
+        pixels = np.asarray(img, dtype=np.uint8)
+    x = pixels.astype(np.float32) / np.float32(255)
+    mean, std = np.asarray(prep["mean"], np.float32), np.asarray(prep["std"], np.float32)
+    return ((x - mean) / std).transpose(2, 0, 1)
+
+
+@needs_onnx
+def test_a_whole_checkpoint_exports_the_whole_rule_and_onnx_on_it_gives_embeds_embeddings(whole_ckpt, tmp_path):
+    """The sidecar states the whole-image rule (data and words), the export's check ran on inputs made by
+    it, and odd-sized images preprocessed from the metadata alone and run by ONNX Runtime give ``embed``'s
+    embeddings (``embed`` follows the checkpoint's rule too) within ONNX_TOLERANCE; the centre crop's
+    inputs give other embeddings (the comparison can tell the rules apart)."""
+    import onnxruntime
+
+    out = tmp_path / "whole.onnx"
+    assert main(["export", "--format", "onnx", str(whole_ckpt), "--out", str(out)]) == 0
+    sidecar = json.loads(sidecar_path(out).read_text())
+    prep = sidecar["preprocessing"]
+    assert prep["eval_resize"] == "whole" and prep["resize_to"] == [SIZE, SIZE] and prep["crop"] is None
+    assert (prep["resize"]["width"], prep["resize"]["height"]) == (SIZE, SIZE)
+    assert "center_crop" not in prep and "resize_shorter_side" not in prep
+    assert f"resize the whole image to {SIZE}x{SIZE} (the aspect ratio not kept)" in prep["rule"]
+    assert "whole rule" in sidecar["check"]["inputs"] and sidecar["check"]["max_abs_diff"] <= ONNX_TOLERANCE
+    meta = read_export_metadata(out)
+    assert meta["preprocessing"] == prep
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for w, h in ODD_SIZES:
+        smooth = rng.integers(0, 256, size=(max(h // 4, 1), max(w // 4, 1), 3), dtype=np.uint8)
+        Image.fromarray(smooth).resize((w, h), Image.Resampling.BILINEAR).save(photos / f"{w}x{h}.png")
+    embedded = tmp_path / "embedded.safetensors"
+    argv = ["embed", "--images", str(photos), "--checkpoint", str(whole_ckpt), "--out", str(embedded)]
+    assert main([*argv, "--no-progress", "--num-workers", "0"]) == 0
+    expected, _, paths, _ = load_embeddings(embedded)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    inputs = np.stack([_whole_input_from_metadata(Path(p), meta) for p in paths])
+    reference = build_transform("efficientnet_lite0", image_size=SIZE, eval_resize="whole")
+    for p, x in zip(paths, inputs, strict=True):
+        with Image.open(p) as img:
+            assert np.array_equal(x, reference(img).numpy())  # the stated rule is the transform, bit for bit
+    diff = np.abs(session.run(["embeddings"], {"images": inputs})[0] - expected.numpy()).max()
+    assert diff <= ONNX_TOLERANCE
+    crop = build_transform("efficientnet_lite0", image_size=SIZE)
+    cropped = []
+    for p in paths:
+        with Image.open(p) as img:
+            cropped.append(crop(img).numpy())
+    crop_diff = np.abs(session.run(["embeddings"], {"images": np.stack(cropped)})[0] - expected.numpy()).max()
+    assert crop_diff > 100 * ONNX_TOLERANCE, crop_diff
+
+
+def test_an_old_checkpoint_exports_the_centre_crop(ws):
+    """A checkpoint without ``eval_resize`` (made before the choice) states the centre crop, as before."""
+    meta = json.loads(sidecar_path(_export(ws, "torchscript", "model.pt")).read_text())
+    prep = meta["preprocessing"]
+    assert prep["eval_resize"] == "center_crop" and prep["resize"]["side"] == "shorter"
+    assert prep["crop"]["size"] == prep["center_crop"] == SIZE and "resize_to" not in prep
+    assert "center_crop rule" in meta["check"]["inputs"]
+
+
+def test_the_export_check_preprocesses_with_the_checkpoints_rule(whole_ckpt):
+    """The probe batch is the checkpoint's own transform of seeded noise images; a description whose
+    recorded preprocessing is not that transform is refused before anything is exported."""
+    from plmetric.data.backbones import description_transform
+    from plmetric.retrieval.export import probe_batch
+    from plmetric.retrieval.index import load_embedding_model, preprocessing
+
+    _, description = load_embedding_model(whole_ckpt, "", 0)
+    assert description["eval_resize"] == "whole"
+    probe = probe_batch(description)
+    assert probe.shape == (3, 3, SIZE, SIZE) and torch.equal(probe, probe_batch(description))
+    rng = np.random.default_rng(0)
+    first = Image.fromarray(rng.integers(0, 256, size=(SIZE + 7, 2 * SIZE + 1, 3), dtype=np.uint8))
+    assert torch.equal(probe[0], description_transform(description)(first))
+    forged = {**description, "preprocessing": preprocessing("efficientnet_lite0", SIZE)}  # the crop's record
+    with pytest.raises(RuntimeError, match="recorded preprocessing is not the eval transform"):
+        probe_batch(forged)

@@ -218,3 +218,21 @@ def test_cached_views_are_the_prefix_of_clean_and_augmented_images(tmp_path, mon
         "folder", str(root), "test", image_size=32, frozen=3, views=3, cache_dir=cache, num_workers=0, progress=False
     )
     assert test_views.shape[0] == 1
+
+
+def test_the_feature_caches_key_on_a_non_default_eval_rule_only(tmp_path):
+    """``eval_resize`` enters the cache key and file name only when not the default: the files made
+    before the rule was a choice keep their names (and are found again); a ``whole`` cache is its own."""
+    import hashlib
+
+    old_key = {  # the key cached_features wrote before eval_resize existed
+        "dataset": "cub200", "root": None, "split": "test", "backbone": "efficientnet_lite0", "image_size": 224,
+        "weights": None, "features": "pooled (avg + max), L2-normalised, eval transform", "version": 1,
+    }
+    digest = hashlib.sha1(json.dumps(old_key, sort_keys=True).encode()).hexdigest()[:12]
+    crop = sim.feature_cache_path(tmp_path, "cub200", None, "test", "efficientnet_lite0")
+    assert crop == tmp_path / f"cub200-test-efficientnet_lite0-224px-{digest}.safetensors"
+    default = sim.feature_cache_path(tmp_path, "cub200", None, "test", "efficientnet_lite0", eval_resize="center_crop")
+    assert default == crop
+    whole = sim.feature_cache_path(tmp_path, "cub200", None, "test", "efficientnet_lite0", eval_resize="whole")
+    assert whole.name.startswith("cub200-test-efficientnet_lite0-224px-whole-") and whole.name[-24:] != crop.name[-24:]

@@ -310,3 +310,13 @@ def test_a_chunk_that_cannot_be_stored_warns_once_and_the_pass_goes_on_in_memory
     assert len([w for w in caught if "cannot store" in str(w.message)]) == 1 and len(writes) == 1
     assert torch.equal(views, expected) and torch.equal(rows, expected_rows)
     assert store.on_disk == set() and not list((tmp_path / "full").glob("*.safetensors"))
+
+
+def test_the_view_cache_keys_on_the_clean_views_eval_rule():
+    """``data.eval_resize`` changes view 0 (the clean view): a cache of the other rule is not reused."""
+    crop = build_transform("efficientnet_lite0", 32)
+    whole = build_transform("efficientnet_lite0", 32, eval_resize="whole")
+    train = build_transform("efficientnet_lite0", 32, train=True)
+    fields = {"net": "tiny", "seed": 0}
+    assert setup_key(fields, [crop, train]) != setup_key(fields, [whole, train])
+    assert setup_key(fields, [crop, train]) == setup_key(fields, [build_transform("efficientnet_lite0", 32), train])

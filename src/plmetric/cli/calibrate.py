@@ -57,7 +57,7 @@ def calibrate_index(
 
     from plmetric.cli.common import inference_runner
     from plmetric.core.devices import resolve_device
-    from plmetric.data.backbones import build_transform
+    from plmetric.data.backbones import description_transform
     from plmetric.retrieval.calibration import CALIBRATION_KEY, EDITS, calibrate, describe, estimated_seconds
 
     sample = min(args.calibration_sample, len(paths))
@@ -69,7 +69,7 @@ def calibrate_index(
     )
     device = resolve_device(args.device)
     runner = inference_runner(args, model, dict(description), device)
-    transform = build_transform(description["backbone"], image_size=int(description["image_size"]), train=False)
+    transform = description_transform(description)
 
     def embed(batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -301,12 +301,12 @@ def embed_images(
 
     from plmetric.core import distributed as dist_utils
     from plmetric.core.devices import resolve_device
-    from plmetric.data.backbones import build_transform
+    from plmetric.data.backbones import description_transform
     from plmetric.evaluation.metrics import embed_dataset
     from plmetric.retrieval.hashes import HASH_BYTES, HashAlongside
     from plmetric.training.passes import embed_distributed
 
-    dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
+    dataset.transform = description_transform(description)
     side = None
     if hashes:
         dataset.transform = HashAlongside(dataset.transform)

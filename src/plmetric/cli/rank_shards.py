@@ -164,10 +164,10 @@ def _set_transform(dataset: Any, description: dict[str, Any], hashes: bool) -> A
     when ``hashes``); returns the empty hash batch ``embed_dataset`` fills, or None without hashes."""
     import torch
 
-    from plmetric.data.backbones import build_transform
+    from plmetric.data.backbones import description_transform
     from plmetric.retrieval.hashes import HASH_BYTES, HashAlongside
 
-    dataset.transform = build_transform(description["backbone"], image_size=description["image_size"], train=False)
+    dataset.transform = description_transform(description)
     if not hashes:
         return None
     dataset.transform = HashAlongside(dataset.transform)

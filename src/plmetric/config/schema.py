@@ -58,6 +58,9 @@ class DataConfig:
     root: str | None = None
     image_size: int = 224
     crop_scale_min: float = 0.16  # RandomResizedCrop scale (min, 1)
+    # eval/clean transform: center_crop (shorter side to round(S * 256 / 224), centre crop S) or whole (the
+    # whole image resized to S x S); recorded in the checkpoint, which every command then follows
+    eval_resize: str = "center_crop"
     num_workers: int = 4
     # training input: pil (decode + augment per item in DataLoader workers), cached (decode once into a
     # uint8 cache, augment on the device: plmetric.data.pipeline) or auto (cached on CUDA, pil on the CPU)
@@ -149,6 +152,7 @@ class Config:
         self._validate_train()
 
     def _validate_data(self) -> None:
+        from plmetric.data.backbones import EVAL_RESIZE_RULES
         from plmetric.data.datasets import DATASET_NAMES
 
         d = self.data
@@ -157,6 +161,7 @@ class Config:
         check_number("data.crop_scale_min", d.crop_scale_min, strict=True)
         if d.crop_scale_min > 1:
             raise ValueError(f"data.crop_scale_min must lie in (0, 1], got {d.crop_scale_min}")
+        check_choice("data.eval_resize", d.eval_resize, EVAL_RESIZE_RULES)
         check_int("data.num_workers", d.num_workers, 0, maximum=MAX_WORKERS)
         if d.cache_size is not None:  # the cached shorter side: at most 4x the largest input side
             check_int("data.cache_size", d.cache_size, 1, maximum=4 * IMAGE_SIZE_MAX)

@@ -13,7 +13,9 @@ Relation to :func:`plmetric.data.backbones.build_transform`:
 
 * Eval (``train=False``): resize the shorter side to ``round(S * 256 / 224)`` and centre-crop ``S``.
   With ``cache_size`` equal to that eval resize (the default), the cache already *is* the resized
-  image and the device only crops: the output equals the PIL transform's.
+  image and the device only crops: the output equals the PIL transform's. With
+  ``data.eval_resize=whole`` the whole cached image is resized to ``S x S``: a resize of a resize,
+  close to the PIL transform's ``Resize((S, S))`` of the original but not bit-equal to it.
 * Train: ``RandomResizedCrop(S, scale=(crop_scale_min, 1))`` plus a horizontal flip. Here the crop
   box is drawn on the *cached* image (see :func:`sample_crop_params`); since the cached image is a
   uniformly rescaled original, a box of relative area ``a`` and aspect ``r`` on it covers the same
@@ -151,7 +153,8 @@ class DeviceAugment(nn.Module):
     """Crop, resize, flip and normalise a batch of ``uint8`` images of different sizes with tensor ops.
 
     Train mode is ``RandomResizedCrop(S, scale, ratio)`` + ``RandomHorizontalFlip(flip_p)``; eval mode
-    is ``Resize(eval_resize)`` + ``CenterCrop(S)``; both end with ``ToTensor`` + ``Normalize(mean,
+    is ``Resize(eval_resize)`` + ``CenterCrop(S)`` (``eval_rule="whole"``: ``Resize((S, S))`` of the
+    whole cached image); both end with ``ToTensor`` + ``Normalize(mean,
     std)``, i.e. ``(x / 255 - mean) / std``. Resizing is ``F.interpolate(mode="bilinear",
     antialias=True, align_corners=False)``, the tensor equivalent of PIL's bilinear resize. On the
     CPU it runs on ``uint8`` (PyTorch's port of Pillow's kernel: fast and equal to PIL's result to
@@ -175,6 +178,8 @@ class DeviceAugment(nn.Module):
         flip_p: probability of a horizontal flip.
         eval_resize: shorter side before the centre crop in eval mode; default
             ``round(S * 256 / 224)`` as :func:`plmetric.data.backbones.build_transform`.
+        eval_rule: ``center_crop`` (the above) or ``whole`` (the whole image to ``S x S``), as
+            ``build_transform``'s ``eval_resize``.
         uint8_resize: resize ``uint8`` pixels (True) or ``float32`` ones (False); default: True on
             the CPU.
     """
@@ -190,6 +195,7 @@ class DeviceAugment(nn.Module):
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip_p: float = 0.5,
         eval_resize: int | None = None,
+        eval_rule: str = "center_crop",
         uint8_resize: bool | None = None,
     ) -> None:
         super().__init__()
@@ -203,6 +209,9 @@ class DeviceAugment(nn.Module):
         self.eval_resize = default_cache_size(self.image_size) if eval_resize is None else int(eval_resize)
         if self.eval_resize < self.image_size:
             raise ValueError(f"eval_resize {self.eval_resize} is smaller than image_size {self.image_size}")
+        if eval_rule not in ("center_crop", "whole"):
+            raise ValueError(f"eval_rule must be center_crop or whole, got {eval_rule!r}")
+        self.eval_rule = eval_rule
         self.uint8_resize = uint8_resize
         std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -212,7 +221,12 @@ class DeviceAugment(nn.Module):
 
     @classmethod
     def from_backbone(
-        cls, backbone: str, image_size: int = 224, train: bool = False, crop_scale_min: float = 0.16
+        cls,
+        backbone: str,
+        image_size: int = 224,
+        train: bool = False,
+        crop_scale_min: float = 0.16,
+        eval_resize: str = "center_crop",
     ) -> DeviceAugment:
         """The tensor counterpart of :func:`plmetric.data.backbones.build_transform` with the same arguments."""
         from plmetric.data.backbones import backbone_spec
@@ -220,7 +234,7 @@ class DeviceAugment(nn.Module):
         spec = backbone_spec(backbone)
         if not 0.0 < crop_scale_min <= 1.0:
             raise ValueError(f"crop_scale_min must lie in (0, 1], got {crop_scale_min!r}")
-        return cls(image_size, spec.mean, spec.std, train=train, scale=(crop_scale_min, 1.0))
+        return cls(image_size, spec.mean, spec.std, train=train, scale=(crop_scale_min, 1.0), eval_rule=eval_resize)
 
     def sample_params(
         self, heights: Tensor | Sequence[int], widths: Tensor | Sequence[int], generator: torch.Generator | None = None
@@ -276,6 +290,8 @@ class DeviceAugment(nn.Module):
             for img, (top, left, h, w), flip in zip(images, boxes.tolist(), flip_list, strict=True):
                 crop = self._resize(img[:, top : top + h, left : left + w], (size, size), use_uint8)
                 out.append(crop.flip(-1) if flip else crop)  # flipping after the resize, as torchvision
+        elif self.eval_rule == "whole":
+            out = [self._resize(img, (size, size), use_uint8) for img in images]
         else:
             for img in images:
                 h, w = img.shape[-2:]

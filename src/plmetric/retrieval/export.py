@@ -98,29 +98,49 @@ _PIL_FILTERS = {"bilinear": "Image.Resampling.BILINEAR", "bicubic": "Image.Resam
 
 
 def preprocessing_rule(prep: dict[str, Any], size: int) -> dict[str, Any]:
-    """The exact eval preprocessing of :func:`plmetric.data.backbones.build_transform` as data and words.
+    """The exact eval preprocessing of :func:`plmetric.data.backbones.build_transform` as data and words,
+    for the checkpoint's rule (``eval_resize``, :data:`plmetric.data.backbones.EVAL_RESIZE_RULES`).
 
     The rule (torchvision's ``Resize`` + ``CenterCrop`` on PIL images, then ``ToTensor`` +
-    ``Normalize``): decode to 8-bit RGB; resize the shorter side to ``R`` and the longer one to
-    ``int(R * long / short)`` (truncated, evaluated in double precision; a square image counts its
+    ``Normalize``): decode to 8-bit RGB; ``center_crop``: resize the shorter side to ``R`` and the longer
+    one to ``int(R * long / short)`` (truncated, evaluated in double precision; a square image counts its
     width as the shorter side) with Pillow's antialiased filter (``Image.resize``; skipped when the
     size is already right); crop ``S x S`` at ``top = int(round((h - S) / 2.0))``, ``left =
-    int(round((w - S) / 2.0))`` (Python's ``round``: halves to even); ``x = pixel / 255`` then
-    ``(x - mean) / std`` per channel in float32; RGB, CHW, batched as NCHW.
+    int(round((w - S) / 2.0))`` (Python's ``round``: halves to even); ``whole`` (``Resize((S, S))``):
+    resize the whole image to ``S x S`` with that filter (the aspect ratio not kept), no crop; then
+    ``x = pixel / 255`` and ``(x - mean) / std`` per channel in float32; RGB, CHW, batched as NCHW.
 
     Args:
-        prep: :func:`plmetric.retrieval.index.preprocessing`'s fields (resize_shorter_side,
-            center_crop, interpolation, mean, std).
+        prep: :func:`plmetric.retrieval.index.preprocessing`'s fields (resize_shorter_side and
+            center_crop, or resize "whole" and resize_to; interpolation, mean, std).
         size: the input side ``S``.
     """
-    shorter, interpolation = int(prep["resize_shorter_side"]), str(prep["interpolation"])
+    interpolation = str(prep["interpolation"])
     mean, std = [float(v) for v in prep["mean"]], [float(v) for v in prep["std"]]
     signed_unit = all(v == 0.5 for v in (*mean, *std))
     scaling = "[-1, 1] scaling" if signed_unit else "per-channel standardisation"
+    whole = prep.get("resize") == "whole"
+    geometry, words = (_whole_steps if whole else _crop_steps)(prep, size, interpolation)
     return {
         **prep,
+        "eval_resize": "whole" if whole else "center_crop",
         "decode": "the upright image (input_orientation) as 8-bit RGB (Pillow's Image.convert('RGB') for 8-bit "
         "modes), then the steps below in order",
+        **geometry,
+        "scaling": f"x = pixel / 255 in float32 (values in [0, 1]), then (x - mean) / std per channel: {scaling}",
+        "channel_order": "RGB",
+        "layout": "CHW per image, stacked to NCHW float32",
+        "rule": (
+            f"decode to upright 8-bit RGB; {words}; x = pixel / 255; "
+            f"(x - mean) / std per channel with mean={mean}, std={std}; RGB channels, NCHW float32"
+        ),
+    }
+
+
+def _crop_steps(prep: dict[str, Any], size: int, interpolation: str) -> tuple[dict[str, Any], str]:
+    """The ``resize`` and ``crop`` steps of the ``center_crop`` rule, as data and in words."""
+    shorter = int(prep["resize_shorter_side"])
+    steps = {
         "resize": {
             "side": "shorter",
             "shorter_side": shorter,
@@ -137,16 +157,35 @@ def preprocessing_rule(prep: dict[str, Any], size: int) -> dict[str, Any]:
             "left": "int(round((new_w - size) / 2.0))",
             "rounding": "Python round(): halves to even, e.g. round(4.5) == 4",
         },
-        "scaling": f"x = pixel / 255 in float32 (values in [0, 1]), then (x - mean) / std per channel: {scaling}",
-        "channel_order": "RGB",
-        "layout": "CHW per image, stacked to NCHW float32",
-        "rule": (
-            f"decode to upright 8-bit RGB; resize so the shorter side is {shorter} and the longer "
-            f"int({shorter} * long / short) (truncated) with Pillow's antialiased {interpolation} filter; crop {size}x{size} at "
-            f"top=int(round((h - {size}) / 2.0)), left=int(round((w - {size}) / 2.0)); x = pixel / 255; "
-            f"(x - mean) / std per channel with mean={mean}, std={std}; RGB channels, NCHW float32"
-        ),
     }
+    words = (
+        f"resize so the shorter side is {shorter} and the longer int({shorter} * long / short) (truncated) with "
+        f"Pillow's antialiased {interpolation} filter; crop {size}x{size} at top=int(round((h - {size}) / 2.0)), "
+        f"left=int(round((w - {size}) / 2.0))"
+    )
+    return steps, words
+
+
+def _whole_steps(prep: dict[str, Any], size: int, interpolation: str) -> tuple[dict[str, Any], str]:
+    """The ``resize`` step of the ``whole`` rule (nothing cropped), as data and in words."""
+    steps = {
+        "resize": {
+            "side": "whole",
+            "width": int(size),
+            "height": int(size),
+            "aspect_ratio": "not kept: the whole image is stretched to width x height (torchvision Resize((S, S)))",
+            "interpolation": interpolation,
+            "antialias": True,
+            "pillow": f"image.resize(({int(size)}, {int(size)}), {_PIL_FILTERS.get(interpolation, interpolation)}); "
+            "not applied when the image already has that size",
+        },
+        "crop": None,
+    }
+    words = (
+        f"resize the whole image to {size}x{size} (the aspect ratio not kept) with Pillow's antialiased "
+        f"{interpolation} filter; no crop"
+    )
+    return steps, words
 
 
 def export_metadata(description: dict[str, Any], fmt: str) -> dict[str, Any]:
@@ -183,11 +222,35 @@ def export_metadata(description: dict[str, Any], fmt: str) -> dict[str, Any]:
 
 
 def probe_batch(description: dict[str, Any], batch: int = PROBE_BATCH) -> torch.Tensor:
-    """A fixed, preprocessed-looking input: uniform [0, 1] pixels normalised with the model's mean/std."""
-    prep, size = description["preprocessing"], int(description["image_size"])
-    pixels = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    mean, std = (torch.tensor(prep[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-    return (pixels - mean) / std
+    """``batch`` seeded random-noise images of odd sizes (larger and smaller than the input, both
+    orientations) preprocessed by the checkpoint's own rule (:func:`plmetric.data.backbones.description_transform`):
+    the check compares the exported model with PyTorch on inputs as ``embed`` makes them.
+
+    Raises:
+        RuntimeError: the preprocessing the export records (``description["preprocessing"]``, followed
+            with Pillow and NumPy by :func:`plmetric.data.preprocess.eval_input`) does not give the
+            transform's input bit for bit.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from plmetric.data.backbones import description_transform
+    from plmetric.data.preprocess import EvalPreprocessing, eval_input
+
+    size = int(description["image_size"])
+    transform = description_transform(description)
+    recorded = EvalPreprocessing.from_record(description["preprocessing"], size)
+    rng = np.random.default_rng(0)
+    sides = [(2 * size + 1, size + 7), (size + 3, 2 * size - 1), (size // 2 + 1, size // 2 + 4)]
+    inputs = []
+    for n in range(batch):
+        width, height = sides[n % len(sides)]
+        image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+        x = transform(image)
+        if not np.array_equal(eval_input(image, recorded), x.numpy()):
+            raise RuntimeError(f"the recorded preprocessing is not the eval transform on a {width}x{height} image")
+        inputs.append(x)
+    return torch.stack(inputs)
 
 
 def onnx_bytes(model: torch.nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> bytes:
@@ -286,7 +349,8 @@ def export_model(
         )
     out = Path(out)
     atomic_write_bytes(out, data)
-    sidecar = {**metadata, "check": {"batch": PROBE_BATCH, "max_abs_diff": diff}}
+    inputs = f"random-noise images of odd sizes preprocessed by the {metadata['preprocessing']['eval_resize']} rule"
+    sidecar = {**metadata, "check": {"batch": PROBE_BATCH, "max_abs_diff": diff, "inputs": inputs}}
     sidecar.update(file=out.name, file_sha256=file_sha256(out))
     atomic_write_json(sidecar_path(out), sidecar)
     return sidecar

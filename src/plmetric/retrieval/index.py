@@ -12,7 +12,8 @@ image is decoded for embedding; absent from older indexes and from ``plmetric em
 * ``model``: everything needed to embed a query the same way and to check that it is the same
   model: the checkpoint's absolute path *and SHA-256* (a run rewrites ``model.safetensors`` every
   epoch: a changed file is refused with both hashes named), or the pretrained backbone (and the
-  weights file with its hash); the embedding and output dimensions, the image size and the
+  weights file with its hash); the embedding and output dimensions, the image size, the eval rule
+  (``eval_resize``: ``center_crop`` or ``whole``; absent from older indexes: ``center_crop``) and the
   preprocessing (resize, crop, mean, std);
 * ``format``, ``version``, ``created``, ``count``, ``dim``;
 * ``ann`` (only with a faiss index, :mod:`plmetric.manifold.ann`): its ``kind`` (flat, ivf, hnsw, ivfpq), resolved
@@ -72,7 +73,7 @@ from plmetric.core.checkpoint import (
     atomic_write_bytes,
     file_sha256,
 )
-from plmetric.data.backbones import check_model_metadata, load_model
+from plmetric.data.backbones import DEFAULT_EVAL_RESIZE, check_model_metadata, eval_resize_of, load_model
 from plmetric.retrieval.quick_search import INDEX_KEY, IndexMismatchError, check_same_file
 from plmetric.retrieval.result_grid import GRID_CAPTION_CHARS, GRID_DECODE_SIDE, draw_results  # noqa: F401 - their old home
 
@@ -91,14 +92,21 @@ class IndexBusyError(ValueError):
     """Another process holds the index's lock (it is extending the same index now)."""
 
 
-def preprocessing(backbone: str, image_size: int) -> dict[str, Any]:
-    """The deterministic input transform of :func:`plmetric.data.backbones.build_transform` as data."""
-    from plmetric.data.backbones import backbone_spec
+def preprocessing(backbone: str, image_size: int, eval_resize: str = DEFAULT_EVAL_RESIZE) -> dict[str, Any]:
+    """The deterministic input transform of :func:`plmetric.data.backbones.build_transform` as data:
+    ``center_crop`` records ``resize_shorter_side`` and ``center_crop`` (the fields of indexes made before
+    the rule was a choice), ``whole`` records ``"resize": "whole"`` and ``resize_to`` ``[S, S]``."""
+    from plmetric.data.backbones import EVAL_RESIZE_RULES, backbone_spec
 
     spec = backbone_spec(backbone)
+    if eval_resize not in EVAL_RESIZE_RULES:
+        raise ValueError(f"eval_resize must be {' or '.join(EVAL_RESIZE_RULES)}, got {eval_resize!r}")
+    if eval_resize == "whole":
+        geometry: dict[str, Any] = {"resize": "whole", "resize_to": [int(image_size), int(image_size)]}
+    else:
+        geometry = {"resize_shorter_side": round(image_size * 256 / 224), "center_crop": int(image_size)}
     return {
-        "resize_shorter_side": round(image_size * 256 / 224),
-        "center_crop": int(image_size),
+        **geometry,
         "interpolation": spec.interpolation,
         "mean": list(spec.mean),
         "std": list(spec.std),
@@ -118,7 +126,8 @@ def load_embedding_model(
     Returns:
         ``(model, description)``; the description is what an index records to rebuild and check
         the model (:func:`model_from_description`). A checkpoint's own image size wins over
-        ``image_size``.
+        ``image_size``; its eval rule (``eval_resize``, ``center_crop`` when it records none) is the
+        description's and its ``preprocessing``'s. A pretrained backbone's is ``center_crop``.
 
     Raises:
         ValueError: ``embedding_dim > 0`` without a checkpoint (an untrained random layer: no
@@ -129,7 +138,7 @@ def load_embedding_model(
     if checkpoint:
         path = Path(checkpoint).expanduser().resolve()
         model, meta = load_model(path)
-        size = int(meta.get("image_size", image_size))
+        size, rule = int(meta.get("image_size", image_size)), eval_resize_of(meta)
         return model, {
             "checkpoint": str(path),
             "checkpoint_sha256": file_sha256(path),
@@ -137,9 +146,10 @@ def load_embedding_model(
             "embedding_dim": int(meta["embedding_dim"]),
             "output_dim": int(model.embedding_dim),
             "image_size": size,
+            "eval_resize": rule,
             "weights": None,
             "weights_sha256": None,
-            "preprocessing": preprocessing(meta["backbone"], size),
+            "preprocessing": preprocessing(meta["backbone"], size, rule),
         }
     if embedding_dim:
         raise ValueError(
@@ -156,6 +166,7 @@ def load_embedding_model(
         "embedding_dim": 0,
         "output_dim": int(model.embedding_dim),
         "image_size": int(image_size),
+        "eval_resize": DEFAULT_EVAL_RESIZE,
         "weights": weights_path,
         "weights_sha256": file_sha256(weights_path) if weights_path else None,
         "preprocessing": preprocessing(backbone, int(image_size)),
@@ -176,7 +187,12 @@ def model_from_description(description: dict[str, Any], index_path: str | os.Pat
     checkpoint, recorded = description.get("checkpoint"), description.get("output_dim")
     if checkpoint:
         check_same_file(checkpoint, description.get("checkpoint_sha256"), "checkpoint", index_path)
-        model, _ = load_model(checkpoint)  # its own recorded sizes checked against its tensors first
+        model, meta = load_model(checkpoint)  # its own recorded sizes checked against its tensors first
+        if eval_resize_of(meta) != eval_resize_of(description):
+            raise ValueError(
+                f"index {index_path}: its model records eval_resize {eval_resize_of(description)!r}, but checkpoint "
+                f"{checkpoint} was made with {eval_resize_of(meta)!r}"
+            )
     else:
         if recorded is not None and recorded != backbone_spec(description["backbone"]).feature_dim:
             raise ValueError(

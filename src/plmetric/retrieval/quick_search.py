@@ -136,7 +136,7 @@ class QuickIndex:
         model = self.description
         if model.get("checkpoint"):
             check_same_file(model["checkpoint"], model.get("checkpoint_sha256"), "checkpoint", self.path)
-            if not _checkpoint_agrees(model["checkpoint"], self.database.shape[1]):
+            if not _checkpoint_agrees(model["checkpoint"], self.database.shape[1], self.preprocessing.resize):
                 return False  # the PyTorch path names what is wrong with it
         elif model.get("weights"):
             check_same_file(model["weights"], model.get("weights_sha256"), "weights file", self.path)
@@ -145,7 +145,7 @@ class QuickIndex:
             (given,), (taken,) = session.get_inputs(), session.get_outputs()
         except Exception:  # noqa: BLE001 - any failure to open it: PyTorch computes the same
             return False
-        size = self.preprocessing.center_crop
+        size = self.preprocessing.image_size
         if (
             given.name != INPUT_NAME
             or taken.name != OUTPUT_NAME
@@ -258,15 +258,21 @@ def _check_model_fields(model: dict[str, Any]) -> None:
                 check_triple(key, fields[key], positive=key == "std")
     if "interpolation" in model and model["interpolation"] not in ("bilinear", "bicubic"):
         raise ValueError("interpolation must be bilinear or bicubic")
+    rule, preprocessing = model.get("eval_resize", "center_crop"), model.get("preprocessing") or {}
+    if rule not in ("center_crop", "whole"):
+        raise ValueError("eval_resize must be center_crop or whole")
+    if preprocessing and preprocessing.get("resize", "center_crop") != rule:
+        raise ValueError("eval_resize must be the rule its preprocessing records")  # what the PyTorch path embeds
     for key in ("config", "metrics"):
         if model.get(key) is not None and not isinstance(model[key], dict):
             raise ValueError(f"{key} must be a JSON object")
 
 
-def _checkpoint_agrees(path: str, dim: int) -> bool:
+def _checkpoint_agrees(path: str, dim: int, rule: str) -> bool:
     """Whether a checkpoint's recorded sizes (bounded) describe its embedding layer's shapes and give
-    ``dim``-d embeddings, read from its header alone (no torch, no tensor data): the torch-free path
-    trusts the checkpoint's sizes no more than :func:`plmetric.data.backbones.load_model` does."""
+    ``dim``-d embeddings, and it records the eval rule ``rule`` (``center_crop`` when it records none),
+    read from its header alone (no torch, no tensor data): the torch-free path trusts the checkpoint's
+    sizes no more than :func:`plmetric.data.backbones.load_model` does."""
     from plmetric.core.checkpoint import read_metadata, tensor_shapes
 
     try:
@@ -277,7 +283,8 @@ def _checkpoint_agrees(path: str, dim: int) -> bool:
         return False
     recorded, weight, bias = meta["embedding_dim"], shapes.get("embedding.weight"), shapes.get("embedding.bias")
     layer_ok = (weight is not None and weight[0] == recorded and bias == [recorded]) if recorded else weight is None
-    return layer_ok and (recorded or dim) == dim and meta.get("output_dim", dim) == dim
+    same_rule = meta.get("eval_resize", "center_crop") == rule
+    return layer_ok and same_rule and (recorded or dim) == dim and meta.get("output_dim", dim) == dim
 
 
 def _cached_export(record: Any, size: int) -> Path | None:

@@ -256,7 +256,7 @@ class Browser:
     """
 
     def __init__(self, index: str | os.PathLike, top_k: int, include_self: bool = False, runtime: str = "auto") -> None:
-        from plmetric.data.backbones import build_transform
+        from plmetric.data.backbones import description_transform
         from plmetric.data.runtime import inference_model
 
         if top_k < 1:
@@ -272,7 +272,7 @@ class Browser:
         if len(self.paths) == 0:
             raise ValueError(f"index {index} holds no images")
         size = int(description.get("image_size", 224))
-        self.transform = build_transform(description["backbone"], image_size=size)
+        self.transform = description_transform(description)
         # uploads go through the fastest runtime that computes the same embedding (plmetric.data.runtime)
         self.model = inference_model(model_from_description(description, index), (3, size, size), runtime, "cpu",
                                      what="the index's model")

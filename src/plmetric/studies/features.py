@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from plmetric.core.files import require_regular_file
+from plmetric.data.backbones.specs import DEFAULT_EVAL_RESIZE
 
 __all__ = ["cached_features", "cached_views", "default_cache_dir", "feature_cache_path", "load_features_file"]
 
@@ -113,7 +114,17 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "features" if base else Path.home() / ".cache" / "plmetric" / "features"
 
 
-def _cache_key(dataset: str, root: str | None, split: str, backbone: str, image_size: int, weights: str | None) -> dict:
+def _cache_key(
+    dataset: str,
+    root: str | None,
+    split: str,
+    backbone: str,
+    image_size: int,
+    weights: str | None,
+    eval_resize: str = DEFAULT_EVAL_RESIZE,
+) -> dict:
+    """What makes a cache file; ``eval_resize`` enters only when not the default (the caches made before
+    the rule was a choice keep their key, and their file name)."""
     return {
         "dataset": dataset,
         "root": str(Path(root).expanduser().resolve()) if root else None,
@@ -123,7 +134,13 @@ def _cache_key(dataset: str, root: str | None, split: str, backbone: str, image_
         "weights": str(Path(weights).expanduser().resolve()) if weights else None,
         "features": "pooled (avg + max), L2-normalised, eval transform",
         "version": 1,
+        **({"eval_resize": eval_resize} if eval_resize != DEFAULT_EVAL_RESIZE else {}),
     }
+
+
+def _rule_suffix(eval_resize: str) -> str:
+    """``-whole`` in a cache file's name for the ``whole`` eval rule, nothing for the default."""
+    return "" if eval_resize == DEFAULT_EVAL_RESIZE else f"-{eval_resize}"
 
 
 def feature_cache_path(
@@ -134,11 +151,13 @@ def feature_cache_path(
     backbone: str,
     image_size: int = 224,
     weights: str | None = None,
+    eval_resize: str = DEFAULT_EVAL_RESIZE,
 ) -> Path:
-    """The cache file for (data set, root, split, backbone, image size, weights)."""
-    key = _cache_key(dataset, root, split, backbone, image_size, weights)
+    """The cache file for (data set, root, split, backbone, image size, weights, eval rule)."""
+    key = _cache_key(dataset, root, split, backbone, image_size, weights, eval_resize)
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / f"{dataset}-{split}-{backbone}-{int(image_size)}px-{digest}.safetensors"
+    name = f"{dataset}-{split}-{backbone}-{int(image_size)}px{_rule_suffix(eval_resize)}-{digest}.safetensors"
+    return Path(cache_dir).expanduser() / name
 
 
 def _load_cache_hit(path: Path, key: dict[str, Any], start: float) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -163,10 +182,12 @@ def cached_features(
     num_workers: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    eval_resize: str = DEFAULT_EVAL_RESIZE,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Pooled, L2-normalised pretrained-backbone features of a data set split, cached on disk.
 
-    The first call embeds the split (eval transform, ``create_model(backbone, embedding_dim=0)``)
+    The first call embeds the split (eval transform with the rule ``eval_resize``,
+    ``create_model(backbone, embedding_dim=0)``)
     and writes ``features``, ``labels`` and the key as metadata to
     :func:`feature_cache_path` (atomically); later calls read the file.
 
@@ -188,8 +209,8 @@ def cached_features(
         root_path = Path(root).expanduser().resolve()
         if cache_dir.resolve() == root_path or root_path in cache_dir.resolve().parents:
             raise ValueError(f"--cache-dir {cache_dir} lies inside the data folder {root_path}; choose another folder")
-    path = feature_cache_path(cache_dir, dataset, root, split, backbone, image_size, weights)
-    key = _cache_key(dataset, root, split, backbone, image_size, weights)
+    path = feature_cache_path(cache_dir, dataset, root, split, backbone, image_size, weights, eval_resize)
+    key = _cache_key(dataset, root, split, backbone, image_size, weights, eval_resize)
     start = time.perf_counter()
     if path.is_file():
         tensors, info = _load_cache_hit(path, key, start)
@@ -199,7 +220,7 @@ def cached_features(
     from plmetric.evaluation.metrics import embed_dataset
     from plmetric.data.backbones import build_transform, create_model
 
-    transform = build_transform(backbone, image_size=image_size, train=False)
+    transform = build_transform(backbone, image_size=image_size, train=False, eval_resize=eval_resize)
     splits = load_dataset(dataset, root, train_transform=transform, test_transform=transform, verbose=progress)
     part = getattr(splits, split)
     if part is None or (part.labels < 0).all():
@@ -214,6 +235,13 @@ def cached_features(
     atomic_write_bytes(path, blob)
     info = {"key": key, "cache_file": str(path), "cache_hit": False, "seconds": round(time.perf_counter() - start, 2)}
     return features, labels, info
+
+
+def _views_file_name(key: dict[str, Any], eval_resize: str) -> str:
+    """The file name of :func:`cached_views`'s cache for ``key`` (the digest of the whole key)."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    what = f"{key['dataset']}-{key['split']}-views{key['views']}-{key['backbone']}-{key['image_size']}px"
+    return f"{what}{_rule_suffix(eval_resize)}-f{key['frozen']}-{digest}.safetensors"
 
 
 def cached_views(
@@ -231,13 +259,12 @@ def cached_views(
     batch_size: int = 64,
     num_workers: int = 2,
     progress: bool = True,
-    eval_resize: str = "center_crop",
+    eval_resize: str = DEFAULT_EVAL_RESIZE,
 ) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Several views of every image of a split, passed once through the pretrained backbone's first
     ``frozen`` stages (``None``: the whole backbone and its pooling, the head setting), cached.
 
-    View 0 is the deterministic transform (resize, centre crop; ``eval_resize="whole"``: the whole
-    image resized to a square); views 1 .. V-1 are random resized
+    View 0 is the deterministic transform (the eval rule ``eval_resize``); views 1 .. V-1 are random resized
     crops with flips (the training transform, seeded by ``seed`` and the view). The cheap cached
     settings of the studies train the rest of the network on them
     (:class:`plmetric.data.datasets.ViewFeatureDataset`, :func:`plmetric.training.networks.tail_model`).
@@ -256,18 +283,14 @@ def cached_views(
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     views = views if split == "train" else 1
     key = {
-        **_cache_key(dataset, root, split, backbone, image_size, None),
+        **_cache_key(dataset, root, split, backbone, image_size, None, eval_resize),
         "features": "views through the first stages" if frozen is not None else "views, pooled (avg + max)",
         "frozen": frozen,
         "views": views,
         "crop_scale_min": crop_scale_min,
         "seed": seed,
     }
-    rule = ""
-    if eval_resize != "center_crop":  # only then: the caches written before the option stay valid
-        key["eval_resize"], rule = eval_resize, f"-{eval_resize}"
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = cache_dir / f"{dataset}-{split}-views{views}-{backbone}-{image_size}px{rule}-f{frozen}-{digest}.safetensors"
+    path = cache_dir / _views_file_name(key, eval_resize)
     start = time.perf_counter()
     if path.is_file():
         tensors, info = _load_cache_hit(path, key, start)
@@ -281,9 +304,7 @@ def cached_views(
     part = getattr(splits, split)
     outputs, labels, index = [], None, None
     for view in range(views):
-        part.transform = build_transform(
-            backbone, image_size, train=view > 0, crop_scale_min=crop_scale_min, eval_resize=eval_resize
-        )
+        part.transform = build_transform(backbone, image_size, view > 0, crop_scale_min, eval_resize)
         torch.manual_seed(seed * 1000 + view)  # the crops (and the workers' seeds) of this view
         out, y, i = embed_dataset(
             _Flat(net), part, batch_size=batch_size, num_workers=num_workers, progress=progress, runtime="auto"

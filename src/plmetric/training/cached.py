@@ -394,7 +394,7 @@ def build_cached_training(
     import functools
 
     from plmetric.core import faults
-    from plmetric.data.backbones import build_transform, create_model, feature_model
+    from plmetric.data.backbones import DEFAULT_EVAL_RESIZE, build_transform, create_model, feature_model
     from plmetric.data.datasets import load_dataset
     from plmetric.data.runtime import runtime_of
     from plmetric.training.networks import tail_model
@@ -414,7 +414,7 @@ def build_cached_training(
         student = feature_model(part.input_shape[0], cfg.model.embedding_dim)
     else:
         student = tail_model(part.model, part.frozen)
-    clean = build_transform(backbone, size, train=False)
+    clean = build_transform(backbone, size, train=False, eval_resize=cfg.data.eval_resize)
     crop = build_transform(backbone, size, train=True, crop_scale_min=cfg.data.crop_scale_min)
     transforms = {"train": [clean] + [crop] * (cfg.train.views - 1), "test": [clean]}
     if listed is not None:
@@ -430,6 +430,8 @@ def build_cached_training(
         "seed": cfg.train.seed,
         "runtime": runtime_of(part.net),
         "device": device.type,
+        # the clean view's rule (its transform's repr differs too); absent for the default: old caches still fit
+        **({"eval_resize": cfg.data.eval_resize} if cfg.data.eval_resize != DEFAULT_EVAL_RESIZE else {}),
     }
     caches = _split_caches(cfg, splits, part, transforms, made, folder, main)
     record_progress = functools.partial(_record_progress, out_dir, main, caches)

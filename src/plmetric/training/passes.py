@@ -231,7 +231,7 @@ def build_cached_images(cfg: Config, dataset: Any, device: torch.device) -> Cach
         return None
     backbone = cfg.model.backbone
     train_augment = DeviceAugment.from_backbone(backbone, d.image_size, train=True, crop_scale_min=d.crop_scale_min)
-    eval_augment = DeviceAugment.from_backbone(backbone, d.image_size, train=False)
+    eval_augment = DeviceAugment.from_backbone(backbone, d.image_size, train=False, eval_resize=d.eval_resize)
     view = cfg.train.teacher_view
     teacher_augment = None if view == "same" else eval_augment if view == "clean" else copy.deepcopy(train_augment)
     return CachedImages(cache, train_augment, eval_augment, teacher_augment)

@@ -294,12 +294,14 @@ def clear_run_folder(out_dir: Path, *, replace: bool) -> None:
 
 
 def model_metadata(cfg: Config, model: nn.Module, epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
-    """The JSON a model checkpoint carries: backbone, dimensions, image size, epoch, metrics, config."""
+    """The JSON a model checkpoint carries: backbone, dimensions, image size and eval rule (``eval_resize``:
+    every command embeds with it), epoch, metrics, config."""
     return {
         "backbone": cfg.model.backbone,
         "embedding_dim": cfg.model.embedding_dim,
         "output_dim": int(getattr(model, "embedding_dim", cfg.model.embedding_dim)),
         "image_size": cfg.data.image_size,
+        "eval_resize": cfg.data.eval_resize,
         "epoch": epoch,
         "metrics": metrics,
         "config": cfg.to_dict(),

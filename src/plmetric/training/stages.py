@@ -71,7 +71,9 @@ def build_data(
     from plmetric.data.backbones import build_transform
 
     if splits is None:
-        eval_transform = build_transform(cfg.model.backbone, cfg.data.image_size, train=False)
+        eval_transform = build_transform(
+            cfg.model.backbone, cfg.data.image_size, train=False, eval_resize=cfg.data.eval_resize
+        )
         train_transform = build_transform(
             cfg.model.backbone, cfg.data.image_size, train=True, crop_scale_min=cfg.data.crop_scale_min
         )

@@ -233,14 +233,14 @@ def _zoomed_views(args: argparse.Namespace, paths: list[str], description: dict[
     import numpy as np
 
     from plmetric.core.devices import resolve_device
-    from plmetric.data.backbones import build_transform
+    from plmetric.data.backbones import description_transform
     from plmetric.retrieval.duplicates import ZOOMS, embed_zoomed
     from plmetric.retrieval.index import load_file_stats, model_from_description
 
     model = model_from_description(description, args.index).eval()
     device = resolve_device(args.device)
     model.to(device)
-    transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
+    transform = description_transform(description)
     stats = load_file_stats(args.index)  # (N, 2) int64: 16 bytes a row, also for a sharded index
 
     def unchanged(row: int) -> bool:

@@ -136,19 +136,21 @@ def evaluate_on_test_split(
         A dict with ``recall@K``, ``map@r``, ``r_precision``, ``nmi``, ``num_images``,
         ``num_classes``, ``skipped_images``, ``seconds`` and the model description.
     """
-    from plmetric.data.backbones import build_transform, create_model, load_model
+    from plmetric.data.backbones import DEFAULT_EVAL_RESIZE, build_transform, create_model, eval_resize_of, load_model
     from plmetric.data.datasets import load_dataset
     from plmetric.evaluation.metrics import embed_dataset, evaluate
 
     start = time.perf_counter()
+    eval_resize = DEFAULT_EVAL_RESIZE  # a pretrained backbone's; a checkpoint's own rule otherwise
     if checkpoint:
         model, meta = load_model(checkpoint)
         backbone = meta["backbone"]
         embedding_dim = int(meta["embedding_dim"])
         image_size = int(meta.get("image_size", image_size))
+        eval_resize = eval_resize_of(meta)
     else:
         model = create_model(backbone, embedding_dim=embedding_dim, pretrained=True, weights=weights)
-    transform = build_transform(backbone, image_size=image_size, train=False)
+    transform = build_transform(backbone, image_size=image_size, train=False, eval_resize=eval_resize)
     splits = load_dataset(dataset, data_root, test_transform=transform)
     if splits.test is None:
         raise CLIError(f"--dataset {dataset} has no labelled test split to evaluate")

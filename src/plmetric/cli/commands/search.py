@@ -150,7 +150,7 @@ def _torch_search(
 ) -> tuple[list[str], Any, Any, list[int]]:
     """``(index paths, scores, ids, found queries)``: the index's model rebuilt with PyTorch, the queries
     embedded through ``--runtime``, searched exactly or through the index's faiss file."""
-    from plmetric.data.backbones import build_transform
+    from plmetric.data.backbones import description_transform
     from plmetric.retrieval.index import load_faiss_index, model_from_description, search
     from plmetric.retrieval.stored import open_index
 
@@ -158,7 +158,7 @@ def _torch_search(
     database, paths, description = stored.vectors, stored.paths, stored.model
     faiss_index = None if args.exact else load_faiss_index(args.index)  # faiss there, the .faiss file its own
     _refuse_indexed_outputs(paths, outputs)
-    transform = build_transform(description["backbone"], image_size=int(description.get("image_size", 224)))
+    transform = description_transform(description)
     model = inference_runner(args, model_from_description(description, args.index), dict(description), "cpu")
     embeddings, found = _embed_queries(args, queries, model, transform)
     if embeddings.shape[1] != database.dim:

@@ -41,8 +41,8 @@ Modules: :mod:`.specs` (names, `BackboneSpec`, `WeightsUnavailableError`), :mod:
 and matching weights files, the torch hub cache), one module per family (:mod:`.efficientnet_lite`,
 :mod:`.googlenet`, :mod:`.resnet`, :mod:`.timm_models`), :mod:`.registry` (a name to its family:
 spec, trunk, weights), :mod:`.model` (`EmbeddingModel`, `create_model`, `load_model`),
-:mod:`.transforms` (`build_transform`) and :mod:`.stages` (a backbone's stages: frozen stages, the
-trunk cut in two). Every public name is importable from ``plmetric.data.backbones``.
+:mod:`.transforms` (`build_transform`, `description_transform`) and :mod:`.stages` (a backbone's
+stages: frozen stages, the trunk cut in two). Every public name is importable from ``plmetric.data.backbones``.
 """
 
 from __future__ import annotations
@@ -63,15 +63,24 @@ from plmetric.data.backbones.model import (
 )
 from plmetric.data.backbones.registry import backbone_spec, check_backbone
 from plmetric.data.backbones.resnet import ResNet50Trunk
-from plmetric.data.backbones.specs import BACKBONE_NAMES, TIMM_PREFIX, BackboneSpec, WeightsUnavailableError
+from plmetric.data.backbones.specs import (
+    BACKBONE_NAMES,
+    DEFAULT_EVAL_RESIZE,
+    EVAL_RESIZE_RULES,
+    TIMM_PREFIX,
+    BackboneSpec,
+    WeightsUnavailableError,
+)
 from plmetric.data.backbones.stages import backbone_stages, split_backbone, tail_model
 from plmetric.data.backbones.timm_models import TimmTrunk
-from plmetric.data.backbones.transforms import build_transform
+from plmetric.data.backbones.transforms import build_transform, description_transform, eval_resize_of
 
 __all__ = [
     "load_model",
     "BACKBONE_NAMES",
     "BackboneSpec",
+    "DEFAULT_EVAL_RESIZE",
+    "EVAL_RESIZE_RULES",
     "EmbeddingModel",
     "FeatureTrunk",
     "GoogLeNetTrunk",
@@ -85,8 +94,10 @@ __all__ = [
     "check_backbone",
     "check_model_metadata",
     "create_model",
+    "description_transform",
     "efficientnet_lite0_imagenet_classifier",
     "efficientnet_lite_imagenet_classifier",
+    "eval_resize_of",
     "feature_model",
     "fixed_size_model",
     "split_backbone",

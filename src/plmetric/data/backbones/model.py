@@ -23,7 +23,7 @@ from plmetric.data.backbones.registry import (
     check_backbone,
     imagenet_state_dict,
 )
-from plmetric.data.backbones.specs import INTERPOLATIONS, TIMM_PREFIX
+from plmetric.data.backbones.specs import DEFAULT_EVAL_RESIZE, EVAL_RESIZE_RULES, INTERPOLATIONS, TIMM_PREFIX
 from plmetric.data.backbones.timm_models import TimmTrunk, pretrained_timm_trunk
 from plmetric.data.backbones.weights import read_weights_file
 
@@ -155,8 +155,10 @@ def check_model_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     :data:`~plmetric.core.validation.MAX_EMBEDDING_DIM`), ``output_dim`` (1 to the same),
     ``image_size`` (:func:`plmetric.core.validation.check_image_size`, as ``data.image_size``),
     ``epoch`` (>= 0), ``mean``/``std`` (3 finite numbers, std > 0; also inside ``preprocessing``),
-    ``interpolation`` (bilinear or bicubic), ``config`` and ``metrics`` (JSON objects) are checked
-    when present. Other fields are kept as they are (nothing reads them).
+    ``interpolation`` (bilinear or bicubic), ``eval_resize`` (a rule of
+    :data:`~plmetric.data.backbones.specs.EVAL_RESIZE_RULES`, and the one ``preprocessing`` records: its
+    ``resize`` is ``whole`` exactly when ``eval_resize`` is), ``config`` and ``metrics`` (JSON objects)
+    are checked when present. Other fields are kept as they are (nothing reads them).
 
     Returns:
         ``meta`` as a dict.
@@ -164,7 +166,14 @@ def check_model_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
     Raises:
         ValueError: ``"{where} '<field>' must be ..."`` for the first field that fails.
     """
-    from plmetric.core.validation import MAX_EMBEDDING_DIM, check_image_size, check_int, check_triple
+    from plmetric.core.validation import (
+        MAX_EMBEDDING_DIM,
+        check_choice,
+        check_image_size,
+        check_int,
+        check_triple,
+        shown,
+    )
 
     if not isinstance(meta, Mapping):
         raise ValueError(f"{where} must be a JSON object, got {type(meta).__name__}")
@@ -185,6 +194,13 @@ def check_model_metadata(meta: Mapping[str, Any], where: str) -> dict[str, Any]:
         for key in ("mean", "std"):
             if key in fields:
                 check_triple(f"'{prefix}{key}'", fields[key], positive=key == "std", where=f"{where} ")
+    rule = meta.get("eval_resize", DEFAULT_EVAL_RESIZE)
+    check_choice("'eval_resize'", rule, EVAL_RESIZE_RULES, where=f"{where} ")
+    if isinstance(preprocessing, Mapping) and preprocessing.get("resize", DEFAULT_EVAL_RESIZE) != rule:
+        raise ValueError(
+            f"{where} 'preprocessing' resizes {shown(preprocessing.get('resize', DEFAULT_EVAL_RESIZE))}, but its "
+            f"'eval_resize' is {rule!r}"
+        )
     if "interpolation" in meta and meta["interpolation"] not in INTERPOLATIONS:
         expected = " or ".join(INTERPOLATIONS)
         raise ValueError(f"{where} 'interpolation' must be {expected}, got {meta['interpolation']!r}")

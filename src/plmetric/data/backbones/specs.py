@@ -52,3 +52,10 @@ BACKBONE_CHOICES = f"one of {', '.join(BACKBONE_NAMES)}, or {TIMM_PREFIX}NAME wi
 
 
 INTERPOLATIONS = ("bilinear", "bicubic")
+
+EVAL_RESIZE_RULES = ("center_crop", "whole")
+"""How the eval transform (:func:`plmetric.data.backbones.build_transform`) fits an image to ``S x S``:
+``center_crop`` resizes the shorter side to ``round(S * 256 / 224)`` and crops the centre; ``whole``
+resizes the whole image to ``S x S`` (the aspect ratio is not kept). A checkpoint or index without the
+field was made with ``center_crop``."""
+DEFAULT_EVAL_RESIZE = "center_crop"
