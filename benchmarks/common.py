@@ -184,6 +184,8 @@ def run_one(
     all_overrides = [*SETTINGS[setting], f"data.dataset={loader}", f"train.seed={seed}", *overrides]
     if setting in CACHED_SETTINGS:  # cached views: the data set pairs a crop with the clean view itself
         all_overrides += ["train.teacher_view=same", "model.frozen_stages=0"]
+        # the checkpoint records the eval rule its cached clean views were made with
+        all_overrides.append(f"data.eval_resize={TAIL_EVAL_RESIZE if setting == 'tail' else 'center_crop'}")
     cfg = load_config(base.removesuffix(".yaml"), all_overrides)  # a preset name
     cfg.data.root = data_root
     splits = model = None

@@ -30,13 +30,16 @@ def test_recipe_configs_share_the_method_settings_and_differ_in_training():
     recipe, paper = load_config("cub200"), load_config("cub200_paper")
     # the three-data-set recipe: METHOD.md's PLM options but targets from the pooled features, no proxies
     assert recipe.plm == dataclasses.replace(paper.plm, target_space="features", num_proxies=0)
-    assert recipe.data == paper.data
+    # the recipe embeds the whole image (issue 27: better raw R@1 on all three dev sets); the paper crops
+    assert recipe.data == dataclasses.replace(paper.data, eval_resize="whole")
+    assert paper.data.eval_resize == "center_crop"
     assert (recipe.train.momentum, recipe.train.lr_backbone, recipe.train.lr_embedding) == (0.99, 1e-5, 3e-4)
     assert (recipe.train.keep, recipe.train.teacher_view, recipe.model.embedding_init) == ("teacher", "clean", "pca")
     for name in ("cars196", "sop", "plankton106"):
         other = load_config(name)
         assert (other.train.keep, other.train.teacher_view, other.train.lr_backbone) == ("teacher", "clean", 1e-5)
         assert (other.plm.target_space, other.plm.num_proxies) == ("features", 0), name
+        assert other.data.eval_resize == ("center_crop" if name == "sop" else "whole"), name  # sop: not measured
     # the folder preset (train --images): the pile recipe of docs/results.md for the head mode a CPU gets
     folder = load_config("folder")
     assert (folder.train.mode, folder.train.views, folder.train.min_steps) == ("auto", 5, 300)
@@ -87,12 +90,14 @@ def test_bad_values_fail_clearly(override, message):
         load_config(None, [override])
 
 
-def test_eval_resize_is_a_choice_and_no_preset_changes_its_default():
+def test_eval_resize_is_a_choice_and_the_measured_presets_take_the_whole_image():
     from plmetric.config.schema import preset_names
 
     assert load_config(None, ["data.eval_resize=whole"]).data.eval_resize == "whole"
+    assert load_config(None).data.eval_resize == "center_crop"  # what a checkpoint without the field used
+    whole = {"cub200", "cars196", "plankton106"}  # issue 27's start comparison (docs/results.md)
     for name in preset_names():
-        assert load_config(name).data.eval_resize == "center_crop", name
+        assert load_config(name).data.eval_resize == ("whole" if name in whole else "center_crop"), name
 
 
 def test_missing_file_is_named(tmp_path):
