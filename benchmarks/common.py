@@ -3,7 +3,7 @@
 Three development data sets in ``../shared/data`` (``--dataset``; each README there has the split):
 ``cub200`` (the CUB subset, 50 / 50 species), ``plankton106`` (NDSB plankton, a labelled folder,
 53 / 53 classes) and ``cars98dev`` (Stanford Cars classes 1-98 only, 49 / 49; the benchmark's test
-classes 99-196 are never seen). Three settings:
+classes 99-196 are never seen). Settings:
 
 * ``head``: head-only, the CPU setting that allows seeds and grids. Pooled EfficientNet-Lite0
   features of the un-augmented 224 px images are computed once and cached
@@ -12,7 +12,12 @@ classes 99-196 are never seen). Three settings:
   backbone: the levers that move the backbone cannot be studied here.
 * ``cpu``: end to end on the CPU: 128 px, the first 6 of 9 backbone stages frozen, 3 epochs
   (about 7 minutes per run on two cores).
+* ``tail``: where the backbone learns on a CPU (issue 27): the last 3 backbone stages and the layer
+  train on cached maps of 5 views at 224 px (whole images), 30 epochs, 9-13 minutes a run.
 * ``gpu``: the full setting for one lent GPU call: 224 px, whole backbone, 20 epochs.
+
+``--set data.eval_resize=center_crop|whole`` picks the clean views' rule in the cached settings (``head``:
+``center_crop`` by default, ``tail``: ``whole``).
 """
 
 from __future__ import annotations
@@ -122,17 +127,18 @@ _HEAD_SPLITS: dict[tuple[str, str], Any] = {}
 _VIEW_SPLITS: dict[tuple[str, str, str], Any] = {}
 
 
-def view_splits(setting: str, dataset: str, data_root: str):
-    """Train/test `ViewFeatureDataset` splits of cached views (``tail``: the first stages' maps at
-    128 px; ``head_aug``: pooled 224 px features), computed on first use."""
+def view_splits(setting: str, dataset: str, data_root: str, eval_resize: str | None = None):
+    """Train/test `ViewFeatureDataset` splits of cached views (``tail``: the first 8 stages' maps at
+    224 px; ``head_aug``: pooled 224 px features), computed on first use; ``eval_resize`` the clean
+    view's rule (default: the setting's, `TAIL_EVAL_RESIZE` or ``center_crop``)."""
     from plmetric.data.datasets import DatasetSplits, ViewFeatureDataset
     from plmetric.studies.similarity import cached_views
 
-    key = (setting, dataset, data_root)
+    rule = eval_resize or (TAIL_EVAL_RESIZE if setting == "tail" else "center_crop")
+    key = (setting, dataset, data_root, rule)
     if key not in _VIEW_SPLITS:
         loader = DATASETS[dataset][0]
         frozen, size, views = (TAIL_FROZEN, TAIL_SIZE, TAIL_VIEWS) if setting == "tail" else (None, 224, HEAD_AUG_VIEWS)
-        rule = TAIL_EVAL_RESIZE if setting == "tail" else "center_crop"
         parts = {}
         for split in ("train", "test"):
             tensors, labels, _ = cached_views(
@@ -144,17 +150,20 @@ def view_splits(setting: str, dataset: str, data_root: str):
     return _VIEW_SPLITS[key]
 
 
-def head_splits(dataset: str, data_root: str):
-    """Train/test `FeatureDataset` splits of cached 224 px pooled features (computed on first use)."""
+def head_splits(dataset: str, data_root: str, eval_resize: str = "center_crop"):
+    """Train/test `FeatureDataset` splits of cached 224 px pooled features of the clean images (the eval
+    rule ``eval_resize``), computed on first use."""
     from plmetric.data.datasets import DatasetSplits, FeatureDataset
     from plmetric.studies.similarity import cached_features
 
-    key = (dataset, data_root)
+    key = (dataset, data_root, eval_resize)
     if key not in _HEAD_SPLITS:
         loader = DATASETS[dataset][0]
         parts = {}
         for split in ("train", "test"):
-            features, labels, _ = cached_features(loader, data_root, split, "efficientnet_lite0", image_size=224)
+            features, labels, _ = cached_features(
+                loader, data_root, split, "efficientnet_lite0", image_size=224, eval_resize=eval_resize
+            )
             parts[split] = FeatureDataset(features, labels, name=f"{dataset}-{split}-features")
         _HEAD_SPLITS[key] = DatasetSplits(f"{dataset}-features", parts["train"], parts["test"])
     return _HEAD_SPLITS[key]
@@ -181,25 +190,26 @@ def run_one(
 
     data_root = dataset_root(dataset, data_root)
     loader = DATASETS[dataset][0]
-    all_overrides = [*SETTINGS[setting], f"data.dataset={loader}", f"train.seed={seed}", *overrides]
+    # the clean views' rule: the setting's unless an override names one (the cached settings' caches
+    # are made with it and the checkpoint records it)
+    rule = [f"data.eval_resize={TAIL_EVAL_RESIZE if setting == 'tail' else 'center_crop'}"]
+    all_overrides = [*SETTINGS[setting], f"data.dataset={loader}", f"train.seed={seed}", *rule, *overrides]
     if setting in CACHED_SETTINGS:  # cached views: the data set pairs a crop with the clean view itself
         all_overrides += ["train.teacher_view=same", "model.frozen_stages=0"]
-        # the checkpoint records the eval rule its cached clean views were made with
-        all_overrides.append(f"data.eval_resize={TAIL_EVAL_RESIZE if setting == 'tail' else 'center_crop'}")
     cfg = load_config(base.removesuffix(".yaml"), all_overrides)  # a preset name
     cfg.data.root = data_root
     splits = model = None
     if setting == "head":
-        splits = head_splits(dataset, data_root)
+        splits = head_splits(dataset, data_root, cfg.data.eval_resize)
         model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)
     elif setting == "head_aug":
-        splits = view_splits(setting, dataset, data_root)
+        splits = view_splits(setting, dataset, data_root, cfg.data.eval_resize)
         model = feature_model(splits.train.features.shape[1], cfg.model.embedding_dim)
     elif setting == "tail":
         from plmetric.data.backbones import create_model
         from plmetric.training.networks import tail_model
 
-        splits = view_splits(setting, dataset, data_root)
+        splits = view_splits(setting, dataset, data_root, cfg.data.eval_resize)
         torch.manual_seed(seed)
         full = create_model("efficientnet_lite0", embedding_dim=cfg.model.embedding_dim, pretrained=True)
         model = tail_model(full, TAIL_FROZEN)
